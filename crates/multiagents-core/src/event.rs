@@ -1,0 +1,438 @@
+//! The wire format: one envelope for every event on the bus.
+//!
+//! Commands ask a worker to run a step, compensations ask it to undo one,
+//! results and errors answer, status events tell the world what happened.
+//! Decoding is total: any byte string yields an [`Event`] or an
+//! [`EventError`] saying what was wrong, never a panic.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{CorrelationId, EventId, StepName, TransactionId, WorkflowName};
+use crate::payload::Payload;
+use crate::time::Timestamp;
+
+/// The version of the envelope layout written by this build.
+pub const SCHEMA_VERSION: u16 = 1;
+
+/// Default upper bound for one encoded event: 1 MiB.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
+
+/// What an event is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// Run a step (orchestrator → worker).
+    Command,
+    /// A step or compensation finished (worker → orchestrator).
+    Result,
+    /// A step or compensation failed (worker → orchestrator).
+    Error,
+    /// Undo a completed step (orchestrator → worker).
+    Compensation,
+    /// Something happened to a workflow (broadcast, fire-and-forget).
+    Status,
+}
+
+/// Whether an event is about running a step or about undoing it.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// The step itself.
+    #[default]
+    Forward,
+    /// The step's compensation.
+    Compensate,
+}
+
+impl Phase {
+    fn is_forward(&self) -> bool {
+        *self == Phase::Forward
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Phase::Forward => "forward",
+            Phase::Compensate => "compensate",
+        })
+    }
+}
+
+/// The envelope.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Envelope layout version ([`SCHEMA_VERSION`]).
+    pub schema: u16,
+    /// Unique id (UUIDv7, time-ordered).
+    pub id: EventId,
+    /// What the event is for.
+    pub kind: EventKind,
+    /// The workflow instance.
+    pub transaction_id: TransactionId,
+    /// The request chain that caused it.
+    pub correlation_id: CorrelationId,
+    /// The event that caused this one, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub causation_id: Option<EventId>,
+    /// The workflow definition's name.
+    pub workflow: WorkflowName,
+    /// The step concerned (absent on workflow-level status events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<StepName>,
+    /// Forward or compensation (omitted when forward).
+    #[serde(default, skip_serializing_if = "Phase::is_forward")]
+    pub phase: Phase,
+    /// Attempt number, from 1.
+    pub attempt: u32,
+    /// When the event was created.
+    pub created_at: Timestamp,
+    /// When the work it asks for must be done by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<Timestamp>,
+    /// W3C trace context of the span that produced the event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<Arc<str>>,
+    /// The data: a command's input, a result's output, an error's [`StepError`].
+    pub payload: Payload,
+}
+
+impl Event {
+    /// An event of `kind` for one step of one transaction, with a fresh id and
+    /// the current time. Callers fill in the rest with struct update syntax or
+    /// the `with_*` helpers.
+    pub fn new(
+        kind: EventKind,
+        transaction_id: TransactionId,
+        correlation_id: CorrelationId,
+        workflow: WorkflowName,
+        payload: Payload,
+    ) -> Self {
+        Self {
+            schema: SCHEMA_VERSION,
+            id: EventId::new(),
+            kind,
+            transaction_id,
+            correlation_id,
+            causation_id: None,
+            workflow,
+            step: None,
+            phase: Phase::Forward,
+            attempt: 1,
+            created_at: Timestamp::now(),
+            deadline: None,
+            traceparent: None,
+            payload,
+        }
+    }
+
+    /// A cheap estimate of the encoded size (payload plus envelope), used by
+    /// in-process buses that never encode.
+    pub fn approx_size(&self) -> usize {
+        self.payload.len()
+            + self.workflow.as_str().len()
+            + self.step.as_ref().map_or(0, |s| s.as_str().len())
+            + self.traceparent.as_ref().map_or(0, |t| t.len())
+            + 320
+    }
+
+    /// The idempotency key a worker gets for this command: stable across
+    /// redeliveries of one attempt, different for every attempt.
+    pub fn idempotency_key(&self) -> String {
+        idempotency_key(
+            self.transaction_id,
+            self.step.as_ref().map_or("", |s| s.as_str()),
+            self.phase,
+            self.attempt,
+        )
+    }
+}
+
+/// `transaction/step/phase/attempt`: the key that makes side effects exactly-once.
+pub fn idempotency_key(tx: TransactionId, step: &str, phase: Phase, attempt: u32) -> String {
+    format!("{tx}/{step}/{phase}/{attempt}")
+}
+
+/// How a failed step wants to be treated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case", tag = "mode", content = "after_ms")]
+pub enum RetryDirective {
+    /// Retry under the step's retry policy (transient failure).
+    #[default]
+    Retry,
+    /// Retry, but not before this many milliseconds.
+    RetryAfter(u64),
+    /// Do not retry: the step has failed for good.
+    Never,
+}
+
+impl RetryDirective {
+    /// `RetryAfter` from a duration.
+    pub fn after(d: Duration) -> Self {
+        Self::RetryAfter(d.as_millis().min(u64::MAX as u128) as u64)
+    }
+}
+
+/// The payload of an [`EventKind::Error`] event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepError {
+    /// What went wrong, for people.
+    pub message: String,
+    /// Whether and when to retry.
+    #[serde(default)]
+    pub retry: RetryDirective,
+    /// A short machine-readable kind (`timeout`, `declined`, `invalid_input`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+}
+
+impl StepError {
+    /// A transient error.
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retry: RetryDirective::Retry,
+            kind: None,
+        }
+    }
+
+    /// A permanent error.
+    pub fn fatal(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retry: RetryDirective::Never,
+            kind: None,
+        }
+    }
+
+    /// Sets the kind.
+    pub fn with_kind(mut self, kind: impl Into<String>) -> Self {
+        self.kind = Some(kind.into());
+        self
+    }
+}
+
+impl fmt::Display for StepError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            Some(kind) => write!(f, "{kind}: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+/// Why an event could not be encoded or decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EventError {
+    /// The event is larger than the configured limit.
+    #[error("event is {size} bytes, over the {limit}-byte limit")]
+    TooLarge {
+        /// Its size.
+        size: usize,
+        /// The limit in force.
+        limit: usize,
+    },
+    /// The bytes are not an event envelope.
+    #[error("undecodable event: {0}")]
+    Malformed(String),
+    /// The envelope was written by an incompatible version.
+    #[error(
+        "event schema version {found} is not supported (this build reads up to {SCHEMA_VERSION})"
+    )]
+    UnsupportedSchema {
+        /// The version found.
+        found: u16,
+    },
+}
+
+/// Encodes and decodes events as JSON, enforcing a size limit both ways.
+#[derive(Clone, Copy, Debug)]
+pub struct EventCodec {
+    max_bytes: usize,
+}
+
+impl Default for EventCodec {
+    fn default() -> Self {
+        Self {
+            max_bytes: DEFAULT_MAX_EVENT_BYTES,
+        }
+    }
+}
+
+impl EventCodec {
+    /// A codec with a size limit in bytes.
+    pub fn with_limit(max_bytes: usize) -> Self {
+        Self { max_bytes }
+    }
+
+    /// The limit in force.
+    pub fn limit(&self) -> usize {
+        self.max_bytes
+    }
+
+    /// Encodes, refusing events over the limit.
+    pub fn encode(&self, event: &Event) -> Result<Vec<u8>, EventError> {
+        let bytes = serde_json::to_vec(event).map_err(|e| EventError::Malformed(e.to_string()))?;
+        if bytes.len() > self.max_bytes {
+            return Err(EventError::TooLarge {
+                size: bytes.len(),
+                limit: self.max_bytes,
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Decodes, refusing oversized input before parsing it.
+    pub fn decode(&self, bytes: &[u8]) -> Result<Event, EventError> {
+        if bytes.len() > self.max_bytes {
+            return Err(EventError::TooLarge {
+                size: bytes.len(),
+                limit: self.max_bytes,
+            });
+        }
+        // Read the schema first so that a newer envelope gets a clear error
+        // rather than a confusing field error.
+        #[derive(Deserialize)]
+        struct Probe {
+            schema: Option<u16>,
+        }
+        match serde_json::from_slice::<Probe>(bytes) {
+            Ok(Probe {
+                schema: Some(found),
+            }) if found > SCHEMA_VERSION || found == 0 => {
+                return Err(EventError::UnsupportedSchema { found });
+            }
+            Ok(_) => {}
+            Err(e) => return Err(EventError::Malformed(e.to_string())),
+        }
+        serde_json::from_slice(bytes).map_err(|e| EventError::Malformed(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> Event {
+        let mut e = Event::new(
+            EventKind::Command,
+            TransactionId::new(),
+            CorrelationId::new(),
+            WorkflowName::new("orders"),
+            Payload::from_json_str(r#"{"input":{"id":7},"steps":{}}"#).expect("valid json"),
+        );
+        e.step = Some(StepName::new("charge"));
+        e.attempt = 2;
+        e.deadline = Some(Timestamp(1_700_000_000_000));
+        e.traceparent = Some(Arc::from(
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ));
+        e
+    }
+
+    #[test]
+    fn round_trips() {
+        let codec = EventCodec::default();
+        let e = sample();
+        let bytes = codec.encode(&e).expect("encodes");
+        assert_eq!(codec.decode(&bytes).expect("decodes"), e);
+    }
+
+    #[test]
+    fn compensation_phase_round_trips_and_forward_is_omitted() {
+        let codec = EventCodec::default();
+        let mut e = sample();
+        let text = String::from_utf8(codec.encode(&e).expect("encodes")).expect("utf8");
+        assert!(!text.contains("phase"));
+        e.phase = Phase::Compensate;
+        e.kind = EventKind::Compensation;
+        let bytes = codec.encode(&e).expect("encodes");
+        assert_eq!(
+            codec.decode(&bytes).expect("decodes").phase,
+            Phase::Compensate
+        );
+    }
+
+    #[test]
+    fn refuses_oversized_both_ways() {
+        let codec = EventCodec::with_limit(200);
+        let e = sample();
+        assert!(matches!(
+            codec.encode(&e),
+            Err(EventError::TooLarge { limit: 200, .. })
+        ));
+        let big = EventCodec::default().encode(&e).expect("encodes");
+        assert!(matches!(
+            codec.decode(&big),
+            Err(EventError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn refuses_future_schema_and_wrong_shapes() {
+        let codec = EventCodec::default();
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&codec.encode(&sample()).expect("encodes")).expect("json");
+        v["schema"] = 99.into();
+        let bytes = serde_json::to_vec(&v).expect("json");
+        assert_eq!(
+            codec.decode(&bytes),
+            Err(EventError::UnsupportedSchema { found: 99 })
+        );
+        v["schema"] = 1.into();
+        v["kind"] = "teleport".into();
+        let bytes = serde_json::to_vec(&v).expect("json");
+        assert!(
+            matches!(codec.decode(&bytes), Err(EventError::Malformed(m)) if m.contains("teleport"))
+        );
+        assert!(matches!(
+            codec.decode(b"[1,2,3]"),
+            Err(EventError::Malformed(_))
+        ));
+        assert!(matches!(codec.decode(b""), Err(EventError::Malformed(_))));
+    }
+
+    #[test]
+    fn idempotency_key_is_stable_per_attempt() {
+        let e = sample();
+        let mut redelivered = e.clone();
+        redelivered.id = EventId::new();
+        assert_eq!(e.idempotency_key(), redelivered.idempotency_key());
+        let mut next = e.clone();
+        next.attempt += 1;
+        assert_ne!(e.idempotency_key(), next.idempotency_key());
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_random_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = EventCodec::default().decode(&bytes);
+        }
+
+        #[test]
+        fn decoding_mutated_events_never_panics(pos in 0usize..400, byte in any::<u8>(), cut in 0usize..400) {
+            let mut bytes = EventCodec::default().encode(&sample()).expect("encodes");
+            let len = bytes.len();
+            bytes[pos % len] = byte;
+            bytes.truncate(cut.max(1).min(len));
+            let _ = EventCodec::default().decode(&bytes);
+        }
+
+        #[test]
+        fn deeply_nested_payloads_do_not_overflow(depth in 1usize..5000) {
+            let text = format!(
+                r#"{{"schema":1,"payload":{}{}}}"#,
+                "[".repeat(depth),
+                "]".repeat(depth)
+            );
+            let _ = EventCodec::default().decode(text.as_bytes());
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! JSON payloads carried without re-parsing: a payload is validated JSON text
+//! behind an `Arc`, so cloning an event or a state is cheap and a step's
+//! output travels byte for byte from the worker to the steps that read it.
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// A JSON value kept as text.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Payload(Arc<RawValue>);
+
+impl Payload {
+    /// Serializes a value into a payload.
+    pub fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<Self, serde_json::Error> {
+        serde_json::value::to_raw_value(value).map(|raw| Self(Arc::from(raw)))
+    }
+
+    /// Validates JSON text and wraps it.
+    pub fn from_json_str(text: impl Into<String>) -> Result<Self, serde_json::Error> {
+        RawValue::from_string(text.into()).map(|raw| Self(Arc::from(raw)))
+    }
+
+    /// JSON `null`.
+    pub fn null() -> Self {
+        static NULL: std::sync::OnceLock<Payload> = std::sync::OnceLock::new();
+        NULL.get_or_init(|| Self::from_raw(RawValue::NULL.to_owned()))
+            .clone()
+    }
+
+    /// Wraps an already parsed raw value.
+    pub fn from_raw(raw: Box<RawValue>) -> Self {
+        Self(Arc::from(raw))
+    }
+
+    /// Decodes the payload into a typed value.
+    pub fn parse<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_str(self.0.get())
+    }
+
+    /// The JSON text.
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+
+    /// The raw value, for embedding in other documents without re-encoding.
+    pub fn as_raw(&self) -> &RawValue {
+        &self.0
+    }
+
+    /// Length of the JSON text in bytes.
+    pub fn len(&self) -> usize {
+        self.0.get().len()
+    }
+
+    /// True for an empty text (never the case for a valid payload).
+    pub fn is_empty(&self) -> bool {
+        self.0.get().is_empty()
+    }
+}
+
+impl PartialEq for Payload {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Payload {}
+
+impl fmt::Debug for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Display for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Default for Payload {
+    fn default() -> Self {
+        Self::null()
+    }
+}

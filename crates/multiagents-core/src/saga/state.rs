@@ -1,0 +1,329 @@
+//! The persisted state of one workflow instance.
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::{Phase, StepError};
+use crate::ids::{CorrelationId, StepName, TransactionId, WorkflowName};
+use crate::payload::Payload;
+use crate::time::Timestamp;
+
+/// Where a workflow is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkflowStatus {
+    /// Steps are running.
+    Running,
+    /// A step failed for good (or the workflow was cancelled): completed
+    /// steps are being undone.
+    Compensating,
+    /// Every step completed.
+    Completed,
+    /// A step failed for good and every completed step with a compensation
+    /// was undone.
+    Compensated,
+    /// A step failed for good and there was nothing to undo.
+    Failed,
+    /// A compensation failed for good: some effects could not be undone.
+    /// The failure is dead-lettered and needs a person.
+    CompensationFailed,
+    /// Cancelled on request; completed steps were undone.
+    Cancelled,
+}
+
+impl WorkflowStatus {
+    /// True once nothing more will happen.
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, WorkflowStatus::Running | WorkflowStatus::Compensating)
+    }
+
+    /// All statuses, for listings and metrics.
+    pub const ALL: [WorkflowStatus; 7] = [
+        WorkflowStatus::Running,
+        WorkflowStatus::Compensating,
+        WorkflowStatus::Completed,
+        WorkflowStatus::Compensated,
+        WorkflowStatus::Failed,
+        WorkflowStatus::CompensationFailed,
+        WorkflowStatus::Cancelled,
+    ];
+
+    /// The snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkflowStatus::Running => "running",
+            WorkflowStatus::Compensating => "compensating",
+            WorkflowStatus::Completed => "completed",
+            WorkflowStatus::Compensated => "compensated",
+            WorkflowStatus::Failed => "failed",
+            WorkflowStatus::CompensationFailed => "compensation_failed",
+            WorkflowStatus::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::fmt::Display for WorkflowStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for WorkflowStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        WorkflowStatus::ALL
+            .into_iter()
+            .find(|w| w.as_str() == s)
+            .ok_or_else(|| format!("unknown workflow status `{s}`"))
+    }
+}
+
+/// Where one step is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum StepStatus {
+    /// Waiting for the steps it comes after.
+    Pending,
+    /// A command for `attempt` is out.
+    Running {
+        /// The attempt in flight.
+        attempt: u32,
+        /// When its command was (last) published.
+        dispatched_at: Timestamp,
+        /// When the attempt times out.
+        deadline: Timestamp,
+    },
+    /// Waiting to dispatch `attempt` after a failure.
+    RetryWaiting {
+        /// The next attempt.
+        attempt: u32,
+        /// When it is dispatched.
+        due: Timestamp,
+    },
+    /// Done; its output is in [`StepState::output`].
+    Completed,
+    /// Failed for good.
+    Failed,
+    /// Will not run: the workflow stopped first.
+    Cancelled,
+    /// A compensation command for `attempt` is out.
+    Compensating {
+        /// The compensation attempt in flight.
+        attempt: u32,
+        /// When its command was (last) published.
+        dispatched_at: Timestamp,
+        /// When the attempt times out.
+        deadline: Timestamp,
+    },
+    /// Waiting to dispatch compensation `attempt` after a failure.
+    CompensationRetryWaiting {
+        /// The next compensation attempt.
+        attempt: u32,
+        /// When it is dispatched.
+        due: Timestamp,
+    },
+    /// Undone.
+    Compensated,
+    /// Could not be undone.
+    CompensationFailed,
+}
+
+impl StepStatus {
+    /// A short name for timelines.
+    pub fn label(&self) -> &'static str {
+        match self {
+            StepStatus::Pending => "pending",
+            StepStatus::Running { .. } => "running",
+            StepStatus::RetryWaiting { .. } => "retry_waiting",
+            StepStatus::Completed => "completed",
+            StepStatus::Failed => "failed",
+            StepStatus::Cancelled => "cancelled",
+            StepStatus::Compensating { .. } => "compensating",
+            StepStatus::CompensationRetryWaiting { .. } => "compensation_retry_waiting",
+            StepStatus::Compensated => "compensated",
+            StepStatus::CompensationFailed => "compensation_failed",
+        }
+    }
+
+    /// The next time something is due for this step.
+    pub fn wakeup(&self) -> Option<Timestamp> {
+        match *self {
+            StepStatus::Running { deadline, .. } | StepStatus::Compensating { deadline, .. } => {
+                Some(deadline)
+            }
+            StepStatus::RetryWaiting { due, .. }
+            | StepStatus::CompensationRetryWaiting { due, .. } => Some(due),
+            _ => None,
+        }
+    }
+
+    /// True while a command for this step is out.
+    pub fn in_flight(&self) -> bool {
+        matches!(
+            self,
+            StepStatus::Running { .. } | StepStatus::Compensating { .. }
+        )
+    }
+}
+
+/// One step of one workflow instance.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepState {
+    /// The step's name.
+    pub name: StepName,
+    /// Where it is.
+    pub status: StepStatus,
+    /// Forward attempts dispatched so far.
+    pub attempts: u32,
+    /// Compensation attempts dispatched so far.
+    #[serde(default)]
+    pub compensation_attempts: u32,
+    /// The output, once completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Payload>,
+    /// The most recent error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<StepError>,
+}
+
+/// Why a workflow is compensating (or ended without completing).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cause", rename_all = "snake_case")]
+pub enum Failure {
+    /// A step failed for good.
+    StepFailed {
+        /// The step.
+        step: StepName,
+        /// Its last error.
+        error: StepError,
+    },
+    /// Someone cancelled the workflow.
+    Cancelled {
+        /// The reason they gave.
+        reason: String,
+    },
+}
+
+/// One line of a workflow's history.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// When it happened.
+    pub at: Timestamp,
+    /// The step concerned, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<StepName>,
+    /// The attempt concerned (0 for workflow-level entries).
+    #[serde(default)]
+    pub attempt: u32,
+    /// What happened.
+    pub event: HistoryEvent,
+}
+
+/// What happened.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum HistoryEvent {
+    /// The workflow started.
+    Started,
+    /// A step's command was published.
+    Dispatched,
+    /// A step's command was published again (recovery).
+    Redispatched {
+        /// Forward or compensation.
+        phase: Phase,
+    },
+    /// A step completed.
+    Succeeded,
+    /// An attempt failed; another is scheduled.
+    RetryScheduled {
+        /// Forward or compensation.
+        phase: Phase,
+        /// The error.
+        error: String,
+        /// When the next attempt goes out.
+        at: Timestamp,
+    },
+    /// A step failed for good.
+    Failed {
+        /// The error.
+        error: String,
+    },
+    /// A step was cancelled before it could finish.
+    Cancelled,
+    /// Cancellation was requested.
+    CancelRequested {
+        /// The reason.
+        reason: String,
+    },
+    /// Compensation of a step was dispatched.
+    CompensationDispatched,
+    /// A step was undone.
+    Compensated,
+    /// A step could not be undone.
+    CompensationFailed {
+        /// The error.
+        error: String,
+    },
+    /// The workflow reached a terminal status.
+    Finished {
+        /// The status.
+        status: WorkflowStatus,
+    },
+}
+
+/// The state of one workflow instance: the unit the store persists with a
+/// version and the state machine transforms.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkflowState {
+    /// The instance.
+    pub transaction_id: TransactionId,
+    /// The request chain it belongs to.
+    pub correlation_id: CorrelationId,
+    /// The definition's name.
+    pub workflow: WorkflowName,
+    /// The definition's version, fixed at start.
+    pub version: u32,
+    /// Where it is.
+    pub status: WorkflowStatus,
+    /// The workflow input.
+    pub input: Payload,
+    /// One entry per step of the definition, in the same order.
+    pub steps: Vec<StepState>,
+    /// Why it is compensating or did not complete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<Failure>,
+    /// When it started.
+    pub started_at: Timestamp,
+    /// When it last changed.
+    pub updated_at: Timestamp,
+    /// When it reached a terminal status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Timestamp>,
+    /// What happened, in order.
+    pub history: Vec<HistoryEntry>,
+}
+
+impl WorkflowState {
+    /// The earliest time something is due (a deadline or a retry), if any.
+    /// Stores index workflows by this so timers fire from the store.
+    pub fn next_wakeup(&self) -> Option<Timestamp> {
+        if self.status.is_terminal() {
+            return None;
+        }
+        self.steps.iter().filter_map(|s| s.status.wakeup()).min()
+    }
+
+    /// The step named `name`.
+    pub fn step(&self, name: &str) -> Option<&StepState> {
+        self.steps.iter().find(|s| s.name.as_str() == name)
+    }
+
+    /// The output of a completed step.
+    pub fn output(&self, name: &str) -> Option<&Payload> {
+        self.step(name).and_then(|s| s.output.as_ref())
+    }
+
+    /// True once nothing more will happen.
+    pub fn is_terminal(&self) -> bool {
+        self.status.is_terminal()
+    }
+}

@@ -1,0 +1,965 @@
+//! Table tests for each saga rule, then property tests over random
+//! interleavings, duplications and delays.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::event::RetryDirective;
+use crate::workflow::{RetryPolicy, WorkflowBuilder};
+
+const T0: Timestamp = Timestamp(1_000_000);
+
+fn orders() -> WorkflowDefinition {
+    WorkflowBuilder::new("orders")
+        .default_retry(
+            RetryPolicy::attempts(3)
+                .with_jitter(0.0)
+                .with_initial_delay(Duration::from_millis(100)),
+        )
+        .step("validate", "validate_order")
+        .step("reserve", "reserve_inventory")
+        .compensate_with("release_inventory")
+        .step("charge", "charge_payment")
+        .compensate_with("refund_payment")
+        .step("invoice", "create_invoice")
+        .step("notify", "notify_customer")
+        .build()
+        .expect("valid")
+}
+
+fn begin(def: &WorkflowDefinition) -> (WorkflowState, Vec<Action>) {
+    start(
+        def,
+        TransactionId::new(),
+        CorrelationId::new(),
+        Payload::from_json_str(r#"{"order":1}"#).expect("json"),
+        T0,
+    )
+}
+
+fn dispatches(actions: &[Action]) -> Vec<(String, Phase, u32)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Dispatch(d) => Some((d.step.to_string(), d.phase, d.attempt)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn ok(step: &str, attempt: u32) -> Input {
+    Input::Succeeded {
+        step: step.into(),
+        phase: Phase::Forward,
+        attempt,
+        output: Payload::from_json_str(format!(r#"{{"step":"{step}"}}"#)).expect("json"),
+    }
+}
+
+fn comp_ok(step: &str, attempt: u32) -> Input {
+    Input::Succeeded {
+        step: step.into(),
+        phase: Phase::Compensate,
+        attempt,
+        output: Payload::null(),
+    }
+}
+
+fn fail(step: &str, attempt: u32, retry: RetryDirective) -> Input {
+    Input::Failed {
+        step: step.into(),
+        phase: Phase::Forward,
+        attempt,
+        error: StepError {
+            message: "boom".into(),
+            retry,
+            kind: None,
+        },
+    }
+}
+
+fn comp_fail(step: &str, attempt: u32, retry: RetryDirective) -> Input {
+    Input::Failed {
+        step: step.into(),
+        phase: Phase::Compensate,
+        attempt,
+        error: StepError {
+            message: "still boom".into(),
+            retry,
+            kind: None,
+        },
+    }
+}
+
+fn at(ms: u64) -> Timestamp {
+    Timestamp(T0.0 + ms)
+}
+
+#[test]
+fn starts_with_the_first_step_only() {
+    let def = orders();
+    let (state, actions) = begin(&def);
+    assert_eq!(
+        dispatches(&actions),
+        vec![("validate".into(), Phase::Forward, 1)]
+    );
+    assert_eq!(state.status, WorkflowStatus::Running);
+    assert_eq!(state.next_wakeup(), Some(T0.plus(Duration::from_secs(30))));
+    assert!(actions.contains(&Action::Status(StatusUpdate::Started)));
+}
+
+#[test]
+fn runs_steps_in_order_to_completion_and_passes_outputs() {
+    let def = orders();
+    let (mut s, _) = begin(&def);
+    let names = ["validate", "reserve", "charge", "invoice", "notify"];
+    for (n, name) in names.iter().enumerate() {
+        let out = apply(&def, &mut s, ok(name, 1), at(n as u64));
+        assert!(out.changed);
+        if let Some(next) = names.get(n + 1) {
+            let d = match &out.actions[..] {
+                [Action::Status(_), Action::Dispatch(d)] => d,
+                other => panic!("unexpected actions {other:?}"),
+            };
+            assert_eq!(d.step, *next);
+            let doc: serde_json::Value = d.payload.parse().expect("json");
+            assert_eq!(doc["input"]["order"], 1);
+            assert_eq!(doc["steps"][name]["step"], *name, "{doc}");
+            assert_eq!(doc["steps"].as_object().expect("map").len(), n + 1);
+        }
+    }
+    assert_eq!(s.status, WorkflowStatus::Completed);
+    assert_eq!(s.finished_at, Some(at(4)));
+    assert_eq!(s.next_wakeup(), None);
+}
+
+#[test]
+fn input_from_passes_an_earlier_output_as_input() {
+    let def = WorkflowBuilder::new("w")
+        .step("a", "x")
+        .step("b", "y")
+        .input_from("a")
+        .build()
+        .expect("valid");
+    let (mut s, _) = begin(&def);
+    let out = apply(&def, &mut s, ok("a", 1), at(1));
+    let Some(Action::Dispatch(d)) = out
+        .actions
+        .iter()
+        .find(|a| matches!(a, Action::Dispatch(_)))
+    else {
+        panic!("no dispatch")
+    };
+    let doc: serde_json::Value = d.payload.parse().expect("json");
+    assert_eq!(doc["input"]["step"], "a");
+}
+
+#[test]
+fn duplicates_and_stale_results_change_nothing() {
+    let def = orders();
+    let (mut s, _) = begin(&def);
+    assert!(apply(&def, &mut s, ok("validate", 1), at(1)).changed);
+    let before = s.clone();
+    // The same result again.
+    assert_eq!(
+        apply(&def, &mut s, ok("validate", 1), at(2)),
+        Outcome::default()
+    );
+    // A result for a step that has not been dispatched.
+    assert_eq!(
+        apply(&def, &mut s, ok("invoice", 1), at(2)),
+        Outcome::default()
+    );
+    // A result for an attempt that was never dispatched.
+    assert_eq!(
+        apply(&def, &mut s, ok("reserve", 2), at(2)),
+        Outcome::default()
+    );
+    // A failure for an attempt that is not current.
+    assert_eq!(
+        apply(
+            &def,
+            &mut s,
+            fail("reserve", 7, RetryDirective::Retry),
+            at(2)
+        ),
+        Outcome::default()
+    );
+    // A step name that does not exist.
+    assert_eq!(
+        apply(&def, &mut s, ok("teleport", 1), at(2)),
+        Outcome::default()
+    );
+    // A compensation result when nothing is compensating.
+    assert_eq!(
+        apply(&def, &mut s, comp_ok("reserve", 1), at(2)),
+        Outcome::default()
+    );
+    // A tick before anything is due.
+    assert_eq!(apply(&def, &mut s, Input::Tick, at(3)), Outcome::default());
+    assert_eq!(s, before);
+}
+
+#[test]
+fn retries_with_backoff_then_succeeds() {
+    let def = orders();
+    let (mut s, _) = begin(&def);
+    let out = apply(
+        &def,
+        &mut s,
+        fail("validate", 1, RetryDirective::Retry),
+        at(10),
+    );
+    assert!(out.changed && dispatches(&out.actions).is_empty());
+    assert_eq!(
+        s.steps[0].status,
+        StepStatus::RetryWaiting {
+            attempt: 2,
+            due: at(110)
+        }
+    );
+    assert_eq!(s.next_wakeup(), Some(at(110)));
+    assert!(!apply(&def, &mut s, Input::Tick, at(109)).changed);
+    let out = apply(&def, &mut s, Input::Tick, at(110));
+    assert_eq!(
+        dispatches(&out.actions),
+        vec![("validate".into(), Phase::Forward, 2)]
+    );
+    // Second failure doubles the delay.
+    apply(
+        &def,
+        &mut s,
+        fail("validate", 2, RetryDirective::Retry),
+        at(120),
+    );
+    assert_eq!(
+        s.steps[0].status,
+        StepStatus::RetryWaiting {
+            attempt: 3,
+            due: at(320)
+        }
+    );
+    apply(&def, &mut s, Input::Tick, at(320));
+    let out = apply(&def, &mut s, ok("validate", 3), at(330));
+    assert_eq!(
+        dispatches(&out.actions),
+        vec![("reserve".into(), Phase::Forward, 1)]
+    );
+}
+
+#[test]
+fn retry_after_sets_the_delay() {
+    let def = orders();
+    let (mut s, _) = begin(&def);
+    apply(
+        &def,
+        &mut s,
+        fail("validate", 1, RetryDirective::RetryAfter(5_000)),
+        at(0),
+    );
+    assert_eq!(
+        s.steps[0].status,
+        StepStatus::RetryWaiting {
+            attempt: 2,
+            due: at(5_000)
+        }
+    );
+}
+
+#[test]
+fn late_success_of_an_earlier_attempt_completes_the_step() {
+    let def = orders();
+    let (mut s, _) = begin(&def);
+    apply(
+        &def,
+        &mut s,
+        fail("validate", 1, RetryDirective::Retry),
+        at(0),
+    );
+    apply(&def, &mut s, Input::Tick, at(100));
+    let out = apply(&def, &mut s, ok("validate", 1), at(101));
+    assert!(out.changed);
+    assert_eq!(s.steps[0].status, StepStatus::Completed);
+    // The retry's own success is now a duplicate.
+    assert!(!apply(&def, &mut s, ok("validate", 2), at(102)).changed);
+}
+
+#[test]
+fn deadline_counts_as_a_retryable_failure() {
+    let def = WorkflowBuilder::new("w")
+        .step("a", "x")
+        .timeout(Duration::from_millis(50))
+        .retry(RetryPolicy::attempts(2).with_jitter(0.0))
+        .build()
+        .expect("valid");
+    let (mut s, _) = begin(&def);
+    assert!(!apply(&def, &mut s, Input::Tick, at(49)).changed);
+    apply(&def, &mut s, Input::Tick, at(50));
+    assert!(matches!(
+        s.steps[0].status,
+        StepStatus::RetryWaiting { attempt: 2, .. }
+    ));
+    assert_eq!(
+        s.steps[0]
+            .last_error
+            .as_ref()
+            .and_then(|e| e.kind.as_deref()),
+        Some("timeout")
+    );
+    apply(&def, &mut s, Input::Tick, at(150));
+    apply(&def, &mut s, Input::Tick, at(200));
+    assert_eq!(s.status, WorkflowStatus::Failed);
+}
+
+#[test]
+fn a_fatal_failure_compensates_completed_steps_in_reverse_order() {
+    let def = orders();
+    let (mut s, _) = begin(&def);
+    apply(&def, &mut s, ok("validate", 1), at(1));
+    apply(&def, &mut s, ok("reserve", 1), at(2));
+    apply(&def, &mut s, ok("charge", 1), at(3));
+    let out = apply(
+        &def,
+        &mut s,
+        fail("invoice", 1, RetryDirective::Never),
+        at(4),
+    );
+    assert_eq!(s.status, WorkflowStatus::Compensating);
+    // charge is undone first, reserve only after it.
+    assert_eq!(
+        dispatches(&out.actions),
+        vec![("charge".into(), Phase::Compensate, 1)]
+    );
+    let out = apply(&def, &mut s, comp_ok("charge", 1), at(5));
+    assert_eq!(
+        dispatches(&out.actions),
+        vec![("reserve".into(), Phase::Compensate, 1)]
+    );
+    let out = apply(&def, &mut s, comp_ok("reserve", 1), at(6));
+    assert_eq!(s.status, WorkflowStatus::Compensated);
+    assert!(
+        out.actions
+            .contains(&Action::Status(StatusUpdate::Finished {
+                status: WorkflowStatus::Compensated
+            }))
+    );
+    assert_eq!(s.steps[3].status, StepStatus::Failed);
+    assert_eq!(s.steps[4].status, StepStatus::Cancelled);
+    assert!(matches!(&s.failure, Some(Failure::StepFailed { step, .. }) if step == "invoice"));
+    // Nothing more happens once terminal.
+    assert_eq!(
+        apply(&def, &mut s, comp_ok("reserve", 1), at(7)),
+        Outcome::default()
+    );
+    assert_eq!(
+        apply(&def, &mut s, Input::Tick, at(1_000_000)),
+        Outcome::default()
+    );
+}
+
+#[test]
+fn exhausting_retries_fails_for_good() {
+    let def = orders();
+    let (mut s, _) = begin(&def);
+    apply(&def, &mut s, ok("validate", 1), at(1));
+    apply(&def, &mut s, ok("reserve", 1), at(2));
+    for attempt in 1..=3 {
+        apply(
+            &def,
+            &mut s,
+            fail("charge", attempt, RetryDirective::Retry),
+            at(10 * attempt as u64),
+        );
+        apply(&def, &mut s, Input::Tick, at(10_000 * attempt as u64));
+    }
+    assert_eq!(s.steps[2].status, StepStatus::Failed);
+    assert_eq!(s.steps[2].attempts, 3);
+    assert_eq!(
+        s.steps[1].status,
+        StepStatus::Compensating {
+            attempt: 1,
+            dispatched_at: at(30),
+            deadline: at(30_030)
+        }
+    );
+}
+
+#[test]
+fn failing_with_nothing_to_compensate_ends_failed() {
+    let def = orders();
+    let (mut s, _) = begin(&def);
+    apply(
+        &def,
+        &mut s,
+        fail("validate", 1, RetryDirective::Never),
+        at(1),
+    );
+    assert_eq!(s.status, WorkflowStatus::Failed);
+    assert!(s.finished_at.is_some());
+}
+
+#[test]
+fn compensation_is_retried_then_dead_lettered() {
+    let def = WorkflowBuilder::new("w")
+        .step("a", "x")
+        .compensate_with("undo_x")
+        .compensation_retry(RetryPolicy::attempts(2).with_jitter(0.0))
+        .step("b", "y")
+        .build()
+        .expect("valid");
+    let (mut s, _) = begin(&def);
+    apply(&def, &mut s, ok("a", 1), at(1));
+    apply(&def, &mut s, fail("b", 1, RetryDirective::Never), at(2));
+    apply(
+        &def,
+        &mut s,
+        comp_fail("a", 1, RetryDirective::Retry),
+        at(3),
+    );
+    assert!(matches!(
+        s.steps[0].status,
+        StepStatus::CompensationRetryWaiting { attempt: 2, .. }
+    ));
+    let out = apply(&def, &mut s, Input::Tick, at(1_000));
+    assert_eq!(
+        dispatches(&out.actions),
+        vec![("a".into(), Phase::Compensate, 2)]
+    );
+    let out = apply(
+        &def,
+        &mut s,
+        comp_fail("a", 2, RetryDirective::Retry),
+        at(1_001),
+    );
+    assert_eq!(s.status, WorkflowStatus::CompensationFailed);
+    assert!(out.actions.iter().any(|a| matches!(a, Action::DeadLetter { step, reason } if step == "a" && reason.contains("still boom"))));
+}
+
+#[test]
+fn compensation_goes_on_past_a_failed_one() {
+    let def = orders();
+    let (mut s, _) = begin(&def);
+    for (n, step) in ["validate", "reserve", "charge"].iter().enumerate() {
+        apply(&def, &mut s, ok(step, 1), at(n as u64));
+    }
+    apply(
+        &def,
+        &mut s,
+        fail("invoice", 1, RetryDirective::Never),
+        at(5),
+    );
+    let out = apply(
+        &def,
+        &mut s,
+        comp_fail("charge", 1, RetryDirective::Never),
+        at(6),
+    );
+    assert_eq!(
+        dispatches(&out.actions),
+        vec![("reserve".into(), Phase::Compensate, 1)]
+    );
+    apply(&def, &mut s, comp_ok("reserve", 1), at(7));
+    assert_eq!(s.status, WorkflowStatus::CompensationFailed);
+    assert_eq!(s.steps[1].status, StepStatus::Compensated);
+}
+
+#[test]
+fn cancellation_compensates_and_ends_cancelled() {
+    let def = orders();
+    let (mut s, _) = begin(&def);
+    apply(&def, &mut s, ok("validate", 1), at(1));
+    apply(&def, &mut s, ok("reserve", 1), at(2));
+    // charge is in flight: its compensation waits for its outcome.
+    let out = apply(
+        &def,
+        &mut s,
+        Input::Cancel {
+            reason: "customer asked".into(),
+        },
+        at(3),
+    );
+    assert!(dispatches(&out.actions).is_empty());
+    assert_eq!(s.status, WorkflowStatus::Compensating);
+    let out = apply(&def, &mut s, ok("charge", 1), at(4));
+    assert_eq!(
+        dispatches(&out.actions),
+        vec![("charge".into(), Phase::Compensate, 1)]
+    );
+    apply(&def, &mut s, comp_ok("charge", 1), at(5));
+    apply(&def, &mut s, comp_ok("reserve", 1), at(6));
+    assert_eq!(s.status, WorkflowStatus::Cancelled);
+    assert!(
+        !apply(
+            &def,
+            &mut s,
+            Input::Cancel {
+                reason: "again".into()
+            },
+            at(7)
+        )
+        .changed
+    );
+}
+
+#[test]
+fn a_step_failing_while_compensating_is_not_retried() {
+    let def = orders();
+    let (mut s, _) = begin(&def);
+    apply(&def, &mut s, ok("validate", 1), at(1));
+    apply(
+        &def,
+        &mut s,
+        Input::Cancel {
+            reason: "stop".into(),
+        },
+        at(2),
+    );
+    let out = apply(
+        &def,
+        &mut s,
+        fail("reserve", 1, RetryDirective::Retry),
+        at(3),
+    );
+    assert!(dispatches(&out.actions).is_empty());
+    assert_eq!(s.status, WorkflowStatus::Cancelled);
+}
+
+#[test]
+fn independent_branches_are_compensated_in_parallel() {
+    // a → {b, c} → d
+    let def = WorkflowBuilder::new("fan")
+        .step("a", "x")
+        .compensate_with("undo_a")
+        .step("b", "x")
+        .compensate_with("undo_b")
+        .after(["a"])
+        .step("c", "x")
+        .compensate_with("undo_c")
+        .after(["a"])
+        .step("d", "x")
+        .after(["b", "c"])
+        .build()
+        .expect("valid");
+    let (mut s, _) = begin(&def);
+    let out = apply(&def, &mut s, ok("a", 1), at(1));
+    assert_eq!(dispatches(&out.actions).len(), 2, "b and c start together");
+    apply(&def, &mut s, ok("b", 1), at(2));
+    apply(&def, &mut s, ok("c", 1), at(3));
+    let out = apply(&def, &mut s, fail("d", 1, RetryDirective::Never), at(4));
+    let set: BTreeSet<_> = dispatches(&out.actions).into_iter().map(|d| d.0).collect();
+    assert_eq!(set, ["b".to_string(), "c".to_string()].into());
+    let out = apply(&def, &mut s, comp_ok("b", 1), at(5));
+    assert!(dispatches(&out.actions).is_empty(), "a waits for c");
+    let out = apply(&def, &mut s, comp_ok("c", 1), at(6));
+    assert_eq!(
+        dispatches(&out.actions),
+        vec![("a".into(), Phase::Compensate, 1)]
+    );
+}
+
+#[test]
+fn redispatch_republishes_in_flight_commands_with_the_same_attempt() {
+    let def = orders();
+    let (mut s, _) = begin(&def);
+    apply(&def, &mut s, ok("validate", 1), at(1));
+    assert!(
+        !apply(
+            &def,
+            &mut s,
+            Input::Redispatch {
+                dispatched_before: at(0)
+            },
+            at(5)
+        )
+        .changed
+    );
+    let out = apply(
+        &def,
+        &mut s,
+        Input::Redispatch {
+            dispatched_before: at(1),
+        },
+        at(5),
+    );
+    assert_eq!(
+        dispatches(&out.actions),
+        vec![("reserve".into(), Phase::Forward, 1)]
+    );
+    // Recorded as re-published now, so a sweep does not repeat it at once.
+    assert!(
+        !apply(
+            &def,
+            &mut s,
+            Input::Redispatch {
+                dispatched_before: at(4)
+            },
+            at(6)
+        )
+        .changed
+    );
+}
+
+#[test]
+fn state_round_trips_through_json() {
+    let def = orders();
+    let (mut s, _) = begin(&def);
+    apply(&def, &mut s, ok("validate", 1), at(1));
+    apply(
+        &def,
+        &mut s,
+        fail("reserve", 1, RetryDirective::Retry),
+        at(2),
+    );
+    let text = serde_json::to_string(&s).expect("serializes");
+    let back: WorkflowState = serde_json::from_str(&text).expect("deserializes");
+    assert_eq!(back, s);
+}
+
+// ---------------------------------------------------------------------------
+// Property tests.
+
+/// A random workflow: up to 6 steps, each after a random subset of earlier
+/// ones (or the previous one), random compensations and attempts.
+fn arb_definition() -> impl Strategy<Value = WorkflowDefinition> {
+    proptest::collection::vec(
+        (any::<bool>(), 1u32..4, 1u32..3, any::<u8>(), any::<bool>()),
+        1..7,
+    )
+    .prop_map(|steps| {
+        let mut b = WorkflowBuilder::new("random");
+        for (i, (compensable, attempts, comp_attempts, deps_mask, sequential)) in
+            steps.into_iter().enumerate()
+        {
+            b = b
+                .step(format!("s{i}").as_str(), "work")
+                .retry(
+                    RetryPolicy::attempts(attempts).with_initial_delay(Duration::from_millis(10)),
+                )
+                .timeout(Duration::from_millis(1_000));
+            if !sequential {
+                let after: Vec<String> = (0..i)
+                    .filter(|j| deps_mask & (1 << j) != 0)
+                    .map(|j| format!("s{j}"))
+                    .collect();
+                b = b.after(after.iter().map(|s| s.as_str()));
+            }
+            if compensable {
+                b = b.compensate_with("undo").compensation_retry(
+                    RetryPolicy::attempts(comp_attempts)
+                        .with_initial_delay(Duration::from_millis(10)),
+                );
+            }
+        }
+        b.build().expect("generated definitions are valid")
+    })
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    /// Answer an outstanding command (chosen by index) with an outcome.
+    Answer(usize, Outcome_),
+    /// Deliver an already delivered answer again.
+    Duplicate(usize),
+    /// Let time pass.
+    Advance(u64),
+    Cancel,
+    Redispatch,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Outcome_ {
+    Success,
+    Transient,
+    Fatal,
+    /// The command is lost (its worker died); only a deadline recovers it.
+    Lost,
+}
+
+fn arb_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (any::<usize>(), prop_oneof![6 => Just(Outcome_::Success), 2 => Just(Outcome_::Transient), 1 => Just(Outcome_::Fatal), 1 => Just(Outcome_::Lost)])
+            .prop_map(|(i, o)| Op::Answer(i, o)),
+        2 => any::<usize>().prop_map(Op::Duplicate),
+        2 => (1u64..2_000).prop_map(Op::Advance),
+        1 => Just(Op::Cancel),
+        1 => Just(Op::Redispatch),
+    ]
+}
+
+struct Harness<'a> {
+    def: &'a WorkflowDefinition,
+    state: WorkflowState,
+    now: Timestamp,
+    outstanding: Vec<Dispatch>,
+    delivered: Vec<Input>,
+    log: Vec<(Input, Timestamp)>,
+    /// Steps whose forward phase completed, in order.
+    completed: Vec<usize>,
+    /// (step, phase) of every dispatch.
+    compensations: Vec<usize>,
+    terminal_seen: bool,
+}
+
+impl<'a> Harness<'a> {
+    fn new(def: &'a WorkflowDefinition) -> Self {
+        let (state, actions) = start(
+            def,
+            TransactionId::new(),
+            CorrelationId::new(),
+            Payload::null(),
+            T0,
+        );
+        let mut h = Self {
+            def,
+            state,
+            now: T0,
+            outstanding: Vec::new(),
+            delivered: Vec::new(),
+            log: Vec::new(),
+            completed: Vec::new(),
+            compensations: Vec::new(),
+            terminal_seen: false,
+        };
+        h.take(actions, false);
+        h
+    }
+
+    fn take(&mut self, actions: Vec<Action>, redispatch: bool) {
+        for a in actions {
+            if let Action::Dispatch(d) = a {
+                assert!(!self.terminal_seen, "dispatch after terminal: {d:?}");
+                if d.phase == Phase::Compensate && d.attempt == 1 && !redispatch {
+                    let i = self.def.step_index(d.step.as_str()).expect("known step");
+                    // Every step after it that was completed and compensable has been undone.
+                    for &dep in self.def.dependents(i) {
+                        self.assert_undone_below(dep);
+                    }
+                    assert!(
+                        !self.compensations.contains(&i),
+                        "step {} compensated twice",
+                        d.step
+                    );
+                    self.compensations.push(i);
+                }
+                self.outstanding.push(d);
+            }
+        }
+    }
+
+    fn assert_undone_below(&self, i: usize) {
+        let s = &self.state.steps[i];
+        assert!(
+            !matches!(
+                s.status,
+                StepStatus::Running { .. }
+                    | StepStatus::RetryWaiting { .. }
+                    | StepStatus::Compensating { .. }
+                    | StepStatus::CompensationRetryWaiting { .. }
+            ) && !(s.status == StepStatus::Completed && self.def.steps()[i].compensation.is_some()),
+            "step {} is not settled ({:?}) when an earlier step is compensated",
+            s.name,
+            s.status
+        );
+        for &d in self.def.dependents(i) {
+            self.assert_undone_below(d);
+        }
+    }
+
+    fn feed(&mut self, input: Input) {
+        self.log.push((input.clone(), self.now));
+        let out = apply(self.def, &mut self.state, input.clone(), self.now);
+        if self.terminal_seen {
+            assert_eq!(out, Outcome::default(), "a terminal workflow changed");
+        }
+        self.completed = self
+            .state
+            .history
+            .iter()
+            .filter(|h| h.event == HistoryEvent::Succeeded)
+            .filter_map(|h| {
+                h.step
+                    .as_ref()
+                    .and_then(|s| self.def.step_index(s.as_str()))
+            })
+            .collect();
+        if out.changed {
+            // Applying the same input again at the same time changes nothing.
+            let mut again = self.state.clone();
+            if matches!(input, Input::Succeeded { .. } | Input::Failed { .. }) {
+                assert_eq!(
+                    apply(self.def, &mut again, input.clone(), self.now),
+                    Outcome::default()
+                );
+                assert_eq!(again, self.state);
+            }
+        }
+        let redispatch = matches!(input, Input::Redispatch { .. });
+        self.take(out.actions, redispatch);
+        if matches!(input, Input::Succeeded { .. } | Input::Failed { .. }) {
+            self.delivered.push(input);
+        }
+        self.terminal_seen = self.state.is_terminal();
+    }
+
+    fn answer(&mut self, index: usize, outcome: Outcome_) {
+        if self.outstanding.is_empty() {
+            return;
+        }
+        let d = self.outstanding.remove(index % self.outstanding.len());
+        let input = match outcome {
+            Outcome_::Success => Input::Succeeded {
+                step: d.step,
+                phase: d.phase,
+                attempt: d.attempt,
+                output: Payload::null(),
+            },
+            Outcome_::Transient | Outcome_::Fatal => Input::Failed {
+                step: d.step,
+                phase: d.phase,
+                attempt: d.attempt,
+                error: StepError {
+                    message: "x".into(),
+                    retry: if matches!(outcome, Outcome_::Fatal) {
+                        RetryDirective::Never
+                    } else {
+                        RetryDirective::Retry
+                    },
+                    kind: None,
+                },
+            },
+            Outcome_::Lost => return,
+        };
+        self.feed(input);
+    }
+
+    fn run(&mut self, op: Op) {
+        match op {
+            Op::Answer(i, o) => self.answer(i, o),
+            Op::Duplicate(i) => {
+                if !self.delivered.is_empty() {
+                    let input = self.delivered[i % self.delivered.len()].clone();
+                    self.feed(input);
+                }
+            }
+            Op::Advance(ms) => {
+                self.now = Timestamp(self.now.0 + ms);
+                self.feed(Input::Tick);
+            }
+            Op::Cancel => self.feed(Input::Cancel {
+                reason: "test".into(),
+            }),
+            Op::Redispatch => self.feed(Input::Redispatch {
+                dispatched_before: self.now,
+            }),
+        }
+    }
+
+    /// Every worker now answers with success and time moves on: the
+    /// workflow must reach a terminal status.
+    fn settle(&mut self) {
+        for _ in 0..1_000 {
+            if self.state.is_terminal() {
+                return;
+            }
+            while !self.outstanding.is_empty() {
+                self.answer(0, Outcome_::Success);
+            }
+            self.now = Timestamp(self.now.0 + 60_000);
+            self.feed(Input::Tick);
+        }
+        panic!("workflow never reached a terminal status: {:?}", self.state);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn every_interleaving_ends_terminal_and_compensates_exactly_the_completed_steps(
+        def in arb_definition(),
+        ops in proptest::collection::vec(arb_op(), 0..60),
+    ) {
+        let mut h = Harness::new(&def);
+        for op in ops {
+            h.run(op);
+        }
+        h.settle();
+        let s = &h.state;
+        prop_assert!(s.is_terminal());
+        let compensable_completed: BTreeSet<usize> = h
+            .completed
+            .iter()
+            .copied()
+            .filter(|&i| def.steps()[i].compensation.is_some())
+            .collect();
+        let compensated: BTreeSet<usize> = h.compensations.iter().copied().collect();
+        match s.status {
+            WorkflowStatus::Completed => {
+                prop_assert!(s.steps.iter().all(|x| x.status == StepStatus::Completed));
+                prop_assert!(compensated.is_empty());
+            }
+            WorkflowStatus::Compensated | WorkflowStatus::Failed | WorkflowStatus::Cancelled | WorkflowStatus::CompensationFailed => {
+                prop_assert_eq!(&compensated, &compensable_completed);
+                prop_assert!(s.failure.is_some());
+                if s.status == WorkflowStatus::Failed {
+                    prop_assert!(compensated.is_empty());
+                }
+                if s.status == WorkflowStatus::Compensated {
+                    prop_assert!(!compensated.is_empty());
+                }
+            }
+            other => prop_assert!(false, "not terminal: {other}"),
+        }
+        // In a sequential chain the compensations run in exactly reverse completion order.
+        let sequential = (1..def.steps().len()).all(|i| def.dependencies(i) == [i - 1]);
+        if sequential && s.status != WorkflowStatus::Completed {
+            let expected: Vec<usize> = h.completed.iter().rev().copied().filter(|&i| def.steps()[i].compensation.is_some()).collect();
+            prop_assert_eq!(&h.compensations, &expected);
+        }
+        // Replaying the same inputs gives the same state: apply is deterministic.
+        let (mut replay, _) = start(&def, s.transaction_id, s.correlation_id, Payload::null(), T0);
+        for (input, now) in &h.log {
+            apply(&def, &mut replay, input.clone(), *now);
+        }
+        prop_assert_eq!(&replay, s);
+    }
+}
+
+#[test]
+fn history_tells_the_whole_story() {
+    let def = orders();
+    let (mut s, _) = begin(&def);
+    apply(&def, &mut s, ok("validate", 1), at(1));
+    apply(
+        &def,
+        &mut s,
+        fail("reserve", 1, RetryDirective::Retry),
+        at(2),
+    );
+    apply(&def, &mut s, Input::Tick, at(200));
+    apply(&def, &mut s, ok("reserve", 2), at(201));
+    apply(
+        &def,
+        &mut s,
+        fail("charge", 1, RetryDirective::Never),
+        at(202),
+    );
+    apply(&def, &mut s, comp_ok("reserve", 1), at(203));
+    let kinds: HashMap<String, usize> = s.history.iter().fold(HashMap::new(), |mut m, h| {
+        let k = serde_json::to_value(&h.event).expect("json")["event"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        *m.entry(k).or_default() += 1;
+        m
+    });
+    assert_eq!(kinds["started"], 1);
+    assert_eq!(kinds["retry_scheduled"], 1);
+    assert_eq!(kinds["failed"], 1);
+    assert_eq!(kinds["compensated"], 1);
+    assert_eq!(kinds["finished"], 1);
+    assert_eq!(s.status, WorkflowStatus::Compensated);
+}

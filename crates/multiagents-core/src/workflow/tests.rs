@@ -1,0 +1,187 @@
+use std::time::Duration;
+
+use super::*;
+
+fn orders() -> WorkflowBuilder {
+    WorkflowBuilder::new("orders")
+        .step("validate", "validate_order")
+        .step("reserve", "reserve_inventory")
+        .compensate_with("release_inventory")
+        .step("charge", "charge_payment")
+        .compensate_with("refund_payment")
+        .retry(RetryPolicy::attempts(5).with_initial_delay(Duration::from_millis(20)))
+        .timeout(Duration::from_secs(3))
+        .step("invoice", "create_invoice")
+        .input_from("charge")
+}
+
+#[test]
+fn builds_a_sequential_graph() {
+    let def = orders().build().expect("valid");
+    assert_eq!(def.steps().len(), 4);
+    assert_eq!(def.dependencies(0), &[] as &[usize]);
+    assert_eq!(def.dependencies(2), &[1]);
+    assert_eq!(def.dependents(1), &[2]);
+    assert_eq!(def.steps()[2].retry.max_attempts, 5);
+    assert_eq!(def.steps()[2].timeout, Duration::from_secs(3));
+    assert_eq!(def.steps()[0].timeout, DEFAULT_STEP_TIMEOUT);
+    let workers: Vec<_> = def.workers().map(|w| w.to_string()).collect();
+    assert!(workers.contains(&"refund_payment".to_string()));
+}
+
+#[test]
+fn round_trips_through_json_and_yaml() {
+    let def = orders().description("an order").build().expect("valid");
+    let json = def.to_json();
+    assert_eq!(
+        WorkflowDefinition::from_json(&json).expect("json parses"),
+        def
+    );
+    let yaml = def.to_yaml();
+    assert_eq!(
+        WorkflowDefinition::from_yaml(&yaml).expect("yaml parses"),
+        def
+    );
+    // The default ordering is implicit in the text.
+    assert!(!json.contains("\"after\""), "{json}");
+}
+
+#[test]
+fn reads_hand_written_yaml() {
+    let def = WorkflowDefinition::from_yaml(
+        r#"
+name: orders
+steps:
+  - name: reserve
+    worker: reserve_inventory
+    compensation: release_inventory
+  - name: charge
+    worker: charge_payment
+    timeout: 2s
+    retry: {max_attempts: 4, initial_delay: 50ms, multiplier: 3, max_delay: 1s, jitter: 0}
+    compensation:
+      worker: refund_payment
+      timeout: 500ms
+  - name: audit
+    worker: audit
+    after: []
+"#,
+    )
+    .expect("valid yaml");
+    assert_eq!(def.steps()[1].timeout, Duration::from_secs(2));
+    assert_eq!(def.steps()[1].retry.max_attempts, 4);
+    let comp = def.steps()[1].compensation.as_ref().expect("compensation");
+    assert_eq!(comp.timeout, Duration::from_millis(500));
+    assert_eq!(comp.retry, RetryPolicy::compensation_default());
+    assert_eq!(def.dependencies(2), &[] as &[usize]);
+}
+
+fn err(b: WorkflowBuilder) -> String {
+    b.build().expect_err("must be refused").to_string()
+}
+
+#[test]
+fn refuses_bad_definitions_naming_the_culprit() {
+    assert_eq!(
+        err(WorkflowBuilder::new("w")),
+        "workflow `w` has no steps; add at least one with .step(name, worker)"
+    );
+    assert!(err(WorkflowBuilder::new("")).contains("name is empty"));
+    assert_eq!(
+        err(WorkflowBuilder::new("w").step("a", "x").step("a", "y")),
+        "workflow `w` declares step `a` twice"
+    );
+    assert_eq!(
+        err(WorkflowBuilder::new("w").step("a", "")),
+        "step `a` of workflow `w` has an empty step worker name"
+    );
+    assert_eq!(
+        err(WorkflowBuilder::new("w")
+            .step("a", "x")
+            .compensate_with(" ")),
+        "step `a` of workflow `w` has an empty compensation worker name"
+    );
+    assert!(
+        err(WorkflowBuilder::new("w")
+            .step("a", "x")
+            .retry(RetryPolicy::attempts(0)))
+        .contains("step `a` of workflow `w` has an invalid step retry policy: max_attempts is 0")
+    );
+    assert!(
+        err(WorkflowBuilder::new("w")
+            .step("a", "x")
+            .timeout(Duration::ZERO))
+        .contains("zero step timeout")
+    );
+    assert!(err(WorkflowBuilder::new("w").step("", "x")).contains("step #1"));
+    assert!(
+        err(WorkflowBuilder::new("w").step("a", "x").after(["ghost"]))
+            .contains("`ghost`, which is not a step")
+    );
+    assert!(
+        err(WorkflowBuilder::new("w").retry(RetryPolicy::never()))
+            .contains(".retry() was called before any .step()")
+    );
+    assert!(
+        err(WorkflowBuilder::new("w")
+            .step("a", "x")
+            .compensation_retry(RetryPolicy::never()))
+        .contains("step `a`, which has no compensation")
+    );
+    assert!(err(WorkflowBuilder::new("w").version(0).step("a", "x")).contains("version 0"));
+}
+
+#[test]
+fn refuses_cycles_naming_the_steps() {
+    let e = WorkflowBuilder::new("w")
+        .step("a", "x")
+        .after(["c"])
+        .step("b", "x")
+        .step("c", "x")
+        .build()
+        .expect_err("cycle");
+    match e {
+        DefinitionError::Cycle { steps, .. } => {
+            assert_eq!(steps.first(), steps.last());
+            for s in ["a", "b", "c"] {
+                assert!(steps.iter().any(|x| x == s), "{steps:?}");
+            }
+        }
+        other => panic!("expected a cycle, got {other}"),
+    }
+    let e = err(WorkflowBuilder::new("w").step("a", "x").after(["a"]));
+    assert!(e.contains("cycle through steps a → a"), "{e}");
+}
+
+#[test]
+fn refuses_input_from_a_step_that_is_not_before() {
+    let e = err(WorkflowBuilder::new("w")
+        .step("a", "x")
+        .input_from("b")
+        .step("b", "y"));
+    assert!(
+        e.contains("takes its input from `b`, which does not always finish before it"),
+        "{e}"
+    );
+    let e = err(WorkflowBuilder::new("w").step("a", "x").input_from("zzz"));
+    assert!(e.contains("`zzz`, which is not a step"), "{e}");
+}
+
+#[test]
+fn refuses_bad_text_with_the_reason() {
+    let e = WorkflowDefinition::from_json(
+        r#"{"name":"w","steps":[{"name":"a","worker":"x","retires":3}]}"#,
+    )
+    .expect_err("unknown key");
+    assert!(e.to_string().contains("retires"), "{e}");
+    let e = WorkflowDefinition::from_json(
+        r#"{"name":"w","steps":[{"name":"a","worker":"x"},{"name":"a","worker":"y"}]}"#,
+    )
+    .expect_err("duplicate");
+    assert!(e.to_string().contains("declares step `a` twice"), "{e}");
+    let e = WorkflowDefinition::from_yaml(
+        "name: w\nsteps:\n  - name: a\n    worker: x\n    timeout: soon\n",
+    )
+    .expect_err("bad duration");
+    assert!(e.to_string().contains("soon"), "{e}");
+}
