@@ -1,1 +1,33 @@
-//! facade
+#![doc = include_str!("../docs/guide.md")]
+
+extern crate self as multiagents;
+
+pub mod bus;
+mod client;
+mod error;
+pub mod runtime;
+pub mod store;
+pub mod timeline;
+pub mod worker;
+
+/// The pure core: events, definitions and the saga state machine.
+pub use multiagents_core as core;
+
+pub use async_trait::async_trait;
+pub use client::{Client, StartOptions};
+pub use error::Error;
+pub use multiagents_core::{
+    CorrelationId, Payload, RetryPolicy, StepName, TransactionId, WorkerName, WorkflowBuilder,
+    WorkflowDefinition, WorkflowName, WorkflowState, WorkflowStatus,
+};
+/// Turns an `async fn(input, ctx) -> Result<output, WorkerError>` into a worker.
+pub use multiagents_macros::worker;
+pub use runtime::{OrchestratorConfig, Runtime, RuntimeBuilder};
+pub use worker::{Worker, WorkerContext, WorkerError};
+
+/// What most programs need, in one import.
+pub mod prelude {
+    pub use crate::worker::{Worker, WorkerContext, WorkerError, WorkerOptions};
+    pub use crate::{Client, Runtime, WorkflowBuilder, WorkflowStatus, worker};
+    pub use multiagents_core::{RetryPolicy, TransactionId};
+}

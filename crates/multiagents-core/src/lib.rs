@@ -14,6 +14,8 @@ pub mod workflow;
 pub use event::{Event, EventCodec, EventError, EventKind, Phase, RetryDirective, StepError};
 pub use ids::{CorrelationId, EventId, StepName, TransactionId, WorkerName, WorkflowName};
 pub use payload::Payload;
-pub use saga::{Action, Dispatch, Input, Outcome, StatusUpdate, WorkflowState, WorkflowStatus};
+pub use saga::{
+    Action, Dispatch, Input, Outcome, StatusUpdate, StepStatus, WorkflowState, WorkflowStatus,
+};
 pub use time::Timestamp;
 pub use workflow::{DefinitionError, RetryPolicy, WorkflowBuilder, WorkflowDefinition};

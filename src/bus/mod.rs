@@ -1,0 +1,160 @@
+//! The event bus: how commands reach workers and results reach the
+//! orchestrator.
+//!
+//! The contract every implementation meets (the in-memory one here, Redis
+//! Streams and NATS JetStream elsewhere):
+//!
+//! * **Topics and groups.** An event published to a topic is delivered to
+//!   every consumer group of that topic, and within a group to one consumer.
+//!   Events published before any group exists are kept for the first group.
+//! * **At least once.** A delivery that is not acked within the visibility
+//!   timeout is delivered again, to any consumer of the group.
+//! * **Dead letters.** After `max_deliveries` deliveries, or when a consumer
+//!   rejects it (undecodable, oversized, for an unknown transaction), an
+//!   event goes to the dead-letter list with the reason, and is counted.
+//! * **Status broadcast** is separate and fire-and-forget: subscribers that
+//!   are not listening miss events. Nothing that must arrive goes through it.
+
+pub mod memory;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::core::{Event, Timestamp, WorkerName};
+
+pub use memory::{MemoryBus, MemoryBusConfig};
+
+/// The topic results and errors go to.
+pub const RESULTS_TOPIC: &str = "results";
+
+/// The consumer group of orchestrators.
+pub const ORCHESTRATOR_GROUP: &str = "orchestrators";
+
+/// The consumer group of workers.
+pub const WORKER_GROUP: &str = "workers";
+
+/// The topic commands and compensations for `worker` go to.
+pub fn command_topic(worker: &WorkerName) -> String {
+    format!("commands.{worker}")
+}
+
+/// Identifies one delivery within a consumer group (for acks).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct DeliveryId(pub String);
+
+/// One event handed to a consumer.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    /// What to ack.
+    pub id: DeliveryId,
+    /// The event.
+    pub event: Arc<Event>,
+    /// How many times it has been delivered, this time included.
+    pub delivery_count: u32,
+}
+
+/// An event that could not be processed, with the reason.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// The topic it was on.
+    pub topic: String,
+    /// The consumer group that gave up on it, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Why.
+    pub reason: String,
+    /// How many times it was delivered.
+    pub delivery_count: u32,
+    /// When it was dead-lettered.
+    pub at: Timestamp,
+    /// The event as JSON, or the raw bytes (lossily as text) when it did not decode.
+    pub body: String,
+}
+
+/// What went wrong talking to the bus.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// The event is over the size limit.
+    #[error("event for topic `{topic}` is {size} bytes, over the {limit}-byte limit")]
+    TooLarge {
+        /// The topic.
+        topic: String,
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The bus is shut down.
+    #[error("the bus is closed")]
+    Closed,
+    /// The server could not be reached or answered with an error.
+    #[error("bus backend at {address}: {message}")]
+    Backend {
+        /// Where.
+        address: String,
+        /// What it said.
+        message: String,
+    },
+}
+
+/// A consumer in a group: takes batches, acks them, rejects poison.
+#[async_trait]
+pub trait Consumer: Send + Sync {
+    /// Up to `max` deliveries, waiting at most `wait` for the first one.
+    /// Returns an empty batch when nothing came.
+    async fn next_batch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, BusError>;
+
+    /// Marks deliveries as done: they will not be delivered again.
+    async fn ack(&self, ids: &[DeliveryId]) -> Result<(), BusError>;
+
+    /// Gives up on a delivery: it goes to the dead-letter list with `reason`
+    /// and is acked.
+    async fn reject(&self, delivery: &Delivery, reason: &str) -> Result<(), BusError>;
+}
+
+/// An event bus.
+#[async_trait]
+pub trait EventBus: Send + Sync + 'static {
+    /// Publishes one event. When this returns `Ok`, the bus has it.
+    async fn publish(&self, topic: &str, event: Event) -> Result<(), BusError>;
+
+    /// Publishes several events, in order, in as few round trips as the
+    /// backend allows.
+    async fn publish_many(&self, events: Vec<(String, Event)>) -> Result<(), BusError> {
+        for (topic, event) in events {
+            self.publish(&topic, event).await?;
+        }
+        Ok(())
+    }
+
+    /// Joins (creating if needed) consumer group `group` on `topic` as `consumer`.
+    async fn consumer(
+        &self,
+        topic: &str,
+        group: &str,
+        consumer: &str,
+    ) -> Result<Arc<dyn Consumer>, BusError>;
+
+    /// Records a dead letter that did not come from a delivery (for example
+    /// a compensation that failed for good).
+    async fn dead_letter(&self, letter: DeadLetter) -> Result<(), BusError>;
+
+    /// The most recent dead letters, newest last.
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BusError>;
+
+    /// Broadcasts a status event. Fire-and-forget: lost if nobody listens.
+    fn broadcast(&self, event: Event);
+
+    /// False when nobody listens to status broadcasts, so callers can skip
+    /// building them.
+    fn has_status_listeners(&self) -> bool {
+        true
+    }
+
+    /// Listens to status broadcasts from now on.
+    fn subscribe_status(&self) -> broadcast::Receiver<Arc<Event>>;
+}

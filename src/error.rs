@@ -1,0 +1,49 @@
+//! The errors users of the runtime and client meet.
+
+use std::time::Duration;
+
+use crate::bus::BusError;
+use crate::core::{DefinitionError, TransactionId, WorkflowStatus};
+use crate::store::StoreError;
+
+/// Everything that can go wrong in the runtime, the client and the workers'
+/// plumbing. Each variant says what was wrong and, where it helps, what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Talking to the bus failed.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// Talking to the store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A workflow definition was refused.
+    #[error(transparent)]
+    Definition(#[from] DefinitionError),
+    /// No definition by that name (and version) is registered.
+    #[error("no workflow definition `{name}`{} is registered; register it with .workflow(def) or client.register(&def)", .version.map(|v| format!(" version {v}")).unwrap_or_default())]
+    UnknownWorkflow {
+        /// The name asked for.
+        name: String,
+        /// The version asked for, if any.
+        version: Option<u32>,
+    },
+    /// No workflow with that transaction id exists.
+    #[error("no workflow {0} exists (it may have expired)")]
+    NotFound(TransactionId),
+    /// A wait ended before the workflow did.
+    #[error("workflow {transaction_id} is still {status} after waiting {waited:?}")]
+    Timeout {
+        /// The workflow.
+        transaction_id: TransactionId,
+        /// How long we waited.
+        waited: Duration,
+        /// Where it was.
+        status: WorkflowStatus,
+    },
+    /// The workflow input could not be encoded as JSON.
+    #[error("the workflow input does not encode as JSON: {0}")]
+    Input(String),
+    /// The runtime was set up wrongly.
+    #[error("{0}")]
+    Config(String),
+}

@@ -1,0 +1,257 @@
+//! The I/O shell around the saga core, shared by the orchestrator loops and
+//! the client: load, apply, compare-and-set, publish.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use crate::bus::{DeadLetter, EventBus, command_topic};
+use crate::core::saga::{self, Action, Input};
+use crate::core::{
+    CorrelationId, Event, EventKind, Payload, Phase, Timestamp, TransactionId, WorkflowDefinition,
+    WorkflowState,
+};
+use crate::store::{StateStore, StoreError};
+use crate::{Error, StartOptions};
+
+/// How many times a transition is re-applied after losing a compare-and-set.
+const MAX_CONFLICT_RETRIES: usize = 64;
+
+/// What [`Engine::drive`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Driven {
+    /// The state changed and the actions were carried out.
+    Applied,
+    /// The input changed nothing (duplicate, stale, early).
+    Unchanged,
+    /// No such workflow.
+    Missing,
+}
+
+pub(crate) struct Engine {
+    pub(crate) bus: Arc<dyn EventBus>,
+    pub(crate) store: Arc<dyn StateStore>,
+    definitions: RwLock<HashMap<(String, u32), Arc<WorkflowDefinition>>>,
+}
+
+impl Engine {
+    pub(crate) fn new(bus: Arc<dyn EventBus>, store: Arc<dyn StateStore>) -> Self {
+        Self {
+            bus,
+            store,
+            definitions: RwLock::new(HashMap::new()),
+        }
+    }
+
+    pub(crate) async fn register(&self, def: &WorkflowDefinition) -> Result<(), Error> {
+        self.store.put_definition(def).await?;
+        self.definitions
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                (def.name().to_string(), def.version()),
+                Arc::new(def.clone()),
+            );
+        Ok(())
+    }
+
+    pub(crate) async fn definition(
+        &self,
+        name: &str,
+        version: u32,
+    ) -> Result<Arc<WorkflowDefinition>, Error> {
+        if let Some(d) = self
+            .definitions
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(name.to_string(), version))
+        {
+            return Ok(d.clone());
+        }
+        let def = self
+            .store
+            .get_definition(name, version)
+            .await?
+            .ok_or_else(|| Error::UnknownWorkflow {
+                name: name.to_string(),
+                version: Some(version),
+            })?;
+        let def = Arc::new(def);
+        self.definitions
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((name.to_string(), version), def.clone());
+        Ok(def)
+    }
+
+    async fn latest(&self, name: &str) -> Result<Arc<WorkflowDefinition>, Error> {
+        let local = self
+            .definitions
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|((n, _), _)| n == name)
+            .max_by_key(|((_, v), _)| *v)
+            .map(|(_, d)| d.clone());
+        if let Some(d) = local {
+            return Ok(d);
+        }
+        let def =
+            self.store
+                .latest_definition(name)
+                .await?
+                .ok_or_else(|| Error::UnknownWorkflow {
+                    name: name.to_string(),
+                    version: None,
+                })?;
+        self.definition(name, def.version()).await
+    }
+
+    pub(crate) async fn start(
+        &self,
+        workflow: &str,
+        input: Payload,
+        options: StartOptions,
+    ) -> Result<TransactionId, Error> {
+        let def = match options.version {
+            Some(v) => self.definition(workflow, v).await?,
+            None => self.latest(workflow).await?,
+        };
+        let tx = options.transaction_id.unwrap_or_default();
+        let correlation = options.correlation_id.unwrap_or_else(CorrelationId::new);
+        let (state, actions) = saga::start(&def, tx, correlation, input, Timestamp::now());
+        match self.store.create(Arc::new(state.clone())).await {
+            Ok(_) => {}
+            // Starting with a transaction id that exists is idempotent.
+            Err(StoreError::AlreadyExists(_)) if options.transaction_id.is_some() => return Ok(tx),
+            Err(e) => return Err(e.into()),
+        }
+        self.execute(&state, actions, None, options.traceparent.as_deref())
+            .await?;
+        Ok(tx)
+    }
+
+    /// Applies `input` to a workflow, persisting with compare-and-set and
+    /// re-applying on conflict, then carries out the actions.
+    pub(crate) async fn drive(
+        &self,
+        tx: TransactionId,
+        input: &Input,
+        cause: Option<&Event>,
+    ) -> Result<Driven, Error> {
+        for _ in 0..MAX_CONFLICT_RETRIES {
+            let Some(current) = self.store.get(tx).await? else {
+                return Ok(Driven::Missing);
+            };
+            let def = self
+                .definition(current.state.workflow.as_str(), current.state.version)
+                .await?;
+            let mut state = WorkflowState::clone(&current.state);
+            let outcome = saga::apply(&def, &mut state, input.clone(), Timestamp::now());
+            if !outcome.changed {
+                return Ok(Driven::Unchanged);
+            }
+            let state = Arc::new(state);
+            match self
+                .store
+                .compare_and_set(current.version, state.clone())
+                .await
+            {
+                Ok(_) => {
+                    let traceparent = cause.and_then(|c| c.traceparent.clone());
+                    self.execute(&state, outcome.actions, cause, traceparent.as_deref())
+                        .await?;
+                    return Ok(Driven::Applied);
+                }
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::Config(format!(
+            "workflow {tx} kept changing under {MAX_CONFLICT_RETRIES} attempts to update it; is something looping?"
+        )))
+    }
+
+    /// Publishes a transition's commands, broadcasts its status changes and
+    /// records its dead letters.
+    async fn execute(
+        &self,
+        state: &WorkflowState,
+        actions: Vec<Action>,
+        cause: Option<&Event>,
+        traceparent: Option<&str>,
+    ) -> Result<(), Error> {
+        let traceparent: Option<Arc<str>> = traceparent.map(Arc::from);
+        let mut commands = Vec::new();
+        for action in actions {
+            match action {
+                Action::Dispatch(d) => {
+                    let kind = match d.phase {
+                        Phase::Forward => EventKind::Command,
+                        Phase::Compensate => EventKind::Compensation,
+                    };
+                    let mut e = Event::new(
+                        kind,
+                        state.transaction_id,
+                        state.correlation_id,
+                        state.workflow.clone(),
+                        d.payload,
+                    );
+                    e.step = Some(d.step);
+                    e.phase = d.phase;
+                    e.attempt = d.attempt;
+                    e.deadline = Some(d.deadline);
+                    e.causation_id = cause.map(|c| c.id);
+                    e.traceparent = traceparent.clone();
+                    commands.push((command_topic(&d.worker), e));
+                }
+                Action::Status(update) => {
+                    if self.bus.has_status_listeners() {
+                        let payload = Payload::to_json(&update).unwrap_or_else(|_| Payload::null());
+                        let mut e = Event::new(
+                            EventKind::Status,
+                            state.transaction_id,
+                            state.correlation_id,
+                            state.workflow.clone(),
+                            payload,
+                        );
+                        e.causation_id = cause.map(|c| c.id);
+                        self.bus.broadcast(e);
+                    }
+                }
+                Action::DeadLetter { step, reason } => {
+                    tracing::error!(
+                        transaction_id = %state.transaction_id,
+                        correlation_id = %state.correlation_id,
+                        step = %step,
+                        "{reason}"
+                    );
+                    let body = serde_json::json!({
+                        "transaction_id": state.transaction_id,
+                        "workflow": state.workflow,
+                        "step": step,
+                        "last_error": state.step(step.as_str()).and_then(|s| s.last_error.clone()),
+                    });
+                    self.bus
+                        .dead_letter(DeadLetter {
+                            topic: "compensations".into(),
+                            group: None,
+                            reason,
+                            delivery_count: 0,
+                            at: Timestamp::now(),
+                            body: body.to_string(),
+                        })
+                        .await?;
+                }
+            }
+        }
+        match commands.len() {
+            0 => {}
+            1 => {
+                let (topic, e) = commands.pop().expect("one command");
+                self.bus.publish(&topic, e).await?;
+            }
+            _ => self.bus.publish_many(commands).await?,
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,306 @@
+//! The orchestrator process: consumes results, fires timers from the store,
+//! republishes what a crash may have lost, and expires finished workflows.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::engine::{Driven, Engine};
+use crate::Error;
+use crate::bus::{Consumer, Delivery, ORCHESTRATOR_GROUP, RESULTS_TOPIC};
+use crate::core::saga::Input;
+use crate::core::{Event, EventKind, StepError, Timestamp, WorkflowStatus};
+use crate::store::ListQuery;
+
+/// Settings of the orchestrator.
+#[derive(Clone, Debug)]
+pub struct OrchestratorConfig {
+    /// This process's name in the consumer group.
+    pub instance: String,
+    /// Result consumers run at once.
+    pub consumers: usize,
+    /// Results taken from the bus at once per consumer.
+    pub batch_size: usize,
+    /// How often the store is asked for due timers.
+    pub tick_interval: Duration,
+    /// Republish the commands of every in-flight step at start. Right for the
+    /// in-memory bus, which loses everything with the process.
+    pub redispatch_on_start: bool,
+    /// Republish commands of steps in flight for longer than this without
+    /// any change (heals a crash between persisting and publishing).
+    pub redispatch_after: Option<Duration>,
+    /// How long finished workflows are kept.
+    pub retention: Duration,
+}
+
+impl Default for OrchestratorConfig {
+    fn default() -> Self {
+        Self {
+            instance: format!("orchestrator-{}", std::process::id()),
+            consumers: 2,
+            batch_size: 256,
+            tick_interval: Duration::from_millis(10),
+            redispatch_on_start: true,
+            redispatch_after: None,
+            retention: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// A running orchestrator.
+pub struct OrchestratorHandle {
+    stop: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl OrchestratorHandle {
+    /// Stops the loops after the batch each is working on.
+    pub async fn shutdown(mut self) {
+        self.stop.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+pub(crate) async fn start(
+    engine: Arc<Engine>,
+    config: OrchestratorConfig,
+) -> Result<OrchestratorHandle, Error> {
+    let stop = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    if config.redispatch_on_start {
+        let n = redispatch(&engine, Timestamp::now(), None).await?;
+        if n > 0 {
+            tracing::info!(
+                workflows = n,
+                "republished in-flight commands of unfinished workflows"
+            );
+        }
+    }
+    for i in 0..config.consumers.max(1) {
+        let consumer = engine
+            .bus
+            .consumer(
+                RESULTS_TOPIC,
+                ORCHESTRATOR_GROUP,
+                &format!("{}-{i}", config.instance),
+            )
+            .await?;
+        tasks.spawn(results_loop(
+            engine.clone(),
+            consumer,
+            config.batch_size,
+            stop.clone(),
+        ));
+    }
+    tasks.spawn(timer_loop(
+        engine.clone(),
+        config.tick_interval,
+        stop.clone(),
+    ));
+    tasks.spawn(housekeeping_loop(engine, config, stop.clone()));
+    Ok(OrchestratorHandle { stop, tasks })
+}
+
+/// What to do with a delivery after handling it.
+enum Verdict {
+    Ack,
+    Reject(String),
+    /// Leave it unacked: it will be redelivered.
+    Later,
+}
+
+async fn results_loop(
+    engine: Arc<Engine>,
+    consumer: Arc<dyn Consumer>,
+    batch_size: usize,
+    stop: CancellationToken,
+) {
+    let mut acks = Vec::with_capacity(batch_size);
+    loop {
+        let batch = tokio::select! {
+            _ = stop.cancelled() => return,
+            b = consumer.next_batch(batch_size, Duration::from_millis(250)) => b,
+        };
+        let batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "taking results failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        for delivery in batch {
+            match handle_result(&engine, &delivery.event).await {
+                Verdict::Ack => acks.push(delivery.id),
+                Verdict::Reject(reason) => reject(&*consumer, &delivery, &reason).await,
+                Verdict::Later => {}
+            }
+        }
+        if !acks.is_empty() {
+            if let Err(e) = consumer.ack(&acks).await {
+                tracing::warn!(error = %e, "acking results failed; they will be redelivered and ignored as duplicates");
+            }
+            acks.clear();
+        }
+    }
+}
+
+async fn reject(consumer: &dyn Consumer, delivery: &Delivery, reason: &str) {
+    tracing::warn!(
+        transaction_id = %delivery.event.transaction_id,
+        step = ?delivery.event.step,
+        reason,
+        "result dead-lettered"
+    );
+    if let Err(e) = consumer.reject(delivery, reason).await {
+        tracing::warn!(error = %e, "dead-lettering failed; the result will be redelivered");
+    }
+}
+
+/// Turns a result or error event into a state-machine input.
+pub(crate) fn input_of(event: &Event) -> Result<Input, String> {
+    let step = event
+        .step
+        .clone()
+        .ok_or_else(|| format!("{:?} event without a step", event.kind))?;
+    match event.kind {
+        EventKind::Result => Ok(Input::Succeeded {
+            step,
+            phase: event.phase,
+            attempt: event.attempt,
+            output: event.payload.clone(),
+        }),
+        EventKind::Error => {
+            let error: StepError = event
+                .payload
+                .parse()
+                .map_err(|e| format!("error payload is not {{\"message\", \"retry\"}}: {e}"))?;
+            Ok(Input::Failed {
+                step,
+                phase: event.phase,
+                attempt: event.attempt,
+                error,
+            })
+        }
+        other => Err(format!("unexpected {other:?} event on the results topic")),
+    }
+}
+
+async fn handle_result(engine: &Engine, event: &Event) -> Verdict {
+    let input = match input_of(event) {
+        Ok(i) => i,
+        Err(reason) => return Verdict::Reject(reason),
+    };
+    match engine
+        .drive(event.transaction_id, &input, Some(event))
+        .await
+    {
+        Ok(Driven::Applied) => Verdict::Ack,
+        Ok(Driven::Unchanged) => {
+            tracing::trace!(transaction_id = %event.transaction_id, step = ?event.step, attempt = event.attempt, "duplicate or stale result ignored");
+            Verdict::Ack
+        }
+        Ok(Driven::Missing) => {
+            Verdict::Reject(format!("unknown transaction {}", event.transaction_id))
+        }
+        Err(Error::UnknownWorkflow { name, version }) => Verdict::Reject(format!(
+            "unknown workflow definition `{name}` version {}",
+            version.unwrap_or_default()
+        )),
+        Err(e) => {
+            tracing::warn!(transaction_id = %event.transaction_id, error = %e, "applying a result failed; it will be redelivered");
+            Verdict::Later
+        }
+    }
+}
+
+async fn timer_loop(engine: Arc<Engine>, every: Duration, stop: CancellationToken) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let due = match engine.store.due(Timestamp::now(), 1024).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading due timers failed");
+                continue;
+            }
+        };
+        for tx in due {
+            if let Err(e) = engine.drive(tx, &Input::Tick, None).await {
+                tracing::warn!(transaction_id = %tx, error = %e, "firing a timer failed; it stays due");
+            }
+        }
+    }
+}
+
+/// Republishes in-flight commands of unfinished workflows last changed at or
+/// before `cutoff` (all of them when `idle` is `None`). Returns how many
+/// workflows had something republished.
+async fn redispatch(
+    engine: &Engine,
+    cutoff: Timestamp,
+    idle: Option<Timestamp>,
+) -> Result<usize, Error> {
+    let mut count = 0;
+    for status in [WorkflowStatus::Running, WorkflowStatus::Compensating] {
+        let query = ListQuery {
+            status: Some(status),
+            updated_before: idle,
+            ..Default::default()
+        };
+        for summary in engine.store.list(&query).await? {
+            let input = Input::Redispatch {
+                dispatched_before: cutoff,
+            };
+            if engine.drive(summary.transaction_id, &input, None).await? == Driven::Applied {
+                count += 1;
+            }
+        }
+    }
+    Ok(count)
+}
+
+async fn housekeeping_loop(
+    engine: Arc<Engine>,
+    config: OrchestratorConfig,
+    stop: CancellationToken,
+) {
+    let every = config
+        .redispatch_after
+        .map_or(Duration::from_secs(60), |d| {
+            (d / 2).max(Duration::from_millis(100))
+        });
+    let mut ticker = tokio::time::interval(every);
+    ticker.tick().await;
+    let mut last_expiry = Timestamp::now();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let now = Timestamp::now();
+        if let Some(after) = config.redispatch_after {
+            let cutoff = Timestamp(now.0.saturating_sub(after.as_millis() as u64));
+            match redispatch(&engine, cutoff, Some(cutoff)).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(workflows = n, "republished commands idle for {after:?}"),
+                Err(e) => tracing::warn!(error = %e, "the redispatch sweep failed"),
+            }
+        }
+        if now.since(last_expiry) >= Duration::from_secs(60) {
+            last_expiry = now;
+            let before = Timestamp(now.0.saturating_sub(config.retention.as_millis() as u64));
+            match engine.store.expire(before).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(workflows = n, "expired finished workflows"),
+                Err(e) => tracing::warn!(error = %e, "expiring finished workflows failed"),
+            }
+        }
+    }
+}

@@ -1,0 +1,430 @@
+//! The embedded persistent store: one append-only file, zero setup.
+//!
+//! Every write appends a framed record (`length`, `crc32`, JSON) to the file
+//! through one writer thread, which batches whatever is waiting into a single
+//! `write` (and, with [`Sync::Always`], a single `fdatasync`: group commit).
+//! A write returns only once its record is in the file, so what the runtime
+//! persists before it publishes survives a crash of the process. The whole
+//! state is also kept in memory (a [`MemoryStore`] is the index), which is
+//! what makes reads free; the file is replayed when the store is opened, a
+//! torn last record is cut off, and the file is compacted (rewritten with one
+//! record per live workflow) when it grows to several times the live data.
+//!
+//! One process at a time: a lock file beside the store refuses a second one.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use super::{
+    ListQuery, MemoryStore, StateStore, StoreError, Version, Versioned, WorkflowSummary,
+    same_definition,
+};
+use crate::core::{Timestamp, TransactionId, WorkflowDefinition, WorkflowState};
+
+/// When the file is flushed to the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Sync {
+    /// Every commit is handed to the operating system before the write
+    /// returns: it survives the process dying (kill -9), not a power cut.
+    /// The same guarantee as SQLite's WAL with `synchronous=NORMAL`.
+    #[default]
+    Os,
+    /// Every commit batch is also `fdatasync`ed: it survives a power cut.
+    Always,
+}
+
+/// Settings of a [`FileStore`].
+#[derive(Clone, Debug)]
+pub struct FileStoreConfig {
+    /// Flushing.
+    pub sync: Sync,
+    /// Compact when the file is larger than this and than 4× the live data.
+    pub compact_min_bytes: u64,
+}
+
+impl Default for FileStoreConfig {
+    fn default() -> Self {
+        Self {
+            sync: Sync::Os,
+            compact_min_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// A [`StateStore`] in one local file.
+#[derive(Clone)]
+pub struct FileStore {
+    index: MemoryStore,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    path: PathBuf,
+    /// Orders index updates and log appends the same way.
+    commit: Mutex<mpsc::Sender<Request>>,
+    _lock: File,
+}
+
+struct Request {
+    frame: Vec<u8>,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// One log record. Externally tagged: an internally tagged enum would make
+/// serde buffer the state, which raw JSON payloads cannot pass through.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Record {
+    Put { v: Version, s: Arc<WorkflowState> },
+    Delete { tx: TransactionId },
+    Definition { d: WorkflowDefinition },
+}
+
+fn frame(record: &Record) -> Vec<u8> {
+    let body = serde_json::to_vec(record).unwrap_or_default();
+    let mut out = Vec::with_capacity(body.len() + 8);
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+fn io_err(path: &Path, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Io {
+        location: path.display().to_string(),
+        message: e.to_string(),
+    }
+}
+
+impl FileStore {
+    /// Opens (creating if needed) the store at `path` with default settings.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::open_with(path, FileStoreConfig::default())
+    }
+
+    /// Opens the store at `path`.
+    pub fn open_with(path: impl AsRef<Path>, config: FileStoreConfig) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        }
+        let lock_path = path.with_extension("lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| io_err(&lock_path, e))?;
+        lock.try_lock().map_err(|_| {
+            io_err(&path, "the store is open in another process (its lock file is held); stop that process or use another path")
+        })?;
+        let index = MemoryStore::new();
+        let live = load(&path, &index)?;
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| io_err(&path, e))?;
+        let (tx, rx) = mpsc::channel();
+        let writer = Writer {
+            path: path.clone(),
+            file: BufWriter::with_capacity(1 << 20, file),
+            config,
+            index: index.clone(),
+            live_bytes: live,
+            written: 0,
+        };
+        std::thread::Builder::new()
+            .name("multiagents-file-store".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| io_err(&path, e))?;
+        Ok(Self {
+            index,
+            shared: Arc::new(Shared {
+                path,
+                commit: Mutex::new(tx),
+                _lock: lock,
+            }),
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    /// Appends a record and waits until it is in the file. `update` runs
+    /// under the commit lock, so the index and the file see writes in the
+    /// same order.
+    async fn commit<T>(
+        &self,
+        frame: Vec<u8>,
+        update: impl FnOnce() -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let (done, wait) = oneshot::channel();
+        let value = {
+            let sender = self.shared.commit.lock().unwrap_or_else(|e| e.into_inner());
+            let value = update()?;
+            sender
+                .send(Request { frame, done })
+                .map_err(|_| io_err(&self.shared.path, "the writer thread stopped"))?;
+            value
+        };
+        match wait.await {
+            Ok(Ok(())) => Ok(value),
+            Ok(Err(message)) => Err(io_err(&self.shared.path, message)),
+            Err(_) => Err(io_err(&self.shared.path, "the writer thread stopped")),
+        }
+    }
+
+    async fn write(
+        &self,
+        expected: Option<Version>,
+        state: Arc<WorkflowState>,
+    ) -> Result<Version, StoreError> {
+        // Encode outside the lock; the version is checked inside it.
+        let guess = expected.map_or(1, |e| e + 1);
+        let mut record = frame(&Record::Put {
+            v: guess,
+            s: state.clone(),
+        });
+        let version = self
+            .commit(std::mem::take(&mut record), || {
+                let version = self.index.check(expected, &state)?;
+                self.index.put_unchecked(version, state.clone());
+                Ok(version)
+            })
+            .await?;
+        debug_assert_eq!(version, guess);
+        if state.is_terminal() {
+            self.index.notify(&Versioned { version, state });
+        }
+        Ok(version)
+    }
+}
+
+/// Replays the file into `index`; returns the live size. Cuts a torn tail.
+fn load(path: &Path, index: &MemoryStore) -> Result<u64, StoreError> {
+    let mut file = match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) => return Err(io_err(path, e)),
+    };
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).map_err(|e| io_err(path, e))?;
+    let mut pos = 0usize;
+    let mut good = 0usize;
+    while pos + 8 <= bytes.len() {
+        let len = u32::from_le_bytes([bytes[pos], bytes[pos + 1], bytes[pos + 2], bytes[pos + 3]])
+            as usize;
+        let crc = u32::from_le_bytes([
+            bytes[pos + 4],
+            bytes[pos + 5],
+            bytes[pos + 6],
+            bytes[pos + 7],
+        ]);
+        let Some(body) = bytes.get(pos + 8..pos + 8 + len) else {
+            break;
+        };
+        if crc32fast::hash(body) != crc {
+            break;
+        }
+        let record: Record = serde_json::from_slice(body).map_err(|e| StoreError::Corrupt {
+            location: path.display().to_string(),
+            message: format!("record at byte {pos}: {e}"),
+        })?;
+        match record {
+            Record::Put { v, s } => index.put_unchecked(v, s),
+            Record::Delete { tx } => index.remove_unchecked(tx),
+            Record::Definition { d } => {
+                // A later record of the same version wins, as for states.
+                let _ = index.insert_definition(&d);
+            }
+        }
+        pos += 8 + len;
+        good = pos;
+    }
+    if good < bytes.len() {
+        tracing::warn!(path = %path.display(), at = good, dropped = bytes.len() - good, "cutting a torn record off the end of the store file");
+        file.set_len(good as u64).map_err(|e| io_err(path, e))?;
+        file.seek(SeekFrom::End(0)).map_err(|e| io_err(path, e))?;
+    }
+    Ok(good as u64)
+}
+
+struct Writer {
+    path: PathBuf,
+    file: BufWriter<File>,
+    config: FileStoreConfig,
+    index: MemoryStore,
+    live_bytes: u64,
+    written: u64,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Request>) {
+        let mut batch = Vec::with_capacity(1024);
+        while let Ok(first) = rx.recv() {
+            batch.push(first);
+            while batch.len() < 4096 {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            let result = self.append(&batch);
+            for r in batch.drain(..) {
+                let _ = r.done.send(result.clone());
+            }
+            if result.is_ok() && self.should_compact() {
+                if let Err(e) = self.compact() {
+                    tracing::error!(path = %self.path.display(), error = %e, "compacting the store file failed; it keeps growing");
+                    self.live_bytes = self.written;
+                }
+            }
+        }
+        let _ = self.file.flush();
+    }
+
+    fn append(&mut self, batch: &[Request]) -> Result<(), String> {
+        for r in batch {
+            self.file.write_all(&r.frame).map_err(|e| e.to_string())?;
+            self.written += r.frame.len() as u64;
+        }
+        self.file.flush().map_err(|e| e.to_string())?;
+        if self.config.sync == Sync::Always {
+            self.file.get_ref().sync_data().map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn should_compact(&self) -> bool {
+        let size = self.live_bytes + self.written;
+        // `live_bytes` is the size of the last snapshot (or of the file as
+        // loaded): compact once the file is four times that.
+        size > self.config.compact_min_bytes && size > 4 * self.live_bytes.max(1)
+    }
+
+    /// Rewrites the file with one record per live workflow and definition.
+    fn compact(&mut self) -> Result<(), String> {
+        let tmp = self.path.with_extension("compacting");
+        let mut out =
+            BufWriter::with_capacity(1 << 20, File::create(&tmp).map_err(|e| e.to_string())?);
+        let mut size = 0u64;
+        for d in self.index.all_definitions() {
+            let f = frame(&Record::Definition { d });
+            size += f.len() as u64;
+            out.write_all(&f).map_err(|e| e.to_string())?;
+        }
+        for v in self.index.all() {
+            let f = frame(&Record::Put {
+                v: v.version,
+                s: v.state,
+            });
+            size += f.len() as u64;
+            out.write_all(&f).map_err(|e| e.to_string())?;
+        }
+        out.flush().map_err(|e| e.to_string())?;
+        out.get_ref().sync_all().map_err(|e| e.to_string())?;
+        drop(out);
+        std::fs::rename(&tmp, &self.path).map_err(|e| e.to_string())?;
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&self.path)
+            .map_err(|e| e.to_string())?;
+        self.file = BufWriter::with_capacity(1 << 20, file);
+        self.live_bytes = size;
+        self.written = 0;
+        tracing::debug!(path = %self.path.display(), bytes = size, "store file compacted");
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl StateStore for FileStore {
+    async fn create(&self, state: Arc<WorkflowState>) -> Result<Version, StoreError> {
+        self.write(None, state).await
+    }
+
+    async fn get(&self, transaction_id: TransactionId) -> Result<Option<Versioned>, StoreError> {
+        self.index.get(transaction_id).await
+    }
+
+    async fn compare_and_set(
+        &self,
+        expected: Version,
+        state: Arc<WorkflowState>,
+    ) -> Result<Version, StoreError> {
+        self.write(Some(expected), state).await
+    }
+
+    async fn list(&self, query: &ListQuery) -> Result<Vec<WorkflowSummary>, StoreError> {
+        self.index.list(query).await
+    }
+
+    async fn due(&self, now: Timestamp, limit: usize) -> Result<Vec<TransactionId>, StoreError> {
+        self.index.due(now, limit).await
+    }
+
+    async fn expire(&self, finished_before: Timestamp) -> Result<usize, StoreError> {
+        let ids = self.index.finished_before(finished_before);
+        for tx in &ids {
+            let record = frame(&Record::Delete { tx: *tx });
+            self.commit(record, || {
+                self.index.remove_unchecked(*tx);
+                Ok(())
+            })
+            .await?;
+        }
+        Ok(ids.len())
+    }
+
+    async fn put_definition(&self, definition: &WorkflowDefinition) -> Result<(), StoreError> {
+        if let Some(stored) = self
+            .index
+            .get_definition(definition.name().as_str(), definition.version())
+            .await?
+        {
+            return same_definition(&stored, definition);
+        }
+        let record = frame(&Record::Definition {
+            d: definition.clone(),
+        });
+        self.commit(record, || self.index.insert_definition(definition))
+            .await
+    }
+
+    async fn get_definition(
+        &self,
+        name: &str,
+        version: u32,
+    ) -> Result<Option<WorkflowDefinition>, StoreError> {
+        self.index.get_definition(name, version).await
+    }
+
+    async fn latest_definition(
+        &self,
+        name: &str,
+    ) -> Result<Option<WorkflowDefinition>, StoreError> {
+        self.index.latest_definition(name).await
+    }
+
+    async fn wait_terminal(
+        &self,
+        transaction_id: TransactionId,
+        timeout: Duration,
+    ) -> Result<Option<Versioned>, StoreError> {
+        self.index.wait_terminal(transaction_id, timeout).await
+    }
+}

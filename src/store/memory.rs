@@ -1,0 +1,316 @@
+//! The in-memory store: fast, shared by everything in one process, gone when
+//! it ends. The file store keeps one of these as its index.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::oneshot;
+
+use super::{
+    ListQuery, StateStore, StoreError, Version, Versioned, WorkflowSummary, same_definition,
+};
+use crate::core::{Timestamp, TransactionId, WorkflowDefinition, WorkflowState};
+
+/// An in-process [`StateStore`].
+#[derive(Clone, Default)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    states: Mutex<States>,
+    definitions: Mutex<BTreeMap<(String, u32), WorkflowDefinition>>,
+}
+
+#[derive(Default)]
+struct States {
+    by_id: HashMap<TransactionId, Versioned>,
+    wakeups: BTreeSet<(Timestamp, TransactionId)>,
+    finished: BTreeSet<(Timestamp, TransactionId)>,
+    waiters: HashMap<TransactionId, Vec<oneshot::Sender<Versioned>>>,
+}
+
+impl States {
+    /// The version a write expecting `expected` (`None`: a create) would get.
+    fn next_version(
+        &self,
+        expected: Option<Version>,
+        tx: TransactionId,
+    ) -> Result<Version, StoreError> {
+        match (expected, self.by_id.get(&tx)) {
+            (None, None) => Ok(1),
+            (None, Some(_)) => Err(StoreError::AlreadyExists(tx)),
+            (Some(_), None) => Err(StoreError::NotFound(tx)),
+            (Some(e), Some(cur)) if cur.version == e => Ok(e + 1),
+            (Some(e), Some(cur)) => Err(StoreError::Conflict {
+                transaction_id: tx,
+                expected: e,
+                found: cur.version,
+            }),
+        }
+    }
+
+    fn index(&mut self, old: Option<&WorkflowState>, new: &WorkflowState) {
+        let tx = new.transaction_id;
+        let old_wakeup = old.and_then(|o| o.next_wakeup());
+        let new_wakeup = new.next_wakeup();
+        if old_wakeup != new_wakeup {
+            if let Some(w) = old_wakeup {
+                self.wakeups.remove(&(w, tx));
+            }
+            if let Some(w) = new_wakeup {
+                self.wakeups.insert((w, tx));
+            }
+        }
+        if let Some(f) = new.finished_at {
+            self.finished.insert((f, tx));
+        }
+    }
+
+    fn notify(&mut self, v: &Versioned) {
+        if v.state.is_terminal() {
+            if let Some(waiters) = self.waiters.remove(&v.state.transaction_id) {
+                for w in waiters {
+                    let _ = w.send(v.clone());
+                }
+            }
+        }
+    }
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn states(&self) -> std::sync::MutexGuard<'_, States> {
+        self.inner.states.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Number of workflows held.
+    pub fn len(&self) -> usize {
+        self.states().by_id.len()
+    }
+
+    /// True when no workflow is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Checks a write without making it: the new version, or why not.
+    pub(crate) fn check(
+        &self,
+        expected: Option<Version>,
+        state: &WorkflowState,
+    ) -> Result<Version, StoreError> {
+        self.states().next_version(expected, state.transaction_id)
+    }
+
+    /// Puts a state at a version without checks (used when loading a file).
+    pub(crate) fn put_unchecked(&self, version: Version, state: Arc<WorkflowState>) {
+        let mut s = self.states();
+        let old = s.by_id.insert(
+            state.transaction_id,
+            Versioned {
+                version,
+                state: state.clone(),
+            },
+        );
+        s.index(old.as_ref().map(|o| &*o.state), &state);
+    }
+
+    /// Removes a workflow without checks.
+    pub(crate) fn remove_unchecked(&self, tx: TransactionId) {
+        let mut s = self.states();
+        if let Some(old) = s.by_id.remove(&tx) {
+            if let Some(w) = old.state.next_wakeup() {
+                s.wakeups.remove(&(w, tx));
+            }
+            if let Some(f) = old.state.finished_at {
+                s.finished.remove(&(f, tx));
+            }
+        }
+    }
+
+    /// Transaction ids of workflows that finished before `t`.
+    pub(crate) fn finished_before(&self, t: Timestamp) -> Vec<TransactionId> {
+        let s = self.states();
+        s.finished
+            .range(..(t, TransactionId(uuid::Uuid::nil())))
+            .map(|(_, tx)| *tx)
+            .collect()
+    }
+
+    /// Every state, for snapshots.
+    pub(crate) fn all(&self) -> Vec<Versioned> {
+        self.states().by_id.values().cloned().collect()
+    }
+
+    /// Every definition, for snapshots.
+    pub(crate) fn all_definitions(&self) -> Vec<WorkflowDefinition> {
+        self.inner
+            .definitions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn write(
+        &self,
+        expected: Option<Version>,
+        state: Arc<WorkflowState>,
+    ) -> Result<Version, StoreError> {
+        let mut s = self.states();
+        let tx = state.transaction_id;
+        let version = s.next_version(expected, tx)?;
+        let v = Versioned {
+            version,
+            state: state.clone(),
+        };
+        let old = s.by_id.insert(tx, v.clone());
+        s.index(old.as_ref().map(|o| &*o.state), &state);
+        s.notify(&v);
+        Ok(version)
+    }
+
+    /// Registers a definition (see [`StateStore::put_definition`]).
+    pub(crate) fn insert_definition(
+        &self,
+        definition: &WorkflowDefinition,
+    ) -> Result<(), StoreError> {
+        let mut defs = self
+            .inner
+            .definitions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let key = (definition.name().to_string(), definition.version());
+        match defs.get(&key) {
+            Some(stored) => same_definition(stored, definition),
+            None => {
+                defs.insert(key, definition.clone());
+                Ok(())
+            }
+        }
+    }
+
+    /// Notifies waiters of a state written through `put_unchecked`.
+    pub(crate) fn notify(&self, v: &Versioned) {
+        self.states().notify(v);
+    }
+}
+
+#[async_trait]
+impl StateStore for MemoryStore {
+    async fn create(&self, state: Arc<WorkflowState>) -> Result<Version, StoreError> {
+        self.write(None, state)
+    }
+
+    async fn get(&self, transaction_id: TransactionId) -> Result<Option<Versioned>, StoreError> {
+        Ok(self.states().by_id.get(&transaction_id).cloned())
+    }
+
+    async fn compare_and_set(
+        &self,
+        expected: Version,
+        state: Arc<WorkflowState>,
+    ) -> Result<Version, StoreError> {
+        self.write(Some(expected), state)
+    }
+
+    async fn list(&self, query: &ListQuery) -> Result<Vec<WorkflowSummary>, StoreError> {
+        let s = self.states();
+        let mut out: Vec<WorkflowSummary> = s
+            .by_id
+            .values()
+            .filter(|v| query.matches(&v.state))
+            .map(|v| WorkflowSummary::of(&v.state))
+            .collect();
+        out.sort_by(|a, b| {
+            b.started_at
+                .cmp(&a.started_at)
+                .then(b.transaction_id.cmp(&a.transaction_id))
+        });
+        if query.limit > 0 {
+            out.truncate(query.limit);
+        }
+        Ok(out)
+    }
+
+    async fn due(&self, now: Timestamp, limit: usize) -> Result<Vec<TransactionId>, StoreError> {
+        let s = self.states();
+        Ok(s.wakeups
+            .iter()
+            .take_while(|(t, _)| *t <= now)
+            .take(limit)
+            .map(|(_, tx)| *tx)
+            .collect())
+    }
+
+    async fn expire(&self, finished_before: Timestamp) -> Result<usize, StoreError> {
+        let ids = self.finished_before(finished_before);
+        for tx in &ids {
+            self.remove_unchecked(*tx);
+        }
+        Ok(ids.len())
+    }
+
+    async fn put_definition(&self, definition: &WorkflowDefinition) -> Result<(), StoreError> {
+        self.insert_definition(definition)
+    }
+
+    async fn get_definition(
+        &self,
+        name: &str,
+        version: u32,
+    ) -> Result<Option<WorkflowDefinition>, StoreError> {
+        let defs = self
+            .inner
+            .definitions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        Ok(defs.get(&(name.to_string(), version)).cloned())
+    }
+
+    async fn latest_definition(
+        &self,
+        name: &str,
+    ) -> Result<Option<WorkflowDefinition>, StoreError> {
+        let defs = self
+            .inner
+            .definitions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        Ok(defs
+            .range((name.to_string(), 0)..=(name.to_string(), u32::MAX))
+            .next_back()
+            .map(|(_, d)| d.clone()))
+    }
+
+    async fn wait_terminal(
+        &self,
+        transaction_id: TransactionId,
+        timeout: Duration,
+    ) -> Result<Option<Versioned>, StoreError> {
+        let rx = {
+            let mut s = self.states();
+            match s.by_id.get(&transaction_id) {
+                None => return Ok(None),
+                Some(v) if v.state.is_terminal() => return Ok(Some(v.clone())),
+                Some(_) => {}
+            }
+            let (tx, rx) = oneshot::channel();
+            s.waiters.entry(transaction_id).or_default().push(tx);
+            rx
+        };
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(v)) => Ok(Some(v)),
+            _ => self.get(transaction_id).await,
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! The state store: where each workflow's state lives, versioned, so that
+//! several orchestrators can share it without losing updates.
+//!
+//! Every write is a compare-and-set on the version read; a conflict means
+//! someone else moved the workflow first, and the caller reloads and
+//! re-applies. Stores also index workflows by their next wakeup (a retry or
+//! a deadline), which is how timers fire from the store and not from tasks
+//! that a crash would lose, and keep the workflow definitions by version.
+
+pub mod memory;
+
+#[cfg(feature = "embedded")]
+pub mod file;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::core::{
+    Timestamp, TransactionId, WorkflowDefinition, WorkflowName, WorkflowState, WorkflowStatus,
+};
+
+#[cfg(feature = "embedded")]
+pub use file::{FileStore, FileStoreConfig, Sync as FileSync};
+pub use memory::MemoryStore;
+
+/// A state version: 1 when created, +1 on every write.
+pub type Version = u64;
+
+/// A state with the version it was read at.
+#[derive(Clone, Debug)]
+pub struct Versioned {
+    /// The version.
+    pub version: Version,
+    /// The state.
+    pub state: Arc<WorkflowState>,
+}
+
+/// What to list.
+#[derive(Clone, Debug, Default)]
+pub struct ListQuery {
+    /// Only workflows in this status.
+    pub status: Option<WorkflowStatus>,
+    /// Only instances of this workflow.
+    pub workflow: Option<WorkflowName>,
+    /// Only workflows not changed since this time.
+    pub updated_before: Option<Timestamp>,
+    /// At most this many (0 = no limit).
+    pub limit: usize,
+}
+
+/// One line of a listing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkflowSummary {
+    /// The instance.
+    pub transaction_id: TransactionId,
+    /// The definition.
+    pub workflow: WorkflowName,
+    /// Its version.
+    pub version: u32,
+    /// Where it is.
+    pub status: WorkflowStatus,
+    /// When it started.
+    pub started_at: Timestamp,
+    /// When it last changed.
+    pub updated_at: Timestamp,
+}
+
+impl WorkflowSummary {
+    /// The summary of a state.
+    pub fn of(state: &WorkflowState) -> Self {
+        Self {
+            transaction_id: state.transaction_id,
+            workflow: state.workflow.clone(),
+            version: state.version,
+            status: state.status,
+            started_at: state.started_at,
+            updated_at: state.updated_at,
+        }
+    }
+}
+
+impl ListQuery {
+    /// True when `state` is selected.
+    pub fn matches(&self, state: &WorkflowState) -> bool {
+        self.status.is_none_or(|s| s == state.status)
+            && self.workflow.as_ref().is_none_or(|w| *w == state.workflow)
+            && self.updated_before.is_none_or(|t| state.updated_at <= t)
+    }
+}
+
+/// What went wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The version was not the one expected: reload and re-apply.
+    #[error(
+        "workflow {transaction_id} changed concurrently (expected version {expected}, found {found})"
+    )]
+    Conflict {
+        /// The workflow.
+        transaction_id: TransactionId,
+        /// The version the writer read.
+        expected: Version,
+        /// The version in the store.
+        found: Version,
+    },
+    /// `create` for a workflow that exists.
+    #[error("workflow {0} already exists")]
+    AlreadyExists(TransactionId),
+    /// A compare-and-set for a workflow that does not exist.
+    #[error("workflow {0} does not exist")]
+    NotFound(TransactionId),
+    /// A definition with this name and version exists with other content.
+    #[error(
+        "workflow definition `{name}` version {version} is already registered with different steps; register the change as a new version"
+    )]
+    DefinitionChanged {
+        /// The name.
+        name: String,
+        /// The version.
+        version: u32,
+    },
+    /// Reading or writing the storage failed.
+    #[error("store at {location}: {message}")]
+    Io {
+        /// Where (a path or an address).
+        location: String,
+        /// What happened.
+        message: String,
+    },
+    /// Stored data could not be decoded.
+    #[error("store at {location}: corrupt record: {message}")]
+    Corrupt {
+        /// Where.
+        location: String,
+        /// What was wrong.
+        message: String,
+    },
+}
+
+/// A versioned store of workflow states and definitions.
+#[async_trait]
+pub trait StateStore: Send + Sync + 'static {
+    /// Stores a new workflow at version 1.
+    async fn create(&self, state: Arc<WorkflowState>) -> Result<Version, StoreError>;
+
+    /// Reads a workflow.
+    async fn get(&self, transaction_id: TransactionId) -> Result<Option<Versioned>, StoreError>;
+
+    /// Writes `state` if the stored version is still `expected`; returns the
+    /// new version.
+    async fn compare_and_set(
+        &self,
+        expected: Version,
+        state: Arc<WorkflowState>,
+    ) -> Result<Version, StoreError>;
+
+    /// Lists workflows, most recently started first.
+    async fn list(&self, query: &ListQuery) -> Result<Vec<WorkflowSummary>, StoreError>;
+
+    /// Workflows with a wakeup (a retry or a deadline) at or before `now`.
+    async fn due(&self, now: Timestamp, limit: usize) -> Result<Vec<TransactionId>, StoreError>;
+
+    /// Deletes workflows that finished before `finished_before`; returns how many.
+    async fn expire(&self, finished_before: Timestamp) -> Result<usize, StoreError>;
+
+    /// Registers a definition. Registering the same (name, version) again
+    /// with the same content is fine; with other content it is refused.
+    async fn put_definition(&self, definition: &WorkflowDefinition) -> Result<(), StoreError>;
+
+    /// A definition by name and version.
+    async fn get_definition(
+        &self,
+        name: &str,
+        version: u32,
+    ) -> Result<Option<WorkflowDefinition>, StoreError>;
+
+    /// The highest registered version of a definition.
+    async fn latest_definition(&self, name: &str)
+    -> Result<Option<WorkflowDefinition>, StoreError>;
+
+    /// Waits until the workflow is terminal or `timeout` passes; returns its
+    /// last state either way (`None` if it does not exist).
+    ///
+    /// The default polls; stores that can notify override it.
+    async fn wait_terminal(
+        &self,
+        transaction_id: TransactionId,
+        timeout: Duration,
+    ) -> Result<Option<Versioned>, StoreError> {
+        let until = tokio::time::Instant::now() + timeout;
+        let mut delay = Duration::from_millis(1);
+        loop {
+            let current = self.get(transaction_id).await?;
+            let done = current.as_ref().is_none_or(|v| v.state.is_terminal());
+            if done || tokio::time::Instant::now() >= until {
+                return Ok(current);
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Checks a definition against a stored one with the same name and version.
+pub(crate) fn same_definition(
+    stored: &WorkflowDefinition,
+    new: &WorkflowDefinition,
+) -> Result<(), StoreError> {
+    if stored == new {
+        Ok(())
+    } else {
+        Err(StoreError::DefinitionChanged {
+            name: new.name().to_string(),
+            version: new.version(),
+        })
+    }
+}

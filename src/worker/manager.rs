@@ -1,0 +1,422 @@
+//! The worker manager: registers workers, consumes their commands with a
+//! bounded number in flight per worker, enforces deadlines, answers with
+//! results or errors, reports health by heartbeat and drains in-flight work
+//! on shutdown.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::{Worker, WorkerContext, WorkerError};
+use crate::bus::{Consumer, Delivery, EventBus, RESULTS_TOPIC, WORKER_GROUP, command_topic};
+use crate::core::{Event, EventKind, Payload, StepError, Timestamp, WorkerName};
+
+/// How one worker type is run.
+#[derive(Clone, Debug)]
+pub struct WorkerOptions {
+    /// Calls in flight at once in this process.
+    pub concurrency: usize,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        Self { concurrency: 256 }
+    }
+}
+
+impl WorkerOptions {
+    /// Sets the concurrency limit.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+}
+
+/// Settings of a [`WorkerManager`].
+#[derive(Clone, Debug)]
+pub struct WorkerManagerConfig {
+    /// This process's name among the workers (consumer name on the bus).
+    pub instance: String,
+    /// How often a heartbeat is broadcast.
+    pub heartbeat_interval: Duration,
+    /// How long shutdown waits for calls in flight before cancelling them.
+    pub drain_timeout: Duration,
+    /// How many commands one consumer takes from the bus at once.
+    pub batch_size: usize,
+}
+
+impl Default for WorkerManagerConfig {
+    fn default() -> Self {
+        Self {
+            instance: format!("worker-{}", std::process::id()),
+            heartbeat_interval: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(30),
+            batch_size: 64,
+        }
+    }
+}
+
+/// Registers workers and runs them against a bus.
+///
+/// ```no_run
+/// # async fn demo(bus: std::sync::Arc<dyn multiagents::bus::EventBus>) -> Result<(), multiagents::Error> {
+/// use multiagents::worker::{from_fn, WorkerError, WorkerManager, WorkerOptions};
+///
+/// let handle = WorkerManager::new(bus)
+///     .register(from_fn("double", |n: u64, _ctx| async move { Ok::<_, WorkerError>(n * 2) }))
+///     .register_with(from_fn("slow", |n: u64, _ctx| async move { Ok::<_, WorkerError>(n) }), WorkerOptions::default().concurrency(4))
+///     .start()
+///     .await?;
+/// // … later
+/// handle.shutdown().await;
+/// # Ok(()) }
+/// ```
+pub struct WorkerManager {
+    bus: Arc<dyn EventBus>,
+    config: WorkerManagerConfig,
+    workers: Vec<(Arc<dyn Worker>, WorkerOptions)>,
+}
+
+/// Counters of one worker type in this process.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkerHealth {
+    /// The worker type.
+    pub worker: String,
+    /// This process.
+    pub instance: String,
+    /// Calls finished successfully.
+    pub succeeded: u64,
+    /// Calls that failed (any kind).
+    pub failed: u64,
+    /// Calls in flight now.
+    pub in_flight: u64,
+    /// Concurrency limit.
+    pub concurrency: u64,
+    /// When this snapshot was taken.
+    pub at: Timestamp,
+}
+
+#[derive(Default)]
+struct Counters {
+    succeeded: AtomicU64,
+    failed: AtomicU64,
+    in_flight: AtomicU64,
+}
+
+impl WorkerManager {
+    /// A manager on `bus` with default settings.
+    pub fn new(bus: Arc<dyn EventBus>) -> Self {
+        Self {
+            bus,
+            config: WorkerManagerConfig::default(),
+            workers: Vec::new(),
+        }
+    }
+
+    /// Replaces the settings.
+    pub fn config(mut self, config: WorkerManagerConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Registers a worker with default options.
+    pub fn register(self, worker: impl Worker) -> Self {
+        self.register_with(worker, WorkerOptions::default())
+    }
+
+    /// Registers a worker.
+    pub fn register_with(self, worker: impl Worker, options: WorkerOptions) -> Self {
+        self.register_arc(Arc::new(worker), options)
+    }
+
+    /// Registers a shared worker.
+    pub fn register_arc(mut self, worker: Arc<dyn Worker>, options: WorkerOptions) -> Self {
+        self.workers.push((worker, options));
+        self
+    }
+
+    /// Names of the registered workers.
+    pub fn names(&self) -> Vec<String> {
+        self.workers
+            .iter()
+            .map(|(w, _)| w.name().to_string())
+            .collect()
+    }
+
+    /// Subscribes every worker and starts consuming.
+    pub async fn start(self) -> Result<WorkerHandle, crate::Error> {
+        let mut seen = HashMap::new();
+        for (w, _) in &self.workers {
+            if seen.insert(w.name().to_string(), ()).is_some() {
+                return Err(crate::Error::Config(format!(
+                    "worker `{}` is registered twice",
+                    w.name()
+                )));
+            }
+        }
+        let stop = CancellationToken::new();
+        let hard_stop = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let mut counters = Vec::new();
+        for (worker, options) in self.workers {
+            let topic = command_topic(&WorkerName::new(worker.name()));
+            let consumer = self
+                .bus
+                .consumer(&topic, WORKER_GROUP, &self.config.instance)
+                .await?;
+            let c = Arc::new(Counters::default());
+            counters.push((worker.name().to_string(), options.concurrency, c.clone()));
+            let runner = Runner {
+                worker,
+                bus: self.bus.clone(),
+                consumer,
+                limit: Arc::new(Semaphore::new(options.concurrency)),
+                counters: c,
+                batch_size: self.config.batch_size,
+                hard_stop: hard_stop.clone(),
+            };
+            tasks.spawn(runner.run(stop.clone()));
+        }
+        let handle = WorkerHandle {
+            inner: Arc::new(HandleInner {
+                instance: self.config.instance.clone(),
+                counters,
+                stop: stop.clone(),
+                hard_stop,
+                drain_timeout: self.config.drain_timeout,
+                tasks: tokio::sync::Mutex::new(tasks),
+            }),
+        };
+        let beat = handle.clone();
+        let bus = self.bus.clone();
+        let interval = self.config.heartbeat_interval;
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = ticker.tick() => {
+                        for h in beat.health() {
+                            if let Ok(payload) = Payload::to_json(&h) {
+                                let mut e = Event::new(EventKind::Status, Default::default(), Default::default(), "heartbeat".into(), payload);
+                                e.step = Some(h.worker.as_str().into());
+                                bus.broadcast(e);
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Ok(handle)
+    }
+}
+
+struct Runner {
+    worker: Arc<dyn Worker>,
+    bus: Arc<dyn EventBus>,
+    consumer: Arc<dyn Consumer>,
+    limit: Arc<Semaphore>,
+    counters: Arc<Counters>,
+    batch_size: usize,
+    hard_stop: CancellationToken,
+}
+
+impl Runner {
+    async fn run(self, stop: CancellationToken) {
+        let this = Arc::new(self);
+        let mut calls = JoinSet::new();
+        loop {
+            // Take no more than we can start.
+            let permit = tokio::select! {
+                _ = stop.cancelled() => break,
+                p = this.limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            };
+            let room = (this.limit.available_permits() + 1).min(this.batch_size);
+            let batch = tokio::select! {
+                _ = stop.cancelled() => break,
+                b = this.consumer.next_batch(room, Duration::from_millis(250)) => b,
+            };
+            let batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(worker = this.worker.name(), error = %e, "taking commands failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            let mut first = Some(permit);
+            for delivery in batch {
+                let permit = match first.take() {
+                    Some(p) => p,
+                    None => match this.limit.clone().acquire_owned().await {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                };
+                let me = this.clone();
+                calls.spawn(async move {
+                    me.handle(delivery).await;
+                    drop(permit);
+                });
+            }
+            while calls.try_join_next().is_some() {}
+        }
+        // Drain: calls in flight finish (or are cancelled by the handle).
+        while calls.join_next().await.is_some() {}
+    }
+
+    async fn handle(&self, delivery: Delivery) {
+        let event = &delivery.event;
+        let name = self.worker.name();
+        if !matches!(event.kind, EventKind::Command | EventKind::Compensation)
+            || event.step.is_none()
+        {
+            let reason = format!(
+                "worker `{name}` received a {:?} event, which is not a command",
+                event.kind
+            );
+            let _ = self.consumer.reject(&delivery, &reason).await;
+            return;
+        }
+        #[derive(Deserialize)]
+        struct Doc<'a> {
+            #[serde(borrow)]
+            input: &'a RawValue,
+            #[serde(borrow, default)]
+            steps: Option<&'a RawValue>,
+        }
+        let (input, steps) = match serde_json::from_str::<Doc<'_>>(event.payload.as_str()) {
+            Ok(doc) => (
+                Payload::from_raw(doc.input.to_owned()),
+                doc.steps.map(|s| Payload::from_raw(s.to_owned())),
+            ),
+            Err(e) => {
+                let reason = format!("command payload is not {{\"input\": …, \"steps\": …}}: {e}");
+                let _ = self.consumer.reject(&delivery, &reason).await;
+                return;
+            }
+        };
+        let token = self.hard_stop.child_token();
+        let ctx = WorkerContext::from_parts(event, steps, token.clone());
+        self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
+        let run = self.worker.run(input, ctx);
+        let outcome = match event.deadline.map(|d| d.since(Timestamp::now())) {
+            Some(left) => match tokio::time::timeout(left, run).await {
+                Ok(r) => r,
+                Err(_) => {
+                    token.cancel();
+                    Err(
+                        WorkerError::retry(format!("worker `{name}` passed its deadline"))
+                            .with_kind("timeout"),
+                    )
+                }
+            },
+            None => run.await,
+        };
+        self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let (kind, payload) = match outcome {
+            Ok(output) => {
+                self.counters.succeeded.fetch_add(1, Ordering::Relaxed);
+                (EventKind::Result, output)
+            }
+            Err(e) => {
+                self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    worker = name,
+                    transaction_id = %event.transaction_id,
+                    step = ?event.step,
+                    attempt = event.attempt,
+                    error = %e,
+                    "worker call failed"
+                );
+                let err: StepError = e.into_step_error();
+                (
+                    EventKind::Error,
+                    Payload::to_json(&err).unwrap_or_else(|_| Payload::null()),
+                )
+            }
+        };
+        let mut reply = Event::new(
+            kind,
+            event.transaction_id,
+            event.correlation_id,
+            event.workflow.clone(),
+            payload,
+        );
+        reply.causation_id = Some(event.id);
+        reply.step = event.step.clone();
+        reply.phase = event.phase;
+        reply.attempt = event.attempt;
+        reply.traceparent = event.traceparent.clone();
+        match self.bus.publish(RESULTS_TOPIC, reply).await {
+            // Ack only once the answer is on the bus: a crash before this
+            // point redelivers the command, and the idempotency key keeps the
+            // side effect single.
+            Ok(()) => {
+                let _ = self.consumer.ack(std::slice::from_ref(&delivery.id)).await;
+            }
+            Err(e) => {
+                tracing::warn!(worker = name, error = %e, "publishing a result failed; the command will be redelivered");
+            }
+        }
+    }
+}
+
+/// A running [`WorkerManager`].
+#[derive(Clone)]
+pub struct WorkerHandle {
+    inner: Arc<HandleInner>,
+}
+
+struct HandleInner {
+    instance: String,
+    counters: Vec<(String, usize, Arc<Counters>)>,
+    stop: CancellationToken,
+    hard_stop: CancellationToken,
+    drain_timeout: Duration,
+    tasks: tokio::sync::Mutex<JoinSet<()>>,
+}
+
+impl WorkerHandle {
+    /// A snapshot of every worker type's counters.
+    pub fn health(&self) -> Vec<WorkerHealth> {
+        let at = Timestamp::now();
+        self.inner
+            .counters
+            .iter()
+            .map(|(name, concurrency, c)| WorkerHealth {
+                worker: name.clone(),
+                instance: self.inner.instance.clone(),
+                succeeded: c.succeeded.load(Ordering::Relaxed),
+                failed: c.failed.load(Ordering::Relaxed),
+                in_flight: c.in_flight.load(Ordering::Relaxed),
+                concurrency: *concurrency as u64,
+                at,
+            })
+            .collect()
+    }
+
+    /// Stops taking commands, lets calls in flight finish for up to the
+    /// drain timeout, then cancels the rest (their commands are redelivered).
+    pub async fn shutdown(&self) {
+        self.inner.stop.cancel();
+        let mut tasks = self.inner.tasks.lock().await;
+        let drained = tokio::time::timeout(self.inner.drain_timeout, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("worker drain timed out; cancelling calls still in flight");
+            self.inner.hard_stop.cancel();
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+        }
+    }
+}

@@ -1,0 +1,356 @@
+//! Workers: the "how". A worker is a named piece of code that takes a step's
+//! input and returns its output — usually a plain `async fn` with
+//! `#[worker("name")]` on it, or any type implementing [`Worker`].
+//!
+//! Workers own no state about workflows: the orchestrator tells them what to
+//! do through commands and they answer through results. They are delivered
+//! commands at least once, so a worker with side effects uses
+//! [`WorkerContext::idempotency_key`] (the same for every redelivery of one
+//! attempt) to make them happen once.
+//!
+//! Retries are the orchestrator's job, under the step's durable retry
+//! policy; a worker only says how it failed, with a [`WorkerError`]:
+//! [`WorkerError::retry`] (transient, the default for `?`),
+//! [`WorkerError::retry_after`] or [`WorkerError::fatal`] (do not retry).
+
+mod manager;
+pub mod testing;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
+use tokio_util::sync::CancellationToken;
+
+pub use manager::{WorkerHandle, WorkerHealth, WorkerManager, WorkerManagerConfig, WorkerOptions};
+
+use crate::core::{
+    CorrelationId, Payload, Phase, RetryDirective, StepError, StepName, Timestamp, TransactionId,
+    WorkflowName,
+};
+
+/// What a worker gets besides its input.
+#[derive(Clone, Debug)]
+pub struct WorkerContext {
+    /// The workflow instance.
+    pub transaction_id: TransactionId,
+    /// The request chain.
+    pub correlation_id: CorrelationId,
+    /// The workflow's name.
+    pub workflow: WorkflowName,
+    /// The step this call is for.
+    pub step: StepName,
+    /// Forward, or undoing the step.
+    pub phase: Phase,
+    /// Attempt number, from 1.
+    pub attempt: u32,
+    /// When the attempt times out, if known.
+    pub deadline: Option<Timestamp>,
+    /// Cancelled when the worker must stop (shutdown past the drain time, or
+    /// the deadline passed). Long work should watch it.
+    pub cancellation: CancellationToken,
+    idempotency_key: Arc<str>,
+    steps: Option<Payload>,
+}
+
+impl WorkerContext {
+    /// A context for tests and hand-made calls.
+    pub fn new(workflow: impl Into<WorkflowName>, step: impl Into<StepName>) -> Self {
+        let transaction_id = TransactionId::new();
+        let step = step.into();
+        let key =
+            crate::core::event::idempotency_key(transaction_id, step.as_str(), Phase::Forward, 1);
+        Self {
+            transaction_id,
+            correlation_id: CorrelationId::new(),
+            workflow: workflow.into(),
+            step,
+            phase: Phase::Forward,
+            attempt: 1,
+            deadline: None,
+            cancellation: CancellationToken::new(),
+            idempotency_key: Arc::from(key),
+            steps: None,
+        }
+    }
+
+    pub(crate) fn from_parts(
+        event: &crate::core::Event,
+        steps: Option<Payload>,
+        cancellation: CancellationToken,
+    ) -> Self {
+        Self {
+            transaction_id: event.transaction_id,
+            correlation_id: event.correlation_id,
+            workflow: event.workflow.clone(),
+            step: event.step.clone().unwrap_or_else(|| StepName::new("")),
+            phase: event.phase,
+            attempt: event.attempt,
+            deadline: event.deadline,
+            cancellation,
+            idempotency_key: Arc::from(event.idempotency_key()),
+            steps,
+        }
+    }
+
+    /// `transaction/step/phase/attempt`: the same for every redelivery of
+    /// this attempt, different for the next attempt. Use it to make side
+    /// effects happen once.
+    pub fn idempotency_key(&self) -> &str {
+        &self.idempotency_key
+    }
+
+    /// The output of an earlier, completed step, decoded.
+    pub fn output<T: DeserializeOwned>(&self, step: &str) -> Result<T, WorkerError> {
+        let raw = self.output_raw(step)?;
+        serde_json::from_str(raw.get()).map_err(|e| {
+            WorkerError::fatal(format!(
+                "the output of step `{step}` does not decode as the expected type: {e}"
+            ))
+            .with_kind("invalid_input")
+        })
+    }
+
+    /// The output of an earlier step as raw JSON.
+    pub fn output_raw(&self, step: &str) -> Result<Box<RawValue>, WorkerError> {
+        let missing = || {
+            WorkerError::fatal(format!(
+                "step `{step}` has no output here (it has not completed before this step)"
+            ))
+            .with_kind("invalid_input")
+        };
+        let steps = self.steps.as_ref().ok_or_else(missing)?;
+        let map: std::collections::HashMap<&str, &RawValue> = serde_json::from_str(steps.as_str())
+            .map_err(|e| WorkerError::fatal(format!("malformed step outputs: {e}")))?;
+        map.get(step).map(|r| (*r).to_owned()).ok_or_else(missing)
+    }
+
+    /// Sets the outputs of earlier steps (tests).
+    pub fn with_outputs(mut self, outputs: Payload) -> Self {
+        self.steps = Some(outputs);
+        self
+    }
+
+    /// Sets the attempt (tests); the idempotency key follows.
+    pub fn with_attempt(mut self, attempt: u32) -> Self {
+        self.attempt = attempt;
+        self.idempotency_key = Arc::from(crate::core::event::idempotency_key(
+            self.transaction_id,
+            self.step.as_str(),
+            self.phase,
+            attempt,
+        ));
+        self
+    }
+
+    /// Time left before the deadline, if there is one.
+    pub fn remaining(&self) -> Option<Duration> {
+        self.deadline.map(|d| d.since(Timestamp::now()))
+    }
+}
+
+/// How a worker failed, and whether it is worth trying again.
+///
+/// Any error converts into a retryable `WorkerError` with `?`; say
+/// [`WorkerError::fatal`] for failures a retry cannot fix (a declined card,
+/// invalid input).
+pub struct WorkerError {
+    message: String,
+    retry: RetryDirective,
+    kind: Option<String>,
+}
+
+impl WorkerError {
+    /// A transient failure: retry under the step's policy.
+    pub fn retry(message: impl fmt::Display) -> Self {
+        Self {
+            message: message.to_string(),
+            retry: RetryDirective::Retry,
+            kind: None,
+        }
+    }
+
+    /// A transient failure that should not be retried before `delay`.
+    pub fn retry_after(message: impl fmt::Display, delay: Duration) -> Self {
+        Self {
+            message: message.to_string(),
+            retry: RetryDirective::after(delay),
+            kind: None,
+        }
+    }
+
+    /// A permanent failure: the step fails for good and the workflow compensates.
+    pub fn fatal(message: impl fmt::Display) -> Self {
+        Self {
+            message: message.to_string(),
+            retry: RetryDirective::Never,
+            kind: None,
+        }
+    }
+
+    /// Tags the error with a short machine-readable kind (`declined`, `timeout`…).
+    pub fn with_kind(mut self, kind: impl Into<String>) -> Self {
+        self.kind = Some(kind.into());
+        self
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The retry directive.
+    pub fn directive(&self) -> RetryDirective {
+        self.retry
+    }
+
+    /// The kind, if tagged.
+    pub fn kind(&self) -> Option<&str> {
+        self.kind.as_deref()
+    }
+
+    /// True unless the error is fatal.
+    pub fn is_retryable(&self) -> bool {
+        self.retry != RetryDirective::Never
+    }
+
+    /// The wire form.
+    pub fn into_step_error(self) -> StepError {
+        StepError {
+            message: self.message,
+            retry: self.retry,
+            kind: self.kind,
+        }
+    }
+}
+
+impl<E: std::error::Error + Send + Sync + 'static> From<E> for WorkerError {
+    fn from(e: E) -> Self {
+        WorkerError::retry(e)
+    }
+}
+
+impl fmt::Display for WorkerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            Some(k) => write!(f, "{k}: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl fmt::Debug for WorkerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkerError")
+            .field("message", &self.message)
+            .field("retry", &self.retry)
+            .field("kind", &self.kind)
+            .finish()
+    }
+}
+
+/// A worker: what the `#[worker]` attribute generates, and what a worker
+/// that holds resources (a connection pool, a model client) implements by hand.
+///
+/// ```
+/// use multiagents::worker::{Worker, WorkerContext, WorkerError};
+/// use multiagents::core::Payload;
+///
+/// struct Ledger { /* a pool, say */ }
+///
+/// #[multiagents::async_trait]
+/// impl Worker for Ledger {
+///     fn name(&self) -> &str { "record_entry" }
+///     async fn run(&self, input: Payload, ctx: WorkerContext) -> Result<Payload, WorkerError> {
+///         let amount: u64 = input.parse().map_err(WorkerError::fatal)?;
+///         Payload::to_json(&serde_json::json!({"recorded": amount, "key": ctx.idempotency_key()}))
+///             .map_err(WorkerError::fatal)
+///     }
+/// }
+/// ```
+#[async_trait]
+pub trait Worker: Send + Sync + 'static {
+    /// The worker type's name: steps name it, and its commands arrive on the
+    /// topic of that name.
+    fn name(&self) -> &str;
+
+    /// Runs one call. `input` is the step's input (see [`crate::core::workflow`]).
+    async fn run(&self, input: Payload, ctx: WorkerContext) -> Result<Payload, WorkerError>;
+}
+
+/// Decodes a typed input, failing for good (no retry can fix bad input).
+pub fn decode_input<T: DeserializeOwned>(worker: &str, input: &Payload) -> Result<T, WorkerError> {
+    input.parse().map_err(|e| {
+        WorkerError::fatal(format!(
+            "input for worker `{worker}` does not decode: {e} (input: {})",
+            truncate(input.as_str(), 200)
+        ))
+        .with_kind("invalid_input")
+    })
+}
+
+/// Encodes a typed output.
+pub fn encode_output<T: Serialize>(worker: &str, output: &T) -> Result<Payload, WorkerError> {
+    Payload::to_json(output).map_err(|e| {
+        WorkerError::fatal(format!("output of worker `{worker}` does not encode: {e}"))
+    })
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// A worker from a closure over typed input and output.
+///
+/// ```
+/// use multiagents::worker::{from_fn, WorkerError};
+///
+/// let double = from_fn("double", |n: u64, _ctx| async move { Ok::<_, WorkerError>(n * 2) });
+/// # let _ = double;
+/// ```
+pub fn from_fn<I, O, F, Fut>(name: impl Into<String>, f: F) -> FnWorker<F, I, O>
+where
+    I: DeserializeOwned + Send + 'static,
+    O: Serialize + Send + 'static,
+    F: Fn(I, WorkerContext) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<O, WorkerError>> + Send + 'static,
+{
+    FnWorker {
+        name: name.into(),
+        f,
+        _types: std::marker::PhantomData,
+    }
+}
+
+/// See [`from_fn`].
+pub struct FnWorker<F, I, O> {
+    name: String,
+    f: F,
+    _types: std::marker::PhantomData<fn(I) -> O>,
+}
+
+#[async_trait]
+impl<I, O, F, Fut> Worker for FnWorker<F, I, O>
+where
+    I: DeserializeOwned + Send + 'static,
+    O: Serialize + Send + 'static,
+    F: Fn(I, WorkerContext) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<O, WorkerError>> + Send + 'static,
+{
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn run(&self, input: Payload, ctx: WorkerContext) -> Result<Payload, WorkerError> {
+        let input: I = decode_input(&self.name, &input)?;
+        let output = (self.f)(input, ctx).await?;
+        encode_output(&self.name, &output)
+    }
+}
