@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 use crate::bus::{DeadLetter, EventBus, command_topic};
 use crate::core::saga::{self, Action, Input};
 use crate::core::{
-    CorrelationId, Event, EventKind, Payload, Phase, Timestamp, TransactionId, WorkflowDefinition,
+    Event, EventKind, Payload, Phase, Timestamp, TransactionId, WorkflowDefinition,
     WorkflowState,
 };
 use crate::store::{StateStore, StoreError};
@@ -117,7 +117,7 @@ impl Engine {
             None => self.latest(workflow).await?,
         };
         let tx = options.transaction_id.unwrap_or_default();
-        let correlation = options.correlation_id.unwrap_or_else(CorrelationId::new);
+        let correlation = options.correlation_id.unwrap_or_default();
         let (state, actions) = saga::start(&def, tx, correlation, input, Timestamp::now());
         match self.store.create(Arc::new(state.clone())).await {
             Ok(_) => {}

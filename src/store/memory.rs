@@ -71,13 +71,12 @@ impl States {
     }
 
     fn notify(&mut self, v: &Versioned) {
-        if v.state.is_terminal() {
-            if let Some(waiters) = self.waiters.remove(&v.state.transaction_id) {
+        if v.state.is_terminal()
+            && let Some(waiters) = self.waiters.remove(&v.state.transaction_id) {
                 for w in waiters {
                     let _ = w.send(v.clone());
                 }
             }
-        }
     }
 }
 

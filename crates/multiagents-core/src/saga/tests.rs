@@ -751,14 +751,16 @@ impl<'a> Harness<'a> {
 
     fn assert_undone_below(&self, i: usize) {
         let s = &self.state.steps[i];
+        let busy = matches!(
+            s.status,
+            StepStatus::Running { .. }
+                | StepStatus::RetryWaiting { .. }
+                | StepStatus::Compensating { .. }
+                | StepStatus::CompensationRetryWaiting { .. }
+        );
+        let undone_pending = s.status == StepStatus::Completed && self.def.steps()[i].compensation.is_some();
         assert!(
-            !matches!(
-                s.status,
-                StepStatus::Running { .. }
-                    | StepStatus::RetryWaiting { .. }
-                    | StepStatus::Compensating { .. }
-                    | StepStatus::CompensationRetryWaiting { .. }
-            ) && !(s.status == StepStatus::Completed && self.def.steps()[i].compensation.is_some()),
+            !busy && !undone_pending,
             "step {} is not settled ({:?}) when an earlier step is compensated",
             s.name,
             s.status

@@ -617,11 +617,10 @@ fn find_cycle(deps: &[Vec<usize>]) -> Option<Vec<usize>> {
     let mut marks = vec![Mark::New; deps.len()];
     let mut path = Vec::new();
     for n in 0..deps.len() {
-        if marks[n] == Mark::New {
-            if let Some(c) = visit(n, deps, &mut marks, &mut path) {
+        if marks[n] == Mark::New
+            && let Some(c) = visit(n, deps, &mut marks, &mut path) {
                 return Some(c);
             }
-        }
     }
     None
 }
