@@ -8,8 +8,8 @@ use std::time::Duration;
 use criterion::{Criterion, criterion_group, criterion_main};
 use multiagents::core::saga::{self, Input};
 use multiagents::core::{
-    CorrelationId, Event, EventCodec, EventKind, Payload, Phase, StepName, Timestamp, TransactionId, WorkflowBuilder,
-    WorkflowDefinition,
+    CorrelationId, Event, EventCodec, EventKind, Payload, Phase, StepName, Timestamp,
+    TransactionId, WorkflowBuilder, WorkflowDefinition,
 };
 
 fn orders() -> WorkflowDefinition {
@@ -46,8 +46,12 @@ fn codec(c: &mut Criterion) {
     let codec = EventCodec::default();
     let event = command();
     let bytes = codec.encode(&event).expect("encodes");
-    c.bench_function("event_encode", |b| b.iter(|| codec.encode(black_box(&event)).expect("encodes")));
-    c.bench_function("event_decode", |b| b.iter(|| codec.decode(black_box(&bytes)).expect("decodes")));
+    c.bench_function("event_encode", |b| {
+        b.iter(|| codec.encode(black_box(&event)).expect("encodes"))
+    });
+    c.bench_function("event_decode", |b| {
+        b.iter(|| codec.decode(black_box(&bytes)).expect("decodes"))
+    });
 }
 
 fn transitions(c: &mut Criterion) {
@@ -56,16 +60,40 @@ fn transitions(c: &mut Criterion) {
     let input = Payload::from_json_str(r#"{"n":42,"decline":false}"#).expect("json");
     let output = Payload::from_json_str(r#"{"step":"x","ok":true}"#).expect("json");
     c.bench_function("saga_start", |b| {
-        b.iter(|| saga::start(&def, TransactionId::new(), CorrelationId::new(), input.clone(), now))
+        b.iter(|| {
+            saga::start(
+                &def,
+                TransactionId::new(),
+                CorrelationId::new(),
+                input.clone(),
+                now,
+            )
+        })
     });
     // One step result applied to a workflow two steps in (the middle of a run),
     // including the clone the runtime makes before applying.
-    let (mut mid, _) = saga::start(&def, TransactionId::new(), CorrelationId::new(), input.clone(), now);
+    let (mut mid, _) = saga::start(
+        &def,
+        TransactionId::new(),
+        CorrelationId::new(),
+        input.clone(),
+        now,
+    );
     for step in ["validate", "reserve"] {
-        let r = Input::Succeeded { step: step.into(), phase: Phase::Forward, attempt: 1, output: output.clone() };
+        let r = Input::Succeeded {
+            step: step.into(),
+            phase: Phase::Forward,
+            attempt: 1,
+            output: output.clone(),
+        };
         saga::apply(&def, &mut mid, r, now);
     }
-    let result = Input::Succeeded { step: "charge".into(), phase: Phase::Forward, attempt: 1, output: output.clone() };
+    let result = Input::Succeeded {
+        step: "charge".into(),
+        phase: Phase::Forward,
+        attempt: 1,
+        output: output.clone(),
+    };
     c.bench_function("saga_apply_step_result", |b| {
         b.iter(|| {
             let mut s = mid.clone();
@@ -79,9 +107,20 @@ fn transitions(c: &mut Criterion) {
     });
     c.bench_function("saga_whole_workflow", |b| {
         b.iter(|| {
-            let (mut s, _) = saga::start(&def, TransactionId::new(), CorrelationId::new(), input.clone(), now);
+            let (mut s, _) = saga::start(
+                &def,
+                TransactionId::new(),
+                CorrelationId::new(),
+                input.clone(),
+                now,
+            );
             for step in ["validate", "reserve", "charge", "invoice", "notify"] {
-                let r = Input::Succeeded { step: step.into(), phase: Phase::Forward, attempt: 1, output: output.clone() };
+                let r = Input::Succeeded {
+                    step: step.into(),
+                    phase: Phase::Forward,
+                    attempt: 1,
+                    output: output.clone(),
+                };
                 saga::apply(&def, &mut s, r, now);
             }
             s

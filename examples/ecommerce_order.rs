@@ -24,8 +24,8 @@ use multiagents::core::Payload;
 use multiagents::store::{FileStore, ListQuery};
 use multiagents::worker::WorkerOptions;
 use multiagents::{
-    RetryPolicy, Runtime, TransactionId, Worker, WorkerContext, WorkerError, WorkflowBuilder, WorkflowDefinition,
-    WorkflowStatus, async_trait, worker,
+    RetryPolicy, Runtime, TransactionId, Worker, WorkerContext, WorkerError, WorkflowBuilder,
+    WorkflowDefinition, WorkflowStatus, async_trait, worker,
 };
 use serde::{Deserialize, Serialize};
 
@@ -84,7 +84,10 @@ fn definition() -> Result<WorkflowDefinition, multiagents::core::DefinitionError
 #[worker("validate_order")]
 async fn validate_order(order: Order) -> Result<serde_json::Value, WorkerError> {
     if order.quantity == 0 || order.amount_cents == 0 {
-        return Err(WorkerError::fatal("an order needs a quantity and an amount").with_kind("invalid_order"));
+        return Err(
+            WorkerError::fatal("an order needs a quantity and an amount")
+                .with_kind("invalid_order"),
+        );
     }
     Ok(serde_json::json!({"valid": true}))
 }
@@ -108,37 +111,63 @@ struct Warehouse {
 
 impl Warehouse {
     fn available(&self, sku: &str) -> i64 {
-        self.stock.lock().map(|s| s.get(sku).copied().unwrap_or(0)).unwrap_or(0)
+        self.stock
+            .lock()
+            .map(|s| s.get(sku).copied().unwrap_or(0))
+            .unwrap_or(0)
     }
 }
 
 #[async_trait]
 impl Worker for Warehouse {
     fn name(&self) -> &str {
-        if self.compensate { "release_inventory" } else { "check_inventory" }
+        if self.compensate {
+            "release_inventory"
+        } else {
+            "check_inventory"
+        }
     }
 
     async fn run(&self, input: Payload, ctx: WorkerContext) -> Result<Payload, WorkerError> {
         let order: Order = multiagents::worker::decode_input(self.name(), &input)?;
-        let mut stock = self.stock.lock().map_err(|_| WorkerError::retry("stock lock poisoned"))?;
+        let mut stock = self
+            .stock
+            .lock()
+            .map_err(|_| WorkerError::retry("stock lock poisoned"))?;
         let out = if self.compensate {
             let r: Reservation = ctx.output("inventory")?;
-            let mut released = self.reservations.lock().map_err(|_| WorkerError::retry("lock poisoned"))?;
+            let mut released = self
+                .reservations
+                .lock()
+                .map_err(|_| WorkerError::retry("lock poisoned"))?;
             // Releasing is idempotent: only a reservation still held is put back.
             if released.remove(&r.reservation_id).is_some() {
                 *stock.entry(r.sku.clone()).or_default() += i64::from(r.quantity);
             }
             serde_json::json!({"released": r.reservation_id})
         } else {
-            let mut reservations = self.reservations.lock().map_err(|_| WorkerError::retry("lock poisoned"))?;
+            let mut reservations = self
+                .reservations
+                .lock()
+                .map_err(|_| WorkerError::retry("lock poisoned"))?;
             let key = ctx.idempotency_key().to_string();
             if !reservations.contains_key(&key) {
                 let left = stock.entry(order.sku.clone()).or_default();
                 if *left < i64::from(order.quantity) {
-                    return Err(WorkerError::fatal(format!("only {left} of {} left", order.sku)).with_kind("out_of_stock"));
+                    return Err(
+                        WorkerError::fatal(format!("only {left} of {} left", order.sku))
+                            .with_kind("out_of_stock"),
+                    );
                 }
                 *left -= i64::from(order.quantity);
-                reservations.insert(key.clone(), Reservation { reservation_id: key.clone(), sku: order.sku.clone(), quantity: order.quantity });
+                reservations.insert(
+                    key.clone(),
+                    Reservation {
+                        reservation_id: key.clone(),
+                        sku: order.sku.clone(),
+                        quantity: order.quantity,
+                    },
+                );
             }
             serde_json::json!({"reservation_id": key, "sku": order.sku, "quantity": order.quantity})
         };
@@ -147,25 +176,41 @@ impl Worker for Warehouse {
 }
 
 #[worker("process_payment")]
-async fn process_payment(order: Order, ctx: WorkerContext) -> Result<serde_json::Value, WorkerError> {
+async fn process_payment(
+    order: Order,
+    ctx: WorkerContext,
+) -> Result<serde_json::Value, WorkerError> {
     if order.card == DECLINED_CARD {
-        return Err(WorkerError::fatal(format!("card ending {} was declined", &order.card[order.card.len() - 4..]))
-            .with_kind("card_declined"));
+        return Err(WorkerError::fatal(format!(
+            "card ending {} was declined",
+            &order.card[order.card.len() - 4..]
+        ))
+        .with_kind("card_declined"));
     }
     // The idempotency key doubles as the payment provider's idempotency key.
-    Ok(serde_json::json!({"charge_id": format!("ch_{}", ctx.idempotency_key()), "amount_cents": order.amount_cents}))
+    Ok(
+        serde_json::json!({"charge_id": format!("ch_{}", ctx.idempotency_key()), "amount_cents": order.amount_cents}),
+    )
 }
 
 #[worker("refund_payment")]
-async fn refund_payment(order: Order, ctx: WorkerContext) -> Result<serde_json::Value, WorkerError> {
+async fn refund_payment(
+    order: Order,
+    ctx: WorkerContext,
+) -> Result<serde_json::Value, WorkerError> {
     let charge: serde_json::Value = ctx.output("payment")?;
     Ok(serde_json::json!({"refunded": charge["charge_id"], "amount_cents": order.amount_cents}))
 }
 
 #[worker("generate_confirmation")]
-async fn generate_confirmation(order: Order, ctx: WorkerContext) -> Result<serde_json::Value, WorkerError> {
+async fn generate_confirmation(
+    order: Order,
+    ctx: WorkerContext,
+) -> Result<serde_json::Value, WorkerError> {
     let charge: serde_json::Value = ctx.output("payment")?;
-    Ok(serde_json::json!({"confirmation": format!("CONF-{:05}", order.order_id), "charge_id": charge["charge_id"]}))
+    Ok(
+        serde_json::json!({"confirmation": format!("CONF-{:05}", order.order_id), "charge_id": charge["charge_id"]}),
+    )
 }
 
 #[worker("fulfill_order")]
@@ -177,7 +222,10 @@ async fn fulfill_order(order: Order, ctx: WorkerContext) -> Result<serde_json::V
 }
 
 #[worker("notify_customer")]
-async fn notify_customer(order: Order, ctx: WorkerContext) -> Result<serde_json::Value, WorkerError> {
+async fn notify_customer(
+    order: Order,
+    ctx: WorkerContext,
+) -> Result<serde_json::Value, WorkerError> {
     let confirmation: serde_json::Value = ctx.output("confirmation")?;
     Ok(serde_json::json!({"emailed": order.customer, "confirmation": confirmation["confirmation"]}))
 }
@@ -202,7 +250,11 @@ fn order(seed: u64, n: u64, fail_rate: f64) -> Order {
         sku: skus[(mix(seed ^ n) % skus.len() as u64) as usize].to_string(),
         quantity: 1 + (mix(seed.wrapping_add(n)) % 3) as u32,
         amount_cents: 500 + mix(seed ^ (n << 8)) % 10_000,
-        card: if unit(seed, n, 1) < fail_rate { DECLINED_CARD.into() } else { "4242-4242-4242-4242".into() },
+        card: if unit(seed, n, 1) < fail_rate {
+            DECLINED_CARD.into()
+        } else {
+            "4242-4242-4242-4242".into()
+        },
         flaky_fulfilment: unit(seed, n, 2) < 0.3,
     }
 }
@@ -211,10 +263,16 @@ fn order(seed: u64, n: u64, fail_rate: f64) -> Order {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     if !(0.0..=1.0).contains(&args.fail_rate) {
-        return Err(format!("--fail-rate must be between 0 and 1, not {}", args.fail_rate).into());
+        return Err(format!(
+            "--fail-rate must be between 0 and 1, not {}",
+            args.fail_rate
+        )
+        .into());
     }
-    let stock: HashMap<String, i64> =
-        ["mug", "t-shirt", "poster", "sticker-pack"].iter().map(|s| (s.to_string(), 1_000_000)).collect();
+    let stock: HashMap<String, i64> = ["mug", "t-shirt", "poster", "sticker-pack"]
+        .iter()
+        .map(|s| (s.to_string(), 1_000_000))
+        .collect();
     let warehouse = Warehouse {
         stock: Arc::new(Mutex::new(stock)),
         reservations: Arc::new(Mutex::new(HashMap::new())),
@@ -226,7 +284,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .workflow(definition()?)
         .worker(validate_order)
         .worker(warehouse.clone())
-        .worker(Warehouse { compensate: true, ..warehouse.clone() })
+        .worker(Warehouse {
+            compensate: true,
+            ..warehouse.clone()
+        })
         .worker(process_payment)
         .worker(refund_payment)
         .worker(generate_confirmation)
@@ -238,16 +299,37 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut ids: Vec<TransactionId> = Vec::new();
     for status in [WorkflowStatus::Running, WorkflowStatus::Compensating] {
-        let unfinished = client.list(&ListQuery { status: Some(status), ..Default::default() }).await?;
+        let unfinished = client
+            .list(&ListQuery {
+                status: Some(status),
+                ..Default::default()
+            })
+            .await?;
         ids.extend(unfinished.iter().map(|s| s.transaction_id));
     }
     if !ids.is_empty() {
-        println!("resuming {} unfinished order(s) from an earlier run in {}", ids.len(), args.store.display());
+        println!(
+            "resuming {} unfinished order(s) from an earlier run in {}",
+            ids.len(),
+            args.store.display()
+        );
     }
-    let before = warehouse.available("mug") + warehouse.available("t-shirt") + warehouse.available("poster") + warehouse.available("sticker-pack");
-    println!("placing {} order(s), about {:.0}% with a declined card (seed {})", args.orders, args.fail_rate * 100.0, args.seed);
+    let before = warehouse.available("mug")
+        + warehouse.available("t-shirt")
+        + warehouse.available("poster")
+        + warehouse.available("sticker-pack");
+    println!(
+        "placing {} order(s), about {:.0}% with a declined card (seed {})",
+        args.orders,
+        args.fail_rate * 100.0,
+        args.seed
+    );
     for n in 1..=args.orders {
-        ids.push(client.start("ecommerce_order", &order(args.seed, n, args.fail_rate)).await?);
+        ids.push(
+            client
+                .start("ecommerce_order", &order(args.seed, n, args.fail_rate))
+                .await?,
+        );
     }
 
     let mut finished = Vec::with_capacity(ids.len());
@@ -255,30 +337,54 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         finished.push(client.wait(*tx, Duration::from_secs(60)).await?);
     }
     // Failed orders first, then the rest, up to --show.
-    let mut shown: Vec<_> = finished.iter().filter(|s| s.status != WorkflowStatus::Completed).collect();
-    shown.extend(finished.iter().filter(|s| s.status == WorkflowStatus::Completed));
+    let mut shown: Vec<_> = finished
+        .iter()
+        .filter(|s| s.status != WorkflowStatus::Completed)
+        .collect();
+    shown.extend(
+        finished
+            .iter()
+            .filter(|s| s.status == WorkflowStatus::Completed),
+    );
     println!();
     for state in shown.iter().take(args.show) {
         let order: Order = state.input.parse()?;
-        println!("order #{} ({} x{}, {}):", order.order_id, order.sku, order.quantity, order.customer);
+        println!(
+            "order #{} ({} x{}, {}):",
+            order.order_id, order.sku, order.quantity, order.customer
+        );
         print!("{}", multiagents::timeline::render(state));
         println!();
     }
     if finished.len() > args.show {
-        println!("({} more order(s) not shown; raise --show to see them)\n", finished.len() - args.show);
+        println!(
+            "({} more order(s) not shown; raise --show to see them)\n",
+            finished.len() - args.show
+        );
     }
 
     let count = |s: WorkflowStatus| finished.iter().filter(|x| x.status == s).count();
     let retries: usize = finished
         .iter()
         .flat_map(|s| s.history.iter())
-        .filter(|h| matches!(h.event, multiagents::core::saga::HistoryEvent::RetryScheduled { .. }))
+        .filter(|h| {
+            matches!(
+                h.event,
+                multiagents::core::saga::HistoryEvent::RetryScheduled { .. }
+            )
+        })
         .count();
     let released = finished
         .iter()
-        .filter(|s| s.step("inventory").is_some_and(|i| i.status == multiagents::core::StepStatus::Compensated))
+        .filter(|s| {
+            s.step("inventory")
+                .is_some_and(|i| i.status == multiagents::core::StepStatus::Compensated)
+        })
         .count();
-    let after = warehouse.available("mug") + warehouse.available("t-shirt") + warehouse.available("poster") + warehouse.available("sticker-pack");
+    let after = warehouse.available("mug")
+        + warehouse.available("t-shirt")
+        + warehouse.available("poster")
+        + warehouse.available("sticker-pack");
     let kept: i64 = finished
         .iter()
         .filter(|s| s.status == WorkflowStatus::Completed)
@@ -286,12 +392,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|o| i64::from(o.quantity))
         .sum();
     println!("summary: {} order(s)", finished.len());
-    println!("  completed            {}", count(WorkflowStatus::Completed));
-    println!("  compensated          {}  (inventory released for {released})", count(WorkflowStatus::Compensated));
+    println!(
+        "  completed            {}",
+        count(WorkflowStatus::Completed)
+    );
+    println!(
+        "  compensated          {}  (inventory released for {released})",
+        count(WorkflowStatus::Compensated)
+    );
     println!("  failed               {}", count(WorkflowStatus::Failed));
-    println!("  compensation failed  {}", count(WorkflowStatus::CompensationFailed));
+    println!(
+        "  compensation failed  {}",
+        count(WorkflowStatus::CompensationFailed)
+    );
     println!("  retries              {retries}");
-    println!("  stock taken          {}  (= items in completed orders placed in this run: {kept})", before - after);
+    println!(
+        "  stock taken          {}  (= items in completed orders placed in this run: {kept})",
+        before - after
+    );
     println!("  state file           {}", args.store.display());
     runtime.shutdown().await;
     Ok(())

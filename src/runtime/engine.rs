@@ -7,8 +7,7 @@ use std::sync::{Arc, RwLock};
 use crate::bus::{DeadLetter, EventBus, command_topic};
 use crate::core::saga::{self, Action, Input};
 use crate::core::{
-    Event, EventKind, Payload, Phase, Timestamp, TransactionId, WorkflowDefinition,
-    WorkflowState,
+    Event, EventKind, Payload, Phase, Timestamp, TransactionId, WorkflowDefinition, WorkflowState,
 };
 use crate::store::{StateStore, StoreError};
 use crate::{Error, StartOptions};

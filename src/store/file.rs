@@ -287,11 +287,13 @@ impl Writer {
             for r in batch.drain(..) {
                 let _ = r.done.send(result.clone());
             }
-            if result.is_ok() && self.should_compact()
-                && let Err(e) = self.compact() {
-                    tracing::error!(path = %self.path.display(), error = %e, "compacting the store file failed; it keeps growing");
-                    self.live_bytes = self.written;
-                }
+            if result.is_ok()
+                && self.should_compact()
+                && let Err(e) = self.compact()
+            {
+                tracing::error!(path = %self.path.display(), error = %e, "compacting the store file failed; it keeps growing");
+                self.live_bytes = self.written;
+            }
         }
         let _ = self.file.flush();
     }

@@ -72,11 +72,12 @@ impl States {
 
     fn notify(&mut self, v: &Versioned) {
         if v.state.is_terminal()
-            && let Some(waiters) = self.waiters.remove(&v.state.transaction_id) {
-                for w in waiters {
-                    let _ = w.send(v.clone());
-                }
+            && let Some(waiters) = self.waiters.remove(&v.state.transaction_id)
+        {
+            for w in waiters {
+                let _ = w.send(v.clone());
             }
+        }
     }
 }
 

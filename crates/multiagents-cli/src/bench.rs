@@ -13,7 +13,10 @@ use clap::{Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use multiagents::store::FileStore;
 use multiagents::worker::{WorkerError, from_fn};
-use multiagents::{Error, RetryPolicy, Runtime, RuntimeBuilder, WorkflowBuilder, WorkflowDefinition, WorkflowStatus};
+use multiagents::{
+    Error, RetryPolicy, Runtime, RuntimeBuilder, WorkflowBuilder, WorkflowDefinition,
+    WorkflowStatus,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -123,12 +126,20 @@ struct Releases {
 
 fn with_workers(builder: RuntimeBuilder, releases: Arc<Releases>) -> RuntimeBuilder {
     builder
-        .worker(from_fn("validate_order", |_: Order, _| async { Ok::<_, WorkerError>(json!({"step": "validate", "ok": true})) }))
-        .worker(from_fn("reserve_inventory", |_: Order, _| async { Ok::<_, WorkerError>(json!({"step": "reserve", "ok": true})) }))
+        .worker(from_fn("validate_order", |_: Order, _| async {
+            Ok::<_, WorkerError>(json!({"step": "validate", "ok": true}))
+        }))
+        .worker(from_fn("reserve_inventory", |_: Order, _| async {
+            Ok::<_, WorkerError>(json!({"step": "reserve", "ok": true}))
+        }))
         .worker(from_fn("release_inventory", move |_: Order, ctx| {
             let releases = releases.clone();
             async move {
-                let fresh = releases.seen.lock().map(|mut s| s.insert(ctx.transaction_id.to_string())).unwrap_or(true);
+                let fresh = releases
+                    .seen
+                    .lock()
+                    .map(|mut s| s.insert(ctx.transaction_id.to_string()))
+                    .unwrap_or(true);
                 if !fresh {
                     releases.duplicates.fetch_add(1, Ordering::Relaxed);
                 }
@@ -141,9 +152,15 @@ fn with_workers(builder: RuntimeBuilder, releases: Arc<Releases>) -> RuntimeBuil
             }
             Ok(json!({"step": "charge", "ok": true, "amount": 100 + o.n % 900}))
         }))
-        .worker(from_fn("refund_payment", |_: Order, _| async { Ok::<_, WorkerError>(json!({"step": "refund", "ok": true})) }))
-        .worker(from_fn("create_invoice", |_: Order, _| async { Ok::<_, WorkerError>(json!({"step": "invoice", "ok": true})) }))
-        .worker(from_fn("notify_customer", |_: Order, _| async { Ok::<_, WorkerError>(json!({"step": "notify", "ok": true})) }))
+        .worker(from_fn("refund_payment", |_: Order, _| async {
+            Ok::<_, WorkerError>(json!({"step": "refund", "ok": true}))
+        }))
+        .worker(from_fn("create_invoice", |_: Order, _| async {
+            Ok::<_, WorkerError>(json!({"step": "invoice", "ok": true}))
+        }))
+        .worker(from_fn("notify_customer", |_: Order, _| async {
+            Ok::<_, WorkerError>(json!({"step": "notify", "ok": true}))
+        }))
 }
 
 /// splitmix64, to pick declined orders reproducibly.
@@ -162,9 +179,11 @@ fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|kb| kb.parse::<f64>().ok())
+            })
         })
         .map_or(0.0, |kb| kb / 1024.0)
 }
@@ -185,10 +204,15 @@ pub async fn run(workload: Workload) -> Result<ExitCode, Error> {
 
 async fn orders(args: OrdersArgs) -> Result<ExitCode, Error> {
     if !(0.0..=1.0).contains(&args.fail_rate) {
-        return Err(Error::Config(format!("--fail-rate must be between 0 and 1, not {}", args.fail_rate)));
+        return Err(Error::Config(format!(
+            "--fail-rate must be between 0 and 1, not {}",
+            args.fail_rate
+        )));
     }
     if args.workflows == 0 || args.concurrency == 0 {
-        return Err(Error::Config("--workflows and --concurrency must be at least 1".into()));
+        return Err(Error::Config(
+            "--workflows and --concurrency must be at least 1".into(),
+        ));
     }
     let releases = Arc::new(Releases::default());
     let mut builder = with_workers(Runtime::builder().workflow(definition()?), releases.clone());
@@ -197,7 +221,8 @@ async fn orders(args: OrdersArgs) -> Result<ExitCode, Error> {
         let path = match &args.store {
             Some(p) => p.clone(),
             None => {
-                let p = std::env::temp_dir().join(format!("multiagents-bench-{}.db", std::process::id()));
+                let p = std::env::temp_dir()
+                    .join(format!("multiagents-bench-{}.db", std::process::id()));
                 temp_store = Some(p.clone());
                 p
             }
@@ -207,7 +232,8 @@ async fn orders(args: OrdersArgs) -> Result<ExitCode, Error> {
     let runtime = builder.start().await?;
     let client = runtime.client();
 
-    let progress = ProgressBar::with_draw_target(Some(args.workflows), ProgressDrawTarget::stderr());
+    let progress =
+        ProgressBar::with_draw_target(Some(args.workflows), ProgressDrawTarget::stderr());
     progress.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} workflows {per_sec} eta {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -219,7 +245,8 @@ async fn orders(args: OrdersArgs) -> Result<ExitCode, Error> {
         let client = client.clone();
         let next = next.clone();
         let progress = progress.clone();
-        let (seed, rate, total, stuck_after) = (args.seed, args.fail_rate, args.workflows, args.stuck_after);
+        let (seed, rate, total, stuck_after) =
+            (args.seed, args.fail_rate, args.workflows, args.stuck_after);
         tasks.spawn(async move {
             let mut outcomes = Vec::new();
             loop {
@@ -228,7 +255,10 @@ async fn orders(args: OrdersArgs) -> Result<ExitCode, Error> {
                     break;
                 }
                 let t0 = Instant::now();
-                let order = Order { n, decline: declined(seed, n, rate) };
+                let order = Order {
+                    n,
+                    decline: declined(seed, n, rate),
+                };
                 let status = match client.start("orders", &order).await {
                     Ok(tx) => match client.wait(tx, stuck_after).await {
                         Ok(state) => Some(state.status),
@@ -259,7 +289,8 @@ async fn orders(args: OrdersArgs) -> Result<ExitCode, Error> {
         let _ = std::fs::remove_file(p.with_extension("lock"));
     }
 
-    let count = |s: WorkflowStatus| outcomes.iter().filter(|(o, _, _)| *o == Some(s)).count() as u64;
+    let count =
+        |s: WorkflowStatus| outcomes.iter().filter(|(o, _, _)| *o == Some(s)).count() as u64;
     let mut latencies: Vec<f64> = outcomes.iter().map(|(_, _, l)| *l).collect();
     latencies.sort_by(|a, b| a.total_cmp(b));
     let completed = count(WorkflowStatus::Completed);

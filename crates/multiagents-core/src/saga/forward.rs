@@ -150,11 +150,12 @@ impl Transition<'_> {
                     .with_kind("timeout");
                     changed |= self.step_failed(i, attempt, error);
                 }
-                StepStatus::RetryWaiting { attempt, due } if due <= now
-                    && self.state.status == WorkflowStatus::Running => {
-                        self.dispatch_step(i, attempt);
-                        changed = true;
-                    }
+                StepStatus::RetryWaiting { attempt, due }
+                    if due <= now && self.state.status == WorkflowStatus::Running =>
+                {
+                    self.dispatch_step(i, attempt);
+                    changed = true;
+                }
                 StepStatus::Compensating {
                     attempt, deadline, ..
                 } if deadline <= now => {

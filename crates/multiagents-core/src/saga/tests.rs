@@ -758,7 +758,8 @@ impl<'a> Harness<'a> {
                 | StepStatus::Compensating { .. }
                 | StepStatus::CompensationRetryWaiting { .. }
         );
-        let undone_pending = s.status == StepStatus::Completed && self.def.steps()[i].compensation.is_some();
+        let undone_pending =
+            s.status == StepStatus::Completed && self.def.steps()[i].compensation.is_some();
         assert!(
             !busy && !undone_pending,
             "step {} is not settled ({:?}) when an earlier step is compensated",

@@ -618,9 +618,10 @@ fn find_cycle(deps: &[Vec<usize>]) -> Option<Vec<usize>> {
     let mut path = Vec::new();
     for n in 0..deps.len() {
         if marks[n] == Mark::New
-            && let Some(c) = visit(n, deps, &mut marks, &mut path) {
-                return Some(c);
-            }
+            && let Some(c) = visit(n, deps, &mut marks, &mut path)
+        {
+            return Some(c);
+        }
     }
     None
 }
