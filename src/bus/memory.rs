@@ -297,7 +297,7 @@ impl MemoryConsumer {
                 gs.timeouts
                     .push_back((now + config.visibility_timeout, id, count));
                 out.push(Delivery {
-                    id: DeliveryId(id.to_string()),
+                    id: DeliveryId::Seq(id),
                     event,
                     delivery_count: count,
                 });
@@ -343,8 +343,8 @@ impl Consumer for MemoryConsumer {
     async fn ack(&self, ids: &[DeliveryId]) -> Result<(), BusError> {
         let mut gs = self.group.state.lock().unwrap_or_else(|e| e.into_inner());
         for id in ids {
-            if let Ok(n) = id.0.parse::<u64>() {
-                gs.pending.remove(&n);
+            if let DeliveryId::Seq(n) = id {
+                gs.pending.remove(n);
             }
         }
         Ok(())

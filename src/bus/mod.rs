@@ -44,7 +44,14 @@ pub fn command_topic(worker: &WorkerName) -> String {
 
 /// Identifies one delivery within a consumer group (for acks).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct DeliveryId(pub String);
+pub enum DeliveryId {
+    /// A sequence number (the in-memory bus).
+    Seq(u64),
+    /// A Redis stream entry id, `ms-seq`.
+    Stream(u64, u64),
+    /// An opaque token (an ack subject, say).
+    Token(Arc<str>),
+}
 
 /// One event handed to a consumer.
 #[derive(Clone, Debug)]

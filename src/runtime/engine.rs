@@ -7,7 +7,8 @@ use std::sync::{Arc, RwLock};
 use crate::bus::{DeadLetter, EventBus, command_topic};
 use crate::core::saga::{self, Action, Input};
 use crate::core::{
-    Event, EventKind, Payload, Phase, Timestamp, TransactionId, WorkflowDefinition, WorkflowState,
+    Event, EventKind, Payload, Phase, Timestamp, TransactionId, WorkerName, WorkflowDefinition,
+    WorkflowName, WorkflowState,
 };
 use crate::store::{StateStore, StoreError};
 use crate::{Error, StartOptions};
@@ -29,7 +30,9 @@ pub(crate) enum Driven {
 pub(crate) struct Engine {
     pub(crate) bus: Arc<dyn EventBus>,
     pub(crate) store: Arc<dyn StateStore>,
-    definitions: RwLock<HashMap<(String, u32), Arc<WorkflowDefinition>>>,
+    definitions: RwLock<HashMap<(WorkflowName, u32), Arc<WorkflowDefinition>>>,
+    /// Command topic names by worker, so dispatching does not format one each time.
+    topics: RwLock<HashMap<WorkerName, Arc<str>>>,
 }
 
 impl Engine {
@@ -38,6 +41,7 @@ impl Engine {
             bus,
             store,
             definitions: RwLock::new(HashMap::new()),
+            topics: RwLock::new(HashMap::new()),
         }
     }
 
@@ -46,29 +50,27 @@ impl Engine {
         self.definitions
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                (def.name().to_string(), def.version()),
-                Arc::new(def.clone()),
-            );
+            .insert((def.name().clone(), def.version()), Arc::new(def.clone()));
         Ok(())
     }
 
     pub(crate) async fn definition(
         &self,
-        name: &str,
+        name: &WorkflowName,
         version: u32,
     ) -> Result<Arc<WorkflowDefinition>, Error> {
+        let key = (name.clone(), version);
         if let Some(d) = self
             .definitions
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&(name.to_string(), version))
+            .get(&key)
         {
             return Ok(d.clone());
         }
         let def = self
             .store
-            .get_definition(name, version)
+            .get_definition(name.as_str(), version)
             .await?
             .ok_or_else(|| Error::UnknownWorkflow {
                 name: name.to_string(),
@@ -78,8 +80,26 @@ impl Engine {
         self.definitions
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert((name.to_string(), version), def.clone());
+            .insert(key, def.clone());
         Ok(def)
+    }
+
+    /// The command topic of a worker, formatted once.
+    fn topic(&self, worker: &WorkerName) -> Arc<str> {
+        if let Some(t) = self
+            .topics
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(worker)
+        {
+            return t.clone();
+        }
+        let topic: Arc<str> = Arc::from(command_topic(worker));
+        self.topics
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(worker.clone(), topic.clone());
+        topic
     }
 
     async fn latest(&self, name: &str) -> Result<Arc<WorkflowDefinition>, Error> {
@@ -88,7 +108,7 @@ impl Engine {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .filter(|((n, _), _)| n == name)
+            .filter(|((n, _), _)| n.as_str() == name)
             .max_by_key(|((_, v), _)| *v)
             .map(|(_, d)| d.clone());
         if let Some(d) = local {
@@ -102,7 +122,7 @@ impl Engine {
                     name: name.to_string(),
                     version: None,
                 })?;
-        self.definition(name, def.version()).await
+        self.definition(def.name(), def.version()).await
     }
 
     pub(crate) async fn start(
@@ -112,7 +132,7 @@ impl Engine {
         options: StartOptions,
     ) -> Result<TransactionId, Error> {
         let def = match options.version {
-            Some(v) => self.definition(workflow, v).await?,
+            Some(v) => self.definition(&WorkflowName::new(workflow), v).await?,
             None => self.latest(workflow).await?,
         };
         let tx = options.transaction_id.unwrap_or_default();
@@ -142,7 +162,7 @@ impl Engine {
                 return Ok(Driven::Missing);
             };
             let def = self
-                .definition(current.state.workflow.as_str(), current.state.version)
+                .definition(&current.state.workflow, current.state.version)
                 .await?;
             let mut state = WorkflowState::clone(&current.state);
             let outcome = saga::apply(&def, &mut state, input.clone(), Timestamp::now());
@@ -201,7 +221,7 @@ impl Engine {
                     e.deadline = Some(d.deadline);
                     e.causation_id = cause.map(|c| c.id);
                     e.traceparent = traceparent.clone();
-                    commands.push((command_topic(&d.worker), e));
+                    commands.push((self.topic(&d.worker), e));
                 }
                 Action::Status(update) => {
                     if self.bus.has_status_listeners() {
@@ -249,7 +269,16 @@ impl Engine {
                 let (topic, e) = commands.pop().expect("one command");
                 self.bus.publish(&topic, e).await?;
             }
-            _ => self.bus.publish_many(commands).await?,
+            _ => {
+                self.bus
+                    .publish_many(
+                        commands
+                            .into_iter()
+                            .map(|(t, e)| (t.to_string(), e))
+                            .collect(),
+                    )
+                    .await?
+            }
         }
         Ok(())
     }

@@ -19,9 +19,12 @@ pub struct MemoryStore {
     inner: Arc<Inner>,
 }
 
-#[derive(Default)]
+/// Workflows are spread over shards by transaction id so that orchestrator
+/// loops working on different workflows do not wait for one lock.
+const SHARDS: usize = 16;
+
 struct Inner {
-    states: Mutex<States>,
+    shards: Box<[Mutex<States>]>,
     definitions: Mutex<BTreeMap<(String, u32), WorkflowDefinition>>,
 }
 
@@ -81,19 +84,42 @@ impl States {
     }
 }
 
+impl Default for Inner {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(States::default())).collect(),
+            definitions: Mutex::default(),
+        }
+    }
+}
+
 impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
     }
 
-    fn states(&self) -> std::sync::MutexGuard<'_, States> {
-        self.inner.states.lock().unwrap_or_else(|e| e.into_inner())
+    /// The shard holding `tx`.
+    fn states(&self, tx: TransactionId) -> std::sync::MutexGuard<'_, States> {
+        // The low bytes of a UUIDv7 are random.
+        let bytes = tx.as_uuid().as_bytes();
+        let n = usize::from(bytes[15]) % SHARDS;
+        self.inner.shards[n]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every shard in turn.
+    fn each_shard(&self) -> impl Iterator<Item = std::sync::MutexGuard<'_, States>> {
+        self.inner
+            .shards
+            .iter()
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Number of workflows held.
     pub fn len(&self) -> usize {
-        self.states().by_id.len()
+        self.each_shard().map(|s| s.by_id.len()).sum()
     }
 
     /// True when no workflow is held.
@@ -107,12 +133,13 @@ impl MemoryStore {
         expected: Option<Version>,
         state: &WorkflowState,
     ) -> Result<Version, StoreError> {
-        self.states().next_version(expected, state.transaction_id)
+        self.states(state.transaction_id)
+            .next_version(expected, state.transaction_id)
     }
 
     /// Puts a state at a version without checks (used when loading a file).
     pub(crate) fn put_unchecked(&self, version: Version, state: Arc<WorkflowState>) {
-        let mut s = self.states();
+        let mut s = self.states(state.transaction_id);
         let old = s.by_id.insert(
             state.transaction_id,
             Versioned {
@@ -125,7 +152,7 @@ impl MemoryStore {
 
     /// Removes a workflow without checks.
     pub(crate) fn remove_unchecked(&self, tx: TransactionId) {
-        let mut s = self.states();
+        let mut s = self.states(tx);
         if let Some(old) = s.by_id.remove(&tx) {
             if let Some(w) = old.state.next_wakeup() {
                 s.wakeups.remove(&(w, tx));
@@ -138,16 +165,22 @@ impl MemoryStore {
 
     /// Transaction ids of workflows that finished before `t`.
     pub(crate) fn finished_before(&self, t: Timestamp) -> Vec<TransactionId> {
-        let s = self.states();
-        s.finished
-            .range(..(t, TransactionId(uuid::Uuid::nil())))
-            .map(|(_, tx)| *tx)
-            .collect()
+        let mut out = Vec::new();
+        for s in self.each_shard() {
+            out.extend(
+                s.finished
+                    .range(..(t, TransactionId(uuid::Uuid::nil())))
+                    .map(|(_, tx)| *tx),
+            );
+        }
+        out
     }
 
     /// Every state, for snapshots.
     pub(crate) fn all(&self) -> Vec<Versioned> {
-        self.states().by_id.values().cloned().collect()
+        self.each_shard()
+            .flat_map(|s| s.by_id.values().cloned().collect::<Vec<_>>())
+            .collect()
     }
 
     /// Every definition, for snapshots.
@@ -166,8 +199,8 @@ impl MemoryStore {
         expected: Option<Version>,
         state: Arc<WorkflowState>,
     ) -> Result<Version, StoreError> {
-        let mut s = self.states();
         let tx = state.transaction_id;
+        let mut s = self.states(tx);
         let version = s.next_version(expected, tx)?;
         let v = Versioned {
             version,
@@ -201,7 +234,7 @@ impl MemoryStore {
 
     /// Notifies waiters of a state written through `put_unchecked`.
     pub(crate) fn notify(&self, v: &Versioned) {
-        self.states().notify(v);
+        self.states(v.state.transaction_id).notify(v);
     }
 }
 
@@ -212,7 +245,11 @@ impl StateStore for MemoryStore {
     }
 
     async fn get(&self, transaction_id: TransactionId) -> Result<Option<Versioned>, StoreError> {
-        Ok(self.states().by_id.get(&transaction_id).cloned())
+        Ok(self
+            .states(transaction_id)
+            .by_id
+            .get(&transaction_id)
+            .cloned())
     }
 
     async fn compare_and_set(
@@ -224,13 +261,15 @@ impl StateStore for MemoryStore {
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<WorkflowSummary>, StoreError> {
-        let s = self.states();
-        let mut out: Vec<WorkflowSummary> = s
-            .by_id
-            .values()
-            .filter(|v| query.matches(&v.state))
-            .map(|v| WorkflowSummary::of(&v.state))
-            .collect();
+        let mut out: Vec<WorkflowSummary> = Vec::new();
+        for s in self.each_shard() {
+            out.extend(
+                s.by_id
+                    .values()
+                    .filter(|v| query.matches(&v.state))
+                    .map(|v| WorkflowSummary::of(&v.state)),
+            );
+        }
         out.sort_by(|a, b| {
             b.started_at
                 .cmp(&a.started_at)
@@ -243,13 +282,20 @@ impl StateStore for MemoryStore {
     }
 
     async fn due(&self, now: Timestamp, limit: usize) -> Result<Vec<TransactionId>, StoreError> {
-        let s = self.states();
-        Ok(s.wakeups
-            .iter()
-            .take_while(|(t, _)| *t <= now)
-            .take(limit)
-            .map(|(_, tx)| *tx)
-            .collect())
+        let mut due: Vec<(Timestamp, TransactionId)> = Vec::new();
+        for s in self.each_shard() {
+            due.extend(
+                s.wakeups
+                    .iter()
+                    .take_while(|(t, _)| *t <= now)
+                    .take(limit)
+                    .copied(),
+            );
+        }
+        // The earliest first, across shards.
+        due.sort_unstable();
+        due.truncate(limit);
+        Ok(due.into_iter().map(|(_, tx)| tx).collect())
     }
 
     async fn expire(&self, finished_before: Timestamp) -> Result<usize, StoreError> {
@@ -298,7 +344,7 @@ impl StateStore for MemoryStore {
         timeout: Duration,
     ) -> Result<Option<Versioned>, StoreError> {
         let rx = {
-            let mut s = self.states();
+            let mut s = self.states(transaction_id);
             match s.by_id.get(&transaction_id) {
                 None => return Ok(None),
                 Some(v) if v.state.is_terminal() => return Ok(Some(v.clone())),

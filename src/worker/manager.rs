@@ -306,9 +306,13 @@ impl Runner {
         let token = self.hard_stop.child_token();
         let ctx = WorkerContext::from_parts(event, steps, token.clone());
         self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
-        let run = self.worker.run(input, ctx);
-        let outcome = match event.deadline.map(|d| d.since(Timestamp::now())) {
-            Some(left) => match tokio::time::timeout(left, run).await {
+        let mut run = self.worker.run(input, ctx);
+        // Most calls finish on their first poll: only arm a deadline timer
+        // (a timer-wheel insert and removal) for those that do not.
+        let first = std::future::poll_fn(|cx| std::task::Poll::Ready(run.as_mut().poll(cx))).await;
+        let outcome = match (first, event.deadline.map(|d| d.since(Timestamp::now()))) {
+            (std::task::Poll::Ready(r), _) => r,
+            (std::task::Poll::Pending, Some(left)) => match tokio::time::timeout(left, run).await {
                 Ok(r) => r,
                 Err(_) => {
                     token.cancel();
@@ -318,7 +322,7 @@ impl Runner {
                     )
                 }
             },
-            None => run.await,
+            (std::task::Poll::Pending, None) => run.await,
         };
         self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
         let (kind, payload) = match outcome {

@@ -53,7 +53,8 @@ pub struct WorkerContext {
     /// Cancelled when the worker must stop (shutdown past the drain time, or
     /// the deadline passed). Long work should watch it.
     pub cancellation: CancellationToken,
-    idempotency_key: Arc<str>,
+    /// Formatted on first use: most workers never ask.
+    idempotency_key: std::sync::OnceLock<Arc<str>>,
     steps: Option<Payload>,
 }
 
@@ -62,8 +63,6 @@ impl WorkerContext {
     pub fn new(workflow: impl Into<WorkflowName>, step: impl Into<StepName>) -> Self {
         let transaction_id = TransactionId::new();
         let step = step.into();
-        let key =
-            crate::core::event::idempotency_key(transaction_id, step.as_str(), Phase::Forward, 1);
         Self {
             transaction_id,
             correlation_id: CorrelationId::new(),
@@ -73,7 +72,7 @@ impl WorkerContext {
             attempt: 1,
             deadline: None,
             cancellation: CancellationToken::new(),
-            idempotency_key: Arc::from(key),
+            idempotency_key: std::sync::OnceLock::new(),
             steps: None,
         }
     }
@@ -92,7 +91,7 @@ impl WorkerContext {
             attempt: event.attempt,
             deadline: event.deadline,
             cancellation,
-            idempotency_key: Arc::from(event.idempotency_key()),
+            idempotency_key: std::sync::OnceLock::new(),
             steps,
         }
     }
@@ -101,7 +100,14 @@ impl WorkerContext {
     /// this attempt, different for the next attempt. Use it to make side
     /// effects happen once.
     pub fn idempotency_key(&self) -> &str {
-        &self.idempotency_key
+        self.idempotency_key.get_or_init(|| {
+            Arc::from(crate::core::event::idempotency_key(
+                self.transaction_id,
+                self.step.as_str(),
+                self.phase,
+                self.attempt,
+            ))
+        })
     }
 
     /// The output of an earlier, completed step, decoded.
@@ -138,12 +144,7 @@ impl WorkerContext {
     /// Sets the attempt (tests); the idempotency key follows.
     pub fn with_attempt(mut self, attempt: u32) -> Self {
         self.attempt = attempt;
-        self.idempotency_key = Arc::from(crate::core::event::idempotency_key(
-            self.transaction_id,
-            self.step.as_str(),
-            self.phase,
-            attempt,
-        ));
+        self.idempotency_key = std::sync::OnceLock::new();
         self
     }
 

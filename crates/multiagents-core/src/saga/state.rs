@@ -272,7 +272,7 @@ pub enum HistoryEvent {
 
 /// The state of one workflow instance: the unit the store persists with a
 /// version and the state machine transforms.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
 pub struct WorkflowState {
     /// The instance.
     pub transaction_id: TransactionId,
@@ -300,6 +300,29 @@ pub struct WorkflowState {
     pub finished_at: Option<Timestamp>,
     /// What happened, in order.
     pub history: Vec<HistoryEntry>,
+}
+
+impl Clone for WorkflowState {
+    /// Clones with room for a few more history entries: the runtime clones a
+    /// state to apply one input to it, which appends to the history.
+    fn clone(&self) -> Self {
+        let mut history = Vec::with_capacity(self.history.len() + 4);
+        history.extend_from_slice(&self.history);
+        Self {
+            transaction_id: self.transaction_id,
+            correlation_id: self.correlation_id,
+            workflow: self.workflow.clone(),
+            version: self.version,
+            status: self.status,
+            input: self.input.clone(),
+            steps: self.steps.clone(),
+            failure: self.failure.clone(),
+            started_at: self.started_at,
+            updated_at: self.updated_at,
+            finished_at: self.finished_at,
+            history,
+        }
+    }
 }
 
 impl WorkflowState {
