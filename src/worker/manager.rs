@@ -289,20 +289,18 @@ impl Runner {
         struct Doc<'a> {
             #[serde(borrow)]
             input: &'a RawValue,
-            #[serde(borrow, default)]
-            steps: Option<&'a RawValue>,
         }
-        let (input, steps) = match serde_json::from_str::<Doc<'_>>(event.payload.as_str()) {
-            Ok(doc) => (
-                Payload::from_raw(doc.input.to_owned()),
-                doc.steps.map(|s| Payload::from_raw(s.to_owned())),
-            ),
+        // Only the input is copied out; the step outputs stay in the command
+        // and are read when the worker asks for one.
+        let input = match serde_json::from_str::<Doc<'_>>(event.payload.as_str()) {
+            Ok(doc) => Payload::from_raw(doc.input.to_owned()),
             Err(e) => {
                 let reason = format!("command payload is not {{\"input\": …, \"steps\": …}}: {e}");
                 let _ = self.consumer.reject(&delivery, &reason).await;
                 return;
             }
         };
+        let steps = Some(event.payload.clone());
         let token = self.hard_stop.child_token();
         let ctx = WorkerContext::from_parts(event, steps, token.clone());
         self.counters.in_flight.fetch_add(1, Ordering::Relaxed);

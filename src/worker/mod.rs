@@ -55,6 +55,7 @@ pub struct WorkerContext {
     pub cancellation: CancellationToken,
     /// Formatted on first use: most workers never ask.
     idempotency_key: std::sync::OnceLock<Arc<str>>,
+    /// The command document, `{"input": …, "steps": {…}}`.
     steps: Option<Payload>,
 }
 
@@ -129,15 +130,31 @@ impl WorkerContext {
             ))
             .with_kind("invalid_input")
         };
-        let steps = self.steps.as_ref().ok_or_else(missing)?;
-        let map: std::collections::HashMap<&str, &RawValue> = serde_json::from_str(steps.as_str())
+        #[derive(serde::Deserialize)]
+        struct Doc<'a> {
+            #[serde(borrow, default)]
+            steps: std::collections::HashMap<&'a str, &'a RawValue>,
+        }
+        let doc = self.steps.as_ref().ok_or_else(missing)?;
+        let doc: Doc<'_> = serde_json::from_str(doc.as_str())
             .map_err(|e| WorkerError::fatal(format!("malformed step outputs: {e}")))?;
-        map.get(step).map(|r| (*r).to_owned()).ok_or_else(missing)
+        doc.steps
+            .get(step)
+            .map(|r| (*r).to_owned())
+            .ok_or_else(missing)
     }
 
-    /// Sets the outputs of earlier steps (tests).
+    /// Sets the outputs of earlier steps (tests): `outputs` is a JSON object
+    /// of outputs by step name.
     pub fn with_outputs(mut self, outputs: Payload) -> Self {
-        self.steps = Some(outputs);
+        #[derive(Serialize)]
+        struct Doc<'a> {
+            steps: &'a RawValue,
+        }
+        self.steps = Payload::to_json(&Doc {
+            steps: outputs.as_raw(),
+        })
+        .ok();
         self
     }
 

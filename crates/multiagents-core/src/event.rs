@@ -114,9 +114,10 @@ impl Event {
         workflow: WorkflowName,
         payload: Payload,
     ) -> Self {
+        let now = Timestamp::now();
         Self {
             schema: SCHEMA_VERSION,
-            id: EventId::new(),
+            id: EventId::at(now),
             kind,
             transaction_id,
             correlation_id,
@@ -125,7 +126,7 @@ impl Event {
             step: None,
             phase: Phase::Forward,
             attempt: 1,
-            created_at: Timestamp::now(),
+            created_at: now,
             deadline: None,
             traceparent: None,
             payload,
