@@ -429,3 +429,222 @@ impl StateStore for FileStore {
         self.index.wait_terminal(transaction_id, timeout).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::saga;
+    use crate::core::{CorrelationId, Payload, WorkflowBuilder};
+
+    fn def() -> WorkflowDefinition {
+        WorkflowBuilder::new("w")
+            .step("a", "x")
+            .step("b", "y")
+            .build()
+            .expect("valid")
+    }
+
+    fn fresh(def: &WorkflowDefinition) -> Arc<WorkflowState> {
+        let (s, _) = saga::start(
+            def,
+            TransactionId::new(),
+            CorrelationId::new(),
+            Payload::null(),
+            Timestamp(1),
+        );
+        Arc::new(s)
+    }
+
+    fn advance(def: &WorkflowDefinition, state: &WorkflowState, step: &str) -> Arc<WorkflowState> {
+        let mut s = state.clone();
+        let input = saga::Input::Succeeded {
+            step: step.into(),
+            phase: crate::core::Phase::Forward,
+            attempt: 1,
+            output: Payload::null(),
+        };
+        assert!(saga::apply(def, &mut s, input, Timestamp(2)).changed);
+        Arc::new(s)
+    }
+
+    #[tokio::test]
+    async fn reopening_restores_states_versions_definitions_and_timers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.db");
+        let def = def();
+        let (a, b) = (fresh(&def), fresh(&def));
+        {
+            let store = FileStore::open(&path).expect("opens");
+            store.put_definition(&def).await.expect("definition");
+            store.create(a.clone()).await.expect("create a");
+            store.create(b.clone()).await.expect("create b");
+            let a2 = advance(&def, &a, "a");
+            assert_eq!(store.compare_and_set(1, a2.clone()).await.expect("cas"), 2);
+            assert!(matches!(
+                store.compare_and_set(1, a2).await,
+                Err(StoreError::Conflict {
+                    expected: 1,
+                    found: 2,
+                    ..
+                })
+            ));
+        }
+        let store = FileStore::open(&path).expect("reopens");
+        let got = store
+            .get(a.transaction_id)
+            .await
+            .expect("get")
+            .expect("exists");
+        assert_eq!(got.version, 2);
+        assert_eq!(
+            got.state.steps[0].status,
+            crate::core::StepStatus::Completed
+        );
+        assert_eq!(
+            store
+                .get(b.transaction_id)
+                .await
+                .expect("get")
+                .expect("exists")
+                .version,
+            1
+        );
+        assert_eq!(
+            store.get_definition("w", 1).await.expect("def"),
+            Some(def.clone())
+        );
+        // Timers are indexed again: both workflows have a step deadline.
+        assert_eq!(
+            store.due(Timestamp(u64::MAX), 10).await.expect("due").len(),
+            2
+        );
+    }
+
+    #[tokio::test]
+    async fn a_torn_last_record_is_cut_off_and_the_rest_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.db");
+        let def = def();
+        let a = fresh(&def);
+        {
+            let store = FileStore::open(&path).expect("opens");
+            store.create(a.clone()).await.expect("create");
+            store
+                .compare_and_set(1, advance(&def, &a, "a"))
+                .await
+                .expect("cas");
+        }
+        // A crash in the middle of writing a record.
+        let full = std::fs::metadata(&path).expect("meta").len();
+        let mut f = OpenOptions::new().append(true).open(&path).expect("open");
+        f.write_all(&[200, 1, 0, 0, 1, 2, 3]).expect("write");
+        drop(f);
+        let store = FileStore::open(&path).expect("reopens");
+        assert_eq!(std::fs::metadata(&path).expect("meta").len(), full);
+        assert_eq!(
+            store
+                .get(a.transaction_id)
+                .await
+                .expect("get")
+                .expect("exists")
+                .version,
+            2
+        );
+        // And it goes on appending after the cut.
+        let cur = store
+            .get(a.transaction_id)
+            .await
+            .expect("get")
+            .expect("exists");
+        store
+            .compare_and_set(2, advance(&def, &cur.state, "b"))
+            .await
+            .expect("cas");
+        drop(store);
+        let store = FileStore::open(&path).expect("reopens");
+        let got = store
+            .get(a.transaction_id)
+            .await
+            .expect("get")
+            .expect("exists");
+        assert_eq!(
+            (got.version, got.state.status),
+            (3, crate::core::WorkflowStatus::Completed)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_corrupted_record_with_a_good_checksum_is_reported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.db");
+        let body = br#"{"put":{"v":"one"}}"#;
+        let mut bytes = (body.len() as u32).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+        bytes.extend_from_slice(body);
+        std::fs::write(&path, bytes).expect("write");
+        let err = FileStore::open(&path).err().expect("refused");
+        assert!(
+            err.to_string().contains("corrupt record: record at byte 0"),
+            "{err}"
+        );
+    }
+
+    fn count_records(path: &Path) -> usize {
+        let bytes = std::fs::read(path).expect("read");
+        let (mut pos, mut n) = (0, 0);
+        while pos + 8 <= bytes.len() {
+            let len =
+                u32::from_le_bytes([bytes[pos], bytes[pos + 1], bytes[pos + 2], bytes[pos + 3]])
+                    as usize;
+            pos += 8 + len;
+            n += 1;
+        }
+        n
+    }
+
+    #[tokio::test]
+    async fn compaction_keeps_only_live_data() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.db");
+        let def = def();
+        let config = FileStoreConfig {
+            sync: Sync::Always,
+            compact_min_bytes: 16 * 1024,
+        };
+        let mut ids = Vec::new();
+        {
+            let store = FileStore::open_with(&path, config.clone()).expect("opens");
+            store.put_definition(&def).await.expect("definition");
+            for _ in 0..50 {
+                let s = fresh(&def);
+                store.create(s.clone()).await.expect("create");
+                let s2 = advance(&def, &s, "a");
+                store.compare_and_set(1, s2.clone()).await.expect("cas");
+                store
+                    .compare_and_set(2, advance(&def, &s2, "b"))
+                    .await
+                    .expect("cas");
+                ids.push(s.transaction_id);
+            }
+            assert_eq!(store.expire(Timestamp(u64::MAX)).await.expect("expire"), 50);
+            for _ in 0..100 {
+                store.create(fresh(&def)).await.expect("create");
+            }
+        }
+        let records = count_records(&path);
+        let store = FileStore::open_with(&path, config).expect("reopens");
+        assert_eq!(
+            store.list(&ListQuery::default()).await.expect("list").len(),
+            100
+        );
+        for id in ids {
+            assert!(
+                store.get(id).await.expect("get").is_none(),
+                "expired workflows stay gone"
+            );
+        }
+        // Without compaction: 1 definition + 150 creates + 100 updates + 50 deletes.
+        assert!(records < 301, "file not compacted: {records} records");
+        assert_eq!(store.get_definition("w", 1).await.expect("def"), Some(def));
+    }
+}

@@ -323,6 +323,12 @@ impl Runner {
             (std::task::Poll::Pending, None) => run.await,
         };
         self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if outcome.is_err() && self.hard_stop.is_cancelled() {
+            // Stopped by shutdown, not failed: leave the command unacked so
+            // that another worker gets it, as the same attempt.
+            tracing::info!(worker = name, transaction_id = %event.transaction_id, "call cancelled by shutdown; its command will be redelivered");
+            return;
+        }
         let (kind, payload) = match outcome {
             Ok(output) => {
                 self.counters.succeeded.fetch_add(1, Ordering::Relaxed);

@@ -1,0 +1,278 @@
+//! The worker manager: redelivery after a worker dies, idempotency keys,
+//! draining on shutdown, health counters, concurrency limits.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::Effects;
+use multiagents::bus::{EventBus, MemoryBus, MemoryBusConfig, WORKER_GROUP, command_topic};
+use multiagents::worker::{
+    WorkerError, WorkerManager, WorkerManagerConfig, WorkerOptions, from_fn,
+};
+use multiagents::{Runtime, WorkerName, WorkflowBuilder, WorkflowStatus};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+#[tokio::test]
+async fn a_command_taken_by_a_worker_that_dies_is_redelivered_with_the_same_idempotency_key() {
+    let bus = MemoryBus::with_config(MemoryBusConfig {
+        visibility_timeout: Duration::from_millis(200),
+        ..Default::default()
+    });
+    // A worker process that takes the command and dies before acking it.
+    let doomed = bus
+        .consumer(
+            &command_topic(&WorkerName::new("charge")),
+            WORKER_GROUP,
+            "doomed",
+        )
+        .await
+        .expect("consumer");
+    let rt = Runtime::builder()
+        .bus(bus.clone())
+        .workflow(
+            WorkflowBuilder::new("pay")
+                .step("charge", "charge")
+                .build()
+                .expect("valid"),
+        )
+        .external_workers()
+        .start()
+        .await
+        .expect("starts");
+    let client = rt.client();
+    let tx = client
+        .start("pay", &json!({"amount": 5}))
+        .await
+        .expect("start");
+    let taken = doomed.next_batch(1, WAIT).await.expect("batch");
+    assert_eq!(taken.len(), 1);
+    let first_key = taken[0].event.idempotency_key();
+    drop(doomed);
+
+    // A healthy worker joins the group; it gets the command once it is seen as lost.
+    let effects = Effects::default();
+    let e = effects.clone();
+    let workers = WorkerManager::new(Arc::new(bus.clone()))
+        .register(from_fn("charge", move |_: serde_json::Value, ctx| {
+            let e = e.clone();
+            async move {
+                e.record(ctx.idempotency_key());
+                Ok::<_, WorkerError>(ctx.idempotency_key().to_string())
+            }
+        }))
+        .start()
+        .await
+        .expect("workers start");
+    let done = client.wait(tx, WAIT).await.expect("finishes");
+    assert_eq!(done.status, WorkflowStatus::Completed);
+    assert_eq!(
+        done.output("charge")
+            .expect("output")
+            .parse::<String>()
+            .expect("string"),
+        first_key
+    );
+    assert_eq!(effects.total(), 1);
+    workers.shutdown().await;
+    rt.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_drains_calls_in_flight() {
+    let bus = Arc::new(MemoryBus::new());
+    let finished = Arc::new(AtomicUsize::new(0));
+    let f = finished.clone();
+    let rt = Runtime::builder()
+        .bus_arc(bus.clone())
+        .workflow(
+            WorkflowBuilder::new("slow")
+                .step("s", "slow")
+                .build()
+                .expect("valid"),
+        )
+        .external_workers()
+        .start()
+        .await
+        .expect("starts");
+    let workers = WorkerManager::new(bus.clone())
+        .register(from_fn("slow", move |_: serde_json::Value, _| {
+            let f = f.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                f.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, WorkerError>(())
+            }
+        }))
+        .start()
+        .await
+        .expect("workers start");
+    let client = rt.client();
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(client.start("slow", &json!(null)).await.expect("start"));
+    }
+    // Let the calls begin, then shut down in the middle of them.
+    for _ in 0..100 {
+        if workers.health()[0].in_flight == 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(workers.health()[0].in_flight, 5);
+    workers.shutdown().await;
+    assert_eq!(
+        finished.load(Ordering::SeqCst),
+        5,
+        "every call in flight finished"
+    );
+    for tx in ids {
+        assert_eq!(
+            client.wait(tx, WAIT).await.expect("finishes").status,
+            WorkflowStatus::Completed
+        );
+    }
+    rt.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_call_past_the_drain_timeout_is_cancelled_and_redelivered() {
+    let bus = Arc::new(MemoryBus::with_config(MemoryBusConfig {
+        visibility_timeout: Duration::from_millis(200),
+        ..Default::default()
+    }));
+    let rt = Runtime::builder()
+        .bus_arc(bus.clone())
+        .workflow(
+            WorkflowBuilder::new("stuck")
+                .step("s", "stuck")
+                .build()
+                .expect("valid"),
+        )
+        .external_workers()
+        .start()
+        .await
+        .expect("starts");
+    let cancelled = Arc::new(AtomicUsize::new(0));
+    let c = cancelled.clone();
+    let first = WorkerManager::new(bus.clone())
+        .config(WorkerManagerConfig {
+            drain_timeout: Duration::from_millis(50),
+            ..Default::default()
+        })
+        .register(from_fn("stuck", move |_: serde_json::Value, ctx| {
+            let c = c.clone();
+            async move {
+                ctx.cancellation.cancelled().await;
+                c.fetch_add(1, Ordering::SeqCst);
+                Err::<(), _>(WorkerError::retry("cancelled"))
+            }
+        }))
+        .start()
+        .await
+        .expect("workers start");
+    let client = rt.client();
+    let tx = client.start("stuck", &json!(null)).await.expect("start");
+    while first.health()[0].in_flight == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    first.shutdown().await;
+    // The second worker process finishes the job.
+    let second = WorkerManager::new(bus.clone())
+        .register(from_fn("stuck", |_: serde_json::Value, ctx| async move {
+            Ok::<_, WorkerError>(ctx.attempt)
+        }))
+        .start()
+        .await
+        .expect("workers start");
+    let done = client.wait(tx, WAIT).await.expect("finishes");
+    assert_eq!(done.status, WorkflowStatus::Completed);
+    assert_eq!(
+        done.steps[0].attempts, 1,
+        "a redelivery is the same attempt"
+    );
+    second.shutdown().await;
+    rt.shutdown().await;
+}
+
+#[tokio::test]
+async fn concurrency_is_bounded_per_worker_and_health_counts_calls() {
+    let bus = Arc::new(MemoryBus::new());
+    let now = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let (n, p) = (now.clone(), peak.clone());
+    let rt = Runtime::builder()
+        .bus_arc(bus.clone())
+        .workflow(
+            WorkflowBuilder::new("w")
+                .step("s", "limited")
+                .build()
+                .expect("valid"),
+        )
+        .external_workers()
+        .start()
+        .await
+        .expect("starts");
+    let workers = WorkerManager::new(bus.clone())
+        .register_with(
+            from_fn("limited", move |fail: bool, _| {
+                let (n, p) = (n.clone(), p.clone());
+                async move {
+                    let cur = n.fetch_add(1, Ordering::SeqCst) + 1;
+                    p.fetch_max(cur, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    n.fetch_sub(1, Ordering::SeqCst);
+                    if fail {
+                        Err(WorkerError::fatal("asked to fail"))
+                    } else {
+                        Ok(())
+                    }
+                }
+            }),
+            WorkerOptions::default().concurrency(3),
+        )
+        .start()
+        .await
+        .expect("workers start");
+    let client = rt.client();
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        ids.push(client.start("w", &(i % 10 == 0)).await.expect("start"));
+    }
+    for tx in ids {
+        client.wait(tx, WAIT).await.expect("finishes");
+    }
+    assert_eq!(peak.load(Ordering::SeqCst), 3);
+    let h = &workers.health()[0];
+    assert_eq!(
+        (
+            h.worker.as_str(),
+            h.succeeded,
+            h.failed,
+            h.in_flight,
+            h.concurrency
+        ),
+        ("limited", 27, 3, 0, 3)
+    );
+    workers.shutdown().await;
+    rt.shutdown().await;
+}
+
+#[tokio::test]
+async fn registering_a_worker_twice_is_refused() {
+    let err = WorkerManager::new(Arc::new(MemoryBus::new()))
+        .register(from_fn("a", |_: (), _| async { Ok::<_, WorkerError>(()) }))
+        .register(from_fn("a", |_: (), _| async { Ok::<_, WorkerError>(()) }))
+        .start()
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        err.to_string().contains("worker `a` is registered twice"),
+        "{err}"
+    );
+}
