@@ -297,22 +297,25 @@ impl EventCodec {
                 limit: self.max_bytes,
             });
         }
-        // Read the schema first so that a newer envelope gets a clear error
-        // rather than a confusing field error.
         #[derive(Deserialize)]
         struct Probe {
             schema: Option<u16>,
         }
-        match serde_json::from_slice::<Probe>(bytes) {
-            Ok(Probe {
-                schema: Some(found),
-            }) if found > SCHEMA_VERSION || found == 0 => {
-                return Err(EventError::UnsupportedSchema { found });
-            }
-            Ok(_) => {}
-            Err(e) => return Err(EventError::Malformed(e.to_string())),
+        let unsupported = |found: u16| found > SCHEMA_VERSION || found == 0;
+        match serde_json::from_slice::<Event>(bytes) {
+            Ok(event) if unsupported(event.schema) => Err(EventError::UnsupportedSchema {
+                found: event.schema,
+            }),
+            Ok(event) => Ok(event),
+            // A newer envelope may fail on a field this build does not know:
+            // say that its version is the problem, not the field.
+            Err(e) => match serde_json::from_slice::<Probe>(bytes) {
+                Ok(Probe {
+                    schema: Some(found),
+                }) if unsupported(found) => Err(EventError::UnsupportedSchema { found }),
+                _ => Err(EventError::Malformed(e.to_string())),
+            },
         }
-        serde_json::from_slice(bytes).map_err(|e| EventError::Malformed(e.to_string()))
     }
 }
 
