@@ -276,3 +276,32 @@ async fn registering_a_worker_twice_is_refused() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn heartbeats_carry_the_health_counters() {
+    let bus = Arc::new(MemoryBus::new());
+    let mut status = bus.subscribe_status();
+    let workers = WorkerManager::new(bus.clone())
+        .config(WorkerManagerConfig {
+            instance: "box-1".into(),
+            heartbeat_interval: Duration::from_millis(20),
+            ..Default::default()
+        })
+        .register(from_fn("beating", |_: (), _| async {
+            Ok::<_, WorkerError>(())
+        }))
+        .start()
+        .await
+        .expect("workers start");
+    let beat = tokio::time::timeout(WAIT, status.recv())
+        .await
+        .expect("a heartbeat in time")
+        .expect("received");
+    assert_eq!(beat.workflow.as_str(), "heartbeat");
+    let health: multiagents::worker::WorkerHealth = beat.payload.parse().expect("health");
+    assert_eq!(
+        (health.worker.as_str(), health.instance.as_str()),
+        ("beating", "box-1")
+    );
+    workers.shutdown().await;
+}

@@ -356,7 +356,17 @@ impl StateStore for MemoryStore {
         };
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(v)) => Ok(Some(v)),
-            _ => self.get(transaction_id).await,
+            _ => {
+                // Forget this waiter (and any other that gave up).
+                let mut s = self.states(transaction_id);
+                if let Some(waiters) = s.waiters.get_mut(&transaction_id) {
+                    waiters.retain(|w| !w.is_closed());
+                    if waiters.is_empty() {
+                        s.waiters.remove(&transaction_id);
+                    }
+                }
+                Ok(s.by_id.get(&transaction_id).cloned())
+            }
         }
     }
 }

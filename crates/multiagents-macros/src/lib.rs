@@ -17,7 +17,7 @@ use syn::{FnArg, ItemFn, LitStr, ReturnType, parse_macro_input};
 /// `Serialize`, and `E` convert into `WorkerError` (any `std::error::Error`
 /// does, as a retryable failure).
 ///
-/// ```ignore
+/// ```text
 /// #[worker("charge_payment")]
 /// async fn charge_payment(order: Order, ctx: WorkerContext) -> Result<Charge, WorkerError> { … }
 ///

@@ -9,13 +9,13 @@
 //!
 //! The rules, in the order they are written down in the submodules:
 //!
-//! * [`forward`] — a step is dispatched once every step it comes after has
+//! * `forward` — a step is dispatched once every step it comes after has
 //!   completed; a success completes it; a failure is retried under the step's
 //!   policy (a `RetryAfter` error sets the delay, a `Never` error or the last
 //!   attempt fails it for good); a passed deadline counts as a retryable
 //!   failure. Results for another attempt, for a step not in flight or for a
 //!   finished workflow change nothing.
-//! * [`compensation`] — once a step fails for good, or the workflow is
+//! * `compensation` — once a step fails for good, or the workflow is
 //!   cancelled, nothing new starts; every completed step that has a
 //!   compensation is undone, each only after every step that came after it
 //!   has been undone or has settled (so sequential steps are undone in reverse
