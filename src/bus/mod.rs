@@ -16,6 +16,8 @@
 //!   are not listening miss events. Nothing that must arrive goes through it.
 
 pub mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +28,8 @@ use tokio::sync::broadcast;
 
 use crate::core::{Event, Timestamp, WorkerName};
 
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisBusConfig, RedisStreamsBus};
 pub use memory::{MemoryBus, MemoryBusConfig};
 
 /// The topic results and errors go to.

@@ -54,3 +54,35 @@ pub struct Order {
     #[serde(default)]
     pub decline: bool,
 }
+
+/// The Redis to test against: `REDIS_URL` (set by scripts/test.sh, which starts
+/// a throw-away server). Without it a Redis test is skipped with a note, except
+/// in CI, where it fails.
+pub fn redis_url() -> Option<String> {
+    match std::env::var("REDIS_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("CI").is_ok() => {
+            panic!("REDIS_URL is not set; run the tests through ./scripts/test.sh")
+        }
+        _ => {
+            eprintln!(
+                "skipped: REDIS_URL is not set (./scripts/test.sh starts a throw-away Redis)"
+            );
+            None
+        }
+    }
+}
+
+/// A key prefix no other test run uses.
+pub fn unique_prefix(name: &str) -> String {
+    format!("t{}-{name}", uuid_like())
+}
+
+fn uuid_like() -> String {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{:x}{:x}", nanos, std::process::id())
+}

@@ -1,0 +1,731 @@
+//! The Redis Streams bus: the production bus for several processes on one
+//! Redis.
+//!
+//! Key layout (prefix `ma` by default; every key carries a `{…}` hash tag so
+//! the same commands run on Redis Cluster):
+//!
+//! | key | type | holds |
+//! | --- | --- | --- |
+//! | `{ma:<topic>}` | stream | the topic's events, one entry each, field `e` = the encoded event |
+//! | `{ma:dead-letters}` | stream | dead letters: `topic`, `group`, `reason`, `deliveries`, `at`, `body` |
+//! | `ma:status` | Pub/Sub channel | status broadcasts (only with `broadcast_status`) |
+//!
+//! Consumer groups are created at `0`, so events published before a group
+//! exists are delivered to it. Consumers read with a blocking `XREADGROUP`;
+//! entries idle past the visibility timeout are claimed by another consumer
+//! (`XPENDING` + `XCLAIM`), and after `max_deliveries` they are moved to the
+//! dead letters. An ack is `XACK` (and `XDEL`, with `delete_on_ack`, the
+//! default: each topic has one consumer group, so an acked entry is done).
+//! Entries that do not decode, or are over the size limit, are dead-lettered
+//! with the reason and never handed to the application.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Value};
+use tokio::sync::{Mutex, broadcast};
+
+use super::{BusError, Consumer, DeadLetter, Delivery, DeliveryId, EventBus};
+use crate::core::event::DEFAULT_MAX_EVENT_BYTES;
+use crate::core::{Event, EventCodec, Timestamp};
+
+/// Settings of a [`RedisStreamsBus`].
+#[derive(Clone, Debug)]
+pub struct RedisBusConfig {
+    /// `redis://host:port/db`.
+    pub url: String,
+    /// Prefix of every key.
+    pub prefix: String,
+    /// How long a delivery may stay unacked before another consumer claims it.
+    pub visibility_timeout: Duration,
+    /// Deliveries after which an entry is dead-lettered.
+    pub max_deliveries: u32,
+    /// Largest event accepted, in bytes, on publish and on consume.
+    pub max_event_bytes: usize,
+    /// Delete entries once acked (one consumer group per topic).
+    pub delete_on_ack: bool,
+    /// Also publish status broadcasts on Redis Pub/Sub (fire-and-forget).
+    pub broadcast_status: bool,
+}
+
+impl RedisBusConfig {
+    /// Defaults for a server at `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            prefix: "ma".into(),
+            visibility_timeout: Duration::from_secs(30),
+            max_deliveries: 5,
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+            delete_on_ack: true,
+            broadcast_status: false,
+        }
+    }
+
+    /// Sets the key prefix.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Sets the visibility timeout.
+    pub fn visibility_timeout(mut self, d: Duration) -> Self {
+        self.visibility_timeout = d;
+        self
+    }
+
+    /// Sets the deliveries before dead-lettering.
+    pub fn max_deliveries(mut self, n: u32) -> Self {
+        self.max_deliveries = n.max(1);
+        self
+    }
+
+    /// Sets the size limit.
+    pub fn max_event_bytes(mut self, n: usize) -> Self {
+        self.max_event_bytes = n;
+        self
+    }
+}
+
+/// The URL without a password, for error messages.
+pub(crate) fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// A [`EventBus`] on Redis Streams.
+#[derive(Clone)]
+pub struct RedisStreamsBus {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: RedisBusConfig,
+    address: String,
+    client: redis::Client,
+    conn: ConnectionManager,
+    codec: EventCodec,
+    status: broadcast::Sender<Arc<Event>>,
+    pubsub_started: std::sync::Once,
+}
+
+impl RedisStreamsBus {
+    /// Connects; fails with the server's address if it cannot be reached.
+    pub async fn connect(config: RedisBusConfig) -> Result<Self, BusError> {
+        let address = redacted(&config.url);
+        let backend = |e: redis::RedisError| BusError::Backend {
+            address: address.clone(),
+            message: e.to_string(),
+        };
+        let client = redis::Client::open(config.url.as_str()).map_err(backend)?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(10)))
+            .set_number_of_retries(6)
+            .set_max_delay(Duration::from_secs(2));
+        let conn = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.get_connection_manager_with_config(manager_config),
+        )
+        .await
+        .map_err(|_| BusError::Backend {
+            address: address.clone(),
+            message: "connection timed out".into(),
+        })?
+        .map_err(backend)?;
+        let (status, _) = broadcast::channel(4096);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                codec: EventCodec::with_limit(config.max_event_bytes),
+                config,
+                address,
+                client,
+                conn,
+                status,
+                pubsub_started: std::sync::Once::new(),
+            }),
+        })
+    }
+
+    fn key(&self, topic: &str) -> String {
+        format!("{{{}:{topic}}}", self.inner.config.prefix)
+    }
+
+    fn dead_key(&self) -> String {
+        self.key("dead-letters")
+    }
+
+    fn status_channel(&self) -> String {
+        format!("{}:status", self.inner.config.prefix)
+    }
+
+    fn err(&self, e: redis::RedisError) -> BusError {
+        BusError::Backend {
+            address: self.inner.address.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    fn dead_letter_cmd(&self, pipe: &mut redis::Pipeline, letter: &DeadLetter) {
+        pipe.cmd("XADD")
+            .arg(self.dead_key())
+            .arg("*")
+            .arg("topic")
+            .arg(&letter.topic)
+            .arg("group")
+            .arg(letter.group.as_deref().unwrap_or(""))
+            .arg("reason")
+            .arg(&letter.reason)
+            .arg("deliveries")
+            .arg(letter.delivery_count)
+            .arg("at")
+            .arg(letter.at.as_millis())
+            .arg("body")
+            .arg(&letter.body)
+            .ignore();
+    }
+}
+
+#[async_trait]
+impl EventBus for RedisStreamsBus {
+    async fn publish(&self, topic: &str, event: Event) -> Result<(), BusError> {
+        self.publish_many(vec![(topic.to_string(), event)]).await
+    }
+
+    async fn publish_many(&self, events: Vec<(String, Event)>) -> Result<(), BusError> {
+        let mut pipe = redis::pipe();
+        for (topic, event) in &events {
+            let bytes = self.inner.codec.encode(event).map_err(|e| match e {
+                crate::core::EventError::TooLarge { size, limit } => BusError::TooLarge {
+                    topic: topic.clone(),
+                    size,
+                    limit,
+                },
+                other => BusError::Backend {
+                    address: self.inner.address.clone(),
+                    message: other.to_string(),
+                },
+            })?;
+            pipe.cmd("XADD")
+                .arg(self.key(topic))
+                .arg("*")
+                .arg("e")
+                .arg(bytes)
+                .ignore();
+        }
+        let mut conn = self.inner.conn.clone();
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    async fn consumer(
+        &self,
+        topic: &str,
+        group: &str,
+        consumer: &str,
+    ) -> Result<Arc<dyn Consumer>, BusError> {
+        let key = self.key(topic);
+        let mut conn = self.inner.conn.clone();
+        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&key)
+            .arg(group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await;
+        // BUSYGROUP: the group exists already, which is fine.
+        if let Err(e) = created
+            && e.code() != Some("BUSYGROUP")
+        {
+            return Err(self.err(e));
+        }
+        Ok(Arc::new(RedisConsumer {
+            bus: self.clone(),
+            topic: topic.to_string(),
+            key,
+            group: group.to_string(),
+            name: consumer.to_string(),
+            reader: Mutex::new(None),
+            last_reclaim: Mutex::new(None),
+        }))
+    }
+
+    async fn dead_letter(&self, letter: DeadLetter) -> Result<(), BusError> {
+        tracing::warn!(topic = %letter.topic, reason = %letter.reason, "event dead-lettered");
+        let mut pipe = redis::pipe();
+        self.dead_letter_cmd(&mut pipe, &letter);
+        let mut conn = self.inner.conn.clone();
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BusError> {
+        let mut conn = self.inner.conn.clone();
+        let reply: Value = redis::cmd("XREVRANGE")
+            .arg(self.dead_key())
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(limit)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.err(e))?;
+        let mut out: Vec<DeadLetter> = entries(&reply)
+            .into_iter()
+            .map(|(_, fields)| {
+                let get = |name: &str| {
+                    fields
+                        .iter()
+                        .find(|(k, _)| k == name)
+                        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+                        .unwrap_or_default()
+                };
+                DeadLetter {
+                    topic: get("topic"),
+                    group: Some(get("group")).filter(|g| !g.is_empty()),
+                    reason: get("reason"),
+                    delivery_count: get("deliveries").parse().unwrap_or(0),
+                    at: Timestamp(get("at").parse().unwrap_or(0)),
+                    body: get("body"),
+                }
+            })
+            .collect();
+        out.reverse();
+        Ok(out)
+    }
+
+    fn broadcast(&self, event: Event) {
+        if self.inner.config.broadcast_status {
+            let Ok(bytes) = self.inner.codec.encode(&event) else {
+                return;
+            };
+            let mut conn = self.inner.conn.clone();
+            let channel = self.status_channel();
+            tokio::spawn(async move {
+                let _: redis::RedisResult<()> = redis::cmd("PUBLISH")
+                    .arg(channel)
+                    .arg(bytes)
+                    .query_async(&mut conn)
+                    .await;
+            });
+        } else if self.inner.status.receiver_count() > 0 {
+            let _ = self.inner.status.send(Arc::new(event));
+        }
+    }
+
+    fn has_status_listeners(&self) -> bool {
+        self.inner.config.broadcast_status || self.inner.status.receiver_count() > 0
+    }
+
+    fn subscribe_status(&self) -> broadcast::Receiver<Arc<Event>> {
+        let rx = self.inner.status.subscribe();
+        if self.inner.config.broadcast_status {
+            let bus = self.clone();
+            self.inner.pubsub_started.call_once(|| {
+                tokio::spawn(async move { bus.listen_status().await });
+            });
+        }
+        rx
+    }
+}
+
+impl RedisStreamsBus {
+    /// Feeds Redis Pub/Sub status messages to local subscribers, reconnecting
+    /// when the connection drops (messages sent meanwhile are lost: Pub/Sub
+    /// keeps nothing).
+    async fn listen_status(&self) {
+        use futures_lite_stream::next;
+        loop {
+            match self.inner.client.get_async_pubsub().await {
+                Ok(mut pubsub) => {
+                    if pubsub.subscribe(self.status_channel()).await.is_ok() {
+                        let mut stream = std::pin::pin!(pubsub.on_message());
+                        while let Some(msg) = next(&mut stream).await {
+                            let payload: Vec<u8> = msg.get_payload_bytes().to_vec();
+                            match self.inner.codec.decode(&payload) {
+                                Ok(event) => {
+                                    let _ = self.inner.status.send(Arc::new(event));
+                                }
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "undecodable status broadcast ignored")
+                                }
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(address = %self.inner.address, error = %e, "status subscription failed; retrying")
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+mod futures_lite_stream {
+    use std::pin::Pin;
+
+    /// The next item of a stream.
+    pub async fn next<S: futures_core::Stream + Unpin>(s: &mut S) -> Option<S::Item> {
+        std::future::poll_fn(|cx| Pin::new(&mut *s).poll_next(cx)).await
+    }
+}
+
+struct RedisConsumer {
+    bus: RedisStreamsBus,
+    topic: String,
+    key: String,
+    group: String,
+    name: String,
+    /// A connection of its own: a blocking read holds its connection.
+    reader: Mutex<Option<MultiplexedConnection>>,
+    last_reclaim: Mutex<Option<tokio::time::Instant>>,
+}
+
+/// One stream entry: its id and its fields.
+type Entry = (String, Vec<(String, Vec<u8>)>);
+
+/// Parses `[[id, [field, value, …]], …]`.
+fn entries(v: &Value) -> Vec<Entry> {
+    let Value::Array(items) = v else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|item| {
+            let Value::Array(pair) = item else {
+                return None;
+            };
+            let id = bulk_string(pair.first()?)?;
+            let mut fields = Vec::new();
+            if let Some(Value::Array(kv)) = pair.get(1) {
+                for chunk in kv.chunks(2) {
+                    if let [k, v] = chunk
+                        && let (Some(k), Some(v)) = (bulk_string(k), bulk_bytes(v))
+                    {
+                        fields.push((k, v));
+                    }
+                }
+            }
+            Some((id, fields))
+        })
+        .collect()
+}
+
+fn bulk_bytes(v: &Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b.clone()),
+        Value::SimpleString(s) => Some(s.as_bytes().to_vec()),
+        _ => None,
+    }
+}
+
+fn bulk_string(v: &Value) -> Option<String> {
+    bulk_bytes(v).map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+fn stream_id(id: &str) -> DeliveryId {
+    match id
+        .split_once('-')
+        .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+    {
+        Some((ms, seq)) => DeliveryId::Stream(ms, seq),
+        None => DeliveryId::Token(Arc::from(id)),
+    }
+}
+
+fn id_text(id: &DeliveryId) -> String {
+    match id {
+        DeliveryId::Stream(ms, seq) => format!("{ms}-{seq}"),
+        DeliveryId::Seq(n) => n.to_string(),
+        DeliveryId::Token(t) => t.to_string(),
+    }
+}
+
+impl RedisConsumer {
+    async fn reader(&self) -> Result<MultiplexedConnection, BusError> {
+        let mut slot = self.reader.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(None);
+        let c = self
+            .bus
+            .inner
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|e| self.bus.err(e))?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Decodes entries; dead-letters those that do not decode.
+    async fn deliveries(
+        &self,
+        raw: Vec<Entry>,
+        counts: &std::collections::HashMap<String, u32>,
+    ) -> Result<Vec<Delivery>, BusError> {
+        let mut out = Vec::with_capacity(raw.len());
+        let mut poison = Vec::new();
+        for (id, fields) in raw {
+            let count = counts.get(&id).copied().unwrap_or(1);
+            let body = fields.into_iter().find(|(k, _)| k == "e").map(|(_, v)| v);
+            match body.map(|b| (self.bus.inner.codec.decode(&b), b)) {
+                Some((Ok(event), _)) => out.push(Delivery {
+                    id: stream_id(&id),
+                    event: Arc::new(event),
+                    delivery_count: count,
+                }),
+                Some((Err(e), bytes)) => poison.push((
+                    id,
+                    e.to_string(),
+                    String::from_utf8_lossy(&bytes).into_owned(),
+                    count,
+                )),
+                None => poison.push((
+                    id,
+                    "entry has no `e` field".to_string(),
+                    String::new(),
+                    count,
+                )),
+            }
+        }
+        if !poison.is_empty() {
+            let mut pipe = redis::pipe();
+            for (id, reason, body, count) in &poison {
+                tracing::warn!(topic = %self.topic, id = %id, reason = %reason, "undecodable entry dead-lettered");
+                let letter = DeadLetter {
+                    topic: self.topic.clone(),
+                    group: Some(self.group.clone()),
+                    reason: reason.clone(),
+                    delivery_count: *count,
+                    at: Timestamp::now(),
+                    body: body.clone(),
+                };
+                self.bus.dead_letter_cmd(&mut pipe, &letter);
+                pipe.cmd("XACK")
+                    .arg(&self.key)
+                    .arg(&self.group)
+                    .arg(id)
+                    .ignore();
+                pipe.cmd("XDEL").arg(&self.key).arg(id).ignore();
+            }
+            let mut conn = self.bus.inner.conn.clone();
+            pipe.query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| self.bus.err(e))?;
+        }
+        Ok(out)
+    }
+
+    /// Claims entries idle past the visibility timeout; dead-letters those
+    /// delivered too often.
+    async fn reclaim(&self, max: usize) -> Result<Vec<Delivery>, BusError> {
+        let config = &self.bus.inner.config;
+        let idle = config.visibility_timeout.as_millis() as u64;
+        let mut conn = self.bus.inner.conn.clone();
+        let pending: Value = redis::cmd("XPENDING")
+            .arg(&self.key)
+            .arg(&self.group)
+            .arg("IDLE")
+            .arg(idle)
+            .arg("-")
+            .arg("+")
+            .arg(max)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.bus.err(e))?;
+        let Value::Array(rows) = pending else {
+            return Ok(Vec::new());
+        };
+        let mut claim = Vec::new();
+        let mut exhausted = Vec::new();
+        for row in rows {
+            let Value::Array(cols) = row else { continue };
+            let (Some(id), Some(Value::Int(count))) =
+                (cols.first().and_then(bulk_string), cols.get(3))
+            else {
+                continue;
+            };
+            if *count as u32 >= config.max_deliveries {
+                exhausted.push((id, *count as u32));
+            } else {
+                claim.push((id, *count as u32 + 1));
+            }
+        }
+        for (id, count) in exhausted {
+            // Read the body, dead-letter it, and drop it from the group.
+            let body: Value = redis::cmd("XRANGE")
+                .arg(&self.key)
+                .arg(&id)
+                .arg(&id)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.bus.err(e))?;
+            let body = entries(&body)
+                .into_iter()
+                .next()
+                .and_then(|(_, f)| f.into_iter().find(|(k, _)| k == "e"))
+                .map(|(_, v)| String::from_utf8_lossy(&v).into_owned())
+                .unwrap_or_default();
+            let letter = DeadLetter {
+                topic: self.topic.clone(),
+                group: Some(self.group.clone()),
+                reason: format!("not acked after {count} deliveries"),
+                delivery_count: count,
+                at: Timestamp::now(),
+                body,
+            };
+            tracing::warn!(topic = %self.topic, id = %id, "{}", letter.reason);
+            let mut pipe = redis::pipe();
+            self.bus.dead_letter_cmd(&mut pipe, &letter);
+            pipe.cmd("XACK")
+                .arg(&self.key)
+                .arg(&self.group)
+                .arg(&id)
+                .ignore();
+            pipe.cmd("XDEL").arg(&self.key).arg(&id).ignore();
+            pipe.query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| self.bus.err(e))?;
+        }
+        if claim.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut cmd = redis::cmd("XCLAIM");
+        cmd.arg(&self.key)
+            .arg(&self.group)
+            .arg(&self.name)
+            .arg(idle);
+        for (id, _) in &claim {
+            cmd.arg(id);
+        }
+        let claimed: Value = cmd
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.bus.err(e))?;
+        let counts = claim.into_iter().collect();
+        self.deliveries(entries(&claimed), &counts).await
+    }
+}
+
+#[async_trait]
+impl Consumer for RedisConsumer {
+    async fn next_batch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, BusError> {
+        let max = max.max(1);
+        // Look for abandoned entries now and then, not on every read.
+        let due = {
+            let mut last = self.last_reclaim.lock().await;
+            let now = tokio::time::Instant::now();
+            let every =
+                (self.bus.inner.config.visibility_timeout / 4).max(Duration::from_millis(10));
+            if last.is_none_or(|t| now.duration_since(t) >= every) {
+                *last = Some(now);
+                true
+            } else {
+                false
+            }
+        };
+        if due {
+            let reclaimed = self.reclaim(max).await?;
+            if !reclaimed.is_empty() {
+                return Ok(reclaimed);
+            }
+        }
+        let mut conn = self.reader().await?;
+        let block = wait.as_millis().clamp(1, 5_000) as u64;
+        let reply: redis::RedisResult<Value> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(&self.group)
+            .arg(&self.name)
+            .arg("COUNT")
+            .arg(max)
+            .arg("BLOCK")
+            .arg(block)
+            .arg("STREAMS")
+            .arg(&self.key)
+            .arg(">")
+            .query_async(&mut conn)
+            .await;
+        let reply = match reply {
+            Ok(r) => r,
+            Err(e) => {
+                // Drop the connection; the next call opens a new one.
+                *self.reader.lock().await = None;
+                return Err(self.bus.err(e));
+            }
+        };
+        // [[key, [[id, fields], …]]] or nil on timeout.
+        let raw = match &reply {
+            Value::Array(streams) => streams
+                .iter()
+                .filter_map(|s| match s {
+                    Value::Array(kv) => kv.get(1).map(entries),
+                    _ => None,
+                })
+                .flatten()
+                .collect(),
+            Value::Map(streams) => streams.iter().flat_map(|(_, v)| entries(v)).collect(),
+            _ => Vec::new(),
+        };
+        self.deliveries(raw, &std::collections::HashMap::new())
+            .await
+    }
+
+    async fn ack(&self, ids: &[DeliveryId]) -> Result<(), BusError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let texts: Vec<String> = ids.iter().map(id_text).collect();
+        let mut pipe = redis::pipe();
+        pipe.cmd("XACK")
+            .arg(&self.key)
+            .arg(&self.group)
+            .arg(&texts)
+            .ignore();
+        if self.bus.inner.config.delete_on_ack {
+            pipe.cmd("XDEL").arg(&self.key).arg(&texts).ignore();
+        }
+        let mut conn = self.bus.inner.conn.clone();
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| self.bus.err(e))
+    }
+
+    async fn reject(&self, delivery: &Delivery, reason: &str) -> Result<(), BusError> {
+        let id = id_text(&delivery.id);
+        let letter = DeadLetter {
+            topic: self.topic.clone(),
+            group: Some(self.group.clone()),
+            reason: reason.to_string(),
+            delivery_count: delivery.delivery_count,
+            at: Timestamp::now(),
+            body: serde_json::to_string(&*delivery.event).unwrap_or_default(),
+        };
+        tracing::warn!(topic = %self.topic, reason, "event dead-lettered");
+        let mut pipe = redis::pipe();
+        self.bus.dead_letter_cmd(&mut pipe, &letter);
+        pipe.cmd("XACK")
+            .arg(&self.key)
+            .arg(&self.group)
+            .arg(&id)
+            .ignore();
+        pipe.cmd("XDEL").arg(&self.key).arg(&id).ignore();
+        let mut conn = self.bus.inner.conn.clone();
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| self.bus.err(e))
+    }
+}

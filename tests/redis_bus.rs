@@ -1,0 +1,254 @@
+#![cfg(feature = "redis")]
+//! The Redis Streams bus against a real Redis: the same contract as the
+//! in-memory bus, plus poison entries written straight into the streams.
+
+mod common;
+
+use std::time::Duration;
+
+use multiagents::bus::{BusError, EventBus, RedisBusConfig, RedisStreamsBus};
+use multiagents::core::{CorrelationId, Event, EventKind, Payload, TransactionId, WorkflowName};
+use redis::AsyncCommands;
+
+const WAIT: Duration = Duration::from_millis(200);
+
+fn event(n: u32) -> Event {
+    let mut e = Event::new(
+        EventKind::Command,
+        TransactionId::new(),
+        CorrelationId::new(),
+        WorkflowName::new("w"),
+        Payload::to_json(&serde_json::json!({"input": n, "steps": {}})).expect("json"),
+    );
+    e.attempt = n;
+    e.step = Some("s".into());
+    e
+}
+
+async fn bus(
+    name: &str,
+    tweak: impl FnOnce(RedisBusConfig) -> RedisBusConfig,
+) -> Option<(RedisStreamsBus, String, String)> {
+    let url = common::redis_url()?;
+    let prefix = common::unique_prefix(name);
+    let bus = RedisStreamsBus::connect(tweak(RedisBusConfig::new(&url).prefix(&prefix)))
+        .await
+        .expect("connects");
+    Some((bus, url, prefix))
+}
+
+#[tokio::test]
+async fn keeps_events_published_before_any_group_and_acks_them_away() {
+    let Some((bus, _, _)) = bus("backlog", |c| c).await else {
+        return;
+    };
+    bus.publish("t", event(1)).await.expect("publish");
+    let c = bus.consumer("t", "g", "c1").await.expect("consumer");
+    let batch = c.next_batch(10, WAIT).await.expect("batch");
+    assert_eq!(batch.len(), 1);
+    assert_eq!(batch[0].event.attempt, 1);
+    assert_eq!(batch[0].delivery_count, 1);
+    c.ack(&[batch[0].id.clone()]).await.expect("ack");
+    assert!(c.next_batch(10, WAIT).await.expect("batch").is_empty());
+}
+
+#[tokio::test]
+async fn consumers_of_one_group_share_the_events() {
+    let Some((bus, _, _)) = bus("share", |c| c).await else {
+        return;
+    };
+    let a1 = bus.consumer("t", "a", "1").await.expect("consumer");
+    let a2 = bus.consumer("t", "a", "2").await.expect("consumer");
+    let events: Vec<(String, Event)> = (0..10).map(|n| ("t".to_string(), event(n))).collect();
+    bus.publish_many(events).await.expect("publish");
+    let x = a1.next_batch(6, WAIT).await.expect("batch");
+    let y = a2.next_batch(10, WAIT).await.expect("batch");
+    assert_eq!((x.len(), y.len()), (6, 4));
+    let mut seen: Vec<u32> = x.iter().chain(y.iter()).map(|d| d.event.attempt).collect();
+    seen.sort_unstable();
+    assert_eq!(seen, (0..10).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn an_unacked_event_goes_to_another_consumer_then_to_the_dead_letters() {
+    let Some((bus, _, _)) = bus("redeliver", |c| {
+        c.visibility_timeout(Duration::from_millis(100))
+            .max_deliveries(2)
+    })
+    .await
+    else {
+        return;
+    };
+    let dead = bus.consumer("t", "g", "dead").await.expect("consumer");
+    let alive = bus.consumer("t", "g", "alive").await.expect("consumer");
+    bus.publish("t", event(7)).await.expect("publish");
+    let first = dead.next_batch(1, WAIT).await.expect("batch");
+    assert_eq!(first.len(), 1);
+    drop(dead);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let second = alive.next_batch(1, WAIT).await.expect("batch");
+    assert_eq!(second.len(), 1, "claimed by the live consumer");
+    assert_eq!(second[0].delivery_count, 2);
+    assert_eq!(second[0].event.id, first[0].event.id);
+    // Not acked again: dead-lettered instead of a third delivery.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(alive.next_batch(1, WAIT).await.expect("batch").is_empty());
+    let letters = bus.dead_letters(10).await.expect("dead letters");
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].reason, "not acked after 2 deliveries");
+    assert!(
+        letters[0].body.contains(&first[0].event.id.to_string()),
+        "the dead letter keeps the entry"
+    );
+}
+
+#[tokio::test]
+async fn poison_written_straight_into_a_stream_is_dead_lettered_with_the_reason() {
+    let Some((bus, url, prefix)) = bus("poison", |c| c.max_event_bytes(4096)).await else {
+        return;
+    };
+    let c = bus.consumer("t", "g", "1").await.expect("consumer");
+    let key = format!("{{{prefix}:t}}");
+    let mut raw = redis::Client::open(url.as_str())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("conn");
+    let good = serde_json::to_vec(&event(1)).expect("json");
+    let mut wrong_kind: serde_json::Value = serde_json::from_slice(&good).expect("json");
+    wrong_kind["kind"] = "teleport".into();
+    let oversized = serde_json::to_vec(&{
+        let mut e = event(2);
+        e.payload = Payload::to_json(&"x".repeat(8000)).expect("json");
+        e
+    })
+    .expect("json");
+    let _: String = raw
+        .xadd(&key, "*", &[("e", b"\x00\xffgarbage".to_vec())])
+        .await
+        .expect("xadd");
+    let _: String = raw
+        .xadd(&key, "*", &[("e", br#"{"hello":"world"}"#.to_vec())])
+        .await
+        .expect("xadd");
+    let _: String = raw
+        .xadd(
+            &key,
+            "*",
+            &[("e", serde_json::to_vec(&wrong_kind).expect("json"))],
+        )
+        .await
+        .expect("xadd");
+    let _: String = raw
+        .xadd(&key, "*", &[("e", oversized)])
+        .await
+        .expect("xadd");
+    let _: String = raw
+        .xadd(&key, "*", &[("other", b"field".to_vec())])
+        .await
+        .expect("xadd");
+    let _: String = raw.xadd(&key, "*", &[("e", good)]).await.expect("xadd");
+    let batch = c.next_batch(10, WAIT).await.expect("batch");
+    assert_eq!(batch.len(), 1, "only the good event is handed over");
+    assert_eq!(batch[0].event.attempt, 1);
+    let reasons: Vec<String> = bus
+        .dead_letters(10)
+        .await
+        .expect("dead letters")
+        .into_iter()
+        .map(|d| d.reason)
+        .collect();
+    assert_eq!(reasons.len(), 5, "{reasons:?}");
+    assert!(reasons[0].starts_with("undecodable event"), "{reasons:?}");
+    assert!(reasons[1].contains("missing field"), "{reasons:?}");
+    assert!(reasons[2].contains("teleport"), "{reasons:?}");
+    assert!(
+        reasons[3].contains("over the 4096-byte limit"),
+        "{reasons:?}"
+    );
+    assert_eq!(reasons[4], "entry has no `e` field");
+    // They are gone from the stream: nothing is redelivered.
+    let len: usize = raw.xlen(&key).await.expect("xlen");
+    assert_eq!(len, 1, "only the unacked good event is left");
+}
+
+#[tokio::test]
+async fn refuses_to_publish_oversized_events() {
+    let Some((bus, _, _)) = bus("big", |c| c.max_event_bytes(1000)).await else {
+        return;
+    };
+    let mut e = event(1);
+    e.payload = Payload::to_json(&"x".repeat(2000)).expect("json");
+    assert!(matches!(
+        bus.publish("t", e).await,
+        Err(BusError::TooLarge { limit: 1000, .. })
+    ));
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_reported_with_its_address() {
+    let err = RedisStreamsBus::connect(RedisBusConfig::new("redis://127.0.0.1:1/"))
+        .await
+        .err()
+        .expect("refused");
+    let msg = err.to_string();
+    assert!(msg.contains("redis://127.0.0.1:1/"), "{msg}");
+}
+
+#[tokio::test]
+async fn sagas_run_and_compensate_over_redis_streams() {
+    use multiagents::worker::{WorkerError, from_fn};
+    use multiagents::{Runtime, WorkflowBuilder, WorkflowStatus};
+    let Some((bus, _, _)) = bus("saga", |c| c).await else {
+        return;
+    };
+    let rt = Runtime::builder()
+        .bus(bus.clone())
+        .workflow(
+            WorkflowBuilder::new("orders")
+                .step("reserve", "reserve")
+                .compensate_with("release")
+                .step("charge", "charge")
+                .build()
+                .expect("valid"),
+        )
+        .worker(from_fn("reserve", |_: bool, _| async {
+            Ok::<_, WorkerError>("r-1")
+        }))
+        .worker(from_fn("release", |_: bool, ctx| async move {
+            let r: String = ctx.output("reserve")?;
+            Ok::<_, WorkerError>(format!("released {r}"))
+        }))
+        .worker(from_fn("charge", |decline: bool, _| async move {
+            if decline {
+                Err(WorkerError::fatal("declined"))
+            } else {
+                Ok("charged")
+            }
+        }))
+        .start()
+        .await
+        .expect("starts");
+    let client = rt.client();
+    let ok = client.start("orders", &false).await.expect("start");
+    let declined = client.start("orders", &true).await.expect("start");
+    assert_eq!(
+        client
+            .wait(ok, Duration::from_secs(10))
+            .await
+            .expect("ends")
+            .status,
+        WorkflowStatus::Completed
+    );
+    let state = client
+        .wait(declined, Duration::from_secs(10))
+        .await
+        .expect("ends");
+    assert_eq!(
+        state.status,
+        WorkflowStatus::Compensated,
+        "{}",
+        multiagents::timeline::render(&state)
+    );
+    rt.shutdown().await;
+}
