@@ -234,6 +234,10 @@ async fn timer_loop(engine: Arc<Engine>, every: Duration, stop: CancellationToke
         for tx in due {
             if let Err(e) = engine.drive(tx, &Input::Tick, None).await {
                 tracing::warn!(transaction_id = %tx, error = %e, "firing a timer failed; it stays due");
+                continue;
+            }
+            if let Err(e) = engine.store.timer_handled(tx).await {
+                tracing::warn!(transaction_id = %tx, error = %e, "re-arming a timer failed; it fires again after its lease");
             }
         }
     }

@@ -8,6 +8,8 @@
 //! that a crash would lose, and keep the workflow definitions by version.
 
 pub mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 #[cfg(feature = "embedded")]
 pub mod file;
@@ -22,6 +24,8 @@ use crate::core::{
     Timestamp, TransactionId, WorkflowDefinition, WorkflowName, WorkflowState, WorkflowStatus,
 };
 
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisStateStore, RedisStoreConfig};
 #[cfg(feature = "embedded")]
 pub use file::{FileStore, FileStoreConfig, Sync as FileSync};
 pub use memory::MemoryStore;
@@ -162,6 +166,14 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Workflows with a wakeup (a retry or a deadline) at or before `now`.
     async fn due(&self, now: Timestamp, limit: usize) -> Result<Vec<TransactionId>, StoreError>;
+
+    /// Called by the timer loop once a workflow returned by [`StateStore::due`]
+    /// has been handled. Stores that lease due timers to one orchestrator
+    /// (Redis) re-arm the timer at the workflow's real next wakeup here.
+    async fn timer_handled(&self, transaction_id: TransactionId) -> Result<(), StoreError> {
+        let _ = transaction_id;
+        Ok(())
+    }
 
     /// Deletes workflows that finished before `finished_before`; returns how many.
     async fn expire(&self, finished_before: Timestamp) -> Result<usize, StoreError>;

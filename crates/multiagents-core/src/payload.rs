@@ -63,6 +63,15 @@ impl Payload {
     }
 }
 
+/// For `Option<Payload>` fields: a present `null` is `Some(null)` (a step
+/// that returned `null` has an output), an absent field is `None`. Use with
+/// `#[serde(default, deserialize_with = "…")]`.
+pub fn deserialize_present<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Payload>, D::Error> {
+    Payload::deserialize(d).map(Some)
+}
+
 impl PartialEq for Payload {
     fn eq(&self, other: &Self) -> bool {
         self.as_str() == other.as_str()

@@ -178,7 +178,11 @@ pub struct StepState {
     #[serde(default)]
     pub compensation_attempts: u32,
     /// The output, once completed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::payload::deserialize_present"
+    )]
     pub output: Option<Payload>,
     /// The most recent error.
     #[serde(default, skip_serializing_if = "Option::is_none")]

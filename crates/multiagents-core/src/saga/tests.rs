@@ -603,6 +603,23 @@ fn redispatch_republishes_in_flight_commands_with_the_same_attempt() {
 }
 
 #[test]
+fn a_null_output_survives_a_round_trip() {
+    let def = orders();
+    let (mut s, _) = begin(&def);
+    let input = Input::Succeeded {
+        step: "validate".into(),
+        phase: Phase::Forward,
+        attempt: 1,
+        output: Payload::null(),
+    };
+    apply(&def, &mut s, input, at(1));
+    let back: WorkflowState =
+        serde_json::from_str(&serde_json::to_string(&s).expect("json")).expect("json");
+    assert_eq!(back.steps[0].output, Some(Payload::null()));
+    assert_eq!(back, s);
+}
+
+#[test]
 fn state_round_trips_through_json() {
     let def = orders();
     let (mut s, _) = begin(&def);

@@ -1,0 +1,580 @@
+//! The Redis state store: workflow states with compare-and-set, timers any
+//! orchestrator replica can fire (exactly one does), definitions by version,
+//! and finished workflows expiring after a TTL.
+//!
+//! Key layout (prefix `ma` by default; `{…}` hash tags keep each key's
+//! commands on one Cluster slot):
+//!
+//! | key | type | holds |
+//! | --- | --- | --- |
+//! | `{ma:wf:<transaction>}` | hash | `v` version, `s` state JSON, `st` status, `wf` workflow, `sa` started, `up` updated (ms) |
+//! | `{ma:timers}` | sorted set | transaction ids scored by next wakeup (ms) |
+//! | `{ma:defs}` | hash | `name@version` → definition JSON |
+//! | `ma:finished` | Pub/Sub channel | transaction ids as they finish (wakes waiting clients) |
+//!
+//! A write is one Lua script on the workflow's key (check the version, write,
+//! set the TTL when finished, announce the finish), pipelined behind a
+//! `ZADD … LT` of its next wakeup: the timer index may run early, never late.
+//! `due` leases what is due to the caller (moves its score a lease ahead), so
+//! a replica that dies while firing a timer only delays it by the lease.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::Script;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::oneshot;
+
+use super::{
+    ListQuery, StateStore, StoreError, Version, Versioned, WorkflowSummary, same_definition,
+};
+use crate::bus::redis::redacted;
+use crate::core::{
+    Timestamp, TransactionId, WorkflowDefinition, WorkflowName, WorkflowState, WorkflowStatus,
+};
+
+/// Settings of a [`RedisStateStore`].
+#[derive(Clone, Debug)]
+pub struct RedisStoreConfig {
+    /// `redis://host:port/db`.
+    pub url: String,
+    /// Prefix of every key.
+    pub prefix: String,
+    /// How long finished workflows are kept.
+    pub finished_ttl: Duration,
+    /// How long a due timer is leased to the replica that took it.
+    pub timer_lease: Duration,
+}
+
+impl RedisStoreConfig {
+    /// Defaults for a server at `url`: 7-day TTL, 30 s timer lease.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            prefix: "ma".into(),
+            finished_ttl: Duration::from_secs(7 * 24 * 3600),
+            timer_lease: Duration::from_secs(30),
+        }
+    }
+
+    /// Sets the key prefix.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Sets the TTL of finished workflows.
+    pub fn finished_ttl(mut self, ttl: Duration) -> Self {
+        self.finished_ttl = ttl;
+        self
+    }
+}
+
+const CAS: &str = r"
+local cur = redis.call('HGET', KEYS[1], 'v')
+if ARGV[1] == '0' then
+  if cur then return {0, tonumber(cur)} end
+else
+  if not cur then return {-1, 0} end
+  if cur ~= ARGV[1] then return {0, tonumber(cur)} end
+end
+redis.call('HSET', KEYS[1], 'v', ARGV[2], 's', ARGV[3], 'st', ARGV[4], 'wf', ARGV[5], 'sa', ARGV[6], 'up', ARGV[7])
+if ARGV[8] ~= '0' then
+  redis.call('PEXPIRE', KEYS[1], ARGV[8])
+  redis.call('PUBLISH', ARGV[9], ARGV[10])
+end
+return {1, tonumber(ARGV[2])}
+";
+
+const LEASE_DUE: &str = r"
+local items = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, m in ipairs(items) do redis.call('ZADD', KEYS[1], ARGV[3], m) end
+return items
+";
+
+const REARM: &str = r"
+local cur = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if cur and tonumber(cur) == tonumber(ARGV[2]) then
+  if ARGV[3] == '' then redis.call('ZREM', KEYS[1], ARGV[1]) else redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1]) end
+  return 1
+end
+return 0
+";
+
+/// A [`StateStore`] on Redis.
+#[derive(Clone)]
+pub struct RedisStateStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: RedisStoreConfig,
+    address: String,
+    client: redis::Client,
+    conn: ConnectionManager,
+    cas: Script,
+    lease_due: Script,
+    rearm: Script,
+    /// Lease scores of the timers this instance took, by transaction.
+    leases: Mutex<HashMap<TransactionId, u64>>,
+    waiters: Mutex<HashMap<TransactionId, Vec<oneshot::Sender<()>>>>,
+    listener: std::sync::Once,
+}
+
+impl RedisStateStore {
+    /// Connects; fails with the server's address if it cannot be reached.
+    pub async fn connect(config: RedisStoreConfig) -> Result<Self, StoreError> {
+        let address = redacted(&config.url);
+        let io = |e: redis::RedisError| StoreError::Io {
+            location: address.clone(),
+            message: e.to_string(),
+        };
+        let client = redis::Client::open(config.url.as_str()).map_err(io)?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(10)))
+            .set_number_of_retries(6)
+            .set_max_delay(Duration::from_secs(2));
+        let conn = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.get_connection_manager_with_config(manager_config),
+        )
+        .await
+        .map_err(|_| StoreError::Io {
+            location: address.clone(),
+            message: "connection timed out".into(),
+        })?
+        .map_err(io)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                address,
+                client,
+                conn,
+                cas: Script::new(CAS),
+                lease_due: Script::new(LEASE_DUE),
+                rearm: Script::new(REARM),
+                leases: Mutex::new(HashMap::new()),
+                waiters: Mutex::new(HashMap::new()),
+                listener: std::sync::Once::new(),
+            }),
+        })
+    }
+
+    fn key(&self, tx: TransactionId) -> String {
+        format!("{{{}:wf:{tx}}}", self.inner.config.prefix)
+    }
+
+    fn timers_key(&self) -> String {
+        format!("{{{}:timers}}", self.inner.config.prefix)
+    }
+
+    fn defs_key(&self) -> String {
+        format!("{{{}:defs}}", self.inner.config.prefix)
+    }
+
+    fn finished_channel(&self) -> String {
+        format!("{}:finished", self.inner.config.prefix)
+    }
+
+    fn io(&self, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Io {
+            location: self.inner.address.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    fn corrupt(&self, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Corrupt {
+            location: self.inner.address.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    async fn write(
+        &self,
+        expected: Option<Version>,
+        state: Arc<WorkflowState>,
+    ) -> Result<Version, StoreError> {
+        let tx = state.transaction_id;
+        let json = serde_json::to_string(&*state).map_err(|e| self.corrupt(e))?;
+        let expected_arg = expected.unwrap_or(0);
+        let ttl = if state.is_terminal() {
+            self.inner.config.finished_ttl.as_millis().max(1) as u64
+        } else {
+            0
+        };
+        let mut pipe = redis::pipe();
+        if let Some(w) = state.next_wakeup() {
+            // First, so the index is never later than the state.
+            pipe.cmd("ZADD")
+                .arg(self.timers_key())
+                .arg("LT")
+                .arg(w.as_millis())
+                .arg(tx.to_string())
+                .ignore();
+        }
+        let mut invocation = self.inner.cas.key(self.key(tx));
+        invocation
+            .arg(expected_arg)
+            .arg(expected_arg + 1)
+            .arg(json)
+            .arg(state.status.as_str())
+            .arg(state.workflow.as_str())
+            .arg(state.started_at.as_millis())
+            .arg(state.updated_at.as_millis())
+            .arg(ttl)
+            .arg(self.finished_channel())
+            .arg(tx.to_string());
+        // Scripts are sent by hash; load once so a pipeline can use EVALSHA.
+        let mut conn = self.inner.conn.clone();
+        let reply: (i64, u64) = {
+            pipe.invoke_script(&invocation);
+            match pipe.query_async::<((i64, u64),)>(&mut conn).await {
+                Ok((r,)) => r,
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    invocation
+                        .invoke_async(&mut conn)
+                        .await
+                        .map_err(|e| self.io(e))?
+                }
+                Err(e) => return Err(self.io(e)),
+            }
+        };
+        match reply {
+            (1, v) => Ok(v),
+            (0, found) if expected.is_none() => {
+                let _ = found;
+                Err(StoreError::AlreadyExists(tx))
+            }
+            (0, found) => Err(StoreError::Conflict {
+                transaction_id: tx,
+                expected: expected_arg,
+                found,
+            }),
+            _ => Err(StoreError::NotFound(tx)),
+        }
+    }
+
+    /// Starts the listener that wakes local waiters when workflows finish.
+    fn ensure_listener(&self) {
+        let store = self.clone();
+        self.inner.listener.call_once(|| {
+            tokio::spawn(async move { store.listen_finished().await });
+        });
+    }
+
+    async fn listen_finished(&self) {
+        loop {
+            match self.inner.client.get_async_pubsub().await {
+                Ok(mut pubsub) => {
+                    if pubsub.subscribe(self.finished_channel()).await.is_ok() {
+                        let mut stream = std::pin::pin!(pubsub.on_message());
+                        while let Some(msg) = std::future::poll_fn(|cx| {
+                            futures_core::Stream::poll_next(stream.as_mut(), cx)
+                        })
+                        .await
+                        {
+                            let Ok(text) = msg.get_payload::<String>() else {
+                                continue;
+                            };
+                            let Ok(tx) = text.parse::<TransactionId>() else {
+                                continue;
+                            };
+                            let waiters = self
+                                .inner
+                                .waiters
+                                .lock()
+                                .map(|mut w| w.remove(&tx))
+                                .unwrap_or_default();
+                            for w in waiters.into_iter().flatten() {
+                                let _ = w.send(());
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(address = %self.inner.address, error = %e, "finish subscription failed; retrying")
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+fn status_of(text: &str) -> Option<WorkflowStatus> {
+    text.parse().ok()
+}
+
+#[async_trait]
+impl StateStore for RedisStateStore {
+    async fn create(&self, state: Arc<WorkflowState>) -> Result<Version, StoreError> {
+        self.write(None, state).await
+    }
+
+    async fn get(&self, transaction_id: TransactionId) -> Result<Option<Versioned>, StoreError> {
+        let mut conn = self.inner.conn.clone();
+        let (version, json): (Option<u64>, Option<String>) = redis::cmd("HMGET")
+            .arg(self.key(transaction_id))
+            .arg("v")
+            .arg("s")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.io(e))?;
+        match (version, json) {
+            (Some(version), Some(json)) => {
+                let state: WorkflowState =
+                    serde_json::from_str(&json).map_err(|e| self.corrupt(e))?;
+                Ok(Some(Versioned {
+                    version,
+                    state: Arc::new(state),
+                }))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    async fn compare_and_set(
+        &self,
+        expected: Version,
+        state: Arc<WorkflowState>,
+    ) -> Result<Version, StoreError> {
+        self.write(Some(expected), state).await
+    }
+
+    async fn list(&self, query: &ListQuery) -> Result<Vec<WorkflowSummary>, StoreError> {
+        let mut conn = self.inner.conn.clone();
+        let pattern = format!("{{{}:wf:*", self.inner.config.prefix);
+        let mut cursor: u64 = 0;
+        let mut out = Vec::new();
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.io(e))?;
+            if !keys.is_empty() {
+                let mut pipe = redis::pipe();
+                for k in &keys {
+                    pipe.cmd("HMGET")
+                        .arg(k)
+                        .arg("st")
+                        .arg("wf")
+                        .arg("sa")
+                        .arg("up")
+                        .arg("v");
+                }
+                type Row = (
+                    Option<String>,
+                    Option<String>,
+                    Option<u64>,
+                    Option<u64>,
+                    Option<u64>,
+                );
+                let rows: Vec<Row> = pipe.query_async(&mut conn).await.map_err(|e| self.io(e))?;
+                for (key, (st, wf, sa, up, _)) in keys.iter().zip(rows) {
+                    let (Some(status), Some(workflow), Some(started), Some(updated)) =
+                        (st.as_deref().and_then(status_of), wf, sa, up)
+                    else {
+                        continue;
+                    };
+                    let id = key
+                        .trim_start_matches('{')
+                        .trim_end_matches('}')
+                        .rsplit(':')
+                        .next()
+                        .unwrap_or("");
+                    let Ok(transaction_id) = id.parse::<TransactionId>() else {
+                        continue;
+                    };
+                    let summary = WorkflowSummary {
+                        transaction_id,
+                        workflow: WorkflowName::from(workflow),
+                        version: 0,
+                        status,
+                        started_at: Timestamp(started),
+                        updated_at: Timestamp(updated),
+                    };
+                    let selected = query.status.is_none_or(|s| s == summary.status)
+                        && query
+                            .workflow
+                            .as_ref()
+                            .is_none_or(|w| *w == summary.workflow)
+                        && query.updated_before.is_none_or(|t| summary.updated_at <= t);
+                    if selected {
+                        out.push(summary);
+                    }
+                }
+            }
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        out.sort_by(|a, b| {
+            b.started_at
+                .cmp(&a.started_at)
+                .then(b.transaction_id.cmp(&a.transaction_id))
+        });
+        if query.limit > 0 {
+            out.truncate(query.limit);
+        }
+        Ok(out)
+    }
+
+    async fn due(&self, now: Timestamp, limit: usize) -> Result<Vec<TransactionId>, StoreError> {
+        let lease = now.plus(self.inner.config.timer_lease).as_millis();
+        let mut conn = self.inner.conn.clone();
+        let ids: Vec<String> = self
+            .inner
+            .lease_due
+            .key(self.timers_key())
+            .arg(now.as_millis())
+            .arg(limit)
+            .arg(lease)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.io(e))?;
+        let ids: Vec<TransactionId> = ids.iter().filter_map(|s| s.parse().ok()).collect();
+        if let Ok(mut leases) = self.inner.leases.lock() {
+            for id in &ids {
+                leases.insert(*id, lease);
+            }
+        }
+        Ok(ids)
+    }
+
+    async fn timer_handled(&self, transaction_id: TransactionId) -> Result<(), StoreError> {
+        let Some(lease) = self
+            .inner
+            .leases
+            .lock()
+            .ok()
+            .and_then(|mut l| l.remove(&transaction_id))
+        else {
+            return Ok(());
+        };
+        let next = self
+            .get(transaction_id)
+            .await?
+            .and_then(|v| v.state.next_wakeup());
+        let mut conn = self.inner.conn.clone();
+        let _: i64 = self
+            .inner
+            .rearm
+            .key(self.timers_key())
+            .arg(transaction_id.to_string())
+            .arg(lease)
+            .arg(next.map(|t| t.as_millis().to_string()).unwrap_or_default())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.io(e))?;
+        Ok(())
+    }
+
+    async fn expire(&self, _finished_before: Timestamp) -> Result<usize, StoreError> {
+        // Finished workflows carry a TTL: Redis expires them itself.
+        Ok(0)
+    }
+
+    async fn put_definition(&self, definition: &WorkflowDefinition) -> Result<(), StoreError> {
+        let field = format!("{}@{}", definition.name(), definition.version());
+        let json = serde_json::to_string(definition).map_err(|e| self.corrupt(e))?;
+        let mut conn = self.inner.conn.clone();
+        let added: bool = redis::cmd("HSETNX")
+            .arg(self.defs_key())
+            .arg(&field)
+            .arg(&json)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.io(e))?;
+        if added {
+            return Ok(());
+        }
+        match self
+            .get_definition(definition.name().as_str(), definition.version())
+            .await?
+        {
+            Some(stored) => same_definition(&stored, definition),
+            None => Ok(()),
+        }
+    }
+
+    async fn get_definition(
+        &self,
+        name: &str,
+        version: u32,
+    ) -> Result<Option<WorkflowDefinition>, StoreError> {
+        let mut conn = self.inner.conn.clone();
+        let json: Option<String> = redis::cmd("HGET")
+            .arg(self.defs_key())
+            .arg(format!("{name}@{version}"))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.io(e))?;
+        json.map(|j| WorkflowDefinition::from_json(&j).map_err(|e| self.corrupt(e)))
+            .transpose()
+    }
+
+    async fn latest_definition(
+        &self,
+        name: &str,
+    ) -> Result<Option<WorkflowDefinition>, StoreError> {
+        let mut conn = self.inner.conn.clone();
+        let fields: Vec<String> = redis::cmd("HKEYS")
+            .arg(self.defs_key())
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.io(e))?;
+        let latest = fields
+            .iter()
+            .filter_map(|f| f.rsplit_once('@'))
+            .filter(|(n, _)| *n == name)
+            .filter_map(|(_, v)| v.parse::<u32>().ok())
+            .max();
+        match latest {
+            Some(v) => self.get_definition(name, v).await,
+            None => Ok(None),
+        }
+    }
+
+    async fn wait_terminal(
+        &self,
+        transaction_id: TransactionId,
+        timeout: Duration,
+    ) -> Result<Option<Versioned>, StoreError> {
+        self.ensure_listener();
+        let until = tokio::time::Instant::now() + timeout;
+        loop {
+            let (tx, rx) = oneshot::channel();
+            if let Ok(mut w) = self.inner.waiters.lock() {
+                w.entry(transaction_id).or_default().push(tx);
+            }
+            let current = self.get(transaction_id).await?;
+            let done = current.as_ref().is_none_or(|v| v.state.is_terminal());
+            if done || tokio::time::Instant::now() >= until {
+                if let Ok(mut w) = self.inner.waiters.lock()
+                    && let Some(list) = w.get_mut(&transaction_id)
+                {
+                    list.retain(|s| !s.is_closed());
+                    if list.is_empty() {
+                        w.remove(&transaction_id);
+                    }
+                }
+                return Ok(current);
+            }
+            // Woken by the finish announcement; re-read now and then in case
+            // it was missed (Pub/Sub keeps nothing while reconnecting).
+            let nap = (until - tokio::time::Instant::now()).min(Duration::from_millis(250));
+            let _ = tokio::time::timeout(nap, rx).await;
+        }
+    }
+}
