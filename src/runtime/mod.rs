@@ -141,6 +141,12 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Runs a shared worker in this process.
+    pub fn worker_with_arc(mut self, worker: Arc<dyn Worker>, options: WorkerOptions) -> Self {
+        self.workers.push((worker, options));
+        self
+    }
+
     /// Orchestrator settings.
     pub fn orchestrator_config(mut self, config: OrchestratorConfig) -> Self {
         self.orchestrator = config;

@@ -19,6 +19,10 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run an orchestrator against Redis until SIGINT or SIGTERM. Several may
+    /// run at once and share the work; workflow definitions come from the
+    /// store (registered by the code that starts workflows).
+    Serve(ServeArgs),
     /// Run a benchmark workload and report throughput, latency and memory.
     Bench {
         #[command(subcommand)]
@@ -26,7 +30,64 @@ enum Command {
     },
 }
 
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// The Redis server holding the bus and the state.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
+    redis_url: String,
+    /// Key prefix in Redis.
+    #[arg(long, default_value = "ma")]
+    prefix: String,
+    /// Result consumers in this process.
+    #[arg(long, default_value_t = 16)]
+    consumers: usize,
+    /// This process's name among the orchestrators.
+    #[arg(long)]
+    instance: Option<String>,
+}
+
+async fn serve(args: ServeArgs) -> Result<std::process::ExitCode, multiagents::Error> {
+    use multiagents::bus::{RedisBusConfig, RedisStreamsBus};
+    use multiagents::store::{RedisStateStore, RedisStoreConfig};
+    let bus =
+        RedisStreamsBus::connect(RedisBusConfig::new(&args.redis_url).prefix(&args.prefix)).await?;
+    let store =
+        RedisStateStore::connect(RedisStoreConfig::new(&args.redis_url).prefix(&args.prefix))
+            .await?;
+    let mut config = multiagents::OrchestratorConfig {
+        consumers: args.consumers,
+        redispatch_on_start: false,
+        redispatch_after: Some(std::time::Duration::from_secs(10)),
+        ..Default::default()
+    };
+    if let Some(name) = args.instance {
+        config.instance = name;
+    }
+    let runtime = multiagents::Runtime::builder()
+        .bus(bus)
+        .store(store)
+        .external_workers()
+        .orchestrator_config(config)
+        .start()
+        .await?;
+    eprintln!(
+        "orchestrator serving {} (prefix {}); stop with Ctrl-C or SIGTERM",
+        args.redis_url, args.prefix
+    );
+    bench::stopped().await;
+    eprintln!("stopping");
+    runtime.shutdown().await;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
 fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MULTIAGENTS_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -41,6 +102,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Bench { workload } => bench::run(workload).await,
+            Command::Serve(args) => serve(args).await,
         }
     });
     match result {
