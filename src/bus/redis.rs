@@ -89,6 +89,41 @@ impl RedisBusConfig {
     }
 }
 
+/// Multiplexed connections used in turn: one connection's driver task parses
+/// every reply on it, and became the bottleneck under load.
+pub(crate) struct Pool {
+    conns: Vec<ConnectionManager>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+/// Connections in a [`Pool`].
+const POOL_SIZE: usize = 4;
+
+impl Pool {
+    /// Opens the pool; the error is the server's.
+    pub(crate) async fn connect(client: &redis::Client) -> redis::RedisResult<Self> {
+        let mut conns = Vec::with_capacity(POOL_SIZE);
+        for _ in 0..POOL_SIZE {
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(5)))
+                .set_response_timeout(Some(Duration::from_secs(10)))
+                .set_number_of_retries(3)
+                .set_max_delay(Duration::from_secs(1));
+            conns.push(client.get_connection_manager_with_config(config).await?);
+        }
+        Ok(Self {
+            conns,
+            next: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    /// The next connection.
+    pub(crate) fn get(&self) -> ConnectionManager {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.conns[i % self.conns.len()].clone()
+    }
+}
+
 /// The URL without a password, for error messages.
 pub(crate) fn redacted(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -109,7 +144,7 @@ struct Inner {
     config: RedisBusConfig,
     address: String,
     client: redis::Client,
-    conn: ConnectionManager,
+    conn: Pool,
     codec: EventCodec,
     status: broadcast::Sender<Arc<Event>>,
     pubsub_started: std::sync::Once,
@@ -124,21 +159,13 @@ impl RedisStreamsBus {
             message: e.to_string(),
         };
         let client = redis::Client::open(config.url.as_str()).map_err(backend)?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(Duration::from_secs(10)))
-            .set_number_of_retries(6)
-            .set_max_delay(Duration::from_secs(2));
-        let conn = tokio::time::timeout(
-            Duration::from_secs(10),
-            client.get_connection_manager_with_config(manager_config),
-        )
-        .await
-        .map_err(|_| BusError::Backend {
-            address: address.clone(),
-            message: "connection timed out".into(),
-        })?
-        .map_err(backend)?;
+        let conn = tokio::time::timeout(Duration::from_secs(10), Pool::connect(&client))
+            .await
+            .map_err(|_| BusError::Backend {
+                address: address.clone(),
+                message: "connection timed out".into(),
+            })?
+            .map_err(backend)?;
         let (status, _) = broadcast::channel(4096);
         Ok(Self {
             inner: Arc::new(Inner {
@@ -219,7 +246,7 @@ impl EventBus for RedisStreamsBus {
                 .arg(bytes)
                 .ignore();
         }
-        let mut conn = self.inner.conn.clone();
+        let mut conn = self.inner.conn.get();
         pipe.query_async::<()>(&mut conn)
             .await
             .map_err(|e| self.err(e))
@@ -232,7 +259,7 @@ impl EventBus for RedisStreamsBus {
         consumer: &str,
     ) -> Result<Arc<dyn Consumer>, BusError> {
         let key = self.key(topic);
-        let mut conn = self.inner.conn.clone();
+        let mut conn = self.inner.conn.get();
         let created: redis::RedisResult<()> = redis::cmd("XGROUP")
             .arg("CREATE")
             .arg(&key)
@@ -262,14 +289,14 @@ impl EventBus for RedisStreamsBus {
         tracing::warn!(topic = %letter.topic, reason = %letter.reason, "event dead-lettered");
         let mut pipe = redis::pipe();
         self.dead_letter_cmd(&mut pipe, &letter);
-        let mut conn = self.inner.conn.clone();
+        let mut conn = self.inner.conn.get();
         pipe.query_async::<()>(&mut conn)
             .await
             .map_err(|e| self.err(e))
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BusError> {
-        let mut conn = self.inner.conn.clone();
+        let mut conn = self.inner.conn.get();
         let reply: Value = redis::cmd("XREVRANGE")
             .arg(self.dead_key())
             .arg("+")
@@ -308,7 +335,7 @@ impl EventBus for RedisStreamsBus {
             let Ok(bytes) = self.inner.codec.encode(&event) else {
                 return;
             };
-            let mut conn = self.inner.conn.clone();
+            let mut conn = self.inner.conn.get();
             let channel = self.status_channel();
             tokio::spawn(async move {
                 let _: redis::RedisResult<()> = redis::cmd("PUBLISH")
@@ -522,7 +549,7 @@ impl RedisConsumer {
                     .ignore();
                 pipe.cmd("XDEL").arg(&self.key).arg(id).ignore();
             }
-            let mut conn = self.bus.inner.conn.clone();
+            let mut conn = self.bus.inner.conn.get();
             pipe.query_async::<()>(&mut conn)
                 .await
                 .map_err(|e| self.bus.err(e))?;
@@ -535,7 +562,7 @@ impl RedisConsumer {
     async fn reclaim(&self, max: usize) -> Result<Vec<Delivery>, BusError> {
         let config = &self.bus.inner.config;
         let idle = config.visibility_timeout.as_millis() as u64;
-        let mut conn = self.bus.inner.conn.clone();
+        let mut conn = self.bus.inner.conn.get();
         let pending: Value = redis::cmd("XPENDING")
             .arg(&self.key)
             .arg(&self.group)
@@ -698,7 +725,7 @@ impl Consumer for RedisConsumer {
         if self.bus.inner.config.delete_on_ack {
             pipe.cmd("XDEL").arg(&self.key).arg(&texts).ignore();
         }
-        let mut conn = self.bus.inner.conn.clone();
+        let mut conn = self.bus.inner.conn.get();
         pipe.query_async::<()>(&mut conn)
             .await
             .map_err(|e| self.bus.err(e))
@@ -723,7 +750,7 @@ impl Consumer for RedisConsumer {
             .arg(&id)
             .ignore();
         pipe.cmd("XDEL").arg(&self.key).arg(&id).ignore();
-        let mut conn = self.bus.inner.conn.clone();
+        let mut conn = self.bus.inner.conn.get();
         pipe.query_async::<()>(&mut conn)
             .await
             .map_err(|e| self.bus.err(e))

@@ -23,6 +23,10 @@ pub struct OrchestratorConfig {
     pub consumers: usize,
     /// Results taken from the bus at once per consumer.
     pub batch_size: usize,
+    /// Handle the results of different workflows in one batch at once.
+    /// Worth it when the store is remote (Redis); in-process stores are
+    /// faster without the extra tasks.
+    pub parallel_results: bool,
     /// How often the store is asked for due timers.
     pub tick_interval: Duration,
     /// Republish the commands of every in-flight step at start. Right for the
@@ -41,6 +45,7 @@ impl Default for OrchestratorConfig {
             instance: format!("orchestrator-{}", std::process::id()),
             consumers: 2,
             batch_size: 256,
+            parallel_results: false,
             tick_interval: Duration::from_millis(10),
             redispatch_on_start: true,
             redispatch_after: None,
@@ -91,6 +96,7 @@ pub(crate) async fn start(
             engine.clone(),
             consumer,
             config.batch_size,
+            config.parallel_results,
             stop.clone(),
         ));
     }
@@ -111,10 +117,62 @@ enum Verdict {
     Later,
 }
 
+/// Handles a batch of results: in order when `parallel` is false; otherwise
+/// the results of different workflows at once (those of one workflow still in
+/// order), which pays when each transition waits on a remote store.
+async fn handle_batch(
+    engine: &Arc<Engine>,
+    batch: Vec<Delivery>,
+    parallel: bool,
+) -> Vec<(Delivery, Verdict)> {
+    if !parallel || batch.len() < 2 {
+        let mut out = Vec::with_capacity(batch.len());
+        for d in batch {
+            let v = handle_result(engine, &d.event).await;
+            out.push((d, v));
+        }
+        return out;
+    }
+    let mut groups: Vec<Vec<Delivery>> = Vec::new();
+    let mut index: std::collections::HashMap<crate::core::TransactionId, usize> =
+        std::collections::HashMap::new();
+    for d in batch {
+        match index.get(&d.event.transaction_id) {
+            Some(&i) => groups[i].push(d),
+            None => {
+                index.insert(d.event.transaction_id, groups.len());
+                groups.push(vec![d]);
+            }
+        }
+    }
+    let mut set = JoinSet::new();
+    for deliveries in groups {
+        let engine = engine.clone();
+        set.spawn(async move {
+            let mut out = Vec::with_capacity(deliveries.len());
+            for d in deliveries {
+                let v = handle_result(&engine, &d.event).await;
+                out.push((d, v));
+            }
+            out
+        });
+    }
+    let mut out = Vec::new();
+    while let Some(done) = set.join_next().await {
+        match done {
+            Ok(v) => out.extend(v),
+            // A panicking transition leaves its results unacked: redelivered.
+            Err(e) => tracing::error!(error = %e, "handling a result panicked"),
+        }
+    }
+    out
+}
+
 async fn results_loop(
     engine: Arc<Engine>,
     consumer: Arc<dyn Consumer>,
     batch_size: usize,
+    parallel: bool,
     stop: CancellationToken,
 ) {
     let mut acks = Vec::with_capacity(batch_size);
@@ -131,8 +189,8 @@ async fn results_loop(
                 continue;
             }
         };
-        for delivery in batch {
-            match handle_result(&engine, &delivery.event).await {
+        for (delivery, verdict) in handle_batch(&engine, batch, parallel).await {
+            match verdict {
                 Verdict::Ack => acks.push(delivery.id),
                 Verdict::Reject(reason) => reject(&*consumer, &delivery, &reason).await,
                 Verdict::Later => {}

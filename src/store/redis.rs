@@ -24,13 +24,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::Script;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::oneshot;
 
 use super::{
     ListQuery, StateStore, StoreError, Version, Versioned, WorkflowSummary, same_definition,
 };
-use crate::bus::redis::redacted;
+use crate::bus::redis::{Pool, redacted};
 use crate::core::{
     Timestamp, TransactionId, WorkflowDefinition, WorkflowName, WorkflowState, WorkflowStatus,
 };
@@ -113,7 +112,7 @@ struct Inner {
     config: RedisStoreConfig,
     address: String,
     client: redis::Client,
-    conn: ConnectionManager,
+    conn: Pool,
     cas: Script,
     lease_due: Script,
     rearm: Script,
@@ -132,21 +131,13 @@ impl RedisStateStore {
             message: e.to_string(),
         };
         let client = redis::Client::open(config.url.as_str()).map_err(io)?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(Duration::from_secs(10)))
-            .set_number_of_retries(6)
-            .set_max_delay(Duration::from_secs(2));
-        let conn = tokio::time::timeout(
-            Duration::from_secs(10),
-            client.get_connection_manager_with_config(manager_config),
-        )
-        .await
-        .map_err(|_| StoreError::Io {
-            location: address.clone(),
-            message: "connection timed out".into(),
-        })?
-        .map_err(io)?;
+        let conn = tokio::time::timeout(Duration::from_secs(10), Pool::connect(&client))
+            .await
+            .map_err(|_| StoreError::Io {
+                location: address.clone(),
+                message: "connection timed out".into(),
+            })?
+            .map_err(io)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
@@ -229,7 +220,7 @@ impl RedisStateStore {
             .arg(self.finished_channel())
             .arg(tx.to_string());
         // Scripts are sent by hash; load once so a pipeline can use EVALSHA.
-        let mut conn = self.inner.conn.clone();
+        let mut conn = self.inner.conn.get();
         let reply: (i64, u64) = {
             pipe.invoke_script(&invocation);
             match pipe.query_async::<((i64, u64),)>(&mut conn).await {
@@ -317,7 +308,7 @@ impl StateStore for RedisStateStore {
     }
 
     async fn get(&self, transaction_id: TransactionId) -> Result<Option<Versioned>, StoreError> {
-        let mut conn = self.inner.conn.clone();
+        let mut conn = self.inner.conn.get();
         let (version, json): (Option<u64>, Option<String>) = redis::cmd("HMGET")
             .arg(self.key(transaction_id))
             .arg("v")
@@ -347,7 +338,7 @@ impl StateStore for RedisStateStore {
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<WorkflowSummary>, StoreError> {
-        let mut conn = self.inner.conn.clone();
+        let mut conn = self.inner.conn.get();
         let pattern = format!("{{{}:wf:*", self.inner.config.prefix);
         let mut cursor: u64 = 0;
         let mut out = Vec::new();
@@ -432,7 +423,7 @@ impl StateStore for RedisStateStore {
 
     async fn due(&self, now: Timestamp, limit: usize) -> Result<Vec<TransactionId>, StoreError> {
         let lease = now.plus(self.inner.config.timer_lease).as_millis();
-        let mut conn = self.inner.conn.clone();
+        let mut conn = self.inner.conn.get();
         let ids: Vec<String> = self
             .inner
             .lease_due
@@ -466,7 +457,7 @@ impl StateStore for RedisStateStore {
             .get(transaction_id)
             .await?
             .and_then(|v| v.state.next_wakeup());
-        let mut conn = self.inner.conn.clone();
+        let mut conn = self.inner.conn.get();
         let _: i64 = self
             .inner
             .rearm
@@ -488,7 +479,7 @@ impl StateStore for RedisStateStore {
     async fn put_definition(&self, definition: &WorkflowDefinition) -> Result<(), StoreError> {
         let field = format!("{}@{}", definition.name(), definition.version());
         let json = serde_json::to_string(definition).map_err(|e| self.corrupt(e))?;
-        let mut conn = self.inner.conn.clone();
+        let mut conn = self.inner.conn.get();
         let added: bool = redis::cmd("HSETNX")
             .arg(self.defs_key())
             .arg(&field)
@@ -513,7 +504,7 @@ impl StateStore for RedisStateStore {
         name: &str,
         version: u32,
     ) -> Result<Option<WorkflowDefinition>, StoreError> {
-        let mut conn = self.inner.conn.clone();
+        let mut conn = self.inner.conn.get();
         let json: Option<String> = redis::cmd("HGET")
             .arg(self.defs_key())
             .arg(format!("{name}@{version}"))
@@ -528,7 +519,7 @@ impl StateStore for RedisStateStore {
         &self,
         name: &str,
     ) -> Result<Option<WorkflowDefinition>, StoreError> {
-        let mut conn = self.inner.conn.clone();
+        let mut conn = self.inner.conn.get();
         let fields: Vec<String> = redis::cmd("HKEYS")
             .arg(self.defs_key())
             .query_async(&mut conn)

@@ -56,6 +56,7 @@ async fn serve(args: ServeArgs) -> Result<std::process::ExitCode, multiagents::E
             .await?;
     let mut config = multiagents::OrchestratorConfig {
         consumers: args.consumers,
+        parallel_results: true,
         redispatch_on_start: false,
         redispatch_after: Some(std::time::Duration::from_secs(10)),
         ..Default::default()
