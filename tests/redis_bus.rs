@@ -252,3 +252,81 @@ async fn sagas_run_and_compensate_over_redis_streams() {
     );
     rt.shutdown().await;
 }
+
+#[tokio::test]
+async fn pub_sub_status_reaches_listeners_and_is_lost_when_nobody_listens() {
+    use multiagents::bus::RedisPubSubBus;
+    let Some(url) = common::redis_url() else {
+        return;
+    };
+    let channel = format!("{}:status", common::unique_prefix("pubsub"));
+    let publisher = RedisPubSubBus::connect(&url, &channel)
+        .await
+        .expect("connects");
+    let listener = RedisPubSubBus::connect(&url, &channel)
+        .await
+        .expect("connects");
+    // Published before anyone subscribed: gone, by design.
+    publisher.broadcast(&event(1));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut rx = listener.subscribe();
+    assert!(
+        listener.subscribed(Duration::from_secs(5)).await,
+        "subscription is up"
+    );
+    publisher.broadcast(&event(2));
+    let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("in time")
+        .expect("received");
+    assert_eq!(
+        got.attempt, 2,
+        "the first message was published to nobody and is lost"
+    );
+}
+
+#[tokio::test]
+async fn a_streams_bus_with_broadcast_status_sends_workflow_status_over_pub_sub() {
+    use multiagents::worker::{WorkerError, from_fn};
+    use multiagents::{Runtime, WorkflowBuilder};
+    let Some((bus, url, prefix)) = bus("status", |mut c| {
+        c.broadcast_status = true;
+        c
+    })
+    .await
+    else {
+        return;
+    };
+    // Another process's view: a separate subscriber on the same channel.
+    let watcher = multiagents::bus::RedisPubSubBus::connect(&url, format!("{prefix}:status"))
+        .await
+        .expect("connects");
+    let mut rx = watcher.subscribe();
+    assert!(watcher.subscribed(Duration::from_secs(5)).await);
+    let rt = Runtime::builder()
+        .bus(bus)
+        .workflow(
+            WorkflowBuilder::new("w")
+                .step("s", "ok")
+                .build()
+                .expect("valid"),
+        )
+        .worker(from_fn("ok", |_: (), _| async { Ok::<_, WorkerError>(()) }))
+        .start()
+        .await
+        .expect("starts");
+    let tx = rt.client().start("w", &()).await.expect("start");
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let e = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("in time")
+            .expect("received");
+        if e.transaction_id == tx {
+            let update: serde_json::Value = e.payload.parse().expect("json");
+            seen.push(update["event"].as_str().unwrap_or("").to_string());
+        }
+    }
+    assert_eq!(seen, ["started", "step_completed", "finished"]);
+    rt.shutdown().await;
+}

@@ -29,7 +29,7 @@ use tokio::sync::broadcast;
 use crate::core::{Event, Timestamp, WorkerName};
 
 #[cfg(feature = "redis")]
-pub use self::redis::{RedisBusConfig, RedisStreamsBus};
+pub use self::redis::{RedisBusConfig, RedisPubSubBus, RedisStreamsBus};
 pub use memory::{MemoryBus, MemoryBusConfig};
 
 /// The topic results and errors go to.

@@ -147,7 +147,8 @@ struct Inner {
     conn: Pool,
     codec: EventCodec,
     status: broadcast::Sender<Arc<Event>>,
-    pubsub_started: std::sync::Once,
+    /// Status over Redis Pub/Sub, when `broadcast_status` is on.
+    pubsub: Option<RedisPubSubBus>,
 }
 
 impl RedisStreamsBus {
@@ -167,6 +168,11 @@ impl RedisStreamsBus {
             })?
             .map_err(backend)?;
         let (status, _) = broadcast::channel(4096);
+        let pubsub = if config.broadcast_status {
+            Some(RedisPubSubBus::connect(&config.url, format!("{}:status", config.prefix)).await?)
+        } else {
+            None
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 codec: EventCodec::with_limit(config.max_event_bytes),
@@ -175,7 +181,7 @@ impl RedisStreamsBus {
                 client,
                 conn,
                 status,
-                pubsub_started: std::sync::Once::new(),
+                pubsub,
             }),
         })
     }
@@ -186,10 +192,6 @@ impl RedisStreamsBus {
 
     fn dead_key(&self) -> String {
         self.key("dead-letters")
-    }
-
-    fn status_channel(&self) -> String {
-        format!("{}:status", self.inner.config.prefix)
     }
 
     fn err(&self, e: redis::RedisError) -> BusError {
@@ -331,62 +333,147 @@ impl EventBus for RedisStreamsBus {
     }
 
     fn broadcast(&self, event: Event) {
-        if self.inner.config.broadcast_status {
-            let Ok(bytes) = self.inner.codec.encode(&event) else {
-                return;
-            };
-            let mut conn = self.inner.conn.get();
-            let channel = self.status_channel();
-            tokio::spawn(async move {
-                let _: redis::RedisResult<()> = redis::cmd("PUBLISH")
-                    .arg(channel)
-                    .arg(bytes)
-                    .query_async(&mut conn)
-                    .await;
-            });
-        } else if self.inner.status.receiver_count() > 0 {
-            let _ = self.inner.status.send(Arc::new(event));
+        match &self.inner.pubsub {
+            Some(pubsub) => pubsub.broadcast(&event),
+            None => {
+                if self.inner.status.receiver_count() > 0 {
+                    let _ = self.inner.status.send(Arc::new(event));
+                }
+            }
         }
     }
 
     fn has_status_listeners(&self) -> bool {
-        self.inner.config.broadcast_status || self.inner.status.receiver_count() > 0
+        self.inner.pubsub.is_some() || self.inner.status.receiver_count() > 0
     }
 
     fn subscribe_status(&self) -> broadcast::Receiver<Arc<Event>> {
-        let rx = self.inner.status.subscribe();
-        if self.inner.config.broadcast_status {
-            let bus = self.clone();
-            self.inner.pubsub_started.call_once(|| {
-                tokio::spawn(async move { bus.listen_status().await });
-            });
+        match &self.inner.pubsub {
+            Some(pubsub) => pubsub.subscribe(),
+            None => self.inner.status.subscribe(),
         }
-        rx
     }
 }
 
-impl RedisStreamsBus {
-    /// Feeds Redis Pub/Sub status messages to local subscribers, reconnecting
-    /// when the connection drops (messages sent meanwhile are lost: Pub/Sub
-    /// keeps nothing).
-    async fn listen_status(&self) {
+/// Status broadcast over Redis Pub/Sub: **fire-and-forget**. Redis keeps
+/// nothing: a message published while nobody is subscribed, or while a
+/// subscriber reconnects, is lost. That is why commands and results never go
+/// through it — only status events (workflow started, step done, finished)
+/// that dashboards and tails may miss without harm.
+#[derive(Clone)]
+pub struct RedisPubSubBus {
+    inner: Arc<PubSubInner>,
+}
+
+struct PubSubInner {
+    client: redis::Client,
+    /// To the one task that publishes, in order.
+    outbox: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+    address: String,
+    channel: String,
+    codec: EventCodec,
+    local: broadcast::Sender<Arc<Event>>,
+    listening: std::sync::Once,
+    subscribed: tokio::sync::watch::Sender<bool>,
+}
+
+impl RedisPubSubBus {
+    /// Connects to `url`; status events go to `channel`.
+    pub async fn connect(url: &str, channel: impl Into<String>) -> Result<Self, BusError> {
+        let address = redacted(url);
+        let backend = |e: redis::RedisError| BusError::Backend {
+            address: address.clone(),
+            message: e.to_string(),
+        };
+        let client = redis::Client::open(url).map_err(backend)?;
+        let conn = tokio::time::timeout(Duration::from_secs(10), client.get_connection_manager())
+            .await
+            .map_err(|_| BusError::Backend {
+                address: address.clone(),
+                message: "connection timed out".into(),
+            })?
+            .map_err(backend)?;
+        let (local, _) = broadcast::channel(4096);
+        let (subscribed, _) = tokio::sync::watch::channel(false);
+        let (outbox, mut queue) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+        let publish_channel: String = channel.into();
+        let channel = publish_channel.clone();
+        tokio::spawn(async move {
+            let mut conn = conn;
+            while let Some(first) = queue.recv().await {
+                // Whatever queued meanwhile goes in the same round trip, in order.
+                let mut pipe = redis::pipe();
+                pipe.cmd("PUBLISH")
+                    .arg(&publish_channel)
+                    .arg(first)
+                    .ignore();
+                while let Ok(more) = queue.try_recv() {
+                    pipe.cmd("PUBLISH").arg(&publish_channel).arg(more).ignore();
+                }
+                let _: redis::RedisResult<()> = pipe.query_async(&mut conn).await;
+            }
+        });
+        Ok(Self {
+            inner: Arc::new(PubSubInner {
+                client,
+                outbox,
+                address,
+                channel,
+                codec: EventCodec::default(),
+                local,
+                listening: std::sync::Once::new(),
+                subscribed,
+            }),
+        })
+    }
+
+    /// Publishes a status event, without waiting and without any guarantee.
+    pub fn broadcast(&self, event: &Event) {
+        let Ok(bytes) = self.inner.codec.encode(event) else {
+            return;
+        };
+        let _ = self.inner.outbox.send(bytes);
+    }
+
+    /// Receives status events from now on (once the subscription is up; see
+    /// [`RedisPubSubBus::subscribed`]).
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+        let rx = self.inner.local.subscribe();
+        let me = self.clone();
+        self.inner.listening.call_once(|| {
+            tokio::spawn(async move { me.listen().await });
+        });
+        rx
+    }
+
+    /// Waits until the subscription is active (at most `timeout`); returns
+    /// whether it is.
+    pub async fn subscribed(&self, timeout: Duration) -> bool {
+        let mut rx = self.inner.subscribed.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|up| *up))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    async fn listen(&self) {
         use futures_lite_stream::next;
         loop {
             match self.inner.client.get_async_pubsub().await {
                 Ok(mut pubsub) => {
-                    if pubsub.subscribe(self.status_channel()).await.is_ok() {
+                    if pubsub.subscribe(&self.inner.channel).await.is_ok() {
+                        let _ = self.inner.subscribed.send(true);
                         let mut stream = std::pin::pin!(pubsub.on_message());
                         while let Some(msg) = next(&mut stream).await {
-                            let payload: Vec<u8> = msg.get_payload_bytes().to_vec();
-                            match self.inner.codec.decode(&payload) {
+                            match self.inner.codec.decode(msg.get_payload_bytes()) {
                                 Ok(event) => {
-                                    let _ = self.inner.status.send(Arc::new(event));
+                                    let _ = self.inner.local.send(Arc::new(event));
                                 }
                                 Err(e) => {
                                     tracing::warn!(error = %e, "undecodable status broadcast ignored")
                                 }
                             }
                         }
+                        let _ = self.inner.subscribed.send(false);
                     }
                 }
                 Err(e) => {
