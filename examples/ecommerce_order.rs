@@ -48,6 +48,44 @@ struct Args {
     /// Print the timelines of at most this many orders (every failed one first).
     #[arg(long, default_value_t = 10)]
     show: usize,
+    /// Use Redis for the bus and the state instead of the embedded mode
+    /// (build with `--features redis`), so that roles can run in separate processes.
+    #[arg(long)]
+    redis_url: Option<String>,
+    /// Key prefix in Redis.
+    #[arg(long, default_value = "shop")]
+    prefix: String,
+    /// What this process runs: everything, only the workers, only an
+    /// orchestrator (those two until Ctrl-C), or only the client placing orders.
+    #[arg(long, value_enum, default_value_t = Role::All)]
+    role: Role,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Role {
+    All,
+    Workers,
+    Orchestrator,
+    Client,
+}
+
+type Backends = (
+    std::sync::Arc<dyn multiagents::bus::EventBus>,
+    std::sync::Arc<dyn multiagents::store::StateStore>,
+);
+
+#[cfg(feature = "redis")]
+async fn redis_backends(url: &str, prefix: &str) -> Result<Backends, Box<dyn std::error::Error>> {
+    use multiagents::bus::{RedisBusConfig, RedisStreamsBus};
+    use multiagents::store::{RedisStateStore, RedisStoreConfig};
+    let bus = RedisStreamsBus::connect(RedisBusConfig::new(url).prefix(prefix)).await?;
+    let store = RedisStateStore::connect(RedisStoreConfig::new(url).prefix(prefix)).await?;
+    Ok((std::sync::Arc::new(bus), std::sync::Arc::new(store)))
+}
+
+#[cfg(not(feature = "redis"))]
+async fn redis_backends(_url: &str, _prefix: &str) -> Result<Backends, Box<dyn std::error::Error>> {
+    Err("--redis-url needs the redis feature: cargo run --features redis --example ecommerce_order -- --redis-url …".into())
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -278,24 +316,109 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         reservations: Arc::new(Mutex::new(HashMap::new())),
         compensate: false,
     };
-    let store = FileStore::open(&args.store)?;
-    let runtime = Runtime::builder()
-        .store(store)
-        .workflow(definition()?)
-        .worker(validate_order)
-        .worker(warehouse.clone())
-        .worker(Warehouse {
-            compensate: true,
-            ..warehouse.clone()
-        })
-        .worker(process_payment)
-        .worker(refund_payment)
-        .worker(generate_confirmation)
-        .worker_with(fulfill_order, WorkerOptions::default().concurrency(32))
-        .worker(notify_customer)
-        .start()
-        .await?;
-    let client = runtime.client();
+    let (bus, store): Backends = match &args.redis_url {
+        Some(url) => redis_backends(url, &args.prefix).await?,
+        None if args.role != Role::All => {
+            return Err("--role other than `all` needs --redis-url: roles in separate processes share a Redis".into());
+        }
+        None => (
+            std::sync::Arc::new(multiagents::bus::MemoryBus::new()),
+            std::sync::Arc::new(FileStore::open(&args.store)?),
+        ),
+    };
+    let workers: Vec<(std::sync::Arc<dyn Worker>, WorkerOptions)> = vec![
+        (
+            std::sync::Arc::new(validate_order),
+            WorkerOptions::default(),
+        ),
+        (
+            std::sync::Arc::new(warehouse.clone()),
+            WorkerOptions::default(),
+        ),
+        (
+            std::sync::Arc::new(Warehouse {
+                compensate: true,
+                ..warehouse.clone()
+            }),
+            WorkerOptions::default(),
+        ),
+        (
+            std::sync::Arc::new(process_payment),
+            WorkerOptions::default(),
+        ),
+        (
+            std::sync::Arc::new(refund_payment),
+            WorkerOptions::default(),
+        ),
+        (
+            std::sync::Arc::new(generate_confirmation),
+            WorkerOptions::default(),
+        ),
+        (
+            std::sync::Arc::new(fulfill_order),
+            WorkerOptions::default().concurrency(32),
+        ),
+        (
+            std::sync::Arc::new(notify_customer),
+            WorkerOptions::default(),
+        ),
+    ];
+    let runtime = match args.role {
+        Role::Workers => {
+            let mut manager = multiagents::worker::WorkerManager::new(bus);
+            for (w, o) in workers {
+                manager = manager.register_arc(w, o);
+            }
+            let handle = manager.start().await?;
+            println!(
+                "workers running (prefix {}); Ctrl-C to drain and stop",
+                args.prefix
+            );
+            tokio::signal::ctrl_c().await?;
+            handle.shutdown().await;
+            return Ok(());
+        }
+        Role::Orchestrator => {
+            let runtime = Runtime::builder()
+                .bus_arc(bus)
+                .store_arc(store)
+                .workflow(definition()?)
+                .external_workers()
+                .orchestrator_config(multiagents::OrchestratorConfig {
+                    redispatch_on_start: false,
+                    redispatch_after: Some(Duration::from_secs(60)),
+                    ..Default::default()
+                })
+                .start()
+                .await?;
+            println!(
+                "orchestrator running (prefix {}); Ctrl-C to stop",
+                args.prefix
+            );
+            tokio::signal::ctrl_c().await?;
+            runtime.shutdown().await;
+            return Ok(());
+        }
+        Role::Client => {
+            let client = multiagents::Client::new(bus, store);
+            client.register(&definition()?).await?;
+            (None, client)
+        }
+        Role::All => {
+            let mut builder = Runtime::builder()
+                .bus_arc(bus)
+                .store_arc(store)
+                .workflow(definition()?);
+            for (w, o) in workers {
+                builder = builder.worker_with_arc(w, o);
+            }
+            let runtime = builder.start().await?;
+            let client = runtime.client();
+            (Some(runtime), client)
+        }
+    };
+    let (runtime, client) = runtime;
+    let local_stock = args.role == Role::All;
 
     let mut ids: Vec<TransactionId> = Vec::new();
     for status in [WorkflowStatus::Running, WorkflowStatus::Compensating] {
@@ -406,11 +529,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         count(WorkflowStatus::CompensationFailed)
     );
     println!("  retries              {retries}");
-    println!(
-        "  stock taken          {}  (= items in completed orders placed in this run: {kept})",
-        before - after
-    );
-    println!("  state file           {}", args.store.display());
-    runtime.shutdown().await;
+    if local_stock {
+        // The warehouse's stock lives in this process only when its workers do.
+        println!(
+            "  stock taken          {}  (= items in completed orders placed in this run: {kept})",
+            before - after
+        );
+    }
+    match &args.redis_url {
+        Some(_) => println!("  state                Redis, prefix {}", args.prefix),
+        None => println!("  state file           {}", args.store.display()),
+    }
+    if let Some(runtime) = runtime {
+        runtime.shutdown().await;
+    }
     Ok(())
 }
