@@ -330,3 +330,85 @@ async fn a_streams_bus_with_broadcast_status_sends_workflow_status_over_pub_sub(
     assert_eq!(seen, ["started", "step_completed", "finished"]);
     rt.shutdown().await;
 }
+
+#[tokio::test]
+async fn results_for_unknown_transactions_written_into_redis_are_dead_lettered() {
+    use multiagents::worker::{WorkerError, from_fn};
+    use multiagents::{Runtime, WorkflowBuilder, WorkflowStatus};
+    let Some((bus, url, prefix)) = bus("unknown", |c| c).await else {
+        return;
+    };
+    let rt = Runtime::builder()
+        .bus(bus.clone())
+        .workflow(
+            WorkflowBuilder::new("w")
+                .step("s", "ok")
+                .build()
+                .expect("valid"),
+        )
+        .worker(from_fn("ok", |_: (), _| async { Ok::<_, WorkerError>(()) }))
+        .start()
+        .await
+        .expect("starts");
+    let mut raw = redis::Client::open(url.as_str())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("conn");
+    let mut stray = Event::new(
+        EventKind::Result,
+        TransactionId::new(),
+        CorrelationId::new(),
+        "w".into(),
+        Payload::null(),
+    );
+    stray.step = Some("s".into());
+    let results = format!("{{{prefix}:results}}");
+    let _: String = raw
+        .xadd(
+            &results,
+            "*",
+            &[("e", serde_json::to_vec(&stray).expect("json"))],
+        )
+        .await
+        .expect("xadd");
+    let _: String = raw
+        .xadd(&results, "*", &[("e", b"not an event".to_vec())])
+        .await
+        .expect("xadd");
+    // The orchestrator keeps working.
+    let tx = rt.client().start("w", &()).await.expect("start");
+    assert_eq!(
+        rt.client()
+            .wait(tx, Duration::from_secs(10))
+            .await
+            .expect("ends")
+            .status,
+        WorkflowStatus::Completed
+    );
+    let mut reasons = Vec::new();
+    for _ in 0..100 {
+        reasons = bus
+            .dead_letters(10)
+            .await
+            .expect("dead letters")
+            .into_iter()
+            .map(|d| d.reason)
+            .collect();
+        if reasons.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r == &format!("unknown transaction {}", stray.transaction_id)),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.starts_with("undecodable event")),
+        "{reasons:?}"
+    );
+    rt.shutdown().await;
+}
