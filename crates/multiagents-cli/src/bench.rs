@@ -462,8 +462,12 @@ async fn backend(
             let store = RedisStateStore::connect(store_config).await?;
             let client = redis::Client::open(args.redis_url.as_str())
                 .map_err(|e| Error::Config(format!("Redis at {}: {e}", args.redis_url)))?;
+            // Reading the effect counts at the end moves a large hash: give it time.
+            let config = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(5)))
+                .set_response_timeout(Some(Duration::from_secs(60)));
             let conn = client
-                .get_connection_manager()
+                .get_connection_manager_with_config(config)
                 .await
                 .map_err(|e| Error::Config(format!("Redis at {}: {e}", args.redis_url)))?;
             Ok((
