@@ -182,13 +182,6 @@ impl EventBus for MemoryBus {
         Ok(())
     }
 
-    async fn publish_many(&self, events: Vec<(String, Event)>) -> Result<(), BusError> {
-        for (topic, event) in events {
-            self.publish(&topic, event).await?;
-        }
-        Ok(())
-    }
-
     async fn consumer(
         &self,
         topic: &str,

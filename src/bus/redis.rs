@@ -566,6 +566,18 @@ fn id_text(id: &DeliveryId) -> String {
 }
 
 impl RedisConsumer {
+    /// Queues `letter` on the dead-letter stream and drops entry `id` from
+    /// the group and the stream.
+    fn move_to_dead_letters(&self, pipe: &mut redis::Pipeline, letter: &DeadLetter, id: &str) {
+        self.bus.dead_letter_cmd(pipe, letter);
+        pipe.cmd("XACK")
+            .arg(&self.key)
+            .arg(&self.group)
+            .arg(id)
+            .ignore();
+        pipe.cmd("XDEL").arg(&self.key).arg(id).ignore();
+    }
+
     async fn reader(&self) -> Result<MultiplexedConnection, BusError> {
         let mut slot = self.reader.lock().await;
         if let Some(c) = slot.as_ref() {
@@ -628,13 +640,7 @@ impl RedisConsumer {
                     at: Timestamp::now(),
                     body: body.clone(),
                 };
-                self.bus.dead_letter_cmd(&mut pipe, &letter);
-                pipe.cmd("XACK")
-                    .arg(&self.key)
-                    .arg(&self.group)
-                    .arg(id)
-                    .ignore();
-                pipe.cmd("XDEL").arg(&self.key).arg(id).ignore();
+                self.move_to_dead_letters(&mut pipe, &letter, id);
             }
             let mut conn = self.bus.inner.conn.get();
             pipe.query_async::<()>(&mut conn)
@@ -704,13 +710,7 @@ impl RedisConsumer {
             };
             tracing::warn!(topic = %self.topic, id = %id, "{}", letter.reason);
             let mut pipe = redis::pipe();
-            self.bus.dead_letter_cmd(&mut pipe, &letter);
-            pipe.cmd("XACK")
-                .arg(&self.key)
-                .arg(&self.group)
-                .arg(&id)
-                .ignore();
-            pipe.cmd("XDEL").arg(&self.key).arg(&id).ignore();
+            self.move_to_dead_letters(&mut pipe, &letter, &id);
             pipe.query_async::<()>(&mut conn)
                 .await
                 .map_err(|e| self.bus.err(e))?;
@@ -830,13 +830,7 @@ impl Consumer for RedisConsumer {
         };
         tracing::warn!(topic = %self.topic, reason, "event dead-lettered");
         let mut pipe = redis::pipe();
-        self.bus.dead_letter_cmd(&mut pipe, &letter);
-        pipe.cmd("XACK")
-            .arg(&self.key)
-            .arg(&self.group)
-            .arg(&id)
-            .ignore();
-        pipe.cmd("XDEL").arg(&self.key).arg(&id).ignore();
+        self.move_to_dead_letters(&mut pipe, &letter, &id);
         let mut conn = self.bus.inner.conn.get();
         pipe.query_async::<()>(&mut conn)
             .await

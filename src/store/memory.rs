@@ -8,6 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::oneshot;
 
+use super::newest_first;
 use super::{
     ListQuery, StateStore, StoreError, Version, Versioned, WorkflowSummary, same_definition,
 };
@@ -270,14 +271,7 @@ impl StateStore for MemoryStore {
                     .map(|v| WorkflowSummary::of(&v.state)),
             );
         }
-        out.sort_by(|a, b| {
-            b.started_at
-                .cmp(&a.started_at)
-                .then(b.transaction_id.cmp(&a.transaction_id))
-        });
-        if query.limit > 0 {
-            out.truncate(query.limit);
-        }
+        newest_first(&mut out, query.limit);
         Ok(out)
     }
 

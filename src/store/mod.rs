@@ -216,6 +216,18 @@ pub trait StateStore: Send + Sync + 'static {
     }
 }
 
+/// Orders a listing most recently started first and applies its limit.
+pub(crate) fn newest_first(out: &mut Vec<WorkflowSummary>, limit: usize) {
+    out.sort_by(|a, b| {
+        b.started_at
+            .cmp(&a.started_at)
+            .then(b.transaction_id.cmp(&a.transaction_id))
+    });
+    if limit > 0 {
+        out.truncate(limit);
+    }
+}
+
 /// Checks a definition against a stored one with the same name and version.
 pub(crate) fn same_definition(
     stored: &WorkflowDefinition,

@@ -26,6 +26,7 @@ use async_trait::async_trait;
 use redis::Script;
 use tokio::sync::oneshot;
 
+use super::newest_first;
 use super::{
     ListQuery, StateStore, StoreError, Version, Versioned, WorkflowSummary, same_definition,
 };
@@ -410,14 +411,7 @@ impl StateStore for RedisStateStore {
                 break;
             }
         }
-        out.sort_by(|a, b| {
-            b.started_at
-                .cmp(&a.started_at)
-                .then(b.transaction_id.cmp(&a.transaction_id))
-        });
-        if query.limit > 0 {
-            out.truncate(query.limit);
-        }
+        newest_first(&mut out, query.limit);
         Ok(out)
     }
 
