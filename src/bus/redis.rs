@@ -456,41 +456,55 @@ impl RedisPubSubBus {
     }
 
     async fn listen(&self) {
-        use futures_lite_stream::next;
-        loop {
-            match self.inner.client.get_async_pubsub().await {
-                Ok(mut pubsub) => {
-                    if pubsub.subscribe(&self.inner.channel).await.is_ok() {
-                        let _ = self.inner.subscribed.send(true);
-                        let mut stream = std::pin::pin!(pubsub.on_message());
-                        while let Some(msg) = next(&mut stream).await {
-                            match self.inner.codec.decode(msg.get_payload_bytes()) {
-                                Ok(event) => {
-                                    let _ = self.inner.local.send(Arc::new(event));
-                                }
-                                Err(e) => {
-                                    tracing::warn!(error = %e, "undecodable status broadcast ignored")
-                                }
-                            }
-                        }
-                        let _ = self.inner.subscribed.send(false);
-                    }
+        let inner = &self.inner;
+        follow_channel(
+            &inner.client,
+            &inner.channel,
+            &inner.address,
+            |up| {
+                let _ = inner.subscribed.send(up);
+            },
+            |payload| match inner.codec.decode(payload) {
+                Ok(event) => {
+                    let _ = inner.local.send(Arc::new(event));
                 }
-                Err(e) => {
-                    tracing::warn!(address = %self.inner.address, error = %e, "status subscription failed; retrying")
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+                Err(e) => tracing::warn!(error = %e, "undecodable status broadcast ignored"),
+            },
+        )
+        .await
     }
 }
 
-mod futures_lite_stream {
-    use std::pin::Pin;
-
-    /// The next item of a stream.
-    pub async fn next<S: futures_core::Stream + Unpin>(s: &mut S) -> Option<S::Item> {
-        std::future::poll_fn(|cx| Pin::new(&mut *s).poll_next(cx)).await
+/// Follows a Pub/Sub channel forever, handing each message's payload to
+/// `on_message` and resubscribing when the connection drops (messages sent
+/// meanwhile are lost: Pub/Sub keeps nothing). `on_state` is told when the
+/// subscription comes up and goes down.
+pub(crate) async fn follow_channel(
+    client: &redis::Client,
+    channel: &str,
+    address: &str,
+    mut on_state: impl FnMut(bool),
+    mut on_message: impl FnMut(&[u8]),
+) {
+    loop {
+        match client.get_async_pubsub().await {
+            Ok(mut pubsub) => {
+                if pubsub.subscribe(channel).await.is_ok() {
+                    on_state(true);
+                    let mut stream = std::pin::pin!(pubsub.on_message());
+                    while let Some(msg) = std::future::poll_fn(|cx| {
+                        futures_core::Stream::poll_next(stream.as_mut(), cx)
+                    })
+                    .await
+                    {
+                        on_message(msg.get_payload_bytes());
+                    }
+                    on_state(false);
+                }
+            }
+            Err(e) => tracing::warn!(address, channel, error = %e, "subscription failed; retrying"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 

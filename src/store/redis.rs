@@ -30,7 +30,7 @@ use super::newest_first;
 use super::{
     ListQuery, StateStore, StoreError, Version, Versioned, WorkflowSummary, same_definition,
 };
-use crate::bus::redis::{Pool, redacted};
+use crate::bus::redis::{Pool, follow_channel, redacted};
 use crate::core::{
     Timestamp, TransactionId, WorkflowDefinition, WorkflowName, WorkflowState, WorkflowStatus,
 };
@@ -261,40 +261,31 @@ impl RedisStateStore {
     }
 
     async fn listen_finished(&self) {
-        loop {
-            match self.inner.client.get_async_pubsub().await {
-                Ok(mut pubsub) => {
-                    if pubsub.subscribe(self.finished_channel()).await.is_ok() {
-                        let mut stream = std::pin::pin!(pubsub.on_message());
-                        while let Some(msg) = std::future::poll_fn(|cx| {
-                            futures_core::Stream::poll_next(stream.as_mut(), cx)
-                        })
-                        .await
-                        {
-                            let Ok(text) = msg.get_payload::<String>() else {
-                                continue;
-                            };
-                            let Ok(tx) = text.parse::<TransactionId>() else {
-                                continue;
-                            };
-                            let waiters = self
-                                .inner
-                                .waiters
-                                .lock()
-                                .map(|mut w| w.remove(&tx))
-                                .unwrap_or_default();
-                            for w in waiters.into_iter().flatten() {
-                                let _ = w.send(());
-                            }
-                        }
-                    }
+        let inner = &self.inner;
+        let channel = self.finished_channel();
+        follow_channel(
+            &inner.client,
+            &channel,
+            &inner.address,
+            |_| {},
+            |payload| {
+                let Some(tx) = std::str::from_utf8(payload)
+                    .ok()
+                    .and_then(|t| t.parse::<TransactionId>().ok())
+                else {
+                    return;
+                };
+                let waiters = inner
+                    .waiters
+                    .lock()
+                    .map(|mut w| w.remove(&tx))
+                    .unwrap_or_default();
+                for w in waiters.into_iter().flatten() {
+                    let _ = w.send(());
                 }
-                Err(e) => {
-                    tracing::warn!(address = %self.inner.address, error = %e, "finish subscription failed; retrying")
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+            },
+        )
+        .await
     }
 }
 

@@ -205,6 +205,10 @@ end
 return 0
 ";
 
+/// Loaded once: a script's SHA1 is computed when it is made.
+static RECORD_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(RECORD));
+
 #[derive(Debug, Default)]
 struct Totals {
     executions: u64,
@@ -245,7 +249,7 @@ impl Effects {
                 let (executions, key, applied) = Self::keys(prefix);
                 let effect = format!("{}/{}/{}", ctx.transaction_id, ctx.step, ctx.phase);
                 let mut conn = conn.clone();
-                let _: i64 = redis::Script::new(RECORD)
+                let _: i64 = RECORD_SCRIPT
                     .key(executions)
                     .key(format!("{key}{}", ctx.idempotency_key()))
                     .key(applied)
@@ -619,8 +623,8 @@ async fn orders(args: OrdersArgs) -> Result<ExitCode, Error> {
     }
     let seconds = started.elapsed().as_secs_f64();
     progress.finish_and_clear();
-    // Compensations may still be settling in other processes' counters for a
-    // moment after the last workflow was seen finished: they finish first.
+    // Every effect, compensations included, is recorded before its workflow
+    // finishes, so the counts are complete once the last wait returns.
     let totals = effects.totals().await?;
     if let Some(rt) = runtime {
         rt.shutdown().await;
