@@ -412,3 +412,66 @@ async fn results_for_unknown_transactions_written_into_redis_are_dead_lettered()
     );
     rt.shutdown().await;
 }
+
+#[tokio::test]
+async fn publish_then_ack_publishes_and_acks_in_one_go_or_not_at_all() {
+    let Some((bus, url, prefix)) = bus("pubthenack", |c| {
+        c.visibility_timeout(Duration::from_millis(100))
+    })
+    .await
+    else {
+        return;
+    };
+    let commands = bus.consumer("in", "g", "c").await.expect("consumer");
+    bus.publish_many((1..=3).map(|n| ("in".to_string(), event(n))).collect())
+        .await
+        .expect("publish");
+    let batch = commands.next_batch(10, WAIT).await.expect("batch");
+    assert_eq!(batch.len(), 3);
+    let ids: Vec<_> = batch.iter().map(|d| d.id.clone()).collect();
+
+    // The server refuses the publish (the target is not a stream): nothing
+    // is acked, so the commands come again.
+    let client = redis::Client::open(url.as_str()).expect("client");
+    let mut raw = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connection");
+    let blocked = format!("{{{prefix}:out}}");
+    let _: () = raw.set(&blocked, "not a stream").await.expect("set");
+    let answers: Vec<(String, Event)> = (11..=13).map(|n| ("out".to_string(), event(n))).collect();
+    assert!(matches!(
+        commands.publish_then_ack(&answers, &ids).await,
+        Err(BusError::Backend { .. })
+    ));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let again = commands.next_batch(10, WAIT).await.expect("batch");
+    assert_eq!(again.len(), 3, "refused answers ack nothing");
+
+    // Once the answers can be published, they are, and the commands are gone.
+    let _: () = raw.del(&blocked).await.expect("del");
+    let ids: Vec<_> = again.iter().map(|d| d.id.clone()).collect();
+    commands
+        .publish_then_ack(&answers, &ids)
+        .await
+        .expect("publish then ack");
+    let out = bus.consumer("out", "g", "c").await.expect("consumer");
+    let got: Vec<u32> = out
+        .next_batch(10, WAIT)
+        .await
+        .expect("batch")
+        .iter()
+        .map(|d| d.event.attempt)
+        .collect();
+    assert_eq!(got, vec![11, 12, 13], "published in order");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(
+        commands
+            .next_batch(10, WAIT)
+            .await
+            .expect("batch")
+            .is_empty()
+    );
+    let left: usize = raw.xlen(format!("{{{prefix}:in}}")).await.expect("xlen");
+    assert_eq!(left, 0, "acked entries are deleted");
+}

@@ -343,6 +343,17 @@ impl Consumer for MemoryConsumer {
         Ok(())
     }
 
+    async fn publish_then_ack(
+        &self,
+        events: &[(String, Event)],
+        ids: &[DeliveryId],
+    ) -> Result<(), BusError> {
+        for (topic, event) in events {
+            self.bus.publish(topic, event.clone()).await?;
+        }
+        self.ack(ids).await
+    }
+
     async fn reject(&self, delivery: &Delivery, reason: &str) -> Result<(), BusError> {
         self.ack(std::slice::from_ref(&delivery.id)).await?;
         self.bus.push_dead(DeadLetter {

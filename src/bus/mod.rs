@@ -125,6 +125,16 @@ pub trait Consumer: Send + Sync {
     /// Gives up on a delivery: it goes to the dead-letter list with `reason`
     /// and is acked.
     async fn reject(&self, delivery: &Delivery, reason: &str) -> Result<(), BusError>;
+
+    /// Publishes `events` (in order), then acks `ids`: what a consumer does
+    /// when handling its deliveries produced new events. Backends do both in
+    /// one round trip where they can, and never ack without publishing: on
+    /// `Err`, nothing is acked (the deliveries come again).
+    async fn publish_then_ack(
+        &self,
+        events: &[(String, Event)],
+        ids: &[DeliveryId],
+    ) -> Result<(), BusError>;
 }
 
 /// An event bus.

@@ -31,6 +31,31 @@ use super::{BusError, Consumer, DeadLetter, Delivery, DeliveryId, EventBus};
 use crate::core::event::DEFAULT_MAX_EVENT_BYTES;
 use crate::core::{Event, EventCodec, Timestamp};
 
+/// Publishes, then acks: `KEYS[1]` is the consumer's stream, `KEYS[2..]` the
+/// streams to publish to; `ARGV` is the group, whether to delete acked
+/// entries, the number of events, the events, then the ids to ack. A refused
+/// `XADD` raises, so nothing after it (no ack) happens.
+static PUBLISH_THEN_ACK: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local n = tonumber(ARGV[3])
+for i = 1, n do
+  redis.call('XADD', KEYS[i + 1], '*', 'e', ARGV[3 + i])
+end
+local first = 4 + n
+while first <= #ARGV do
+  local last = math.min(first + 999, #ARGV)
+  redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, first, last))
+  if ARGV[2] == '1' then
+    redis.call('XDEL', KEYS[1], unpack(ARGV, first, last))
+  end
+  first = last + 1
+end
+return 0
+",
+    )
+});
+
 /// Settings of a [`RedisStreamsBus`].
 #[derive(Clone, Debug)]
 pub struct RedisBusConfig {
@@ -97,7 +122,7 @@ pub(crate) struct Pool {
 }
 
 /// Connections in a [`Pool`].
-const POOL_SIZE: usize = 4;
+const POOL_SIZE: usize = 2;
 
 impl Pool {
     /// Opens the pool; the error is the server's.
@@ -201,6 +226,46 @@ impl RedisStreamsBus {
         }
     }
 
+    /// Queues an `XADD` per event, checking each against the size limit.
+    fn xadd_cmds(
+        &self,
+        pipe: &mut redis::Pipeline,
+        events: &[(String, Event)],
+    ) -> Result<(), BusError> {
+        for (topic, event) in events {
+            pipe.cmd("XADD")
+                .arg(self.key(topic))
+                .arg("*")
+                .arg("e")
+                .arg(self.encode(topic, event)?)
+                .ignore();
+        }
+        Ok(())
+    }
+
+    /// Encodes an event for `topic`, checking the size limit.
+    fn encode(&self, topic: &str, event: &Event) -> Result<Vec<u8>, BusError> {
+        self.inner.codec.encode(event).map_err(|e| match e {
+            crate::core::EventError::TooLarge { size, limit } => BusError::TooLarge {
+                topic: topic.to_string(),
+                size,
+                limit,
+            },
+            other => BusError::Backend {
+                address: self.inner.address.clone(),
+                message: other.to_string(),
+            },
+        })
+    }
+
+    /// Sends a pipeline whose replies are all ignored.
+    async fn run(&self, pipe: &redis::Pipeline) -> Result<(), BusError> {
+        let mut conn = self.inner.conn.get();
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| self.err(e))
+    }
+
     fn dead_letter_cmd(&self, pipe: &mut redis::Pipeline, letter: &DeadLetter) {
         pipe.cmd("XADD")
             .arg(self.dead_key())
@@ -229,29 +294,8 @@ impl EventBus for RedisStreamsBus {
 
     async fn publish_many(&self, events: Vec<(String, Event)>) -> Result<(), BusError> {
         let mut pipe = redis::pipe();
-        for (topic, event) in &events {
-            let bytes = self.inner.codec.encode(event).map_err(|e| match e {
-                crate::core::EventError::TooLarge { size, limit } => BusError::TooLarge {
-                    topic: topic.clone(),
-                    size,
-                    limit,
-                },
-                other => BusError::Backend {
-                    address: self.inner.address.clone(),
-                    message: other.to_string(),
-                },
-            })?;
-            pipe.cmd("XADD")
-                .arg(self.key(topic))
-                .arg("*")
-                .arg("e")
-                .arg(bytes)
-                .ignore();
-        }
-        let mut conn = self.inner.conn.get();
-        pipe.query_async::<()>(&mut conn)
-            .await
-            .map_err(|e| self.err(e))
+        self.xadd_cmds(&mut pipe, &events)?;
+        self.run(&pipe).await
     }
 
     async fn consumer(
@@ -291,10 +335,7 @@ impl EventBus for RedisStreamsBus {
         tracing::warn!(topic = %letter.topic, reason = %letter.reason, "event dead-lettered");
         let mut pipe = redis::pipe();
         self.dead_letter_cmd(&mut pipe, &letter);
-        let mut conn = self.inner.conn.get();
-        pipe.query_async::<()>(&mut conn)
-            .await
-            .map_err(|e| self.err(e))
+        self.run(&pipe).await
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BusError> {
@@ -592,6 +633,22 @@ impl RedisConsumer {
         pipe.cmd("XDEL").arg(&self.key).arg(id).ignore();
     }
 
+    /// Queues the `XACK` (and `XDEL`) of `ids`.
+    fn ack_cmds(&self, pipe: &mut redis::Pipeline, ids: &[DeliveryId]) {
+        if ids.is_empty() {
+            return;
+        }
+        let texts: Vec<String> = ids.iter().map(id_text).collect();
+        pipe.cmd("XACK")
+            .arg(&self.key)
+            .arg(&self.group)
+            .arg(&texts)
+            .ignore();
+        if self.bus.inner.config.delete_on_ack {
+            pipe.cmd("XDEL").arg(&self.key).arg(&texts).ignore();
+        }
+    }
+
     async fn reader(&self) -> Result<MultiplexedConnection, BusError> {
         let mut slot = self.reader.lock().await;
         if let Some(c) = slot.as_ref() {
@@ -656,10 +713,7 @@ impl RedisConsumer {
                 };
                 self.move_to_dead_letters(&mut pipe, &letter, id);
             }
-            let mut conn = self.bus.inner.conn.get();
-            pipe.query_async::<()>(&mut conn)
-                .await
-                .map_err(|e| self.bus.err(e))?;
+            self.bus.run(&pipe).await?;
         }
         Ok(out)
     }
@@ -816,18 +870,42 @@ impl Consumer for RedisConsumer {
         if ids.is_empty() {
             return Ok(());
         }
-        let texts: Vec<String> = ids.iter().map(id_text).collect();
         let mut pipe = redis::pipe();
-        pipe.cmd("XACK")
-            .arg(&self.key)
+        self.ack_cmds(&mut pipe, ids);
+        self.bus.run(&pipe).await
+    }
+
+    async fn publish_then_ack(
+        &self,
+        events: &[(String, Event)],
+        ids: &[DeliveryId],
+    ) -> Result<(), BusError> {
+        if events.is_empty() {
+            return self.ack(ids).await;
+        }
+        if ids.is_empty() {
+            let mut pipe = redis::pipe();
+            self.bus.xadd_cmds(&mut pipe, events)?;
+            return self.bus.run(&pipe).await;
+        }
+        // One script: a publish the server refuses stops it before the acks.
+        let mut invocation = PUBLISH_THEN_ACK.key(&self.key);
+        for (topic, _) in events {
+            invocation.key(self.bus.key(topic));
+        }
+        invocation
             .arg(&self.group)
-            .arg(&texts)
-            .ignore();
-        if self.bus.inner.config.delete_on_ack {
-            pipe.cmd("XDEL").arg(&self.key).arg(&texts).ignore();
+            .arg(u8::from(self.bus.inner.config.delete_on_ack))
+            .arg(events.len());
+        for (topic, event) in events {
+            invocation.arg(self.bus.encode(topic, event)?);
+        }
+        for id in ids {
+            invocation.arg(id_text(id));
         }
         let mut conn = self.bus.inner.conn.get();
-        pipe.query_async::<()>(&mut conn)
+        invocation
+            .invoke_async::<()>(&mut conn)
             .await
             .map_err(|e| self.bus.err(e))
     }
@@ -845,9 +923,6 @@ impl Consumer for RedisConsumer {
         tracing::warn!(topic = %self.topic, reason, "event dead-lettered");
         let mut pipe = redis::pipe();
         self.move_to_dead_letters(&mut pipe, &letter, &id);
-        let mut conn = self.bus.inner.conn.get();
-        pipe.query_async::<()>(&mut conn)
-            .await
-            .map_err(|e| self.bus.err(e))
+        self.bus.run(&pipe).await
     }
 }

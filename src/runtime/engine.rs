@@ -2,7 +2,7 @@
 //! the client: load, apply, compare-and-set, publish.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use crate::bus::{DeadLetter, EventBus, command_topic};
 use crate::core::saga::{self, Action, Input};
@@ -10,11 +10,62 @@ use crate::core::{
     Event, EventKind, Payload, Phase, Timestamp, TransactionId, WorkerName, WorkflowDefinition,
     WorkflowName, WorkflowState,
 };
-use crate::store::{StateStore, StoreError};
+use crate::store::{StateStore, StoreError, Versioned};
 use crate::{Error, StartOptions};
 
 /// How many times a transition is re-applied after losing a compare-and-set.
 const MAX_CONFLICT_RETRIES: usize = 64;
+
+/// Commands a transition produced, by topic, to be published by the caller.
+pub(crate) type Outbox = Vec<(String, Event)>;
+
+/// The states this process wrote last, so that the next transition of a
+/// workflow need not read it back from a remote store. An entry is only a
+/// guess: the compare-and-set that follows checks its version, and an input
+/// that changes nothing in a cached state is tried again on a fresh read.
+struct StateCache {
+    shards: [Mutex<HashMap<TransactionId, Versioned>>; 16],
+}
+
+/// Entries per shard before the shard is emptied.
+const CACHE_SHARD_LIMIT: usize = 2048;
+
+impl StateCache {
+    fn new() -> Self {
+        Self {
+            shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+        }
+    }
+
+    fn shard(
+        &self,
+        tx: TransactionId,
+    ) -> std::sync::MutexGuard<'_, HashMap<TransactionId, Versioned>> {
+        let i = (tx.0.as_u128() as usize) % self.shards.len();
+        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn get(&self, tx: TransactionId) -> Option<Versioned> {
+        self.shard(tx).get(&tx).cloned()
+    }
+
+    fn put(&self, version: u64, state: Arc<WorkflowState>) {
+        let tx = state.transaction_id;
+        let mut shard = self.shard(tx);
+        if state.is_terminal() {
+            shard.remove(&tx);
+            return;
+        }
+        if shard.len() >= CACHE_SHARD_LIMIT && !shard.contains_key(&tx) {
+            shard.clear();
+        }
+        shard.insert(tx, Versioned { version, state });
+    }
+
+    fn forget(&self, tx: TransactionId) {
+        self.shard(tx).remove(&tx);
+    }
+}
 
 /// What [`Engine::drive`] did.
 #[derive(Debug, PartialEq, Eq)]
@@ -33,11 +84,14 @@ pub(crate) struct Engine {
     definitions: RwLock<HashMap<(WorkflowName, u32), Arc<WorkflowDefinition>>>,
     /// Command topic names by worker, so dispatching does not format one each time.
     topics: RwLock<HashMap<WorkerName, Arc<str>>>,
+    /// With a remote store only.
+    cache: Option<StateCache>,
 }
 
 impl Engine {
     pub(crate) fn new(bus: Arc<dyn EventBus>, store: Arc<dyn StateStore>) -> Self {
         Self {
+            cache: store.is_remote().then(StateCache::new),
             bus,
             store,
             definitions: RwLock::new(HashMap::new()),
@@ -138,14 +192,27 @@ impl Engine {
         let tx = options.transaction_id.unwrap_or_default();
         let correlation = options.correlation_id.unwrap_or_default();
         let (state, actions) = saga::start(&def, tx, correlation, input, Timestamp::now());
-        match self.store.create(Arc::new(state.clone())).await {
-            Ok(_) => {}
+        let state = Arc::new(state);
+        match self.store.create(state.clone()).await {
+            Ok(version) => {
+                if let Some(cache) = &self.cache {
+                    cache.put(version, state.clone());
+                }
+            }
             // Starting with a transaction id that exists is idempotent.
             Err(StoreError::AlreadyExists(_)) if options.transaction_id.is_some() => return Ok(tx),
             Err(e) => return Err(e.into()),
         }
-        self.execute(&state, actions, None, options.traceparent.as_deref())
-            .await?;
+        let mut outbox = Outbox::new();
+        self.execute(
+            &state,
+            actions,
+            None,
+            options.traceparent.as_deref(),
+            &mut outbox,
+        )
+        .await?;
+        self.publish(outbox).await?;
         Ok(tx)
     }
 
@@ -157,9 +224,31 @@ impl Engine {
         input: &Input,
         cause: Option<&Event>,
     ) -> Result<Driven, Error> {
-        for _ in 0..MAX_CONFLICT_RETRIES {
-            let Some(current) = self.store.get(tx).await? else {
-                return Ok(Driven::Missing);
+        let mut outbox = Outbox::new();
+        let driven = self.drive_into(tx, input, cause, &mut outbox).await?;
+        self.publish(outbox).await?;
+        Ok(driven)
+    }
+
+    /// Like [`Engine::drive`], but the commands go to `outbox` for the caller
+    /// to publish (with its acks, in one round trip).
+    pub(crate) async fn drive_into(
+        &self,
+        tx: TransactionId,
+        input: &Input,
+        cause: Option<&Event>,
+        outbox: &mut Outbox,
+    ) -> Result<Driven, Error> {
+        let mut cached = self.cache.as_ref().and_then(|c| c.get(tx));
+        let mut attempts = 0;
+        while attempts < MAX_CONFLICT_RETRIES {
+            let from_cache = cached.is_some();
+            let current = match cached.take() {
+                Some(c) => c,
+                None => match self.store.get(tx).await? {
+                    Some(c) => c,
+                    None => return Ok(Driven::Missing),
+                },
             };
             let def = self
                 .definition(&current.state.workflow, current.state.version)
@@ -167,6 +256,10 @@ impl Engine {
             let mut state = WorkflowState::clone(&current.state);
             let outcome = saga::apply(&def, &mut state, input.clone(), Timestamp::now());
             if !outcome.changed {
+                if from_cache {
+                    // The cached state may be behind: ask the store.
+                    continue;
+                }
                 return Ok(Driven::Unchanged);
             }
             let state = Arc::new(state);
@@ -175,19 +268,51 @@ impl Engine {
                 .compare_and_set(current.version, state.clone())
                 .await
             {
-                Ok(_) => {
+                Ok(version) => {
+                    if let Some(cache) = &self.cache {
+                        cache.put(version, state.clone());
+                    }
                     let traceparent = cause.and_then(|c| c.traceparent.clone());
-                    self.execute(&state, outcome.actions, cause, traceparent.as_deref())
-                        .await?;
+                    self.execute(
+                        &state,
+                        outcome.actions,
+                        cause,
+                        traceparent.as_deref(),
+                        outbox,
+                    )
+                    .await?;
                     return Ok(Driven::Applied);
                 }
-                Err(StoreError::Conflict { .. }) => continue,
-                Err(e) => return Err(e.into()),
+                Err(StoreError::Conflict { .. }) => {
+                    if let Some(cache) = &self.cache {
+                        cache.forget(tx);
+                    }
+                    attempts += 1;
+                }
+                Err(e) => {
+                    if let Some(cache) = &self.cache {
+                        cache.forget(tx);
+                    }
+                    return Err(e.into());
+                }
             }
         }
         Err(Error::Config(format!(
             "workflow {tx} kept changing under {MAX_CONFLICT_RETRIES} attempts to update it; is something looping?"
         )))
+    }
+
+    /// Publishes what transitions put in an outbox.
+    pub(crate) async fn publish(&self, mut outbox: Outbox) -> Result<(), Error> {
+        match outbox.len() {
+            0 => {}
+            1 => {
+                let (topic, e) = outbox.pop().expect("one command");
+                self.bus.publish(&topic, e).await?;
+            }
+            _ => self.bus.publish_many(outbox).await?,
+        }
+        Ok(())
     }
 
     /// Publishes a transition's commands, broadcasts its status changes and
@@ -198,9 +323,9 @@ impl Engine {
         actions: Vec<Action>,
         cause: Option<&Event>,
         traceparent: Option<&str>,
+        outbox: &mut Outbox,
     ) -> Result<(), Error> {
         let traceparent: Option<Arc<str>> = traceparent.map(Arc::from);
-        let mut commands = Vec::new();
         for action in actions {
             match action {
                 Action::Dispatch(d) => {
@@ -221,7 +346,7 @@ impl Engine {
                     e.deadline = Some(d.deadline);
                     e.causation_id = cause.map(|c| c.id);
                     e.traceparent = traceparent.clone();
-                    commands.push((self.topic(&d.worker), e));
+                    outbox.push((self.topic(&d.worker).to_string(), e));
                 }
                 Action::Status(update) => {
                     if self.bus.has_status_listeners() {
@@ -261,23 +386,6 @@ impl Engine {
                         })
                         .await?;
                 }
-            }
-        }
-        match commands.len() {
-            0 => {}
-            1 => {
-                let (topic, e) = commands.pop().expect("one command");
-                self.bus.publish(&topic, e).await?;
-            }
-            _ => {
-                self.bus
-                    .publish_many(
-                        commands
-                            .into_iter()
-                            .map(|(t, e)| (t.to_string(), e))
-                            .collect(),
-                    )
-                    .await?
             }
         }
         Ok(())

@@ -7,9 +7,9 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::engine::{Driven, Engine};
+use super::engine::{Driven, Engine, Outbox};
 use crate::Error;
-use crate::bus::{Consumer, Delivery, ORCHESTRATOR_GROUP, RESULTS_TOPIC};
+use crate::bus::{Consumer, Delivery, DeliveryId, ORCHESTRATOR_GROUP, RESULTS_TOPIC};
 use crate::core::saga::Input;
 use crate::core::{Event, EventKind, StepError, Timestamp, WorkflowStatus};
 use crate::store::ListQuery;
@@ -119,16 +119,18 @@ enum Verdict {
 
 /// Handles a batch of results: in order when `parallel` is false; otherwise
 /// the results of different workflows at once (those of one workflow still in
-/// order), which pays when each transition waits on a remote store.
+/// order), which pays when each transition waits on a remote store. The
+/// commands the transitions produced are added to `outbox`.
 async fn handle_batch(
     engine: &Arc<Engine>,
     batch: Vec<Delivery>,
     parallel: bool,
+    outbox: &mut Outbox,
 ) -> Vec<(Delivery, Verdict)> {
     if !parallel || batch.len() < 2 {
         let mut out = Vec::with_capacity(batch.len());
         for d in batch {
-            let v = handle_result(engine, &d.event).await;
+            let v = handle_result(engine, &d.event, outbox).await;
             out.push((d, v));
         }
         return out;
@@ -150,17 +152,21 @@ async fn handle_batch(
         let engine = engine.clone();
         set.spawn(async move {
             let mut out = Vec::with_capacity(deliveries.len());
+            let mut outbox = Outbox::new();
             for d in deliveries {
-                let v = handle_result(&engine, &d.event).await;
+                let v = handle_result(&engine, &d.event, &mut outbox).await;
                 out.push((d, v));
             }
-            out
+            (out, outbox)
         });
     }
     let mut out = Vec::new();
     while let Some(done) = set.join_next().await {
         match done {
-            Ok(v) => out.extend(v),
+            Ok((verdicts, commands)) => {
+                out.extend(verdicts);
+                outbox.extend(commands);
+            }
             // A panicking transition leaves its results unacked: redelivered.
             Err(e) => tracing::error!(error = %e, "handling a result panicked"),
         }
@@ -176,6 +182,7 @@ async fn results_loop(
     stop: CancellationToken,
 ) {
     let mut acks = Vec::with_capacity(batch_size);
+    let mut outbox = Outbox::new();
     loop {
         let batch = tokio::select! {
             _ = stop.cancelled() => return,
@@ -189,18 +196,39 @@ async fn results_loop(
                 continue;
             }
         };
-        for (delivery, verdict) in handle_batch(&engine, batch, parallel).await {
+        for (delivery, verdict) in handle_batch(&engine, batch, parallel, &mut outbox).await {
             match verdict {
                 Verdict::Ack => acks.push(delivery.id),
                 Verdict::Reject(reason) => reject(&*consumer, &delivery, &reason).await,
                 Verdict::Later => {}
             }
         }
-        if !acks.is_empty() {
-            if let Err(e) = consumer.ack(&acks).await {
-                tracing::warn!(error = %e, "acking results failed; they will be redelivered and ignored as duplicates");
-            }
+        if !acks.is_empty() || !outbox.is_empty() {
+            publish_then_ack(&*consumer, &outbox, &acks).await;
             acks.clear();
+            outbox.clear();
+        }
+    }
+}
+
+/// Publishes the commands of a batch's transitions and acks its results,
+/// trying a few times: the states are already written, so commands lost
+/// here are only republished by the `redispatch_after` sweep.
+async fn publish_then_ack(consumer: &dyn Consumer, outbox: &Outbox, acks: &[DeliveryId]) {
+    let mut pause = Duration::from_millis(50);
+    for attempt in 1..=5 {
+        match consumer.publish_then_ack(outbox, acks).await {
+            Ok(()) => return,
+            Err(e) if attempt == 5 => tracing::error!(
+                error = %e,
+                commands = outbox.len(),
+                "publishing commands failed; the redispatch sweep will republish them"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "publishing commands failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
         }
     }
 }
@@ -246,13 +274,13 @@ pub(crate) fn input_of(event: &Event) -> Result<Input, String> {
     }
 }
 
-async fn handle_result(engine: &Engine, event: &Event) -> Verdict {
+async fn handle_result(engine: &Engine, event: &Event, outbox: &mut Outbox) -> Verdict {
     let input = match input_of(event) {
         Ok(i) => i,
         Err(reason) => return Verdict::Reject(reason),
     };
     match engine
-        .drive(event.transaction_id, &input, Some(event))
+        .drive_into(event.transaction_id, &input, Some(event), outbox)
         .await
     {
         Ok(Driven::Applied) => Verdict::Ack,

@@ -193,6 +193,13 @@ pub trait StateStore: Send + Sync + 'static {
     async fn latest_definition(&self, name: &str)
     -> Result<Option<WorkflowDefinition>, StoreError>;
 
+    /// True when reads cross a network. The orchestrator then keeps the
+    /// states it wrote and reads only when a write finds the version moved
+    /// (another replica got there first) or an input changes nothing.
+    fn is_remote(&self) -> bool {
+        false
+    }
+
     /// Waits until the workflow is terminal or `timeout` passes; returns its
     /// last state either way (`None` if it does not exist).
     ///

@@ -299,6 +299,10 @@ impl StateStore for RedisStateStore {
         self.write(None, state).await
     }
 
+    fn is_remote(&self) -> bool {
+        true
+    }
+
     async fn get(&self, transaction_id: TransactionId) -> Result<Option<Versioned>, StoreError> {
         let mut conn = self.inner.conn.get();
         let (version, json): (Option<u64>, Option<String>) = redis::cmd("HMGET")

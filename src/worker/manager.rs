@@ -15,7 +15,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::{Worker, WorkerContext, WorkerError};
-use crate::bus::{Consumer, Delivery, EventBus, RESULTS_TOPIC, WORKER_GROUP, command_topic};
+use crate::bus::{
+    Consumer, Delivery, DeliveryId, EventBus, RESULTS_TOPIC, WORKER_GROUP, command_topic,
+};
 use crate::core::{Event, EventKind, Payload, StepError, Timestamp, WorkerName};
 
 /// How one worker type is run.
@@ -175,7 +177,6 @@ impl WorkerManager {
             counters.push((worker.name().to_string(), options.concurrency, c.clone()));
             let runner = Runner {
                 worker,
-                bus: self.bus.clone(),
                 consumer,
                 limit: Arc::new(Semaphore::new(options.concurrency)),
                 counters: c,
@@ -220,7 +221,6 @@ impl WorkerManager {
 
 struct Runner {
     worker: Arc<dyn Worker>,
-    bus: Arc<dyn EventBus>,
     consumer: Arc<dyn Consumer>,
     limit: Arc<Semaphore>,
     counters: Arc<Counters>,
@@ -232,6 +232,14 @@ impl Runner {
     async fn run(self, stop: CancellationToken) {
         let this = Arc::new(self);
         let mut calls = JoinSet::new();
+        // Answers go through one flusher, which publishes those that finished
+        // meanwhile and acks their commands together.
+        let (answers, queue) = tokio::sync::mpsc::unbounded_channel();
+        let flusher = tokio::spawn(flush(
+            this.consumer.clone(),
+            queue,
+            this.worker.name().to_string(),
+        ));
         loop {
             // Take no more than we can start.
             let permit = tokio::select! {
@@ -261,18 +269,25 @@ impl Runner {
                     },
                 };
                 let me = this.clone();
+                let answers = answers.clone();
                 calls.spawn(async move {
-                    me.handle(delivery).await;
+                    if let Some(reply) = me.handle(&delivery).await {
+                        let _ = answers.send((delivery.id, reply));
+                    }
                     drop(permit);
                 });
             }
             while calls.try_join_next().is_some() {}
         }
-        // Drain: calls in flight finish (or are cancelled by the handle).
+        // Drain: calls in flight finish (or are cancelled by the handle), then
+        // the last answers are flushed.
         while calls.join_next().await.is_some() {}
+        drop(answers);
+        let _ = flusher.await;
     }
 
-    async fn handle(&self, delivery: Delivery) {
+    /// Runs one command; returns the answer to publish, if any.
+    async fn handle(&self, delivery: &Delivery) -> Option<Event> {
         let event = &delivery.event;
         let name = self.worker.name();
         if !matches!(event.kind, EventKind::Command | EventKind::Compensation)
@@ -282,8 +297,8 @@ impl Runner {
                 "worker `{name}` received a {:?} event, which is not a command",
                 event.kind
             );
-            let _ = self.consumer.reject(&delivery, &reason).await;
-            return;
+            let _ = self.consumer.reject(delivery, &reason).await;
+            return None;
         }
         #[derive(Deserialize)]
         struct Doc<'a> {
@@ -296,8 +311,8 @@ impl Runner {
             Ok(doc) => Payload::from_raw(doc.input.to_owned()),
             Err(e) => {
                 let reason = format!("command payload is not {{\"input\": …, \"steps\": …}}: {e}");
-                let _ = self.consumer.reject(&delivery, &reason).await;
-                return;
+                let _ = self.consumer.reject(delivery, &reason).await;
+                return None;
             }
         };
         let steps = Some(event.payload.clone());
@@ -327,7 +342,7 @@ impl Runner {
             // Stopped by shutdown, not failed: leave the command unacked so
             // that another worker gets it, as the same attempt.
             tracing::info!(worker = name, transaction_id = %event.transaction_id, "call cancelled by shutdown; its command will be redelivered");
-            return;
+            return None;
         }
         let (kind, payload) = match outcome {
             Ok(output) => {
@@ -363,17 +378,53 @@ impl Runner {
         reply.phase = event.phase;
         reply.attempt = event.attempt;
         reply.traceparent = event.traceparent.clone();
-        match self.bus.publish(RESULTS_TOPIC, reply).await {
-            // Ack only once the answer is on the bus: a crash before this
-            // point redelivers the command, and the idempotency key keeps the
-            // side effect single.
-            Ok(()) => {
-                let _ = self.consumer.ack(std::slice::from_ref(&delivery.id)).await;
-            }
-            Err(e) => {
-                tracing::warn!(worker = name, error = %e, "publishing a result failed; the command will be redelivered");
+        Some(reply)
+    }
+}
+
+/// Answers taken at once by the flusher.
+const FLUSH_BATCH: usize = 256;
+
+/// Publishes answers and acks their commands, as many as are ready in one go.
+/// The ack comes only with the answer: a crash before it redelivers the
+/// command, and the idempotency key keeps the side effect single.
+async fn flush(
+    consumer: Arc<dyn Consumer>,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<(DeliveryId, Event)>,
+    worker: String,
+) {
+    let mut ids = Vec::with_capacity(FLUSH_BATCH);
+    let mut events = Vec::with_capacity(FLUSH_BATCH);
+    while let Some((id, reply)) = queue.recv().await {
+        ids.push(id);
+        events.push((RESULTS_TOPIC.to_string(), reply));
+        while ids.len() < FLUSH_BATCH {
+            match queue.try_recv() {
+                Ok((id, reply)) => {
+                    ids.push(id);
+                    events.push((RESULTS_TOPIC.to_string(), reply));
+                }
+                Err(_) => break,
             }
         }
+        // A lost connection comes back by itself: try a few times before
+        // leaving the commands to be redelivered (and run again).
+        let mut pause = Duration::from_millis(50);
+        for attempt in 1..=4 {
+            match consumer.publish_then_ack(&events, &ids).await {
+                Ok(()) => break,
+                Err(e) if attempt == 4 => {
+                    tracing::warn!(worker, error = %e, answers = ids.len(), "publishing answers failed; their commands will be redelivered");
+                }
+                Err(e) => {
+                    tracing::debug!(worker, error = %e, "publishing answers failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+            }
+        }
+        ids.clear();
+        events.clear();
     }
 }
 

@@ -195,20 +195,6 @@ fn hash64(parts: &[&str]) -> u64 {
     h.finish()
 }
 
-/// Counts an execution; applies the effect once per idempotency key; counts
-/// applications per (transaction, step, phase).
-const RECORD: &str = r"
-redis.call('INCR', KEYS[1])
-if redis.call('SET', KEYS[2], '1', 'NX', 'EX', 86400) then
-  return redis.call('HINCRBY', KEYS[3], ARGV[1], 1)
-end
-return 0
-";
-
-/// Loaded once: a script's SHA1 is computed when it is made.
-static RECORD_SCRIPT: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(RECORD));
-
 #[derive(Debug, Default)]
 struct Totals {
     executions: u64,
@@ -217,12 +203,10 @@ struct Totals {
 }
 
 impl Effects {
-    fn keys(prefix: &str) -> (String, String, String) {
-        (
-            format!("{{{prefix}:fx}}:executions"),
-            format!("{{{prefix}:fx}}:key:"),
-            format!("{{{prefix}:fx}}:applied"),
-        )
+    /// The hash of runs by idempotency key: one field per key applied, its
+    /// value how many times a step body ran under that key.
+    fn runs_key(prefix: &str) -> String {
+        format!("{{{prefix}:fx}}:runs")
     }
 
     async fn record(&self, ctx: &WorkerContext) -> Result<(), WorkerError> {
@@ -246,15 +230,14 @@ impl Effects {
                 Ok(())
             }
             Effects::Redis { conn, prefix } => {
-                let (executions, key, applied) = Self::keys(prefix);
-                let effect = format!("{}/{}/{}", ctx.transaction_id, ctx.step, ctx.phase);
+                // One command: the first run under a key applies the effect
+                // (the count comes back 1); later runs are redeliveries.
                 let mut conn = conn.clone();
-                let _: i64 = RECORD_SCRIPT
-                    .key(executions)
-                    .key(format!("{key}{}", ctx.idempotency_key()))
-                    .key(applied)
-                    .arg(effect)
-                    .invoke_async(&mut conn)
+                let _: i64 = redis::cmd("HINCRBY")
+                    .arg(Self::runs_key(prefix))
+                    .arg(ctx.idempotency_key())
+                    .arg(1)
+                    .query_async(&mut conn)
                     .await
                     .map_err(WorkerError::retry)?;
                 Ok(())
@@ -263,14 +246,6 @@ impl Effects {
     }
 
     async fn totals(&self) -> Result<Totals, Error> {
-        let count = |applied: &HashMap<String, u64>| Totals {
-            executions: 0,
-            duplicates: applied.values().filter(|n| **n > 1).count() as u64,
-            releases: applied
-                .keys()
-                .filter(|k| k.ends_with("/reserve/compensate"))
-                .count() as u64,
-        };
         match self {
             Effects::Local(local) => {
                 let mut totals = Totals {
@@ -288,40 +263,47 @@ impl Effects {
                 Ok(totals)
             }
             Effects::Redis { conn, prefix } => {
-                let (executions, _, applied) = Self::keys(prefix);
                 let mut conn = conn.clone();
-                let backend =
-                    |e: redis::RedisError| Error::Config(format!("reading the effect counts: {e}"));
-                let n: Option<u64> = redis::cmd("GET")
-                    .arg(executions)
+                let runs: HashMap<String, u64> = redis::cmd("HGETALL")
+                    .arg(Self::runs_key(prefix))
                     .query_async(&mut conn)
                     .await
-                    .map_err(backend)?;
-                let applied: HashMap<String, u64> = redis::cmd("HGETALL")
-                    .arg(applied)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(backend)?;
-                Ok(Totals {
-                    executions: n.unwrap_or(0),
-                    ..count(&applied)
-                })
+                    .map_err(|e| Error::Config(format!("reading the effect counts: {e}")))?;
+                Ok(redis_totals(&runs))
             }
         }
     }
 
     async fn clear(&self) -> Result<(), Error> {
         if let Effects::Redis { conn, prefix } = self {
-            let (executions, _, applied) = Self::keys(prefix);
             let mut conn = conn.clone();
             let _: () = redis::cmd("DEL")
-                .arg(executions)
-                .arg(applied)
+                .arg(Self::runs_key(prefix))
                 .query_async(&mut conn)
                 .await
                 .map_err(|e| Error::Config(format!("clearing the effect counts: {e}")))?;
         }
         Ok(())
+    }
+}
+
+/// Totals from runs by idempotency key (`transaction/step/phase/attempt`):
+/// executions are all runs; an effect (`transaction/step/phase`) applied
+/// under more than one key — two attempts that both went through — is a
+/// duplicate.
+fn redis_totals(runs: &HashMap<String, u64>) -> Totals {
+    let mut applied: HashMap<&str, u64> = HashMap::with_capacity(runs.len());
+    for key in runs.keys() {
+        let effect = key.rsplit_once('/').map_or(key.as_str(), |(e, _)| e);
+        *applied.entry(effect).or_default() += 1;
+    }
+    Totals {
+        executions: runs.values().sum(),
+        duplicates: applied.values().filter(|n| **n > 1).count() as u64,
+        releases: applied
+            .keys()
+            .filter(|k| k.ends_with("/reserve/compensate"))
+            .count() as u64,
     }
 }
 
@@ -698,4 +680,29 @@ async fn orders(args: OrdersArgs) -> Result<ExitCode, Error> {
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_totals_count_runs_and_effects_applied_twice() {
+        let runs: HashMap<String, u64> = [
+            ("t1/validate/forward/1", 1),
+            // Redelivered: one effect, two runs.
+            ("t1/reserve/forward/1", 2),
+            // Two attempts both went through: a duplicate effect.
+            ("t1/charge/forward/1", 1),
+            ("t1/charge/forward/2", 1),
+            ("t1/reserve/compensate/1", 1),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let totals = redis_totals(&runs);
+        assert_eq!(totals.executions, 6);
+        assert_eq!(totals.duplicates, 1);
+        assert_eq!(totals.releases, 1);
+    }
 }
