@@ -55,7 +55,47 @@ start_redis() {
   return 1
 }
 
+wait_port() { # wait_port PORT LOG
+  for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "error: a server did not start on port $1; its log:" >&2
+  cat "$2" >&2
+  return 1
+}
+
+# A three-node Redis Cluster (no replicas) for the cluster tests.
+start_redis_cluster() {
+  [ -n "${REDIS_CLUSTER_URL:-}" ] && return 0
+  command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1 || return 0
+  local nodes=()
+  for i in 1 2 3; do
+    local port; port=$(free_port)
+    mkdir -p "$work/cluster-$i"
+    redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
+      --dir "$work/cluster-$i" --cluster-enabled yes --cluster-config-file nodes.conf \
+      --daemonize no --loglevel warning >"$work/cluster-$i.log" 2>&1 &
+    pids+=("$!")
+    wait_port "$port" "$work/cluster-$i.log"
+    nodes+=("127.0.0.1:$port")
+  done
+  redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes >"$work/cluster-create.log" 2>&1
+  for _ in $(seq 1 100); do
+    if redis-cli -p "${nodes[0]##*:}" cluster info 2>/dev/null | grep -q "cluster_state:ok"; then
+      export REDIS_CLUSTER_URL="redis://${nodes[0]}"
+      echo "throw-away Redis Cluster at ${nodes[*]}" >&2
+      return 0
+    fi
+    sleep 0.1
+  done
+  echo "error: the Redis Cluster did not come up:" >&2
+  cat "$work/cluster-create.log" >&2
+  return 1
+}
+
 start_redis
+start_redis_cluster
 
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --all-targets --no-fail-fast

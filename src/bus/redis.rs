@@ -114,11 +114,109 @@ impl RedisBusConfig {
     }
 }
 
-/// Multiplexed connections used in turn: one connection's driver task parses
-/// every reply on it, and became the bottleneck under load.
+/// A connection to a single server or to a Redis Cluster, chosen when
+/// connecting: a server that says `cluster_enabled:1` gets a cluster
+/// connection, which routes each command to the node owning its key (every
+/// key carries a `{…}` hash tag, so each script's keys share a slot).
+#[derive(Clone)]
+pub enum RedisConnection {
+    /// One server, reconnecting by itself.
+    Single(ConnectionManager),
+    /// One server, on a connection of its own (for blocking reads).
+    Direct(MultiplexedConnection),
+    /// A Redis Cluster.
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Direct(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Direct(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Direct(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Sends a pipeline whose replies are ignored. On a cluster the commands go
+/// one after another, in order: a cluster pipeline must stay in one slot.
+pub(crate) async fn run_all(
+    conn: &mut RedisConnection,
+    pipe: &redis::Pipeline,
+) -> redis::RedisResult<()> {
+    if matches!(conn, RedisConnection::Cluster(_)) {
+        for cmd in pipe.cmd_iter() {
+            cmd.query_async::<()>(conn).await?;
+        }
+        return Ok(());
+    }
+    pipe.query_async::<()>(conn).await
+}
+
+/// Sends a pipeline and returns every reply (none may be ignored). On a
+/// cluster the commands go one after another.
+pub(crate) async fn query_all<T: redis::FromRedisValue>(
+    conn: &mut RedisConnection,
+    pipe: &redis::Pipeline,
+) -> redis::RedisResult<Vec<T>> {
+    if matches!(conn, RedisConnection::Cluster(_)) {
+        let mut out = Vec::with_capacity(pipe.len());
+        for cmd in pipe.cmd_iter() {
+            out.push(cmd.query_async::<T>(conn).await?);
+        }
+        return Ok(out);
+    }
+    pipe.query_async::<Vec<T>>(conn).await
+}
+
+/// Connects to the server or cluster at `url` (for a cluster, any node's
+/// address); the error names the address.
+pub async fn connect(url: &str) -> Result<RedisConnection, BusError> {
+    let address = redacted(url);
+    let backend = |e: redis::RedisError| BusError::Backend {
+        address: address.clone(),
+        message: e.to_string(),
+    };
+    let client = redis::Client::open(url).map_err(backend)?;
+    let pool = tokio::time::timeout(Duration::from_secs(10), Pool::connect(&client, url))
+        .await
+        .map_err(|_| BusError::Backend {
+            address: address.clone(),
+            message: "connection timed out".into(),
+        })?
+        .map_err(backend)?;
+    Ok(pool.get())
+}
+
+/// Connections used in turn: one connection's driver task parses every
+/// reply on it, and became the bottleneck under load. On a cluster, one
+/// cluster connection (it holds a connection per node).
 pub(crate) struct Pool {
-    conns: Vec<ConnectionManager>,
+    conns: Vec<RedisConnection>,
     next: std::sync::atomic::AtomicUsize,
+    /// For blocking reads on a cluster: no response timeout.
+    blocking: Option<redis::cluster::ClusterClient>,
 }
 
 /// Connections in a [`Pool`].
@@ -126,7 +224,32 @@ const POOL_SIZE: usize = 2;
 
 impl Pool {
     /// Opens the pool; the error is the server's.
-    pub(crate) async fn connect(client: &redis::Client) -> redis::RedisResult<Self> {
+    pub(crate) async fn connect(client: &redis::Client, url: &str) -> redis::RedisResult<Self> {
+        let mut probe = client.get_multiplexed_async_connection().await?;
+        let info: String = redis::cmd("INFO")
+            .arg("cluster")
+            .query_async(&mut probe)
+            .await?;
+        if info.contains("cluster_enabled:1") {
+            let cluster = |timeout: Option<Duration>| {
+                let builder = redis::cluster::ClusterClient::builder(vec![url])
+                    .connection_timeout(Duration::from_secs(5))
+                    .retries(3);
+                match timeout {
+                    Some(t) => builder.response_timeout(t),
+                    None => builder.response_timeout(Duration::from_secs(3600)),
+                }
+                .build()
+            };
+            let conn = cluster(Some(Duration::from_secs(10)))?
+                .get_async_connection()
+                .await?;
+            return Ok(Self {
+                conns: vec![RedisConnection::Cluster(conn)],
+                next: std::sync::atomic::AtomicUsize::new(0),
+                blocking: Some(cluster(None)?),
+            });
+        }
         let mut conns = Vec::with_capacity(POOL_SIZE);
         for _ in 0..POOL_SIZE {
             let config = ConnectionManagerConfig::new()
@@ -134,18 +257,47 @@ impl Pool {
                 .set_response_timeout(Some(Duration::from_secs(10)))
                 .set_number_of_retries(3)
                 .set_max_delay(Duration::from_secs(1));
-            conns.push(client.get_connection_manager_with_config(config).await?);
+            conns.push(RedisConnection::Single(
+                client.get_connection_manager_with_config(config).await?,
+            ));
         }
         Ok(Self {
             conns,
             next: std::sync::atomic::AtomicUsize::new(0),
+            blocking: None,
         })
     }
 
     /// The next connection.
-    pub(crate) fn get(&self) -> ConnectionManager {
+    pub(crate) fn get(&self) -> RedisConnection {
         let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.conns[i % self.conns.len()].clone()
+    }
+
+    /// True on a Redis Cluster.
+    pub(crate) fn is_cluster(&self) -> bool {
+        self.blocking.is_some()
+    }
+
+    /// A connection of its own for blocking reads, without a response
+    /// timeout (the read's own `BLOCK` bounds it).
+    pub(crate) async fn blocking(
+        &self,
+        client: &redis::Client,
+    ) -> redis::RedisResult<RedisConnection> {
+        if let Some(cluster) = &self.blocking {
+            return Ok(RedisConnection::Cluster(
+                cluster.get_async_connection().await?,
+            ));
+        }
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(None);
+        Ok(RedisConnection::Direct(
+            client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await?,
+        ))
     }
 }
 
@@ -185,13 +337,14 @@ impl RedisStreamsBus {
             message: e.to_string(),
         };
         let client = redis::Client::open(config.url.as_str()).map_err(backend)?;
-        let conn = tokio::time::timeout(Duration::from_secs(10), Pool::connect(&client))
-            .await
-            .map_err(|_| BusError::Backend {
-                address: address.clone(),
-                message: "connection timed out".into(),
-            })?
-            .map_err(backend)?;
+        let conn =
+            tokio::time::timeout(Duration::from_secs(10), Pool::connect(&client, &config.url))
+                .await
+                .map_err(|_| BusError::Backend {
+                    address: address.clone(),
+                    message: "connection timed out".into(),
+                })?
+                .map_err(backend)?;
         let (status, _) = broadcast::channel(4096);
         let pubsub = if config.broadcast_status {
             Some(RedisPubSubBus::connect(&config.url, format!("{}:status", config.prefix)).await?)
@@ -261,9 +414,7 @@ impl RedisStreamsBus {
     /// Sends a pipeline whose replies are all ignored.
     async fn run(&self, pipe: &redis::Pipeline) -> Result<(), BusError> {
         let mut conn = self.inner.conn.get();
-        pipe.query_async::<()>(&mut conn)
-            .await
-            .map_err(|e| self.err(e))
+        run_all(&mut conn, pipe).await.map_err(|e| self.err(e))
     }
 
     fn dead_letter_cmd(&self, pipe: &mut redis::Pipeline, letter: &DeadLetter) {
@@ -556,7 +707,7 @@ struct RedisConsumer {
     group: String,
     name: String,
     /// A connection of its own: a blocking read holds its connection.
-    reader: Mutex<Option<MultiplexedConnection>>,
+    reader: Mutex<Option<RedisConnection>>,
     last_reclaim: Mutex<Option<tokio::time::Instant>>,
 }
 
@@ -649,19 +800,15 @@ impl RedisConsumer {
         }
     }
 
-    async fn reader(&self) -> Result<MultiplexedConnection, BusError> {
+    async fn reader(&self) -> Result<RedisConnection, BusError> {
         let mut slot = self.reader.lock().await;
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
         }
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(None);
-        let c = self
-            .bus
-            .inner
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
+        let inner = &self.bus.inner;
+        let c = inner
+            .conn
+            .blocking(&inner.client)
             .await
             .map_err(|e| self.bus.err(e))?;
         *slot = Some(c.clone());
@@ -779,7 +926,7 @@ impl RedisConsumer {
             tracing::warn!(topic = %self.topic, id = %id, "{}", letter.reason);
             let mut pipe = redis::pipe();
             self.move_to_dead_letters(&mut pipe, &letter, &id);
-            pipe.query_async::<()>(&mut conn)
+            run_all(&mut conn, &pipe)
                 .await
                 .map_err(|e| self.bus.err(e))?;
         }
@@ -887,6 +1034,13 @@ impl Consumer for RedisConsumer {
             let mut pipe = redis::pipe();
             self.bus.xadd_cmds(&mut pipe, events)?;
             return self.bus.run(&pipe).await;
+        }
+        if self.bus.inner.conn.is_cluster() {
+            // The streams live on different nodes: publish, then ack.
+            let mut pipe = redis::pipe();
+            self.bus.xadd_cmds(&mut pipe, events)?;
+            self.bus.run(&pipe).await?;
+            return self.ack(ids).await;
         }
         // One script: a publish the server refuses stops it before the acks.
         let mut invocation = PUBLISH_THEN_ACK.key(&self.key);

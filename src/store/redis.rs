@@ -9,6 +9,7 @@
 //! | --- | --- | --- |
 //! | `{ma:wf:<transaction>}` | hash | `v` version, `s` state JSON, `st` status, `wf` workflow, `sa` started, `up` updated (ms) |
 //! | `{ma:timers}` | sorted set | transaction ids scored by next wakeup (ms) |
+//! | `{ma:index}` | sorted set | transaction ids scored by start (ms), for listing; `expire` drops those whose hash has expired |
 //! | `{ma:defs}` | hash | `name@version` → definition JSON |
 //! | `ma:finished` | Pub/Sub channel | transaction ids as they finish (wakes waiting clients) |
 //!
@@ -30,7 +31,7 @@ use super::newest_first;
 use super::{
     ListQuery, StateStore, StoreError, Version, Versioned, WorkflowSummary, same_definition,
 };
-use crate::bus::redis::{Pool, follow_channel, redacted};
+use crate::bus::redis::{Pool, RedisConnection, follow_channel, query_all, redacted, run_all};
 use crate::core::{
     Timestamp, TransactionId, WorkflowDefinition, WorkflowName, WorkflowState, WorkflowStatus,
 };
@@ -103,6 +104,9 @@ end
 return 0
 ";
 
+/// Workflows read per round trip when listing.
+const LIST_PAGE: usize = 500;
+
 /// A [`StateStore`] on Redis.
 #[derive(Clone)]
 pub struct RedisStateStore {
@@ -132,13 +136,14 @@ impl RedisStateStore {
             message: e.to_string(),
         };
         let client = redis::Client::open(config.url.as_str()).map_err(io)?;
-        let conn = tokio::time::timeout(Duration::from_secs(10), Pool::connect(&client))
-            .await
-            .map_err(|_| StoreError::Io {
-                location: address.clone(),
-                message: "connection timed out".into(),
-            })?
-            .map_err(io)?;
+        let conn =
+            tokio::time::timeout(Duration::from_secs(10), Pool::connect(&client, &config.url))
+                .await
+                .map_err(|_| StoreError::Io {
+                    location: address.clone(),
+                    message: "connection timed out".into(),
+                })?
+                .map_err(io)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
@@ -161,6 +166,10 @@ impl RedisStateStore {
 
     fn timers_key(&self) -> String {
         format!("{{{}:timers}}", self.inner.config.prefix)
+    }
+
+    fn index_key(&self) -> String {
+        format!("{{{}:index}}", self.inner.config.prefix)
     }
 
     fn defs_key(&self) -> String {
@@ -199,6 +208,13 @@ impl RedisStateStore {
             0
         };
         let mut pipe = redis::pipe();
+        if expected.is_none() {
+            pipe.cmd("ZADD")
+                .arg(self.index_key())
+                .arg(state.started_at.as_millis())
+                .arg(tx.to_string())
+                .ignore();
+        }
         if let Some(w) = state.next_wakeup() {
             // First, so the index is never later than the state.
             pipe.cmd("ZADD")
@@ -222,6 +238,11 @@ impl RedisStateStore {
             .arg(tx.to_string());
         // Scripts are sent by hash; load once so a pipeline can use EVALSHA.
         let mut conn = self.inner.conn.get();
+        if matches!(conn, RedisConnection::Cluster(_)) {
+            // The indexes live in other slots: update them first, then write.
+            run_all(&mut conn, &pipe).await.map_err(|e| self.io(e))?;
+            pipe = redis::pipe();
+        }
         let reply: (i64, u64) = {
             pipe.invoke_script(&invocation);
             match pipe.query_async::<((i64, u64),)>(&mut conn).await {
@@ -335,74 +356,69 @@ impl StateStore for RedisStateStore {
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<WorkflowSummary>, StoreError> {
         let mut conn = self.inner.conn.get();
-        let pattern = format!("{{{}:wf:*", self.inner.config.prefix);
-        let mut cursor: u64 = 0;
         let mut out = Vec::new();
+        // Newest first from the index, a page at a time, until the limit.
+        let mut start = 0usize;
         loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
+            let ids: Vec<String> = redis::cmd("ZREVRANGE")
+                .arg(self.index_key())
+                .arg(start)
+                .arg(start + LIST_PAGE - 1)
                 .query_async(&mut conn)
                 .await
                 .map_err(|e| self.io(e))?;
-            if !keys.is_empty() {
-                let mut pipe = redis::pipe();
-                for k in &keys {
-                    pipe.cmd("HMGET")
-                        .arg(k)
-                        .arg("st")
-                        .arg("wf")
-                        .arg("sa")
-                        .arg("up")
-                        .arg("v");
-                }
-                type Row = (
-                    Option<String>,
-                    Option<String>,
-                    Option<u64>,
-                    Option<u64>,
-                    Option<u64>,
-                );
-                let rows: Vec<Row> = pipe.query_async(&mut conn).await.map_err(|e| self.io(e))?;
-                for (key, (st, wf, sa, up, _)) in keys.iter().zip(rows) {
-                    let (Some(status), Some(workflow), Some(started), Some(updated)) =
-                        (st.as_deref().and_then(status_of), wf, sa, up)
-                    else {
-                        continue;
-                    };
-                    let id = key
-                        .trim_start_matches('{')
-                        .trim_end_matches('}')
-                        .rsplit(':')
-                        .next()
-                        .unwrap_or("");
-                    let Ok(transaction_id) = id.parse::<TransactionId>() else {
-                        continue;
-                    };
-                    let summary = WorkflowSummary {
-                        transaction_id,
-                        workflow: WorkflowName::from(workflow),
-                        version: 0,
-                        status,
-                        started_at: Timestamp(started),
-                        updated_at: Timestamp(updated),
-                    };
-                    let selected = query.status.is_none_or(|s| s == summary.status)
-                        && query
-                            .workflow
-                            .as_ref()
-                            .is_none_or(|w| *w == summary.workflow)
-                        && query.updated_before.is_none_or(|t| summary.updated_at <= t);
-                    if selected {
-                        out.push(summary);
-                    }
+            start += LIST_PAGE;
+            if ids.is_empty() {
+                break;
+            }
+            let mut pipe = redis::pipe();
+            for id in &ids {
+                pipe.cmd("HMGET")
+                    .arg(format!("{{{}:wf:{id}}}", self.inner.config.prefix))
+                    .arg("st")
+                    .arg("wf")
+                    .arg("sa")
+                    .arg("up");
+            }
+            type Row = (Option<String>, Option<String>, Option<u64>, Option<u64>);
+            let rows: Vec<Row> = query_all(&mut conn, &pipe).await.map_err(|e| self.io(e))?;
+            for (id, (st, wf, sa, up)) in ids.iter().zip(rows) {
+                // Expired (or never written): the index is pruned by `expire`.
+                let (
+                    Some(status),
+                    Some(workflow),
+                    Some(started),
+                    Some(updated),
+                    Ok(transaction_id),
+                ) = (
+                    st.as_deref().and_then(status_of),
+                    wf,
+                    sa,
+                    up,
+                    id.parse::<TransactionId>(),
+                )
+                else {
+                    continue;
+                };
+                let summary = WorkflowSummary {
+                    transaction_id,
+                    workflow: WorkflowName::from(workflow),
+                    version: 0,
+                    status,
+                    started_at: Timestamp(started),
+                    updated_at: Timestamp(updated),
+                };
+                let selected = query.status.is_none_or(|s| s == summary.status)
+                    && query
+                        .workflow
+                        .as_ref()
+                        .is_none_or(|w| *w == summary.workflow)
+                    && query.updated_before.is_none_or(|t| summary.updated_at <= t);
+                if selected {
+                    out.push(summary);
                 }
             }
-            cursor = next;
-            if cursor == 0 {
+            if query.limit > 0 && out.len() >= query.limit {
                 break;
             }
         }
@@ -460,9 +476,51 @@ impl StateStore for RedisStateStore {
         Ok(())
     }
 
-    async fn expire(&self, _finished_before: Timestamp) -> Result<usize, StoreError> {
-        // Finished workflows carry a TTL: Redis expires them itself.
-        Ok(0)
+    async fn expire(&self, finished_before: Timestamp) -> Result<usize, StoreError> {
+        // Finished workflows carry a TTL: Redis deletes them itself. What is
+        // left is to drop them from the index: of the workflows started
+        // before the cut-off, those whose hash is gone.
+        let mut conn = self.inner.conn.get();
+        let mut removed = 0;
+        let mut start = 0usize;
+        loop {
+            let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+                .arg(self.index_key())
+                .arg("-inf")
+                .arg(finished_before.as_millis())
+                .arg("LIMIT")
+                .arg(start)
+                .arg(LIST_PAGE)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.io(e))?;
+            if ids.is_empty() {
+                break;
+            }
+            let mut pipe = redis::pipe();
+            for id in &ids {
+                pipe.cmd("EXISTS")
+                    .arg(format!("{{{}:wf:{id}}}", self.inner.config.prefix));
+            }
+            let exists: Vec<bool> = query_all(&mut conn, &pipe).await.map_err(|e| self.io(e))?;
+            let gone: Vec<&String> = ids
+                .iter()
+                .zip(&exists)
+                .filter(|(_, e)| !**e)
+                .map(|(id, _)| id)
+                .collect();
+            start += ids.len() - gone.len();
+            if !gone.is_empty() {
+                let n: usize = redis::cmd("ZREM")
+                    .arg(self.index_key())
+                    .arg(&gone)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| self.io(e))?;
+                removed += n;
+            }
+        }
+        Ok(removed)
     }
 
     async fn put_definition(&self, definition: &WorkflowDefinition) -> Result<(), StoreError> {

@@ -73,6 +73,23 @@ pub fn redis_url() -> Option<String> {
     }
 }
 
+/// The address of a Redis Cluster node, from `REDIS_CLUSTER_URL` (set by
+/// `scripts/test.sh`, which starts a throw-away three-node cluster).
+pub fn redis_cluster_url() -> Option<String> {
+    match std::env::var("REDIS_CLUSTER_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("CI").is_ok() => {
+            panic!("REDIS_CLUSTER_URL is not set; run the tests through ./scripts/test.sh")
+        }
+        _ => {
+            eprintln!(
+                "skipped: REDIS_CLUSTER_URL is not set (./scripts/test.sh starts a throw-away cluster)"
+            );
+            None
+        }
+    }
+}
+
 /// A key prefix no other test run uses.
 pub fn unique_prefix(name: &str) -> String {
     format!("t{}-{name}", uuid_like())

@@ -165,7 +165,7 @@ pub fn definition() -> Result<WorkflowDefinition, multiagents::core::DefinitionE
 enum Effects {
     Local(Arc<LocalEffects>),
     Redis {
-        conn: redis::aio::ConnectionManager,
+        conn: multiagents::bus::redis::RedisConnection,
         prefix: String,
     },
 }
@@ -263,12 +263,25 @@ impl Effects {
                 Ok(totals)
             }
             Effects::Redis { conn, prefix } => {
+                // A page at a time: the hash holds a field per step run.
                 let mut conn = conn.clone();
-                let runs: HashMap<String, u64> = redis::cmd("HGETALL")
-                    .arg(Self::runs_key(prefix))
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(|e| Error::Config(format!("reading the effect counts: {e}")))?;
+                let mut runs: HashMap<String, u64> = HashMap::new();
+                let mut cursor = 0u64;
+                loop {
+                    let (next, page): (u64, Vec<(String, u64)>) = redis::cmd("HSCAN")
+                        .arg(Self::runs_key(prefix))
+                        .arg(cursor)
+                        .arg("COUNT")
+                        .arg(5000)
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(|e| Error::Config(format!("reading the effect counts: {e}")))?;
+                    runs.extend(page);
+                    cursor = next;
+                    if cursor == 0 {
+                        break;
+                    }
+                }
                 Ok(redis_totals(&runs))
             }
         }
@@ -446,16 +459,7 @@ async fn backend(
             let mut store_config = RedisStoreConfig::new(&args.redis_url).prefix(&args.prefix);
             store_config.timer_lease = args.visibility_timeout;
             let store = RedisStateStore::connect(store_config).await?;
-            let client = redis::Client::open(args.redis_url.as_str())
-                .map_err(|e| Error::Config(format!("Redis at {}: {e}", args.redis_url)))?;
-            // Reading the effect counts at the end moves a large hash: give it time.
-            let config = redis::aio::ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(Duration::from_secs(5)))
-                .set_response_timeout(Some(Duration::from_secs(60)));
-            let conn = client
-                .get_connection_manager_with_config(config)
-                .await
-                .map_err(|e| Error::Config(format!("Redis at {}: {e}", args.redis_url)))?;
+            let conn = multiagents::bus::redis::connect(&args.redis_url).await?;
             Ok((
                 Arc::new(bus),
                 Arc::new(store),
