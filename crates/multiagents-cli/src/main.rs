@@ -1,6 +1,7 @@
 //! The `multiagents` command.
 
 mod bench;
+mod workflow;
 
 // The bench measures the framework, not glibc's malloc: a saga step makes a
 // few dozen small allocations across threads, where mimalloc is markedly faster.
@@ -23,6 +24,11 @@ enum Command {
     /// run at once and share the work; workflow definitions come from the
     /// store (registered by the code that starts workflows).
     Serve(ServeArgs),
+    /// Operations on workflow definitions (`deploy`).
+    Workflow {
+        #[command(subcommand)]
+        command: workflow::WorkflowCommand,
+    },
     /// Run a benchmark workload and report throughput, latency and memory.
     Bench {
         #[command(subcommand)]
@@ -104,6 +110,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Bench { workload } => bench::run(workload).await,
             Command::Serve(args) => serve(args).await,
+            Command::Workflow { command } => workflow::run(command).await,
         }
     });
     match result {

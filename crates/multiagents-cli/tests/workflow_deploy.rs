@@ -1,0 +1,105 @@
+//! `multiagents workflow deploy` against a real Redis: definitions land in
+//! the store by version, a changed definition under the same version is
+//! refused, and a bad file is refused naming the file and the culprit before
+//! anything is registered.
+
+use std::process::{Command, Output};
+
+use multiagents::store::{RedisStateStore, RedisStoreConfig, StateStore};
+
+fn redis_url() -> Option<String> {
+    match std::env::var("REDIS_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("CI").is_ok() => {
+            panic!("REDIS_URL is not set; run the tests through ./scripts/test.sh")
+        }
+        _ => {
+            eprintln!("skipped: REDIS_URL is not set");
+            None
+        }
+    }
+}
+
+fn deploy(url: &str, prefix: &str, files: &[&std::path::Path]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_multiagents"))
+        .args(["workflow", "deploy", "--redis-url", url, "--prefix", prefix])
+        .args(files)
+        .output()
+        .expect("runs")
+}
+
+const V1: &str = "name: refunds\nversion: 1\nsteps:\n  - name: check\n    worker: check_refund\n  - name: pay\n    worker: pay_refund\n";
+
+#[tokio::test]
+async fn deploys_definitions_by_version_and_refuses_changes_and_bad_files() {
+    let Some(url) = redis_url() else {
+        return;
+    };
+    let prefix = format!("deploy-{}", std::process::id());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let v1 = dir.path().join("refunds.yaml");
+    std::fs::write(&v1, V1).expect("write");
+
+    let out = deploy(&url, &prefix, &[&v1]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "deployed refunds@1"
+    );
+    // Again, unchanged: fine.
+    assert!(deploy(&url, &prefix, &[&v1]).status.success());
+
+    let store = RedisStateStore::connect(RedisStoreConfig::new(&url).prefix(&prefix))
+        .await
+        .expect("store");
+    let stored = store
+        .get_definition("refunds", 1)
+        .await
+        .expect("read")
+        .expect("registered");
+    assert_eq!(stored.steps().len(), 2);
+
+    // The same version with other steps is refused.
+    let changed = dir.path().join("changed.yaml");
+    std::fs::write(&changed, V1.replace("pay_refund", "wire_refund")).expect("write");
+    let out = deploy(&url, &prefix, &[&changed]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("version 1 is already registered"), "{err}");
+
+    // A bad file next to a good one: nothing is registered, and the error
+    // names the file and the unknown dependency.
+    let v2 = dir.path().join("v2.json");
+    std::fs::write(
+        &v2,
+        r#"{"name": "refunds", "version": 2, "steps": [{"name": "check", "worker": "check_refund"}]}"#,
+    )
+    .expect("write");
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "name: audits\nsteps:\n  - name: a\n    worker: w\n    after: [nowhere]\n",
+    )
+    .expect("write");
+    let out = deploy(&url, &prefix, &[&v2, &bad]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.yaml") && err.contains("nowhere"), "{err}");
+    assert!(
+        store
+            .get_definition("refunds", 2)
+            .await
+            .expect("read")
+            .is_none(),
+        "nothing registered when one file is bad"
+    );
+
+    // An unreachable server is reported with its address.
+    let out = deploy("redis://127.0.0.1:1/", &prefix, &[&v2]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("127.0.0.1:1"));
+}
