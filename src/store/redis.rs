@@ -458,12 +458,10 @@ impl StateStore for RedisStateStore {
         else {
             return Ok(());
         };
-        let next = self
-            .get(transaction_id)
-            .await?
-            .and_then(|v| v.state.next_wakeup());
+        let read = self.get(transaction_id).await?;
+        let next = read.as_ref().and_then(|v| v.state.next_wakeup());
         let mut conn = self.inner.conn.get();
-        let _: i64 = self
+        let rearmed: i64 = self
             .inner
             .rearm
             .key(self.timers_key())
@@ -473,6 +471,23 @@ impl StateStore for RedisStateStore {
             .invoke_async(&mut conn)
             .await
             .map_err(|e| self.io(e))?;
+        if rearmed == 1 {
+            // A write between the read and the re-arm found the lease in the
+            // index and may not have lowered it: index that write's wakeup.
+            let now = self.get(transaction_id).await?;
+            if now.as_ref().map(|v| v.version) != read.as_ref().map(|v| v.version)
+                && let Some(w) = now.and_then(|v| v.state.next_wakeup())
+            {
+                let _: () = redis::cmd("ZADD")
+                    .arg(self.timers_key())
+                    .arg("LT")
+                    .arg(w.as_millis())
+                    .arg(transaction_id.to_string())
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| self.io(e))?;
+            }
+        }
         Ok(())
     }
 
