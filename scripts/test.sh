@@ -55,6 +55,25 @@ start_redis() {
   return 1
 }
 
+# A free port below 55536 whose cluster bus port (+10000) is free too.
+free_cluster_port() {
+  python3 - <<'PY'
+import random, socket
+def free(p):
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", p)); return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+while True:
+    p = random.randint(20000, 55000)
+    if free(p) and free(p + 10000):
+        print(p); break
+PY
+}
+
 wait_port() { # wait_port PORT LOG
   for _ in $(seq 1 100); do
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
@@ -71,7 +90,7 @@ start_redis_cluster() {
   command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1 || return 0
   local nodes=()
   for i in 1 2 3; do
-    local port; port=$(free_port)
+    local port; port=$(free_cluster_port)
     mkdir -p "$work/cluster-$i"
     redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
       --dir "$work/cluster-$i" --cluster-enabled yes --cluster-config-file nodes.conf \

@@ -5,6 +5,7 @@ extern crate self as multiagents;
 pub mod bus;
 mod client;
 mod error;
+pub mod monitoring;
 pub mod runtime;
 pub mod store;
 pub mod timeline;

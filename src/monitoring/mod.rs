@@ -1,0 +1,11 @@
+//! Monitoring: configuration, logs, and (as they land) the event and worker
+//! monitors, Prometheus metrics and OpenTelemetry traces.
+
+mod config;
+mod logging;
+
+pub use config::{
+    ConfigError, ENV_VARS, EventMonitoringConfig, LoggerKind, LoggingConfig, MetricsConfig,
+    MonitoringConfig, TracingConfig, WorkerMonitoringConfig,
+};
+pub use logging::{BoxedLayer, RotatingFile, RotatingWriter, init_logging, log_layers};
