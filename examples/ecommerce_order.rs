@@ -59,6 +59,10 @@ struct Args {
     /// orchestrator (those two until Ctrl-C), or only the client placing orders.
     #[arg(long, value_enum, default_value_t = Role::All)]
     role: Role,
+    /// Monitoring settings (YAML or JSON), e.g. `examples/monitoring.yaml`
+    /// for JSON log lines in a file. Without it only warnings are logged.
+    #[arg(long, value_name = "FILE")]
+    monitoring: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -300,6 +304,14 @@ fn order(seed: u64, n: u64, fail_rate: f64) -> Order {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
+    // The example prints its own report: log only warnings unless told more.
+    let mut monitoring = multiagents::monitoring::MonitoringConfig::default();
+    monitoring.logging.level = "warn".into();
+    let monitoring = monitoring.overlay(args.monitoring.as_deref())?;
+    multiagents::monitoring::init_logging(
+        &monitoring.logging,
+        multiagents::monitoring::ConsoleStreams::Split,
+    )?;
     if !(0.0..=1.0).contains(&args.fail_rate) {
         return Err(format!(
             "--fail-rate must be between 0 and 1, not {}",

@@ -18,8 +18,27 @@ use super::config::{ConfigError, LoggerKind, LoggingConfig};
 /// A layer of the subscriber, boxed so that the set can be chosen at run time.
 pub type BoxedLayer = Box<dyn Layer<Registry> + Send + Sync>;
 
+/// Where console lines go.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ConsoleStreams {
+    /// Warnings and errors to stderr, the rest to stdout.
+    #[default]
+    Split,
+    /// Everything to stderr: for tools whose stdout is their output.
+    Stderr,
+}
+
 /// Builds the log layers `config` asks for.
 pub fn log_layers(config: &LoggingConfig) -> Result<Vec<BoxedLayer>, ConfigError> {
+    log_layers_with(config, ConsoleStreams::Split)
+}
+
+/// Builds the log layers `config` asks for, with console lines going to
+/// `streams`.
+pub fn log_layers_with(
+    config: &LoggingConfig,
+    streams: ConsoleStreams,
+) -> Result<Vec<BoxedLayer>, ConfigError> {
     let filter = |level: &str| {
         EnvFilter::try_new(level).map_err(|e| ConfigError::Invalid {
             origin: "logging".into(),
@@ -38,17 +57,25 @@ pub fn log_layers(config: &LoggingConfig) -> Result<Vec<BoxedLayer>, ConfigError
     };
     let mut layers: Vec<BoxedLayer> = Vec::new();
     let console = |level: &str| -> Result<BoxedLayer, ConfigError> {
-        // Warnings and errors to stderr, the rest to stdout.
-        let writer = std::io::stderr
-            .with_max_level(Level::WARN)
-            .or_else(std::io::stdout);
-        let ansi =
-            config.use_colors && std::io::stdout().is_terminal() && std::io::stderr().is_terminal();
-        Ok(tracing_subscriber::fmt::layer()
-            .with_writer(writer)
-            .with_ansi(ansi)
-            .with_filter(filter(level)?)
-            .boxed())
+        let ansi = config.use_colors
+            && std::io::stderr().is_terminal()
+            && (streams == ConsoleStreams::Stderr || std::io::stdout().is_terminal());
+        let layer = tracing_subscriber::fmt::layer().with_ansi(ansi);
+        Ok(match streams {
+            // Warnings and errors to stderr, the rest to stdout.
+            ConsoleStreams::Split => layer
+                .with_writer(
+                    std::io::stderr
+                        .with_max_level(Level::WARN)
+                        .or_else(std::io::stdout),
+                )
+                .with_filter(filter(level)?)
+                .boxed(),
+            ConsoleStreams::Stderr => layer
+                .with_writer(std::io::stderr)
+                .with_filter(filter(level)?)
+                .boxed(),
+        })
     };
     let to_file = |json: bool| -> Result<BoxedLayer, ConfigError> {
         let writer = file()?;
@@ -98,9 +125,9 @@ where
 }
 
 /// Installs the log layers as the global subscriber. Fails if one is set.
-pub fn init_logging(config: &LoggingConfig) -> Result<(), ConfigError> {
+pub fn init_logging(config: &LoggingConfig, streams: ConsoleStreams) -> Result<(), ConfigError> {
     tracing_subscriber::registry()
-        .with(log_layers(config)?)
+        .with(log_layers_with(config, streams)?)
         .try_init()
         .map_err(|e| ConfigError::Invalid {
             origin: "logging".into(),

@@ -8,4 +8,7 @@ pub use config::{
     ConfigError, ENV_VARS, EventMonitoringConfig, LoggerKind, LoggingConfig, MetricsConfig,
     MonitoringConfig, TracingConfig, WorkerMonitoringConfig,
 };
-pub use logging::{BoxedLayer, RotatingFile, RotatingWriter, init_logging, log_layers};
+pub use logging::{
+    BoxedLayer, ConsoleStreams, RotatingFile, RotatingWriter, init_logging, log_layers,
+    log_layers_with,
+};

@@ -329,6 +329,16 @@ impl Engine {
         for action in actions {
             match action {
                 Action::Dispatch(d) => {
+                    tracing::debug!(
+                        transaction_id = %state.transaction_id,
+                        correlation_id = %state.correlation_id,
+                        workflow = %state.workflow,
+                        step = %d.step,
+                        attempt = d.attempt,
+                        phase = %d.phase,
+                        worker = %d.worker,
+                        "step dispatched"
+                    );
                     let kind = match d.phase {
                         Phase::Forward => EventKind::Command,
                         Phase::Compensate => EventKind::Compensation,
@@ -349,6 +359,7 @@ impl Engine {
                     outbox.push((self.topic(&d.worker).to_string(), e));
                 }
                 Action::Status(update) => {
+                    log_status(state, &update);
                     if self.bus.has_status_listeners() {
                         let payload = Payload::to_json(&update).unwrap_or_else(|_| Payload::null());
                         let mut e = Event::new(
@@ -389,5 +400,45 @@ impl Engine {
             }
         }
         Ok(())
+    }
+}
+
+/// One log line per status change, with the workflow's fields, so that a
+/// workflow's steps can be found in the logs by its transaction id.
+fn log_status(state: &WorkflowState, update: &saga::StatusUpdate) {
+    use saga::StatusUpdate as U;
+    let (tx, corr, wf) = (
+        &state.transaction_id,
+        &state.correlation_id,
+        &state.workflow,
+    );
+    match update {
+        U::Started => tracing::info!(
+            transaction_id = %tx, correlation_id = %corr, workflow = %wf,
+            "workflow started"
+        ),
+        U::StepCompleted { step, attempt } => tracing::info!(
+            transaction_id = %tx, correlation_id = %corr, workflow = %wf,
+            step = %step, attempt,
+            "step completed"
+        ),
+        U::StepFailed { step, error } => tracing::warn!(
+            transaction_id = %tx, correlation_id = %corr, workflow = %wf,
+            step = %step,
+            attempt = state.step(step.as_str()).map_or(0, |s| s.attempts),
+            error = %error,
+            "step failed for good"
+        ),
+        U::StepCompensated { step } => tracing::info!(
+            transaction_id = %tx, correlation_id = %corr, workflow = %wf,
+            step = %step,
+            attempt = state.step(step.as_str()).map_or(0, |s| s.compensation_attempts),
+            "step compensated"
+        ),
+        U::Finished { status } => tracing::info!(
+            transaction_id = %tx, correlation_id = %corr, workflow = %wf,
+            status = %status,
+            "workflow finished"
+        ),
     }
 }

@@ -319,7 +319,19 @@ impl Runner {
         let token = self.hard_stop.child_token();
         let ctx = WorkerContext::from_parts(event, steps, token.clone());
         self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
-        let mut run = self.worker.run(input, ctx);
+        // The worker's own log lines carry the workflow's fields.
+        let span = tracing::info_span!(
+            "step",
+            transaction_id = %event.transaction_id,
+            correlation_id = %event.correlation_id,
+            step = %event.step.as_ref().map_or("", |s| s.as_str()),
+            attempt = event.attempt,
+            worker = name,
+        );
+        let mut run = std::pin::pin!(tracing::Instrument::instrument(
+            self.worker.run(input, ctx),
+            span
+        ));
         // Most calls finish on their first poll: only arm a deadline timer
         // (a timer-wheel insert and removal) for those that do not.
         let first = std::future::poll_fn(|cx| std::task::Poll::Ready(run.as_mut().poll(cx))).await;

@@ -14,6 +14,11 @@ use clap::{Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "multiagents", version, about, long_about = None)]
 struct Cli {
+    /// Monitoring settings (YAML or JSON; see docs/monitoring.md). The
+    /// MULTIAGENTS_LOG_* and other MULTIAGENTS_* variables override it. The
+    /// command logs warnings and errors to stderr unless told otherwise.
+    #[arg(long, global = true, value_name = "FILE")]
+    monitoring: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -88,14 +93,25 @@ async fn serve(args: ServeArgs) -> Result<std::process::ExitCode, multiagents::E
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MULTIAGENTS_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    // A tool: quiet below warnings, and its stdout is its output.
+    let mut base = multiagents::monitoring::MonitoringConfig::default();
+    base.logging.level = "warn".into();
+    base.logging.console_min_level = "warn".into();
+    let monitoring = match base.overlay(cli.monitoring.as_deref()) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = multiagents::monitoring::init_logging(
+        &monitoring.logging,
+        multiagents::monitoring::ConsoleStreams::Stderr,
+    ) {
+        eprintln!("error: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
