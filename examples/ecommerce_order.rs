@@ -312,6 +312,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         &monitoring.logging,
         multiagents::monitoring::ConsoleStreams::Split,
     )?;
+    // `/metrics` and `/healthz`, when the settings name an address; before
+    // anything runs, so that every metric is recorded.
+    let _metrics = match (
+        &monitoring.metrics.prometheus_addr,
+        monitoring.metrics.enabled,
+    ) {
+        (Some(addr), true) => Some(
+            multiagents::monitoring::metrics::serve_metrics(addr, std::sync::Arc::new(|| Ok(())))
+                .await?,
+        ),
+        _ => None,
+    };
     if !(0.0..=1.0).contains(&args.fail_rate) {
         return Err(format!(
             "--fail-rate must be between 0 and 1, not {}",

@@ -46,4 +46,7 @@ pub enum Error {
     /// The runtime was set up wrongly.
     #[error("{0}")]
     Config(String),
+    /// The monitoring settings were refused.
+    #[error(transparent)]
+    Monitoring(#[from] crate::monitoring::ConfigError),
 }

@@ -139,6 +139,8 @@ impl MemoryBus {
     }
 
     fn push_dead(&self, letter: DeadLetter) {
+        metrics::counter!(crate::monitoring::metrics::DEAD_LETTERS, "topic" => letter.topic.clone())
+            .increment(1);
         let mut dead = self.inner.dead.lock().unwrap_or_else(|e| e.into_inner());
         if dead.len() >= self.inner.config.dead_letter_capacity {
             dead.pop_front();
@@ -239,6 +241,20 @@ impl EventBus for MemoryBus {
 
     fn has_status_listeners(&self) -> bool {
         self.inner.status.receiver_count() > 0
+    }
+
+    async fn lag(&self, topic: &str, group: &str) -> Result<Option<u64>, BusError> {
+        let t = self.topic(topic);
+        let ts = t.state.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(Some(match ts.groups.get(group) {
+            Some(g) => g
+                .state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .queue
+                .len() as u64,
+            None => ts.backlog.len() as u64,
+        }))
     }
 
     fn subscribe_status(&self) -> broadcast::Receiver<Arc<Event>> {

@@ -167,6 +167,13 @@ pub trait EventBus: Send + Sync + 'static {
     /// The most recent dead letters, newest last.
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BusError>;
 
+    /// Entries of `topic` not yet delivered to `group`, when the backend can
+    /// tell (for the bus-lag metric).
+    async fn lag(&self, topic: &str, group: &str) -> Result<Option<u64>, BusError> {
+        let _ = (topic, group);
+        Ok(None)
+    }
+
     /// Broadcasts a status event. Fire-and-forget: lost if nobody listens.
     fn broadcast(&self, event: Event);
 

@@ -418,6 +418,8 @@ impl RedisStreamsBus {
     }
 
     fn dead_letter_cmd(&self, pipe: &mut redis::Pipeline, letter: &DeadLetter) {
+        metrics::counter!(crate::monitoring::metrics::DEAD_LETTERS, "topic" => letter.topic.clone())
+            .increment(1);
         pipe.cmd("XADD")
             .arg(self.dead_key())
             .arg("*")
@@ -522,6 +524,45 @@ impl EventBus for RedisStreamsBus {
             .collect();
         out.reverse();
         Ok(out)
+    }
+
+    async fn lag(&self, topic: &str, group: &str) -> Result<Option<u64>, BusError> {
+        let mut conn = self.inner.conn.get();
+        let groups: Value = match redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(self.key(topic))
+            .query_async(&mut conn)
+            .await
+        {
+            Ok(v) => v,
+            // No such stream yet: nothing published, nothing behind.
+            Err(e) if e.to_string().contains("no such key") => return Ok(Some(0)),
+            Err(e) => return Err(self.err(e)),
+        };
+        let Value::Array(groups) = groups else {
+            return Ok(None);
+        };
+        for g in groups {
+            let pairs: Vec<(String, Value)> = match g {
+                Value::Array(kv) => kv
+                    .chunks(2)
+                    .filter_map(|c| Some((bulk_string(&c[0])?, c.get(1)?.clone())))
+                    .collect(),
+                Value::Map(kv) => kv
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((bulk_string(&k)?, v)))
+                    .collect(),
+                _ => continue,
+            };
+            let field = |name: &str| pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+            if field("name").and_then(bulk_string).as_deref() == Some(group) {
+                return Ok(match field("lag") {
+                    Some(Value::Int(n)) => Some(*n as u64),
+                    _ => None,
+                });
+            }
+        }
+        Ok(None)
     }
 
     fn broadcast(&self, event: Event) {

@@ -3,6 +3,7 @@
 
 mod config;
 mod logging;
+pub mod metrics;
 
 pub use config::{
     ConfigError, ENV_VARS, EventMonitoringConfig, LoggerKind, LoggingConfig, MetricsConfig,

@@ -86,12 +86,14 @@ pub(crate) struct Engine {
     topics: RwLock<HashMap<WorkerName, Arc<str>>>,
     /// With a remote store only.
     cache: Option<StateCache>,
+    metrics: super::metrics::EngineMetrics,
 }
 
 impl Engine {
     pub(crate) fn new(bus: Arc<dyn EventBus>, store: Arc<dyn StateStore>) -> Self {
         Self {
             cache: store.is_remote().then(StateCache::new),
+            metrics: super::metrics::EngineMetrics::new(),
             bus,
             store,
             definitions: RwLock::new(HashMap::new()),
@@ -154,6 +156,30 @@ impl Engine {
             .unwrap_or_else(|e| e.into_inner())
             .insert(worker.clone(), topic.clone());
         topic
+    }
+
+    /// The command topics of every worker of every definition known here.
+    pub(crate) fn command_topics(&self) -> Vec<String> {
+        let defs: Vec<Arc<WorkflowDefinition>> = self
+            .definitions
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut topics: Vec<String> = defs
+            .iter()
+            .flat_map(|d| {
+                d.steps().iter().flat_map(|s| {
+                    std::iter::once(s.worker.clone())
+                        .chain(s.compensation.as_ref().map(|c| c.worker.clone()))
+                })
+            })
+            .map(|w| command_topic(&w))
+            .collect();
+        topics.sort();
+        topics.dedup();
+        topics
     }
 
     async fn latest(&self, name: &str) -> Result<Arc<WorkflowDefinition>, Error> {
@@ -254,7 +280,8 @@ impl Engine {
                 .definition(&current.state.workflow, current.state.version)
                 .await?;
             let mut state = WorkflowState::clone(&current.state);
-            let outcome = saga::apply(&def, &mut state, input.clone(), Timestamp::now());
+            let now = Timestamp::now();
+            let outcome = saga::apply(&def, &mut state, input.clone(), now);
             if !outcome.changed {
                 if from_cache {
                     // The cached state may be behind: ask the store.
@@ -271,6 +298,14 @@ impl Engine {
                 Ok(version) => {
                     if let Some(cache) = &self.cache {
                         cache.put(version, state.clone());
+                    }
+                    self.metrics.result(&current.state, input, now);
+                    if !matches!(input, Input::Redispatch { .. }) {
+                        for action in &outcome.actions {
+                            if let Action::Dispatch(d) = action {
+                                self.metrics.dispatch(&state, &d.step, d.phase, d.attempt);
+                            }
+                        }
                     }
                     let traceparent = cause.and_then(|c| c.traceparent.clone());
                     self.execute(
@@ -360,6 +395,7 @@ impl Engine {
                 }
                 Action::Status(update) => {
                     log_status(state, &update);
+                    self.metrics.status(state, &update);
                     if self.bus.has_status_listeners() {
                         let payload = Payload::to_json(&update).unwrap_or_else(|_| Payload::null());
                         let mut e = Event::new(
@@ -422,7 +458,7 @@ fn log_status(state: &WorkflowState, update: &saga::StatusUpdate) {
             step = %step, attempt,
             "step completed"
         ),
-        U::StepFailed { step, error } => tracing::warn!(
+        U::StepFailed { step, error } => tracing::info!(
             transaction_id = %tx, correlation_id = %corr, workflow = %wf,
             step = %step,
             attempt = state.step(step.as_str()).map_or(0, |s| s.attempts),

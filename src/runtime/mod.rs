@@ -5,6 +5,7 @@
 //! survive restarts), your workflow definitions and workers — and starts it.
 
 mod engine;
+mod metrics;
 mod orchestrator;
 
 use std::collections::HashSet;

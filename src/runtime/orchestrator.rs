@@ -105,6 +105,7 @@ pub(crate) async fn start(
         config.tick_interval,
         stop.clone(),
     ));
+    tasks.spawn(lag_loop(engine.clone(), stop.clone()));
     tasks.spawn(housekeeping_loop(engine, config, stop.clone()));
     Ok(OrchestratorHandle { stop, tasks })
 }
@@ -354,6 +355,35 @@ async fn redispatch(
         }
     }
     Ok(count)
+}
+
+/// Samples the bus lag of the results and of every command topic known here.
+async fn lag_loop(engine: Arc<Engine>, stop: CancellationToken) {
+    use crate::bus::WORKER_GROUP;
+    use crate::monitoring::metrics::BUS_LAG;
+    let mut ticker = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let mut topics = vec![(RESULTS_TOPIC.to_string(), ORCHESTRATOR_GROUP)];
+        topics.extend(
+            engine
+                .command_topics()
+                .into_iter()
+                .map(|t| (t, WORKER_GROUP)),
+        );
+        for (topic, group) in topics {
+            match engine.bus.lag(&topic, group).await {
+                Ok(Some(n)) => {
+                    metrics::gauge!(BUS_LAG, "topic" => topic, "group" => group).set(n as f64)
+                }
+                Ok(None) => {}
+                Err(e) => tracing::debug!(topic, error = %e, "reading the bus lag failed"),
+            }
+        }
+    }
 }
 
 async fn housekeeping_loop(

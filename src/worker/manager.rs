@@ -176,6 +176,7 @@ impl WorkerManager {
             let c = Arc::new(Counters::default());
             counters.push((worker.name().to_string(), options.concurrency, c.clone()));
             let runner = Runner {
+                metrics: RunnerMetrics::new(worker.name()),
                 worker,
                 consumer,
                 limit: Arc::new(Semaphore::new(options.concurrency)),
@@ -219,7 +220,33 @@ impl WorkerManager {
     }
 }
 
+/// One worker type's metrics in this process (`None` when no recorder is
+/// installed).
+struct RunnerMetrics {
+    ok: metrics::Counter,
+    failed: metrics::Counter,
+    duration: metrics::Histogram,
+    in_flight: metrics::Gauge,
+}
+
+impl RunnerMetrics {
+    fn new(worker: &str) -> Option<Self> {
+        use crate::monitoring::metrics::{WORKER_CALL_DURATION, WORKER_CALLS, WORKER_IN_FLIGHT};
+        if !crate::monitoring::metrics::enabled() {
+            return None;
+        }
+        let w = worker.to_string();
+        Some(Self {
+            ok: metrics::counter!(WORKER_CALLS, "worker" => w.clone(), "outcome" => "ok"),
+            failed: metrics::counter!(WORKER_CALLS, "worker" => w.clone(), "outcome" => "error"),
+            duration: metrics::histogram!(WORKER_CALL_DURATION, "worker" => w.clone()),
+            in_flight: metrics::gauge!(WORKER_IN_FLIGHT, "worker" => w),
+        })
+    }
+}
+
 struct Runner {
+    metrics: Option<RunnerMetrics>,
     worker: Arc<dyn Worker>,
     consumer: Arc<dyn Consumer>,
     limit: Arc<Semaphore>,
@@ -319,6 +346,10 @@ impl Runner {
         let token = self.hard_stop.child_token();
         let ctx = WorkerContext::from_parts(event, steps, token.clone());
         self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
+        let began = self.metrics.as_ref().map(|m| {
+            m.in_flight.increment(1.0);
+            std::time::Instant::now()
+        });
         // The worker's own log lines carry the workflow's fields.
         let span = tracing::info_span!(
             "step",
@@ -350,6 +381,10 @@ impl Runner {
             (std::task::Poll::Pending, None) => run.await,
         };
         self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let (Some(m), Some(began)) = (&self.metrics, began) {
+            m.in_flight.decrement(1.0);
+            m.duration.record(began.elapsed().as_secs_f64());
+        }
         if outcome.is_err() && self.hard_stop.is_cancelled() {
             // Stopped by shutdown, not failed: leave the command unacked so
             // that another worker gets it, as the same attempt.
@@ -359,10 +394,16 @@ impl Runner {
         let (kind, payload) = match outcome {
             Ok(output) => {
                 self.counters.succeeded.fetch_add(1, Ordering::Relaxed);
+                if let Some(m) = &self.metrics {
+                    m.ok.increment(1);
+                }
                 (EventKind::Result, output)
             }
             Err(e) => {
                 self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                if let Some(m) = &self.metrics {
+                    m.failed.increment(1);
+                }
                 tracing::debug!(
                     worker = name,
                     transaction_id = %event.transaction_id,

@@ -46,6 +46,10 @@ pub struct OrdersArgs {
     /// Redis server for `--backend redis`.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
     redis_url: String,
+    /// Serve Prometheus `/metrics` and `/healthz` on this address while
+    /// running (metrics are only recorded when this is set).
+    #[arg(long, value_name = "ADDR")]
+    http: Option<String>,
     /// Key prefix in Redis, so runs do not share state.
     #[arg(long, default_value = "bench")]
     prefix: String,
@@ -145,6 +149,33 @@ struct Report {
     latency_p50_ms: f64,
     latency_p99_ms: f64,
     peak_rss_mb: f64,
+    /// What this process's `/metrics` says at the end (with `--http`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exported: Option<Exported>,
+}
+
+/// Counters read back from this process's Prometheus text.
+#[derive(Serialize, Debug)]
+struct Exported {
+    workflows_started: f64,
+    completed: f64,
+    compensated: f64,
+    worker_calls: f64,
+}
+
+impl Exported {
+    fn read() -> Option<Self> {
+        use multiagents::monitoring::metrics::{
+            WORKER_CALLS, WORKFLOWS_FINISHED, WORKFLOWS_STARTED, render_prometheus, sum_series,
+        };
+        let text = render_prometheus()?;
+        Some(Self {
+            workflows_started: sum_series(&text, WORKFLOWS_STARTED, &[]),
+            completed: sum_series(&text, WORKFLOWS_FINISHED, &[("status", "completed")]),
+            compensated: sum_series(&text, WORKFLOWS_FINISHED, &[("status", "compensated")]),
+            worker_calls: sum_series(&text, WORKER_CALLS, &[]),
+        })
+    }
 }
 
 pub fn definition() -> Result<WorkflowDefinition, multiagents::core::DefinitionError> {
@@ -491,6 +522,15 @@ async fn orders(args: OrdersArgs) -> Result<ExitCode, Error> {
             args.role
         )));
     }
+    let metrics_server = match &args.http {
+        Some(addr) => {
+            let server =
+                multiagents::monitoring::metrics::serve_metrics(addr, Arc::new(|| Ok(()))).await?;
+            eprintln!("metrics on http://{}/metrics", server.addr);
+            Some(server)
+        }
+        None => None,
+    };
     let (bus, store, effects, temp_store) = backend(&args).await?;
     let orchestrator_config = OrchestratorConfig {
         // The in-process bus loses what it held with the process; Redis does not.
@@ -649,6 +689,7 @@ async fn orders(args: OrdersArgs) -> Result<ExitCode, Error> {
         latency_p50_ms: percentile(&latencies, 50.0),
         latency_p99_ms: percentile(&latencies, 99.0),
         peak_rss_mb: peak_rss_mb(),
+        exported: metrics_server.as_ref().and_then(|_| Exported::read()),
     };
     let ok = report.completed + report.compensated == report.workflows
         && report.stuck == 0

@@ -55,11 +55,36 @@ struct ServeArgs {
     /// This process's name among the orchestrators.
     #[arg(long)]
     instance: Option<String>,
+    /// Serve Prometheus `/metrics` and `/healthz` on this address (overrides
+    /// `metrics.prometheus_addr` of the monitoring settings).
+    #[arg(long, value_name = "ADDR")]
+    http: Option<String>,
 }
 
-async fn serve(args: ServeArgs) -> Result<std::process::ExitCode, multiagents::Error> {
+async fn serve(
+    args: ServeArgs,
+    monitoring: &multiagents::monitoring::MonitoringConfig,
+) -> Result<std::process::ExitCode, multiagents::Error> {
     use multiagents::bus::{RedisBusConfig, RedisStreamsBus};
     use multiagents::store::{RedisStateStore, RedisStoreConfig};
+    // Before anything records a metric: handles bind to the recorder.
+    let http = args
+        .http
+        .clone()
+        .or_else(|| monitoring.metrics.prometheus_addr.clone())
+        .filter(|_| monitoring.metrics.enabled);
+    let _metrics = match http {
+        Some(addr) => {
+            let server = multiagents::monitoring::metrics::serve_metrics(
+                &addr,
+                std::sync::Arc::new(|| Ok(())),
+            )
+            .await?;
+            eprintln!("metrics on http://{}/metrics", server.addr);
+            Some(server)
+        }
+        None => None,
+    };
     let bus =
         RedisStreamsBus::connect(RedisBusConfig::new(&args.redis_url).prefix(&args.prefix)).await?;
     let store =
@@ -125,7 +150,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Bench { workload } => bench::run(workload).await,
-            Command::Serve(args) => serve(args).await,
+            Command::Serve(args) => serve(args, &monitoring).await,
             Command::Workflow { command } => workflow::run(command).await,
         }
     });
