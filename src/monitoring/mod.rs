@@ -2,6 +2,7 @@
 //! monitors, Prometheus metrics and OpenTelemetry traces.
 
 mod config;
+pub mod events;
 mod logging;
 pub mod metrics;
 
@@ -9,6 +10,7 @@ pub use config::{
     ConfigError, ENV_VARS, EventMonitoringConfig, LoggerKind, LoggingConfig, MetricsConfig,
     MonitoringConfig, TracingConfig, WorkerMonitoringConfig,
 };
+pub use events::{EventMonitor, Lifecycle, MonitorError, Outcome, WindowStats, lifecycles};
 pub use logging::{
     BoxedLayer, ConsoleStreams, RotatingFile, RotatingWriter, init_logging, log_layers,
     log_layers_with,

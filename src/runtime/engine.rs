@@ -289,6 +289,9 @@ impl Engine {
                 }
                 return Ok(Driven::Unchanged);
             }
+            if let Some(timing) = cause.and_then(|c| c.timing.as_ref()) {
+                annotate(&mut state, current.state.history.len(), input, timing);
+            }
             let state = Arc::new(state);
             match self
                 .store
@@ -476,5 +479,24 @@ fn log_status(state: &WorkflowState, update: &saga::StatusUpdate) {
             status = %status,
             "workflow finished"
         ),
+    }
+}
+
+/// Puts a result's timing on the history entry its transition added for
+/// that step and attempt.
+fn annotate(state: &mut WorkflowState, before: usize, input: &Input, timing: &crate::core::Timing) {
+    let (step, attempt) = match input {
+        Input::Succeeded { step, attempt, .. } | Input::Failed { step, attempt, .. } => {
+            (step, *attempt)
+        }
+        _ => return,
+    };
+    if let Some(entry) = state
+        .history
+        .iter_mut()
+        .skip(before)
+        .find(|e| e.step.as_ref() == Some(step) && e.attempt == attempt)
+    {
+        entry.timing = Some(timing.clone());
     }
 }

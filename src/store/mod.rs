@@ -51,6 +51,8 @@ pub struct ListQuery {
     pub workflow: Option<WorkflowName>,
     /// Only workflows not changed since this time.
     pub updated_before: Option<Timestamp>,
+    /// Only workflows changed at or after this time.
+    pub updated_after: Option<Timestamp>,
     /// At most this many (0 = no limit).
     pub limit: usize,
 }
@@ -92,6 +94,7 @@ impl ListQuery {
         self.status.is_none_or(|s| s == state.status)
             && self.workflow.as_ref().is_none_or(|w| *w == state.workflow)
             && self.updated_before.is_none_or(|t| state.updated_at <= t)
+            && self.updated_after.is_none_or(|t| state.updated_at >= t)
     }
 }
 

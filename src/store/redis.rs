@@ -413,7 +413,8 @@ impl StateStore for RedisStateStore {
                         .workflow
                         .as_ref()
                         .is_none_or(|w| *w == summary.workflow)
-                    && query.updated_before.is_none_or(|t| summary.updated_at <= t);
+                    && query.updated_before.is_none_or(|t| summary.updated_at <= t)
+                    && query.updated_after.is_none_or(|t| summary.updated_at >= t);
                 if selected {
                     out.push(summary);
                 }

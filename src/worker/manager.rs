@@ -52,6 +52,10 @@ pub struct WorkerManagerConfig {
     pub drain_timeout: Duration,
     /// How many commands one consumer takes from the bus at once.
     pub batch_size: usize,
+    /// Put when a command was picked up, started and finished on its answer,
+    /// so that the event monitor can show each step's lifecycle
+    /// (`event_monitoring.enabled`).
+    pub record_timing: bool,
 }
 
 impl Default for WorkerManagerConfig {
@@ -61,6 +65,7 @@ impl Default for WorkerManagerConfig {
             heartbeat_interval: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(30),
             batch_size: 64,
+            record_timing: true,
         }
     }
 }
@@ -177,6 +182,8 @@ impl WorkerManager {
             counters.push((worker.name().to_string(), options.concurrency, c.clone()));
             let runner = Runner {
                 metrics: RunnerMetrics::new(worker.name()),
+                instance: Arc::from(self.config.instance.as_str()),
+                record_timing: self.config.record_timing,
                 worker,
                 consumer,
                 limit: Arc::new(Semaphore::new(options.concurrency)),
@@ -247,6 +254,9 @@ impl RunnerMetrics {
 
 struct Runner {
     metrics: Option<RunnerMetrics>,
+    /// This process's name, on every answer's timing.
+    instance: Arc<str>,
+    record_timing: bool,
     worker: Arc<dyn Worker>,
     consumer: Arc<dyn Consumer>,
     limit: Arc<Semaphore>,
@@ -286,6 +296,7 @@ impl Runner {
                     continue;
                 }
             };
+            let picked_up_at = Timestamp::now();
             let mut first = Some(permit);
             for delivery in batch {
                 let permit = match first.take() {
@@ -298,7 +309,7 @@ impl Runner {
                 let me = this.clone();
                 let answers = answers.clone();
                 calls.spawn(async move {
-                    if let Some(reply) = me.handle(&delivery).await {
+                    if let Some(reply) = me.handle(&delivery, picked_up_at).await {
                         let _ = answers.send((delivery.id, reply));
                     }
                     drop(permit);
@@ -314,7 +325,7 @@ impl Runner {
     }
 
     /// Runs one command; returns the answer to publish, if any.
-    async fn handle(&self, delivery: &Delivery) -> Option<Event> {
+    async fn handle(&self, delivery: &Delivery, picked_up_at: Timestamp) -> Option<Event> {
         let event = &delivery.event;
         let name = self.worker.name();
         if !matches!(event.kind, EventKind::Command | EventKind::Compensation)
@@ -351,6 +362,7 @@ impl Runner {
             std::time::Instant::now()
         });
         // The worker's own log lines carry the workflow's fields.
+        let started_at = Timestamp::now();
         let span = tracing::info_span!(
             "step",
             transaction_id = %event.transaction_id,
@@ -431,6 +443,14 @@ impl Runner {
         reply.phase = event.phase;
         reply.attempt = event.attempt;
         reply.traceparent = event.traceparent.clone();
+        if self.record_timing {
+            reply.timing = Some(crate::core::Timing {
+                instance: self.instance.clone(),
+                picked_up_at,
+                started_at,
+                finished_at: Timestamp::now(),
+            });
+        }
         Some(reply)
     }
 }

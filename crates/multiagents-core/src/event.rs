@@ -101,6 +101,24 @@ pub struct Event {
     pub traceparent: Option<Arc<str>>,
     /// The data: a command's input, a result's output, an error's [`StepError`].
     pub payload: Payload,
+    /// On results and errors: how the worker handled the command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timing: Option<Timing>,
+}
+
+/// How a worker handled a command, carried on its result so that the
+/// lifecycle (dispatch → pickup → processing → completion) is stored with the
+/// workflow, whichever process did each part.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timing {
+    /// The worker process that ran it.
+    pub instance: Arc<str>,
+    /// When the command was taken from the bus.
+    pub picked_up_at: Timestamp,
+    /// When the worker body started.
+    pub started_at: Timestamp,
+    /// When it finished.
+    pub finished_at: Timestamp,
 }
 
 impl Event {
@@ -130,6 +148,7 @@ impl Event {
             deadline: None,
             traceparent: None,
             payload,
+            timing: None,
         }
     }
 

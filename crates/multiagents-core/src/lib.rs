@@ -11,7 +11,9 @@ pub mod saga;
 pub mod time;
 pub mod workflow;
 
-pub use event::{Event, EventCodec, EventError, EventKind, Phase, RetryDirective, StepError};
+pub use event::{
+    Event, EventCodec, EventError, EventKind, Phase, RetryDirective, StepError, Timing,
+};
 pub use ids::{CorrelationId, EventId, StepName, TransactionId, WorkerName, WorkflowName};
 pub use payload::Payload;
 pub use saga::{

@@ -280,6 +280,7 @@ impl Transition<'_> {
             step,
             attempt,
             event,
+            timing: None,
         });
     }
 

@@ -220,6 +220,10 @@ pub struct HistoryEntry {
     pub attempt: u32,
     /// What happened.
     pub event: HistoryEvent,
+    /// For the outcome of an attempt: how the worker handled it (added by
+    /// the runtime from the result event; the state machine leaves it empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timing: Option<crate::event::Timing>,
 }
 
 /// What happened.
