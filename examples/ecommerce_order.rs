@@ -350,6 +350,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             std::sync::Arc::new(FileStore::open(&args.store)?),
         ),
     };
+    let monitor_store = store.clone();
+    let run_started = std::time::Instant::now();
     let workers: Vec<(std::sync::Arc<dyn Worker>, WorkerOptions)> = vec![
         (
             std::sync::Arc::new(validate_order),
@@ -389,7 +391,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     ];
     let runtime = match args.role {
         Role::Workers => {
-            let mut manager = multiagents::worker::WorkerManager::new(bus);
+            let mut manager = multiagents::worker::WorkerManager::new(bus)
+                .config(
+                    multiagents::worker::WorkerManagerConfig::default()
+                        .with_monitoring(&monitoring),
+                )
+                .health_store(store.clone());
             for (w, o) in workers {
                 manager = manager.register_arc(w, o);
             }
@@ -432,6 +439,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let mut builder = Runtime::builder()
                 .bus_arc(bus)
                 .store_arc(store)
+                .worker_config(
+                    multiagents::worker::WorkerManagerConfig::default()
+                        .with_monitoring(&monitoring),
+                )
                 .workflow(definition()?);
             for (w, o) in workers {
                 builder = builder.worker_with_arc(w, o);
@@ -566,6 +577,56 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if let Some(runtime) = runtime {
         runtime.shutdown().await;
+    }
+    if args.monitoring.is_some() {
+        print_monitoring(monitor_store, &monitoring, run_started.elapsed()).await?;
+    }
+    Ok(())
+}
+
+/// The monitors' view of the run: commands and their latencies (event
+/// monitor) and worker health (worker monitor).
+async fn print_monitoring(
+    store: std::sync::Arc<dyn multiagents::store::StateStore>,
+    monitoring: &multiagents::monitoring::MonitoringConfig,
+    took: Duration,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use multiagents::monitoring::{EventMonitor, WorkerMonitor};
+    println!();
+    println!("monitoring summary");
+    if monitoring.event_monitoring.enabled {
+        let events = EventMonitor::new(store.clone(), monitoring.event_monitoring.clone());
+        let w = events.window(took + Duration::from_secs(1)).await?;
+        println!(
+            "  commands             {} ({} completed, {} failed, {} timed out; success {:.1}%)",
+            w.events, w.completed, w.failed, w.timed_out, w.success_rate_percent
+        );
+        println!(
+            "  dispatch → outcome   p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms",
+            w.latency_ms.p50, w.latency_ms.p95, w.latency_ms.p99
+        );
+        println!(
+            "  in worker bodies     p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms",
+            w.processing_ms.p50, w.processing_ms.p95, w.processing_ms.p99
+        );
+    }
+    if monitoring.worker_monitoring.enabled {
+        let workers = WorkerMonitor::new(store, monitoring.worker_monitoring.clone());
+        for t in workers.report().await? {
+            println!(
+                "  {:<20} {:<9} {:>4} ok {:>3} failed  p50 {:.2} ms  p99 {:.2} ms{}",
+                t.worker,
+                t.health.as_str(),
+                t.succeeded,
+                t.failed,
+                t.duration_ms.p50,
+                t.duration_ms.p99,
+                t.errors
+                    .first()
+                    .map(|e| format!("  ({} × {})", e.count, e.kind))
+                    .unwrap_or_default()
+            );
+        }
     }
     Ok(())
 }

@@ -5,6 +5,7 @@ mod config;
 pub mod events;
 mod logging;
 pub mod metrics;
+pub mod workers;
 
 pub use config::{
     ConfigError, ENV_VARS, EventMonitoringConfig, LoggerKind, LoggingConfig, MetricsConfig,
@@ -15,3 +16,4 @@ pub use logging::{
     BoxedLayer, ConsoleStreams, RotatingFile, RotatingWriter, init_logging, log_layers,
     log_layers_with,
 };
+pub use workers::{Health, WorkerMonitor, WorkerTypeReport};

@@ -193,14 +193,16 @@ impl RuntimeBuilder {
                 }
             }
         }
-        let engine = Arc::new(Engine::new(bus.clone(), store));
+        let engine = Arc::new(Engine::new(bus.clone(), store.clone()));
         for def in &self.workflows {
             engine.register(def).await?;
         }
         let workers = if self.workers.is_empty() {
             None
         } else {
-            let mut manager = WorkerManager::new(bus).config(self.worker_config);
+            let mut manager = WorkerManager::new(bus)
+                .config(self.worker_config)
+                .health_store(store);
             for (w, o) in self.workers {
                 manager = manager.register_arc(w, o);
             }

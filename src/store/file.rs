@@ -378,6 +378,21 @@ impl StateStore for FileStore {
         self.index.due(now, limit).await
     }
 
+    async fn record_worker_health(
+        &self,
+        beats: &[crate::worker::WorkerHealth],
+    ) -> Result<(), StoreError> {
+        // Heartbeats are not worth the disk: they are kept in memory.
+        self.index.record_worker_health(beats).await
+    }
+
+    async fn worker_health(
+        &self,
+        max_age: std::time::Duration,
+    ) -> Result<Vec<crate::worker::WorkerHealth>, StoreError> {
+        self.index.worker_health(max_age).await
+    }
+
     async fn expire(&self, finished_before: Timestamp) -> Result<usize, StoreError> {
         let ids = self.index.finished_before(finished_before);
         for tx in &ids {

@@ -27,6 +27,7 @@ const SHARDS: usize = 16;
 struct Inner {
     shards: Box<[Mutex<States>]>,
     definitions: Mutex<BTreeMap<(String, u32), WorkflowDefinition>>,
+    health: super::HealthBoard,
 }
 
 #[derive(Default)]
@@ -90,6 +91,7 @@ impl Default for Inner {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(States::default())).collect(),
             definitions: Mutex::default(),
+            health: super::HealthBoard::default(),
         }
     }
 }
@@ -290,6 +292,21 @@ impl StateStore for MemoryStore {
         due.sort_unstable();
         due.truncate(limit);
         Ok(due.into_iter().map(|(_, tx)| tx).collect())
+    }
+
+    async fn record_worker_health(
+        &self,
+        beats: &[crate::worker::WorkerHealth],
+    ) -> Result<(), StoreError> {
+        self.inner.health.record(beats);
+        Ok(())
+    }
+
+    async fn worker_health(
+        &self,
+        max_age: std::time::Duration,
+    ) -> Result<Vec<crate::worker::WorkerHealth>, StoreError> {
+        Ok(self.inner.health.read(max_age))
     }
 
     async fn expire(&self, finished_before: Timestamp) -> Result<usize, StoreError> {

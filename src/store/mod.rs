@@ -196,6 +196,19 @@ pub trait StateStore: Send + Sync + 'static {
     async fn latest_definition(&self, name: &str)
     -> Result<Option<WorkflowDefinition>, StoreError>;
 
+    /// Keeps the latest heartbeat of each (worker type, instance), for the
+    /// worker monitor of any process.
+    async fn record_worker_health(
+        &self,
+        beats: &[crate::worker::WorkerHealth],
+    ) -> Result<(), StoreError>;
+
+    /// The latest heartbeats; those older than `max_age` are dropped.
+    async fn worker_health(
+        &self,
+        max_age: Duration,
+    ) -> Result<Vec<crate::worker::WorkerHealth>, StoreError>;
+
     /// True when reads cross a network. The orchestrator then keeps the
     /// states it wrote and reads only when a write finds the version moved
     /// (another replica got there first) or an input changes nothing.
@@ -223,6 +236,30 @@ pub trait StateStore: Send + Sync + 'static {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_millis(50));
         }
+    }
+}
+
+/// Heartbeats kept in memory, by `worker@instance` (the in-process stores).
+#[derive(Default)]
+pub(crate) struct HealthBoard {
+    beats: std::sync::Mutex<std::collections::HashMap<String, crate::worker::WorkerHealth>>,
+}
+
+impl HealthBoard {
+    pub(crate) fn record(&self, beats: &[crate::worker::WorkerHealth]) {
+        let mut map = self.beats.lock().unwrap_or_else(|e| e.into_inner());
+        for b in beats {
+            map.insert(format!("{}@{}", b.worker, b.instance), b.clone());
+        }
+    }
+
+    pub(crate) fn read(&self, max_age: Duration) -> Vec<crate::worker::WorkerHealth> {
+        let now = Timestamp::now();
+        let mut map = self.beats.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, b| now.since(b.at) <= max_age);
+        let mut out: Vec<_> = map.values().cloned().collect();
+        out.sort_by(|a, b| (&a.worker, &a.instance).cmp(&(&b.worker, &b.instance)));
+        out
     }
 }
 

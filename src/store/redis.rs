@@ -9,6 +9,7 @@
 //! | --- | --- | --- |
 //! | `{ma:wf:<transaction>}` | hash | `v` version, `s` state JSON, `st` status, `wf` workflow, `sa` started, `up` updated (ms) |
 //! | `{ma:timers}` | sorted set | transaction ids scored by next wakeup (ms) |
+//! | `{ma:workers}` | hash | `worker@instance` → the latest heartbeat (JSON); stale ones are dropped when read |
 //! | `{ma:index}` | sorted set | transaction ids scored by start (ms), for listing; `expire` drops those whose hash has expired |
 //! | `{ma:defs}` | hash | `name@version` → definition JSON |
 //! | `ma:finished` | Pub/Sub channel | transaction ids as they finish (wakes waiting clients) |
@@ -168,6 +169,10 @@ impl RedisStateStore {
         format!("{{{}:timers}}", self.inner.config.prefix)
     }
 
+    fn workers_key(&self) -> String {
+        format!("{{{}:workers}}", self.inner.config.prefix)
+    }
+
     fn index_key(&self) -> String {
         format!("{{{}:index}}", self.inner.config.prefix)
     }
@@ -322,6 +327,55 @@ impl StateStore for RedisStateStore {
 
     fn is_remote(&self) -> bool {
         true
+    }
+
+    async fn record_worker_health(
+        &self,
+        beats: &[crate::worker::WorkerHealth],
+    ) -> Result<(), StoreError> {
+        if beats.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(self.workers_key());
+        for b in beats {
+            let json = serde_json::to_string(b).map_err(|e| self.corrupt(e))?;
+            cmd.arg(format!("{}@{}", b.worker, b.instance)).arg(json);
+        }
+        let mut conn = self.inner.conn.get();
+        cmd.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| self.io(e))
+    }
+
+    async fn worker_health(
+        &self,
+        max_age: Duration,
+    ) -> Result<Vec<crate::worker::WorkerHealth>, StoreError> {
+        let mut conn = self.inner.conn.get();
+        let all: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(self.workers_key())
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.io(e))?;
+        let now = Timestamp::now();
+        let mut out = Vec::new();
+        let mut stale = Vec::new();
+        for (field, json) in all {
+            match serde_json::from_str::<crate::worker::WorkerHealth>(&json) {
+                Ok(b) if now.since(b.at) <= max_age => out.push(b),
+                _ => stale.push(field),
+            }
+        }
+        if !stale.is_empty() {
+            let _: redis::RedisResult<()> = redis::cmd("HDEL")
+                .arg(self.workers_key())
+                .arg(&stale)
+                .query_async(&mut conn)
+                .await;
+        }
+        out.sort_by(|a, b| (&a.worker, &a.instance).cmp(&(&b.worker, &b.instance)));
+        Ok(out)
     }
 
     async fn get(&self, transaction_id: TransactionId) -> Result<Option<Versioned>, StoreError> {

@@ -56,6 +56,9 @@ pub struct WorkerManagerConfig {
     /// so that the event monitor can show each step's lifecycle
     /// (`event_monitoring.enabled`).
     pub record_timing: bool,
+    /// Keep call durations and errors by kind for the worker monitor
+    /// (`worker_monitoring.enabled`).
+    pub monitor: bool,
 }
 
 impl Default for WorkerManagerConfig {
@@ -66,7 +69,22 @@ impl Default for WorkerManagerConfig {
             drain_timeout: Duration::from_secs(30),
             batch_size: 64,
             record_timing: true,
+            monitor: true,
         }
+    }
+}
+
+impl WorkerManagerConfig {
+    /// Applies the monitoring settings: the heartbeat interval
+    /// (`worker_monitoring.health_check_interval_seconds`), whether durations
+    /// and errors are kept (`worker_monitoring.enabled`) and whether answers
+    /// carry their timing (`event_monitoring.enabled`).
+    pub fn with_monitoring(mut self, m: &crate::monitoring::MonitoringConfig) -> Self {
+        self.heartbeat_interval =
+            Duration::from_secs(m.worker_monitoring.health_check_interval_seconds.max(1));
+        self.monitor = m.worker_monitoring.enabled;
+        self.record_timing = m.event_monitoring.enabled;
+        self
     }
 }
 
@@ -89,6 +107,8 @@ pub struct WorkerManager {
     bus: Arc<dyn EventBus>,
     config: WorkerManagerConfig,
     workers: Vec<(Arc<dyn Worker>, WorkerOptions)>,
+    /// Where heartbeats are kept for the worker monitor of any process.
+    health_store: Option<Arc<dyn crate::store::StateStore>>,
 }
 
 /// Counters of one worker type in this process.
@@ -108,6 +128,84 @@ pub struct WorkerHealth {
     pub concurrency: u64,
     /// When this snapshot was taken.
     pub at: Timestamp,
+    /// The heartbeat interval: how often a snapshot comes.
+    #[serde(default)]
+    pub interval_ms: u64,
+    /// Calls that succeeded since the previous snapshot.
+    #[serde(default)]
+    pub recent_succeeded: u64,
+    /// Calls that failed since the previous snapshot.
+    #[serde(default)]
+    pub recent_failed: u64,
+    /// Call durations in this process, microseconds: `(value, count)` of
+    /// every non-empty bucket of an HDR histogram (2 significant digits),
+    /// so that monitors can merge instances exactly.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub durations_us: Vec<(u64, u64)>,
+    /// The latest errors, by kind.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<ErrorKind>,
+}
+
+/// Errors of one kind.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ErrorKind {
+    /// The kind (`WorkerError::with_kind`), or `error` when none was given.
+    pub kind: String,
+    /// How many.
+    pub count: u64,
+    /// The latest one's message.
+    pub last_message: String,
+    /// When the latest happened.
+    pub last_at: Timestamp,
+}
+
+/// Error kinds kept per worker type.
+const ERROR_KINDS_KEPT: usize = 16;
+
+/// What the worker monitor needs that counters alone do not give.
+struct Detail {
+    durations: hdrhistogram::Histogram<u64>,
+    errors: Vec<ErrorKind>,
+    /// Counters at the previous snapshot.
+    last: (u64, u64),
+}
+
+impl Detail {
+    fn new() -> Self {
+        Self {
+            // 1 µs to 1 hour, 2 significant digits.
+            durations: hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 2)
+                .expect("valid histogram bounds"),
+            errors: Vec::new(),
+            last: (0, 0),
+        }
+    }
+
+    fn error(&mut self, kind: &str, message: &str, at: Timestamp) {
+        match self.errors.iter_mut().find(|e| e.kind == kind) {
+            Some(e) => {
+                e.count += 1;
+                e.last_message = message.to_string();
+                e.last_at = at;
+            }
+            None => {
+                if self.errors.len() >= ERROR_KINDS_KEPT {
+                    // Forget the kind seen longest ago.
+                    if let Some(i) = (0..self.errors.len()).min_by_key(|i| self.errors[*i].last_at)
+                    {
+                        self.errors.swap_remove(i);
+                    }
+                }
+                self.errors.push(ErrorKind {
+                    kind: kind.to_string(),
+                    count: 1,
+                    last_message: message.to_string(),
+                    last_at: at,
+                });
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -115,6 +213,8 @@ struct Counters {
     succeeded: AtomicU64,
     failed: AtomicU64,
     in_flight: AtomicU64,
+    /// With worker monitoring on.
+    detail: Option<std::sync::Mutex<Detail>>,
 }
 
 impl WorkerManager {
@@ -124,7 +224,15 @@ impl WorkerManager {
             bus,
             config: WorkerManagerConfig::default(),
             workers: Vec::new(),
+            health_store: None,
         }
+    }
+
+    /// Keeps each heartbeat in `store` too, where the worker monitor of any
+    /// process (and `multiagents workers`) reads it.
+    pub fn health_store(mut self, store: Arc<dyn crate::store::StateStore>) -> Self {
+        self.health_store = Some(store);
+        self
     }
 
     /// Replaces the settings.
@@ -178,7 +286,13 @@ impl WorkerManager {
                 .bus
                 .consumer(&topic, WORKER_GROUP, &self.config.instance)
                 .await?;
-            let c = Arc::new(Counters::default());
+            let c = Arc::new(Counters {
+                detail: self
+                    .config
+                    .monitor
+                    .then(|| std::sync::Mutex::new(Detail::new())),
+                ..Counters::default()
+            });
             counters.push((worker.name().to_string(), options.concurrency, c.clone()));
             let runner = Runner {
                 metrics: RunnerMetrics::new(worker.name()),
@@ -195,6 +309,8 @@ impl WorkerManager {
         }
         let handle = WorkerHandle {
             inner: Arc::new(HandleInner {
+                health_store: self.health_store.clone(),
+                heartbeat_interval: self.config.heartbeat_interval,
                 instance: self.config.instance.clone(),
                 counters,
                 stop: stop.clone(),
@@ -205,6 +321,7 @@ impl WorkerManager {
         };
         let beat = handle.clone();
         let bus = self.bus.clone();
+        let store = self.health_store.clone();
         let interval = self.config.heartbeat_interval;
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(interval);
@@ -212,12 +329,24 @@ impl WorkerManager {
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = ticker.tick() => {
-                        for h in beat.health() {
-                            if let Ok(payload) = Payload::to_json(&h) {
-                                let mut e = Event::new(EventKind::Status, Default::default(), Default::default(), "heartbeat".into(), payload);
+                        let beats = beat.heartbeat(interval);
+                        for h in &beats {
+                            if let Ok(payload) = Payload::to_json(h) {
+                                let mut e = Event::new(
+                                    EventKind::Status,
+                                    Default::default(),
+                                    Default::default(),
+                                    "heartbeat".into(),
+                                    payload,
+                                );
                                 e.step = Some(h.worker.as_str().into());
                                 bus.broadcast(e);
                             }
+                        }
+                        if let Some(store) = &store
+                            && let Err(e) = store.record_worker_health(&beats).await
+                        {
+                            tracing::warn!(error = %e, "recording a heartbeat failed");
                         }
                     }
                 }
@@ -357,10 +486,11 @@ impl Runner {
         let token = self.hard_stop.child_token();
         let ctx = WorkerContext::from_parts(event, steps, token.clone());
         self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
-        let began = self.metrics.as_ref().map(|m| {
+        if let Some(m) = &self.metrics {
             m.in_flight.increment(1.0);
-            std::time::Instant::now()
-        });
+        }
+        let began = (self.metrics.is_some() || self.counters.detail.is_some())
+            .then(std::time::Instant::now);
         // The worker's own log lines carry the workflow's fields.
         let started_at = Timestamp::now();
         let span = tracing::info_span!(
@@ -396,6 +526,18 @@ impl Runner {
         if let (Some(m), Some(began)) = (&self.metrics, began) {
             m.in_flight.decrement(1.0);
             m.duration.record(began.elapsed().as_secs_f64());
+        }
+        if let (Some(detail), Some(began)) = (&self.counters.detail, began) {
+            let took = began.elapsed().as_micros().max(1) as u64;
+            let mut d = detail.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = d.durations.record(took.min(3_600_000_000));
+            if let Err(e) = &outcome {
+                d.error(
+                    e.kind().unwrap_or("error"),
+                    &e.to_string(),
+                    Timestamp::now(),
+                );
+            }
         }
         if outcome.is_err() && self.hard_stop.is_cancelled() {
             // Stopped by shutdown, not failed: leave the command unacked so
@@ -508,6 +650,8 @@ pub struct WorkerHandle {
 }
 
 struct HandleInner {
+    health_store: Option<Arc<dyn crate::store::StateStore>>,
+    heartbeat_interval: Duration,
     instance: String,
     counters: Vec<(String, usize, Arc<Counters>)>,
     stop: CancellationToken,
@@ -519,18 +663,48 @@ struct HandleInner {
 impl WorkerHandle {
     /// A snapshot of every worker type's counters.
     pub fn health(&self) -> Vec<WorkerHealth> {
+        self.snapshot(None)
+    }
+
+    /// Snapshots for a heartbeat: with the calls since the previous one.
+    fn heartbeat(&self, interval: Duration) -> Vec<WorkerHealth> {
+        self.snapshot(Some(interval))
+    }
+
+    fn snapshot(&self, beat: Option<Duration>) -> Vec<WorkerHealth> {
         let at = Timestamp::now();
         self.inner
             .counters
             .iter()
-            .map(|(name, concurrency, c)| WorkerHealth {
-                worker: name.clone(),
-                instance: self.inner.instance.clone(),
-                succeeded: c.succeeded.load(Ordering::Relaxed),
-                failed: c.failed.load(Ordering::Relaxed),
-                in_flight: c.in_flight.load(Ordering::Relaxed),
-                concurrency: *concurrency as u64,
-                at,
+            .map(|(name, concurrency, c)| {
+                let succeeded = c.succeeded.load(Ordering::Relaxed);
+                let failed = c.failed.load(Ordering::Relaxed);
+                let mut h = WorkerHealth {
+                    worker: name.clone(),
+                    instance: self.inner.instance.clone(),
+                    succeeded,
+                    failed,
+                    in_flight: c.in_flight.load(Ordering::Relaxed),
+                    concurrency: *concurrency as u64,
+                    at,
+                    interval_ms: beat.map_or(0, |d| d.as_millis() as u64),
+                    ..Default::default()
+                };
+                if let Some(detail) = &c.detail {
+                    let mut d = detail.lock().unwrap_or_else(|e| e.into_inner());
+                    h.recent_succeeded = succeeded - d.last.0.min(succeeded);
+                    h.recent_failed = failed - d.last.1.min(failed);
+                    if beat.is_some() {
+                        d.last = (succeeded, failed);
+                    }
+                    h.durations_us = d
+                        .durations
+                        .iter_recorded()
+                        .map(|v| (v.value_iterated_to(), v.count_at_value()))
+                        .collect();
+                    h.errors = d.errors.clone();
+                }
+                h
             })
             .collect()
     }
@@ -549,6 +723,14 @@ impl WorkerHandle {
             self.inner.hard_stop.cancel();
             tasks.abort_all();
             while tasks.join_next().await.is_some() {}
+        }
+        drop(tasks);
+        // A last heartbeat, with every call counted.
+        if let Some(store) = &self.inner.health_store {
+            let beats = self.heartbeat(self.inner.heartbeat_interval);
+            if let Err(e) = store.record_worker_health(&beats).await {
+                tracing::warn!(error = %e, "recording the last heartbeat failed");
+            }
         }
     }
 }

@@ -26,7 +26,9 @@ use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
-pub use manager::{WorkerHandle, WorkerHealth, WorkerManager, WorkerManagerConfig, WorkerOptions};
+pub use manager::{
+    ErrorKind, WorkerHandle, WorkerHealth, WorkerManager, WorkerManagerConfig, WorkerOptions,
+};
 
 use crate::core::{
     CorrelationId, Payload, Phase, RetryDirective, StepError, StepName, Timestamp, TransactionId,

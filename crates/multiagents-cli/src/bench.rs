@@ -565,7 +565,9 @@ async fn orders(args: OrdersArgs) -> Result<ExitCode, Error> {
             return Ok(ExitCode::SUCCESS);
         }
         Role::Workers => {
-            let mut manager = WorkerManager::new(bus).config(WorkerManagerConfig::default());
+            let mut manager = WorkerManager::new(bus)
+                .config(WorkerManagerConfig::default())
+                .health_store(store.clone());
             for w in workers(&effects) {
                 manager = manager.register_arc(w, Default::default());
             }

@@ -29,7 +29,10 @@ enum Command {
     /// run at once and share the work; workflow definitions come from the
     /// store (registered by the code that starts workflows).
     Serve(ServeArgs),
-    /// Operations on workflow definitions (`deploy`).
+    /// Worker health: per worker type and process, calls, failures, rates,
+    /// durations and the latest errors, from the heartbeats in Redis.
+    Workers(workflow::WorkersArgs),
+    /// Operations on workflows: `deploy` definitions, `status` of one.
     Workflow {
         #[command(subcommand)]
         command: workflow::WorkflowCommand,
@@ -152,6 +155,7 @@ fn main() -> std::process::ExitCode {
             Command::Bench { workload } => bench::run(workload).await,
             Command::Serve(args) => serve(args, &monitoring).await,
             Command::Workflow { command } => workflow::run(command).await,
+            Command::Workers(args) => workflow::workers(args, &monitoring).await,
         }
     });
     match result {

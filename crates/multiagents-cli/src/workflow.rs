@@ -15,6 +15,24 @@ pub enum WorkflowCommand {
     /// steps it is refused: bump the version instead. Workflows already
     /// running stay on the version they started with.
     Deploy(DeployArgs),
+    /// Print one workflow's step timeline and each command's lifecycle
+    /// (dispatch → pickup → processing → outcome, and which worker process).
+    Status(StatusArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    /// The workflow's transaction id.
+    id: String,
+    /// The Redis server (or any node of a Redis Cluster) holding the state.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
+    redis_url: String,
+    /// Key prefix in Redis.
+    #[arg(long, default_value = "ma")]
+    prefix: String,
+    /// Print the state and lifecycles as JSON instead.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -33,6 +51,7 @@ pub struct DeployArgs {
 pub async fn run(command: WorkflowCommand) -> Result<ExitCode, Error> {
     match command {
         WorkflowCommand::Deploy(args) => deploy(args).await,
+        WorkflowCommand::Status(args) => status(args).await,
     }
 }
 
@@ -65,6 +84,159 @@ async fn deploy(args: DeployArgs) -> Result<ExitCode, Error> {
     for def in &definitions {
         store.put_definition(def).await?;
         println!("deployed {}@{}", def.name(), def.version());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn status(args: StatusArgs) -> Result<ExitCode, Error> {
+    use multiagents::monitoring::lifecycles;
+    let tx: multiagents::TransactionId = args
+        .id
+        .parse()
+        .map_err(|e| Error::Config(format!("`{}` is not a transaction id: {e}", args.id)))?;
+    let store: std::sync::Arc<dyn StateStore> = std::sync::Arc::new(
+        RedisStateStore::connect(RedisStoreConfig::new(&args.redis_url).prefix(&args.prefix))
+            .await?,
+    );
+    let Some(current) = store.get(tx).await? else {
+        eprintln!(
+            "no workflow {tx} in {} (prefix {}); it may have expired",
+            args.redis_url, args.prefix
+        );
+        return Ok(ExitCode::FAILURE);
+    };
+    let state = &current.state;
+    let commands = lifecycles(state);
+    if args.json {
+        let out = serde_json::json!({ "state": &**state, "lifecycles": commands });
+        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+        return Ok(ExitCode::SUCCESS);
+    }
+    print!("{}", multiagents::timeline::render(state));
+    println!();
+    println!(
+        "{:<16} {:<10} {:>3}  {:>9} {:>9} {:>9}  {:<10} worker process",
+        "step", "phase", "try", "queued", "working", "total", "outcome"
+    );
+    let ms = |d: Option<std::time::Duration>| {
+        d.map_or("-".to_string(), |d| {
+            format!("{:.1}ms", d.as_secs_f64() * 1000.0)
+        })
+    };
+    for l in &commands {
+        println!(
+            "{:<16} {:<10} {:>3}  {:>9} {:>9} {:>9}  {:<10} {}",
+            l.step.as_str(),
+            l.phase.to_string(),
+            l.attempt,
+            ms(l.queued()),
+            ms(l.processing()),
+            ms(l.total()),
+            serde_json::to_value(&l.outcome)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            l.instance.as_deref().unwrap_or("-"),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `multiagents workers`: the worker health table.
+#[derive(clap::Args, Debug)]
+pub struct WorkersArgs {
+    /// The Redis server (or any node of a Redis Cluster) holding the state.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
+    redis_url: String,
+    /// Key prefix in Redis.
+    #[arg(long, default_value = "ma")]
+    prefix: String,
+    /// Print the report as JSON instead.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn workers(
+    args: WorkersArgs,
+    monitoring: &multiagents::monitoring::MonitoringConfig,
+) -> Result<ExitCode, Error> {
+    use multiagents::monitoring::WorkerMonitor;
+    let store =
+        RedisStateStore::connect(RedisStoreConfig::new(&args.redis_url).prefix(&args.prefix))
+            .await?;
+    let report = WorkerMonitor::new(
+        std::sync::Arc::new(store),
+        monitoring.worker_monitoring.clone(),
+    )
+    .report()
+    .await?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if report.is_empty() {
+        println!(
+            "no worker heartbeats in {} (prefix {}) within the retention",
+            args.redis_url, args.prefix
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<22} {:<20} {:<9} {:>9} {:>7} {:>6} {:>8} {:>8} {:>8} {:>8}",
+        "worker", "instance", "health", "ok", "failed", "fail%", "calls/s", "p50", "p95", "p99"
+    );
+    let row = |worker: &str,
+               instance: &str,
+               health: &str,
+               ok: u64,
+               failed: u64,
+               rate: f64,
+               cps: f64,
+               d: &multiagents::monitoring::events::Percentiles| {
+        println!(
+            "{:<22} {:<20} {:<9} {:>9} {:>7} {:>5.1}% {:>8.1} {:>6.2}ms {:>6.2}ms {:>6.2}ms",
+            worker,
+            instance,
+            health,
+            ok,
+            failed,
+            rate * 100.0,
+            cps,
+            d.p50,
+            d.p95,
+            d.p99
+        );
+    };
+    for t in &report {
+        row(
+            &t.worker,
+            "(all)",
+            t.health.as_str(),
+            t.succeeded,
+            t.failed,
+            t.failure_rate,
+            t.calls_per_second,
+            &t.duration_ms,
+        );
+        for i in &t.instances {
+            let b = &i.heartbeat;
+            row(
+                "",
+                &b.instance,
+                i.health.as_str(),
+                b.succeeded,
+                b.failed,
+                i.failure_rate,
+                i.calls_per_second,
+                &i.duration_ms,
+            );
+        }
+        for e in t.errors.iter().take(3) {
+            println!("{:<22}   {} × {}: {}", "", e.count, e.kind, e.last_message);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

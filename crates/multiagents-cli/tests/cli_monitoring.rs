@@ -1,0 +1,139 @@
+//! `multiagents workflow status ID` and `multiagents workers` read what a
+//! run left in Redis: one workflow's timeline with each command's lifecycle
+//! and worker process, and the worker health table.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use multiagents::bus::{RedisBusConfig, RedisStreamsBus};
+use multiagents::store::{RedisStateStore, RedisStoreConfig};
+use multiagents::worker::{WorkerError, WorkerManagerConfig, from_fn};
+use multiagents::{Runtime, WorkflowBuilder, WorkflowStatus};
+
+fn redis_url() -> Option<String> {
+    match std::env::var("REDIS_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("CI").is_ok() => {
+            panic!("REDIS_URL is not set; run the tests through ./scripts/test.sh")
+        }
+        _ => None,
+    }
+}
+
+fn cli(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_multiagents"))
+        .args(args)
+        .output()
+        .expect("runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn status_and_workers_show_what_a_run_left_in_redis() {
+    let Some(url) = redis_url() else {
+        return;
+    };
+    let prefix = format!("cli-mon-{}", std::process::id());
+    let bus = RedisStreamsBus::connect(RedisBusConfig::new(&url).prefix(&prefix))
+        .await
+        .expect("bus");
+    let store = RedisStateStore::connect(RedisStoreConfig::new(&url).prefix(&prefix))
+        .await
+        .expect("store");
+    let rt = Runtime::builder()
+        .bus(bus)
+        .store_arc(Arc::new(store))
+        .workflow(
+            WorkflowBuilder::new("orders")
+                .step("reserve", "reserve_inventory")
+                .compensate_with("release_inventory")
+                .step("charge", "charge_payment")
+                .build()
+                .expect("valid"),
+        )
+        .worker(from_fn("reserve_inventory", |_: bool, _| async {
+            Ok::<_, WorkerError>("r")
+        }))
+        .worker(from_fn("release_inventory", |_: bool, _| async {
+            Ok::<_, WorkerError>("x")
+        }))
+        .worker(from_fn("charge_payment", |decline: bool, _| async move {
+            if decline {
+                Err(WorkerError::fatal("card declined").with_kind("declined"))
+            } else {
+                Ok("charged")
+            }
+        }))
+        .worker_config(WorkerManagerConfig {
+            instance: "shop-worker-7".into(),
+            ..Default::default()
+        })
+        .start()
+        .await
+        .expect("starts");
+    let client = rt.client();
+    let ok = client.start("orders", &false).await.expect("start");
+    let declined = client.start("orders", &true).await.expect("start");
+    for tx in [ok, declined] {
+        client
+            .wait(tx, Duration::from_secs(10))
+            .await
+            .expect("ends");
+    }
+    assert_eq!(
+        client
+            .status(declined)
+            .await
+            .expect("status")
+            .expect("exists")
+            .status,
+        WorkflowStatus::Compensated
+    );
+    rt.shutdown().await;
+
+    let (success, out, err) = cli(&[
+        "workflow",
+        "status",
+        &declined.to_string(),
+        "--redis-url",
+        &url,
+        "--prefix",
+        &prefix,
+    ]);
+    assert!(success, "{err}");
+    for expected in [
+        "reserve",
+        "charge",
+        "compensate",
+        "card declined",
+        "shop-worker-7",
+        "completed",
+        "failed",
+    ] {
+        assert!(out.contains(expected), "`{expected}` missing from:\n{out}");
+    }
+
+    let (success, out, err) = cli(&["workers", "--redis-url", &url, "--prefix", &prefix]);
+    assert!(success, "{err}");
+    let charge = out
+        .lines()
+        .find(|l| l.starts_with("charge_payment"))
+        .unwrap_or_else(|| panic!("no charge_payment row in:\n{out}"));
+    // One success, one failure: 50% fails, which reads as failing.
+    assert!(charge.contains("failing"), "{charge}");
+    assert!(out.contains("shop-worker-7"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.contains("1 × declined:") && l.contains("card declined")),
+        "{out}"
+    );
+
+    let (success, _, err) = cli(&["workflow", "status", "not-an-id", "--redis-url", &url]);
+    assert!(!success);
+    assert!(err.contains("not a transaction id"), "{err}");
+}
