@@ -183,3 +183,80 @@ async fn heartbeats_in_redis_are_seen_by_another_connection() {
         .expect("bus");
     run_and_report(Arc::new(store), Arc::new(reader)).await;
 }
+
+#[test]
+fn the_monitoring_settings_reach_the_worker_manager() {
+    let config = MonitoringConfig::from_yaml(
+        "worker_monitoring: {enabled: false, health_check_interval_seconds: 7}\nevent_monitoring: {enabled: false}",
+    )
+    .expect("valid");
+    let manager = WorkerManagerConfig::default().with_monitoring(&config);
+    assert_eq!(manager.heartbeat_interval, Duration::from_secs(7));
+    assert!(!manager.monitor);
+    assert!(!manager.record_timing);
+    let on = WorkerManagerConfig::default().with_monitoring(&MonitoringConfig::default());
+    assert!(on.monitor && on.record_timing);
+    assert_eq!(on.heartbeat_interval, Duration::from_secs(30));
+}
+
+#[tokio::test]
+async fn heartbeats_past_the_retention_are_dropped_and_monitoring_off_keeps_no_durations() {
+    let store: Arc<dyn StateStore> = Arc::new(MemoryStore::new());
+    let now = Timestamp::now();
+    store
+        .record_worker_health(&[
+            beat("fresh", 1, 0, now),
+            beat("old", 1, 0, Timestamp(now.0 - 2 * 3_600_000)),
+        ])
+        .await
+        .expect("record");
+    let mut config = MonitoringConfig::default().worker_monitoring;
+    config.metrics_retention_hours = 1;
+    let types = WorkerMonitor::new(store.clone(), config)
+        .report()
+        .await
+        .expect("report");
+    let instances: Vec<&str> = types[0]
+        .instances
+        .iter()
+        .map(|i| i.heartbeat.instance.as_str())
+        .collect();
+    assert_eq!(instances, ["fresh"]);
+
+    // A manager with monitoring off reports counts but no durations or errors.
+    let rt = Runtime::builder()
+        .store_arc(store.clone())
+        .workflow(
+            WorkflowBuilder::new("w")
+                .step("pay", "charge")
+                .build()
+                .expect("valid"),
+        )
+        .worker(from_fn("charge", |_: u32, _| async move {
+            Err::<u32, _>(WorkerError::fatal("no").with_kind("declined"))
+        }))
+        .worker_config(WorkerManagerConfig {
+            instance: "quiet".into(),
+            monitor: false,
+            ..Default::default()
+        })
+        .start()
+        .await
+        .expect("starts");
+    let tx = rt.client().start("w", &1u32).await.expect("start");
+    rt.client()
+        .wait(tx, Duration::from_secs(5))
+        .await
+        .expect("ends");
+    rt.shutdown().await;
+    let beats = store
+        .worker_health(Duration::from_secs(60))
+        .await
+        .expect("beats");
+    let quiet = beats
+        .iter()
+        .find(|b| b.instance == "quiet")
+        .expect("its last heartbeat");
+    assert_eq!(quiet.failed, 1);
+    assert!(quiet.durations_us.is_empty() && quiet.errors.is_empty());
+}
