@@ -193,20 +193,22 @@ pub(crate) async fn query_all<T: redis::FromRedisValue>(
 /// Connects to the server or cluster at `url` (for a cluster, any node's
 /// address); the error names the address.
 pub async fn connect(url: &str) -> Result<RedisConnection, BusError> {
-    let address = redacted(url);
-    let backend = |e: redis::RedisError| BusError::Backend {
-        address: address.clone(),
-        message: e.to_string(),
-    };
-    let client = redis::Client::open(url).map_err(backend)?;
+    let (_, pool) = open(url).await.map_err(|message| BusError::Backend {
+        address: redacted(url),
+        message,
+    })?;
+    Ok(pool.get())
+}
+
+/// The client and the connection pool for `url`, within 10 s; the error is
+/// the reason, for the caller to put beside the (redacted) address.
+pub(crate) async fn open(url: &str) -> Result<(redis::Client, Pool), String> {
+    let client = redis::Client::open(url).map_err(|e| e.to_string())?;
     let pool = tokio::time::timeout(Duration::from_secs(10), Pool::connect(&client, url))
         .await
-        .map_err(|_| BusError::Backend {
-            address: address.clone(),
-            message: "connection timed out".into(),
-        })?
-        .map_err(backend)?;
-    Ok(pool.get())
+        .map_err(|_| "connection timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok((client, pool))
 }
 
 /// Connections used in turn: one connection's driver task parses every
@@ -332,19 +334,12 @@ impl RedisStreamsBus {
     /// Connects; fails with the server's address if it cannot be reached.
     pub async fn connect(config: RedisBusConfig) -> Result<Self, BusError> {
         let address = redacted(&config.url);
-        let backend = |e: redis::RedisError| BusError::Backend {
-            address: address.clone(),
-            message: e.to_string(),
-        };
-        let client = redis::Client::open(config.url.as_str()).map_err(backend)?;
-        let conn =
-            tokio::time::timeout(Duration::from_secs(10), Pool::connect(&client, &config.url))
-                .await
-                .map_err(|_| BusError::Backend {
-                    address: address.clone(),
-                    message: "connection timed out".into(),
-                })?
-                .map_err(backend)?;
+        let (client, conn) = open(&config.url)
+            .await
+            .map_err(|message| BusError::Backend {
+                address: address.clone(),
+                message,
+            })?;
         let (status, _) = broadcast::channel(4096);
         let pubsub = if config.broadcast_status {
             Some(RedisPubSubBus::connect(&config.url, format!("{}:status", config.prefix)).await?)

@@ -32,7 +32,9 @@ use super::newest_first;
 use super::{
     ListQuery, StateStore, StoreError, Version, Versioned, WorkflowSummary, same_definition,
 };
-use crate::bus::redis::{Pool, RedisConnection, follow_channel, query_all, redacted, run_all};
+use crate::bus::redis::{
+    Pool, RedisConnection, follow_channel, open, query_all, redacted, run_all,
+};
 use crate::core::{
     Timestamp, TransactionId, WorkflowDefinition, WorkflowName, WorkflowState, WorkflowStatus,
 };
@@ -132,19 +134,10 @@ impl RedisStateStore {
     /// Connects; fails with the server's address if it cannot be reached.
     pub async fn connect(config: RedisStoreConfig) -> Result<Self, StoreError> {
         let address = redacted(&config.url);
-        let io = |e: redis::RedisError| StoreError::Io {
+        let (client, conn) = open(&config.url).await.map_err(|message| StoreError::Io {
             location: address.clone(),
-            message: e.to_string(),
-        };
-        let client = redis::Client::open(config.url.as_str()).map_err(io)?;
-        let conn =
-            tokio::time::timeout(Duration::from_secs(10), Pool::connect(&client, &config.url))
-                .await
-                .map_err(|_| StoreError::Io {
-                    location: address.clone(),
-                    message: "connection timed out".into(),
-                })?
-                .map_err(io)?;
+            message,
+        })?;
         Ok(Self {
             inner: Arc::new(Inner {
                 config,

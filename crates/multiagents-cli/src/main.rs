@@ -46,12 +46,8 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
-    /// The Redis server holding the bus and the state.
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
-    redis_url: String,
-    /// Key prefix in Redis.
-    #[arg(long, default_value = "ma")]
-    prefix: String,
+    #[command(flatten)]
+    redis: workflow::RedisArgs,
     /// Result consumers in this process.
     #[arg(long, default_value_t = 16)]
     consumers: usize,
@@ -88,11 +84,14 @@ async fn serve(
         }
         None => None,
     };
-    let bus =
-        RedisStreamsBus::connect(RedisBusConfig::new(&args.redis_url).prefix(&args.prefix)).await?;
-    let store =
-        RedisStateStore::connect(RedisStoreConfig::new(&args.redis_url).prefix(&args.prefix))
-            .await?;
+    let bus = RedisStreamsBus::connect(
+        RedisBusConfig::new(&args.redis.redis_url).prefix(&args.redis.prefix),
+    )
+    .await?;
+    let store = RedisStateStore::connect(
+        RedisStoreConfig::new(&args.redis.redis_url).prefix(&args.redis.prefix),
+    )
+    .await?;
     let mut config = multiagents::OrchestratorConfig {
         consumers: args.consumers,
         parallel_results: true,
@@ -112,7 +111,7 @@ async fn serve(
         .await?;
     eprintln!(
         "orchestrator serving {} (prefix {}); stop with Ctrl-C or SIGTERM",
-        args.redis_url, args.prefix
+        args.redis.redis_url, args.redis.prefix
     );
     bench::stopped().await;
     eprintln!("stopping");

@@ -6,6 +6,26 @@ use std::process::ExitCode;
 use multiagents::store::{RedisStateStore, RedisStoreConfig, StateStore};
 use multiagents::{Error, WorkflowDefinition};
 
+/// Where the state lives.
+#[derive(clap::Args, Debug)]
+pub struct RedisArgs {
+    /// The Redis server (or any node of a Redis Cluster) holding the state.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
+    pub redis_url: String,
+    /// Key prefix in Redis.
+    #[arg(long, default_value = "ma")]
+    pub prefix: String,
+}
+
+impl RedisArgs {
+    async fn store(&self) -> Result<RedisStateStore, Error> {
+        Ok(
+            RedisStateStore::connect(RedisStoreConfig::new(&self.redis_url).prefix(&self.prefix))
+                .await?,
+        )
+    }
+}
+
 /// What to do with workflow definitions.
 #[derive(clap::Subcommand, Debug)]
 pub enum WorkflowCommand {
@@ -24,12 +44,8 @@ pub enum WorkflowCommand {
 pub struct StatusArgs {
     /// The workflow's transaction id.
     id: String,
-    /// The Redis server (or any node of a Redis Cluster) holding the state.
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
-    redis_url: String,
-    /// Key prefix in Redis.
-    #[arg(long, default_value = "ma")]
-    prefix: String,
+    #[command(flatten)]
+    redis: RedisArgs,
     /// Print the state and lifecycles as JSON instead.
     #[arg(long)]
     json: bool,
@@ -40,12 +56,8 @@ pub struct DeployArgs {
     /// Definition files.
     #[arg(required = true)]
     files: Vec<PathBuf>,
-    /// The Redis server (or any node of a Redis Cluster) holding the state.
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
-    redis_url: String,
-    /// Key prefix in Redis.
-    #[arg(long, default_value = "ma")]
-    prefix: String,
+    #[command(flatten)]
+    redis: RedisArgs,
 }
 
 pub async fn run(command: WorkflowCommand) -> Result<ExitCode, Error> {
@@ -78,9 +90,7 @@ async fn deploy(args: DeployArgs) -> Result<ExitCode, Error> {
         .iter()
         .map(|f| read_definition(f))
         .collect::<Result<Vec<_>, _>>()?;
-    let store =
-        RedisStateStore::connect(RedisStoreConfig::new(&args.redis_url).prefix(&args.prefix))
-            .await?;
+    let store = args.redis.store().await?;
     for def in &definitions {
         store.put_definition(def).await?;
         println!("deployed {}@{}", def.name(), def.version());
@@ -94,14 +104,11 @@ async fn status(args: StatusArgs) -> Result<ExitCode, Error> {
         .id
         .parse()
         .map_err(|e| Error::Config(format!("`{}` is not a transaction id: {e}", args.id)))?;
-    let store: std::sync::Arc<dyn StateStore> = std::sync::Arc::new(
-        RedisStateStore::connect(RedisStoreConfig::new(&args.redis_url).prefix(&args.prefix))
-            .await?,
-    );
+    let store: std::sync::Arc<dyn StateStore> = std::sync::Arc::new(args.redis.store().await?);
     let Some(current) = store.get(tx).await? else {
         eprintln!(
             "no workflow {tx} in {} (prefix {}); it may have expired",
-            args.redis_url, args.prefix
+            args.redis.redis_url, args.redis.prefix
         );
         return Ok(ExitCode::FAILURE);
     };
@@ -145,12 +152,8 @@ async fn status(args: StatusArgs) -> Result<ExitCode, Error> {
 /// `multiagents workers`: the worker health table.
 #[derive(clap::Args, Debug)]
 pub struct WorkersArgs {
-    /// The Redis server (or any node of a Redis Cluster) holding the state.
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
-    redis_url: String,
-    /// Key prefix in Redis.
-    #[arg(long, default_value = "ma")]
-    prefix: String,
+    #[command(flatten)]
+    redis: RedisArgs,
     /// Print the report as JSON instead.
     #[arg(long)]
     json: bool,
@@ -161,9 +164,7 @@ pub async fn workers(
     monitoring: &multiagents::monitoring::MonitoringConfig,
 ) -> Result<ExitCode, Error> {
     use multiagents::monitoring::WorkerMonitor;
-    let store =
-        RedisStateStore::connect(RedisStoreConfig::new(&args.redis_url).prefix(&args.prefix))
-            .await?;
+    let store = args.redis.store().await?;
     let report = WorkerMonitor::new(
         std::sync::Arc::new(store),
         monitoring.worker_monitoring.clone(),
@@ -180,7 +181,7 @@ pub async fn workers(
     if report.is_empty() {
         println!(
             "no worker heartbeats in {} (prefix {}) within the retention",
-            args.redis_url, args.prefix
+            args.redis.redis_url, args.redis.prefix
         );
         return Ok(ExitCode::SUCCESS);
     }
