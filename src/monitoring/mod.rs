@@ -5,6 +5,7 @@ mod config;
 pub mod events;
 mod logging;
 pub mod metrics;
+pub mod otel;
 pub mod workers;
 
 pub use config::{

@@ -381,6 +381,14 @@ impl Engine {
                         Phase::Forward => EventKind::Command,
                         Phase::Compensate => EventKind::Compensation,
                     };
+                    // The dispatch span's context when tracing, else the cause's.
+                    let span = crate::monitoring::otel::dispatch(
+                        state,
+                        &d.step,
+                        d.phase,
+                        d.attempt,
+                        d.worker.as_str(),
+                    );
                     let mut e = Event::new(
                         kind,
                         state.transaction_id,
@@ -393,12 +401,15 @@ impl Engine {
                     e.attempt = d.attempt;
                     e.deadline = Some(d.deadline);
                     e.causation_id = cause.map(|c| c.id);
-                    e.traceparent = traceparent.clone();
+                    e.traceparent = span.map(Arc::from).or_else(|| traceparent.clone());
                     outbox.push((self.topic(&d.worker).to_string(), e));
                 }
                 Action::Status(update) => {
                     log_status(state, &update);
                     self.metrics.status(state, &update);
+                    if matches!(update, saga::StatusUpdate::Finished { .. }) {
+                        crate::monitoring::otel::workflow_finished(state);
+                    }
                     if self.bus.has_status_listeners() {
                         let payload = Payload::to_json(&update).unwrap_or_else(|_| Payload::null());
                         let mut e = Event::new(

@@ -493,6 +493,7 @@ impl Runner {
             .then(std::time::Instant::now);
         // The worker's own log lines carry the workflow's fields.
         let started_at = Timestamp::now();
+        let otel = crate::monitoring::otel::CallSpan::start(event, name, &self.instance);
         let span = tracing::info_span!(
             "step",
             transaction_id = %event.transaction_id,
@@ -584,7 +585,17 @@ impl Runner {
         reply.step = event.step.clone();
         reply.phase = event.phase;
         reply.attempt = event.attempt;
-        reply.traceparent = event.traceparent.clone();
+        reply.traceparent = match otel {
+            Some(span) => {
+                let tp = Arc::from(span.traceparent());
+                span.end(match &reply.kind {
+                    EventKind::Error => Some("the call failed"),
+                    _ => None,
+                });
+                Some(tp)
+            }
+            None => event.traceparent.clone(),
+        };
         if self.record_timing {
             reply.timing = Some(crate::core::Timing {
                 instance: self.instance.clone(),

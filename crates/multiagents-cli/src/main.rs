@@ -150,12 +150,20 @@ fn main() -> std::process::ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        match cli.command {
+        // Spans to `tracing.otlp_endpoint` (MULTIAGENTS_OTLP_ENDPOINT), flushed on the way out.
+        let tracing = multiagents::monitoring::otel::init_tracing(&monitoring.tracing)?;
+        let result = match cli.command {
             Command::Bench { workload } => bench::run(workload).await,
             Command::Serve(args) => serve(args, &monitoring).await,
             Command::Workflow { command } => workflow::run(command).await,
             Command::Workers(args) => workflow::workers(args, &monitoring).await,
+        };
+        if let Some(guard) = tracing {
+            tokio::task::spawn_blocking(move || guard.shutdown())
+                .await
+                .ok();
         }
+        result
     });
     match result {
         Ok(code) => code,
