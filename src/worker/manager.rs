@@ -163,8 +163,15 @@ pub struct ErrorKind {
 /// Error kinds kept per worker type.
 const ERROR_KINDS_KEPT: usize = 16;
 
-/// What the worker monitor needs that counters alone do not give.
+/// What the worker monitor needs that counters alone do not give. Calls
+/// push their durations into a lock-free bucket; snapshots drain it into the
+/// histogram, so the hot path takes no lock.
 struct Detail {
+    recent: metrics_util::storage::AtomicBucket<u64>,
+    summary: std::sync::Mutex<Summary>,
+}
+
+struct Summary {
     durations: hdrhistogram::Histogram<u64>,
     errors: Vec<ErrorKind>,
     /// Counters at the previous snapshot.
@@ -174,14 +181,31 @@ struct Detail {
 impl Detail {
     fn new() -> Self {
         Self {
-            // 1 µs to 1 hour, 2 significant digits.
-            durations: hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 2)
-                .expect("valid histogram bounds"),
-            errors: Vec::new(),
-            last: (0, 0),
+            recent: metrics_util::storage::AtomicBucket::new(),
+            summary: std::sync::Mutex::new(Summary {
+                // 1 µs to 1 hour, 2 significant digits.
+                durations: hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 2)
+                    .expect("valid histogram bounds"),
+                errors: Vec::new(),
+                last: (0, 0),
+            }),
         }
     }
 
+    /// The summary, with the durations pushed since folded in.
+    fn summary(&self) -> std::sync::MutexGuard<'_, Summary> {
+        let mut s = self.summary.lock().unwrap_or_else(|e| e.into_inner());
+        let durations = &mut s.durations;
+        self.recent.clear_with(|values| {
+            for v in values {
+                let _ = durations.record((*v).clamp(1, 3_600_000_000));
+            }
+        });
+        s
+    }
+}
+
+impl Summary {
     fn error(&mut self, kind: &str, message: &str, at: Timestamp) {
         match self.errors.iter_mut().find(|e| e.kind == kind) {
             Some(e) => {
@@ -214,7 +238,7 @@ struct Counters {
     failed: AtomicU64,
     in_flight: AtomicU64,
     /// With worker monitoring on.
-    detail: Option<std::sync::Mutex<Detail>>,
+    detail: Option<Detail>,
 }
 
 impl WorkerManager {
@@ -287,10 +311,7 @@ impl WorkerManager {
                 .consumer(&topic, WORKER_GROUP, &self.config.instance)
                 .await?;
             let c = Arc::new(Counters {
-                detail: self
-                    .config
-                    .monitor
-                    .then(|| std::sync::Mutex::new(Detail::new())),
+                detail: self.config.monitor.then(Detail::new),
                 ..Counters::default()
             });
             counters.push((worker.name().to_string(), options.concurrency, c.clone()));
@@ -529,17 +550,16 @@ impl Runner {
             m.duration.record(began.elapsed().as_secs_f64());
         }
         if let (Some(detail), Some(began)) = (&self.counters.detail, began) {
-            let took = began.elapsed().as_micros().max(1) as u64;
-            let mut d = detail.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = d.durations.record(took.min(3_600_000_000));
+            detail.recent.push(began.elapsed().as_micros() as u64);
             if let Err(e) = &outcome {
-                d.error(
+                detail.summary().error(
                     e.kind().unwrap_or("error"),
                     &e.to_string(),
                     Timestamp::now(),
                 );
             }
         }
+
         if outcome.is_err() && self.hard_stop.is_cancelled() {
             // Stopped by shutdown, not failed: leave the command unacked so
             // that another worker gets it, as the same attempt.
@@ -702,7 +722,7 @@ impl WorkerHandle {
                     ..Default::default()
                 };
                 if let Some(detail) = &c.detail {
-                    let mut d = detail.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut d = detail.summary();
                     h.recent_succeeded = succeeded - d.last.0.min(succeeded);
                     h.recent_failed = failed - d.last.1.min(failed);
                     if beat.is_some() {

@@ -416,9 +416,12 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-pub async fn run(workload: Workload) -> Result<ExitCode, Error> {
+pub async fn run(
+    workload: Workload,
+    monitoring: &multiagents::monitoring::MonitoringConfig,
+) -> Result<ExitCode, Error> {
     match workload {
-        Workload::Orders(args) => orders(args).await,
+        Workload::Orders(args) => orders(args, monitoring).await,
     }
 }
 
@@ -504,7 +507,11 @@ async fn backend(
     }
 }
 
-async fn orders(args: OrdersArgs) -> Result<ExitCode, Error> {
+async fn orders(
+    args: OrdersArgs,
+    monitoring: &multiagents::monitoring::MonitoringConfig,
+) -> Result<ExitCode, Error> {
+    let worker_config = WorkerManagerConfig::default().with_monitoring(monitoring);
     if !(0.0..=1.0).contains(&args.fail_rate) {
         return Err(Error::Config(format!(
             "--fail-rate must be between 0 and 1, not {}",
@@ -566,7 +573,7 @@ async fn orders(args: OrdersArgs) -> Result<ExitCode, Error> {
         }
         Role::Workers => {
             let mut manager = WorkerManager::new(bus)
-                .config(WorkerManagerConfig::default())
+                .config(worker_config)
                 .health_store(store.clone());
             for w in workers(&effects) {
                 manager = manager.register_arc(w, Default::default());
@@ -589,7 +596,8 @@ async fn orders(args: OrdersArgs) -> Result<ExitCode, Error> {
             .bus_arc(bus)
             .store_arc(store)
             .workflow(definition()?)
-            .orchestrator_config(orchestrator_config);
+            .orchestrator_config(orchestrator_config)
+            .worker_config(worker_config);
         for w in workers(&effects) {
             builder = builder.worker_with_arc(w, Default::default());
         }

@@ -153,7 +153,7 @@ fn main() -> std::process::ExitCode {
         // Spans to `tracing.otlp_endpoint` (MULTIAGENTS_OTLP_ENDPOINT), flushed on the way out.
         let tracing = multiagents::monitoring::otel::init_tracing(&monitoring.tracing)?;
         let result = match cli.command {
-            Command::Bench { workload } => bench::run(workload).await,
+            Command::Bench { workload } => bench::run(workload, &monitoring).await,
             Command::Serve(args) => serve(args, &monitoring).await,
             Command::Workflow { command } => workflow::run(command).await,
             Command::Workers(args) => workflow::workers(args, &monitoring).await,

@@ -109,7 +109,12 @@ pub struct Event {
 /// How a worker handled a command, carried on its result so that the
 /// lifecycle (dispatch → pickup → processing → completion) is stored with the
 /// workflow, whichever process did each part.
+///
+/// It is written compactly, since every step's history entry carries one:
+/// `[instance, picked_up_at, started − picked_up, finished − picked_up]`
+/// (milliseconds), e.g. `["worker-7",1795478441174,0,4]`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "TimingWire", from = "TimingWire")]
 pub struct Timing {
     /// The worker process that ran it.
     pub instance: Arc<str>,
@@ -119,6 +124,33 @@ pub struct Timing {
     pub started_at: Timestamp,
     /// When it finished.
     pub finished_at: Timestamp,
+}
+
+/// [`Timing`] as written: instance, pickup, then offsets from the pickup.
+#[derive(Serialize, Deserialize)]
+struct TimingWire(Arc<str>, u64, u64, u64);
+
+impl From<Timing> for TimingWire {
+    fn from(t: Timing) -> Self {
+        let base = t.picked_up_at.as_millis();
+        TimingWire(
+            t.instance,
+            base,
+            t.started_at.as_millis().saturating_sub(base),
+            t.finished_at.as_millis().saturating_sub(base),
+        )
+    }
+}
+
+impl From<TimingWire> for Timing {
+    fn from(TimingWire(instance, base, started, finished): TimingWire) -> Self {
+        Timing {
+            instance,
+            picked_up_at: Timestamp(base),
+            started_at: Timestamp(base.saturating_add(started)),
+            finished_at: Timestamp(base.saturating_add(finished)),
+        }
+    }
 }
 
 impl Event {
@@ -420,6 +452,19 @@ mod tests {
             Err(EventError::Malformed(_))
         ));
         assert!(matches!(codec.decode(b""), Err(EventError::Malformed(_))));
+    }
+
+    #[test]
+    fn timing_is_written_compactly_and_reads_back() {
+        let t = Timing {
+            instance: "worker-7".into(),
+            picked_up_at: Timestamp(1_000),
+            started_at: Timestamp(1_001),
+            finished_at: Timestamp(1_005),
+        };
+        let text = serde_json::to_string(&t).expect("json");
+        assert_eq!(text, r#"["worker-7",1000,1,5]"#);
+        assert_eq!(serde_json::from_str::<Timing>(&text).expect("back"), t);
     }
 
     #[test]
