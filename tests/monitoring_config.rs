@@ -210,3 +210,24 @@ fn the_file_rotates_by_size_keeping_backup_count_files() {
     let newest = std::fs::read_to_string(&path).expect("read");
     assert!(newest.contains("i=3599"));
 }
+
+#[test]
+fn json_format_turns_the_file_logger_into_json_lines() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("app.log");
+    for json in [false, true] {
+        let _ = std::fs::remove_file(&path);
+        let config = MonitoringConfig::from_yaml(&format!(
+            "logging: {{default_logger: file, json_format: {json}, file_path: '{}'}}",
+            path.display()
+        ))
+        .expect("valid");
+        let subscriber =
+            tracing_subscriber::registry().with(log_layers(&config.logging).expect("layers"));
+        tracing::subscriber::with_default(subscriber, || tracing::info!(n = 1, "hello"));
+        let text = std::fs::read_to_string(&path).expect("written");
+        let parsed = serde_json::from_str::<serde_json::Value>(text.trim());
+        assert_eq!(parsed.is_ok(), json, "{text}");
+        assert!(text.contains("hello"));
+    }
+}
