@@ -35,9 +35,36 @@ pub enum WorkflowCommand {
     /// steps it is refused: bump the version instead. Workflows already
     /// running stay on the version they started with.
     Deploy(DeployArgs),
+    /// Draw a definition, from a file (JSON/YAML) or by name from the store:
+    /// the step graph, steps that run at once, workers, retries, timeouts and
+    /// compensations.
+    Diagram(DiagramArgs),
     /// Print one workflow's step timeline and each command's lifecycle
     /// (dispatch → pickup → processing → outcome, and which worker process).
     Status(StatusArgs),
+}
+
+/// How to draw.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum DiagramFormat {
+    /// A Mermaid flowchart (paste into Markdown, GitHub renders it).
+    Mermaid,
+    /// Plain text for a terminal.
+    Ascii,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DiagramArgs {
+    /// A definition file, or the name of a definition registered in Redis.
+    definition: String,
+    /// The drawing.
+    #[arg(long, value_enum, default_value_t = DiagramFormat::Ascii)]
+    format: DiagramFormat,
+    /// The version to draw, for a name (the latest when absent).
+    #[arg(long)]
+    version: Option<u32>,
+    #[command(flatten)]
+    redis: RedisArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -64,6 +91,7 @@ pub async fn run(command: WorkflowCommand) -> Result<ExitCode, Error> {
     match command {
         WorkflowCommand::Deploy(args) => deploy(args).await,
         WorkflowCommand::Status(args) => status(args).await,
+        WorkflowCommand::Diagram(args) => diagram(args).await,
     }
 }
 
@@ -239,5 +267,38 @@ pub async fn workers(
             println!("{:<22}   {} × {}: {}", "", e.count, e.kind, e.last_message);
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn diagram(args: DiagramArgs) -> Result<ExitCode, Error> {
+    use multiagents::core::workflow::diagram;
+    let path = std::path::Path::new(&args.definition);
+    let def = if path.is_file() {
+        read_definition(path)?
+    } else {
+        let store = args.redis.store().await?;
+        let found = match args.version {
+            Some(v) => store.get_definition(&args.definition, v).await?,
+            None => store.latest_definition(&args.definition).await?,
+        };
+        found.ok_or_else(|| {
+            Error::Config(format!(
+                "`{}` is neither a file nor a definition registered in {} (prefix {}){}",
+                args.definition,
+                args.redis.redis_url,
+                args.redis.prefix,
+                args.version
+                    .map(|v| format!(" at version {v}"))
+                    .unwrap_or_default()
+            ))
+        })?
+    };
+    print!(
+        "{}",
+        match args.format {
+            DiagramFormat::Mermaid => diagram::mermaid(&def),
+            DiagramFormat::Ascii => diagram::ascii(&def),
+        }
+    );
     Ok(ExitCode::SUCCESS)
 }

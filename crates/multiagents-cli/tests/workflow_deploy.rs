@@ -63,6 +63,47 @@ async fn deploys_definitions_by_version_and_refuses_changes_and_bad_files() {
         .expect("registered");
     assert_eq!(stored.steps().len(), 2);
 
+    // Drawn by name from the store, and from the file.
+    let draw = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_multiagents"))
+            .args(["workflow", "diagram"])
+            .args(args)
+            .output()
+            .expect("runs")
+    };
+    let out = draw(&[
+        "refunds",
+        "--redis-url",
+        &url,
+        "--prefix",
+        &prefix,
+        "--format",
+        "mermaid",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("flowchart TD") && text.contains("s0 --> s1"),
+        "{text}"
+    );
+    let out = draw(&[v1.to_str().expect("utf-8")]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("check  [check_refund]") && text.contains("pay    [pay_refund]"),
+        "{text}"
+    );
+    let out = draw(&["nothing-here", "--redis-url", &url, "--prefix", &prefix]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("neither a file nor a definition registered"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // The same version with other steps is refused.
     let changed = dir.path().join("changed.yaml");
     std::fs::write(&changed, V1.replace("pay_refund", "wire_refund")).expect("write");

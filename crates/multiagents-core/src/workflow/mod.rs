@@ -25,6 +25,7 @@
 //! the output of the step it undoes — under `steps`.
 
 mod builder;
+pub mod diagram;
 mod retry;
 
 use std::collections::HashSet;

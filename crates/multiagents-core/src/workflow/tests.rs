@@ -185,3 +185,15 @@ fn refuses_bad_text_with_the_reason() {
     .expect_err("bad duration");
     assert!(e.to_string().contains("soon"), "{e}");
 }
+
+#[test]
+fn a_partial_retry_policy_keeps_the_defaults_it_does_not_name() {
+    let def = WorkflowDefinition::from_yaml(
+        "name: w\nsteps:\n  - name: a\n    worker: a\n    retry: {max_attempts: 7}\n",
+    )
+    .expect("valid");
+    let retry = &def.steps()[0].retry;
+    assert_eq!(retry.max_attempts, 7);
+    assert_eq!(retry.initial_delay, RetryPolicy::default().initial_delay);
+    assert_eq!(retry.multiplier, RetryPolicy::default().multiplier);
+}
