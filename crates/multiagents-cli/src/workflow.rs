@@ -39,6 +39,10 @@ pub enum WorkflowCommand {
     /// the step graph, steps that run at once, workers, retries, timeouts and
     /// compensations.
     Diagram(DiagramArgs),
+    /// Cancel a running workflow: the steps it completed are compensated and
+    /// it ends `cancelled`. Needs no orchestrator of its own: the running
+    /// orchestrators and workers carry it out.
+    Cancel(CancelArgs),
     /// Print one workflow's step timeline and each command's lifecycle
     /// (dispatch → pickup → processing → outcome, and which worker process).
     Status(StatusArgs),
@@ -68,6 +72,20 @@ pub struct DiagramArgs {
 }
 
 #[derive(clap::Args, Debug)]
+pub struct CancelArgs {
+    /// The workflow's transaction id.
+    id: String,
+    /// Why, kept in its history.
+    #[arg(long, default_value = "cancelled from the command line")]
+    reason: String,
+    /// Wait this long for it to finish compensating (e.g. `30s`).
+    #[arg(long, value_parser = multiagents::core::time::parse_duration)]
+    wait: Option<std::time::Duration>,
+    #[command(flatten)]
+    redis: RedisArgs,
+}
+
+#[derive(clap::Args, Debug)]
 pub struct StatusArgs {
     /// The workflow's transaction id.
     id: String,
@@ -92,6 +110,7 @@ pub async fn run(command: WorkflowCommand) -> Result<ExitCode, Error> {
         WorkflowCommand::Deploy(args) => deploy(args).await,
         WorkflowCommand::Status(args) => status(args).await,
         WorkflowCommand::Diagram(args) => diagram(args).await,
+        WorkflowCommand::Cancel(args) => cancel(args).await,
     }
 }
 
@@ -300,5 +319,34 @@ async fn diagram(args: DiagramArgs) -> Result<ExitCode, Error> {
             DiagramFormat::Ascii => diagram::ascii(&def),
         }
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn cancel(args: CancelArgs) -> Result<ExitCode, Error> {
+    use multiagents::bus::{RedisBusConfig, RedisStreamsBus};
+    let tx: multiagents::TransactionId = args
+        .id
+        .parse()
+        .map_err(|e| Error::Config(format!("`{}` is not a transaction id: {e}", args.id)))?;
+    let bus = RedisStreamsBus::connect(
+        RedisBusConfig::new(&args.redis.redis_url).prefix(&args.redis.prefix),
+    )
+    .await?;
+    let store = args.redis.store().await?;
+    let client = multiagents::Client::new(std::sync::Arc::new(bus), std::sync::Arc::new(store));
+    if !client.cancel(tx, &args.reason).await? {
+        let status = client
+            .status(tx)
+            .await?
+            .map(|s| s.status.to_string())
+            .unwrap_or_default();
+        println!("{tx} is already {status}: nothing to cancel");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{tx}: cancellation requested ({})", args.reason);
+    if let Some(wait) = args.wait {
+        let state = client.wait(tx, wait).await?;
+        println!("{tx} ended {}", state.status);
+    }
     Ok(ExitCode::SUCCESS)
 }

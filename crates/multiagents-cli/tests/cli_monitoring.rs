@@ -137,3 +137,100 @@ async fn status_and_workers_show_what_a_run_left_in_redis() {
     assert!(!success);
     assert!(err.contains("not a transaction id"), "{err}");
 }
+
+#[tokio::test]
+async fn workflow_cancel_compensates_what_was_done() {
+    let Some(url) = redis_url() else {
+        return;
+    };
+    let prefix = format!("cli-cancel-{}", std::process::id());
+    let bus = RedisStreamsBus::connect(RedisBusConfig::new(&url).prefix(&prefix))
+        .await
+        .expect("bus");
+    let store = RedisStateStore::connect(RedisStoreConfig::new(&url).prefix(&prefix))
+        .await
+        .expect("store");
+    let rt = Runtime::builder()
+        .bus(bus)
+        .store_arc(Arc::new(store))
+        .workflow(
+            WorkflowBuilder::new("orders")
+                .step("reserve", "reserve_inventory")
+                .compensate_with("release_inventory")
+                .step("ship", "ship")
+                .build()
+                .expect("valid"),
+        )
+        .worker(from_fn("reserve_inventory", |_: bool, _| async {
+            Ok::<_, WorkerError>("r")
+        }))
+        .worker(from_fn("release_inventory", |_: bool, _| async {
+            Ok::<_, WorkerError>("released")
+        }))
+        .worker(from_fn("ship", |_: bool, _| async {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            Ok::<_, WorkerError>("shipped")
+        }))
+        .start()
+        .await
+        .expect("starts");
+    let client = rt.client();
+    let tx = client.start("orders", &false).await.expect("start");
+    // Wait until the reserve step is done and shipping is under way.
+    for _ in 0..200 {
+        let state = client.status(tx).await.expect("status").expect("exists");
+        if state.step("reserve").is_some_and(|s| s.output.is_some()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let tx_text = tx.to_string();
+    let (success, out, err) = tokio::task::spawn_blocking({
+        let url = url.clone();
+        let prefix = prefix.clone();
+        move || {
+            cli(&[
+                "workflow",
+                "cancel",
+                &tx_text,
+                "--reason",
+                "customer asked",
+                "--wait",
+                "20s",
+                "--redis-url",
+                &url,
+                "--prefix",
+                &prefix,
+            ])
+        }
+    })
+    .await
+    .expect("join");
+    assert!(success, "{err}");
+    assert!(
+        out.contains("cancellation requested (customer asked)"),
+        "{out}"
+    );
+    assert!(out.contains("ended cancelled"), "{out}");
+    let state = client.status(tx).await.expect("status").expect("exists");
+    assert_eq!(state.status, WorkflowStatus::Cancelled);
+    assert_eq!(
+        state.step("reserve").map(|s| s.status),
+        Some(multiagents::core::StepStatus::Compensated),
+        "{}",
+        multiagents::timeline::render(&state)
+    );
+    // Cancelling again changes nothing.
+    let (success, out, _) = cli(&[
+        "workflow",
+        "cancel",
+        &tx.to_string(),
+        "--redis-url",
+        &url,
+        "--prefix",
+        &prefix,
+    ]);
+    assert!(success);
+    assert!(out.contains("already cancelled"), "{out}");
+    rt.shutdown().await;
+}
