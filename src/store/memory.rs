@@ -131,6 +131,7 @@ impl MemoryStore {
     }
 
     /// Checks a write without making it: the new version, or why not.
+    #[cfg_attr(not(feature = "embedded"), allow(dead_code))] // used by the file store
     pub(crate) fn check(
         &self,
         expected: Option<Version>,
@@ -141,6 +142,7 @@ impl MemoryStore {
     }
 
     /// Puts a state at a version without checks (used when loading a file).
+    #[cfg_attr(not(feature = "embedded"), allow(dead_code))] // used by the file store
     pub(crate) fn put_unchecked(&self, version: Version, state: Arc<WorkflowState>) {
         let mut s = self.states(state.transaction_id);
         let old = s.by_id.insert(
@@ -180,6 +182,7 @@ impl MemoryStore {
     }
 
     /// Every state, for snapshots.
+    #[cfg_attr(not(feature = "embedded"), allow(dead_code))] // used by the file store
     pub(crate) fn all(&self) -> Vec<Versioned> {
         self.each_shard()
             .flat_map(|s| s.by_id.values().cloned().collect::<Vec<_>>())
@@ -187,6 +190,7 @@ impl MemoryStore {
     }
 
     /// Every definition, for snapshots.
+    #[cfg_attr(not(feature = "embedded"), allow(dead_code))] // used by the file store
     pub(crate) fn all_definitions(&self) -> Vec<WorkflowDefinition> {
         self.inner
             .definitions
@@ -236,6 +240,7 @@ impl MemoryStore {
     }
 
     /// Notifies waiters of a state written through `put_unchecked`.
+    #[cfg_attr(not(feature = "embedded"), allow(dead_code))] // used by the file store
     pub(crate) fn notify(&self, v: &Versioned) {
         self.states(v.state.transaction_id).notify(v);
     }
