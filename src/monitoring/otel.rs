@@ -89,6 +89,21 @@ fn system_time(t: Timestamp) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(t.as_millis())
 }
 
+/// The attributes every span about a workflow carries.
+fn workflow_attributes(state: &WorkflowState) -> [KeyValue; 3] {
+    [
+        KeyValue::new(
+            "multiagents.transaction_id",
+            state.transaction_id.to_string(),
+        ),
+        KeyValue::new(
+            "multiagents.correlation_id",
+            state.correlation_id.to_string(),
+        ),
+        KeyValue::new("multiagents.workflow", state.workflow.to_string()),
+    ]
+}
+
 /// The span of one command's dispatch; returns the `traceparent` for the
 /// command, or `None` when tracing is off.
 pub(crate) fn dispatch(
@@ -110,21 +125,12 @@ pub(crate) fn dispatch(
     let mut span = tracer
         .span_builder(format!("{verb} {step}"))
         .with_kind(SpanKind::Producer)
-        .with_attributes([
-            KeyValue::new(
-                "multiagents.transaction_id",
-                state.transaction_id.to_string(),
-            ),
-            KeyValue::new(
-                "multiagents.correlation_id",
-                state.correlation_id.to_string(),
-            ),
-            KeyValue::new("multiagents.workflow", state.workflow.to_string()),
+        .with_attributes(workflow_attributes(state).into_iter().chain([
             KeyValue::new("multiagents.step", step.to_string()),
             KeyValue::new("multiagents.phase", phase.to_string()),
             KeyValue::new("multiagents.attempt", i64::from(attempt)),
             KeyValue::new("multiagents.worker", worker.to_string()),
-        ])
+        ]))
         .start_with_context(&tracer, &parent);
     let tp = traceparent(span.span_context());
     span.end();
@@ -144,18 +150,11 @@ pub(crate) fn workflow_finished(state: &WorkflowState) {
             .span_builder(format!("workflow {}", state.workflow))
             .with_kind(SpanKind::Internal)
             .with_start_time(system_time(state.started_at))
-            .with_attributes([
-                KeyValue::new(
-                    "multiagents.transaction_id",
-                    state.transaction_id.to_string(),
-                ),
-                KeyValue::new(
-                    "multiagents.correlation_id",
-                    state.correlation_id.to_string(),
-                ),
-                KeyValue::new("multiagents.workflow", state.workflow.to_string()),
-                KeyValue::new("multiagents.status", state.status.as_str()),
-            ])
+            .with_attributes(
+                workflow_attributes(state)
+                    .into_iter()
+                    .chain([KeyValue::new("multiagents.status", state.status.as_str())]),
+            )
             .start_with_context(&tracer, &Context::new());
         f.set(None);
         span

@@ -2,57 +2,34 @@
 //! run left in Redis: one workflow's timeline with each command's lifecycle
 //! and worker process, and the worker health table.
 
-use std::process::Command;
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use multiagents::bus::{RedisBusConfig, RedisStreamsBus};
 use multiagents::store::{RedisStateStore, RedisStoreConfig};
 use multiagents::worker::{WorkerError, WorkerManagerConfig, from_fn};
-use multiagents::{Runtime, WorkflowBuilder, WorkflowStatus};
+use multiagents::{Runtime, RuntimeBuilder, WorkflowBuilder, WorkflowStatus};
 
-fn redis_url() -> Option<String> {
-    match std::env::var("REDIS_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if std::env::var("CI").is_ok() => {
-            panic!("REDIS_URL is not set; run the tests through ./scripts/test.sh")
-        }
-        _ => None,
-    }
-}
-
-fn cli(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_multiagents"))
-        .args(args)
-        .output()
-        .expect("runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-#[tokio::test]
-async fn status_and_workers_show_what_a_run_left_in_redis() {
-    let Some(url) = redis_url() else {
-        return;
-    };
-    let prefix = format!("cli-mon-{}", std::process::id());
-    let bus = RedisStreamsBus::connect(RedisBusConfig::new(&url).prefix(&prefix))
+/// A runtime builder on Redis under `prefix`, with a workflow `orders` of
+/// `reserve` (undone by `release_inventory`) then `second` on worker
+/// `second`, and the reserve and release workers.
+async fn on_redis(url: &str, prefix: &str, second: &str) -> RuntimeBuilder {
+    let bus = RedisStreamsBus::connect(RedisBusConfig::new(url).prefix(prefix))
         .await
         .expect("bus");
-    let store = RedisStateStore::connect(RedisStoreConfig::new(&url).prefix(&prefix))
+    let store = RedisStateStore::connect(RedisStoreConfig::new(url).prefix(prefix))
         .await
         .expect("store");
-    let rt = Runtime::builder()
+    Runtime::builder()
         .bus(bus)
         .store_arc(Arc::new(store))
         .workflow(
             WorkflowBuilder::new("orders")
                 .step("reserve", "reserve_inventory")
                 .compensate_with("release_inventory")
-                .step("charge", "charge_payment")
+                .step(second, second)
                 .build()
                 .expect("valid"),
         )
@@ -60,8 +37,18 @@ async fn status_and_workers_show_what_a_run_left_in_redis() {
             Ok::<_, WorkerError>("r")
         }))
         .worker(from_fn("release_inventory", |_: bool, _| async {
-            Ok::<_, WorkerError>("x")
+            Ok::<_, WorkerError>("released")
         }))
+}
+
+#[tokio::test]
+async fn status_and_workers_show_what_a_run_left_in_redis() {
+    let Some(url) = common::redis_url() else {
+        return;
+    };
+    let prefix = format!("cli-mon-{}", std::process::id());
+    let rt = on_redis(&url, &prefix, "charge_payment")
+        .await
         .worker(from_fn("charge_payment", |decline: bool, _| async move {
             if decline {
                 Err(WorkerError::fatal("card declined").with_kind("declined"))
@@ -96,7 +83,7 @@ async fn status_and_workers_show_what_a_run_left_in_redis() {
     );
     rt.shutdown().await;
 
-    let (success, out, err) = cli(&[
+    let (success, out, err) = common::cli(&[
         "workflow",
         "status",
         &declined.to_string(),
@@ -118,7 +105,7 @@ async fn status_and_workers_show_what_a_run_left_in_redis() {
         assert!(out.contains(expected), "`{expected}` missing from:\n{out}");
     }
 
-    let (success, out, err) = cli(&["workers", "--redis-url", &url, "--prefix", &prefix]);
+    let (success, out, err) = common::cli(&["workers", "--redis-url", &url, "--prefix", &prefix]);
     assert!(success, "{err}");
     let charge = out
         .lines()
@@ -133,40 +120,19 @@ async fn status_and_workers_show_what_a_run_left_in_redis() {
         "{out}"
     );
 
-    let (success, _, err) = cli(&["workflow", "status", "not-an-id", "--redis-url", &url]);
+    let (success, _, err) = common::cli(&["workflow", "status", "not-an-id", "--redis-url", &url]);
     assert!(!success);
     assert!(err.contains("not a transaction id"), "{err}");
 }
 
 #[tokio::test]
 async fn workflow_cancel_compensates_what_was_done() {
-    let Some(url) = redis_url() else {
+    let Some(url) = common::redis_url() else {
         return;
     };
     let prefix = format!("cli-cancel-{}", std::process::id());
-    let bus = RedisStreamsBus::connect(RedisBusConfig::new(&url).prefix(&prefix))
+    let rt = on_redis(&url, &prefix, "ship")
         .await
-        .expect("bus");
-    let store = RedisStateStore::connect(RedisStoreConfig::new(&url).prefix(&prefix))
-        .await
-        .expect("store");
-    let rt = Runtime::builder()
-        .bus(bus)
-        .store_arc(Arc::new(store))
-        .workflow(
-            WorkflowBuilder::new("orders")
-                .step("reserve", "reserve_inventory")
-                .compensate_with("release_inventory")
-                .step("ship", "ship")
-                .build()
-                .expect("valid"),
-        )
-        .worker(from_fn("reserve_inventory", |_: bool, _| async {
-            Ok::<_, WorkerError>("r")
-        }))
-        .worker(from_fn("release_inventory", |_: bool, _| async {
-            Ok::<_, WorkerError>("released")
-        }))
         .worker(from_fn("ship", |_: bool, _| async {
             tokio::time::sleep(Duration::from_secs(2)).await;
             Ok::<_, WorkerError>("shipped")
@@ -189,7 +155,7 @@ async fn workflow_cancel_compensates_what_was_done() {
         let url = url.clone();
         let prefix = prefix.clone();
         move || {
-            cli(&[
+            common::cli(&[
                 "workflow",
                 "cancel",
                 &tx_text,
@@ -221,7 +187,7 @@ async fn workflow_cancel_compensates_what_was_done() {
         multiagents::timeline::render(&state)
     );
     // Cancelling again changes nothing.
-    let (success, out, _) = cli(&[
+    let (success, out, _) = common::cli(&[
         "workflow",
         "cancel",
         &tx.to_string(),

@@ -1,20 +1,12 @@
 //! `/metrics` during a Redis bench: the counters move while it runs, and at
 //! the end the exported counters match the bench's own totals.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn redis_url() -> Option<String> {
-    match std::env::var("REDIS_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if std::env::var("CI").is_ok() => {
-            panic!("REDIS_URL is not set; run the tests through ./scripts/test.sh")
-        }
-        _ => None,
-    }
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -49,7 +41,7 @@ fn finished(metrics: &str) -> f64 {
 
 #[test]
 fn metrics_move_during_a_redis_bench_and_match_its_totals() {
-    let Some(url) = redis_url() else {
+    let Some(url) = common::redis_url() else {
         return;
     };
     let port = free_port();

@@ -4,22 +4,14 @@
 //! the workflow span, and the worker process's `run <step>` spans are
 //! children of those dispatch spans.
 
+mod common;
+
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
-
-fn redis_url() -> Option<String> {
-    match std::env::var("REDIS_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if std::env::var("CI").is_ok() => {
-            panic!("REDIS_URL is not set; run the tests through ./scripts/test.sh")
-        }
-        _ => None,
-    }
-}
 
 #[derive(Debug, Clone)]
 struct Span {
@@ -84,7 +76,7 @@ fn role(url: &str, prefix: &str, role: &str, endpoint: &str, extra: &[&str]) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_order_is_one_trace_across_processes() {
-    let Some(url) = redis_url() else {
+    let Some(url) = common::redis_url() else {
         return;
     };
     // The receiver: keeps every request body.

@@ -3,23 +3,10 @@
 //! client's own report must show every order finished, none stuck, every
 //! declined order compensated once, and no side effect applied twice.
 
+mod common;
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn redis_url() -> Option<String> {
-    match std::env::var("REDIS_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if std::env::var("CI").is_ok() => {
-            panic!("REDIS_URL is not set; run the tests through ./scripts/test.sh")
-        }
-        _ => {
-            eprintln!(
-                "skipped: REDIS_URL is not set (./scripts/test.sh starts a throw-away Redis)"
-            );
-            None
-        }
-    }
-}
 
 struct Fleet {
     url: String,
@@ -70,7 +57,9 @@ fn terminate(child: &mut Child) {
 
 #[test]
 fn killing_an_orchestrator_and_a_worker_mid_run_loses_nothing() {
-    let Some(url) = redis_url() else { return };
+    let Some(url) = common::redis_url() else {
+        return;
+    };
     let prefix = format!("kill{}", std::process::id());
     let fleet = Fleet { url, prefix };
     let mut orchestrators = vec![

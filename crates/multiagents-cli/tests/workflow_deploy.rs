@@ -3,22 +3,11 @@
 //! refused, and a bad file is refused naming the file and the culprit before
 //! anything is registered.
 
+mod common;
+
 use std::process::{Command, Output};
 
 use multiagents::store::{RedisStateStore, RedisStoreConfig, StateStore};
-
-fn redis_url() -> Option<String> {
-    match std::env::var("REDIS_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if std::env::var("CI").is_ok() => {
-            panic!("REDIS_URL is not set; run the tests through ./scripts/test.sh")
-        }
-        _ => {
-            eprintln!("skipped: REDIS_URL is not set");
-            None
-        }
-    }
-}
 
 fn deploy(url: &str, prefix: &str, files: &[&std::path::Path]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_multiagents"))
@@ -32,7 +21,7 @@ const V1: &str = "name: refunds\nversion: 1\nsteps:\n  - name: check\n    worker
 
 #[tokio::test]
 async fn deploys_definitions_by_version_and_refuses_changes_and_bad_files() {
-    let Some(url) = redis_url() else {
+    let Some(url) = common::redis_url() else {
         return;
     };
     let prefix = format!("deploy-{}", std::process::id());
