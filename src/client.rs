@@ -123,6 +123,68 @@ impl Client {
         }
     }
 
+    /// Sends the signal `name` with `payload` to a workflow: the step
+    /// waiting for it completes with the payload as its output. A signal
+    /// sent before the step waits is kept for it. Refused (with the reason)
+    /// when the workflow has finished, is compensating, or waits for no
+    /// signal of that name.
+    ///
+    /// ```no_run
+    /// # async fn f(client: multiagents::Client, tx: multiagents::core::TransactionId) -> Result<(), multiagents::Error> {
+    /// client.signal(tx, "approve", &serde_json::json!({"by": "ana"})).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn signal<T: Serialize + ?Sized>(
+        &self,
+        transaction_id: TransactionId,
+        name: &str,
+        payload: &T,
+    ) -> Result<(), Error> {
+        let payload = Payload::to_json(payload).map_err(|e| Error::Input(e.to_string()))?;
+        let input = Input::Signal {
+            name: name.to_string(),
+            payload,
+        };
+        match self.engine.drive(transaction_id, &input, None).await? {
+            crate::runtime::engine_driven::Applied => Ok(()),
+            crate::runtime::engine_driven::Missing => Err(Error::NotFound(transaction_id)),
+            crate::runtime::engine_driven::Unchanged => {
+                let refused = |reason: String| Error::Signal {
+                    transaction_id,
+                    name: name.to_string(),
+                    reason,
+                };
+                let Some(current) = self.engine.store.get(transaction_id).await? else {
+                    return Err(Error::NotFound(transaction_id));
+                };
+                let state = &current.state;
+                if state.status != crate::core::WorkflowStatus::Running {
+                    return Err(refused(format!("the workflow is {}", state.status)));
+                }
+                let def = self
+                    .engine
+                    .definition(&state.workflow, state.version)
+                    .await?;
+                let mut waits: Vec<&str> = def.signals().collect();
+                waits.sort_unstable();
+                waits.dedup();
+                Err(refused(if waits.is_empty() {
+                    format!("workflow `{}` waits for no signals", state.workflow)
+                } else {
+                    format!(
+                        "workflow `{}` waits only for {}",
+                        state.workflow,
+                        waits
+                            .iter()
+                            .map(|w| format!("`{w}`"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                }))
+            }
+        }
+    }
+
     /// Lists workflows.
     pub async fn list(&self, query: &ListQuery) -> Result<Vec<WorkflowSummary>, Error> {
         Ok(self.engine.store.list(query).await?)

@@ -40,6 +40,16 @@ pub enum Error {
         /// Where it was.
         status: WorkflowStatus,
     },
+    /// A signal was not taken.
+    #[error("signal `{name}` for workflow {transaction_id} was refused: {reason}")]
+    Signal {
+        /// The workflow.
+        transaction_id: TransactionId,
+        /// The signal.
+        name: String,
+        /// Why.
+        reason: String,
+    },
     /// The workflow input could not be encoded as JSON.
     #[error("the workflow input does not encode as JSON: {0}")]
     Input(String),

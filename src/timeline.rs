@@ -23,6 +23,8 @@ pub fn render(state: &WorkflowState) -> String {
     let why = match &state.failure {
         Some(Failure::StepFailed { step, error }) => format!(" (step `{step}` failed: {error})"),
         Some(Failure::Cancelled { reason }) => format!(" (cancelled: {reason})"),
+        Some(Failure::DeadlineExceeded { .. }) => " (its deadline passed)".to_string(),
+        Some(Failure::Undone { reason }) => format!(" (undone: {reason})"),
         None => String::new(),
     };
     let _ = writeln!(
@@ -67,6 +69,21 @@ pub fn render(state: &WorkflowState) -> String {
             HistoryEvent::CompensationFailed { error } => {
                 format!("COMPENSATION FAILED for good: {error}")
             }
+            HistoryEvent::Skipped => "skipped: its condition did not hold".to_string(),
+            HistoryEvent::FannedOut { items } => format!("fanned out over {items} item(s)"),
+            HistoryEvent::WaitStarted { until } => match until {
+                Some(u) => format!("waiting {} ms", u.since(h.at).as_millis()),
+                None => "waiting".to_string(),
+            },
+            HistoryEvent::SignalReceived { name } => format!("signal `{name}` received"),
+            HistoryEvent::ChildStarted { transaction_id } => {
+                format!(
+                    "sub-workflow {transaction_id} started (attempt {})",
+                    h.attempt
+                )
+            }
+            HistoryEvent::DeadlineExceeded => "DEADLINE passed".to_string(),
+            HistoryEvent::UndoRequested { reason } => format!("undo requested: {reason}"),
             HistoryEvent::Finished { status } => format!("finished: {status}"),
         };
         let _ = writeln!(out, "    +{offset:>4}ms  {step:<width$}  {what}");

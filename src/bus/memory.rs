@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use tokio::sync::{Notify, broadcast};
 use tokio::time::Instant;
 
-use super::{BusError, Consumer, DeadLetter, Delivery, DeliveryId, EventBus};
+use super::{BusError, Consumer, DeadLetter, Delivery, DeliveryId, EventBus, Interrupt};
 use crate::core::event::DEFAULT_MAX_EVENT_BYTES;
 use crate::core::{Event, Timestamp};
 
@@ -51,6 +51,7 @@ struct Inner {
     topics: RwLock<HashMap<String, Arc<Topic>>>,
     dead: Mutex<VecDeque<DeadLetter>>,
     status: broadcast::Sender<Arc<Event>>,
+    interrupts: broadcast::Sender<Interrupt>,
 }
 
 #[derive(Default)]
@@ -96,12 +97,14 @@ impl MemoryBus {
     /// A bus with the given settings.
     pub fn with_config(config: MemoryBusConfig) -> Self {
         let (status, _) = broadcast::channel(4096);
+        let (interrupts, _) = broadcast::channel(1024);
         Self {
             inner: Arc::new(Inner {
                 config,
                 topics: RwLock::new(HashMap::new()),
                 dead: Mutex::new(VecDeque::new()),
                 status,
+                interrupts,
             }),
         }
     }
@@ -231,6 +234,17 @@ impl EventBus for MemoryBus {
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BusError> {
         let dead = self.inner.dead.lock().unwrap_or_else(|e| e.into_inner());
         Ok(dead.iter().rev().take(limit).rev().cloned().collect())
+    }
+
+    async fn interrupt(&self, interrupt: Interrupt) -> Result<(), BusError> {
+        if self.inner.interrupts.receiver_count() > 0 {
+            let _ = self.inner.interrupts.send(interrupt);
+        }
+        Ok(())
+    }
+
+    fn subscribe_interrupts(&self) -> broadcast::Receiver<Interrupt> {
+        self.inner.interrupts.subscribe()
     }
 
     fn broadcast(&self, event: Event) {

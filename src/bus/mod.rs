@@ -46,6 +46,21 @@ pub fn command_topic(worker: &WorkerName) -> String {
     format!("commands.{worker}")
 }
 
+/// A note to workers: the result of this attempt is no longer wanted (the
+/// workflow was cancelled, or another step failed for good and it is being
+/// compensated). Workers cancel the call's [`WorkerContext::cancellation`].
+///
+/// [`WorkerContext::cancellation`]: crate::WorkerContext::cancellation
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Interrupt {
+    /// The workflow.
+    pub transaction_id: crate::core::TransactionId,
+    /// The step (or fan-out branch, `step[i]`).
+    pub step: crate::core::StepName,
+    /// The attempt.
+    pub attempt: u32,
+}
+
 /// Identifies one delivery within a consumer group (for acks).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum DeliveryId {
@@ -173,6 +188,15 @@ pub trait EventBus: Send + Sync + 'static {
         let _ = (topic, group);
         Ok(None)
     }
+
+    /// Tells the workers running a command that its result is no longer
+    /// wanted. Fire-and-forget, like status broadcasts: the workflow does not
+    /// depend on it (the step settles when its answer comes or its deadline
+    /// passes), it only spares the work.
+    async fn interrupt(&self, interrupt: Interrupt) -> Result<(), BusError>;
+
+    /// Listens to interrupts from now on.
+    fn subscribe_interrupts(&self) -> broadcast::Receiver<Interrupt>;
 
     /// Broadcasts a status event. Fire-and-forget: lost if nobody listens.
     fn broadcast(&self, event: Event);

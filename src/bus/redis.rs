@@ -27,7 +27,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnecti
 use redis::{AsyncConnectionConfig, Value};
 use tokio::sync::{Mutex, broadcast};
 
-use super::{BusError, Consumer, DeadLetter, Delivery, DeliveryId, EventBus};
+use super::{BusError, Consumer, DeadLetter, Delivery, DeliveryId, EventBus, Interrupt};
 use crate::core::event::DEFAULT_MAX_EVENT_BYTES;
 use crate::core::{Event, EventCodec, Timestamp};
 
@@ -328,6 +328,10 @@ struct Inner {
     status: broadcast::Sender<Arc<Event>>,
     /// Status over Redis Pub/Sub, when `broadcast_status` is on.
     pubsub: Option<RedisPubSubBus>,
+    /// Interrupts received on the `{prefix}:interrupts` channel.
+    interrupts: broadcast::Sender<Interrupt>,
+    /// Set once the interrupt subscription task runs.
+    interrupts_listening: std::sync::Once,
 }
 
 impl RedisStreamsBus {
@@ -355,8 +359,14 @@ impl RedisStreamsBus {
                 conn,
                 status,
                 pubsub,
+                interrupts: broadcast::channel(1024).0,
+                interrupts_listening: std::sync::Once::new(),
             }),
         })
+    }
+
+    fn interrupt_channel(&self) -> String {
+        format!("{}:interrupts", self.inner.config.prefix)
     }
 
     fn key(&self, topic: &str) -> String {
@@ -558,6 +568,43 @@ impl EventBus for RedisStreamsBus {
             }
         }
         Ok(None)
+    }
+
+    async fn interrupt(&self, interrupt: Interrupt) -> Result<(), BusError> {
+        let body = serde_json::to_vec(&interrupt).map_err(|e| BusError::Backend {
+            address: self.inner.address.clone(),
+            message: e.to_string(),
+        })?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("PUBLISH")
+            .arg(self.interrupt_channel())
+            .arg(body)
+            .ignore();
+        self.run(&pipe).await
+    }
+
+    fn subscribe_interrupts(&self) -> broadcast::Receiver<Interrupt> {
+        let rx = self.inner.interrupts.subscribe();
+        let me = self.clone();
+        self.inner.interrupts_listening.call_once(|| {
+            tokio::spawn(async move {
+                let inner = &me.inner;
+                follow_channel(
+                    &inner.client,
+                    &me.interrupt_channel(),
+                    &inner.address,
+                    |_| {},
+                    |payload| match serde_json::from_slice::<Interrupt>(payload) {
+                        Ok(i) => {
+                            let _ = inner.interrupts.send(i);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "undecodable interrupt ignored"),
+                    },
+                )
+                .await
+            });
+        });
+        rx
     }
 
     fn broadcast(&self, event: Event) {

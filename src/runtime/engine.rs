@@ -4,11 +4,11 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
-use crate::bus::{DeadLetter, EventBus, command_topic};
+use crate::bus::{DeadLetter, EventBus, Interrupt, RESULTS_TOPIC, command_topic};
 use crate::core::saga::{self, Action, Input};
 use crate::core::{
-    Event, EventKind, Payload, Phase, Timestamp, TransactionId, WorkerName, WorkflowDefinition,
-    WorkflowName, WorkflowState,
+    Event, EventKind, Payload, Phase, StepError, Timestamp, TransactionId, WorkerName,
+    WorkflowDefinition, WorkflowName, WorkflowState,
 };
 use crate::store::{StateStore, StoreError, Versioned};
 use crate::{Error, StartOptions};
@@ -169,12 +169,7 @@ impl Engine {
             .collect();
         let mut topics: Vec<String> = defs
             .iter()
-            .flat_map(|d| {
-                d.steps().iter().flat_map(|s| {
-                    std::iter::once(s.worker.clone())
-                        .chain(s.compensation.as_ref().map(|c| c.worker.clone()))
-                })
-            })
+            .flat_map(|d| d.workers().cloned().collect::<Vec<_>>())
             .map(|w| command_topic(&w))
             .collect();
         topics.sort();
@@ -423,6 +418,66 @@ impl Engine {
                         self.bus.broadcast(e);
                     }
                 }
+                Action::Interrupt {
+                    step,
+                    attempt,
+                    worker,
+                } => {
+                    tracing::debug!(transaction_id = %state.transaction_id, step = %step, attempt, worker = %worker, "interrupting a step in flight");
+                    let interrupt = Interrupt {
+                        transaction_id: state.transaction_id,
+                        step,
+                        attempt,
+                    };
+                    if let Err(e) = self.bus.interrupt(interrupt).await {
+                        tracing::warn!(transaction_id = %state.transaction_id, error = %e, "interrupting a step failed; it settles when it answers or times out");
+                    }
+                }
+                Action::StartChild(start) => {
+                    Box::pin(self.start_child(state, start, outbox)).await?;
+                }
+                Action::CancelChild {
+                    transaction_id,
+                    reason,
+                } => {
+                    let input = Input::Cancel { reason };
+                    Box::pin(self.drive_into(transaction_id, &input, None, outbox)).await?;
+                }
+                Action::UndoChild {
+                    parent,
+                    transaction_id,
+                } => {
+                    let input = Input::Undo {
+                        reason: format!(
+                            "step `{}` of workflow {} is compensated",
+                            parent.step, parent.transaction_id
+                        ),
+                        parent_attempt: parent.attempt,
+                    };
+                    let driven =
+                        Box::pin(self.drive_into(transaction_id, &input, None, outbox)).await?;
+                    if driven != Driven::Applied {
+                        // Undone already (a repeat), or gone: answer the parent now.
+                        let outcome = match self.store.get(transaction_id).await? {
+                            Some(child) => saga::parent_outcome(&child.state)
+                                .filter(|o| o.phase == Phase::Compensate),
+                            None => Some(saga::ChildOutcome {
+                                parent: parent.clone(),
+                                phase: Phase::Compensate,
+                                result: Err(StepError::fatal(format!(
+                                    "sub-workflow {transaction_id} cannot be compensated: its state is gone (expired?)"
+                                ))),
+                            }),
+                        };
+                        if let Some(mut o) = outcome {
+                            o.parent.attempt = parent.attempt;
+                            outbox.push(notify_parent(state, o));
+                        }
+                    }
+                }
+                Action::NotifyParent(outcome) => {
+                    outbox.push(notify_parent(state, outcome));
+                }
                 Action::DeadLetter { step, reason } => {
                     tracing::error!(
                         transaction_id = %state.transaction_id,
@@ -451,6 +506,102 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// The deepest a sub-workflow may be nested.
+pub const MAX_CHILD_DEPTH: u32 = 8;
+
+impl Engine {
+    /// Starts a sub-workflow for a parent step (again, harmlessly, when
+    /// recovering: the child's id is fixed by the parent step and attempt).
+    async fn start_child(
+        &self,
+        parent: &WorkflowState,
+        start: saga::StartChild,
+        outbox: &mut Outbox,
+    ) -> Result<(), Error> {
+        let refuse = |message: String, outbox: &mut Outbox| {
+            let outcome = saga::ChildOutcome {
+                parent: start.parent.clone(),
+                phase: Phase::Forward,
+                result: Err(StepError::fatal(message).with_kind("sub_workflow")),
+            };
+            outbox.push(notify_parent(parent, outcome));
+        };
+        if start.parent.depth > MAX_CHILD_DEPTH {
+            refuse(
+                format!(
+                    "sub-workflow `{}` would be nested {} deep; the limit is {MAX_CHILD_DEPTH}",
+                    start.workflow, start.parent.depth
+                ),
+                outbox,
+            );
+            return Ok(());
+        }
+        let def = match start.version {
+            Some(v) => self.definition(&start.workflow, v).await,
+            None => self.latest(start.workflow.as_str()).await,
+        };
+        let def = match def {
+            Ok(d) => d,
+            Err(e @ Error::UnknownWorkflow { .. }) => {
+                refuse(format!("cannot start the sub-workflow: {e}"), outbox);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let tx = start.transaction_id;
+        let (state, actions) = saga::start_child(
+            &def,
+            tx,
+            parent.correlation_id,
+            start.input,
+            Timestamp::now(),
+            Some(start.parent),
+        );
+        let state = Arc::new(state);
+        match self.store.create(state.clone()).await {
+            Ok(version) => {
+                if let Some(cache) = &self.cache {
+                    cache.put(version, state.clone());
+                }
+                Box::pin(self.execute(&state, actions, None, None, outbox)).await
+            }
+            Err(StoreError::AlreadyExists(_)) => {
+                // Started before (a republished command): if it has finished,
+                // tell the parent again.
+                if let Some(child) = self.store.get(tx).await?
+                    && let Some(outcome) = saga::parent_outcome(&child.state)
+                {
+                    outbox.push(notify_parent(parent, outcome));
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// The result (or error) event that answers a parent step for its child.
+fn notify_parent(child: &WorkflowState, outcome: saga::ChildOutcome) -> (String, Event) {
+    let (kind, payload) = match outcome.result {
+        Ok(output) => (EventKind::Result, output),
+        Err(e) => (
+            EventKind::Error,
+            Payload::to_json(&e).unwrap_or_else(|_| Payload::null()),
+        ),
+    };
+    let mut e = Event::new(
+        kind,
+        outcome.parent.transaction_id,
+        child.correlation_id,
+        outcome.parent.workflow.clone(),
+        payload,
+    );
+    e.step = Some(outcome.parent.step);
+    e.phase = outcome.phase;
+    e.attempt = outcome.parent.attempt;
+    (RESULTS_TOPIC.to_string(), e)
 }
 
 /// One log line per status change, with the workflow's fields, so that a
@@ -484,6 +635,11 @@ fn log_status(state: &WorkflowState, update: &saga::StatusUpdate) {
             step = %step,
             attempt = state.step(step.as_str()).map_or(0, |s| s.compensation_attempts),
             "step compensated"
+        ),
+        U::StepSkipped { step } => tracing::info!(
+            transaction_id = %tx, correlation_id = %corr, workflow = %wf,
+            step = %step,
+            "step skipped: its condition did not hold"
         ),
         U::Finished { status } => tracing::info!(
             transaction_id = %tx, correlation_id = %corr, workflow = %wf,

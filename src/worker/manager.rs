@@ -16,9 +16,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Worker, WorkerContext, WorkerError};
 use crate::bus::{
-    Consumer, Delivery, DeliveryId, EventBus, RESULTS_TOPIC, WORKER_GROUP, command_topic,
+    Consumer, Delivery, DeliveryId, EventBus, Interrupt, RESULTS_TOPIC, WORKER_GROUP, command_topic,
 };
-use crate::core::{Event, EventKind, Payload, StepError, Timestamp, WorkerName};
+use crate::core::{
+    Event, EventKind, Payload, Phase, StepError, StepName, Timestamp, TransactionId, WorkerName,
+};
 
 /// How one worker type is run.
 #[derive(Clone, Debug)]
@@ -304,6 +306,30 @@ impl WorkerManager {
         let hard_stop = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let mut counters = Vec::new();
+        let interrupts = Arc::new(Interrupts::default());
+        {
+            let mut rx = self.bus.subscribe_interrupts();
+            let interrupts = interrupts.clone();
+            let stop = stop.clone();
+            tasks.spawn(async move {
+                loop {
+                    let received = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        r = rx.recv() => r,
+                    };
+                    match received {
+                        Ok(i) => interrupts.interrupt(i),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            tracing::warn!(
+                                missed = n,
+                                "interrupts came faster than they were handled; some were missed"
+                            );
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+            });
+        }
         for (worker, options) in self.workers {
             let topic = command_topic(&WorkerName::new(worker.name()));
             let consumer = self
@@ -325,6 +351,7 @@ impl WorkerManager {
                 counters: c,
                 batch_size: self.config.batch_size,
                 hard_stop: hard_stop.clone(),
+                interrupts: interrupts.clone(),
             };
             tasks.spawn(runner.run(stop.clone()));
         }
@@ -413,6 +440,65 @@ struct Runner {
     counters: Arc<Counters>,
     batch_size: usize,
     hard_stop: CancellationToken,
+    interrupts: Arc<Interrupts>,
+}
+
+/// The calls of this process that take more than one poll, by (workflow,
+/// step, attempt), so that an [`Interrupt`] can cancel their context. Calls
+/// that finish on their first poll (most) are never registered.
+#[derive(Default)]
+struct Interrupts {
+    inner: std::sync::Mutex<InterruptsInner>,
+}
+
+#[derive(Default)]
+struct InterruptsInner {
+    running: HashMap<(TransactionId, StepName, u32), CancellationToken>,
+    /// Interrupts for calls not (yet) registered here, newest last: a call
+    /// registered just after its interrupt came is still cancelled.
+    recent: std::collections::VecDeque<Interrupt>,
+}
+
+/// How many unmatched interrupts are remembered.
+const RECENT_INTERRUPTS: usize = 256;
+
+impl Interrupts {
+    fn lock(&self) -> std::sync::MutexGuard<'_, InterruptsInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn interrupt(&self, i: Interrupt) {
+        let mut inner = self.lock();
+        let key = (i.transaction_id, i.step.clone(), i.attempt);
+        match inner.running.get(&key) {
+            Some(token) => {
+                tracing::info!(transaction_id = %i.transaction_id, step = %i.step, attempt = i.attempt, "call interrupted: its result is no longer wanted");
+                token.cancel();
+            }
+            None => {
+                if inner.recent.len() >= RECENT_INTERRUPTS {
+                    inner.recent.pop_front();
+                }
+                inner.recent.push_back(i);
+            }
+        }
+    }
+
+    fn register(&self, key: (TransactionId, StepName, u32), token: &CancellationToken) {
+        let mut inner = self.lock();
+        let early = inner
+            .recent
+            .iter()
+            .any(|i| i.transaction_id == key.0 && i.step == key.1 && i.attempt == key.2);
+        if early {
+            token.cancel();
+        }
+        inner.running.insert(key, token.clone());
+    }
+
+    fn unregister(&self, key: &(TransactionId, StepName, u32)) {
+        self.lock().running.remove(key);
+    }
 }
 
 impl Runner {
@@ -530,6 +616,17 @@ impl Runner {
         // Most calls finish on their first poll: only arm a deadline timer
         // (a timer-wheel insert and removal) for those that do not.
         let first = std::future::poll_fn(|cx| std::task::Poll::Ready(run.as_mut().poll(cx))).await;
+        // Only calls still running can be interrupted: register those.
+        let key = (first.is_pending() && event.phase == Phase::Forward).then(|| {
+            (
+                event.transaction_id,
+                event.step.clone().unwrap_or_else(|| "".into()),
+                event.attempt,
+            )
+        });
+        if let Some(key) = &key {
+            self.interrupts.register(key.clone(), &token);
+        }
         let outcome = match (first, event.deadline.map(|d| d.since(Timestamp::now()))) {
             (std::task::Poll::Ready(r), _) => r,
             (std::task::Poll::Pending, Some(left)) => match tokio::time::timeout(left, run).await {
@@ -544,6 +641,9 @@ impl Runner {
             },
             (std::task::Poll::Pending, None) => run.await,
         };
+        if let Some(key) = &key {
+            self.interrupts.unregister(key);
+        }
         self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
         if let (Some(m), Some(began)) = (&self.metrics, began) {
             m.in_flight.decrement(1.0);

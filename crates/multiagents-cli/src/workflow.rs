@@ -43,6 +43,10 @@ pub enum WorkflowCommand {
     /// it ends `cancelled`. Needs no orchestrator of its own: the running
     /// orchestrators and workers carry it out.
     Cancel(CancelArgs),
+    /// Send a signal to a running workflow: the step waiting for it (a human
+    /// approval, say) completes with the data as its output. A signal sent
+    /// before the step waits is kept for it.
+    Signal(SignalArgs),
     /// Print one workflow's step timeline and each command's lifecycle
     /// (dispatch → pickup → processing → outcome, and which worker process).
     Status(StatusArgs),
@@ -86,6 +90,19 @@ pub struct CancelArgs {
 }
 
 #[derive(clap::Args, Debug)]
+pub struct SignalArgs {
+    /// The workflow's transaction id.
+    id: String,
+    /// The signal's name (what the step waits for).
+    name: String,
+    /// Its payload, as JSON (`null` when absent).
+    #[arg(long, default_value = "null")]
+    data: String,
+    #[command(flatten)]
+    redis: RedisArgs,
+}
+
+#[derive(clap::Args, Debug)]
 pub struct StatusArgs {
     /// The workflow's transaction id.
     id: String,
@@ -111,6 +128,7 @@ pub async fn run(command: WorkflowCommand) -> Result<ExitCode, Error> {
         WorkflowCommand::Status(args) => status(args).await,
         WorkflowCommand::Diagram(args) => diagram(args).await,
         WorkflowCommand::Cancel(args) => cancel(args).await,
+        WorkflowCommand::Signal(args) => signal(args).await,
     }
 }
 
@@ -322,18 +340,39 @@ async fn diagram(args: DiagramArgs) -> Result<ExitCode, Error> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn transaction_id(id: &str) -> Result<multiagents::TransactionId, Error> {
+    id.parse()
+        .map_err(|e| Error::Config(format!("`{id}` is not a transaction id: {e}")))
+}
+
+impl RedisArgs {
+    /// A client on this Redis.
+    async fn client(&self) -> Result<multiagents::Client, Error> {
+        use multiagents::bus::{RedisBusConfig, RedisStreamsBus};
+        let bus =
+            RedisStreamsBus::connect(RedisBusConfig::new(&self.redis_url).prefix(&self.prefix))
+                .await?;
+        let store = self.store().await?;
+        Ok(multiagents::Client::new(
+            std::sync::Arc::new(bus),
+            std::sync::Arc::new(store),
+        ))
+    }
+}
+
+async fn signal(args: SignalArgs) -> Result<ExitCode, Error> {
+    let tx = transaction_id(&args.id)?;
+    let data: serde_json::Value = serde_json::from_str(&args.data)
+        .map_err(|e| Error::Config(format!("--data `{}` is not JSON: {e}", args.data)))?;
+    let client = args.redis.client().await?;
+    client.signal(tx, &args.name, &data).await?;
+    println!("{tx}: signal `{}` delivered", args.name);
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn cancel(args: CancelArgs) -> Result<ExitCode, Error> {
-    use multiagents::bus::{RedisBusConfig, RedisStreamsBus};
-    let tx: multiagents::TransactionId = args
-        .id
-        .parse()
-        .map_err(|e| Error::Config(format!("`{}` is not a transaction id: {e}", args.id)))?;
-    let bus = RedisStreamsBus::connect(
-        RedisBusConfig::new(&args.redis.redis_url).prefix(&args.redis.prefix),
-    )
-    .await?;
-    let store = args.redis.store().await?;
-    let client = multiagents::Client::new(std::sync::Arc::new(bus), std::sync::Arc::new(store));
+    let tx = transaction_id(&args.id)?;
+    let client = args.redis.client().await?;
     if !client.cancel(tx, &args.reason).await? {
         let status = client
             .status(tx)

@@ -1,11 +1,13 @@
-//! Undoing: cancellation, the order compensations run in, their retries and
-//! how the workflow ends.
+//! Undoing: cancellation, deadlines, the order compensations run in, their
+//! retries and how the workflow ends.
 
 use super::{
-    Action, Dispatch, Failure, HistoryEvent, StatusUpdate, StepStatus, Transition, WorkflowStatus,
+    Action, Dispatch, Failure, HistoryEvent, Slot, StatusUpdate, StepStatus, Transition,
+    WorkflowStatus,
 };
 use crate::event::{Phase, RetryDirective, StepError};
 use crate::time::Timestamp;
+use crate::workflow::{RetryPolicy, StepKind};
 
 impl Transition<'_> {
     /// Cancellation: stop starting steps and undo what completed.
@@ -24,42 +26,105 @@ impl Transition<'_> {
         true
     }
 
-    /// Enters the compensating phase: steps that have not started will not.
+    /// A completed workflow undoes itself (its parent step is compensated).
+    pub(super) fn undo(&mut self, reason: String, parent_attempt: u32) -> bool {
+        if self.state.status != WorkflowStatus::Completed {
+            return false;
+        }
+        if let Some(parent) = &mut self.state.parent {
+            parent.attempt = parent_attempt;
+        }
+        self.record(
+            None,
+            0,
+            HistoryEvent::UndoRequested {
+                reason: reason.clone(),
+            },
+        );
+        self.state.failure = Some(Failure::Undone { reason });
+        self.state.finished_at = None;
+        self.state.status = WorkflowStatus::Compensating;
+        true
+    }
+
+    /// Enters the compensating phase: steps that have not started will not,
+    /// waits end, and steps in flight are told to stop.
     pub(super) fn begin_compensation(&mut self) {
         self.state.status = WorkflowStatus::Compensating;
-        for i in 0..self.state.steps.len() {
-            if matches!(
-                self.state.steps[i].status,
-                StepStatus::Pending | StepStatus::RetryWaiting { .. }
-            ) {
-                let attempt = self.state.steps[i].attempts;
-                self.state.steps[i].status = StepStatus::Cancelled;
-                if attempt > 0 {
-                    self.record(Some(i), attempt, HistoryEvent::Cancelled);
+        let reason = match &self.state.failure {
+            Some(Failure::Cancelled { reason }) => format!("the workflow was cancelled: {reason}"),
+            Some(Failure::DeadlineExceeded { .. }) => "the workflow's deadline passed".into(),
+            Some(Failure::StepFailed { step, .. }) => format!("step `{step}` failed for good"),
+            Some(Failure::Undone { reason }) => reason.clone(),
+            None => String::new(),
+        };
+        for slot in self.all_slots() {
+            let def = &self.def.steps()[slot.step];
+            match self.slot(slot).status {
+                StepStatus::Pending
+                | StepStatus::RetryWaiting { .. }
+                | StepStatus::Waiting { .. } => {
+                    let attempt = self.slot(slot).attempts;
+                    self.slot_mut(slot).status = StepStatus::Cancelled;
+                    if attempt > 0 {
+                        self.record_slot(slot, attempt, HistoryEvent::Cancelled);
+                    }
                 }
+                StepStatus::Running { attempt, .. } => match &def.kind {
+                    StepKind::Workflow(_) => {
+                        let transaction_id = self.child_id(slot.step, attempt);
+                        self.actions.push(Action::CancelChild {
+                            transaction_id,
+                            reason: reason.clone(),
+                        });
+                    }
+                    _ => {
+                        let step = self.slot(slot).name.clone();
+                        let worker = def.worker().cloned().unwrap_or_else(|| "".into());
+                        self.actions.push(Action::Interrupt {
+                            step,
+                            attempt,
+                            worker,
+                        });
+                    }
+                },
+                _ => {}
             }
         }
     }
 
+    /// True when nothing of this step or branch is in flight and it is
+    /// undone or needs no undoing.
+    fn own_settled(&self, slot: Slot) -> bool {
+        match self.slot(slot).status {
+            StepStatus::Pending
+            | StepStatus::Cancelled
+            | StepStatus::Failed
+            | StepStatus::Skipped
+            | StepStatus::Branching
+            | StepStatus::Compensated
+            | StepStatus::CompensationFailed => true,
+            // A fan-out's branches are undone, not the fan-out itself.
+            StepStatus::Completed => {
+                (slot.item.is_none() && self.def.steps()[slot.step].for_each.is_some())
+                    || !self.compensable(slot.step)
+            }
+            StepStatus::Running { .. }
+            | StepStatus::RetryWaiting { .. }
+            | StepStatus::Waiting { .. }
+            | StepStatus::Compensating { .. }
+            | StepStatus::CompensationRetryWaiting { .. } => false,
+        }
+    }
+
     /// True when step `i` needs no more work for the compensation to be
-    /// complete: nothing of it is in flight, it is undone or needs no undoing,
-    /// and the same holds for every step after it.
+    /// complete: nothing of it (or of its branches) is in flight, it is
+    /// undone or needs no undoing, and the same holds for every step after it.
     fn settled(&self, i: usize, memo: &mut [Option<bool>]) -> bool {
         if let Some(known) = memo[i] {
             return known;
         }
-        let own = match self.state.steps[i].status {
-            StepStatus::Pending
-            | StepStatus::Cancelled
-            | StepStatus::Failed
-            | StepStatus::Compensated
-            | StepStatus::CompensationFailed => true,
-            StepStatus::Completed => self.def.steps()[i].compensation.is_none(),
-            StepStatus::Running { .. }
-            | StepStatus::RetryWaiting { .. }
-            | StepStatus::Compensating { .. }
-            | StepStatus::CompensationRetryWaiting { .. } => false,
-        };
+        let own = self.slots(i).all(|s| self.own_settled(s));
         let result = own
             && self
                 .def
@@ -77,63 +142,92 @@ impl Transition<'_> {
         let mut memo = vec![None; n];
         let mut ready = Vec::new();
         for i in 0..n {
-            let compensable = self.state.steps[i].status == StepStatus::Completed
-                && self.def.steps()[i].compensation.is_some();
-            if compensable
+            if !self.compensable(i) {
+                continue;
+            }
+            let slots: Vec<Slot> = if self.def.steps()[i].for_each.is_none() {
+                vec![Slot::step(i)]
+            } else {
+                self.slots(i).filter(|s| s.item.is_some()).collect()
+            };
+            let completed: Vec<Slot> = slots
+                .into_iter()
+                .filter(|&s| self.slot(s).status == StepStatus::Completed)
+                .collect();
+            if !completed.is_empty()
                 && self
                     .def
                     .dependents(i)
                     .iter()
                     .all(|&d| self.settled(d, &mut memo))
             {
-                ready.push(i);
+                ready.extend(completed);
             }
         }
-        for i in ready {
-            self.dispatch_compensation(i, 1);
+        for slot in ready {
+            self.dispatch_compensation(slot, 1);
         }
         let mut memo = vec![None; n];
         if (0..n).all(|i| self.settled(i, &mut memo)) {
-            let any = |s: StepStatus| self.state.steps.iter().any(|x| x.status == s);
+            let slots = self.all_slots();
+            let any = |s: StepStatus| slots.iter().any(|&x| self.slot(x).status == s);
             let status = if any(StepStatus::CompensationFailed) {
                 WorkflowStatus::CompensationFailed
-            } else if matches!(self.state.failure, Some(Failure::Cancelled { .. })) {
-                WorkflowStatus::Cancelled
-            } else if any(StepStatus::Compensated) {
-                WorkflowStatus::Compensated
             } else {
-                WorkflowStatus::Failed
+                match self.state.failure {
+                    Some(Failure::Cancelled { .. }) => WorkflowStatus::Cancelled,
+                    Some(Failure::DeadlineExceeded { .. }) => WorkflowStatus::TimedOut,
+                    Some(Failure::Undone { .. }) => WorkflowStatus::Compensated,
+                    _ if any(StepStatus::Compensated) => WorkflowStatus::Compensated,
+                    _ => WorkflowStatus::Failed,
+                }
             };
             self.finish(status);
         }
     }
 
-    pub(super) fn dispatch_compensation(&mut self, i: usize, attempt: u32) {
-        let Some(comp) = self.def.steps()[i].compensation.as_ref() else {
-            return;
+    pub(super) fn dispatch_compensation(&mut self, slot: Slot, attempt: u32) {
+        let def = &self.def.steps()[slot.step];
+        let timeout = match (&def.kind, &def.compensation) {
+            (StepKind::Workflow(_), _) => def.timeout,
+            (_, Some(c)) => c.timeout,
+            _ => return,
         };
-        let deadline = self.now.plus(comp.timeout);
-        let step = &mut self.state.steps[i];
+        let deadline = self.now.plus(timeout);
+        let payload = self.payload_for(slot);
+        let now = self.now;
+        let step = self.slot_mut(slot);
         step.status = StepStatus::Compensating {
             attempt,
-            dispatched_at: self.now,
+            dispatched_at: now,
             deadline,
         };
         step.compensation_attempts = attempt;
-        let dispatch = Dispatch {
-            step: self.def.steps()[i].name.clone(),
-            phase: Phase::Compensate,
-            worker: comp.worker.clone(),
-            attempt,
-            deadline,
-            payload: self.payload_for(i),
-        };
-        self.record(Some(i), attempt, HistoryEvent::CompensationDispatched);
-        self.actions.push(Action::Dispatch(dispatch));
+        let forward_attempt = step.attempts;
+        let name = step.name.clone();
+        self.record_slot(slot, attempt, HistoryEvent::CompensationDispatched);
+        match (&def.kind, &def.compensation) {
+            (StepKind::Workflow(_), _) => {
+                let transaction_id = self.child_id(slot.step, forward_attempt);
+                self.actions.push(Action::UndoChild {
+                    parent: self.parent_link(slot.step, attempt),
+                    transaction_id,
+                });
+            }
+            (_, Some(comp)) => self.actions.push(Action::Dispatch(Dispatch {
+                step: name,
+                phase: Phase::Compensate,
+                worker: comp.worker.clone(),
+                attempt,
+                deadline,
+                payload,
+            })),
+            _ => {}
+        }
     }
 
-    pub(super) fn compensation_succeeded(&mut self, i: usize, attempt: u32) -> bool {
-        let accepts = match self.state.steps[i].status {
+    pub(super) fn compensation_succeeded(&mut self, slot: Slot, attempt: u32) -> bool {
+        let accepts = match self.slot(slot).status {
             StepStatus::Compensating {
                 attempt: current, ..
             } => attempt >= 1 && attempt <= current,
@@ -145,43 +239,55 @@ impl Transition<'_> {
         if !accepts {
             return false;
         }
-        self.state.steps[i].status = StepStatus::Compensated;
-        self.record(Some(i), attempt, HistoryEvent::Compensated);
-        let step = self.state.steps[i].name.clone();
+        self.slot_mut(slot).status = StepStatus::Compensated;
+        self.record_slot(slot, attempt, HistoryEvent::Compensated);
+        let step = self.slot(slot).name.clone();
         self.actions
             .push(Action::Status(StatusUpdate::StepCompensated { step }));
         true
     }
 
-    pub(super) fn compensation_failed(&mut self, i: usize, attempt: u32, error: StepError) -> bool {
-        match self.state.steps[i].status {
+    pub(super) fn compensation_failed(
+        &mut self,
+        slot: Slot,
+        attempt: u32,
+        error: StepError,
+    ) -> bool {
+        match self.slot(slot).status {
             StepStatus::Compensating {
                 attempt: current, ..
             } if current == attempt => {}
             _ => return false,
         }
-        let Some(policy) = self.def.steps()[i].compensation.as_ref().map(|c| &c.retry) else {
-            return false;
+        let def = &self.def.steps()[slot.step];
+        let child_policy;
+        let policy = match (&def.kind, &def.compensation) {
+            (StepKind::Workflow(_), _) => {
+                child_policy = RetryPolicy::compensation_default();
+                &child_policy
+            }
+            (_, Some(c)) => &c.retry,
+            _ => return false,
         };
         let retry_at = match error.retry {
             _ if attempt >= policy.max_attempts => None,
             RetryDirective::Never => None,
-            RetryDirective::Retry => Some(
-                self.now
-                    .plus(policy.delay_after(attempt, self.jitter_seed(i, attempt))),
-            ),
+            RetryDirective::Retry => Some(self.now.plus(policy.delay_after(
+                attempt,
+                self.jitter_seed(slot.step + slot.item.map_or(0, |k| (k + 1) << 16), attempt),
+            ))),
             RetryDirective::RetryAfter(ms) => Some(Timestamp(self.now.0.saturating_add(ms))),
         };
         let message = error.to_string();
-        self.state.steps[i].last_error = Some(error);
+        self.slot_mut(slot).last_error = Some(error);
         match retry_at {
             Some(due) => {
-                self.state.steps[i].status = StepStatus::CompensationRetryWaiting {
+                self.slot_mut(slot).status = StepStatus::CompensationRetryWaiting {
                     attempt: attempt + 1,
                     due,
                 };
-                self.record(
-                    Some(i),
+                self.record_slot(
+                    slot,
                     attempt,
                     HistoryEvent::RetryScheduled {
                         phase: Phase::Compensate,
@@ -191,15 +297,15 @@ impl Transition<'_> {
                 );
             }
             None => {
-                self.state.steps[i].status = StepStatus::CompensationFailed;
-                self.record(
-                    Some(i),
+                self.slot_mut(slot).status = StepStatus::CompensationFailed;
+                self.record_slot(
+                    slot,
                     attempt,
                     HistoryEvent::CompensationFailed {
                         error: message.clone(),
                     },
                 );
-                let step = self.state.steps[i].name.clone();
+                let step = self.slot(slot).name.clone();
                 let reason = format!(
                     "compensation of step `{step}` failed for good after {attempt} attempt(s): {message}"
                 );

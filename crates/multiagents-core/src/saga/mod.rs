@@ -30,14 +30,15 @@ mod state;
 use serde::{Deserialize, Serialize};
 
 pub use state::{
-    Failure, HistoryEntry, HistoryEvent, StepState, StepStatus, WorkflowState, WorkflowStatus,
+    Failure, HistoryEntry, HistoryEvent, ParentLink, PendingSignal, StepState, StepStatus,
+    WorkflowState, WorkflowStatus,
 };
 
 use crate::event::{Phase, StepError};
 use crate::ids::{CorrelationId, StepName, TransactionId, WorkerName};
 use crate::payload::Payload;
 use crate::time::Timestamp;
-use crate::workflow::WorkflowDefinition;
+use crate::workflow::{StepKind, WorkflowDefinition};
 
 /// Something that happened to a workflow, fed to [`apply`].
 #[derive(Clone, Debug, PartialEq)]
@@ -78,6 +79,23 @@ pub enum Input {
         /// Republish commands published at or before this.
         dispatched_before: Timestamp,
     },
+    /// A named signal arrived: it completes the step waiting for it, or is
+    /// kept for the step that will.
+    Signal {
+        /// The signal's name.
+        name: String,
+        /// Its payload: the waiting step's output.
+        payload: Payload,
+    },
+    /// Undo a completed workflow: compensate every completed step. Sent to
+    /// a sub-workflow when the parent step that ran it is compensated.
+    Undo {
+        /// Why.
+        reason: String,
+        /// The attempt of the parent step's compensation, reported back with
+        /// the outcome.
+        parent_attempt: u32,
+    },
 }
 
 /// A command to publish.
@@ -95,6 +113,33 @@ pub struct Dispatch {
     pub deadline: Timestamp,
     /// `{"input": …, "steps": {…}}`; see [`crate::workflow`].
     pub payload: Payload,
+}
+
+/// A sub-workflow to start.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StartChild {
+    /// The parent step (and attempt) that waits for it.
+    pub parent: ParentLink,
+    /// The child's transaction id, derived from the parent's, the step and
+    /// the attempt, so that starting it again is harmless.
+    pub transaction_id: TransactionId,
+    /// The definition to run.
+    pub workflow: crate::ids::WorkflowName,
+    /// Its version (the highest registered when absent).
+    pub version: Option<u32>,
+    /// Its input: the parent step's input.
+    pub input: Payload,
+}
+
+/// How a sub-workflow ended, for its parent step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChildOutcome {
+    /// The parent step waiting for it.
+    pub parent: ParentLink,
+    /// Forward (the child ran) or compensation (the child was undone).
+    pub phase: Phase,
+    /// The child's outputs by step name, or why it did not complete.
+    pub result: Result<Payload, StepError>,
 }
 
 /// A status change worth broadcasting.
@@ -122,6 +167,11 @@ pub enum StatusUpdate {
         /// The step.
         step: StepName,
     },
+    /// A step was skipped: its condition did not hold.
+    StepSkipped {
+        /// The step.
+        step: StepName,
+    },
     /// The workflow ended.
     Finished {
         /// How.
@@ -143,6 +193,35 @@ pub enum Action {
         /// Why.
         reason: String,
     },
+    /// Tell the worker running this attempt that its result is no longer
+    /// wanted (the workflow is compensating): it should stop. Best effort:
+    /// the step settles when its answer comes or its deadline passes.
+    Interrupt {
+        /// The step (or fan-out branch).
+        step: StepName,
+        /// The attempt.
+        attempt: u32,
+        /// The worker type running it.
+        worker: WorkerName,
+    },
+    /// Start a sub-workflow.
+    StartChild(StartChild),
+    /// Cancel a running sub-workflow.
+    CancelChild {
+        /// The child.
+        transaction_id: TransactionId,
+        /// Why.
+        reason: String,
+    },
+    /// Undo a completed sub-workflow (its parent step is compensated).
+    UndoChild {
+        /// The parent step (and compensation attempt) waiting for it.
+        parent: ParentLink,
+        /// The child.
+        transaction_id: TransactionId,
+    },
+    /// This workflow is a sub-workflow and has ended: tell the parent.
+    NotifyParent(ChildOutcome),
 }
 
 /// The result of [`apply`].
@@ -163,6 +242,18 @@ pub fn start(
     input: Payload,
     now: Timestamp,
 ) -> (WorkflowState, Vec<Action>) {
+    start_child(def, transaction_id, correlation_id, input, now, None)
+}
+
+/// Like [`start`], for a sub-workflow of `parent` (when given).
+pub fn start_child(
+    def: &WorkflowDefinition,
+    transaction_id: TransactionId,
+    correlation_id: CorrelationId,
+    input: Payload,
+    now: Timestamp,
+    parent: Option<ParentLink>,
+) -> (WorkflowState, Vec<Action>) {
     let mut state = WorkflowState {
         transaction_id,
         correlation_id,
@@ -173,15 +264,11 @@ pub fn start(
         steps: def
             .steps()
             .iter()
-            .map(|s| StepState {
-                name: s.name.clone(),
-                status: StepStatus::Pending,
-                attempts: 0,
-                compensation_attempts: 0,
-                output: None,
-                last_error: None,
-            })
+            .map(|s| StepState::pending(s.name.clone()))
             .collect(),
+        deadline: def.deadline().map(|d| now.plus(d)),
+        signals: Vec::new(),
+        parent,
         failure: None,
         started_at: now,
         updated_at: now,
@@ -211,8 +298,15 @@ pub fn apply(
     input: Input,
     now: Timestamp,
 ) -> Outcome {
-    if state.is_terminal() || state.steps.len() != def.steps().len() {
+    if state.steps.len() != def.steps().len() {
         return Outcome::default();
+    }
+    if state.is_terminal() {
+        // Only a completed workflow can be asked to undo itself.
+        let undo = matches!(input, Input::Undo { .. }) && state.status == WorkflowStatus::Completed;
+        if !undo {
+            return Outcome::default();
+        }
     }
     let mut t = Transition {
         def,
@@ -248,6 +342,11 @@ pub fn apply(
         Input::Tick => t.tick(),
         Input::Cancel { reason } => t.cancel(reason),
         Input::Redispatch { dispatched_before } => t.redispatch(dispatched_before),
+        Input::Signal { name, payload } => t.signal(name, payload),
+        Input::Undo {
+            reason,
+            parent_attempt,
+        } => t.undo(reason, parent_attempt),
     };
     if !changed {
         return Outcome::default();
@@ -268,13 +367,114 @@ struct Transition<'a> {
     actions: Vec<Action>,
 }
 
+/// A step, or one branch of a fan-out step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Slot {
+    step: usize,
+    item: Option<usize>,
+}
+
+impl Slot {
+    fn step(step: usize) -> Self {
+        Self { step, item: None }
+    }
+}
+
 impl Transition<'_> {
-    fn index(&self, step: &StepName) -> Option<usize> {
-        self.def.step_index(step.as_str())
+    /// The step or branch a name refers to.
+    fn index(&self, name: &StepName) -> Option<Slot> {
+        if let Some(i) = self.def.step_index(name.as_str()) {
+            return Some(Slot::step(i));
+        }
+        let (step, item) = state::split_item(name.as_str())?;
+        let i = self.def.step_index(step)?;
+        (item < self.state.steps[i].items.len()).then_some(Slot {
+            step: i,
+            item: Some(item),
+        })
+    }
+
+    fn slot(&self, s: Slot) -> &StepState {
+        match s.item {
+            None => &self.state.steps[s.step],
+            Some(k) => &self.state.steps[s.step].items[k],
+        }
+    }
+
+    fn slot_mut(&mut self, s: Slot) -> &mut StepState {
+        match s.item {
+            None => &mut self.state.steps[s.step],
+            Some(k) => &mut self.state.steps[s.step].items[k],
+        }
+    }
+
+    /// The step itself and, for a fan-out, each branch.
+    fn slots(&self, i: usize) -> impl Iterator<Item = Slot> + use<> {
+        let items = self.state.steps[i].items.len();
+        std::iter::once(Slot::step(i)).chain((0..items).map(move |k| Slot {
+            step: i,
+            item: Some(k),
+        }))
+    }
+
+    /// Every step and branch.
+    fn all_slots(&self) -> Vec<Slot> {
+        (0..self.state.steps.len())
+            .flat_map(|i| self.slots(i))
+            .collect()
+    }
+
+    /// True when the step is undone by a compensation (a worker, or
+    /// compensating its sub-workflow).
+    fn compensable(&self, i: usize) -> bool {
+        let def = &self.def.steps()[i];
+        def.compensation.is_some() || matches!(def.kind, StepKind::Workflow(_))
+    }
+
+    /// The child transaction a sub-workflow step's attempt runs.
+    fn child_id(&self, i: usize, attempt: u32) -> TransactionId {
+        let name = self.state.steps[i].name.as_str();
+        let mut h1: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut h2: u64 = 0x8422_2325_cbf2_9ce4;
+        let bytes = self.state.transaction_id.as_uuid().as_bytes();
+        for b in bytes
+            .iter()
+            .chain(name.as_bytes())
+            .chain(attempt.to_le_bytes().iter())
+        {
+            h1 ^= u64::from(*b);
+            h1 = h1.wrapping_mul(0x0000_0100_0000_01b3);
+            h2 = (h2 ^ u64::from(*b))
+                .rotate_left(5)
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+        let mut out = [0u8; 16];
+        out[..8].copy_from_slice(&h1.to_be_bytes());
+        out[8..].copy_from_slice(&h2.to_be_bytes());
+        TransactionId(uuid::Builder::from_custom_bytes(out).into_uuid())
+    }
+
+    fn parent_link(&self, i: usize, attempt: u32) -> ParentLink {
+        ParentLink {
+            transaction_id: self.state.transaction_id,
+            workflow: self.state.workflow.clone(),
+            step: self.state.steps[i].name.clone(),
+            attempt,
+            depth: self.state.parent.as_ref().map_or(0, |p| p.depth) + 1,
+        }
     }
 
     fn record(&mut self, step: Option<usize>, attempt: u32, event: HistoryEvent) {
         let step = step.map(|i| self.state.steps[i].name.clone());
+        self.push_history(step, attempt, event);
+    }
+
+    fn record_slot(&mut self, slot: Slot, attempt: u32, event: HistoryEvent) {
+        let step = Some(self.slot(slot).name.clone());
+        self.push_history(step, attempt, event);
+    }
+
+    fn push_history(&mut self, step: Option<StepName>, attempt: u32, event: HistoryEvent) {
         self.state.history.push(HistoryEntry {
             at: self.now,
             step,
@@ -287,18 +487,25 @@ impl Transition<'_> {
     /// Moves the workflow as far as it can go without new input.
     fn advance(&mut self) {
         if self.state.status == WorkflowStatus::Running {
+            // Starting steps may complete or fail some (a condition, a kept
+            // signal, an empty fan-out), which may make others ready.
+            for _ in 0..=self.state.steps.len() {
+                if self.state.failure.is_some() {
+                    break;
+                }
+                if !self.dispatch_ready_steps() {
+                    break;
+                }
+            }
             if self.state.failure.is_some() {
                 self.begin_compensation();
-            } else {
-                self.dispatch_ready_steps();
-                if self
-                    .state
-                    .steps
-                    .iter()
-                    .all(|s| s.status == StepStatus::Completed)
-                {
-                    self.finish(WorkflowStatus::Completed);
-                }
+            } else if self
+                .state
+                .steps
+                .iter()
+                .all(|s| matches!(s.status, StepStatus::Completed | StepStatus::Skipped))
+            {
+                self.finish(WorkflowStatus::Completed);
             }
         }
         if self.state.status == WorkflowStatus::Compensating {
@@ -312,6 +519,14 @@ impl Transition<'_> {
         self.record(None, 0, HistoryEvent::Finished { status });
         self.actions
             .push(Action::Status(StatusUpdate::Finished { status }));
+        if let Some(outcome) = parent_outcome(self.state) {
+            self.actions.push(Action::NotifyParent(outcome));
+        }
+    }
+
+    /// Every completed step's output, by step name.
+    fn outputs(&self) -> Payload {
+        outputs(&self.state.steps)
     }
 
     /// A stable per-(transaction, step, attempt) number for retry jitter.
@@ -335,32 +550,27 @@ impl Transition<'_> {
         h ^ (h >> 31)
     }
 
-    /// The document a step's worker receives.
-    fn payload_for(&self, index: usize) -> Payload {
-        #[derive(Serialize)]
-        struct Doc<'a> {
-            input: &'a serde_json::value::RawValue,
-            steps: Outputs<'a>,
-        }
-        struct Outputs<'a>(&'a [StepState]);
-        impl Serialize for Outputs<'_> {
-            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                use serde::ser::SerializeMap;
-                let mut m = s.serialize_map(None)?;
-                for step in self.0 {
-                    if let Some(out) = &step.output {
-                        m.serialize_entry(step.name.as_str(), out.as_raw())?;
-                    }
-                }
-                m.end()
-            }
-        }
-        let input = match &self.def.steps()[index].input_from {
+    /// A step's `input`: the workflow input, or its `input_from` step's output.
+    fn step_input(&self, index: usize) -> &Payload {
+        match &self.def.steps()[index].input_from {
             Some(source) => self
                 .state
                 .output(source.as_str())
                 .unwrap_or(&self.state.input),
             None => &self.state.input,
+        }
+    }
+
+    /// The document a step's (or branch's) worker receives.
+    fn payload_for(&self, slot: Slot) -> Payload {
+        #[derive(Serialize)]
+        struct Doc<'a> {
+            input: &'a serde_json::value::RawValue,
+            steps: Outputs<'a>,
+        }
+        let input = match slot.item {
+            Some(_) => self.slot(slot).input.as_ref().unwrap_or(&self.state.input),
+            None => self.step_input(slot.step),
         };
         let doc = Doc {
             input: input.as_raw(),
@@ -369,7 +579,77 @@ impl Transition<'_> {
         // Serializing raw values and string keys cannot fail.
         Payload::to_json(&doc).unwrap_or_else(|_| Payload::null())
     }
+
+    /// Evaluates an expression against the input and the outputs so far.
+    fn context(&self) -> (serde_json::Value, serde_json::Value) {
+        let input = self.state.input.parse().unwrap_or(serde_json::Value::Null);
+        let steps = self.outputs().parse().unwrap_or(serde_json::Value::Null);
+        (input, steps)
+    }
+}
+
+/// Every completed step's output, by step name: a workflow's output, and
+/// what a sub-workflow step outputs.
+pub fn outputs(steps: &[StepState]) -> Payload {
+    Payload::to_json(&Outputs(steps)).unwrap_or_else(|_| Payload::null())
+}
+
+/// What a finished sub-workflow tells its parent step (`None` for a
+/// top-level or unfinished workflow).
+pub fn parent_outcome(state: &WorkflowState) -> Option<ChildOutcome> {
+    let parent = state.parent.clone()?;
+    if !state.is_terminal() {
+        return None;
+    }
+    let undone = matches!(state.failure, Some(Failure::Undone { .. }));
+    let result = match state.status {
+        WorkflowStatus::Completed => Ok(outputs(&state.steps)),
+        WorkflowStatus::Compensated if undone => Ok(Payload::null()),
+        other => {
+            let why = match &state.failure {
+                Some(Failure::StepFailed { step, error }) => {
+                    format!(": step `{step}` failed: {}", error.message)
+                }
+                Some(Failure::Cancelled { reason }) => format!(": cancelled: {reason}"),
+                Some(Failure::DeadlineExceeded { .. }) => ": its deadline passed".into(),
+                Some(Failure::Undone { .. }) | None => String::new(),
+            };
+            Err(StepError {
+                message: format!("sub-workflow `{}` ended {other}{why}", state.workflow),
+                retry: crate::event::RetryDirective::Never,
+                kind: Some("sub_workflow".into()),
+            })
+        }
+    };
+    Some(ChildOutcome {
+        parent,
+        phase: if undone {
+            Phase::Compensate
+        } else {
+            Phase::Forward
+        },
+        result,
+    })
+}
+
+/// Step outputs as a JSON object by step name.
+struct Outputs<'a>(&'a [StepState]);
+
+impl Serialize for Outputs<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        for step in self.0 {
+            if let Some(out) = &step.output {
+                m.serialize_entry(step.name.as_str(), out.as_raw())?;
+            }
+        }
+        m.end()
+    }
 }
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod power_tests;

@@ -28,6 +28,8 @@ pub enum WorkflowStatus {
     CompensationFailed,
     /// Cancelled on request; completed steps were undone.
     Cancelled,
+    /// The workflow's deadline passed; completed steps were undone.
+    TimedOut,
 }
 
 impl WorkflowStatus {
@@ -37,7 +39,7 @@ impl WorkflowStatus {
     }
 
     /// All statuses, for listings and metrics.
-    pub const ALL: [WorkflowStatus; 7] = [
+    pub const ALL: [WorkflowStatus; 8] = [
         WorkflowStatus::Running,
         WorkflowStatus::Compensating,
         WorkflowStatus::Completed,
@@ -45,6 +47,7 @@ impl WorkflowStatus {
         WorkflowStatus::Failed,
         WorkflowStatus::CompensationFailed,
         WorkflowStatus::Cancelled,
+        WorkflowStatus::TimedOut,
     ];
 
     /// The snake_case name.
@@ -57,6 +60,7 @@ impl WorkflowStatus {
             WorkflowStatus::Failed => "failed",
             WorkflowStatus::CompensationFailed => "compensation_failed",
             WorkflowStatus::Cancelled => "cancelled",
+            WorkflowStatus::TimedOut => "timed_out",
         }
     }
 }
@@ -99,8 +103,20 @@ pub enum StepStatus {
         /// When it is dispatched.
         due: Timestamp,
     },
+    /// Sleeping, or waiting for a signal, until `until` (forever when absent).
+    Waiting {
+        /// Since when.
+        since: Timestamp,
+        /// When the wait ends.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        until: Option<Timestamp>,
+    },
+    /// A fan-out whose branches (in [`StepState::items`]) are running.
+    Branching,
     /// Done; its output is in [`StepState::output`].
     Completed,
+    /// Not run: its condition did not hold.
+    Skipped,
     /// Failed for good.
     Failed,
     /// Will not run: the workflow stopped first.
@@ -134,7 +150,10 @@ impl StepStatus {
             StepStatus::Pending => "pending",
             StepStatus::Running { .. } => "running",
             StepStatus::RetryWaiting { .. } => "retry_waiting",
+            StepStatus::Waiting { .. } => "waiting",
+            StepStatus::Branching => "branching",
             StepStatus::Completed => "completed",
+            StepStatus::Skipped => "skipped",
             StepStatus::Failed => "failed",
             StepStatus::Cancelled => "cancelled",
             StepStatus::Compensating { .. } => "compensating",
@@ -152,6 +171,7 @@ impl StepStatus {
             }
             StepStatus::RetryWaiting { due, .. }
             | StepStatus::CompensationRetryWaiting { due, .. } => Some(due),
+            StepStatus::Waiting { until, .. } => until,
             _ => None,
         }
     }
@@ -187,6 +207,32 @@ pub struct StepState {
     /// The most recent error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<StepError>,
+    /// For a branch of a fan-out: its item, which it gets as `input`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::payload::deserialize_present"
+    )]
+    pub input: Option<Payload>,
+    /// For a fan-out: one entry per item, named `step[i]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub items: Vec<StepState>,
+}
+
+impl StepState {
+    /// A step (or branch) that has not started.
+    pub fn pending(name: StepName) -> Self {
+        Self {
+            name,
+            status: StepStatus::Pending,
+            attempts: 0,
+            compensation_attempts: 0,
+            output: None,
+            last_error: None,
+            input: None,
+            items: Vec::new(),
+        }
+    }
 }
 
 /// Why a workflow is compensating (or ended without completing).
@@ -205,6 +251,44 @@ pub enum Failure {
         /// The reason they gave.
         reason: String,
     },
+    /// The workflow's deadline passed.
+    DeadlineExceeded {
+        /// The deadline.
+        deadline: Timestamp,
+    },
+    /// The workflow had completed and was asked to undo itself (it ran as a
+    /// sub-workflow of a step that is being compensated).
+    Undone {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The parent of a sub-workflow: which step of which workflow waits for it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentLink {
+    /// The parent workflow.
+    pub transaction_id: TransactionId,
+    /// The parent's definition.
+    pub workflow: WorkflowName,
+    /// The parent's step that started this workflow.
+    pub step: StepName,
+    /// That step's attempt (once this workflow is being undone: the
+    /// attempt of that step's compensation).
+    pub attempt: u32,
+    /// How deep this workflow is: 1 for a child of a top-level workflow.
+    pub depth: u32,
+}
+
+/// A signal that arrived before a step waited for it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PendingSignal {
+    /// The signal's name.
+    pub name: String,
+    /// Its payload.
+    pub payload: Payload,
+    /// When it arrived.
+    pub at: Timestamp,
 }
 
 /// One line of a workflow's history.
@@ -271,6 +355,36 @@ pub enum HistoryEvent {
         /// The error.
         error: String,
     },
+    /// A step's condition did not hold: it was skipped.
+    Skipped,
+    /// A fan-out step made one branch per item.
+    FannedOut {
+        /// How many.
+        items: u32,
+    },
+    /// A step began to sleep or to wait for a signal.
+    WaitStarted {
+        /// Until when (forever when absent).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        until: Option<Timestamp>,
+    },
+    /// A signal arrived (for a waiting step, or kept for a later one).
+    SignalReceived {
+        /// Its name.
+        name: String,
+    },
+    /// A sub-workflow was started.
+    ChildStarted {
+        /// The child.
+        transaction_id: TransactionId,
+    },
+    /// The workflow's deadline passed.
+    DeadlineExceeded,
+    /// A completed workflow was asked to undo itself.
+    UndoRequested {
+        /// Why.
+        reason: String,
+    },
     /// The workflow reached a terminal status.
     Finished {
         /// The status.
@@ -296,6 +410,15 @@ pub struct WorkflowState {
     pub input: Payload,
     /// One entry per step of the definition, in the same order.
     pub steps: Vec<StepState>,
+    /// When the whole workflow must have finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<Timestamp>,
+    /// Signals that arrived before a step waited for them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signals: Vec<PendingSignal>,
+    /// For a sub-workflow: the parent step waiting for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentLink>,
     /// Why it is compensating or did not complete.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<Failure>,
@@ -324,6 +447,9 @@ impl Clone for WorkflowState {
             status: self.status,
             input: self.input.clone(),
             steps: self.steps.clone(),
+            deadline: self.deadline,
+            signals: self.signals.clone(),
+            parent: self.parent.clone(),
             failure: self.failure.clone(),
             started_at: self.started_at,
             updated_at: self.updated_at,
@@ -340,12 +466,28 @@ impl WorkflowState {
         if self.status.is_terminal() {
             return None;
         }
-        self.steps.iter().filter_map(|s| s.status.wakeup()).min()
+        let steps = self
+            .steps
+            .iter()
+            .flat_map(|s| std::iter::once(s).chain(s.items.iter()))
+            .filter_map(|s| s.status.wakeup());
+        let deadline = self
+            .deadline
+            .filter(|_| self.status == WorkflowStatus::Running);
+        steps.chain(deadline).min()
     }
 
-    /// The step named `name`.
+    /// The step named `name`, or the fan-out branch named `step[i]`.
     pub fn step(&self, name: &str) -> Option<&StepState> {
-        self.steps.iter().find(|s| s.name.as_str() == name)
+        if let Some(s) = self.steps.iter().find(|s| s.name.as_str() == name) {
+            return Some(s);
+        }
+        let (step, item) = split_item(name)?;
+        self.steps
+            .iter()
+            .find(|s| s.name.as_str() == step)?
+            .items
+            .get(item)
     }
 
     /// The output of a completed step.
@@ -357,4 +499,11 @@ impl WorkflowState {
     pub fn is_terminal(&self) -> bool {
         self.status.is_terminal()
     }
+}
+
+/// `"step[3]"` → `("step", 3)`.
+pub(crate) fn split_item(name: &str) -> Option<(&str, usize)> {
+    let open = name.rfind('[')?;
+    let index = name[open + 1..].strip_suffix(']')?.parse().ok()?;
+    Some((&name[..open], index))
 }

@@ -1,11 +1,59 @@
 //! Drawings of a definition: Mermaid (for docs and dashboards) and plain
-//! text (for a terminal). Both show the step graph, each step's worker,
-//! retry policy and timeout, and its compensation.
+//! text (for a terminal). Both show the step graph, what each step does (its
+//! worker, a sleep, a signal wait, a sub-workflow, a fan-out), its condition,
+//! retry policy and timeout, its compensation, and parallel groups.
 
 use std::fmt::Write as _;
 
-use super::WorkflowDefinition;
+use super::{OnTimeout, StepDefinition, StepKind, WorkflowDefinition};
 use crate::time::format_duration;
+
+/// What a step does, in words.
+fn what(step: &StepDefinition) -> String {
+    let mut text = match &step.kind {
+        StepKind::Task { worker } => worker.to_string(),
+        StepKind::Sleep { duration } => format!("sleep {}", format_duration(*duration)),
+        StepKind::Signal(w) => {
+            let mut t = format!("wait for signal `{}`", w.name);
+            if let Some(timeout) = w.timeout {
+                let then = match &w.on_timeout {
+                    OnTimeout::Fail => "fail".to_string(),
+                    OnTimeout::Default(v) => format!("use {v}"),
+                };
+                let _ = write!(t, " ≤ {}, then {then}", format_duration(timeout));
+            }
+            t
+        }
+        StepKind::Workflow(c) => match c.version {
+            Some(v) => format!("sub-workflow {} v{v}", c.workflow),
+            None => format!("sub-workflow {}", c.workflow),
+        },
+    };
+    if let Some(f) = &step.for_each {
+        let _ = write!(
+            text,
+            " for each in {} (≤{} at once)",
+            f.items, f.max_concurrency
+        );
+    }
+    text
+}
+
+/// Retry and timeout, where they mean something for the step's kind.
+fn limits(step: &StepDefinition) -> Option<String> {
+    match step.kind {
+        StepKind::Task { .. } => {
+            let mut t = String::new();
+            if step.retry.max_attempts > 1 {
+                let _ = write!(t, "retry ×{}, ", step.retry.max_attempts);
+            }
+            let _ = write!(t, "timeout {}", format_duration(step.timeout));
+            Some(t)
+        }
+        StepKind::Workflow(_) => Some(format!("timeout {}", format_duration(step.timeout))),
+        _ => None,
+    }
+}
 
 /// Depth of each step: 0 for steps that come after none, else one more than
 /// the deepest step it comes after. Definitions are acyclic, so this ends.
@@ -65,13 +113,48 @@ pub fn mermaid(def: &WorkflowDefinition) -> String {
         def.version()
     );
     let _ = writeln!(out, "  done((end))");
+    if let Some(d) = def.deadline() {
+        let _ = writeln!(
+            out,
+            "  deadline>\"deadline {}\"] -.- start",
+            format_duration(d)
+        );
+    }
+    let mut open_group: Option<&str> = None;
     for (i, step) in def.steps().iter().enumerate() {
-        let mut label = format!("<b>{}</b><br/>{}", step.name, step.worker);
-        if step.retry.max_attempts > 1 {
-            let _ = write!(label, "<br/>retry ×{}", step.retry.max_attempts);
+        let group = step.group.as_deref();
+        if group != open_group {
+            if open_group.is_some() {
+                let _ = writeln!(out, "  end");
+            }
+            if let Some(g) = group {
+                let _ = writeln!(out, "  subgraph g{i}[\"parallel: {}\"]", mermaid_text(g));
+            }
+            open_group = group;
         }
-        let _ = write!(label, ", timeout {}", format_duration(step.timeout));
-        let _ = writeln!(out, "  s{i}[\"{}\"]", mermaid_text(&label));
+        let mut label = format!("<b>{}</b><br/>{}", step.name, what(step));
+        if let Some(when) = &step.when {
+            let _ = write!(label, "<br/>if {when}");
+        }
+        if let Some(l) = limits(step) {
+            let _ = write!(label, "<br/>{l}");
+        }
+        let label = mermaid_text(&label);
+        let _ = match (&step.kind, &step.for_each) {
+            (StepKind::Workflow(_), _) => writeln!(out, "  s{i}[[\"{label}\"]]"),
+            (StepKind::Sleep { .. } | StepKind::Signal(_), _) => {
+                writeln!(out, "  s{i}{{{{\"{label}\"}}}}")
+            }
+            (_, Some(_)) => writeln!(out, "  s{i}[/\"{label}\"\\]"),
+            _ => writeln!(out, "  s{i}[\"{label}\"]"),
+        };
+        if let StepKind::Workflow(c) = &step.kind {
+            let _ = writeln!(
+                out,
+                "  u{i}[/\"undo: compensate {}\"/]",
+                mermaid_text(c.workflow.as_str())
+            );
+        }
         if let Some(c) = &step.compensation {
             let _ = writeln!(
                 out,
@@ -79,6 +162,9 @@ pub fn mermaid(def: &WorkflowDefinition) -> String {
                 mermaid_text(c.worker.as_str())
             );
         }
+    }
+    if open_group.is_some() {
+        let _ = writeln!(out, "  end");
     }
     for (i, step) in def.steps().iter().enumerate() {
         let deps = def.dependencies(i);
@@ -91,7 +177,7 @@ pub fn mermaid(def: &WorkflowDefinition) -> String {
         if def.dependents(i).is_empty() {
             let _ = writeln!(out, "  s{i} --> done");
         }
-        if step.compensation.is_some() {
+        if step.compensation.is_some() || matches!(step.kind, StepKind::Workflow(_)) {
             let _ = writeln!(out, "  s{i} -. on failure .-> u{i}");
         }
     }
@@ -128,6 +214,9 @@ pub fn ascii(def: &WorkflowDefinition) -> String {
     if let Some(d) = def.description() {
         let _ = writeln!(out, "{d}");
     }
+    if let Some(d) = def.deadline() {
+        let _ = writeln!(out, "deadline {}", format_duration(d));
+    }
     for l in 0..=depth {
         let at: Vec<usize> = (0..def.steps().len()).filter(|i| level[*i] == l).collect();
         if at.is_empty() {
@@ -145,8 +234,14 @@ pub fn ascii(def: &WorkflowDefinition) -> String {
             let mut line = format!(
                 "  {branch} {:<width$}  [{}]",
                 step.name.as_str(),
-                step.worker
+                what(step)
             );
+            if let Some(g) = &step.group {
+                let _ = write!(line, "  (group {g})");
+            }
+            if let Some(when) = &step.when {
+                let _ = write!(line, "  if {when}");
+            }
             let after: Vec<&str> = def
                 .dependencies(i)
                 .iter()
@@ -157,12 +252,14 @@ pub fn ascii(def: &WorkflowDefinition) -> String {
             {
                 let _ = write!(line, "  after {}", after.join(", "));
             }
-            if step.retry.max_attempts > 1 {
-                let _ = write!(line, "  retry ×{}", step.retry.max_attempts);
+            if let Some(l) = limits(step) {
+                let _ = write!(line, "  {}", l.replace(", ", "  "));
             }
-            let _ = write!(line, "  timeout {}", format_duration(step.timeout));
             if let Some(c) = &step.compensation {
                 let _ = write!(line, "  ↺ undo: {}", c.worker);
+            }
+            if let StepKind::Workflow(c) = &step.kind {
+                let _ = write!(line, "  ↺ undo: compensate {}", c.workflow);
             }
             let _ = writeln!(out, "{}", line.trim_end());
         }
@@ -239,5 +336,66 @@ mod tests {
         assert!(text.contains("(2 at once)"), "{text}");
         assert!(text.contains("after fraud, address"), "{text}");
         assert!(text.contains("↺ undo: refund_payment"), "{text}");
+    }
+
+    fn constructs() -> WorkflowDefinition {
+        WorkflowBuilder::new("order")
+            .deadline(std::time::Duration::from_secs(3600))
+            .step("validate", "validate_order")
+            .parallel("checks", |g| {
+                g.step("fraud", "fraud_check")
+                    .step("address", "address_check")
+            })
+            .step("wrap", "gift_wrap")
+            .when("input.gift_wrap == true")
+            .step("pack", "pack_item")
+            .for_each("input.items")
+            .max_concurrency(3)
+            .wait_for_signal("approval", "approve")
+            .signal_timeout(std::time::Duration::from_secs(60), OnTimeout::Fail)
+            .sleep("cool_off", std::time::Duration::from_secs(5))
+            .sub_workflow("ship", "shipping")
+            .build()
+            .expect("valid")
+    }
+
+    #[test]
+    fn mermaid_draws_groups_conditions_and_sub_workflows() {
+        let text = mermaid(&constructs());
+        for part in [
+            "subgraph g1[\"parallel: checks\"]",
+            "s0 --> s1",
+            "s0 --> s2",
+            "s1 --> s3",
+            "s2 --> s3",
+            "if input.gift_wrap == true",
+            "for each in input.items (≤3 at once)",
+            "wait for signal `approve` ≤ 1m, then fail",
+            "sleep 5s",
+            "s7[[\"<b>ship</b><br/>sub-workflow shipping",
+            "u7[/\"undo: compensate shipping\"/]",
+            "deadline 1h",
+        ] {
+            assert!(text.contains(part), "`{part}` missing:\n{text}");
+        }
+        assert_eq!(text.matches("subgraph").count(), 1, "{text}");
+        assert_eq!(text.matches("\n  end\n").count(), 1, "{text}");
+    }
+
+    #[test]
+    fn ascii_shows_the_new_constructs() {
+        let text = ascii(&constructs());
+        for part in [
+            "deadline 1h",
+            "(group checks)",
+            "if input.gift_wrap == true",
+            "[pack_item for each in input.items (≤3 at once)]",
+            "[wait for signal `approve` ≤ 1m, then fail]",
+            "[sleep 5s]",
+            "[sub-workflow shipping]",
+            "↺ undo: compensate shipping",
+        ] {
+            assert!(text.contains(part), "`{part}` missing:\n{text}");
+        }
     }
 }

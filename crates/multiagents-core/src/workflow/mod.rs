@@ -26,6 +26,7 @@
 
 mod builder;
 pub mod diagram;
+pub mod expr;
 mod retry;
 
 use std::collections::HashSet;
@@ -34,6 +35,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use builder::WorkflowBuilder;
+pub use expr::{Expr, ExprError, Reference};
 pub use retry::RetryPolicy;
 
 use crate::ids::{StepName, WorkerName, WorkflowName};
@@ -49,6 +51,7 @@ pub struct WorkflowDefinition {
     name: WorkflowName,
     version: u32,
     description: Option<String>,
+    deadline: Option<Duration>,
     steps: Vec<StepDefinition>,
     /// `deps[i]`: indexes of the steps step `i` comes after.
     deps: Vec<Vec<usize>>,
@@ -61,19 +64,109 @@ pub struct WorkflowDefinition {
 pub struct StepDefinition {
     /// Unique within the workflow.
     pub name: StepName,
-    /// The worker type that runs it.
-    pub worker: WorkerName,
+    /// What the step does: call a worker, sleep, wait for a signal or run
+    /// another workflow.
+    pub kind: StepKind,
     /// How to undo it, if it can be undone.
     pub compensation: Option<Compensation>,
     /// Attempts and back-off.
     pub retry: RetryPolicy,
-    /// How long one attempt may take.
+    /// How long one attempt may take (for a sub-workflow: the whole child).
     pub timeout: Duration,
     /// The steps it comes after.
     pub after: Vec<StepName>,
     /// Where its `input` comes from.
     pub input_from: Option<StepName>,
+    /// Runs only when this holds; otherwise the step is skipped and the
+    /// workflow goes on.
+    pub when: Option<Expr>,
+    /// Runs once per item of a list (one branch per item, at most
+    /// `max_concurrency` at once); its output is the list of the branches'
+    /// outputs, in order.
+    pub for_each: Option<ForEach>,
+    /// The parallel group it belongs to, if any: the steps of a group run at
+    /// once, after the step before the group, and the step after the group
+    /// waits for all of them.
+    pub group: Option<String>,
 }
+
+impl StepDefinition {
+    /// The worker a task step calls (`None` for sleep, signal and
+    /// sub-workflow steps).
+    pub fn worker(&self) -> Option<&WorkerName> {
+        match &self.kind {
+            StepKind::Task { worker } => Some(worker),
+            _ => None,
+        }
+    }
+}
+
+/// What a step does.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StepKind {
+    /// Sends a command to a worker and waits for its result.
+    Task {
+        /// The worker type.
+        worker: WorkerName,
+    },
+    /// Waits, durably: the timer survives a restart of every process. The
+    /// output is `null`.
+    Sleep {
+        /// How long.
+        duration: Duration,
+    },
+    /// Waits for a named signal (a human approval, a webhook); the signal's
+    /// payload becomes the output. A signal sent before the wait begins is
+    /// kept for it.
+    Signal(SignalWait),
+    /// Starts another workflow and waits for its outcome.
+    Workflow(ChildWorkflow),
+}
+
+/// A wait for a signal.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SignalWait {
+    /// The signal's name.
+    pub name: String,
+    /// How long to wait (forever when absent).
+    pub timeout: Option<Duration>,
+    /// What happens when the wait times out.
+    pub on_timeout: OnTimeout,
+}
+
+/// What a signal step does when its wait times out.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub enum OnTimeout {
+    /// The step fails for good (and the workflow compensates).
+    #[default]
+    Fail,
+    /// The step completes with this output.
+    Default(serde_json::Value),
+}
+
+/// A sub-workflow step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChildWorkflow {
+    /// The workflow to start.
+    pub workflow: WorkflowName,
+    /// Its version (default: the highest registered when the step starts).
+    pub version: Option<u32>,
+}
+
+/// A dynamic fan-out.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ForEach {
+    /// Gives the list, evaluated when the step becomes ready.
+    pub items: Expr,
+    /// Branches run at once, at most.
+    pub max_concurrency: u32,
+}
+
+/// The default bound on the branches of a fan-out that run at once.
+pub const DEFAULT_MAX_CONCURRENCY: u32 = 10;
+
+/// The default timeout of a sub-workflow step.
+pub const DEFAULT_CHILD_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// How a step is undone.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -125,6 +218,28 @@ impl WorkflowDefinition {
         self.description.as_deref()
     }
 
+    /// How long a whole run may take: past it, the workflow stops and
+    /// compensates, and ends `timed_out`.
+    pub fn deadline(&self) -> Option<Duration> {
+        self.deadline
+    }
+
+    /// The workflows this one starts as sub-workflows.
+    pub fn children(&self) -> impl Iterator<Item = &ChildWorkflow> {
+        self.steps.iter().filter_map(|s| match &s.kind {
+            StepKind::Workflow(c) => Some(c),
+            _ => None,
+        })
+    }
+
+    /// The signals this workflow waits for.
+    pub fn signals(&self) -> impl Iterator<Item = &str> {
+        self.steps.iter().filter_map(|s| match &s.kind {
+            StepKind::Signal(w) => Some(w.name.as_str()),
+            _ => None,
+        })
+    }
+
     /// The steps, in declaration order.
     pub fn steps(&self) -> &[StepDefinition] {
         &self.steps
@@ -148,7 +263,9 @@ impl WorkflowDefinition {
     /// Every worker name the definition uses (steps and compensations).
     pub fn workers(&self) -> impl Iterator<Item = &WorkerName> {
         self.steps.iter().flat_map(|s| {
-            std::iter::once(&s.worker).chain(s.compensation.as_ref().map(|c| &c.worker))
+            s.worker()
+                .into_iter()
+                .chain(s.compensation.as_ref().map(|c| &c.worker))
         })
     }
 
@@ -273,6 +390,32 @@ pub enum DefinitionError {
         /// Steps on the cycle, in order, the first repeated at the end.
         steps: Vec<String>,
     },
+    /// A step's kind is missing, doubled or used with something it cannot have.
+    #[error("step `{step}` of workflow `{workflow}` {problem}")]
+    StepKind {
+        /// The workflow.
+        workflow: String,
+        /// The step.
+        step: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A `when` or `for_each` expression does not parse or reads something
+    /// that is not there.
+    #[error("{0}")]
+    Expression(Box<ExpressionProblem>),
+    /// The steps of a parallel group are not declared together.
+    #[error(
+        "workflow `{workflow}`: the steps of parallel group `{group}` must be declared one after another, but step `{step}` comes between them"
+    )]
+    SplitGroup {
+        /// The workflow.
+        workflow: String,
+        /// The group.
+        group: String,
+        /// The step in between.
+        step: String,
+    },
     /// A builder method was used out of place.
     #[error("workflow `{workflow}`: {message}")]
     Builder {
@@ -293,6 +436,28 @@ impl DefinitionError {
     }
 }
 
+/// Where a `when` or `for_each` expression went wrong.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error(
+    "step `{step}` of workflow `{workflow}`: `{field}` expression `{source_text}` at {line}:{column}: {message}"
+)]
+pub struct ExpressionProblem {
+    /// The workflow.
+    pub workflow: String,
+    /// The step.
+    pub step: String,
+    /// `when` or `for_each`.
+    pub field: &'static str,
+    /// The expression.
+    pub source_text: String,
+    /// 1-based line in the expression.
+    pub line: usize,
+    /// 1-based column in the expression.
+    pub column: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
 /// The serialized form: what users write in JSON or YAML.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -302,6 +467,12 @@ struct RawWorkflow {
     version: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     description: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "opt_duration"
+    )]
+    deadline: Option<Duration>,
     #[serde(default)]
     steps: Vec<RawStep>,
 }
@@ -310,11 +481,30 @@ fn one() -> u32 {
     1
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawStep {
     name: String,
-    worker: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    worker: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "opt_duration"
+    )]
+    sleep: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    signal: Option<RawSignal>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    workflow: Option<RawChild>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    when: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    for_each: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_concurrency: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     compensation: Option<RawCompensation>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -325,7 +515,7 @@ struct RawStep {
         with = "opt_duration"
     )]
     timeout: Option<Duration>,
-    /// Absent: after the step declared before it.
+    /// Absent: after the step declared before it (or its group).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     after: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -337,6 +527,39 @@ struct RawStep {
 enum RawCompensation {
     Worker(String),
     Full(Compensation),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+enum RawSignal {
+    Name(String),
+    Full(RawSignalFull),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSignalFull {
+    name: String,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "opt_duration"
+    )]
+    timeout: Option<Duration>,
+    /// `fail`, or `{default: <output>}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    on_timeout: Option<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+enum RawChild {
+    Name(String),
+    Full {
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version: Option<u32>,
+    },
 }
 
 mod opt_duration {
@@ -355,48 +578,215 @@ mod opt_duration {
     }
 }
 
+/// The steps each step comes after when it does not say: the step declared
+/// before it, or — for the steps of a parallel group — the step before the
+/// group, and for the step after a group, every step of the group.
+pub(crate) fn implicit_after<'a>(
+    steps: impl IntoIterator<Item = (&'a StepName, Option<&'a str>)>,
+) -> Vec<Vec<StepName>> {
+    let mut out = Vec::new();
+    // What a plain step comes after.
+    let mut frontier: Vec<StepName> = Vec::new();
+    // The open group: its name, what its steps come after, its steps so far.
+    let mut open: Option<(&str, Vec<StepName>, Vec<StepName>)> = None;
+    for (name, group) in steps {
+        match (group, &mut open) {
+            (Some(g), Some((current, base, members))) if *current == g => {
+                out.push(base.clone());
+                members.push(name.clone());
+                frontier = members.clone();
+            }
+            (Some(g), _) => {
+                out.push(frontier.clone());
+                open = Some((g, frontier.clone(), vec![name.clone()]));
+                frontier = vec![name.clone()];
+            }
+            (None, _) => {
+                out.push(frontier.clone());
+                open = None;
+                frontier = vec![name.clone()];
+            }
+        }
+    }
+    out
+}
+
+fn expression(
+    workflow: &str,
+    step: &str,
+    field: &'static str,
+    source: String,
+) -> Result<Expr, DefinitionError> {
+    Expr::parse(&source).map_err(|e| {
+        DefinitionError::Expression(Box::new(ExpressionProblem {
+            workflow: workflow.to_string(),
+            step: step.to_string(),
+            field,
+            source_text: source.clone(),
+            line: e.line,
+            column: e.column,
+            message: e.message,
+        }))
+    })
+}
+
 impl TryFrom<RawWorkflow> for WorkflowDefinition {
     type Error = DefinitionError;
 
     fn try_from(raw: RawWorkflow) -> Result<Self, DefinitionError> {
-        let mut previous: Option<String> = None;
+        let names: Vec<StepName> = raw
+            .steps
+            .iter()
+            .map(|s| StepName::from(s.name.as_str()))
+            .collect();
+        let implicit = implicit_after(
+            names
+                .iter()
+                .zip(raw.steps.iter().map(|s| s.group.as_deref())),
+        );
         let mut steps = Vec::with_capacity(raw.steps.len());
-        for s in raw.steps {
-            let after = match s.after {
-                Some(after) => after,
-                None => previous.iter().cloned().collect(),
+        for (s, implicit) in raw.steps.into_iter().zip(implicit) {
+            let step = s.name.clone();
+            let problem = |problem: String| DefinitionError::StepKind {
+                workflow: raw.name.clone(),
+                step: step.clone(),
+                problem,
             };
-            previous = Some(s.name.clone());
+            let mut kinds = Vec::new();
+            if let Some(worker) = s.worker {
+                kinds.push((
+                    "worker",
+                    StepKind::Task {
+                        worker: WorkerName::from(worker),
+                    },
+                ));
+            }
+            if let Some(duration) = s.sleep {
+                kinds.push(("sleep", StepKind::Sleep { duration }));
+            }
+            if let Some(signal) = s.signal {
+                kinds.push(("signal", StepKind::Signal(match signal {
+                    RawSignal::Name(name) => SignalWait {
+                        name,
+                        timeout: None,
+                        on_timeout: OnTimeout::Fail,
+                    },
+                    RawSignal::Full(f) => SignalWait {
+                        on_timeout: match f.on_timeout {
+                            None => OnTimeout::Fail,
+                            Some(serde_json::Value::String(s)) if s == "fail" => OnTimeout::Fail,
+                            Some(serde_json::Value::Object(mut m))
+                                if m.len() == 1 && m.contains_key("default") =>
+                            {
+                                OnTimeout::Default(m.remove("default").unwrap_or_default())
+                            }
+                            Some(other) => {
+                                return Err(problem(format!(
+                                    "has signal `on_timeout: {other}`; it must be `fail` or `{{default: <output>}}`"
+                                )));
+                            }
+                        },
+                        name: f.name,
+                        timeout: f.timeout,
+                    },
+                })));
+            }
+            if let Some(child) = s.workflow {
+                let (name, version) = match child {
+                    RawChild::Name(name) => (name, None),
+                    RawChild::Full { name, version } => (name, version),
+                };
+                kinds.push((
+                    "workflow",
+                    StepKind::Workflow(ChildWorkflow {
+                        workflow: WorkflowName::from(name),
+                        version,
+                    }),
+                ));
+            }
+            let kind = match kinds.len() {
+                1 => kinds.pop().map(|(_, k)| k).expect("one kind"),
+                0 => {
+                    return Err(problem(
+                        "says neither what it runs nor what it waits for; give it one of `worker`, `sleep`, `signal` or `workflow`".into(),
+                    ));
+                }
+                _ => {
+                    let keys: Vec<String> = kinds.iter().map(|(k, _)| format!("`{k}`")).collect();
+                    return Err(problem(format!(
+                        "has {}; a step has exactly one of them",
+                        keys.join(" and ")
+                    )));
+                }
+            };
+            if s.max_concurrency.is_some() && s.for_each.is_none() {
+                return Err(problem("has `max_concurrency` without `for_each`".into()));
+            }
+            let when = s
+                .when
+                .map(|w| expression(&raw.name, &step, "when", w))
+                .transpose()?;
+            let for_each = s
+                .for_each
+                .map(|f| {
+                    expression(&raw.name, &step, "for_each", f).map(|items| ForEach {
+                        items,
+                        max_concurrency: s.max_concurrency.unwrap_or(DEFAULT_MAX_CONCURRENCY),
+                    })
+                })
+                .transpose()?;
+            let after = match s.after {
+                Some(after) => after.into_iter().map(StepName::from).collect(),
+                None => implicit,
+            };
+            let timeout = s.timeout.unwrap_or_else(|| default_timeout_of(&kind));
             steps.push(StepDefinition {
                 name: StepName::from(s.name),
-                worker: WorkerName::from(s.worker),
+                kind,
                 compensation: s.compensation.map(|c| match c {
                     RawCompensation::Worker(w) => Compensation::new(w),
                     RawCompensation::Full(c) => c,
                 }),
                 retry: s.retry.unwrap_or_default(),
-                timeout: s.timeout.unwrap_or(DEFAULT_STEP_TIMEOUT),
-                after: after.into_iter().map(StepName::from).collect(),
+                timeout,
+                after,
                 input_from: s.input_from.map(StepName::from),
+                when,
+                for_each,
+                group: s.group,
             });
         }
-        validate(raw.name, raw.version, raw.description, steps)
+        validate(raw.name, raw.version, raw.description, raw.deadline, steps)
+    }
+}
+
+/// A step's timeout when it does not set one.
+pub(crate) fn default_timeout_of(kind: &StepKind) -> Duration {
+    match kind {
+        StepKind::Workflow(_) => DEFAULT_CHILD_TIMEOUT,
+        _ => DEFAULT_STEP_TIMEOUT,
     }
 }
 
 impl From<WorkflowDefinition> for RawWorkflow {
     fn from(def: WorkflowDefinition) -> Self {
-        let mut previous: Option<StepName> = None;
+        let implicit = implicit_after(def.steps.iter().map(|s| (&s.name, s.group.as_deref())));
         let steps = def
             .steps
             .into_iter()
-            .map(|s| {
-                let implicit = s.after.len() == previous.iter().count()
-                    && s.after.iter().zip(previous.iter()).all(|(a, b)| a == b);
-                previous = Some(s.name.clone());
-                RawStep {
+            .zip(implicit)
+            .map(|(s, implicit)| {
+                let default_timeout = default_timeout_of(&s.kind);
+                let mut raw = RawStep {
                     name: s.name.to_string(),
-                    worker: s.worker.to_string(),
+                    group: s.group,
+                    when: s.when.map(|w| w.as_str().to_string()),
+                    max_concurrency: s
+                        .for_each
+                        .as_ref()
+                        .map(|f| f.max_concurrency)
+                        .filter(|&m| m != DEFAULT_MAX_CONCURRENCY),
+                    for_each: s.for_each.map(|f| f.items.as_str().to_string()),
                     compensation: s.compensation.map(|c| {
                         if c == Compensation::new(c.worker.clone()) {
                             RawCompensation::Worker(c.worker.to_string())
@@ -405,16 +795,50 @@ impl From<WorkflowDefinition> for RawWorkflow {
                         }
                     }),
                     retry: (s.retry != RetryPolicy::default()).then_some(s.retry),
-                    timeout: (s.timeout != DEFAULT_STEP_TIMEOUT).then_some(s.timeout),
-                    after: (!implicit).then(|| s.after.iter().map(|a| a.to_string()).collect()),
+                    timeout: (s.timeout != default_timeout).then_some(s.timeout),
+                    after: (s.after != implicit)
+                        .then(|| s.after.iter().map(|a| a.to_string()).collect()),
                     input_from: s.input_from.map(|i| i.to_string()),
+                    ..RawStep::default()
+                };
+                match s.kind {
+                    StepKind::Task { worker } => raw.worker = Some(worker.to_string()),
+                    StepKind::Sleep { duration } => raw.sleep = Some(duration),
+                    StepKind::Signal(w) => {
+                        raw.signal =
+                            Some(if w.timeout.is_none() && w.on_timeout == OnTimeout::Fail {
+                                RawSignal::Name(w.name)
+                            } else {
+                                RawSignal::Full(RawSignalFull {
+                                    name: w.name,
+                                    timeout: w.timeout,
+                                    on_timeout: match w.on_timeout {
+                                        OnTimeout::Fail => None,
+                                        OnTimeout::Default(v) => {
+                                            Some(serde_json::json!({ "default": v }))
+                                        }
+                                    },
+                                })
+                            })
+                    }
+                    StepKind::Workflow(c) => {
+                        raw.workflow = Some(match c.version {
+                            None => RawChild::Name(c.workflow.to_string()),
+                            Some(version) => RawChild::Full {
+                                name: c.workflow.to_string(),
+                                version: Some(version),
+                            },
+                        })
+                    }
                 }
+                raw
             })
             .collect();
         RawWorkflow {
             name: def.name.to_string(),
             version: def.version,
             description: def.description,
+            deadline: def.deadline,
             steps,
         }
     }
@@ -425,6 +849,7 @@ pub(crate) fn validate(
     name: String,
     version: u32,
     description: Option<String>,
+    deadline: Option<Duration>,
     steps: Vec<StepDefinition>,
 ) -> Result<WorkflowDefinition, DefinitionError> {
     let workflow = name.clone();
@@ -437,6 +862,12 @@ pub(crate) fn validate(
     if steps.is_empty() {
         return Err(DefinitionError::EmptyWorkflow { workflow });
     }
+    if deadline.is_some_and(|d| d.is_zero()) {
+        return Err(DefinitionError::Builder {
+            workflow,
+            message: "the workflow deadline is zero".into(),
+        });
+    }
     let mut seen = HashSet::new();
     for (i, s) in steps.iter().enumerate() {
         let step = s.name.to_string();
@@ -446,14 +877,66 @@ pub(crate) fn validate(
                 position: i + 1,
             });
         }
+        if step.contains(['[', ']']) {
+            return Err(DefinitionError::StepKind {
+                workflow,
+                step,
+                problem: "has `[` or `]` in its name; those mark the branches of a fan-out".into(),
+            });
+        }
         if !seen.insert(s.name.clone()) {
             return Err(DefinitionError::DuplicateStep { workflow, step });
         }
-        if s.worker.as_str().trim().is_empty() {
-            return Err(DefinitionError::EmptyWorkerName {
+        let kind_problem = match &s.kind {
+            StepKind::Task { worker } if worker.as_str().trim().is_empty() => {
+                return Err(DefinitionError::EmptyWorkerName {
+                    workflow,
+                    step,
+                    what: "step",
+                });
+            }
+            StepKind::Task { .. } => None,
+            StepKind::Sleep { duration } if duration.is_zero() => {
+                Some("sleeps for zero time".to_string())
+            }
+            StepKind::Signal(w) if w.name.trim().is_empty() => {
+                Some("waits for a signal with an empty name".to_string())
+            }
+            StepKind::Signal(w) if w.timeout.is_some_and(|t| t.is_zero()) => {
+                Some(format!("waits for signal `{}` with a zero timeout", w.name))
+            }
+            StepKind::Workflow(c) if c.workflow.as_str().trim().is_empty() => {
+                Some("starts a sub-workflow with an empty name".to_string())
+            }
+            StepKind::Workflow(c) if c.workflow.as_str() == name => Some(format!(
+                "starts workflow `{name}` as a sub-workflow of itself; that would never end"
+            )),
+            _ => None,
+        }
+        .or_else(|| match (&s.kind, &s.compensation) {
+            (StepKind::Task { .. }, _) | (_, None) => None,
+            (StepKind::Workflow(_), Some(_)) => Some(
+                "has a `compensation`, but a sub-workflow step is undone by compensating the child workflow; remove it".to_string(),
+            ),
+            (_, Some(_)) => Some(
+                "has a `compensation`, but sleeping and waiting for a signal have nothing to undo; remove it".to_string(),
+            ),
+        })
+        .or_else(|| match (&s.kind, &s.for_each) {
+            (_, None) | (StepKind::Task { .. }, Some(_)) => None,
+            (_, Some(_)) => Some("has `for_each`, which only worker steps can have".to_string()),
+        })
+        .or_else(|| {
+            s.for_each
+                .as_ref()
+                .filter(|f| f.max_concurrency == 0)
+                .map(|_| "has `max_concurrency` 0; at least one branch must run".to_string())
+        });
+        if let Some(problem) = kind_problem {
+            return Err(DefinitionError::StepKind {
                 workflow,
                 step,
-                what: "step",
+                problem,
             });
         }
         if let Some(problem) = s.retry.problem() {
@@ -494,6 +977,32 @@ pub(crate) fn validate(
                     what: "compensation",
                 });
             }
+        }
+    }
+    // The steps of a group are declared together.
+    let mut closed: Vec<&str> = Vec::new();
+    let mut current: Option<&str> = None;
+    for s in &steps {
+        let g = s.group.as_deref();
+        if g != current {
+            if let Some(c) = current {
+                closed.push(c);
+            }
+            if let Some(g) = g
+                && closed.contains(&g)
+            {
+                let between = steps
+                    .iter()
+                    .skip_while(|x| x.group.as_deref() != Some(g))
+                    .find(|x| x.group.as_deref() != Some(g))
+                    .map_or_else(String::new, |x| x.name.to_string());
+                return Err(DefinitionError::SplitGroup {
+                    workflow,
+                    group: g.to_string(),
+                    step: between,
+                });
+            }
+            current = g;
         }
     }
     let index_of = |n: &StepName| steps.iter().position(|s| &s.name == n);
@@ -548,11 +1057,51 @@ pub(crate) fn validate(
                 });
             }
         }
+        let exprs = s
+            .when
+            .iter()
+            .map(|e| ("when", e))
+            .chain(s.for_each.iter().map(|f| ("for_each", &f.items)));
+        for (field, expr) in exprs {
+            for (reference, line, column) in expr.references() {
+                let message = match reference {
+                    Reference::Input | Reference::AllSteps => continue,
+                    Reference::Other(var) => format!(
+                        "unknown variable `{var}`; an expression reads `input` (the workflow input) and `steps` (the outputs of earlier steps)"
+                    ),
+                    Reference::Step(other) => {
+                        match steps.iter().position(|x| x.name.as_str() == other) {
+                            None => format!(
+                                "`steps.{other}`: there is no step `{other}` in this workflow"
+                            ),
+                            Some(j) if j == i => format!(
+                                "`steps.{other}` is this step's own output, which does not exist yet"
+                            ),
+                            Some(j) if !is_ancestor(&deps, j, i) => format!(
+                                "`steps.{other}`: step `{other}` does not always finish before `{}` (add it to `after`)",
+                                s.name
+                            ),
+                            Some(_) => continue,
+                        }
+                    }
+                };
+                return Err(DefinitionError::Expression(Box::new(ExpressionProblem {
+                    workflow,
+                    step: s.name.to_string(),
+                    field,
+                    source_text: expr.as_str().to_string(),
+                    line,
+                    column,
+                    message,
+                })));
+            }
+        }
     }
     Ok(WorkflowDefinition {
         name: WorkflowName::from(name),
         version,
         description,
+        deadline,
         steps,
         deps,
         dependents,

@@ -1,0 +1,392 @@
+//! Expressions over a workflow's context, in [CEL] (the Common Expression
+//! Language of Kubernetes and Google Cloud): step conditions (`when`) and the
+//! lists a step fans out over (`for_each`).
+//!
+//! An expression sees two variables:
+//!
+//! * `input` — the workflow input;
+//! * `steps` — the outputs of the steps completed so far, by step name.
+//!
+//! ```text
+//! input.gift_wrap == true
+//! steps.fraud_check.score < 0.8 && input.total > 100.0
+//! has(input.coupon) && input.coupon != ""
+//! input.items.filter(i, i.qty > 0)
+//! ```
+//!
+//! Expressions are checked when the definition is built: a syntax error, a
+//! variable other than `input` and `steps`, or `steps.X` where `X` is not a
+//! step that always finishes before this one, is refused with its line and
+//! column. A field a step may leave out is tested with `has(steps.x.field)`.
+//!
+//! [CEL]: https://github.com/google/cel-spec
+
+use std::fmt;
+use std::sync::Arc;
+
+use cel_interpreter::{Context, Value};
+use cel_parser::{Expression, Member};
+
+/// A parsed expression, kept with its source text.
+#[derive(Clone)]
+pub struct Expr {
+    source: String,
+    ast: Arc<Expression>,
+}
+
+impl PartialEq for Expr {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source
+    }
+}
+
+impl fmt::Debug for Expr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Expr({:?})", self.source)
+    }
+}
+
+impl fmt::Display for Expr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.source)
+    }
+}
+
+/// Why an expression was refused, and where.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExprError {
+    /// 1-based line in the expression.
+    pub line: usize,
+    /// 1-based column in the expression.
+    pub column: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ExprError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} at {}:{}", self.message, self.line, self.column)
+    }
+}
+
+/// A reference an expression makes: `input…` or `steps.<name>…`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reference {
+    /// The workflow input.
+    Input,
+    /// All step outputs (`steps` used as a whole, or with a computed key).
+    AllSteps,
+    /// One step's output.
+    Step(String),
+    /// Any other variable (an error in a definition).
+    Other(String),
+}
+
+impl Expr {
+    /// Parses `source`. Only the syntax is checked here; see
+    /// [`Expr::references`] for what it refers to.
+    pub fn parse(source: &str) -> Result<Self, ExprError> {
+        if source.trim().is_empty() {
+            return Err(ExprError {
+                line: 1,
+                column: 1,
+                message: "the expression is empty".into(),
+            });
+        }
+        match cel_parser::parse(source) {
+            Ok(ast) => Ok(Self {
+                source: source.to_string(),
+                ast: Arc::new(ast),
+            }),
+            Err(e) => {
+                let (line, column) = e
+                    .span
+                    .start
+                    .as_ref()
+                    .map(|l| (l.line + 1, l.column + 1))
+                    .unwrap_or((1, 1));
+                let msg = match e.msg.as_str() {
+                    "unrecognized eof" => "the expression ends too early".to_string(),
+                    other => other.to_string(),
+                };
+                let mut message = format!("syntax error: {msg}");
+                // lalrpop lists tokens as quoted literals or raw regexes: keep the literals.
+                let mut expected: Vec<&str> = e
+                    .expected
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|t| t.starts_with('"') && t.ends_with('"') && t.len() > 2)
+                    .collect();
+                if expected.len() < e.expected.len() {
+                    expected.insert(0, "a value");
+                }
+                if !expected.is_empty() {
+                    message.push_str(&format!("; expected {}", expected.join(", ")));
+                }
+                Err(ExprError {
+                    line,
+                    column,
+                    message,
+                })
+            }
+        }
+    }
+
+    /// The source text.
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+
+    /// Every variable the expression reads, in order of appearance, with
+    /// the position of its first mention.
+    pub fn references(&self) -> Vec<(Reference, usize, usize)> {
+        let mut out = Vec::new();
+        let mut bound = Vec::new();
+        walk(&self.ast, &mut bound, &mut out);
+        let mut refs: Vec<(Reference, usize, usize)> = Vec::new();
+        for r in out {
+            if refs.iter().any(|(x, _, _)| *x == r) {
+                continue;
+            }
+            let (line, column) = match &r {
+                Reference::Input => position_of(&self.source, "input"),
+                Reference::AllSteps => position_of(&self.source, "steps"),
+                Reference::Step(s) => [
+                    format!("steps.{s}"),
+                    format!("steps[\"{s}\"]"),
+                    format!("steps['{s}']"),
+                ]
+                .iter()
+                .find_map(|n| position_in(&self.source, n))
+                .unwrap_or_else(|| position_of(&self.source, s)),
+                Reference::Other(s) => position_of(&self.source, s),
+            };
+            refs.push((r, line, column));
+        }
+        refs
+    }
+
+    /// Evaluates the expression against the workflow input and the step
+    /// outputs (a JSON object by step name).
+    pub fn eval(
+        &self,
+        input: &serde_json::Value,
+        steps: &serde_json::Value,
+    ) -> Result<serde_json::Value, String> {
+        let mut ctx = Context::default();
+        ctx.add_variable("input", input)
+            .map_err(|e| format!("cannot read the input: {e}"))?;
+        ctx.add_variable("steps", steps)
+            .map_err(|e| format!("cannot read the step outputs: {e}"))?;
+        let value = Value::resolve(&self.ast, &ctx).map_err(|e| e.to_string())?;
+        value
+            .json()
+            .map_err(|e| format!("the result cannot be turned into JSON: {e:?}"))
+    }
+
+    /// Evaluates a condition: it must give a boolean.
+    pub fn eval_bool(
+        &self,
+        input: &serde_json::Value,
+        steps: &serde_json::Value,
+    ) -> Result<bool, String> {
+        match self.eval(input, steps)? {
+            serde_json::Value::Bool(b) => Ok(b),
+            other => Err(format!("gave {other}, not true or false")),
+        }
+    }
+
+    /// Evaluates a fan-out list: it must give a list.
+    pub fn eval_list(
+        &self,
+        input: &serde_json::Value,
+        steps: &serde_json::Value,
+    ) -> Result<Vec<serde_json::Value>, String> {
+        match self.eval(input, steps)? {
+            serde_json::Value::Array(items) => Ok(items),
+            other => Err(format!("gave {other}, not a list")),
+        }
+    }
+}
+
+/// Macros whose first argument names a variable bound in the second.
+const BINDING_MACROS: [&str; 5] = ["all", "exists", "exists_one", "map", "filter"];
+
+fn walk(e: &Expression, bound: &mut Vec<String>, out: &mut Vec<Reference>) {
+    match e {
+        Expression::Arithmetic(a, _, b)
+        | Expression::Relation(a, _, b)
+        | Expression::Or(a, b)
+        | Expression::And(a, b) => {
+            walk(a, bound, out);
+            walk(b, bound, out);
+        }
+        Expression::Ternary(a, b, c) => {
+            walk(a, bound, out);
+            walk(b, bound, out);
+            walk(c, bound, out);
+        }
+        Expression::Unary(_, a) => walk(a, bound, out),
+        Expression::Member(target, member) => {
+            // `steps.name` and `steps["name"]` name one step.
+            if let Expression::Ident(root) = &**target
+                && root.as_str() == "steps"
+                && !bound.iter().any(|b| b == "steps")
+            {
+                match &**member {
+                    Member::Attribute(name) => {
+                        out.push(Reference::Step(name.to_string()));
+                        return;
+                    }
+                    Member::Index(key) => {
+                        if let Expression::Atom(cel_parser::Atom::String(name)) = &**key {
+                            out.push(Reference::Step(name.to_string()));
+                            return;
+                        }
+                    }
+                    Member::Fields(_) => {}
+                }
+            }
+            walk(target, bound, out);
+            match &**member {
+                Member::Attribute(_) => {}
+                Member::Index(key) => walk(key, bound, out),
+                Member::Fields(fields) => {
+                    for (_, v) in fields {
+                        walk(v, bound, out);
+                    }
+                }
+            }
+        }
+        Expression::FunctionCall(name, target, args) => {
+            let binds =
+                matches!(&**name, Expression::Ident(n) if BINDING_MACROS.contains(&n.as_str()));
+            if let Some(t) = target {
+                walk(t, bound, out);
+            }
+            match (binds, args.as_slice()) {
+                (true, [Expression::Ident(var), rest @ ..]) => {
+                    bound.push(var.to_string());
+                    for a in rest {
+                        walk(a, bound, out);
+                    }
+                    bound.pop();
+                }
+                _ => {
+                    for a in args {
+                        walk(a, bound, out);
+                    }
+                }
+            }
+        }
+        Expression::List(items) => {
+            for i in items {
+                walk(i, bound, out);
+            }
+        }
+        Expression::Map(entries) => {
+            for (k, v) in entries {
+                walk(k, bound, out);
+                walk(v, bound, out);
+            }
+        }
+        Expression::Atom(_) => {}
+        Expression::Ident(name) => {
+            if bound.iter().any(|b| b == name.as_str()) {
+                return;
+            }
+            out.push(match name.as_str() {
+                "input" => Reference::Input,
+                "steps" => Reference::AllSteps,
+                other => Reference::Other(other.to_string()),
+            });
+        }
+    }
+}
+
+/// The 1-based line and column of the first whole-word occurrence of
+/// `needle` in `source` ((1, 1) when not found).
+fn position_of(source: &str, needle: &str) -> (usize, usize) {
+    position_in(source, needle).unwrap_or((1, 1))
+}
+
+fn position_in(source: &str, needle: &str) -> Option<(usize, usize)> {
+    let is_word = |c: char| c.is_alphanumeric() || c == '_';
+    let mut from = 0;
+    while let Some(found) = source[from..].find(needle) {
+        let start = from + found;
+        let end = start + needle.len();
+        let before = source[..start].chars().next_back();
+        let after = source[end..].chars().next();
+        if !before.is_some_and(is_word) && !after.is_some_and(is_word) {
+            let line = source[..start].matches('\n').count() + 1;
+            let line_start = source[..start].rfind('\n').map_or(0, |i| i + 1);
+            return Some((line, source[line_start..start].chars().count() + 1));
+        }
+        from = end;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn finds_references_and_their_positions() {
+        let e = Expr::parse("input.gift && steps.fraud.score < 0.5 && steps[\"x\"].ok")
+            .expect("parses");
+        let refs = e.references();
+        assert_eq!(
+            refs,
+            vec![
+                (Reference::Input, 1, 1),
+                (Reference::Step("fraud".into()), 1, 15),
+                (Reference::Step("x".into()), 1, 42),
+            ]
+        );
+    }
+
+    #[test]
+    fn macro_variables_are_not_references() {
+        let e =
+            Expr::parse("input.items.all(i, i.qty > 0) && size(input.items) > 0").expect("parses");
+        assert_eq!(
+            e.references().into_iter().map(|r| r.0).collect::<Vec<_>>(),
+            vec![Reference::Input]
+        );
+        let e = Expr::parse("order.total > 3").expect("parses");
+        assert_eq!(e.references()[0], (Reference::Other("order".into()), 1, 1));
+    }
+
+    #[test]
+    fn syntax_errors_say_where() {
+        let err = Expr::parse("input.a == ").expect_err("incomplete");
+        assert_eq!((err.line, err.column), (1, 11), "{err}");
+        assert!(err.message.contains("ends too early"), "{err}");
+        let err = Expr::parse("input.a &&\n  ) ").expect_err("bad");
+        assert_eq!(err.line, 2, "{err}");
+        assert!(Expr::parse("  ").is_err());
+    }
+
+    #[test]
+    fn evaluates_conditions_and_lists() {
+        let input =
+            json!({"gift_wrap": true, "items": [{"sku": "a", "qty": 2}, {"sku": "b", "qty": 0}]});
+        let steps = json!({"fraud": {"score": 0.2}});
+        let when = Expr::parse("input.gift_wrap && steps.fraud.score < 0.5").expect("parses");
+        assert_eq!(when.eval_bool(&input, &steps), Ok(true));
+        let list = Expr::parse("input.items.filter(i, i.qty > 0)").expect("parses");
+        assert_eq!(
+            list.eval_list(&input, &steps),
+            Ok(vec![json!({"sku": "a", "qty": 2})])
+        );
+        let not_bool = Expr::parse("input.items").expect("parses");
+        assert!(not_bool.eval_bool(&input, &steps).is_err());
+        let missing = Expr::parse("input.coupon == 'x'").expect("parses");
+        assert!(missing.eval_bool(&input, &steps).is_err());
+        let has = Expr::parse("has(input.coupon) && input.coupon == 'x'").expect("parses");
+        assert_eq!(has.eval_bool(&input, &steps), Ok(false));
+    }
+}
