@@ -54,6 +54,12 @@ struct ServeArgs {
     /// This process's name among the orchestrators.
     #[arg(long)]
     instance: Option<String>,
+    /// How long a result may stay unacked (its orchestrator died, say)
+    /// before another orchestrator takes it; also the lease of a timer
+    /// being fired. Commands of steps in flight for twice this long without
+    /// news are published again.
+    #[arg(long, default_value = "30s", value_parser = multiagents::core::time::parse_duration)]
+    visibility_timeout: std::time::Duration,
     /// Serve Prometheus `/metrics` and `/healthz` on this address (overrides
     /// `metrics.prometheus_addr` of the monitoring settings).
     #[arg(long, value_name = "ADDR")]
@@ -85,18 +91,19 @@ async fn serve(
         None => None,
     };
     let bus = RedisStreamsBus::connect(
-        RedisBusConfig::new(&args.redis.redis_url).prefix(&args.redis.prefix),
+        RedisBusConfig::new(&args.redis.redis_url)
+            .prefix(&args.redis.prefix)
+            .visibility_timeout(args.visibility_timeout),
     )
     .await?;
-    let store = RedisStateStore::connect(
-        RedisStoreConfig::new(&args.redis.redis_url).prefix(&args.redis.prefix),
-    )
-    .await?;
+    let mut store_config = RedisStoreConfig::new(&args.redis.redis_url).prefix(&args.redis.prefix);
+    store_config.timer_lease = args.visibility_timeout;
+    let store = RedisStateStore::connect(store_config).await?;
     let mut config = multiagents::OrchestratorConfig {
         consumers: args.consumers,
         parallel_results: true,
         redispatch_on_start: false,
-        redispatch_after: Some(std::time::Duration::from_secs(10)),
+        redispatch_after: Some(args.visibility_timeout * 2),
         ..Default::default()
     };
     if let Some(name) = args.instance {
