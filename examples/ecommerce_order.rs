@@ -1,11 +1,14 @@
 //! An e-commerce order saga, run embedded: in-process bus, state in a local
 //! file, no server.
 //!
-//! Six steps: validate the order, reserve inventory (undone by releasing
-//! it), charge the card (undone by a refund), generate a confirmation,
-//! fulfil (flaky: it fails once for some orders and succeeds on the retry),
-//! notify the customer. A declined card is a failure no retry can fix, so
-//! the order is compensated: the reserved inventory is really released.
+//! Validate the order; then a fraud check and an address check at once (a
+//! parallel group); reserve inventory (undone by releasing it), charge the
+//! card (undone by a refund); gift-wrap, only when the order asks for it (a
+//! condition: otherwise the step is recorded as skipped); generate a
+//! confirmation, fulfil (flaky: it fails once for some orders and succeeds
+//! on the retry), notify the customer. A declined card is a failure no retry
+//! can fix, so the order is compensated: the reserved inventory is really
+//! released.
 //!
 //! ```text
 //! cargo run --example ecommerce_order -- --orders 8 --fail-rate 0.25 --seed 7
@@ -102,6 +105,12 @@ struct Order {
     card: String,
     /// Test hook: the warehouse API times out on the first call for this order.
     flaky_fulfilment: bool,
+    /// Wrap it as a gift.
+    #[serde(default)]
+    gift_wrap: bool,
+    /// Where it goes.
+    #[serde(default)]
+    address: String,
 }
 
 /// A card number that the payment worker always declines (like Stripe's test card).
@@ -109,14 +118,21 @@ const DECLINED_CARD: &str = "4000-0000-0000-0002";
 
 fn definition() -> Result<WorkflowDefinition, multiagents::core::DefinitionError> {
     WorkflowBuilder::new("ecommerce_order")
-        .description("validate, reserve, charge, confirm, fulfil, notify")
+        .version(2)
+        .description("validate, check fraud and address at once, reserve, charge, gift-wrap if asked, confirm, fulfil, notify")
         .default_retry(RetryPolicy::attempts(3).with_initial_delay(Duration::from_millis(20)))
         .default_timeout(Duration::from_secs(5))
         .step("validate", "validate_order")
+        .parallel("checks", |g| {
+            g.step("fraud_check", "check_fraud")
+                .step("address_check", "verify_address")
+        })
         .step("inventory", "check_inventory")
         .compensate_with("release_inventory")
         .step("payment", "process_payment")
         .compensate_with("refund_payment")
+        .step("gift_wrap", "wrap_gift")
+        .when("input.gift_wrap == true")
         .step("confirmation", "generate_confirmation")
         .step("fulfilment", "fulfill_order")
         .step("notification", "notify_customer")
@@ -132,6 +148,26 @@ async fn validate_order(order: Order) -> Result<serde_json::Value, WorkerError> 
         );
     }
     Ok(serde_json::json!({"valid": true}))
+}
+
+#[worker("check_fraud")]
+async fn check_fraud(order: Order) -> Result<serde_json::Value, WorkerError> {
+    // A stand-in score: large orders look riskier.
+    let score = (order.amount_cents as f64 / 20_000.0).min(1.0);
+    Ok(serde_json::json!({"score": score}))
+}
+
+#[worker("verify_address")]
+async fn verify_address(order: Order) -> Result<serde_json::Value, WorkerError> {
+    if order.address.trim().is_empty() {
+        return Err(WorkerError::fatal("the order has no address").with_kind("no_address"));
+    }
+    Ok(serde_json::json!({"deliverable": true}))
+}
+
+#[worker("wrap_gift")]
+async fn wrap_gift(order: Order) -> Result<serde_json::Value, WorkerError> {
+    Ok(serde_json::json!({"wrapped": order.sku}))
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -298,6 +334,8 @@ fn order(seed: u64, n: u64, fail_rate: f64) -> Order {
             "4242-4242-4242-4242".into()
         },
         flaky_fulfilment: unit(seed, n, 2) < 0.3,
+        gift_wrap: unit(seed, n, 3) < 0.3,
+        address: format!("{} Main Street", 1 + n),
     }
 }
 
@@ -368,6 +406,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }),
             WorkerOptions::default(),
         ),
+        (std::sync::Arc::new(check_fraud), WorkerOptions::default()),
+        (
+            std::sync::Arc::new(verify_address),
+            WorkerOptions::default(),
+        ),
+        (std::sync::Arc::new(wrap_gift), WorkerOptions::default()),
         (
             std::sync::Arc::new(process_payment),
             WorkerOptions::default(),
@@ -563,7 +607,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "  compensation failed  {}",
         count(WorkflowStatus::CompensationFailed)
     );
+    let wrapped = finished
+        .iter()
+        .filter(|s| {
+            s.step("gift_wrap")
+                .is_some_and(|g| g.status == multiagents::core::StepStatus::Completed)
+        })
+        .count();
+    let skipped = finished
+        .iter()
+        .filter(|s| {
+            s.step("gift_wrap")
+                .is_some_and(|g| g.status == multiagents::core::StepStatus::Skipped)
+        })
+        .count();
     println!("  retries              {retries}");
+    println!("  gift-wrapped         {wrapped}  (skipped for {skipped}: not asked)");
     if local_stock {
         // The warehouse's stock lives in this process only when its workers do.
         println!(

@@ -6,7 +6,10 @@ import json
 import sys
 from collections import defaultdict
 
-STEPS = {"validate", "inventory", "payment", "fulfilment", "confirmation", "notification"}
+STEPS = {"validate", "fraud_check", "address_check", "inventory", "payment", "fulfilment",
+         "confirmation", "notification"}
+# Runs only when the order asks for it; otherwise logged as skipped.
+OPTIONAL = "gift_wrap"
 
 lines = [json.loads(l) for l in open(sys.argv[1], encoding="utf-8")]
 by_tx = defaultdict(list)
@@ -24,6 +27,10 @@ for tx in started:
         problems.append(f"{tx}: no 'workflow finished' line")
         continue
     done = {l.get("step") for l in ls if l["message"] == "step completed"}
+    skipped = {l.get("step") for l in ls if l["message"].startswith("step skipped")}
+    if finished[0]["status"] == "completed" and (OPTIONAL in done) == (OPTIONAL in skipped):
+        problems.append(f"{tx}: completed, but `{OPTIONAL}` is neither completed nor skipped once")
+    done.discard(OPTIONAL)
     if finished[0]["status"] == "completed" and done != STEPS:
         problems.append(f"{tx}: completed, but steps logged as completed are {sorted(done)}")
     if finished[0]["status"] == "compensated" and not any(
