@@ -12,7 +12,9 @@ use async_trait::async_trait;
 use tokio::sync::{Notify, broadcast};
 use tokio::time::Instant;
 
-use super::{BusError, Consumer, DeadLetter, Delivery, DeliveryId, EventBus, Interrupt};
+use super::{
+    BusError, Consumer, DeadLetter, Delivery, DeliveryId, EventBus, Interrupt, PlaceLimits, Places,
+};
 use crate::core::event::DEFAULT_MAX_EVENT_BYTES;
 use crate::core::{Event, Timestamp};
 
@@ -52,6 +54,7 @@ struct Inner {
     dead: Mutex<VecDeque<DeadLetter>>,
     status: broadcast::Sender<Arc<Event>>,
     interrupts: broadcast::Sender<Interrupt>,
+    limits: Mutex<HashMap<String, LimitState>>,
 }
 
 #[derive(Default)]
@@ -105,6 +108,7 @@ impl MemoryBus {
                 dead: Mutex::new(VecDeque::new()),
                 status,
                 interrupts,
+                limits: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -234,6 +238,28 @@ impl EventBus for MemoryBus {
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BusError> {
         let dead = self.inner.dead.lock().unwrap_or_else(|e| e.into_inner());
         Ok(dead.iter().rev().take(limit).rev().cloned().collect())
+    }
+
+    async fn take_places(
+        &self,
+        key: &str,
+        want: u32,
+        limits: &PlaceLimits,
+        holder: &str,
+    ) -> Result<Places, BusError> {
+        let mut all = self.inner.limits.lock().unwrap_or_else(|e| e.into_inner());
+        let state = all.entry(key.to_string()).or_default();
+        Ok(state.take(Instant::now(), want, limits, holder))
+    }
+
+    async fn give_back(&self, key: &str, leases: &[String]) -> Result<(), BusError> {
+        let mut all = self.inner.limits.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(state) = all.get_mut(key) {
+            for l in leases {
+                state.held.remove(l);
+            }
+        }
+        Ok(())
     }
 
     async fn interrupt(&self, interrupt: Interrupt) -> Result<(), BusError> {
@@ -538,5 +564,71 @@ mod tests {
         bus.publish("t", event(3)).await.expect("publish");
         let batch = waiter.await.expect("join").expect("batch");
         assert_eq!(batch.len(), 1);
+    }
+}
+
+/// Places of one worker type: leases held and recent starts.
+#[derive(Default)]
+struct LimitState {
+    held: HashMap<String, Instant>,
+    starts: std::collections::VecDeque<Instant>,
+    next: u64,
+}
+
+impl LimitState {
+    fn take(&mut self, now: Instant, want: u32, limits: &PlaceLimits, holder: &str) -> Places {
+        let mut grant = want;
+        let mut wait: Option<Duration> = None;
+        if let Some(max) = limits.concurrency {
+            self.held.retain(|_, until| *until > now);
+            grant = grant.min(max.saturating_sub(self.held.len() as u32));
+            if grant == 0 {
+                let first_free = self.held.values().min().map(|u| u.duration_since(now));
+                wait = Some(
+                    first_free
+                        .unwrap_or_default()
+                        .min(Duration::from_millis(50)),
+                );
+            }
+        }
+        if let Some((n, per)) = limits.rate {
+            while self
+                .starts
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= per)
+            {
+                self.starts.pop_front();
+            }
+            grant = grant.min(n.saturating_sub(self.starts.len() as u32));
+            if grant == 0 {
+                let oldest = self.starts.front().copied().unwrap_or(now);
+                let free_in = per.saturating_sub(now.duration_since(oldest));
+                wait = Some(wait.map_or(free_in, |w| w.max(free_in)));
+            }
+        }
+        if grant == 0 {
+            return Places {
+                leases: Vec::new(),
+                retry_after: wait,
+            };
+        }
+        let leases: Vec<String> = (0..grant)
+            .map(|_| {
+                self.next += 1;
+                format!("{holder}:{}", self.next)
+            })
+            .collect();
+        if limits.concurrency.is_some() {
+            for l in &leases {
+                self.held.insert(l.clone(), now + limits.lease);
+            }
+        }
+        if limits.rate.is_some() {
+            self.starts.extend(std::iter::repeat_n(now, grant as usize));
+        }
+        Places {
+            leases,
+            retry_after: None,
+        }
     }
 }

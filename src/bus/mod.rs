@@ -61,6 +61,28 @@ pub struct Interrupt {
     pub attempt: u32,
 }
 
+/// Limits on one worker type shared by every process on a bus: calls at
+/// once, and calls started per period.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PlaceLimits {
+    /// Calls at once, across all processes.
+    pub concurrency: Option<u32>,
+    /// At most this many calls started per period, across all processes.
+    pub rate: Option<(u32, Duration)>,
+    /// How long a place is held at most: if its process dies, the place
+    /// comes back after this.
+    pub lease: Duration,
+}
+
+/// Places granted by [`EventBus::take_places`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Places {
+    /// One lease per place; give each back with [`EventBus::give_back`].
+    pub leases: Vec<String>,
+    /// When none was granted: how long until one may be.
+    pub retry_after: Option<Duration>,
+}
+
 /// Identifies one delivery within a consumer group (for acks).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum DeliveryId {
@@ -197,6 +219,20 @@ pub trait EventBus: Send + Sync + 'static {
 
     /// Listens to interrupts from now on.
     fn subscribe_interrupts(&self) -> broadcast::Receiver<Interrupt>;
+
+    /// Takes up to `want` places for `key` (a worker type) under `limits`,
+    /// shared by every process on this bus. `holder` names the taker (for
+    /// unique lease ids).
+    async fn take_places(
+        &self,
+        key: &str,
+        want: u32,
+        limits: &PlaceLimits,
+        holder: &str,
+    ) -> Result<Places, BusError>;
+
+    /// Gives places back.
+    async fn give_back(&self, key: &str, leases: &[String]) -> Result<(), BusError>;
 
     /// Broadcasts a status event. Fire-and-forget: lost if nobody listens.
     fn broadcast(&self, event: Event);

@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Worker, WorkerContext, WorkerError};
 use crate::bus::{
-    Consumer, Delivery, DeliveryId, EventBus, Interrupt, RESULTS_TOPIC, WORKER_GROUP, command_topic,
+    Consumer, Delivery, DeliveryId, EventBus, Interrupt, PlaceLimits, RESULTS_TOPIC, WORKER_GROUP,
+    command_topic,
 };
 use crate::core::{
     Event, EventKind, Payload, Phase, StepError, StepName, Timestamp, TransactionId, WorkerName,
@@ -27,19 +28,65 @@ use crate::core::{
 pub struct WorkerOptions {
     /// Calls in flight at once in this process.
     pub concurrency: usize,
+    /// Limits shared by every process on the bus (none by default).
+    pub shared: PlaceLimits,
 }
 
 impl Default for WorkerOptions {
     fn default() -> Self {
-        Self { concurrency: 256 }
+        Self {
+            concurrency: 256,
+            shared: PlaceLimits {
+                concurrency: None,
+                rate: None,
+                lease: Duration::from_secs(60),
+            },
+        }
     }
 }
 
 impl WorkerOptions {
-    /// Sets the concurrency limit.
+    /// Sets the concurrency limit of this process.
     pub fn concurrency(mut self, n: usize) -> Self {
         self.concurrency = n.max(1);
         self
+    }
+
+    /// At most `n` calls of this worker type at once across **all**
+    /// processes on the bus (an API that allows so many connections, say).
+    /// Give every process the same limit.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use multiagents::worker::WorkerOptions;
+    ///
+    /// let options = WorkerOptions::default()
+    ///     .global_concurrency(10)
+    ///     .rate_limit(100, Duration::from_secs(1));
+    /// assert_eq!(options.shared.concurrency, Some(10));
+    /// ```
+    pub fn global_concurrency(mut self, n: u32) -> Self {
+        self.shared.concurrency = Some(n.max(1));
+        self
+    }
+
+    /// At most `calls` calls of this worker type started per `period`
+    /// across all processes on the bus.
+    pub fn rate_limit(mut self, calls: u32, period: Duration) -> Self {
+        self.shared.rate = Some((calls.max(1), period.max(Duration::from_millis(1))));
+        self
+    }
+
+    /// How long a place under [`global_concurrency`](Self::global_concurrency)
+    /// is held at most (default 60 s): a call should finish within it, and
+    /// the places of a process that dies come back after it.
+    pub fn place_lease(mut self, lease: Duration) -> Self {
+        self.shared.lease = lease.max(Duration::from_millis(1));
+        self
+    }
+
+    fn limited(&self) -> bool {
+        self.shared.concurrency.is_some() || self.shared.rate.is_some()
     }
 }
 
@@ -352,6 +399,9 @@ impl WorkerManager {
                 batch_size: self.config.batch_size,
                 hard_stop: hard_stop.clone(),
                 interrupts: interrupts.clone(),
+                shared: options.limited().then(|| options.shared.clone()),
+                bus: self.bus.clone(),
+                holder: Arc::from(self.config.instance.as_str()),
             };
             tasks.spawn(runner.run(stop.clone()));
         }
@@ -441,6 +491,11 @@ struct Runner {
     batch_size: usize,
     hard_stop: CancellationToken,
     interrupts: Arc<Interrupts>,
+    /// Limits shared with other processes, if any.
+    shared: Option<PlaceLimits>,
+    bus: Arc<dyn EventBus>,
+    /// Names this process's places.
+    holder: Arc<str>,
 }
 
 /// The calls of this process that take more than one poll, by (workflow,
@@ -519,19 +574,37 @@ impl Runner {
                 _ = stop.cancelled() => break,
                 p = this.limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
             };
-            let room = (this.limit.available_permits() + 1).min(this.batch_size);
+            let mut room = (this.limit.available_permits() + 1).min(this.batch_size);
+            // Under shared limits, take places before taking commands.
+            let mut leases = Vec::new();
+            if let Some(limits) = &this.shared {
+                match this.take_places(limits, room, &stop).await {
+                    Some(l) => leases = l,
+                    None => break,
+                }
+                room = room.min(leases.len());
+            }
             let batch = tokio::select! {
-                _ = stop.cancelled() => break,
+                _ = stop.cancelled() => {
+                    this.give_back(leases).await;
+                    break;
+                }
                 b = this.consumer.next_batch(room, Duration::from_millis(250)) => b,
             };
             let batch = match batch {
                 Ok(b) => b,
                 Err(e) => {
+                    this.give_back(leases).await;
                     tracing::warn!(worker = this.worker.name(), error = %e, "taking commands failed; retrying");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 }
             };
+            if leases.len() > batch.len() {
+                let unused = leases.split_off(batch.len());
+                this.give_back(unused).await;
+            }
+            let mut leases = leases.into_iter();
             let picked_up_at = Timestamp::now();
             let mut first = Some(permit);
             for delivery in batch {
@@ -544,9 +617,13 @@ impl Runner {
                 };
                 let me = this.clone();
                 let answers = answers.clone();
+                let lease = leases.next();
                 calls.spawn(async move {
                     if let Some(reply) = me.handle(&delivery, picked_up_at).await {
                         let _ = answers.send((delivery.id, reply));
+                    }
+                    if let Some(lease) = lease {
+                        me.give_back(vec![lease]).await;
                     }
                     drop(permit);
                 });
@@ -558,6 +635,47 @@ impl Runner {
         while calls.join_next().await.is_some() {}
         drop(answers);
         let _ = flusher.await;
+    }
+
+    /// Takes up to `want` shared places, waiting while none is free; `None`
+    /// when stopped meanwhile.
+    async fn take_places(
+        &self,
+        limits: &PlaceLimits,
+        want: usize,
+        stop: &CancellationToken,
+    ) -> Option<Vec<String>> {
+        let name = self.worker.name();
+        loop {
+            let pause = match self
+                .bus
+                .take_places(name, want as u32, limits, &self.holder)
+                .await
+            {
+                Ok(places) if !places.leases.is_empty() => return Some(places.leases),
+                Ok(places) => places
+                    .retry_after
+                    .unwrap_or(Duration::from_millis(10))
+                    .clamp(Duration::from_millis(2), Duration::from_millis(250)),
+                Err(e) => {
+                    tracing::warn!(worker = name, error = %e, "taking a shared place failed; retrying");
+                    Duration::from_millis(200)
+                }
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return None,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    async fn give_back(&self, leases: Vec<String>) {
+        if leases.is_empty() {
+            return;
+        }
+        if let Err(e) = self.bus.give_back(self.worker.name(), &leases).await {
+            tracing::warn!(worker = self.worker.name(), error = %e, "giving shared places back failed; they come back when their lease ends");
+        }
     }
 
     /// Runs one command; returns the answer to publish, if any.

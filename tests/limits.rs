@@ -1,0 +1,172 @@
+//! Limits shared by every worker process on a bus: calls at once and calls
+//! started per period, on the in-memory bus and on Redis, with two worker
+//! managers standing for two processes.
+
+mod common;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use multiagents::bus::{EventBus, MemoryBus};
+use multiagents::store::MemoryStore;
+use multiagents::worker::{WorkerContext, WorkerError, WorkerManager, WorkerOptions, from_fn};
+use multiagents::{Client, Runtime, WorkflowBuilder, WorkflowStatus};
+use serde_json::{Value, json};
+
+#[derive(Default)]
+struct Gauge {
+    now: AtomicU32,
+    max: AtomicU32,
+    starts: Mutex<Vec<Instant>>,
+}
+
+/// Two "processes" (worker managers) running `call`, each allowed 8 at
+/// once locally, under `options`; 24 workflows of one `call` step.
+async fn run(bus: Arc<dyn EventBus>, options: WorkerOptions) -> Arc<Gauge> {
+    let gauge = Arc::new(Gauge::default());
+    let worker = |g: Arc<Gauge>| {
+        from_fn("call", move |_i: Value, _ctx: WorkerContext| {
+            let g = g.clone();
+            async move {
+                g.starts.lock().expect("lock").push(Instant::now());
+                let now = g.now.fetch_add(1, Ordering::SeqCst) + 1;
+                g.max.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                g.now.fetch_sub(1, Ordering::SeqCst);
+                Ok::<_, WorkerError>(json!(null))
+            }
+        })
+    };
+    let options = options.concurrency(8);
+    let mut managers = Vec::new();
+    for _ in 0..2 {
+        managers.push(
+            WorkerManager::new(bus.clone())
+                .register_with(worker(gauge.clone()), options.clone())
+                .start()
+                .await
+                .expect("workers"),
+        );
+    }
+    let store = Arc::new(MemoryStore::new());
+    let rt = Runtime::builder()
+        .bus_arc(bus.clone())
+        .store_arc(store.clone())
+        .workflow(
+            WorkflowBuilder::new("limited")
+                .step("call", "call")
+                .build()
+                .expect("valid"),
+        )
+        .external_workers()
+        .start()
+        .await
+        .expect("runtime");
+    let client: Client = rt.client();
+    let mut txs = Vec::new();
+    for _ in 0..24 {
+        txs.push(client.start("limited", &json!({})).await.expect("start"));
+    }
+    for tx in txs {
+        let state = client
+            .wait(tx, Duration::from_secs(30))
+            .await
+            .expect("finished");
+        assert_eq!(state.status, WorkflowStatus::Completed);
+    }
+    rt.shutdown().await;
+    for m in managers {
+        m.shutdown().await;
+    }
+    gauge
+}
+
+/// The most starts in any window of `window`.
+fn busiest(starts: &[Instant], window: Duration) -> usize {
+    let mut s = starts.to_vec();
+    s.sort();
+    (0..s.len())
+        .map(|i| {
+            s[i..]
+                .iter()
+                .take_while(|t| t.duration_since(s[i]) < window)
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn without_shared_limits_both_processes_run_at_full_width() {
+    let gauge = run(Arc::new(MemoryBus::new()), WorkerOptions::default()).await;
+    assert!(
+        gauge.max.load(Ordering::SeqCst) > 8,
+        "the test could not tell"
+    );
+}
+
+#[tokio::test]
+async fn a_global_concurrency_limit_holds_across_processes() {
+    let gauge = run(
+        Arc::new(MemoryBus::new()),
+        WorkerOptions::default().global_concurrency(3),
+    )
+    .await;
+    assert_eq!(gauge.max.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn a_rate_limit_holds_across_processes() {
+    let gauge = run(
+        Arc::new(MemoryBus::new()),
+        WorkerOptions::default().rate_limit(8, Duration::from_millis(400)),
+    )
+    .await;
+    let starts = gauge.starts.lock().expect("lock").clone();
+    assert_eq!(starts.len(), 24);
+    // Starts are granted before the worker body notes them: allow that
+    // much slack at the window's edge, no more.
+    assert!(
+        busiest(&starts, Duration::from_millis(350)) <= 8,
+        "{starts:?}"
+    );
+}
+
+#[cfg(feature = "redis")]
+mod redis {
+    use super::*;
+    use multiagents::bus::{RedisBusConfig, RedisStreamsBus};
+
+    async fn bus(url: &str, name: &str) -> Arc<dyn EventBus> {
+        Arc::new(
+            RedisStreamsBus::connect(RedisBusConfig::new(url).prefix(common::unique_prefix(name)))
+                .await
+                .expect("bus"),
+        )
+    }
+
+    #[tokio::test]
+    async fn shared_limits_hold_on_redis() {
+        let Some(url) = common::redis_url() else {
+            return;
+        };
+        let gauge = run(
+            bus(&url, "limits-c").await,
+            WorkerOptions::default().global_concurrency(3),
+        )
+        .await;
+        assert_eq!(gauge.max.load(Ordering::SeqCst), 3);
+
+        let gauge = run(
+            bus(&url, "limits-r").await,
+            WorkerOptions::default().rate_limit(8, Duration::from_millis(400)),
+        )
+        .await;
+        let starts = gauge.starts.lock().expect("lock").clone();
+        assert!(
+            busiest(&starts, Duration::from_millis(350)) <= 8,
+            "{starts:?}"
+        );
+    }
+}
