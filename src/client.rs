@@ -27,6 +27,9 @@ pub struct StartOptions {
     pub version: Option<u32>,
     /// W3C trace context to continue.
     pub traceparent: Option<String>,
+    /// Its priority: when workers are saturated, the commands of
+    /// higher-priority workflows are taken first (default normal).
+    pub priority: crate::core::Priority,
 }
 
 /// Starts, watches and cancels workflows.

@@ -170,3 +170,86 @@ mod redis {
         );
     }
 }
+
+/// One worker that runs one call at a time, held on a gate first: while it
+/// is held, low, normal and high workflows queue up; released, it takes
+/// them high first, then normal, then low.
+#[tokio::test]
+async fn a_saturated_worker_takes_higher_priorities_first() {
+    use multiagents::StartOptions;
+    use multiagents::core::Priority;
+
+    let order = Arc::new(Mutex::new(Vec::<String>::new()));
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let (o, g) = (order.clone(), gate.clone());
+    let worker = from_fn("call", move |input: Value, _ctx: WorkerContext| {
+        let (o, g) = (o.clone(), g.clone());
+        async move {
+            let label = input.as_str().unwrap_or_default().to_string();
+            if label == "gate" {
+                g.notified().await;
+            } else {
+                o.lock().expect("lock").push(label);
+            }
+            Ok::<_, WorkerError>(json!(null))
+        }
+    });
+    let rt = Runtime::builder()
+        .workflow(
+            WorkflowBuilder::new("prioritised")
+                .step("call", "call")
+                .build()
+                .expect("valid"),
+        )
+        .worker_with(worker, WorkerOptions::default().concurrency(1))
+        .start()
+        .await
+        .expect("runtime");
+    let client = rt.client();
+    let gate_tx = client.start("prioritised", &"gate").await.expect("start");
+    // Wait until the gate call holds the only place.
+    loop {
+        let s = client.status(gate_tx).await.expect("read").expect("exists");
+        if s.history.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut txs = Vec::new();
+    for (priority, label) in [
+        (Priority::Low, "low"),
+        (Priority::Normal, "normal"),
+        (Priority::High, "high"),
+    ] {
+        for n in 0..3 {
+            let options = StartOptions {
+                priority,
+                ..Default::default()
+            };
+            txs.push(
+                client
+                    .start_with("prioritised", &format!("{label}{n}"), options)
+                    .await
+                    .expect("start"),
+            );
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gate.notify_one();
+    for tx in txs.into_iter().chain([gate_tx]) {
+        client
+            .wait(tx, Duration::from_secs(10))
+            .await
+            .expect("finished");
+    }
+    let order = order.lock().expect("lock").clone();
+    let rank = |l: &String| match &l[..l.len() - 1] {
+        "high" => 0,
+        "normal" => 1,
+        _ => 2,
+    };
+    let ranks: Vec<u8> = order.iter().map(rank).collect();
+    assert_eq!(ranks, vec![0, 0, 0, 1, 1, 1, 2, 2, 2], "{order:?}");
+    rt.shutdown().await;
+}

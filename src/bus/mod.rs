@@ -46,6 +46,16 @@ pub fn command_topic(worker: &WorkerName) -> String {
     format!("commands.{worker}")
 }
 
+/// The topic the commands of workflows of `priority` for `worker` go to:
+/// [`command_topic`] for normal priority, with `.high` or `.low` after it
+/// otherwise. Workers take from the high topic first.
+pub fn command_topic_at(worker: &WorkerName, priority: crate::core::Priority) -> String {
+    match priority {
+        crate::core::Priority::Normal => command_topic(worker),
+        other => format!("commands.{worker}.{}", other.as_str()),
+    }
+}
+
 /// A note to workers: the result of this attempt is no longer wanted (the
 /// workflow was cancelled, or another step failed for good and it is being
 /// compensated). Workers cancel the call's [`WorkerContext::cancellation`].

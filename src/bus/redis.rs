@@ -1153,15 +1153,18 @@ impl Consumer for RedisConsumer {
             }
         }
         let mut conn = self.reader().await?;
-        let block = wait.as_millis().clamp(1, 5_000) as u64;
-        let reply: redis::RedisResult<Value> = redis::cmd("XREADGROUP")
-            .arg("GROUP")
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
             .arg(&self.group)
             .arg(&self.name)
             .arg("COUNT")
-            .arg(max)
-            .arg("BLOCK")
-            .arg(block)
+            .arg(max);
+        // No wait: a plain read that answers at once.
+        if !wait.is_zero() {
+            cmd.arg("BLOCK")
+                .arg(wait.as_millis().clamp(1, 5_000) as u64);
+        }
+        let reply: redis::RedisResult<Value> = cmd
             .arg("STREAMS")
             .arg(&self.key)
             .arg(">")

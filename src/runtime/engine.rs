@@ -4,10 +4,10 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
-use crate::bus::{DeadLetter, EventBus, Interrupt, RESULTS_TOPIC, command_topic};
+use crate::bus::{DeadLetter, EventBus, Interrupt, RESULTS_TOPIC, command_topic, command_topic_at};
 use crate::core::saga::{self, Action, Input};
 use crate::core::{
-    Event, EventKind, Payload, Phase, StepError, Timestamp, TransactionId, WorkerName,
+    Event, EventKind, Payload, Phase, Priority, StepError, Timestamp, TransactionId, WorkerName,
     WorkflowDefinition, WorkflowName, WorkflowState,
 };
 use crate::store::{StateStore, StoreError, Versioned};
@@ -82,8 +82,9 @@ pub(crate) struct Engine {
     pub(crate) bus: Arc<dyn EventBus>,
     pub(crate) store: Arc<dyn StateStore>,
     definitions: RwLock<HashMap<(WorkflowName, u32), Arc<WorkflowDefinition>>>,
-    /// Command topic names by worker, so dispatching does not format one each time.
-    topics: RwLock<HashMap<WorkerName, Arc<str>>>,
+    /// Command topic names by worker and priority, so dispatching does not
+    /// format one each time.
+    topics: RwLock<HashMap<(WorkerName, Priority), Arc<str>>>,
     /// With a remote store only.
     cache: Option<StateCache>,
     metrics: super::metrics::EngineMetrics,
@@ -140,21 +141,22 @@ impl Engine {
         Ok(def)
     }
 
-    /// The command topic of a worker, formatted once.
-    fn topic(&self, worker: &WorkerName) -> Arc<str> {
+    /// The command topic of a worker at a priority, formatted once.
+    fn topic(&self, worker: &WorkerName, priority: Priority) -> Arc<str> {
+        let key = (worker.clone(), priority);
         if let Some(t) = self
             .topics
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .get(worker)
+            .get(&key)
         {
             return t.clone();
         }
-        let topic: Arc<str> = Arc::from(command_topic(worker));
+        let topic: Arc<str> = Arc::from(command_topic_at(worker, priority));
         self.topics
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(worker.clone(), topic.clone());
+            .insert(key, topic.clone());
         topic
     }
 
@@ -212,7 +214,8 @@ impl Engine {
         };
         let tx = options.transaction_id.unwrap_or_default();
         let correlation = options.correlation_id.unwrap_or_default();
-        let (state, actions) = saga::start(&def, tx, correlation, input, Timestamp::now());
+        let (mut state, actions) = saga::start(&def, tx, correlation, input, Timestamp::now());
+        state.priority = options.priority;
         let state = Arc::new(state);
         match self.store.create(state.clone()).await {
             Ok(version) => {
@@ -397,7 +400,7 @@ impl Engine {
                     e.deadline = Some(d.deadline);
                     e.causation_id = cause.map(|c| c.id);
                     e.traceparent = span.map(Arc::from).or_else(|| traceparent.clone());
-                    outbox.push((self.topic(&d.worker).to_string(), e));
+                    outbox.push((self.topic(&d.worker, state.priority).to_string(), e));
                 }
                 Action::Status(update) => {
                     log_status(state, &update);
@@ -551,7 +554,7 @@ impl Engine {
             Err(e) => return Err(e),
         };
         let tx = start.transaction_id;
-        let (state, actions) = saga::start_child(
+        let (mut state, actions) = saga::start_child(
             &def,
             tx,
             parent.correlation_id,
@@ -559,6 +562,7 @@ impl Engine {
             Timestamp::now(),
             Some(start.parent),
         );
+        state.priority = parent.priority;
         let state = Arc::new(state);
         match self.store.create(state.clone()).await {
             Ok(version) => {

@@ -17,10 +17,11 @@ use tokio_util::sync::CancellationToken;
 use super::{Worker, WorkerContext, WorkerError};
 use crate::bus::{
     Consumer, Delivery, DeliveryId, EventBus, Interrupt, PlaceLimits, RESULTS_TOPIC, WORKER_GROUP,
-    command_topic,
+    command_topic_at,
 };
 use crate::core::{
-    Event, EventKind, Payload, Phase, StepError, StepName, Timestamp, TransactionId, WorkerName,
+    Event, EventKind, Payload, Phase, Priority, StepError, StepName, Timestamp, TransactionId,
+    WorkerName,
 };
 
 /// How one worker type is run.
@@ -378,11 +379,16 @@ impl WorkerManager {
             });
         }
         for (worker, options) in self.workers {
-            let topic = command_topic(&WorkerName::new(worker.name()));
-            let consumer = self
-                .bus
-                .consumer(&topic, WORKER_GROUP, &self.config.instance)
-                .await?;
+            // One consumer per priority, highest first.
+            let mut consumers = Vec::with_capacity(Priority::ALL.len());
+            for priority in Priority::ALL {
+                let topic = command_topic_at(&WorkerName::new(worker.name()), priority);
+                consumers.push(
+                    self.bus
+                        .consumer(&topic, WORKER_GROUP, &self.config.instance)
+                        .await?,
+                );
+            }
             let c = Arc::new(Counters {
                 detail: self.config.monitor.then(Detail::new),
                 ..Counters::default()
@@ -393,7 +399,7 @@ impl WorkerManager {
                 instance: Arc::from(self.config.instance.as_str()),
                 record_timing: self.config.record_timing,
                 worker,
-                consumer,
+                consumers,
                 limit: Arc::new(Semaphore::new(options.concurrency)),
                 counters: c,
                 batch_size: self.config.batch_size,
@@ -485,7 +491,8 @@ struct Runner {
     instance: Arc<str>,
     record_timing: bool,
     worker: Arc<dyn Worker>,
-    consumer: Arc<dyn Consumer>,
+    /// The command topics' consumers, by priority, highest first.
+    consumers: Vec<Arc<dyn Consumer>>,
     limit: Arc<Semaphore>,
     counters: Arc<Counters>,
     batch_size: usize,
@@ -564,10 +571,11 @@ impl Runner {
         // meanwhile and acks their commands together.
         let (answers, queue) = tokio::sync::mpsc::unbounded_channel();
         let flusher = tokio::spawn(flush(
-            this.consumer.clone(),
+            this.consumers.clone(),
             queue,
             this.worker.name().to_string(),
         ));
+        let mut look = Look::default();
         loop {
             // Take no more than we can start.
             let permit = tokio::select! {
@@ -589,7 +597,7 @@ impl Runner {
                     this.give_back(leases).await;
                     break;
                 }
-                b = this.consumer.next_batch(room, Duration::from_millis(250)) => b,
+                b = this.take_commands(room, &mut look) => b,
             };
             let batch = match batch {
                 Ok(b) => b,
@@ -607,7 +615,7 @@ impl Runner {
             let mut leases = leases.into_iter();
             let picked_up_at = Timestamp::now();
             let mut first = Some(permit);
-            for delivery in batch {
+            for (level, delivery) in batch {
                 let permit = match first.take() {
                     Some(p) => p,
                     None => match this.limit.clone().acquire_owned().await {
@@ -619,8 +627,8 @@ impl Runner {
                 let answers = answers.clone();
                 let lease = leases.next();
                 calls.spawn(async move {
-                    if let Some(reply) = me.handle(&delivery, picked_up_at).await {
-                        let _ = answers.send((delivery.id, reply));
+                    if let Some(reply) = me.handle(&delivery, level, picked_up_at).await {
+                        let _ = answers.send((level, delivery.id, reply));
                     }
                     if let Some(lease) = lease {
                         me.give_back(vec![lease]).await;
@@ -635,6 +643,43 @@ impl Runner {
         while calls.join_next().await.is_some() {}
         drop(answers);
         let _ = flusher.await;
+    }
+
+    /// Takes up to `room` commands, higher priorities first. The high and
+    /// low topics are looked at whenever the last look found work in them,
+    /// and otherwise every [`LOOK_AROUND`]; in between, only the normal
+    /// topic is read (one read per batch, as without priorities). A command
+    /// of higher priority so waits at most [`LOOK_AROUND`] behind normal
+    /// ones.
+    async fn take_commands(
+        &self,
+        room: usize,
+        look: &mut Look,
+    ) -> Result<Vec<(usize, Delivery)>, crate::bus::BusError> {
+        let normal = Priority::ALL
+            .iter()
+            .position(|p| *p == Priority::Normal)
+            .unwrap_or(0);
+        let around = look.others_busy || look.last.is_none_or(|t| t.elapsed() >= LOOK_AROUND);
+        let mut out = Vec::new();
+        if around {
+            look.last = Some(std::time::Instant::now());
+            look.others_busy = false;
+            for (level, consumer) in self.consumers.iter().enumerate() {
+                let left = room - out.len();
+                if left == 0 {
+                    break;
+                }
+                let got = consumer.next_batch(left, Duration::ZERO).await?;
+                look.others_busy |= level != normal && !got.is_empty();
+                out.extend(got.into_iter().map(|d| (level, d)));
+            }
+            if !out.is_empty() {
+                return Ok(out);
+            }
+        }
+        let got = self.consumers[normal].next_batch(room, IDLE_WAIT).await?;
+        Ok(got.into_iter().map(|d| (normal, d)).collect())
     }
 
     /// Takes up to `want` shared places, waiting while none is free; `None`
@@ -679,7 +724,12 @@ impl Runner {
     }
 
     /// Runs one command; returns the answer to publish, if any.
-    async fn handle(&self, delivery: &Delivery, picked_up_at: Timestamp) -> Option<Event> {
+    async fn handle(
+        &self,
+        delivery: &Delivery,
+        level: usize,
+        picked_up_at: Timestamp,
+    ) -> Option<Event> {
         let event = &delivery.event;
         let name = self.worker.name();
         if !matches!(event.kind, EventKind::Command | EventKind::Compensation)
@@ -689,7 +739,7 @@ impl Runner {
                 "worker `{name}` received a {:?} event, which is not a command",
                 event.kind
             );
-            let _ = self.consumer.reject(delivery, &reason).await;
+            let _ = self.consumers[level].reject(delivery, &reason).await;
             return None;
         }
         #[derive(Deserialize)]
@@ -703,7 +753,7 @@ impl Runner {
             Ok(doc) => Payload::from_raw(doc.input.to_owned()),
             Err(e) => {
                 let reason = format!("command payload is not {{\"input\": …, \"steps\": …}}: {e}");
-                let _ = self.consumer.reject(delivery, &reason).await;
+                let _ = self.consumers[level].reject(delivery, &reason).await;
                 return None;
             }
         };
@@ -852,43 +902,75 @@ const FLUSH_BATCH: usize = 256;
 /// Publishes answers and acks their commands, as many as are ready in one go.
 /// The ack comes only with the answer: a crash before it redelivers the
 /// command, and the idempotency key keeps the side effect single.
+/// Where the runner is in looking at the high and low topics.
+#[derive(Default)]
+struct Look {
+    /// The last look found work in the high or low topic.
+    others_busy: bool,
+    /// When the high and low topics were last looked at.
+    last: Option<std::time::Instant>,
+}
+
+/// How often an idle worker looks at the high and low topics.
+const LOOK_AROUND: Duration = Duration::from_millis(50);
+
+/// How long an idle worker waits on the normal topic per take.
+const IDLE_WAIT: Duration = Duration::from_millis(100);
+
+/// Answers to publish, and the commands they ack.
+type Answers = (Vec<DeliveryId>, Vec<(String, Event)>);
+
 async fn flush(
-    consumer: Arc<dyn Consumer>,
-    mut queue: tokio::sync::mpsc::UnboundedReceiver<(DeliveryId, Event)>,
+    consumers: Vec<Arc<dyn Consumer>>,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<(usize, DeliveryId, Event)>,
     worker: String,
 ) {
-    let mut ids = Vec::with_capacity(FLUSH_BATCH);
-    let mut events = Vec::with_capacity(FLUSH_BATCH);
-    while let Some((id, reply)) = queue.recv().await {
-        ids.push(id);
-        events.push((RESULTS_TOPIC.to_string(), reply));
-        while ids.len() < FLUSH_BATCH {
+    let mut taken = Vec::with_capacity(FLUSH_BATCH);
+    while let Some(first) = queue.recv().await {
+        taken.push(first);
+        while taken.len() < FLUSH_BATCH {
             match queue.try_recv() {
-                Ok((id, reply)) => {
-                    ids.push(id);
-                    events.push((RESULTS_TOPIC.to_string(), reply));
-                }
+                Ok(next) => taken.push(next),
                 Err(_) => break,
             }
         }
-        // A lost connection comes back by itself: try a few times before
-        // leaving the commands to be redelivered (and run again).
-        let mut pause = Duration::from_millis(50);
-        for attempt in 1..=4 {
-            match consumer.publish_then_ack(&events, &ids).await {
-                Ok(()) => break,
-                Err(e) if attempt == 4 => {
-                    tracing::warn!(worker, error = %e, answers = ids.len(), "publishing answers failed; their commands will be redelivered");
-                }
-                Err(e) => {
-                    tracing::debug!(worker, error = %e, "publishing answers failed; retrying");
-                    tokio::time::sleep(pause).await;
-                    pause *= 2;
-                }
+        // Each answer is acked on the topic its command came from (almost
+        // always the normal one: then the batch goes as it is).
+        let mut by_level: Vec<Answers> = consumers.iter().map(|_| Answers::default()).collect();
+        for (level, id, reply) in taken.drain(..) {
+            let (ids, events) = &mut by_level[level];
+            ids.push(id);
+            events.push((RESULTS_TOPIC.to_string(), reply));
+        }
+        for ((ids, events), consumer) in by_level.iter().zip(&consumers) {
+            if !ids.is_empty() {
+                publish_answers(consumer.as_ref(), events, ids, &worker).await;
             }
         }
-        ids.clear();
-        events.clear();
+    }
+}
+
+async fn publish_answers(
+    consumer: &dyn Consumer,
+    events: &[(String, Event)],
+    ids: &[DeliveryId],
+    worker: &str,
+) {
+    // A lost connection comes back by itself: try a few times before
+    // leaving the commands to be redelivered (and run again).
+    let mut pause = Duration::from_millis(50);
+    for attempt in 1..=4 {
+        match consumer.publish_then_ack(events, ids).await {
+            Ok(()) => return,
+            Err(e) if attempt == 4 => {
+                tracing::warn!(worker, error = %e, answers = ids.len(), "publishing answers failed; their commands will be redelivered");
+            }
+            Err(e) => {
+                tracing::debug!(worker, error = %e, "publishing answers failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+        }
     }
 }
 

@@ -17,7 +17,8 @@ pub use event::{
 pub use ids::{CorrelationId, EventId, StepName, TransactionId, WorkerName, WorkflowName};
 pub use payload::Payload;
 pub use saga::{
-    Action, Dispatch, Input, Outcome, StatusUpdate, StepStatus, WorkflowState, WorkflowStatus,
+    Action, Dispatch, Input, Outcome, Priority, StatusUpdate, StepStatus, WorkflowState,
+    WorkflowStatus,
 };
 pub use time::Timestamp;
 pub use workflow::{DefinitionError, RetryPolicy, WorkflowBuilder, WorkflowDefinition};

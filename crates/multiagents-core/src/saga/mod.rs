@@ -30,8 +30,8 @@ mod state;
 use serde::{Deserialize, Serialize};
 
 pub use state::{
-    Failure, HistoryEntry, HistoryEvent, ParentLink, PendingSignal, StepState, StepStatus,
-    WorkflowState, WorkflowStatus,
+    Failure, HistoryEntry, HistoryEvent, ParentLink, PendingSignal, Priority, StepState,
+    StepStatus, WorkflowState, WorkflowStatus,
 };
 
 use crate::event::{Phase, StepError};
@@ -269,6 +269,7 @@ pub fn start_child(
         deadline: def.deadline().map(|d| now.plus(d)),
         signals: Vec::new(),
         parent,
+        priority: Priority::Normal,
         failure: None,
         started_at: now,
         updated_at: now,

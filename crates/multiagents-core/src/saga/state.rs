@@ -81,6 +81,51 @@ impl std::str::FromStr for WorkflowStatus {
     }
 }
 
+/// How urgent a workflow is: when workers are saturated, the commands of
+/// higher-priority workflows are taken first.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    /// Before everything else.
+    High,
+    /// The default.
+    #[default]
+    Normal,
+    /// After everything else.
+    Low,
+}
+
+impl Priority {
+    /// Highest first.
+    pub const ALL: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Low];
+
+    /// The snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::High => "high",
+            Priority::Normal => "normal",
+            Priority::Low => "low",
+        }
+    }
+
+    /// True for the default.
+    pub fn is_normal(&self) -> bool {
+        *self == Priority::Normal
+    }
+}
+
+impl std::str::FromStr for Priority {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Priority::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| format!("unknown priority `{s}`; use high, normal or low"))
+    }
+}
+
 /// Where one step is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
@@ -419,6 +464,9 @@ pub struct WorkflowState {
     /// For a sub-workflow: the parent step waiting for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<ParentLink>,
+    /// Its priority (a sub-workflow has its parent's).
+    #[serde(default, skip_serializing_if = "Priority::is_normal")]
+    pub priority: Priority,
     /// Why it is compensating or did not complete.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<Failure>,
@@ -450,6 +498,7 @@ impl Clone for WorkflowState {
             deadline: self.deadline,
             signals: self.signals.clone(),
             parent: self.parent.clone(),
+            priority: self.priority,
             failure: self.failure.clone(),
             started_at: self.started_at,
             updated_at: self.updated_at,
