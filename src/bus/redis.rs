@@ -8,7 +8,9 @@
 //! | --- | --- | --- |
 //! | `{ma:<topic>}` | stream | the topic's events, one entry each, field `e` = the encoded event |
 //! | `{ma:dead-letters}` | stream | dead letters: `topic`, `group`, `reason`, `deliveries`, `at`, `body` |
+//! | `{ma:limits:<worker>}held`, `…starts`, `…seq` | sorted sets, counter | shared places: leases, recent starts, lease numbers |
 //! | `ma:status` | Pub/Sub channel | status broadcasts (only with `broadcast_status`) |
+//! | `ma:interrupts` | Pub/Sub channel | interrupts for steps in flight (best effort) |
 //!
 //! Consumer groups are created at `0`, so events published before a group
 //! exists are delivered to it. Consumers read with a blocking `XREADGROUP`;

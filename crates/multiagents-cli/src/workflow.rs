@@ -36,8 +36,8 @@ pub enum WorkflowCommand {
     /// running stay on the version they started with.
     Deploy(DeployArgs),
     /// Draw a definition, from a file (JSON/YAML) or by name from the store:
-    /// the step graph, steps that run at once, workers, retries, timeouts and
-    /// compensations.
+    /// the step graph, parallel groups, conditions, fan-outs, sleeps, signal
+    /// waits, sub-workflows, workers, retries, timeouts and compensations.
     Diagram(DiagramArgs),
     /// Cancel a running workflow: the steps it completed are compensated and
     /// it ends `cancelled`. Needs no orchestrator of its own: the running
