@@ -159,6 +159,19 @@ async fn a_workflow_survives_its_orchestrator_dying_in_a_sleep_a_group_and_a_sig
     })
     .await;
     kill9(&mut orch);
+    // A signal it does not wait for is refused, saying which it waits for.
+    let (ok, _, stderr) = common::cli(&[
+        "workflow",
+        "signal",
+        &tx.to_string(),
+        "aprove",
+        "--redis-url",
+        &url,
+        "--prefix",
+        &prefix,
+    ]);
+    assert!(!ok, "a wrong signal name was accepted");
+    assert!(stderr.contains("waits only for `approve`"), "{stderr}");
     let (ok, stdout, stderr) = common::cli(&[
         "workflow",
         "signal",
