@@ -437,7 +437,7 @@ impl Engine {
                     }
                 }
                 Action::StartChild(start) => {
-                    Box::pin(self.start_child(state, start, outbox)).await?;
+                    Box::pin(self.start_child(state, *start, outbox)).await?;
                 }
                 Action::CancelChild {
                     transaction_id,
@@ -465,7 +465,7 @@ impl Engine {
                             Some(child) => saga::parent_outcome(&child.state)
                                 .filter(|o| o.phase == Phase::Compensate),
                             None => Some(saga::ChildOutcome {
-                                parent: parent.clone(),
+                                parent: (*parent).clone(),
                                 phase: Phase::Compensate,
                                 result: Err(StepError::fatal(format!(
                                     "sub-workflow {transaction_id} cannot be compensated: its state is gone (expired?)"
@@ -479,7 +479,7 @@ impl Engine {
                     }
                 }
                 Action::NotifyParent(outcome) => {
-                    outbox.push(notify_parent(state, outcome));
+                    outbox.push(notify_parent(state, *outcome));
                 }
                 Action::DeadLetter { step, reason } => {
                     tracing::error!(

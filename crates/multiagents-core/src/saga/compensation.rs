@@ -210,7 +210,7 @@ impl Transition<'_> {
             (StepKind::Workflow(_), _) => {
                 let transaction_id = self.child_id(slot.step, forward_attempt);
                 self.actions.push(Action::UndoChild {
-                    parent: self.parent_link(slot.step, attempt),
+                    parent: Box::new(self.parent_link(slot.step, attempt)),
                     transaction_id,
                 });
             }

@@ -114,10 +114,7 @@ impl Transition<'_> {
 
     fn wait(&mut self, i: usize, until: Option<Timestamp>) {
         let step = &mut self.state.steps[i];
-        step.status = StepStatus::Waiting {
-            since: self.now,
-            until,
-        };
+        step.status = StepStatus::Waiting { until };
         step.attempts = 1;
         self.record(Some(i), 1, HistoryEvent::WaitStarted { until });
     }
@@ -216,7 +213,7 @@ impl Transition<'_> {
                     input: self.step_input(slot.step).clone(),
                 };
                 self.record_slot(slot, attempt, HistoryEvent::ChildStarted { transaction_id });
-                self.actions.push(Action::StartChild(start));
+                self.actions.push(Action::StartChild(Box::new(start)));
             }
             _ => {
                 let worker = def.worker().cloned().unwrap_or_else(|| "".into());
@@ -490,15 +487,15 @@ impl Transition<'_> {
                 };
                 let transaction_id = self.child_id(slot.step, child_attempt);
                 let action = match phase {
-                    Phase::Forward => Action::StartChild(StartChild {
+                    Phase::Forward => Action::StartChild(Box::new(StartChild {
                         parent: self.parent_link(slot.step, attempt),
                         transaction_id,
                         workflow: child.workflow.clone(),
                         version: child.version,
                         input: self.step_input(slot.step).clone(),
-                    }),
+                    })),
                     Phase::Compensate => Action::UndoChild {
-                        parent: self.parent_link(slot.step, attempt),
+                        parent: Box::new(self.parent_link(slot.step, attempt)),
                         transaction_id,
                     },
                 };

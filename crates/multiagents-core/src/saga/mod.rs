@@ -205,7 +205,7 @@ pub enum Action {
         worker: WorkerName,
     },
     /// Start a sub-workflow.
-    StartChild(StartChild),
+    StartChild(Box<StartChild>),
     /// Cancel a running sub-workflow.
     CancelChild {
         /// The child.
@@ -216,12 +216,12 @@ pub enum Action {
     /// Undo a completed sub-workflow (its parent step is compensated).
     UndoChild {
         /// The parent step (and compensation attempt) waiting for it.
-        parent: ParentLink,
+        parent: Box<ParentLink>,
         /// The child.
         transaction_id: TransactionId,
     },
     /// This workflow is a sub-workflow and has ended: tell the parent.
-    NotifyParent(ChildOutcome),
+    NotifyParent(Box<ChildOutcome>),
 }
 
 /// The result of [`apply`].
@@ -521,7 +521,7 @@ impl Transition<'_> {
         self.actions
             .push(Action::Status(StatusUpdate::Finished { status }));
         if let Some(outcome) = parent_outcome(self.state) {
-            self.actions.push(Action::NotifyParent(outcome));
+            self.actions.push(Action::NotifyParent(Box::new(outcome)));
         }
     }
 

@@ -148,10 +148,9 @@ pub enum StepStatus {
         /// When it is dispatched.
         due: Timestamp,
     },
-    /// Sleeping, or waiting for a signal, until `until` (forever when absent).
+    /// Sleeping, or waiting for a signal, until `until` (forever when
+    /// absent); the history says since when.
     Waiting {
-        /// Since when.
-        since: Timestamp,
         /// When the wait ends.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         until: Option<Timestamp>,
