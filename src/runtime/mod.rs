@@ -193,7 +193,7 @@ impl RuntimeBuilder {
                 }
             }
         }
-        if let Some(cycle) = child_cycle(&self.workflows) {
+        if let Some(cycle) = crate::core::workflow::child_cycle(&self.workflows) {
             return Err(Error::Config(format!(
                 "workflows start each other as sub-workflows in a cycle, which would never end: {}",
                 cycle.join(" → ")
@@ -221,49 +221,4 @@ impl RuntimeBuilder {
             workers,
         })
     }
-}
-
-/// A cycle of workflows that start each other as sub-workflows, as names
-/// with the first repeated at the end.
-pub(crate) fn child_cycle(defs: &[WorkflowDefinition]) -> Option<Vec<String>> {
-    use std::collections::HashMap;
-    let mut children: HashMap<&str, Vec<&str>> = HashMap::new();
-    for d in defs {
-        children
-            .entry(d.name().as_str())
-            .or_default()
-            .extend(d.children().map(|c| c.workflow.as_str()));
-    }
-    fn visit<'a>(
-        n: &'a str,
-        children: &HashMap<&'a str, Vec<&'a str>>,
-        path: &mut Vec<&'a str>,
-        done: &mut HashSet<&'a str>,
-    ) -> Option<Vec<String>> {
-        if let Some(start) = path.iter().position(|p| *p == n) {
-            let mut cycle: Vec<String> = path[start..].iter().map(|s| s.to_string()).collect();
-            cycle.push(n.to_string());
-            return Some(cycle);
-        }
-        if !done.insert(n) {
-            return None;
-        }
-        path.push(n);
-        for c in children.get(n).into_iter().flatten() {
-            if let Some(cycle) = visit(c, children, path, done) {
-                return Some(cycle);
-            }
-        }
-        path.pop();
-        None
-    }
-    let mut names: Vec<&str> = children.keys().copied().collect();
-    names.sort_unstable();
-    let mut done = HashSet::new();
-    for n in names {
-        if let Some(c) = visit(n, &children, &mut Vec::new(), &mut done) {
-            return Some(c);
-        }
-    }
-    None
 }

@@ -156,6 +156,28 @@ async fn deploy(args: DeployArgs) -> Result<ExitCode, Error> {
         .map(|f| read_definition(f))
         .collect::<Result<Vec<_>, _>>()?;
     let store = args.redis.store().await?;
+    // Sub-workflows that would start each other in a cycle are refused: look
+    // at these definitions and every child they reach, here or registered.
+    let mut known = definitions.clone();
+    let mut queue: Vec<String> = definitions
+        .iter()
+        .flat_map(|d| d.children().map(|c| c.workflow.to_string()))
+        .collect();
+    while let Some(name) = queue.pop() {
+        if known.iter().any(|d| d.name().as_str() == name) {
+            continue;
+        }
+        if let Some(def) = store.latest_definition(&name).await? {
+            queue.extend(def.children().map(|c| c.workflow.to_string()));
+            known.push(def);
+        }
+    }
+    if let Some(cycle) = multiagents::core::workflow::child_cycle(&known) {
+        return Err(Error::Config(format!(
+            "nothing deployed: workflows would start each other as sub-workflows in a cycle, which would never end: {}",
+            cycle.join(" → ")
+        )));
+    }
     for def in &definitions {
         store.put_definition(def).await?;
         println!("deployed {}@{}", def.name(), def.version());

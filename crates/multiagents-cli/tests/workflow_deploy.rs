@@ -133,3 +133,33 @@ async fn deploys_definitions_by_version_and_refuses_changes_and_bad_files() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("127.0.0.1:1"));
 }
+
+#[tokio::test]
+async fn refuses_sub_workflows_that_would_start_each_other() {
+    let Some(url) = common::redis_url() else {
+        return;
+    };
+    let prefix = format!("deploy-cycle-{}", std::process::id());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = dir.path().join("a.yaml");
+    let b = dir.path().join("b.yaml");
+    std::fs::write(&a, "name: a\nsteps:\n  - {name: run_b, workflow: b}\n").expect("write");
+    std::fs::write(&b, "name: b\nsteps:\n  - {name: run_a, workflow: a}\n").expect("write");
+    // `a` alone is fine (b is not there yet); then `b`, which closes the
+    // cycle through the registered `a`, is refused.
+    let out = deploy(&url, &prefix, &[&a]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = deploy(&url, &prefix, &[&b]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("a → b → a"), "{stderr}");
+    assert!(stderr.contains("nothing deployed"), "{stderr}");
+    let store = RedisStateStore::connect(RedisStoreConfig::new(&url).prefix(&prefix))
+        .await
+        .expect("store");
+    assert!(store.get_definition("b", 1).await.expect("read").is_none());
+}

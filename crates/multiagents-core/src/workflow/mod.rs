@@ -1176,5 +1176,63 @@ fn find_cycle(deps: &[Vec<usize>]) -> Option<Vec<usize>> {
     None
 }
 
+/// A cycle among `defs` of workflows that start each other as
+/// sub-workflows, as names with the first repeated at the end. The runtime
+/// refuses to start with one, and `multiagents workflow deploy` to register
+/// one.
+///
+/// ```
+/// use multiagents_core::WorkflowBuilder;
+/// use multiagents_core::workflow::child_cycle;
+///
+/// let a = WorkflowBuilder::new("a").sub_workflow("b", "b").build()?;
+/// let b = WorkflowBuilder::new("b").sub_workflow("a", "a").build()?;
+/// assert_eq!(child_cycle(&[a.clone()]), None);
+/// assert_eq!(child_cycle(&[a, b]), Some(vec!["a".into(), "b".into(), "a".into()]));
+/// # Ok::<(), multiagents_core::DefinitionError>(())
+/// ```
+pub fn child_cycle(defs: &[WorkflowDefinition]) -> Option<Vec<String>> {
+    use std::collections::{HashMap, HashSet};
+    let mut children: HashMap<&str, Vec<&str>> = HashMap::new();
+    for d in defs {
+        children
+            .entry(d.name().as_str())
+            .or_default()
+            .extend(d.children().map(|c| c.workflow.as_str()));
+    }
+    fn visit<'a>(
+        n: &'a str,
+        children: &HashMap<&'a str, Vec<&'a str>>,
+        path: &mut Vec<&'a str>,
+        done: &mut HashSet<&'a str>,
+    ) -> Option<Vec<String>> {
+        if let Some(start) = path.iter().position(|p| *p == n) {
+            let mut cycle: Vec<String> = path[start..].iter().map(|s| s.to_string()).collect();
+            cycle.push(n.to_string());
+            return Some(cycle);
+        }
+        if !done.insert(n) {
+            return None;
+        }
+        path.push(n);
+        for c in children.get(n).into_iter().flatten() {
+            if let Some(cycle) = visit(c, children, path, done) {
+                return Some(cycle);
+            }
+        }
+        path.pop();
+        None
+    }
+    let mut names: Vec<&str> = children.keys().copied().collect();
+    names.sort_unstable();
+    let mut done = HashSet::new();
+    for n in names {
+        if let Some(c) = visit(n, &children, &mut Vec::new(), &mut done) {
+            return Some(c);
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests;
