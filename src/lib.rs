@@ -5,6 +5,8 @@ extern crate self as multiagents;
 pub mod bus;
 mod client;
 mod error;
+#[cfg(feature = "llm")]
+pub mod llm;
 pub mod monitoring;
 pub mod runtime;
 pub mod store;

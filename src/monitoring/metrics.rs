@@ -36,6 +36,15 @@ pub const WORKER_IN_FLIGHT: &str = "multiagents_worker_in_flight";
 /// `group` (sampled by the orchestrator).
 pub const BUS_LAG: &str = "multiagents_bus_lag";
 
+/// LLM tokens, by `model` and `direction` (`in` for the prompt, `out` for
+/// the completion).
+pub const LLM_TOKENS: &str = "multiagents_llm_tokens_total";
+/// LLM calls, by `model` and `outcome`.
+pub const LLM_CALLS: &str = "multiagents_llm_calls_total";
+/// What LLM calls cost, in the configured currency, by `model` (only when a
+/// price is configured).
+pub const LLM_COST: &str = "multiagents_llm_cost_total";
+
 /// Every metric: name, kind and what it means.
 pub const METRICS: &[(&str, &str, &str)] = &[
     (WORKFLOWS_STARTED, "counter", "Workflows started."),
@@ -74,6 +83,17 @@ pub const METRICS: &[(&str, &str, &str)] = &[
         BUS_LAG,
         "gauge",
         "Entries not yet delivered to a consumer group.",
+    ),
+    (
+        LLM_TOKENS,
+        "counter",
+        "LLM tokens, by model and direction (in, out).",
+    ),
+    (LLM_CALLS, "counter", "LLM calls, by model and outcome."),
+    (
+        LLM_COST,
+        "counter",
+        "What LLM calls cost, when a price is configured.",
     ),
 ];
 
