@@ -29,6 +29,14 @@
 //! Only plain `http://` endpoints are supported so far (local servers and
 //! proxies); `https://` is refused with a clear error.
 
+mod predict;
+mod signature;
+mod worker;
+
+pub use predict::{ChainOfThought, Example, Predict, PredictError, Prediction};
+pub use signature::{Field, FieldType, Signature, SignatureError};
+pub use worker::LlmWorker;
+
 use std::fmt;
 use std::time::{Duration, Instant};
 

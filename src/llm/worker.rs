@@ -1,0 +1,133 @@
+//! An LLM program as a worker: one call makes a `Predict` or
+//! `ChainOfThought` a saga step, with retries, timeouts and compensation
+//! like any other.
+
+use async_trait::async_trait;
+use serde_json::{Map, Value};
+
+use super::{ChainOfThought, LlmClient, Predict, PredictError, Prediction};
+use crate::core::Payload;
+use crate::worker::{Worker, WorkerContext, WorkerError};
+
+/// The program a worker runs.
+#[derive(Clone, Debug)]
+enum Program {
+    Predict(Predict),
+    ChainOfThought(ChainOfThought),
+}
+
+/// A worker whose body is an LLM program.
+///
+/// The step's input must be a JSON object holding the signature's inputs
+/// (other keys are ignored); the step's output is the object of its outputs.
+/// A transient LLM failure (timeout, 429, 5xx) or a reply that could not be
+/// used is a retryable error; inputs that do not fit the signature fail the
+/// step for good.
+///
+/// ```no_run
+/// use multiagents::llm::{LlmClient, LlmConfig, LlmWorker, Predict, Signature};
+///
+/// # fn f() -> Result<(), Box<dyn std::error::Error>> {
+/// let classify = LlmWorker::predict(
+///     "classify_ticket",
+///     LlmClient::new(LlmConfig::from_env()?),
+///     Predict::new(Signature::parse("ticket -> category, urgent: bool")?),
+/// );
+/// // Runtime::builder().worker(classify) …
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct LlmWorker {
+    name: String,
+    client: LlmClient,
+    program: Program,
+}
+
+impl LlmWorker {
+    /// A worker named `name` that runs `predict` against `client`.
+    pub fn predict(name: impl Into<String>, client: LlmClient, predict: Predict) -> Self {
+        Self {
+            name: name.into(),
+            client,
+            program: Program::Predict(predict),
+        }
+    }
+
+    /// A worker named `name` that runs a chain of thought against `client`.
+    pub fn chain_of_thought(
+        name: impl Into<String>,
+        client: LlmClient,
+        program: ChainOfThought,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            client,
+            program: Program::ChainOfThought(program),
+        }
+    }
+
+    async fn call(&self, inputs: &Map<String, Value>) -> Result<Prediction, PredictError> {
+        match &self.program {
+            Program::Predict(p) => p.call(&self.client, inputs).await,
+            Program::ChainOfThought(p) => p.call(&self.client, inputs).await,
+        }
+    }
+}
+
+#[async_trait]
+impl Worker for LlmWorker {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn run(&self, input: Payload, ctx: WorkerContext) -> Result<Payload, WorkerError> {
+        let inputs: Map<String, Value> = match input.parse::<Value>() {
+            Ok(Value::Object(m)) => m,
+            Ok(other) => {
+                return Err(WorkerError::fatal(format!(
+                    "LLM worker `{}` needs a JSON object of inputs, not {}",
+                    self.name,
+                    other.to_string().chars().take(100).collect::<String>()
+                ))
+                .with_kind("invalid_input"));
+            }
+            Err(e) => {
+                return Err(WorkerError::fatal(format!("input is not JSON: {e}"))
+                    .with_kind("invalid_input"));
+            }
+        };
+        // The call stops when the step's context is cancelled (deadline,
+        // shutdown, or the workflow no longer wants it).
+        let outcome = tokio::select! {
+            r = self.call(&inputs) => r,
+            _ = ctx.cancellation.cancelled() => {
+                return Err(WorkerError::retry("the LLM call was interrupted").with_kind("interrupted"));
+            }
+        };
+        match outcome {
+            Ok(prediction) => {
+                tracing::debug!(
+                    worker = %self.name,
+                    prompt_tokens = prediction.usage.prompt_tokens,
+                    completion_tokens = prediction.usage.completion_tokens,
+                    calls = prediction.calls,
+                    "LLM step answered"
+                );
+                Payload::to_json(&Value::Object(prediction.outputs))
+                    .map_err(|e| WorkerError::fatal(format!("outputs do not encode: {e}")))
+            }
+            Err(e @ PredictError::Input(_)) => {
+                Err(WorkerError::fatal(e.to_string()).with_kind("invalid_input"))
+            }
+            Err(e @ PredictError::BadOutput { .. }) => {
+                Err(WorkerError::retry(e.to_string()).with_kind("bad_llm_output"))
+            }
+            Err(PredictError::Llm(e)) if e.is_transient() => {
+                Err(WorkerError::retry(e.to_string()).with_kind("llm_unavailable"))
+            }
+            Err(PredictError::Llm(e)) => {
+                Err(WorkerError::fatal(e.to_string()).with_kind("llm_refused"))
+            }
+        }
+    }
+}

@@ -1,0 +1,353 @@
+#![cfg(feature = "llm")]
+//! Signatures and modules against a real local HTTP server that speaks the
+//! OpenAI chat API: structured output, the text-marker fallback for servers
+//! without `response_format`, a repaired reply, replies that cannot be used
+//! (malformed, wrongly typed, truncated), chain of thought, and an LLM step
+//! in a saga that compensates.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use multiagents::llm::{
+    ChainOfThought, LlmClient, LlmConfig, LlmWorker, Predict, PredictError, Signature,
+};
+use multiagents::worker::{WorkerContext, WorkerError, from_fn};
+use multiagents::{Runtime, WorkflowBuilder, WorkflowStatus};
+use serde_json::{Map, Value, json};
+
+type Handler = Arc<dyn Fn(&Value, usize) -> (u16, String) + Send + Sync>;
+
+#[derive(Clone)]
+struct Fake {
+    handler: Handler,
+    seen: Arc<Mutex<Vec<Value>>>,
+}
+
+async fn completions(State(fake): State<Fake>, body: String) -> (StatusCode, String) {
+    let request: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+    let n = {
+        let mut seen = fake.seen.lock().expect("lock");
+        seen.push(request.clone());
+        seen.len()
+    };
+    let (status, body) = (fake.handler)(&request, n);
+    (StatusCode::from_u16(status).expect("status"), body)
+}
+
+async fn serve(handler: Handler) -> (LlmClient, Arc<Mutex<Vec<Value>>>) {
+    let fake = Fake {
+        handler,
+        seen: Arc::new(Mutex::new(Vec::new())),
+    };
+    let seen = fake.seen.clone();
+    let app = Router::new()
+        .route("/v1/chat/completions", post(completions))
+        .with_state(fake);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let client = LlmClient::new(
+        LlmConfig::new(format!("http://{addr}/v1"))
+            .model("fake")
+            .retries(2, Duration::from_millis(10)),
+    );
+    (client, seen)
+}
+
+/// A chat completion whose message is `content`.
+fn completion(content: &str, finish: &str) -> (u16, String) {
+    (
+        200,
+        json!({
+            "model": "fake",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
+            "usage": {"prompt_tokens": 30, "completion_tokens": 8}
+        })
+        .to_string(),
+    )
+}
+
+fn classify() -> Signature {
+    Signature::parse("ticket -> category: String, urgent: bool")
+        .expect("signature")
+        .instructions("Classify a support ticket.")
+        .describe("category", "billing, bug or question")
+}
+
+fn ticket(text: &str) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("ticket".into(), json!(text));
+    m
+}
+
+#[tokio::test]
+async fn structured_output_is_asked_for_with_the_schema_and_typed() {
+    let (client, seen) = serve(Arc::new(|_req, _n| {
+        completion(r#"{"category": "billing", "urgent": true}"#, "stop")
+    }))
+    .await;
+    let p = Predict::new(classify());
+    let out = p
+        .call(&client, &ticket("I was charged twice!"))
+        .await
+        .expect("prediction");
+    assert_eq!(out.outputs["category"], "billing");
+    assert_eq!(out.outputs["urgent"], true);
+    assert_eq!(out.usage.total(), 38);
+    let req = &seen.lock().expect("lock")[0];
+    let schema = &req["response_format"]["json_schema"]["schema"];
+    assert_eq!(schema["required"], json!(["category", "urgent"]));
+    assert_eq!(schema["properties"]["urgent"]["type"], "boolean");
+    let system = req["messages"][0]["content"].as_str().expect("system");
+    assert!(system.starts_with("Classify a support ticket."), "{system}");
+    assert!(
+        system.contains("`category` (text): billing, bug or question"),
+        "{system}"
+    );
+    assert!(
+        req["messages"][1]["content"]
+            .as_str()
+            .expect("user")
+            .contains("I was charged twice!")
+    );
+}
+
+#[tokio::test]
+async fn a_server_without_structured_output_gets_text_markers_and_is_remembered() {
+    let (client, seen) = serve(Arc::new(|req, _n| {
+        if req.get("response_format").is_some() {
+            (
+                400,
+                r#"{"error": {"message": "response_format is not supported by this model"}}"#
+                    .into(),
+            )
+        } else {
+            completion(
+                "[[ ## category ## ]]\nbug\n\n[[ ## urgent ## ]]\nfalse\n\n[[ ## completed ## ]]",
+                "stop",
+            )
+        }
+    }))
+    .await;
+    let p = Predict::new(classify());
+    for _ in 0..2 {
+        let out = p
+            .call(&client, &ticket("The app crashes."))
+            .await
+            .expect("prediction");
+        assert_eq!(out.outputs["category"], "bug");
+        assert_eq!(out.outputs["urgent"], false);
+    }
+    assert!(p.uses_text_markers());
+    let seen = seen.lock().expect("lock");
+    // One refused structured request, then two text requests.
+    assert_eq!(seen.len(), 3);
+    assert!(seen[2].get("response_format").is_none());
+    assert!(
+        seen[2]["messages"][0]["content"]
+            .as_str()
+            .expect("system")
+            .contains("[[ ## name ## ]]")
+    );
+}
+
+#[tokio::test]
+async fn a_malformed_reply_gets_one_repair_attempt() {
+    let (client, seen) = serve(Arc::new(|_req, n| {
+        if n == 1 {
+            completion(r#"{"category": "billing", "urgent": tru"#, "stop")
+        } else {
+            completion(r#"{"category": "billing", "urgent": true}"#, "stop")
+        }
+    }))
+    .await;
+    let out = Predict::new(classify())
+        .call(&client, &ticket("Refund please"))
+        .await
+        .expect("repaired");
+    assert_eq!(out.calls, 2);
+    assert_eq!(out.usage.total(), 76);
+    let seen = seen.lock().expect("lock");
+    let messages = seen[1]["messages"].as_array().expect("messages");
+    let last = messages.last().expect("last")["content"]
+        .as_str()
+        .expect("text");
+    assert!(
+        last.contains("could not be used: it is not valid JSON"),
+        "{last}"
+    );
+    assert_eq!(messages[messages.len() - 2]["role"], "assistant");
+}
+
+#[tokio::test]
+async fn replies_that_stay_unusable_fail_with_the_bad_part_quoted() {
+    // Wrongly typed, twice.
+    let (client, _) = serve(Arc::new(|_req, _n| {
+        completion(r#"{"category": "bug", "urgent": "maybe"}"#, "stop")
+    }))
+    .await;
+    let err = Predict::new(classify())
+        .call(&client, &ticket("hmm"))
+        .await
+        .expect_err("unusable");
+    assert!(matches!(err, PredictError::BadOutput { .. }));
+    assert!(err.is_transient());
+    let text = err.to_string();
+    assert!(
+        text.contains("output `urgent`: `maybe` is not true or false"),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"the reply began: {"category": "bug", "urgent": "maybe"}"#),
+        "{text}"
+    );
+
+    // Truncated, twice.
+    let (client, _) = serve(Arc::new(|_req, _n| {
+        completion(r#"{"category": "bug", "urg"#, "length")
+    }))
+    .await;
+    let err = Predict::new(classify())
+        .call(&client, &ticket("long"))
+        .await
+        .expect_err("truncated");
+    assert!(
+        err.to_string().contains("cut off (finish_reason `length`)"),
+        "{err}"
+    );
+
+    // Inputs that do not fit the signature are refused before any call.
+    let (client, seen) = serve(Arc::new(|_req, _n| completion("{}", "stop"))).await;
+    let err = Predict::new(classify())
+        .call(&client, &Map::new())
+        .await
+        .expect_err("no input");
+    assert!(
+        err.to_string().contains("input `ticket` is missing"),
+        "{err}"
+    );
+    assert!(seen.lock().expect("lock").is_empty());
+}
+
+#[tokio::test]
+async fn chain_of_thought_asks_for_reasoning_first() {
+    let (client, seen) = serve(Arc::new(|_req, _n| {
+        completion(
+            r#"{"reasoning": "Charged twice means billing.", "category": "billing", "urgent": true}"#,
+            "stop",
+        )
+    }))
+    .await;
+    let out = ChainOfThought::new(classify())
+        .call(&client, &ticket("Charged twice"))
+        .await
+        .expect("prediction");
+    assert_eq!(out.outputs["reasoning"], "Charged twice means billing.");
+    let req = &seen.lock().expect("lock")[0];
+    assert_eq!(
+        req["response_format"]["json_schema"]["schema"]["required"],
+        json!(["reasoning", "category", "urgent"])
+    );
+}
+
+#[tokio::test]
+async fn an_llm_step_sits_in_a_saga_with_retries_and_compensation() {
+    // The endpoint is rate-limited once, then classifies by the ticket text.
+    let (client, _) = serve(Arc::new(|req, n| {
+        if n == 1 {
+            return (429, r#"{"error": "slow down"}"#.into());
+        }
+        let user = req["messages"]
+            .as_array()
+            .and_then(|m| m.last())
+            .and_then(|m| m["content"].as_str())
+            .unwrap_or_default()
+            .to_string();
+        if user.contains("crash") {
+            completion(r#"{"category": "bug", "urgent": true}"#, "stop")
+        } else {
+            completion(r#"{"category": "question", "urgent": false}"#, "stop")
+        }
+    }))
+    .await;
+    let undone = Arc::new(Mutex::new(Vec::<String>::new()));
+    let u = undone.clone();
+    let rt = Runtime::builder()
+        .workflow(
+            WorkflowBuilder::new("support")
+                .step("classify", "classify_ticket")
+                .step("open_case", "open_case")
+                .compensate_with("close_case")
+                .step("page", "page_on_call")
+                .build()
+                .expect("valid"),
+        )
+        .worker(LlmWorker::predict(
+            "classify_ticket",
+            client,
+            Predict::new(classify()),
+        ))
+        .worker(from_fn(
+            "open_case",
+            |_i: Value, ctx: WorkerContext| async move {
+                let c: Value = ctx.output("classify")?;
+                Ok::<_, WorkerError>(
+                    json!({"case": format!("CASE-{}", c["category"].as_str().unwrap_or("?"))}),
+                )
+            },
+        ))
+        .worker(from_fn(
+            "close_case",
+            move |_i: Value, ctx: WorkerContext| {
+                let u = u.clone();
+                async move {
+                    let case: Value = ctx.output("open_case")?;
+                    u.lock().expect("lock").push(case["case"].to_string());
+                    Ok::<_, WorkerError>(json!(null))
+                }
+            },
+        ))
+        .worker(from_fn(
+            "page_on_call",
+            |_i: Value, ctx: WorkerContext| async move {
+                let c: Value = ctx.output("classify")?;
+                if c["urgent"] == true {
+                    return Err(WorkerError::fatal("nobody is on call"));
+                }
+                Ok(json!("no page needed"))
+            },
+        ))
+        .start()
+        .await
+        .expect("runtime");
+    let client = rt.client();
+    let calm = client
+        .start("support", &json!({"ticket": "How do I export my data?"}))
+        .await
+        .expect("start");
+    let state = client
+        .wait(calm, Duration::from_secs(10))
+        .await
+        .expect("ends");
+    assert_eq!(state.status, WorkflowStatus::Completed, "{state:?}");
+    let urgent = client
+        .start("support", &json!({"ticket": "The app crashes on start"}))
+        .await
+        .expect("start");
+    let state = client
+        .wait(urgent, Duration::from_secs(10))
+        .await
+        .expect("ends");
+    assert_eq!(state.status, WorkflowStatus::Compensated, "{state:?}");
+    assert_eq!(
+        undone.lock().expect("lock").clone(),
+        vec![r#""CASE-bug""#.to_string()]
+    );
+    rt.shutdown().await;
+}
