@@ -351,3 +351,89 @@ async fn an_llm_step_sits_in_a_saga_with_retries_and_compensation() {
     );
     rt.shutdown().await;
 }
+
+/// A fake model that knows each ticket's right category, but without demos
+/// in the prompt gets every ticket that mentions "invoice" wrong.
+fn few_shot_model() -> Handler {
+    Arc::new(|req, _n| {
+        let messages = req["messages"].as_array().cloned().unwrap_or_default();
+        let has_demos = messages.len() > 2;
+        let user = messages
+            .last()
+            .and_then(|m| m["content"].as_str())
+            .unwrap_or_default()
+            .to_string();
+        let category = if user.contains("crash") {
+            "bug"
+        } else if user.contains("invoice") {
+            if has_demos { "billing" } else { "question" }
+        } else if user.contains("charged") {
+            "billing"
+        } else {
+            "question"
+        };
+        completion(
+            &json!({"category": category, "urgent": user.contains("crash")}).to_string(),
+            "stop",
+        )
+    })
+}
+
+fn example(text: &str, category: &str, urgent: bool) -> multiagents::llm::Example {
+    let mut outputs = Map::new();
+    outputs.insert("category".into(), json!(category));
+    outputs.insert("urgent".into(), json!(urgent));
+    multiagents::llm::Example {
+        inputs: ticket(text),
+        outputs,
+    }
+}
+
+#[tokio::test]
+async fn bootstrap_few_shot_raises_the_dev_score_and_the_compiled_program_saves() {
+    use multiagents::llm::{BootstrapFewShot, LabeledFewShot, evaluate, exact_match};
+    let (client, _) = serve(few_shot_model()).await;
+    let train = vec![
+        example("I was charged twice", "billing", false),
+        example("The app crashes on login", "bug", true),
+        example("Where is my invoice for May?", "billing", false),
+        example("How do I export data?", "question", false),
+    ];
+    let dev = vec![
+        example("Please resend the invoice", "billing", false),
+        example("The invoice total is wrong", "billing", false),
+        example("It crashes when I upload", "bug", true),
+        example("Can I change my email?", "question", false),
+    ];
+    let program = Predict::new(classify());
+    let before = evaluate(&program, &client, &dev, &exact_match).await;
+    assert_eq!(before.score(), 0.5, "{before:?}");
+
+    let compiled = BootstrapFewShot { max_demos: 4 }
+        .compile(&program, &client, &train, &exact_match)
+        .await
+        .expect("compiles");
+    // The invoice example was answered wrongly while bootstrapping: not kept.
+    assert_eq!(compiled.demos().len(), 3);
+    let after = evaluate(&compiled, &client, &dev, &exact_match).await;
+    assert_eq!(after.score(), 1.0, "{after:?}");
+    assert!(after.score() > before.score());
+
+    // Saved and loaded, it scores the same.
+    let loaded = Predict::from_json(&compiled.to_json()).expect("loads");
+    assert_eq!(loaded.demos(), compiled.demos());
+    assert_eq!(
+        evaluate(&loaded, &client, &dev, &exact_match).await.score(),
+        1.0
+    );
+
+    // Labelled examples as demos work too.
+    let labeled = LabeledFewShot { k: 2 }.compile(&program, &train);
+    assert_eq!(labeled.demos().len(), 2);
+    assert_eq!(
+        evaluate(&labeled, &client, &dev, &exact_match)
+            .await
+            .score(),
+        1.0
+    );
+}

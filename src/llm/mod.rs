@@ -29,10 +29,14 @@
 //! Only plain `http://` endpoints are supported so far (local servers and
 //! proxies); `https://` is refused with a clear error.
 
+mod optimize;
 mod predict;
 mod signature;
 mod worker;
 
+pub use optimize::{
+    BootstrapFewShot, Evaluation, LabeledFewShot, Metric, SavedProgram, evaluate, exact_match,
+};
 pub use predict::{ChainOfThought, Example, Predict, PredictError, Prediction};
 pub use signature::{Field, FieldType, Signature, SignatureError};
 pub use worker::LlmWorker;
