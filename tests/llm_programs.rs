@@ -437,3 +437,49 @@ async fn bootstrap_few_shot_raises_the_dev_score_and_the_compiled_program_saves(
         1.0
     );
 }
+
+#[tokio::test]
+async fn replies_are_recorded_to_a_file_and_played_back_without_a_server() {
+    use multiagents::llm::Replay;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("replies.jsonl");
+    let (client, seen) = serve(Arc::new(|_req, _n| {
+        completion(r#"{"category": "billing", "urgent": false}"#, "stop")
+    }))
+    .await;
+    let recording = client.with_replay(Replay::record(&file).expect("record"));
+    let p = Predict::new(classify());
+    let live = p.call(&recording, &ticket("Refund?")).await.expect("live");
+    // Asked again: served from the recording, not the server.
+    p.call(&recording, &ticket("Refund?")).await.expect("again");
+    assert_eq!(seen.lock().expect("lock").len(), 1);
+
+    // Playback: an endpoint that does not exist is never called.
+    let offline = LlmClient::new(LlmConfig::new("http://127.0.0.1:1/v1").model("fake"))
+        .with_replay(Replay::playback(&file).expect("playback"));
+    let replayed = p
+        .call(&offline, &ticket("Refund?"))
+        .await
+        .expect("replayed");
+    assert_eq!(replayed.outputs, live.outputs);
+    // A request that was never recorded says so.
+    let err = p
+        .call(&offline, &ticket("Something new"))
+        .await
+        .expect_err("not recorded");
+    assert!(
+        err.to_string().contains("has no reply for this request"),
+        "{err}"
+    );
+
+    // The in-memory cache: the second identical call does not reach the server.
+    let (client, seen) = serve(Arc::new(|_req, _n| {
+        completion(r#"{"category": "bug", "urgent": true}"#, "stop")
+    }))
+    .await;
+    let cached = client.with_replay(Replay::cache());
+    for _ in 0..3 {
+        p.call(&cached, &ticket("crash")).await.expect("cached");
+    }
+    assert_eq!(seen.lock().expect("lock").len(), 1);
+}

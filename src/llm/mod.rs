@@ -31,6 +31,7 @@
 
 mod optimize;
 mod predict;
+mod replay;
 mod signature;
 mod worker;
 
@@ -38,6 +39,7 @@ pub use optimize::{
     BootstrapFewShot, Evaluation, LabeledFewShot, Metric, SavedProgram, evaluate, exact_match,
 };
 pub use predict::{ChainOfThought, Example, Predict, PredictError, Prediction};
+pub use replay::Replay;
 pub use signature::{Field, FieldType, Signature, SignatureError};
 pub use worker::LlmWorker;
 
@@ -312,6 +314,9 @@ pub enum LlmError {
         /// The start of the body.
         body: String,
     },
+    /// A replay file has no reply for this request, or cannot be used.
+    #[error("replay: {0}")]
+    Replay(String),
     /// The reply is not a chat completion.
     #[error(
         "LLM endpoint {url} sent a reply that is not a chat completion: {problem}; it began: {start}"
@@ -343,6 +348,7 @@ impl LlmError {
 pub struct LlmClient {
     config: std::sync::Arc<LlmConfig>,
     http: Client<HttpConnector, Full<Bytes>>,
+    replay: Option<std::sync::Arc<Replay>>,
 }
 
 impl fmt::Debug for LlmClient {
@@ -373,7 +379,15 @@ impl LlmClient {
         Self {
             config: std::sync::Arc::new(config),
             http: Client::builder(TokioExecutor::new()).build(connector),
+            replay: None,
         }
+    }
+
+    /// Replies come from (or go to) `replay`: a response cache, a recording
+    /// to a file, or a playback from one (see [`Replay`]).
+    pub fn with_replay(mut self, replay: Replay) -> Self {
+        self.replay = Some(std::sync::Arc::new(replay));
+        self
     }
 
     /// Its configuration.
@@ -413,6 +427,13 @@ impl LlmClient {
             url: url.clone(),
             problem: format!("the request does not encode: {e}"),
         })?;
+        let key = replay::key(&body);
+        if let Some(r) = &self.replay
+            && let Some(reply) = r.lookup(&key)?
+        {
+            self.count("replayed");
+            return Ok(reply);
+        }
         let body = Bytes::from(body);
         let mut attempt = 0;
         let mut pause = self.config.backoff;
@@ -437,6 +458,9 @@ impl LlmClient {
                 self.count(if reply.is_ok() { "ok" } else { "error" });
                 if let Ok(r) = &reply {
                     self.record_usage(&r.usage);
+                    if let Some(replay) = &self.replay {
+                        replay.store(&key, r)?;
+                    }
                 }
                 return reply;
             }
