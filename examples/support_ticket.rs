@@ -163,13 +163,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .compensate_with("close_case")
         .step("send_reply", "send_reply")
         .build()?;
+    let triage = LlmWorker::predict("triage_ticket", client, triage_program()?);
+    let tokens = triage.usage();
     let runtime = Runtime::builder()
         .workflow(definition)
-        .worker(LlmWorker::predict(
-            "triage_ticket",
-            client,
-            triage_program()?,
-        ))
+        .worker(triage)
         .worker(open_case)
         .worker(close_case)
         .worker(send_reply)
@@ -219,6 +217,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!();
     let cases = CASES.lock().map(|c| c.clone()).unwrap_or_default();
     println!("cases: {}", cases.join(", "));
+    let used = tokens.total();
+    println!(
+        "LLM: {} call(s), {} tokens in, {} out",
+        tokens.calls(),
+        used.prompt_tokens,
+        used.completion_tokens
+    );
     runtime.shutdown().await;
     if failed_llm > 0 {
         return Err(format!("{failed_llm} ticket(s) could not be triaged").into());

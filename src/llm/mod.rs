@@ -41,7 +41,7 @@ pub use optimize::{
 pub use predict::{ChainOfThought, Example, Predict, PredictError, Prediction};
 pub use replay::Replay;
 pub use signature::{Field, FieldType, Signature, SignatureError};
-pub use worker::LlmWorker;
+pub use worker::{LlmWorker, UsageMeter};
 
 use std::fmt;
 use std::time::{Duration, Instant};

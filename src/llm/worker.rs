@@ -41,6 +41,35 @@ pub struct LlmWorker {
     name: String,
     client: LlmClient,
     program: Program,
+    usage: UsageMeter,
+}
+
+/// Tokens a worker used in this process, shared with its clones: read it
+/// with [`UsageMeter::total`] (the monitoring summary of the examples does).
+#[derive(Clone, Debug, Default)]
+pub struct UsageMeter(std::sync::Arc<[std::sync::atomic::AtomicU64; 3]>);
+
+impl UsageMeter {
+    fn add(&self, usage: &super::Usage) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.0[0].fetch_add(usage.prompt_tokens, Relaxed);
+        self.0[1].fetch_add(usage.completion_tokens, Relaxed);
+        self.0[2].fetch_add(1, Relaxed);
+    }
+
+    /// Tokens so far.
+    pub fn total(&self) -> super::Usage {
+        use std::sync::atomic::Ordering::Relaxed;
+        super::Usage {
+            prompt_tokens: self.0[0].load(Relaxed),
+            completion_tokens: self.0[1].load(Relaxed),
+        }
+    }
+
+    /// Calls that answered so far.
+    pub fn calls(&self) -> u64 {
+        self.0[2].load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl LlmWorker {
@@ -50,6 +79,7 @@ impl LlmWorker {
             name: name.into(),
             client,
             program: Program::Predict(predict),
+            usage: UsageMeter::default(),
         }
     }
 
@@ -63,7 +93,13 @@ impl LlmWorker {
             name: name.into(),
             client,
             program: Program::ChainOfThought(program),
+            usage: UsageMeter::default(),
         }
+    }
+
+    /// Its token meter (keep a clone before registering the worker).
+    pub fn usage(&self) -> UsageMeter {
+        self.usage.clone()
     }
 
     async fn call(&self, inputs: &Map<String, Value>) -> Result<Prediction, PredictError> {
@@ -106,6 +142,7 @@ impl Worker for LlmWorker {
         };
         match outcome {
             Ok(prediction) => {
+                self.usage.add(&prediction.usage);
                 tracing::debug!(
                     worker = %self.name,
                     prompt_tokens = prediction.usage.prompt_tokens,
