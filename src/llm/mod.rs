@@ -35,12 +35,13 @@ mod replay;
 mod signature;
 mod worker;
 
+pub use multiagents_macros::Signature;
 pub use optimize::{
     BootstrapFewShot, Evaluation, LabeledFewShot, Metric, SavedProgram, evaluate, exact_match,
 };
 pub use predict::{ChainOfThought, Example, Predict, PredictError, Prediction};
 pub use replay::Replay;
-pub use signature::{Field, FieldType, Signature, SignatureError};
+pub use signature::{Field, FieldType, Signature, SignatureError, TypedSignature};
 pub use worker::{LlmWorker, UsageMeter};
 
 use std::fmt;

@@ -140,6 +140,41 @@ pub struct SignatureError {
     pub problem: String,
 }
 
+/// A struct that describes a signature: derive it with
+/// `#[derive(Signature)]` (fields marked `#[input]` or `#[output]`; doc
+/// comments become the instructions and descriptions).
+///
+/// ```
+/// use multiagents::llm::{Signature, TypedSignature};
+///
+/// /// Triage a customer support ticket.
+/// #[derive(Signature)]
+/// struct Triage {
+///     /// The customer's message.
+///     #[input]
+///     ticket: String,
+///     /// One of billing, bug, account, question.
+///     #[output]
+///     category: String,
+///     #[output]
+///     urgent: bool,
+///     #[output]
+///     tags: Vec<String>,
+/// }
+///
+/// let sig = Triage::signature();
+/// assert_eq!(sig.instructions_text(), "Triage a customer support ticket.");
+/// assert_eq!(sig.outputs().len(), 3);
+/// assert_eq!(
+///     sig.outputs()[0].description.as_deref(),
+///     Some("One of billing, bug, account, question.")
+/// );
+/// ```
+pub trait TypedSignature {
+    /// The signature.
+    fn signature() -> Signature;
+}
+
 /// Inputs, outputs and instructions of an LLM call.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Signature {

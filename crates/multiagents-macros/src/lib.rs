@@ -138,3 +138,140 @@ fn expand(name: LitStr, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
         }
     })
 }
+
+/// Derives `multiagents::llm::TypedSignature` for a struct whose fields are
+/// marked `#[input]` or `#[output]`: the struct's doc comment becomes the
+/// instructions and each field's doc comment its description. Field types
+/// map to `String`, integers, floats, `bool`, `Vec<…>` of those, or JSON.
+///
+/// ```text
+/// /// Triage a customer support ticket.
+/// #[derive(Signature)]
+/// struct Triage {
+///     /// The customer's message.
+///     #[input] ticket: String,
+///     /// One of billing, bug, account, question.
+///     #[output] category: String,
+///     #[output] urgent: bool,
+/// }
+///
+/// let program = Predict::new(Triage::signature());
+/// ```
+#[proc_macro_derive(Signature, attributes(input, output))]
+pub fn derive_signature(item: TokenStream) -> TokenStream {
+    let input = parse_macro_input!(item as syn::DeriveInput);
+    match signature_impl(&input) {
+        Ok(tokens) => tokens.into(),
+        Err(e) => e.to_compile_error().into(),
+    }
+}
+
+fn doc_text(attrs: &[syn::Attribute]) -> String {
+    let mut lines = Vec::new();
+    for a in attrs {
+        if a.path().is_ident("doc")
+            && let syn::Meta::NameValue(nv) = &a.meta
+            && let syn::Expr::Lit(syn::ExprLit {
+                lit: syn::Lit::Str(s),
+                ..
+            }) = &nv.value
+        {
+            lines.push(s.value().trim().to_string());
+        }
+    }
+    lines.join(" ").trim().to_string()
+}
+
+/// The signature type name for a Rust type: one the runtime parses, or json.
+fn type_text(ty: &syn::Type) -> String {
+    let text: String = quote!(#ty).to_string().split_whitespace().collect();
+    fn known(t: &str) -> bool {
+        matches!(
+            t,
+            "String"
+                | "&str"
+                | "i8"
+                | "i16"
+                | "i32"
+                | "i64"
+                | "u8"
+                | "u16"
+                | "u32"
+                | "u64"
+                | "usize"
+                | "isize"
+                | "f32"
+                | "f64"
+                | "bool"
+        ) || t
+            .strip_prefix("Vec<")
+            .and_then(|r| r.strip_suffix('>'))
+            .is_some_and(known)
+    }
+    let mapped = match text.as_str() {
+        "i8" | "i16" | "u8" | "u16" | "isize" => "i64".to_string(),
+        _ => text.clone(),
+    };
+    if known(&text) {
+        mapped
+    } else {
+        "json".to_string()
+    }
+}
+
+fn signature_impl(input: &syn::DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
+    let ident = &input.ident;
+    let syn::Data::Struct(data) = &input.data else {
+        return Err(syn::Error::new_spanned(
+            ident,
+            "#[derive(Signature)] works on structs whose fields are marked #[input] or #[output]",
+        ));
+    };
+    let mut inputs = Vec::new();
+    let mut outputs = Vec::new();
+    let mut descriptions = Vec::new();
+    for field in &data.fields {
+        let Some(name) = &field.ident else {
+            return Err(syn::Error::new_spanned(
+                field,
+                "#[derive(Signature)] needs named fields",
+            ));
+        };
+        let is_input = field.attrs.iter().any(|a| a.path().is_ident("input"));
+        let is_output = field.attrs.iter().any(|a| a.path().is_ident("output"));
+        let entry = format!("{name}: {}", type_text(&field.ty));
+        match (is_input, is_output) {
+            (true, false) => inputs.push(entry),
+            (false, true) => outputs.push(entry),
+            _ => {
+                return Err(syn::Error::new_spanned(
+                    name,
+                    format!("field `{name}` must be marked either #[input] or #[output]"),
+                ));
+            }
+        }
+        let doc = doc_text(&field.attrs);
+        if !doc.is_empty() {
+            let n = name.to_string();
+            descriptions.push(quote!(.describe(#n, #doc)));
+        }
+    }
+    if inputs.is_empty() || outputs.is_empty() {
+        return Err(syn::Error::new_spanned(
+            ident,
+            "a signature needs at least one #[input] and one #[output] field",
+        ));
+    }
+    let text = format!("{} -> {}", inputs.join(", "), outputs.join(", "));
+    let instructions = doc_text(&input.attrs);
+    Ok(quote! {
+        impl ::multiagents::llm::TypedSignature for #ident {
+            fn signature() -> ::multiagents::llm::Signature {
+                ::multiagents::llm::Signature::parse(#text)
+                    .expect("#[derive(Signature)] writes signatures that parse")
+                    .instructions(#instructions)
+                    #(#descriptions)*
+            }
+        }
+    })
+}
