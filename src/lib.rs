@@ -25,7 +25,11 @@ pub use multiagents_core::{
 };
 /// Turns an `async fn(input, ctx) -> Result<output, WorkerError>` into a worker.
 pub use multiagents_macros::worker;
+
 pub use runtime::{OrchestratorConfig, Runtime, RuntimeBuilder};
+/// For the code `#[tool]` writes.
+#[doc(hidden)]
+pub use serde_json as __serde_json;
 pub use worker::{Worker, WorkerContext, WorkerError};
 
 /// What most programs need, in one import.

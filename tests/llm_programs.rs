@@ -483,3 +483,135 @@ async fn replies_are_recorded_to_a_file_and_played_back_without_a_server() {
     }
     assert_eq!(seen.lock().expect("lock").len(), 1);
 }
+
+mod tools {
+    use multiagents::llm::{ReAct, Tool, tool};
+
+    /// Looks up an order by its number.
+    #[tool]
+    pub async fn lookup_order(
+        order_id: u64,
+        with_items: Option<bool>,
+    ) -> Result<serde_json::Value, String> {
+        if order_id == 404 {
+            return Err(format!("no order {order_id}"));
+        }
+        Ok(
+            serde_json::json!({"order_id": order_id, "status": "shipped", "items": with_items.unwrap_or(false)}),
+        )
+    }
+
+    #[test]
+    fn the_schema_comes_from_the_types_and_the_doc() {
+        assert_eq!(lookup_order.name(), "lookup_order");
+        assert_eq!(
+            lookup_order.description(),
+            "Looks up an order by its number."
+        );
+        assert_eq!(
+            lookup_order.parameters(),
+            serde_json::json!({
+                "type": "object",
+                "properties": {"order_id": {"type": "integer"}, "with_items": {"type": "boolean"}},
+                "required": ["order_id"],
+            })
+        );
+        let _ = ReAct::new(super::classify()).tool(lookup_order);
+    }
+}
+
+fn tool_call(id: &str, name: &str, args: &str) -> (u16, String) {
+    (
+        200,
+        json!({
+            "model": "fake",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": null,
+                "tool_calls": [{"id": id, "type": "function", "function": {"name": name, "arguments": args}}]},
+                "finish_reason": "tool_calls"}],
+            "usage": {"prompt_tokens": 50, "completion_tokens": 10}
+        })
+        .to_string(),
+    )
+}
+
+fn order_signature() -> Signature {
+    Signature::parse("question -> status: String").expect("signature")
+}
+
+#[tokio::test]
+async fn react_calls_a_tool_then_answers_from_its_result() {
+    use multiagents::llm::ReAct;
+    let (client, seen) = serve(Arc::new(|req, _n| {
+        let messages = req["messages"].as_array().cloned().unwrap_or_default();
+        match messages.iter().rev().find(|m| m["role"] == "tool") {
+            None => tool_call("call_1", "lookup_order", r#"{"order_id": 42}"#),
+            Some(result) => {
+                let r: Value = serde_json::from_str(result["content"].as_str().unwrap_or("{}"))
+                    .unwrap_or(Value::Null);
+                completion(&json!({"status": r["status"]}).to_string(), "stop")
+            }
+        }
+    }))
+    .await;
+    let mut q = Map::new();
+    q.insert("question".into(), json!("Where is order 42?"));
+    let out = ReAct::new(order_signature())
+        .tool(tools::lookup_order)
+        .call(&client, &q)
+        .await
+        .expect("answer");
+    assert_eq!(out.prediction.outputs["status"], "shipped");
+    assert_eq!(out.trajectory.len(), 1);
+    assert_eq!(out.trajectory[0].args, json!({"order_id": 42}));
+    let seen = seen.lock().expect("lock");
+    assert_eq!(seen[0]["tools"][0]["function"]["name"], "lookup_order");
+    assert_eq!(seen[1]["messages"][3]["tool_call_id"], "call_1");
+}
+
+#[tokio::test]
+async fn react_stops_a_model_that_repeats_the_same_call_and_bounds_iterations() {
+    use multiagents::llm::ReAct;
+    // Always the same call: the repeat is not run again, then the run stops.
+    let (client, _) = serve(Arc::new(|_req, n| {
+        tool_call(&format!("c{n}"), "lookup_order", r#"{"order_id": 7}"#)
+    }))
+    .await;
+    let mut q = Map::new();
+    q.insert("question".into(), json!("?"));
+    let err = ReAct::new(order_signature())
+        .tool(tools::lookup_order)
+        .call(&client, &q)
+        .await
+        .expect_err("stopped");
+    assert!(
+        err.to_string()
+            .contains("kept calling `lookup_order` with the same arguments"),
+        "{err}"
+    );
+
+    // New calls each time (a tool that does not exist, then others): bounded.
+    let (client, seen) = serve(Arc::new(|_req, n| {
+        tool_call(&format!("c{n}"), "teleport", &format!(r#"{{"n": {n}}}"#))
+    }))
+    .await;
+    let err = ReAct::new(order_signature())
+        .tool(tools::lookup_order)
+        .max_iterations(3)
+        .call(&client, &q)
+        .await
+        .expect_err("bounded");
+    assert!(
+        err.to_string().contains("no answer after 3 model replies"),
+        "{err}"
+    );
+    let seen = seen.lock().expect("lock");
+    let told = seen[1]["messages"]
+        .as_array()
+        .expect("messages")
+        .last()
+        .expect("last")["content"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(told.contains("there is no tool `teleport`"), "{told}");
+}

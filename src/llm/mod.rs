@@ -31,15 +31,18 @@
 
 mod optimize;
 mod predict;
+mod react;
 mod replay;
 mod signature;
 mod worker;
 
 pub use multiagents_macros::Signature;
+pub use multiagents_macros::tool;
 pub use optimize::{
     BootstrapFewShot, Evaluation, LabeledFewShot, Metric, SavedProgram, evaluate, exact_match,
 };
 pub use predict::{ChainOfThought, Example, Predict, PredictError, Prediction};
+pub use react::{ReAct, ReActOutcome, Tool, ToolStep};
 pub use replay::Replay;
 pub use signature::{Field, FieldType, Signature, SignatureError, TypedSignature};
 pub use worker::{LlmWorker, UsageMeter};
@@ -181,32 +184,76 @@ pub struct Message {
     /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
     /// The text.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub content: String,
+    /// Tools the assistant asks to call.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// For a `tool` message: the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+/// A tool call the model asks for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    /// The call's id, echoed in the answer.
+    pub id: String,
+    /// Always `function`.
+    #[serde(rename = "type", default = "function")]
+    pub kind: String,
+    /// What to call.
+    pub function: FunctionCall,
+}
+
+/// The function part of a [`ToolCall`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionCall {
+    /// The tool's name.
+    pub name: String,
+    /// Its arguments, as JSON text.
+    #[serde(default)]
+    pub arguments: String,
+}
+
+fn function() -> String {
+    "function".into()
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_default())
 }
 
 impl Message {
+    fn text(role: &str, text: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: text.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }
+    }
+
     /// A system message.
     pub fn system(text: impl Into<String>) -> Self {
-        Self {
-            role: "system".into(),
-            content: text.into(),
-        }
+        Self::text("system", text)
     }
 
     /// A user message.
     pub fn user(text: impl Into<String>) -> Self {
-        Self {
-            role: "user".into(),
-            content: text.into(),
-        }
+        Self::text("user", text)
     }
 
     /// An assistant message.
     pub fn assistant(text: impl Into<String>) -> Self {
+        Self::text("assistant", text)
+    }
+
+    /// The answer to a tool call.
+    pub fn tool(call_id: impl Into<String>, text: impl Into<String>) -> Self {
         Self {
-            role: "assistant".into(),
-            content: text.into(),
+            tool_call_id: Some(call_id.into()),
+            ..Self::text("tool", text)
         }
     }
 }
@@ -225,6 +272,9 @@ pub struct ChatRequest {
     /// Structured output: `{"type": "json_schema", "json_schema": {…}}`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub response_format: Option<serde_json::Value>,
+    /// Tools the model may call: `[{"type": "function", "function": {…}}]`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<serde_json::Value>,
 }
 
 impl ChatRequest {
@@ -260,6 +310,8 @@ impl Usage {
 pub struct ChatResponse {
     /// The first choice's text.
     pub content: String,
+    /// Tools it asks to call.
+    pub tool_calls: Vec<ToolCall>,
     /// Why generation stopped (`stop`, `length`, …).
     pub finish_reason: Option<String>,
     /// Tokens used.
@@ -564,6 +616,7 @@ impl LlmClient {
             .ok_or_else(|| bad("it has no choices".into()))?;
         Ok(ChatResponse {
             content: choice.message.content,
+            tool_calls: choice.message.tool_calls,
             finish_reason: choice.finish_reason,
             usage: completion.usage,
             model: if completion.model.is_empty() {

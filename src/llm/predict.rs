@@ -315,7 +315,7 @@ fn mentions_format(body: &str) -> bool {
 }
 
 /// A JSON object, possibly in a Markdown code fence.
-fn parse_json_object(content: &str) -> Result<Map<String, Value>, String> {
+pub(super) fn parse_json_object(content: &str) -> Result<Map<String, Value>, String> {
     let trimmed = content.trim();
     let body = trimmed
         .strip_prefix("```json")

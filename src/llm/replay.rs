@@ -36,6 +36,8 @@ enum Mode {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Stored {
     content: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<super::ToolCall>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     finish_reason: Option<String>,
     #[serde(default)]
@@ -103,6 +105,7 @@ impl Replay {
         match (found, &self.mode) {
             (Some(s), _) => Ok(Some(ChatResponse {
                 content: s.content,
+                tool_calls: s.tool_calls,
                 finish_reason: s.finish_reason,
                 usage: s.usage,
                 model: s.model,
@@ -120,6 +123,7 @@ impl Replay {
     pub(super) fn store(&self, key: &str, reply: &ChatResponse) -> Result<(), LlmError> {
         let stored = Stored {
             content: reply.content.clone(),
+            tool_calls: reply.tool_calls.clone(),
             finish_reason: reply.finish_reason.clone(),
             usage: reply.usage,
             model: reply.model.clone(),
