@@ -150,12 +150,11 @@ impl ReAct {
             })
             .collect();
         let mut usage = Usage::default();
-        let mut calls = 0u32;
         let mut trajectory: Vec<ToolStep> = Vec::new();
         let mut last = String::new();
-        for _ in 0..self.max_iterations {
+        for iteration in 0..self.max_iterations {
             let reply = client.chat(&request).await?;
-            calls += 1;
+            let calls = iteration as u32 + 1;
             usage.prompt_tokens += reply.usage.prompt_tokens;
             usage.completion_tokens += reply.usage.completion_tokens;
             if reply.tool_calls.is_empty() {
