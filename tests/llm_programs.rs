@@ -615,3 +615,86 @@ async fn react_stops_a_model_that_repeats_the_same_call_and_bounds_iterations() 
         .to_string();
     assert!(told.contains("there is no tool `teleport`"), "{told}");
 }
+
+#[tokio::test]
+async fn a_workflow_token_budget_fails_the_step_that_exceeds_it_and_compensates() {
+    // Every reply costs 38 tokens (30 in, 8 out).
+    let (client, _) = serve(Arc::new(|_req, _n| {
+        completion(r#"{"category": "billing", "urgent": false}"#, "stop")
+    }))
+    .await;
+    let run = |budget: u64| {
+        let client = client.clone();
+        async move {
+            let undone = Arc::new(Mutex::new(0u32));
+            let u = undone.clone();
+            let rt = Runtime::builder()
+                .workflow(
+                    WorkflowBuilder::new("two_llm_steps")
+                        .step("first", "first_llm")
+                        .step("act", "act")
+                        .compensate_with("undo_act")
+                        .step("second", "second_llm")
+                        .build()
+                        .expect("valid"),
+                )
+                .worker(
+                    LlmWorker::predict("first_llm", client.clone(), Predict::new(classify()))
+                        .token_budget(budget),
+                )
+                .worker(
+                    LlmWorker::predict("second_llm", client, Predict::new(classify()))
+                        .token_budget(budget),
+                )
+                .worker(from_fn("act", |_i: Value, _ctx: WorkerContext| async {
+                    Ok::<_, WorkerError>(json!("done"))
+                }))
+                .worker(from_fn(
+                    "undo_act",
+                    move |_i: Value, _ctx: WorkerContext| {
+                        let u = u.clone();
+                        async move {
+                            *u.lock().expect("lock") += 1;
+                            Ok::<_, WorkerError>(json!(null))
+                        }
+                    },
+                ))
+                .start()
+                .await
+                .expect("runtime");
+            let c = rt.client();
+            let tx = c
+                .start("two_llm_steps", &json!({"ticket": "refund"}))
+                .await
+                .expect("start");
+            let state = c.wait(tx, Duration::from_secs(10)).await.expect("ends");
+            rt.shutdown().await;
+            let undone = *undone.lock().expect("lock");
+            (state, undone)
+        }
+    };
+    let (state, undone) = run(100).await;
+    assert_eq!(state.status, WorkflowStatus::Completed);
+    assert_eq!(undone, 0);
+    let first: Value = state.output("first").expect("first").parse().expect("json");
+    assert_eq!(
+        first["_usage"],
+        json!({"prompt_tokens": 30, "completion_tokens": 8})
+    );
+
+    // 38 + 38 > 50: the second LLM step fails for good and `act` is undone.
+    let (state, undone) = run(50).await;
+    assert_eq!(state.status, WorkflowStatus::Compensated, "{state:?}");
+    assert_eq!(undone, 1);
+    let error = state
+        .step("second")
+        .and_then(|s| s.last_error.clone())
+        .expect("error");
+    assert_eq!(error.kind.as_deref(), Some("token_budget"));
+    assert!(
+        error
+            .message
+            .contains("token budget of 50 is exceeded: 76 used"),
+        "{error}"
+    );
+}

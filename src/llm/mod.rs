@@ -45,7 +45,7 @@ pub use predict::{ChainOfThought, Example, Predict, PredictError, Prediction};
 pub use react::{ReAct, ReActOutcome, Tool, ToolStep};
 pub use replay::Replay;
 pub use signature::{Field, FieldType, Signature, SignatureError, TypedSignature};
-pub use worker::{LlmWorker, UsageMeter};
+pub use worker::{LlmWorker, USAGE_KEY, UsageMeter};
 
 use std::fmt;
 use std::time::{Duration, Instant};

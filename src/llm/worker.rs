@@ -42,6 +42,27 @@ pub struct LlmWorker {
     client: LlmClient,
     program: Program,
     usage: UsageMeter,
+    budget: Option<u64>,
+}
+
+/// The key under which an LLM step puts its token usage in its output, so
+/// that later LLM steps of the same workflow can count against a budget.
+pub const USAGE_KEY: &str = "_usage";
+
+/// Tokens used by earlier LLM steps of this workflow, from their outputs
+/// (fan-out outputs are lists: each branch counts).
+fn used_so_far(outputs: &Map<String, Value>) -> u64 {
+    fn of(v: &Value) -> u64 {
+        match v {
+            Value::Object(m) => m.get(USAGE_KEY).map_or(0, |u| {
+                u["prompt_tokens"].as_u64().unwrap_or(0)
+                    + u["completion_tokens"].as_u64().unwrap_or(0)
+            }),
+            Value::Array(items) => items.iter().map(of).sum(),
+            _ => 0,
+        }
+    }
+    outputs.values().map(of).sum()
 }
 
 /// Tokens a worker used in this process, shared with its clones: read it
@@ -80,6 +101,7 @@ impl LlmWorker {
             client,
             program: Program::Predict(predict),
             usage: UsageMeter::default(),
+            budget: None,
         }
     }
 
@@ -94,7 +116,16 @@ impl LlmWorker {
             client,
             program: Program::ChainOfThought(program),
             usage: UsageMeter::default(),
+            budget: None,
         }
+    }
+
+    /// At most `tokens` for the whole workflow: the LLM steps before this
+    /// one (their outputs carry `_usage`) and this one. Past it, the step
+    /// fails for good (kind `token_budget`), and the workflow compensates.
+    pub fn token_budget(mut self, tokens: u64) -> Self {
+        self.budget = Some(tokens);
+        self
     }
 
     /// Its token meter (keep a clone before registering the worker).
@@ -132,6 +163,15 @@ impl Worker for LlmWorker {
                     .with_kind("invalid_input"));
             }
         };
+        let before = used_so_far(&ctx.outputs());
+        if let Some(budget) = self.budget
+            && before >= budget
+        {
+            return Err(WorkerError::fatal(format!(
+                "the workflow's token budget of {budget} is spent: earlier LLM steps used {before}"
+            ))
+            .with_kind("token_budget"));
+        }
         // The call stops when the step's context is cancelled (deadline,
         // shutdown, or the workflow no longer wants it).
         let outcome = tokio::select! {
@@ -143,6 +183,24 @@ impl Worker for LlmWorker {
         match outcome {
             Ok(prediction) => {
                 self.usage.add(&prediction.usage);
+                let total = before + prediction.usage.total();
+                if let Some(budget) = self.budget
+                    && total > budget
+                {
+                    return Err(WorkerError::fatal(format!(
+                        "the workflow's token budget of {budget} is exceeded: {total} used, {} by this step",
+                        prediction.usage.total()
+                    ))
+                    .with_kind("token_budget"));
+                }
+                let mut outputs = prediction.outputs.clone();
+                outputs.insert(
+                    USAGE_KEY.into(),
+                    serde_json::json!({
+                        "prompt_tokens": prediction.usage.prompt_tokens,
+                        "completion_tokens": prediction.usage.completion_tokens,
+                    }),
+                );
                 tracing::debug!(
                     worker = %self.name,
                     prompt_tokens = prediction.usage.prompt_tokens,
@@ -150,7 +208,7 @@ impl Worker for LlmWorker {
                     calls = prediction.calls,
                     "LLM step answered"
                 );
-                Payload::to_json(&Value::Object(prediction.outputs))
+                Payload::to_json(&Value::Object(outputs))
                     .map_err(|e| WorkerError::fatal(format!("outputs do not encode: {e}")))
             }
             Err(e @ PredictError::Input(_)) => {

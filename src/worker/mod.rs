@@ -124,6 +124,20 @@ impl WorkerContext {
         })
     }
 
+    /// Every earlier step's output, by step name (empty when there is none).
+    pub fn outputs(&self) -> serde_json::Map<String, serde_json::Value> {
+        #[derive(serde::Deserialize)]
+        struct Doc {
+            #[serde(default)]
+            steps: serde_json::Map<String, serde_json::Value>,
+        }
+        self.steps
+            .as_ref()
+            .and_then(|d| serde_json::from_str::<Doc>(d.as_str()).ok())
+            .map(|d| d.steps)
+            .unwrap_or_default()
+    }
+
     /// The output of an earlier step as raw JSON.
     pub fn output_raw(&self, step: &str) -> Result<Box<RawValue>, WorkerError> {
         let missing = || {
