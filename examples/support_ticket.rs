@@ -10,7 +10,7 @@
 //! cargo run --example support_ticket -- --replay examples/support_ticket.replay.jsonl
 //!
 //! # against a live OpenAI-compatible server:
-//! OPENAI_API_KEY=… cargo run --example support_ticket                      # OpenAI (needs an http proxy for now)
+//! OPENAI_API_KEY=… cargo run --features llm-tls --example support_ticket   # OpenAI
 //! OPENAI_BASE_URL=http://localhost:11434/v1 MULTIAGENTS_LLM_MODEL=llama3.1 \
 //!     cargo run --example support_ticket                                   # Ollama
 //! OPENAI_BASE_URL=http://localhost:8000/v1 cargo run --example support_ticket   # vLLM
@@ -138,7 +138,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             eprintln!(
                 "  with vLLM:    OPENAI_BASE_URL=http://localhost:8000/v1 MULTIAGENTS_LLM_MODEL=<model> cargo run --example support_ticket"
             );
-            eprintln!("  with OpenAI:  OPENAI_API_KEY=sk-… (through a local http proxy for now)");
+            eprintln!(
+                "  with OpenAI:  OPENAI_API_KEY=sk-… cargo run --features llm-tls --example support_ticket"
+            );
             std::process::exit(2);
         }
     };

@@ -1,6 +1,6 @@
-#![cfg(feature = "llm")]
 //! LLM token, call and cost counters reach `/metrics` (one test: the
 //! Prometheus recorder is process-wide).
+#![cfg(feature = "llm")]
 
 use std::time::Duration;
 

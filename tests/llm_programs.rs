@@ -1,9 +1,9 @@
-#![cfg(feature = "llm")]
 //! Signatures and modules against a real local HTTP server that speaks the
 //! OpenAI chat API: structured output, the text-marker fallback for servers
 //! without `response_format`, a repaired reply, replies that cannot be used
 //! (malformed, wrongly typed, truncated), chain of thought, and an LLM step
 //! in a saga that compensates.
+#![cfg(feature = "llm")]
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -1,6 +1,6 @@
-#![cfg(feature = "redis")]
 //! Groups, fan-out, sub-workflows, signals and interrupts on Redis: the
 //! interrupt crosses Redis Pub/Sub to a worker in another runtime.
+#![cfg(feature = "redis")]
 
 mod common;
 

@@ -26,8 +26,10 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Only plain `http://` endpoints are supported so far (local servers and
-//! proxies); `https://` is refused with a clear error.
+//! `https://` endpoints (OpenAI) need the `llm-tls` feature: TLS with
+//! rustls on ring, trusting the Mozilla roots (and any extra root given with
+//! [`LlmConfig::extra_root_pem`]). Without it they are refused with an error
+//! that says so.
 
 mod optimize;
 mod predict;
@@ -104,6 +106,8 @@ pub struct LlmConfig {
     pub backoff: Duration,
     /// Prices, for the cost metric.
     pub prices: Option<Prices>,
+    /// Extra trusted root certificates, PEM (a private CA, a test server).
+    pub extra_root_pem: Option<String>,
 }
 
 impl LlmConfig {
@@ -118,7 +122,14 @@ impl LlmConfig {
             max_retries: 3,
             backoff: Duration::from_millis(500),
             prices: None,
+            extra_root_pem: None,
         }
+    }
+
+    /// Also trusts these root certificates (PEM) for `https://`.
+    pub fn extra_root_pem(mut self, pem: impl Into<String>) -> Self {
+        self.extra_root_pem = Some(pem.into());
+        self
     }
 
     /// From `OPENAI_BASE_URL` (default `https://api.openai.com/v1`),
@@ -396,12 +407,19 @@ impl LlmError {
     }
 }
 
+#[cfg(feature = "llm-tls")]
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+#[cfg(not(feature = "llm-tls"))]
+type Connector = HttpConnector;
+
 /// A client for one [`LlmConfig`]. Cheap to clone.
 #[derive(Clone)]
 pub struct LlmClient {
     config: std::sync::Arc<LlmConfig>,
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Client<Connector, Full<Bytes>>,
     replay: Option<std::sync::Arc<Replay>>,
+    /// Why https cannot be used, when it cannot.
+    tls_problem: Option<String>,
 }
 
 impl fmt::Debug for LlmClient {
@@ -429,10 +447,12 @@ impl LlmClient {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_secs(10)));
         connector.set_nodelay(true);
+        let (connector, tls_problem) = tls(connector, &config);
         Self {
             config: std::sync::Arc::new(config),
             http: Client::builder(TokioExecutor::new()).build(connector),
             replay: None,
+            tls_problem,
         }
     }
 
@@ -456,10 +476,12 @@ impl LlmClient {
     /// `5xx` under the configured policy.
     pub async fn chat(&self, request: &ChatRequest) -> Result<ChatResponse, LlmError> {
         let url = self.url();
-        if url.starts_with("https://") {
+        if url.starts_with("https://")
+            && let Some(problem) = &self.tls_problem
+        {
             return Err(LlmError::BadUrl {
                 url,
-                problem: "https is not supported yet; use a local http endpoint or proxy".into(),
+                problem: problem.clone(),
             });
         }
         let uri: hyper::Uri = url.parse().map_err(|e| LlmError::BadUrl {
@@ -653,6 +675,66 @@ impl LlmClient {
                 .increment((cost * 1e6).round() as u64);
         }
     }
+}
+
+#[cfg(not(feature = "llm-tls"))]
+fn tls(connector: HttpConnector, _config: &LlmConfig) -> (Connector, Option<String>) {
+    (
+        connector,
+        Some(
+            "https needs the `llm-tls` feature of multiagents (or a local http endpoint or proxy)"
+                .into(),
+        ),
+    )
+}
+
+#[cfg(feature = "llm-tls")]
+fn tls(mut connector: HttpConnector, config: &LlmConfig) -> (Connector, Option<String>) {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    connector.enforce_http(false);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots_certs());
+    let mut problem = None;
+    if let Some(pem) = &config.extra_root_pem {
+        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            match cert
+                .map_err(|e| e.to_string())
+                .and_then(|c| roots.add(c).map_err(|e| e.to_string()))
+            {
+                Ok(()) => {}
+                Err(e) => problem = Some(format!("an extra root certificate is unusable: {e}")),
+            }
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth());
+    let tls = match tls {
+        Ok(t) => t,
+        Err(e) => {
+            problem = Some(format!("TLS cannot be set up: {e}"));
+            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .expect("TLS 1.2 with ring")
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth()
+        }
+    };
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(connector);
+    (https, problem)
+}
+
+#[cfg(feature = "llm-tls")]
+fn webpki_roots_certs() -> impl Iterator<Item = rustls::pki_types::TrustAnchor<'static>> {
+    webpki_roots::TLS_SERVER_ROOTS.iter().cloned()
 }
 
 /// `retry-after-ms`, or `retry-after` in seconds.
