@@ -615,7 +615,7 @@ mod properties {
     /// condition on the input's flag, with or without a workflow deadline.
     fn arb_definition() -> impl Strategy<Value = WorkflowDefinition> {
         (
-            proptest::collection::vec((arb_kind(), 0u8..4, 0u8..3, 1u32..3), 1..7),
+            proptest::collection::vec((arb_kind(), 0u8..5, 0u8..3, 1u32..3, any::<u8>()), 1..7),
             any::<bool>(),
         )
             .prop_map(|(steps, deadline)| {
@@ -624,7 +624,9 @@ mod properties {
                     b = b.deadline(Duration::from_secs(20));
                 }
                 let mut group = 0;
-                for (i, (kind, grouping, condition, attempts)) in steps.into_iter().enumerate() {
+                for (i, (kind, grouping, condition, attempts, deps_mask)) in
+                    steps.into_iter().enumerate()
+                {
                     let name = format!("s{i}");
                     let add = |b: WorkflowBuilder| -> WorkflowBuilder {
                         let b = match &kind {
@@ -671,11 +673,20 @@ mod properties {
                             _ => b,
                         }
                     };
-                    b = if grouping == 0 {
-                        group += 1;
-                        b.parallel(format!("g{group}"), add)
-                    } else {
-                        add(b)
+                    b = match grouping {
+                        0 => {
+                            group += 1;
+                            b.parallel(format!("g{group}"), add)
+                        }
+                        // After a random subset of the earlier steps: any DAG.
+                        4 => {
+                            let after: Vec<String> = (0..i)
+                                .filter(|j| deps_mask & (1 << j) != 0)
+                                .map(|j| format!("s{j}"))
+                                .collect();
+                            add(b).after(after.iter().map(|s| s.as_str()))
+                        }
+                        _ => add(b),
                     };
                 }
                 b.build().expect("generated definitions are valid")
@@ -984,6 +995,23 @@ mod properties {
             }
             // No signal kept once the workflow ends is ever for a step still waiting.
             prop_assert!(s.steps.iter().all(|x| !matches!(x.status, StepStatus::Waiting { .. })), "a step still waits");
+            // In a sequential chain of worker steps, compensations run in
+            // exactly the reverse order of completion.
+            let plain = def.steps().iter().all(|st| {
+                matches!(st.kind, StepKind::Task { .. }) && st.for_each.is_none() && st.when.is_none()
+            });
+            let sequential = (1..def.steps().len()).all(|i| def.dependencies(i) == [i - 1]);
+            if plain && sequential && s.status != WorkflowStatus::Completed {
+                let expected: Vec<StepName> = s
+                    .history
+                    .iter()
+                    .filter(|e| e.event == HistoryEvent::Succeeded)
+                    .filter_map(|e| e.step.clone())
+                    .filter(|n| h.compensable(n.as_str()))
+                    .rev()
+                    .collect();
+                prop_assert_eq!(&h.compensations, &expected);
+            }
             // Replaying the same inputs gives the same state.
             let (mut replay, _) = start(&def, s.transaction_id, s.correlation_id, Payload::to_json(&input).expect("json"), T0);
             for (input, now) in &h.log {
