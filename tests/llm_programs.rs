@@ -698,3 +698,57 @@ async fn a_workflow_token_budget_fails_the_step_that_exceeds_it_and_compensates(
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn modules_compose_into_a_program_that_runs_as_a_step() {
+    use multiagents::llm::Program;
+    let (client, seen) = serve(Arc::new(|req, _n| {
+        let required = req["response_format"]["json_schema"]["schema"]["required"].clone();
+        if required == json!(["summary"]) {
+            completion(r#"{"summary": "customer double-charged"}"#, "stop")
+        } else {
+            completion(r#"{"topic": "billing"}"#, "stop")
+        }
+    }))
+    .await;
+    let program = Predict::new(Signature::parse("document -> summary").expect("sig")).then(
+        Predict::new(Signature::parse("summary -> topic").expect("sig")),
+    );
+    let mut inputs = Map::new();
+    inputs.insert(
+        "document".into(),
+        json!("A long email about being charged twice."),
+    );
+    let out = program.run(&client, &inputs).await.expect("runs");
+    assert_eq!(out.outputs["summary"], "customer double-charged");
+    assert_eq!(out.outputs["topic"], "billing");
+    assert_eq!(out.calls, 2);
+    let second_user = seen.lock().expect("lock")[1]["messages"][1]["content"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        second_user.contains("customer double-charged"),
+        "{second_user}"
+    );
+
+    // The same program as a saga step.
+    let rt = Runtime::builder()
+        .workflow(
+            WorkflowBuilder::new("triage_doc")
+                .step("read", "read_document")
+                .build()
+                .expect("valid"),
+        )
+        .worker(LlmWorker::new("read_document", client, program))
+        .start()
+        .await
+        .expect("runtime");
+    let c = rt.client();
+    let tx = c.start("triage_doc", &inputs).await.expect("start");
+    let state = c.wait(tx, Duration::from_secs(10)).await.expect("ends");
+    assert_eq!(state.status, WorkflowStatus::Completed);
+    let read: Value = state.output("read").expect("read").parse().expect("json");
+    assert_eq!(read["topic"], "billing");
+    rt.shutdown().await;
+}

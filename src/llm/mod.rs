@@ -33,6 +33,7 @@
 
 mod optimize;
 mod predict;
+mod program;
 mod react;
 mod replay;
 mod signature;
@@ -44,6 +45,7 @@ pub use optimize::{
     BootstrapFewShot, Evaluation, LabeledFewShot, Metric, SavedProgram, evaluate, exact_match,
 };
 pub use predict::{ChainOfThought, Example, Predict, PredictError, Prediction};
+pub use program::{Program, Then};
 pub use react::{ReAct, ReActOutcome, Tool, ToolStep};
 pub use replay::Replay;
 pub use signature::{Field, FieldType, Signature, SignatureError, TypedSignature};

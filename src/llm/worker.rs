@@ -5,16 +5,9 @@
 use async_trait::async_trait;
 use serde_json::{Map, Value};
 
-use super::{ChainOfThought, LlmClient, Predict, PredictError, Prediction};
+use super::{ChainOfThought, LlmClient, Predict, PredictError, Prediction, Program};
 use crate::core::Payload;
 use crate::worker::{Worker, WorkerContext, WorkerError};
-
-/// The program a worker runs.
-#[derive(Clone, Debug)]
-enum Program {
-    Predict(Predict),
-    ChainOfThought(ChainOfThought),
-}
 
 /// A worker whose body is an LLM program.
 ///
@@ -36,11 +29,11 @@ enum Program {
 /// // Runtime::builder().worker(classify) …
 /// # Ok(()) }
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct LlmWorker {
     name: String,
     client: LlmClient,
-    program: Program,
+    program: std::sync::Arc<dyn Program>,
     usage: UsageMeter,
     budget: Option<u64>,
 }
@@ -93,16 +86,32 @@ impl UsageMeter {
     }
 }
 
+impl std::fmt::Debug for LlmWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LlmWorker")
+            .field("name", &self.name)
+            .field("client", &self.client)
+            .field("budget", &self.budget)
+            .finish()
+    }
+}
+
 impl LlmWorker {
-    /// A worker named `name` that runs `predict` against `client`.
-    pub fn predict(name: impl Into<String>, client: LlmClient, predict: Predict) -> Self {
+    /// A worker named `name` that runs any [`Program`] (a module, modules
+    /// composed with [`Program::then`], or your own type) against `client`.
+    pub fn new(name: impl Into<String>, client: LlmClient, program: impl Program) -> Self {
         Self {
             name: name.into(),
             client,
-            program: Program::Predict(predict),
+            program: std::sync::Arc::new(program),
             usage: UsageMeter::default(),
             budget: None,
         }
+    }
+
+    /// A worker named `name` that runs `predict` against `client`.
+    pub fn predict(name: impl Into<String>, client: LlmClient, predict: Predict) -> Self {
+        Self::new(name, client, predict)
     }
 
     /// A worker named `name` that runs a chain of thought against `client`.
@@ -111,13 +120,7 @@ impl LlmWorker {
         client: LlmClient,
         program: ChainOfThought,
     ) -> Self {
-        Self {
-            name: name.into(),
-            client,
-            program: Program::ChainOfThought(program),
-            usage: UsageMeter::default(),
-            budget: None,
-        }
+        Self::new(name, client, program)
     }
 
     /// At most `tokens` for the whole workflow: the LLM steps before this
@@ -134,10 +137,7 @@ impl LlmWorker {
     }
 
     async fn call(&self, inputs: &Map<String, Value>) -> Result<Prediction, PredictError> {
-        match &self.program {
-            Program::Predict(p) => p.call(&self.client, inputs).await,
-            Program::ChainOfThought(p) => p.call(&self.client, inputs).await,
-        }
+        self.program.run(&self.client, inputs).await
     }
 }
 
