@@ -67,6 +67,57 @@ impl StateCache {
     }
 }
 
+/// One lock per workflow being changed in this process, so that the
+/// transitions of one workflow taken by several consumers here (results, the
+/// timer loop, the sweep) run one after the other instead of racing each
+/// other's compare-and-set. Compare-and-set still guards against other
+/// processes; this only stops a process from starving itself — a wide
+/// fan-out's results, taken by two consumers, once lost 64 compare-and-sets
+/// in a row and waited out the visibility timeout.
+#[derive(Default)]
+struct WorkflowLocks {
+    shards: [Mutex<HashMap<TransactionId, Arc<tokio::sync::Mutex<()>>>>; 16],
+}
+
+impl WorkflowLocks {
+    async fn lock(&self, tx: TransactionId) -> WorkflowGuard<'_> {
+        let shard = &self.shards[(tx.0.as_u128() as usize) % 16];
+        let lock = shard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(tx)
+            .or_default()
+            .clone();
+        let guard = lock.clone().lock_owned().await;
+        WorkflowGuard {
+            shard,
+            tx,
+            lock,
+            guard: Some(guard),
+        }
+    }
+}
+
+/// Held while a workflow is loaded, changed and written; the entry goes
+/// when its last user lets go.
+struct WorkflowGuard<'a> {
+    shard: &'a Mutex<HashMap<TransactionId, Arc<tokio::sync::Mutex<()>>>>,
+    tx: TransactionId,
+    lock: Arc<tokio::sync::Mutex<()>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for WorkflowGuard<'_> {
+    fn drop(&mut self) {
+        self.guard.take();
+        let mut shard = self.shard.lock().unwrap_or_else(|e| e.into_inner());
+        // Two references: the map's and ours. More means someone waits.
+        if Arc::strong_count(&self.lock) <= 2 {
+            shard.remove(&self.tx);
+        }
+    }
+}
+
 /// What [`Engine::drive`] did.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Driven {
@@ -87,6 +138,7 @@ pub(crate) struct Engine {
     topics: RwLock<HashMap<(WorkerName, Priority), Arc<str>>>,
     /// With a remote store only.
     cache: Option<StateCache>,
+    locks: WorkflowLocks,
     metrics: super::metrics::EngineMetrics,
 }
 
@@ -94,6 +146,7 @@ impl Engine {
     pub(crate) fn new(bus: Arc<dyn EventBus>, store: Arc<dyn StateStore>) -> Self {
         Self {
             cache: store.is_remote().then(StateCache::new),
+            locks: WorkflowLocks::default(),
             metrics: super::metrics::EngineMetrics::new(),
             bus,
             store,
@@ -263,6 +316,7 @@ impl Engine {
         cause: Option<&Event>,
         outbox: &mut Outbox,
     ) -> Result<Driven, Error> {
+        let guard = self.locks.lock(tx).await;
         let mut cached = self.cache.as_ref().and_then(|c| c.get(tx));
         let mut attempts = 0;
         while attempts < MAX_CONFLICT_RETRIES {
@@ -300,6 +354,7 @@ impl Engine {
                     if let Some(cache) = &self.cache {
                         cache.put(version, state.clone());
                     }
+                    drop(guard);
                     self.metrics.result(&current.state, input, now);
                     if !matches!(input, Input::Redispatch { .. }) {
                         for action in &outcome.actions {
@@ -324,6 +379,11 @@ impl Engine {
                         cache.forget(tx);
                     }
                     attempts += 1;
+                    // Another process changes it too: step aside a little
+                    // (more each time, with jitter) rather than spin.
+                    if attempts > 2 {
+                        tokio::time::sleep(conflict_pause(attempts)).await;
+                    }
                 }
                 Err(e) => {
                     if let Some(cache) = &self.cache {
@@ -509,6 +569,14 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// How long to wait after losing `attempts` compare-and-sets in a row: up to
+/// 1 ms, doubling, capped at 50 ms, scaled by a jitter in [0.5, 1).
+fn conflict_pause(attempts: usize) -> std::time::Duration {
+    let base = (1u64 << attempts.min(6)).min(50) * 1000;
+    let jitter = uuid::Uuid::new_v4().as_u128() as u64 % (base / 2 + 1);
+    std::time::Duration::from_micros(base / 2 + jitter)
 }
 
 /// The deepest a sub-workflow may be nested.
