@@ -182,7 +182,7 @@ struct Reservation {
 #[derive(Clone)]
 struct Warehouse {
     stock: Arc<Mutex<HashMap<String, i64>>>,
-    /// Reservations by idempotency key, so a redelivered command reserves once.
+    /// Reservations by idempotency key, so a redelivered or retried command reserves once.
     reservations: Arc<Mutex<HashMap<String, Reservation>>>,
     compensate: bool,
 }

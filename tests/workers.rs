@@ -305,3 +305,69 @@ async fn heartbeats_carry_the_health_counters() {
     );
     workers.shutdown().await;
 }
+
+/// A payment provider that keeps the first charge under each key, as Stripe
+/// does with `Idempotency-Key`.
+#[derive(Clone, Default)]
+struct Provider {
+    charges: Arc<std::sync::Mutex<Vec<(String, String, u32)>>>,
+}
+
+#[tokio::test]
+async fn an_attempt_that_timed_out_and_its_retry_share_the_idempotency_key() {
+    let provider = Provider::default();
+    let p = provider.clone();
+    let rt = Runtime::builder()
+        .workflow(
+            WorkflowBuilder::new("pay")
+                .step("charge", "charge")
+                .timeout(Duration::from_millis(150))
+                .retry(
+                    multiagents::RetryPolicy::attempts(3)
+                        .with_initial_delay(Duration::from_millis(1)),
+                )
+                .build()
+                .expect("valid"),
+        )
+        .worker(from_fn("charge", move |_: serde_json::Value, ctx| {
+            let p = p.clone();
+            async move {
+                // The provider takes the charge…
+                p.charges.lock().expect("lock").push((
+                    ctx.idempotency_key().to_string(),
+                    ctx.attempt_key().to_string(),
+                    ctx.attempt,
+                ));
+                // …but the first answer is slow: the orchestrator gives up
+                // on that attempt and retries.
+                if ctx.attempt == 1 {
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                }
+                Ok::<_, WorkerError>(json!({"charged": true}))
+            }
+        }))
+        .start()
+        .await
+        .expect("starts");
+    let client = rt.client();
+    let tx = client.start("pay", &json!(null)).await.expect("start");
+    let done = client.wait(tx, WAIT).await.expect("finishes");
+    assert_eq!(done.status, WorkflowStatus::Completed);
+    assert!(done.step("charge").expect("step").attempts >= 2, "{done:?}");
+    let charges = provider.charges.lock().expect("lock").clone();
+    assert!(charges.len() >= 2, "{charges:?}");
+    let keys: std::collections::HashSet<&str> = charges.iter().map(|c| c.0.as_str()).collect();
+    assert_eq!(
+        keys.len(),
+        1,
+        "one idempotency key for every attempt: {charges:?}"
+    );
+    assert_eq!(charges[0].0, format!("{tx}/charge/forward"));
+    let attempt_keys: std::collections::HashSet<&str> =
+        charges.iter().map(|c| c.1.as_str()).collect();
+    assert_eq!(attempt_keys.len(), charges.len(), "{charges:?}");
+    for (_, attempt_key, attempt) in &charges {
+        assert_eq!(attempt_key, &format!("{tx}/charge/forward/{attempt}"));
+    }
+    rt.shutdown().await;
+}

@@ -5,8 +5,8 @@
 //! Workers own no state about workflows: the orchestrator tells them what to
 //! do through commands and they answer through results. They are delivered
 //! commands at least once, so a worker with side effects uses
-//! [`WorkerContext::idempotency_key`] (the same for every redelivery of one
-//! attempt) to make them happen once.
+//! [`WorkerContext::idempotency_key`] (the same for every attempt and every
+//! redelivery of one step) to make them happen once.
 //!
 //! Retries are the orchestrator's job, under the step's durable retry
 //! policy; a worker only says how it failed, with a [`WorkerError`]:
@@ -57,6 +57,7 @@ pub struct WorkerContext {
     pub cancellation: CancellationToken,
     /// Formatted on first use: most workers never ask.
     idempotency_key: std::sync::OnceLock<Arc<str>>,
+    attempt_key: std::sync::OnceLock<Arc<str>>,
     /// The command document, `{"input": …, "steps": {…}}`.
     steps: Option<Payload>,
 }
@@ -76,6 +77,7 @@ impl WorkerContext {
             deadline: None,
             cancellation: CancellationToken::new(),
             idempotency_key: std::sync::OnceLock::new(),
+            attempt_key: std::sync::OnceLock::new(),
             steps: None,
         }
     }
@@ -95,16 +97,44 @@ impl WorkerContext {
             deadline: event.deadline,
             cancellation,
             idempotency_key: std::sync::OnceLock::new(),
+            attempt_key: std::sync::OnceLock::new(),
             steps,
         }
     }
 
-    /// `transaction/step/phase/attempt`: the same for every redelivery of
-    /// this attempt, different for the next attempt. Use it to make side
-    /// effects happen once.
+    /// `transaction/step/phase`: the same for every attempt and every
+    /// redelivery of this step in this phase (a fan-out branch, `step[i]`,
+    /// has its own). Hand it to the API you call (a payment provider's
+    /// `Idempotency-Key`, a unique column) so that the effect happens once
+    /// however often the step runs: a timed-out attempt whose call still
+    /// went through and its retry then apply it once between them.
+    ///
+    /// ```
+    /// use multiagents::WorkerContext;
+    ///
+    /// let first = WorkerContext::new("orders", "charge");
+    /// let retry = first.clone().with_attempt(2);
+    /// assert_eq!(first.idempotency_key(), retry.idempotency_key());
+    /// assert_ne!(first.attempt_key(), retry.attempt_key());
+    /// ```
     pub fn idempotency_key(&self) -> &str {
         self.idempotency_key.get_or_init(|| {
             Arc::from(crate::core::event::idempotency_key(
+                self.transaction_id,
+                self.step.as_str(),
+                self.phase,
+            ))
+        })
+    }
+
+    /// `transaction/step/phase/attempt`: the same for every redelivery of
+    /// this attempt, different for the next one. Only for an API that
+    /// remembers a *failure* under its key and would answer every retry with
+    /// it; anything with a side effect wants
+    /// [`idempotency_key`](Self::idempotency_key).
+    pub fn attempt_key(&self) -> &str {
+        self.attempt_key.get_or_init(|| {
+            Arc::from(crate::core::event::attempt_key(
                 self.transaction_id,
                 self.step.as_str(),
                 self.phase,
@@ -174,10 +204,10 @@ impl WorkerContext {
         self
     }
 
-    /// Sets the attempt (tests); the idempotency key follows.
+    /// Sets the attempt (tests); the attempt key follows.
     pub fn with_attempt(mut self, attempt: u32) -> Self {
         self.attempt = attempt;
-        self.idempotency_key = std::sync::OnceLock::new();
+        self.attempt_key = std::sync::OnceLock::new();
         self
     }
 

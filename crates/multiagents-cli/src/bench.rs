@@ -4,9 +4,13 @@
 //! or each in its own (`--role`).
 //!
 //! Every step body records its side effect under its idempotency key (in
-//! Redis for the Redis backend, in memory otherwise), so the report can say
-//! how often step bodies ran (`step_executions`, redeliveries included) and
-//! whether any effect was applied twice (`duplicate_effects`, must be 0).
+//! Redis for the Redis backend, in memory otherwise) as an idempotent store
+//! would — the first run under a key applies it — and counts its run by
+//! attempt, so the report can say how often step bodies ran
+//! (`step_executions`), whether any effect was applied twice
+//! (`duplicate_effects`, must be 0), how many runs were for attempts the
+//! orchestrator had given up on (`stale_runs`) and how many were
+//! redeliveries (`redelivered_runs`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -142,7 +146,14 @@ struct Report {
     declined: u64,
     compensations: u64,
     step_executions: u64,
+    /// Effects applied twice (under two idempotency keys): must be 0.
     duplicate_effects: u64,
+    /// Step bodies that ran for an attempt the orchestrator had given up on
+    /// or moved past (timed out, superseded).
+    stale_runs: u64,
+    /// Runs of the attempt that settled a step beyond its first
+    /// (redeliveries: a process died holding the command, say).
+    redelivered_runs: u64,
     seconds: f64,
     workflows_per_sec: f64,
     steps_per_sec: f64,
@@ -191,7 +202,11 @@ pub fn definition() -> Result<WorkflowDefinition, multiagents::core::DefinitionE
         .build()
 }
 
-/// Where step bodies record their side effects.
+/// Where step bodies record their side effects, as a real idempotent store
+/// would: the first run under an idempotency key applies the effect, later
+/// runs under it are no-ops. Beside that, every run is counted by its
+/// attempt (`transaction/step/phase/attempt`), so the report can tell
+/// redeliveries and runs of attempts the orchestrator had given up on.
 #[derive(Clone)]
 enum Effects {
     Local(Arc<LocalEffects>),
@@ -201,18 +216,21 @@ enum Effects {
     },
 }
 
-/// In-process effect records: 64-bit hashes in sharded sets, so recording
-/// costs the trivial bench workers little.
+/// In-process effect records, in sharded maps so that recording costs the
+/// trivial bench workers little.
 #[derive(Default)]
 struct LocalEffects {
-    executions: AtomicU64,
     shards: [Mutex<LocalShard>; 16],
 }
 
 #[derive(Default)]
 struct LocalShard {
-    keys: std::collections::HashSet<u64>,
-    applied: HashMap<u64, (u64, bool)>,
+    /// Idempotency key → the effect (`transaction/step/phase`) it applied.
+    keys: HashMap<String, String>,
+    /// Effect → how many times it was applied (more than once: a duplicate).
+    applied: HashMap<String, u64>,
+    /// Attempt key → runs.
+    runs: HashMap<String, u64>,
 }
 
 fn hash64(parts: &[&str]) -> u64 {
@@ -226,49 +244,113 @@ fn hash64(parts: &[&str]) -> u64 {
     h.finish()
 }
 
+/// What one step run records: the key it presents, the effect it stands
+/// for, and its attempt.
+struct Run {
+    key: String,
+    effect: String,
+    attempt: String,
+}
+
+impl Run {
+    fn of(ctx: &WorkerContext) -> Self {
+        Self {
+            key: ctx.idempotency_key().to_string(),
+            // Named from the call itself, not from the key, so that a key
+            // that changed between attempts shows up as a duplicate.
+            effect: format!("{}/{}/{}", ctx.transaction_id, ctx.step, ctx.phase),
+            attempt: format!(
+                "{}/{}/{}/{}",
+                ctx.transaction_id, ctx.step, ctx.phase, ctx.attempt
+            ),
+        }
+    }
+}
+
+/// The records of every run, read back at the end.
 #[derive(Debug, Default)]
+struct Records {
+    applied: HashMap<String, u64>,
+    runs: HashMap<String, u64>,
+}
+
+#[derive(Debug, Default, PartialEq)]
 struct Totals {
     executions: u64,
     duplicates: u64,
     releases: u64,
+    stale_runs: u64,
+    redelivered_runs: u64,
 }
 
+/// The attempts each finished workflow settled its steps with, by
+/// transaction id and step: (forward attempts, compensation attempts).
+type Settled = HashMap<String, HashMap<String, (u32, u32)>>;
+
+fn settled_attempts(state: &multiagents::core::WorkflowState) -> HashMap<String, (u32, u32)> {
+    state
+        .steps
+        .iter()
+        .map(|s| (s.name.to_string(), (s.attempts, s.compensation_attempts)))
+        .collect()
+}
+
+/// One script: apply the effect if its key is new, count the run.
+static RECORD: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local fresh = redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+if fresh == 1 then redis.call('HINCRBY', KEYS[2], ARGV[2], 1) end
+redis.call('HINCRBY', KEYS[3], ARGV[3], 1)
+return fresh
+",
+    )
+});
+
 impl Effects {
-    /// The hash of runs by idempotency key: one field per key applied, its
-    /// value how many times a step body ran under that key.
-    fn runs_key(prefix: &str) -> String {
-        format!("{{{prefix}:fx}}:runs")
+    fn key(prefix: &str, what: &str) -> String {
+        format!("{{{prefix}:fx}}:{what}")
     }
 
     async fn record(&self, ctx: &WorkerContext) -> Result<(), WorkerError> {
+        let run = Run::of(ctx);
         match self {
             Effects::Local(local) => {
-                local.executions.fetch_add(1, Ordering::Relaxed);
-                // In process the workers stay trivial, as BENCH.md asks:
-                // only compensations are recorded (to check "exactly once").
-                if ctx.phase == multiagents::core::Phase::Compensate {
-                    let key = hash64(&[ctx.idempotency_key()]);
-                    let id = hash64(&[&ctx.transaction_id.to_string(), ctx.step.as_str()]);
-                    let is_release = ctx.step.as_str() == "reserve";
-                    let fresh = local.shards[(key % 16) as usize]
+                let shard = |k: &str| (hash64(&[k]) % 16) as usize;
+                let fresh = {
+                    let mut s = local.shards[shard(&run.key)]
                         .lock()
-                        .map(|mut shard| shard.keys.insert(key))
-                        .unwrap_or(false);
-                    if fresh && let Ok(mut shard) = local.shards[(id % 16) as usize].lock() {
-                        shard.applied.entry(id).or_insert((0, is_release)).0 += 1;
+                        .unwrap_or_else(|e| e.into_inner());
+                    match s.keys.entry(run.key) {
+                        std::collections::hash_map::Entry::Occupied(_) => false,
+                        std::collections::hash_map::Entry::Vacant(v) => {
+                            v.insert(run.effect.clone());
+                            true
+                        }
                     }
+                };
+                if fresh {
+                    let mut s = local.shards[shard(&run.effect)]
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    *s.applied.entry(run.effect).or_default() += 1;
                 }
+                let mut s = local.shards[shard(&run.attempt)]
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                *s.runs.entry(run.attempt).or_default() += 1;
                 Ok(())
             }
             Effects::Redis { conn, prefix } => {
-                // One command: the first run under a key applies the effect
-                // (the count comes back 1); later runs are redeliveries.
                 let mut conn = conn.clone();
-                let _: i64 = redis::cmd("HINCRBY")
-                    .arg(Self::runs_key(prefix))
-                    .arg(ctx.idempotency_key())
-                    .arg(1)
-                    .query_async(&mut conn)
+                let _: i64 = RECORD
+                    .key(Self::key(prefix, "keys"))
+                    .key(Self::key(prefix, "applied"))
+                    .key(Self::key(prefix, "runs"))
+                    .arg(&run.key)
+                    .arg(&run.effect)
+                    .arg(&run.attempt)
+                    .invoke_async(&mut conn)
                     .await
                     .map_err(WorkerError::retry)?;
                 Ok(())
@@ -276,45 +358,25 @@ impl Effects {
         }
     }
 
-    async fn totals(&self) -> Result<Totals, Error> {
+    async fn records(&self) -> Result<Records, Error> {
         match self {
             Effects::Local(local) => {
-                let mut totals = Totals {
-                    executions: local.executions.load(Ordering::Relaxed),
-                    ..Totals::default()
-                };
+                let mut records = Records::default();
                 for shard in &local.shards {
-                    if let Ok(shard) = shard.lock() {
-                        totals.duplicates +=
-                            shard.applied.values().filter(|(n, _)| *n > 1).count() as u64;
-                        totals.releases +=
-                            shard.applied.values().filter(|(_, r)| *r).count() as u64;
-                    }
+                    let s = shard.lock().unwrap_or_else(|e| e.into_inner());
+                    records
+                        .applied
+                        .extend(s.applied.iter().map(|(k, v)| (k.clone(), *v)));
+                    records
+                        .runs
+                        .extend(s.runs.iter().map(|(k, v)| (k.clone(), *v)));
                 }
-                Ok(totals)
+                Ok(records)
             }
-            Effects::Redis { conn, prefix } => {
-                // A page at a time: the hash holds a field per step run.
-                let mut conn = conn.clone();
-                let mut runs: HashMap<String, u64> = HashMap::new();
-                let mut cursor = 0u64;
-                loop {
-                    let (next, page): (u64, Vec<(String, u64)>) = redis::cmd("HSCAN")
-                        .arg(Self::runs_key(prefix))
-                        .arg(cursor)
-                        .arg("COUNT")
-                        .arg(5000)
-                        .query_async(&mut conn)
-                        .await
-                        .map_err(|e| Error::Config(format!("reading the effect counts: {e}")))?;
-                    runs.extend(page);
-                    cursor = next;
-                    if cursor == 0 {
-                        break;
-                    }
-                }
-                Ok(redis_totals(&runs))
-            }
+            Effects::Redis { conn, prefix } => Ok(Records {
+                applied: hscan(conn, &Self::key(prefix, "applied")).await?,
+                runs: hscan(conn, &Self::key(prefix, "runs")).await?,
+            }),
         }
     }
 
@@ -322,7 +384,9 @@ impl Effects {
         if let Effects::Redis { conn, prefix } = self {
             let mut conn = conn.clone();
             let _: () = redis::cmd("DEL")
-                .arg(Self::runs_key(prefix))
+                .arg(Self::key(prefix, "keys"))
+                .arg(Self::key(prefix, "applied"))
+                .arg(Self::key(prefix, "runs"))
                 .query_async(&mut conn)
                 .await
                 .map_err(|e| Error::Config(format!("clearing the effect counts: {e}")))?;
@@ -331,24 +395,66 @@ impl Effects {
     }
 }
 
-/// Totals from runs by idempotency key (`transaction/step/phase/attempt`):
-/// executions are all runs; an effect (`transaction/step/phase`) applied
-/// under more than one key — two attempts that both went through — is a
-/// duplicate.
-fn redis_totals(runs: &HashMap<String, u64>) -> Totals {
-    let mut applied: HashMap<&str, u64> = HashMap::with_capacity(runs.len());
-    for key in runs.keys() {
-        let effect = key.rsplit_once('/').map_or(key.as_str(), |(e, _)| e);
-        *applied.entry(effect).or_default() += 1;
+/// A whole hash, a page at a time.
+async fn hscan(
+    conn: &multiagents::bus::redis::RedisConnection,
+    key: &str,
+) -> Result<HashMap<String, u64>, Error> {
+    let mut conn = conn.clone();
+    let mut all = HashMap::new();
+    let mut cursor = 0u64;
+    loop {
+        let (next, page): (u64, Vec<(String, u64)>) = redis::cmd("HSCAN")
+            .arg(key)
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(5000)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| Error::Config(format!("reading the effect counts: {e}")))?;
+        all.extend(page);
+        cursor = next;
+        if cursor == 0 {
+            return Ok(all);
+        }
     }
-    Totals {
-        executions: runs.values().sum(),
-        duplicates: applied.values().filter(|n| **n > 1).count() as u64,
-        releases: applied
+}
+
+/// The counts from the records and the attempts each workflow settled with:
+/// executions are all runs; an effect applied more than once (under more
+/// than one key) is a duplicate; a run of an attempt other than the one its
+/// step settled with is stale (the orchestrator had given up on it or moved
+/// past it); a run of the settling attempt beyond its first is a redelivery.
+fn totals(records: &Records, settled: &Settled) -> Totals {
+    let mut totals = Totals {
+        executions: records.runs.values().sum(),
+        duplicates: records.applied.values().filter(|n| **n > 1).count() as u64,
+        releases: records
+            .applied
             .keys()
             .filter(|k| k.ends_with("/reserve/compensate"))
             .count() as u64,
+        ..Totals::default()
+    };
+    for (key, runs) in &records.runs {
+        let mut parts = key.rsplitn(4, '/');
+        let (Some(attempt), Some(phase), Some(step), Some(tx)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let Some(&(forward, undo)) = settled.get(tx).and_then(|s| s.get(step)) else {
+            // A workflow that did not finish in time (counted as stuck).
+            continue;
+        };
+        let settling = if phase == "compensate" { undo } else { forward };
+        if attempt.parse::<u32>().ok() == Some(settling) {
+            totals.redelivered_runs += runs - 1;
+        } else {
+            totals.stale_runs += runs;
+        }
     }
+    totals
 }
 
 fn workers(effects: &Effects) -> Vec<Arc<dyn Worker>> {
@@ -627,6 +733,7 @@ async fn orders(
             (args.seed, args.fail_rate, args.workflows, args.stuck_after);
         tasks.spawn(async move {
             let mut outcomes = Vec::new();
+            let mut settled = Vec::new();
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 if n >= total {
@@ -638,21 +745,26 @@ async fn orders(
                     decline: declined(seed, n, rate),
                 };
                 let tx = client.start("orders", &order).await?;
-                let status = match client.wait(tx, stuck_after).await {
-                    Ok(state) => Some(state.status),
-                    Err(Error::Timeout { .. }) => None,
+                let (status, attempts) = match client.wait(tx, stuck_after).await {
+                    Ok(state) => (Some(state.status), Some((tx, settled_attempts(&state)))),
+                    Err(Error::Timeout { .. }) => (None, None),
                     Err(e) => return Err(e),
                 };
                 outcomes.push((status, order.decline, t0.elapsed().as_secs_f64() * 1000.0));
+                settled.extend(attempts);
                 progress.inc(1);
             }
-            Ok::<_, Error>(outcomes)
+            Ok::<_, Error>((outcomes, settled))
         });
     }
     let mut outcomes = Vec::with_capacity(args.workflows as usize);
+    let mut settled = Settled::with_capacity(args.workflows as usize);
     while let Some(joined) = tasks.join_next().await {
         match joined {
-            Ok(Ok(o)) => outcomes.extend(o),
+            Ok(Ok((o, s))) => {
+                outcomes.extend(o);
+                settled.extend(s.into_iter().map(|(tx, a)| (tx.to_string(), a)));
+            }
             Ok(Err(e)) => return Err(e),
             Err(e) => return Err(Error::Config(format!("a client task failed: {e}"))),
         }
@@ -661,7 +773,7 @@ async fn orders(
     progress.finish_and_clear();
     // Every effect, compensations included, is recorded before its workflow
     // finishes, so the counts are complete once the last wait returns.
-    let totals = effects.totals().await?;
+    let totals = totals(&effects.records().await?, &settled);
     if let Some(rt) = runtime {
         rt.shutdown().await;
     }
@@ -692,6 +804,8 @@ async fn orders(
         compensations: totals.releases,
         step_executions: totals.executions,
         duplicate_effects: totals.duplicates,
+        stale_runs: totals.stale_runs,
+        redelivered_runs: totals.redelivered_runs,
         seconds,
         workflows_per_sec: args.workflows as f64 / seconds,
         // BENCH.md: five steps per workflow; compensations are not steps.
@@ -718,7 +832,7 @@ async fn orders(
             report.peak_rss_mb
         );
         eprintln!(
-            "completed {} + compensated {} of {}; stuck {}; declined {}, compensations {}; step executions {}, duplicate effects {}",
+            "completed {} + compensated {} of {}; stuck {}; declined {}, compensations {}; step executions {}, duplicate effects {}, stale runs {}, redelivered runs {}",
             report.completed,
             report.compensated,
             report.workflows,
@@ -726,7 +840,9 @@ async fn orders(
             report.declined,
             report.compensations,
             report.step_executions,
-            report.duplicate_effects
+            report.duplicate_effects,
+            report.stale_runs,
+            report.redelivered_runs
         );
     }
     println!("{}", serde_json::to_string(&report).unwrap_or_default());
@@ -741,23 +857,53 @@ async fn orders(
 mod tests {
     use super::*;
 
+    fn map(pairs: &[(&str, u64)]) -> HashMap<String, u64> {
+        pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    }
+
     #[test]
-    fn redis_totals_count_runs_and_effects_applied_twice() {
-        let runs: HashMap<String, u64> = [
-            ("t1/validate/forward/1", 1),
-            // Redelivered: one effect, two runs.
-            ("t1/reserve/forward/1", 2),
-            // Two attempts both went through: a duplicate effect.
-            ("t1/charge/forward/1", 1),
-            ("t1/charge/forward/2", 1),
-            ("t1/reserve/compensate/1", 1),
-        ]
+    fn totals_count_runs_duplicates_stale_runs_and_redeliveries() {
+        let records = Records {
+            applied: map(&[
+                ("t1/validate/forward", 1),
+                ("t1/reserve/forward", 1),
+                // Applied under two keys: a duplicate.
+                ("t1/charge/forward", 2),
+                ("t1/reserve/compensate", 1),
+            ]),
+            runs: map(&[
+                ("t1/validate/forward/1", 1),
+                // Redelivered: two runs of the settling attempt.
+                ("t1/reserve/forward/1", 2),
+                // Attempt 1 was given up on; attempt 2 settled the step.
+                ("t1/charge/forward/1", 1),
+                ("t1/charge/forward/2", 1),
+                ("t1/reserve/compensate/1", 1),
+                // Not finished: not judged.
+                ("t2/validate/forward/1", 3),
+            ]),
+        };
+        let settled: Settled = [(
+            "t1".to_string(),
+            [
+                ("validate".to_string(), (1, 0)),
+                ("reserve".to_string(), (1, 1)),
+                ("charge".to_string(), (2, 0)),
+            ]
+            .into_iter()
+            .collect(),
+        )]
         .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
         .collect();
-        let totals = redis_totals(&runs);
-        assert_eq!(totals.executions, 6);
-        assert_eq!(totals.duplicates, 1);
-        assert_eq!(totals.releases, 1);
+        assert_eq!(
+            totals(&records, &settled),
+            Totals {
+                executions: 9,
+                duplicates: 1,
+                releases: 1,
+                stale_runs: 1,
+                redelivered_runs: 1,
+            }
+        );
     }
 }

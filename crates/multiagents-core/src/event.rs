@@ -194,10 +194,20 @@ impl Event {
             + 320
     }
 
-    /// The idempotency key a worker gets for this command: stable across
-    /// redeliveries of one attempt, different for every attempt.
+    /// The idempotency key a worker gets for this command: the same for
+    /// every attempt and every redelivery of this step in this phase.
     pub fn idempotency_key(&self) -> String {
         idempotency_key(
+            self.transaction_id,
+            self.step.as_ref().map_or("", |s| s.as_str()),
+            self.phase,
+        )
+    }
+
+    /// The per-attempt key beside it: the same for every redelivery of this
+    /// attempt, different for the next one.
+    pub fn attempt_key(&self) -> String {
+        attempt_key(
             self.transaction_id,
             self.step.as_ref().map_or("", |s| s.as_str()),
             self.phase,
@@ -206,8 +216,18 @@ impl Event {
     }
 }
 
-/// `transaction/step/phase/attempt`: the key that makes side effects exactly-once.
-pub fn idempotency_key(tx: TransactionId, step: &str, phase: Phase, attempt: u32) -> String {
+/// `transaction/step/phase`: the key that makes a step's side effect
+/// exactly-once, whatever number of attempts and redeliveries it takes
+/// (Temporal's workflow id + activity id). A fan-out branch's step is
+/// `step[i]`, so each branch has its own key.
+pub fn idempotency_key(tx: TransactionId, step: &str, phase: Phase) -> String {
+    format!("{tx}/{step}/{phase}")
+}
+
+/// `transaction/step/phase/attempt`: one key per attempt, for the rare API
+/// that remembers a failure under its key and would answer every retry with
+/// it.
+pub fn attempt_key(tx: TransactionId, step: &str, phase: Phase, attempt: u32) -> String {
     format!("{tx}/{step}/{phase}/{attempt}")
 }
 
@@ -468,14 +488,22 @@ mod tests {
     }
 
     #[test]
-    fn idempotency_key_is_stable_per_attempt() {
+    fn idempotency_key_is_stable_per_step_and_the_attempt_key_per_attempt() {
         let e = sample();
         let mut redelivered = e.clone();
         redelivered.id = EventId::new();
         assert_eq!(e.idempotency_key(), redelivered.idempotency_key());
+        assert_eq!(e.attempt_key(), redelivered.attempt_key());
         let mut next = e.clone();
         next.attempt += 1;
-        assert_ne!(e.idempotency_key(), next.idempotency_key());
+        assert_eq!(e.idempotency_key(), next.idempotency_key());
+        assert_ne!(e.attempt_key(), next.attempt_key());
+        let mut undo = e.clone();
+        undo.phase = Phase::Compensate;
+        assert_ne!(e.idempotency_key(), undo.idempotency_key());
+        let mut other = e.clone();
+        other.step = Some("other".into());
+        assert_ne!(e.idempotency_key(), other.idempotency_key());
     }
 
     proptest! {
