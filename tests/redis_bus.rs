@@ -103,6 +103,59 @@ async fn an_unacked_event_goes_to_another_consumer_then_to_the_dead_letters() {
 }
 
 #[tokio::test]
+async fn an_extended_entry_stays_with_its_holder_and_a_taken_over_one_is_not_taken_back() {
+    let Some((bus, url, prefix)) = bus("extend", |c| {
+        c.visibility_timeout(Duration::from_millis(300))
+    })
+    .await
+    else {
+        return;
+    };
+    let holder = bus.consumer("t", "g", "holder").await.expect("consumer");
+    let peer = bus.consumer("t", "g", "peer").await.expect("consumer");
+    bus.publish("t", event(3)).await.expect("publish");
+    let taken = holder.next_batch(1, WAIT).await.expect("batch");
+    assert_eq!(taken.len(), 1);
+    // Six visibility timeouts, extended every 100 ms: never redelivered.
+    for _ in 0..18 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        holder.extend(&[taken[0].id.clone()]).await.expect("extend");
+        assert!(
+            peer.next_batch(1, Duration::ZERO)
+                .await
+                .expect("batch")
+                .is_empty()
+        );
+    }
+    // The holder stops extending (it died): the peer takes it over, as
+    // the second delivery (extensions count none).
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let again = peer.next_batch(1, WAIT).await.expect("batch");
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].delivery_count, 2);
+    // A late extension by the old holder does not take it back.
+    holder.extend(&[taken[0].id.clone()]).await.expect("extend");
+    let mut conn = redis::Client::open(url.as_str())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+        .arg(format!("{{{prefix}:t}}"))
+        .arg("g")
+        .arg("-")
+        .arg("+")
+        .arg(10)
+        .query_async(&mut conn)
+        .await
+        .expect("xpending");
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].1, "peer", "still the peer's: {pending:?}");
+    assert_eq!(pending[0].3, 2, "extensions count no delivery");
+    peer.ack(&[again[0].id.clone()]).await.expect("ack");
+}
+
+#[tokio::test]
 async fn poison_written_straight_into_a_stream_is_dead_lettered_with_the_reason() {
     let Some((bus, url, prefix)) = bus("poison", |c| c.max_event_bytes(4096)).await else {
         return;

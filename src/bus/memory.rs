@@ -34,7 +34,7 @@ pub struct MemoryBusConfig {
 impl Default for MemoryBusConfig {
     fn default() -> Self {
         Self {
-            visibility_timeout: Duration::from_secs(30),
+            visibility_timeout: Duration::from_secs(5),
             max_deliveries: 5,
             max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
             dead_letter_capacity: 10_000,
@@ -80,8 +80,11 @@ struct Group {
 struct GroupState {
     next_id: u64,
     queue: VecDeque<(u64, Arc<Event>, u32)>,
-    pending: HashMap<u64, (Arc<Event>, u32)>,
-    /// (visibility deadline, id, delivery count) in delivery order.
+    /// Deliveries not acked yet: the event, its delivery count and the end
+    /// of its lease.
+    pending: HashMap<u64, (Arc<Event>, u32, Instant)>,
+    /// (visibility deadline, id, delivery count) in the order they were
+    /// set; a deadline that an extension moved is skipped when it comes up.
     timeouts: VecDeque<(Instant, u64, u32)>,
 }
 
@@ -320,8 +323,9 @@ impl MemoryConsumer {
         {
             let gs = &mut *self.group.state.lock().unwrap_or_else(|e| e.into_inner());
             while let Some(&(deadline, id, count)) = gs.timeouts.front() {
-                let current = gs.pending.get(&id).map(|(_, c)| *c);
-                if current != Some(count) {
+                let current = gs.pending.get(&id).map(|(_, c, until)| (*c, *until));
+                if current != Some((count, deadline)) {
+                    // Acked, redelivered since, or extended.
                     gs.timeouts.pop_front();
                     continue;
                 }
@@ -329,7 +333,7 @@ impl MemoryConsumer {
                     break;
                 }
                 gs.timeouts.pop_front();
-                if let Some((event, count)) = gs.pending.remove(&id) {
+                if let Some((event, count, _)) = gs.pending.remove(&id) {
                     if count >= config.max_deliveries {
                         dead.push((event, count));
                     } else {
@@ -342,9 +346,9 @@ impl MemoryConsumer {
                     break;
                 };
                 let count = count + 1;
-                gs.pending.insert(id, (event.clone(), count));
-                gs.timeouts
-                    .push_back((now + config.visibility_timeout, id, count));
+                let until = now + config.visibility_timeout;
+                gs.pending.insert(id, (event.clone(), count, until));
+                gs.timeouts.push_back((until, id, count));
                 out.push(Delivery {
                     id: DeliveryId::Seq(id),
                     event,
@@ -397,6 +401,24 @@ impl Consumer for MemoryConsumer {
             }
         }
         Ok(())
+    }
+
+    async fn extend(&self, ids: &[DeliveryId]) -> Result<(), BusError> {
+        let until = Instant::now() + self.bus.inner.config.visibility_timeout;
+        let gs = &mut *self.group.state.lock().unwrap_or_else(|e| e.into_inner());
+        for id in ids {
+            if let DeliveryId::Seq(n) = id
+                && let Some((_, count, lease)) = gs.pending.get_mut(n)
+            {
+                *lease = until;
+                gs.timeouts.push_back((until, *n, *count));
+            }
+        }
+        Ok(())
+    }
+
+    fn visibility_timeout(&self) -> Duration {
+        self.bus.inner.config.visibility_timeout
     }
 
     async fn publish_then_ack(
@@ -506,6 +528,36 @@ mod tests {
             "{}",
             dead[0].reason
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_extended_delivery_is_not_redelivered_while_its_holder_extends_it() {
+        let bus = MemoryBus::with_config(MemoryBusConfig {
+            visibility_timeout: Duration::from_secs(3),
+            ..Default::default()
+        });
+        let holder = bus.consumer("t", "g", "1").await.expect("consumer");
+        let peer = bus.consumer("t", "g", "2").await.expect("consumer");
+        bus.publish("t", event(1)).await.expect("publish");
+        let taken = holder.next_batch(1, WAIT).await.expect("batch");
+        // Ten visibility timeouts, extended every second.
+        for _ in 0..30 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            holder.extend(&[taken[0].id.clone()]).await.expect("extend");
+            assert!(
+                peer.next_batch(1, Duration::ZERO)
+                    .await
+                    .expect("batch")
+                    .is_empty()
+            );
+        }
+        // Once the holder stops, the peer gets it after one timeout.
+        let again = peer
+            .next_batch(1, Duration::from_secs(4))
+            .await
+            .expect("batch");
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].delivery_count, 2);
     }
 
     #[tokio::test(start_paused = true)]

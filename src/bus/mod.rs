@@ -9,6 +9,12 @@
 //!   Events published before any group exists are kept for the first group.
 //! * **At least once.** A delivery that is not acked within the visibility
 //!   timeout is delivered again, to any consumer of the group.
+//! * **Leases.** A consumer that is still working on a delivery extends it
+//!   ([`Consumer::extend`]), so a call may run for hours and is never
+//!   redelivered while its process lives; the worker manager and the
+//!   orchestrator do so every third of the visibility timeout. A consumer
+//!   whose deliveries have gone that long without being extended is taken to
+//!   be dead, and a live peer of its group takes them over.
 //! * **Dead letters.** After `max_deliveries` deliveries, or when a consumer
 //!   rejects it (undecodable, oversized, for an unknown transaction), an
 //!   event goes to the dead-letter list with the reason, and is counted.
@@ -168,6 +174,16 @@ pub trait Consumer: Send + Sync {
 
     /// Marks deliveries as done: they will not be delivered again.
     async fn ack(&self, ids: &[DeliveryId]) -> Result<(), BusError>;
+
+    /// Extends the lease of deliveries this consumer still holds: they are
+    /// not delivered again for another visibility timeout. Deliveries that
+    /// another consumer has taken over meanwhile (or that were acked) are
+    /// left alone.
+    async fn extend(&self, ids: &[DeliveryId]) -> Result<(), BusError>;
+
+    /// How long a delivery stays this consumer's without being extended or
+    /// acked. Holders extend every third of it.
+    fn visibility_timeout(&self) -> Duration;
 
     /// Gives up on a delivery: it goes to the dead-letter list with `reason`
     /// and is acked.

@@ -13,10 +13,14 @@
 //! | `ma:interrupts` | Pub/Sub channel | interrupts for steps in flight (best effort) |
 //!
 //! Consumer groups are created at `0`, so events published before a group
-//! exists are delivered to it. Consumers read with a blocking `XREADGROUP`;
-//! entries idle past the visibility timeout are claimed by another consumer
-//! (`XPENDING` + `XCLAIM`), and after `max_deliveries` they are moved to the
-//! dead letters. An ack is `XACK` (and `XDEL`, with `delete_on_ack`, the
+//! exists are delivered to it. Consumers read with a blocking `XREADGROUP`.
+//! A consumer still working on an entry extends it (one script: `XPENDING`
+//! to check it still owns it, then `XCLAIM … JUSTID`, which resets its idle
+//! time without counting a delivery) every half visibility timeout; entries
+//! idle past the visibility timeout — their holder died — are claimed by
+//! another consumer (`XPENDING IDLE` + `XCLAIM`, looked for every eighth of
+//! the timeout), and after `max_deliveries` they are moved to the dead
+//! letters. An ack is `XACK` (and `XDEL`, with `delete_on_ack`, the
 //! default: each topic has one consumer group, so an acked entry is done).
 //! Entries that do not decode, or are over the size limit, are dead-lettered
 //! with the reason and never handed to the application.
@@ -108,6 +112,32 @@ return 0
     )
 });
 
+/// Extends the leases of entries a consumer still owns: `KEYS[1]` is the
+/// stream, `ARGV` the group, the consumer and the ids. An entry another
+/// consumer has taken over (or that is acked) is left alone. `JUSTID`: the
+/// delivery count does not grow.
+static EXTEND: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local kept = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then kept[#kept + 1] = ARGV[i] end
+end
+local first = 1
+while first <= #kept do
+  local last = math.min(first + 999, #kept)
+  local args = {KEYS[1], ARGV[1], ARGV[2], 0}
+  for i = first, last do args[#args + 1] = kept[i] end
+  args[#args + 1] = 'JUSTID'
+  redis.call('XCLAIM', unpack(args))
+  first = last + 1
+end
+return #kept
+",
+    )
+});
+
 /// Settings of a [`RedisStreamsBus`].
 #[derive(Clone, Debug)]
 pub struct RedisBusConfig {
@@ -115,7 +145,10 @@ pub struct RedisBusConfig {
     pub url: String,
     /// Prefix of every key.
     pub prefix: String,
-    /// How long a delivery may stay unacked before another consumer claims it.
+    /// How long a delivery may go without being acked or extended before
+    /// another consumer takes it over. Holders extend their deliveries every
+    /// half of it, so this is also how soon a dead process's deliveries are
+    /// taken over (about two missed extensions).
     pub visibility_timeout: Duration,
     /// Deliveries after which an entry is dead-lettered.
     pub max_deliveries: u32,
@@ -133,7 +166,7 @@ impl RedisBusConfig {
         Self {
             url: url.into(),
             prefix: "ma".into(),
-            visibility_timeout: Duration::from_secs(30),
+            visibility_timeout: Duration::from_secs(2),
             max_deliveries: 5,
             max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
             delete_on_ack: true,
@@ -1140,7 +1173,7 @@ impl Consumer for RedisConsumer {
             let mut last = self.last_reclaim.lock().await;
             let now = tokio::time::Instant::now();
             let every =
-                (self.bus.inner.config.visibility_timeout / 4).max(Duration::from_millis(10));
+                (self.bus.inner.config.visibility_timeout / 8).max(Duration::from_millis(10));
             if last.is_none_or(|t| now.duration_since(t) >= every) {
                 *last = Some(now);
                 true
@@ -1204,6 +1237,27 @@ impl Consumer for RedisConsumer {
         let mut pipe = redis::pipe();
         self.ack_cmds(&mut pipe, ids);
         self.bus.run(&pipe).await
+    }
+
+    async fn extend(&self, ids: &[DeliveryId]) -> Result<(), BusError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut invocation = EXTEND.key(&self.key);
+        invocation.arg(&self.group).arg(&self.name);
+        for id in ids {
+            invocation.arg(id_text(id));
+        }
+        let mut conn = self.bus.inner.conn.get();
+        invocation
+            .invoke_async::<i64>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.bus.err(e))
+    }
+
+    fn visibility_timeout(&self) -> Duration {
+        self.bus.inner.config.visibility_timeout
     }
 
     async fn publish_then_ack(

@@ -197,7 +197,24 @@ async fn results_loop(
                 continue;
             }
         };
-        for (delivery, verdict) in handle_batch(&engine, batch, parallel, &mut outbox).await {
+        // A batch that takes long (a slow store) keeps its results' leases.
+        let ids: Vec<DeliveryId> = batch.iter().map(|d| d.id.clone()).collect();
+        let handled = {
+            let handling = handle_batch(&engine, batch, parallel, &mut outbox);
+            tokio::pin!(handling);
+            let every = (consumer.visibility_timeout() / 2).max(Duration::from_millis(5));
+            loop {
+                tokio::select! {
+                    done = &mut handling => break done,
+                    _ = tokio::time::sleep(every) => {
+                        if let Err(e) = consumer.extend(&ids).await {
+                            tracing::warn!(error = %e, "extending result leases failed");
+                        }
+                    }
+                }
+            }
+        };
+        for (delivery, verdict) in handled {
             match verdict {
                 Verdict::Ack => acks.push(delivery.id),
                 Verdict::Reject(reason) => reject(&*consumer, &delivery, &reason).await,

@@ -408,6 +408,7 @@ impl WorkerManager {
                 shared: options.limited().then(|| options.shared.clone()),
                 bus: self.bus.clone(),
                 holder: Arc::from(self.config.instance.as_str()),
+                held: Arc::default(),
             };
             tasks.spawn(runner.run(stop.clone()));
         }
@@ -503,6 +504,67 @@ struct Runner {
     bus: Arc<dyn EventBus>,
     /// Names this process's places.
     holder: Arc<str>,
+    /// The commands this runner holds (running, or answered and not yet
+    /// acked), by the priority level they came from: their leases are
+    /// extended until they are acked.
+    held: Arc<Held>,
+}
+
+/// Deliveries held by a runner, by consumer (priority level).
+#[derive(Default)]
+struct Held {
+    ids: std::sync::Mutex<HashMap<DeliveryId, usize>>,
+}
+
+impl Held {
+    fn insert(&self, id: DeliveryId, level: usize) {
+        self.ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, level);
+    }
+
+    fn remove(&self, ids: &[DeliveryId]) {
+        let mut held = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+        for id in ids {
+            held.remove(id);
+        }
+    }
+
+    /// The ids held, by level.
+    fn by_level(&self, levels: usize) -> Vec<Vec<DeliveryId>> {
+        let mut out = vec![Vec::new(); levels];
+        for (id, level) in self.ids.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            if let Some(ids) = out.get_mut(*level) {
+                ids.push(id.clone());
+            }
+        }
+        out
+    }
+}
+
+/// Extends the leases of every command a runner holds, every half
+/// visibility timeout, until aborted: a call may take as long as it needs
+/// and is never redelivered while this process lives.
+async fn extend_leases(consumers: Vec<Arc<dyn Consumer>>, held: Arc<Held>, worker: String) {
+    let every = consumers
+        .first()
+        .map_or(Duration::from_secs(1), |c| c.visibility_timeout() / 2)
+        .max(Duration::from_millis(5));
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        for (ids, consumer) in held.by_level(consumers.len()).iter().zip(&consumers) {
+            if ids.is_empty() {
+                continue;
+            }
+            if let Err(e) = consumer.extend(ids).await {
+                tracing::warn!(worker, error = %e, commands = ids.len(), "extending command leases failed; retrying at the next beat");
+            }
+        }
+    }
 }
 
 /// The calls of this process that take more than one poll, by (workflow,
@@ -574,6 +636,12 @@ impl Runner {
             this.consumers.clone(),
             queue,
             this.worker.name().to_string(),
+            this.held.clone(),
+        ));
+        let extender = tokio::spawn(extend_leases(
+            this.consumers.clone(),
+            this.held.clone(),
+            this.worker.name().to_string(),
         ));
         let mut look = Look::default();
         loop {
@@ -626,9 +694,13 @@ impl Runner {
                 let me = this.clone();
                 let answers = answers.clone();
                 let lease = leases.next();
+                me.held.insert(delivery.id.clone(), level);
                 calls.spawn(async move {
-                    if let Some(reply) = me.handle(&delivery, level, picked_up_at).await {
-                        let _ = answers.send((level, delivery.id, reply));
+                    match me.handle(&delivery, level, picked_up_at).await {
+                        Some(reply) => {
+                            let _ = answers.send((level, delivery.id, reply));
+                        }
+                        None => me.held.remove(std::slice::from_ref(&delivery.id)),
                     }
                     if let Some(lease) = lease {
                         me.give_back(vec![lease]).await;
@@ -643,6 +715,7 @@ impl Runner {
         while calls.join_next().await.is_some() {}
         drop(answers);
         let _ = flusher.await;
+        extender.abort();
     }
 
     /// Takes up to `room` commands, higher priorities first. The high and
@@ -924,6 +997,7 @@ async fn flush(
     consumers: Vec<Arc<dyn Consumer>>,
     mut queue: tokio::sync::mpsc::UnboundedReceiver<(usize, DeliveryId, Event)>,
     worker: String,
+    held: Arc<Held>,
 ) {
     let mut taken = Vec::with_capacity(FLUSH_BATCH);
     while let Some(first) = queue.recv().await {
@@ -945,6 +1019,8 @@ async fn flush(
         for ((ids, events), consumer) in by_level.iter().zip(&consumers) {
             if !ids.is_empty() {
                 publish_answers(consumer.as_ref(), events, ids, &worker).await;
+                // Acked, or left to be redelivered: either way no longer ours.
+                held.remove(ids);
             }
         }
     }

@@ -57,11 +57,15 @@ pub struct OrdersArgs {
     /// Key prefix in Redis, so runs do not share state.
     #[arg(long, default_value = "bench")]
     prefix: String,
-    /// How long a command or result may stay unacked before another process
-    /// takes it over (redis backend); also the timer lease and, doubled, the
-    /// redispatch sweep's idle time.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    /// How long a command or result may go without being acked or extended
+    /// before another process takes it over (redis backend); also the timer
+    /// lease.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
     visibility_timeout: Duration,
+    /// Commands of steps in flight for this long without any change are
+    /// published again (`--role orchestrator`).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    redispatch_after: Duration,
     /// Result consumers per orchestrator (redis backend).
     #[arg(long, default_value_t = 16)]
     consumers: usize,
@@ -664,7 +668,7 @@ async fn orders(
                 .workflow(definition()?)
                 .external_workers()
                 .orchestrator_config(OrchestratorConfig {
-                    redispatch_after: Some(args.visibility_timeout * 2),
+                    redispatch_after: Some(args.redispatch_after),
                     ..orchestrator_config
                 })
                 .start()

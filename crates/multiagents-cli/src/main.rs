@@ -54,12 +54,17 @@ struct ServeArgs {
     /// This process's name among the orchestrators.
     #[arg(long)]
     instance: Option<String>,
-    /// How long a result may stay unacked (its orchestrator died, say)
-    /// before another orchestrator takes it; also the lease of a timer
-    /// being fired. Commands of steps in flight for twice this long without
-    /// news are published again.
-    #[arg(long, default_value = "30s", value_parser = multiagents::core::time::parse_duration)]
+    /// How long a result or command may go without being acked or
+    /// extended (its process died, say) before another process takes it
+    /// over; live processes extend what they hold every half of it. Also
+    /// the lease of a timer being fired.
+    #[arg(long, default_value = "2s", value_parser = multiagents::core::time::parse_duration)]
     visibility_timeout: std::time::Duration,
+    /// Commands of steps in flight for this long without any change are
+    /// published again (heals a crash between persisting a transition and
+    /// publishing its commands).
+    #[arg(long, default_value = "30s", value_parser = multiagents::core::time::parse_duration)]
+    redispatch_after: std::time::Duration,
     /// Serve Prometheus `/metrics` and `/healthz` on this address (overrides
     /// `metrics.prometheus_addr` of the monitoring settings).
     #[arg(long, value_name = "ADDR")]
@@ -103,7 +108,7 @@ async fn serve(
         consumers: args.consumers,
         parallel_results: true,
         redispatch_on_start: false,
-        redispatch_after: Some(args.visibility_timeout * 2),
+        redispatch_after: Some(args.redispatch_after),
         ..Default::default()
     };
     if let Some(name) = args.instance {
