@@ -299,3 +299,71 @@ async fn two_orchestrators_and_two_worker_pools_share_one_redis() {
         r.shutdown().await;
     }
 }
+
+/// A process that wrote a transition and died before publishing its
+/// commands: the write stays noted as unpublished, and an orchestrator's
+/// recovery sweep publishes the commands again — no timeout, no
+/// `redispatch_after`.
+#[tokio::test]
+async fn a_write_whose_commands_were_never_published_is_healed_by_the_sweep() {
+    let Some((store, url, prefix)) = store("unpublished").await else {
+        return;
+    };
+    let d = def();
+    store.put_definition(&d).await.expect("definition");
+    // What `start` writes, without its publish.
+    let tx = TransactionId::new();
+    let (state, actions) = saga::start(
+        &d,
+        tx,
+        CorrelationId::new(),
+        Payload::to_json(&false).expect("json"),
+        Timestamp::now(),
+    );
+    assert!(!actions.is_empty());
+    store.create(Arc::new(state)).await.expect("create");
+    let unpublished = store
+        .unpublished(Timestamp(Timestamp::now().0 + 1), Timestamp::now(), 10)
+        .await
+        .expect("unpublished");
+    assert_eq!(unpublished, vec![(tx, 1)]);
+
+    let bus = RedisStreamsBus::connect(RedisBusConfig::new(&url).prefix(&prefix))
+        .await
+        .expect("bus");
+    let rt = Runtime::builder()
+        .bus(bus)
+        .store(store.clone())
+        .workflow(d)
+        .orchestrator_config(multiagents::OrchestratorConfig {
+            redispatch_on_start: false,
+            redispatch_after: None,
+            unpublished_after: Duration::from_millis(300),
+            ..Default::default()
+        })
+        .worker(from_fn("reserve", |_: bool, _| async {
+            Ok::<_, WorkerError>("r-1")
+        }))
+        .worker(from_fn("release", |_: bool, _| async {
+            Ok::<_, WorkerError>("released")
+        }))
+        .worker(from_fn("charge", |_: bool, _| async {
+            Ok::<_, WorkerError>("charged")
+        }))
+        .start()
+        .await
+        .expect("starts");
+    let done = rt
+        .client()
+        .wait(tx, Duration::from_secs(10))
+        .await
+        .expect("healed and finished");
+    assert_eq!(done.status, WorkflowStatus::Completed);
+    // Every write since was published and marked so.
+    let left = store
+        .unpublished(Timestamp(Timestamp::now().0 + 1), Timestamp::now(), 10)
+        .await
+        .expect("unpublished");
+    assert!(left.is_empty(), "{left:?}");
+    rt.shutdown().await;
+}

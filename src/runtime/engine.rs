@@ -16,8 +16,39 @@ use crate::{Error, StartOptions};
 /// How many times a transition is re-applied after losing a compare-and-set.
 const MAX_CONFLICT_RETRIES: usize = 64;
 
-/// Commands a transition produced, by topic, to be published by the caller.
-pub(crate) type Outbox = Vec<(String, Event)>;
+/// What transitions produced, to be published in one place after their
+/// states are written: the events by topic, and the writes they belong to,
+/// which are marked published once the events are out (a store that tracks
+/// unpublished writes hands those never marked to the recovery sweep).
+#[derive(Default)]
+pub(crate) struct Outbox {
+    pub(crate) events: Vec<(String, Event)>,
+    pub(crate) written: Vec<(TransactionId, crate::store::Version)>,
+}
+
+impl Outbox {
+    pub(crate) fn new() -> Self {
+        Self::default()
+    }
+
+    fn push(&mut self, event: (String, Event)) {
+        self.events.push(event);
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.written.is_empty()
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.events.clear();
+        self.written.clear();
+    }
+
+    pub(crate) fn extend(&mut self, other: Outbox) {
+        self.events.extend(other.events);
+        self.written.extend(other.written);
+    }
+}
 
 /// The states this process wrote last, so that the next transition of a
 /// workflow need not read it back from a remote store. An entry is only a
@@ -270,17 +301,18 @@ impl Engine {
         let (mut state, actions) = saga::start(&def, tx, correlation, input, Timestamp::now());
         state.priority = options.priority;
         let state = Arc::new(state);
+        let mut outbox = Outbox::new();
         match self.store.create(state.clone()).await {
             Ok(version) => {
                 if let Some(cache) = &self.cache {
                     cache.put(version, state.clone());
                 }
+                outbox.written.push((tx, version));
             }
             // Starting with a transaction id that exists is idempotent.
             Err(StoreError::AlreadyExists(_)) if options.transaction_id.is_some() => return Ok(tx),
             Err(e) => return Err(e.into()),
         }
-        let mut outbox = Outbox::new();
         self.execute(
             &state,
             actions,
@@ -355,6 +387,7 @@ impl Engine {
                         cache.put(version, state.clone());
                     }
                     drop(guard);
+                    outbox.written.push((tx, version));
                     self.metrics.result(&current.state, input, now);
                     if !matches!(input, Input::Redispatch { .. }) {
                         for action in &outcome.actions {
@@ -398,17 +431,34 @@ impl Engine {
         )))
     }
 
-    /// Publishes what transitions put in an outbox.
+    /// Publishes what transitions put in an outbox, then marks their writes
+    /// published.
     pub(crate) async fn publish(&self, mut outbox: Outbox) -> Result<(), Error> {
-        match outbox.len() {
+        match outbox.events.len() {
             0 => {}
             1 => {
-                let (topic, e) = outbox.pop().expect("one command");
+                let (topic, e) = outbox.events.pop().expect("one command");
                 self.bus.publish(&topic, e).await?;
             }
-            _ => self.bus.publish_many(outbox).await?,
+            _ => {
+                self.bus
+                    .publish_many(std::mem::take(&mut outbox.events))
+                    .await?
+            }
         }
+        self.mark_published(&outbox.written).await;
         Ok(())
+    }
+
+    /// Marks writes published. A failure only costs a republish by the
+    /// recovery sweep, which is harmless (the same attempts, the same keys).
+    pub(crate) async fn mark_published(&self, written: &[(TransactionId, crate::store::Version)]) {
+        if written.is_empty() || !self.store.tracks_unpublished() {
+            return;
+        }
+        if let Err(e) = self.store.published(written).await {
+            tracing::warn!(error = %e, writes = written.len(), "marking writes published failed; the recovery sweep will publish their commands again");
+        }
     }
 
     /// Publishes a transition's commands, broadcasts its status changes and
@@ -571,6 +621,32 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// Heals a write whose actions were never marked published (its process
+    /// died between persisting and publishing): publishes the commands of
+    /// every step of the workflow in flight again, and, for a finished
+    /// sub-workflow, its answer to the parent. Then marks the write published.
+    pub(crate) async fn heal_unpublished(
+        &self,
+        tx: TransactionId,
+        version: crate::store::Version,
+    ) -> Result<(), Error> {
+        let mut outbox = Outbox::new();
+        let input = Input::Redispatch {
+            dispatched_before: Timestamp::now(),
+        };
+        let driven = self.drive_into(tx, &input, None, &mut outbox).await?;
+        if driven == Driven::Unchanged
+            && let Some(current) = self.store.get(tx).await?
+            && let Some(outcome) = saga::parent_outcome(&current.state)
+        {
+            outbox.push(notify_parent(&current.state, outcome));
+        }
+        outbox.written.push((tx, version));
+        self.publish(outbox).await
+    }
+}
+
 /// How long to wait after losing `attempts` compare-and-sets in a row: up to
 /// 1 ms, doubling, capped at 50 ms, scaled by a jitter in [0.5, 1).
 fn conflict_pause(attempts: usize) -> std::time::Duration {
@@ -637,6 +713,7 @@ impl Engine {
                 if let Some(cache) = &self.cache {
                     cache.put(version, state.clone());
                 }
+                outbox.written.push((tx, version));
                 Box::pin(self.execute(&state, actions, None, None, outbox)).await
             }
             Err(StoreError::AlreadyExists(_)) => {

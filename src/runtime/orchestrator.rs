@@ -35,6 +35,12 @@ pub struct OrchestratorConfig {
     /// Republish commands of steps in flight for longer than this without
     /// any change (heals a crash between persisting and publishing).
     pub redispatch_after: Option<Duration>,
+    /// A write whose actions are not marked published this long after it
+    /// was made is taken to have been cut short by a crash, and its
+    /// workflow's commands are published again (with a store that tracks
+    /// unpublished writes, such as Redis). The sweep looks every eighth of
+    /// this.
+    pub unpublished_after: Duration,
     /// How long finished workflows are kept.
     pub retention: Duration,
 }
@@ -49,6 +55,7 @@ impl Default for OrchestratorConfig {
             tick_interval: Duration::from_millis(10),
             redispatch_on_start: true,
             redispatch_after: None,
+            unpublished_after: Duration::from_secs(2),
             retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
@@ -106,6 +113,13 @@ pub(crate) async fn start(
         stop.clone(),
     ));
     tasks.spawn(lag_loop(engine.clone(), stop.clone()));
+    if engine.store.tracks_unpublished() {
+        tasks.spawn(unpublished_loop(
+            engine.clone(),
+            config.unpublished_after,
+            stop.clone(),
+        ));
+    }
     tasks.spawn(housekeeping_loop(engine, config, stop.clone()));
     Ok(OrchestratorHandle { stop, tasks })
 }
@@ -222,7 +236,9 @@ async fn results_loop(
             }
         }
         if !acks.is_empty() || !outbox.is_empty() {
-            publish_then_ack(&*consumer, &outbox, &acks).await;
+            if publish_then_ack(&*consumer, &outbox.events, &acks).await {
+                engine.mark_published(&outbox.written).await;
+            }
             acks.clear();
             outbox.clear();
         }
@@ -230,17 +246,21 @@ async fn results_loop(
 }
 
 /// Publishes the commands of a batch's transitions and acks its results,
-/// trying a few times: the states are already written, so commands lost
-/// here are only republished by the `redispatch_after` sweep.
-async fn publish_then_ack(consumer: &dyn Consumer, outbox: &Outbox, acks: &[DeliveryId]) {
+/// trying a few times; true when they went out. The states are already
+/// written, so commands lost here are republished by the recovery sweep.
+async fn publish_then_ack(
+    consumer: &dyn Consumer,
+    events: &[(String, Event)],
+    acks: &[DeliveryId],
+) -> bool {
     let mut pause = Duration::from_millis(50);
     for attempt in 1..=5 {
-        match consumer.publish_then_ack(outbox, acks).await {
-            Ok(()) => return,
+        match consumer.publish_then_ack(events, acks).await {
+            Ok(()) => return true,
             Err(e) if attempt == 5 => tracing::error!(
                 error = %e,
-                commands = outbox.len(),
-                "publishing commands failed; the redispatch sweep will republish them"
+                commands = events.len(),
+                "publishing commands failed; the recovery sweep will republish them"
             ),
             Err(e) => {
                 tracing::warn!(error = %e, "publishing commands failed; retrying");
@@ -249,6 +269,7 @@ async fn publish_then_ack(consumer: &dyn Consumer, outbox: &Outbox, acks: &[Deli
             }
         }
     }
+    false
 }
 
 async fn reject(consumer: &dyn Consumer, delivery: &Delivery, reason: &str) {
@@ -372,6 +393,40 @@ async fn redispatch(
         }
     }
     Ok(count)
+}
+
+/// The recovery sweep: publishes again what writes cut short by a crash
+/// never published.
+async fn unpublished_loop(engine: Arc<Engine>, after: Duration, stop: CancellationToken) {
+    let mut ticker = tokio::time::interval((after / 8).max(Duration::from_millis(10)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let now = Timestamp::now();
+        let before = Timestamp(now.0.saturating_sub(after.as_millis() as u64));
+        let lease = Timestamp(now.0 + after.as_millis() as u64);
+        let writes = match engine.store.unpublished(before, lease, 256).await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading unpublished writes failed");
+                continue;
+            }
+        };
+        if !writes.is_empty() {
+            tracing::info!(
+                writes = writes.len(),
+                "publishing again what writes cut short by a crash did not publish"
+            );
+        }
+        for (tx, version) in writes {
+            if let Err(e) = engine.heal_unpublished(tx, version).await {
+                tracing::warn!(transaction_id = %tx, error = %e, "republishing failed; it is tried again after its lease");
+            }
+        }
+    }
 }
 
 /// Samples the bus lag of the results and of every command topic known here.

@@ -209,6 +209,37 @@ pub trait StateStore: Send + Sync + 'static {
         max_age: Duration,
     ) -> Result<Vec<crate::worker::WorkerHealth>, StoreError>;
 
+    /// Marks writes whose actions (commands, status, messages to other
+    /// workflows) are now published. Stores that track unpublished writes
+    /// ([`StateStore::tracks_unpublished`]) note every write as unpublished
+    /// until this is called for it.
+    async fn published(&self, writes: &[(TransactionId, Version)]) -> Result<(), StoreError> {
+        let _ = writes;
+        Ok(())
+    }
+
+    /// Writes made before `written_before` whose actions were never marked
+    /// published: a process died between persisting a transition and
+    /// publishing what it produced. Each returned write is leased to the
+    /// caller until `lease_until`, so that one orchestrator heals it.
+    async fn unpublished(
+        &self,
+        written_before: Timestamp,
+        lease_until: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<(TransactionId, Version)>, StoreError> {
+        let _ = (written_before, lease_until, limit);
+        Ok(Vec::new())
+    }
+
+    /// True when the store notes unpublished writes (a store shared by
+    /// processes that may die alone). In-process stores do not: their bus
+    /// dies with them, and the orchestrator republishes everything in
+    /// flight when it starts.
+    fn tracks_unpublished(&self) -> bool {
+        false
+    }
+
     /// True when reads cross a network. The orchestrator then keeps the
     /// states it wrote and reads only when a write finds the version moved
     /// (another replica got there first) or an input changes nothing.

@@ -170,6 +170,11 @@ impl RedisStateStore {
         format!("{{{}:index}}", self.inner.config.prefix)
     }
 
+    /// Writes whose actions are not published yet: `tx:version` → when.
+    fn unpublished_key(&self) -> String {
+        format!("{{{}:unpublished}}", self.inner.config.prefix)
+    }
+
     fn defs_key(&self) -> String {
         format!("{{{}:defs}}", self.inner.config.prefix)
     }
@@ -222,6 +227,13 @@ impl RedisStateStore {
                 .arg(tx.to_string())
                 .ignore();
         }
+        // Unpublished until the engine says otherwise (after publishing);
+        // first, so that a crash after the write leaves the note.
+        pipe.cmd("ZADD")
+            .arg(self.unpublished_key())
+            .arg(Timestamp::now().as_millis())
+            .arg(format!("{tx}:{}", expected_arg + 1))
+            .ignore();
         let mut invocation = self.inner.cas.key(self.key(tx));
         invocation
             .arg(expected_arg)
@@ -316,6 +328,50 @@ fn status_of(text: &str) -> Option<WorkflowStatus> {
 impl StateStore for RedisStateStore {
     async fn create(&self, state: Arc<WorkflowState>) -> Result<Version, StoreError> {
         self.write(None, state).await
+    }
+
+    async fn published(&self, writes: &[(TransactionId, Version)]) -> Result<(), StoreError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let members: Vec<String> = writes.iter().map(|(tx, v)| format!("{tx}:{v}")).collect();
+        let mut conn = self.inner.conn.get();
+        let mut cmd = redis::cmd("ZREM");
+        cmd.arg(self.unpublished_key()).arg(&members);
+        cmd.query_async::<i64>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.io(e))
+    }
+
+    async fn unpublished(
+        &self,
+        written_before: Timestamp,
+        lease_until: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<(TransactionId, Version)>, StoreError> {
+        let mut conn = self.inner.conn.get();
+        let members: Vec<String> = self
+            .inner
+            .lease_due
+            .key(self.unpublished_key())
+            .arg(written_before.as_millis())
+            .arg(limit.max(1))
+            .arg(lease_until.as_millis())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.io(e))?;
+        Ok(members
+            .iter()
+            .filter_map(|m| {
+                let (tx, v) = m.rsplit_once(':')?;
+                Some((tx.parse().ok()?, v.parse().ok()?))
+            })
+            .collect())
+    }
+
+    fn tracks_unpublished(&self) -> bool {
+        true
     }
 
     fn is_remote(&self) -> bool {
