@@ -60,3 +60,26 @@ pub enum Error {
     #[error(transparent)]
     Monitoring(#[from] crate::monitoring::ConfigError),
 }
+
+impl Error {
+    /// True when the bus or the store could not be reached or answered with
+    /// an error — a server restarting, a connection lost: the same call is
+    /// worth trying again (a start with an explicit
+    /// [`StartOptions::transaction_id`](crate::StartOptions::transaction_id)
+    /// is idempotent).
+    ///
+    /// ```
+    /// use multiagents::Error;
+    /// use multiagents::bus::BusError;
+    ///
+    /// let lost = Error::Bus(BusError::Backend { address: "redis://127.0.0.1:6379".into(), message: "broken pipe".into() });
+    /// assert!(lost.is_transient());
+    /// assert!(!Error::Config("bad".into()).is_transient());
+    /// ```
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Error::Bus(BusError::Backend { .. }) | Error::Store(StoreError::Io { .. })
+        )
+    }
+}

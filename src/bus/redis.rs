@@ -388,8 +388,15 @@ impl Pool {
     }
 }
 
-/// The URL without a password, for error messages.
-pub(crate) fn redacted(url: &str) -> String {
+/// The URL without its user and password, for logs and error messages.
+///
+/// ```
+/// use multiagents::bus::redis::redacted;
+///
+/// assert_eq!(redacted("redis://app:secret@cache:6379/0"), "redis://***@cache:6379/0");
+/// assert_eq!(redacted("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+/// ```
+pub fn redacted(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             format!("{}://***@{}", &url[..scheme], &url[at + 1..])

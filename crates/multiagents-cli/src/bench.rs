@@ -217,7 +217,18 @@ enum Effects {
     Redis {
         conn: multiagents::bus::redis::RedisConnection,
         prefix: String,
+        /// The server, for errors.
+        address: String,
     },
+}
+
+/// A failed call to the Redis holding the effect records: transient, so the
+/// client tries again.
+fn effects_error(address: &str, what: &str, e: redis::RedisError) -> Error {
+    Error::Bus(multiagents::bus::BusError::Backend {
+        address: address.to_string(),
+        message: format!("{what}: {e}"),
+    })
 }
 
 /// In-process effect records, in sharded maps so that recording costs the
@@ -345,7 +356,7 @@ impl Effects {
                 *s.runs.entry(run.attempt).or_default() += 1;
                 Ok(())
             }
-            Effects::Redis { conn, prefix } => {
+            Effects::Redis { conn, prefix, .. } => {
                 let mut conn = conn.clone();
                 let _: i64 = RECORD
                     .key(Self::key(prefix, "keys"))
@@ -377,15 +388,24 @@ impl Effects {
                 }
                 Ok(records)
             }
-            Effects::Redis { conn, prefix } => Ok(Records {
-                applied: hscan(conn, &Self::key(prefix, "applied")).await?,
-                runs: hscan(conn, &Self::key(prefix, "runs")).await?,
+            Effects::Redis {
+                conn,
+                prefix,
+                address,
+            } => Ok(Records {
+                applied: hscan(conn, address, &Self::key(prefix, "applied")).await?,
+                runs: hscan(conn, address, &Self::key(prefix, "runs")).await?,
             }),
         }
     }
 
     async fn clear(&self) -> Result<(), Error> {
-        if let Effects::Redis { conn, prefix } = self {
+        if let Effects::Redis {
+            conn,
+            prefix,
+            address,
+        } = self
+        {
             let mut conn = conn.clone();
             let _: () = redis::cmd("DEL")
                 .arg(Self::key(prefix, "keys"))
@@ -393,7 +413,7 @@ impl Effects {
                 .arg(Self::key(prefix, "runs"))
                 .query_async(&mut conn)
                 .await
-                .map_err(|e| Error::Config(format!("clearing the effect counts: {e}")))?;
+                .map_err(|e| effects_error(address, "clearing the effect counts", e))?;
         }
         Ok(())
     }
@@ -402,6 +422,7 @@ impl Effects {
 /// A whole hash, a page at a time.
 async fn hscan(
     conn: &multiagents::bus::redis::RedisConnection,
+    address: &str,
     key: &str,
 ) -> Result<HashMap<String, u64>, Error> {
     let mut conn = conn.clone();
@@ -415,7 +436,7 @@ async fn hscan(
             .arg(5000)
             .query_async(&mut conn)
             .await
-            .map_err(|e| Error::Config(format!("reading the effect counts: {e}")))?;
+            .map_err(|e| effects_error(address, "reading the effect counts", e))?;
         all.extend(page);
         cursor = next;
         if cursor == 0 {
@@ -535,6 +556,26 @@ pub async fn run(
     }
 }
 
+/// Runs `call` again while it fails for a transient reason (the server is
+/// restarting), for up to `limit`.
+async fn retrying<T, F, Fut>(limit: Duration, mut call: F) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Error>>,
+{
+    let until = Instant::now() + limit;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match call().await {
+            Err(e) if e.is_transient() && Instant::now() < until => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Waits for SIGINT or SIGTERM.
 pub async fn stopped() {
     #[cfg(unix)]
@@ -610,6 +651,7 @@ async fn backend(
                 Effects::Redis {
                     conn,
                     prefix: args.prefix.clone(),
+                    address: multiagents::bus::redis::redacted(&args.redis_url),
                 },
                 None,
             ))
@@ -648,7 +690,15 @@ async fn orders(
         }
         None => None,
     };
-    let (bus, store, effects, temp_store) = backend(&args).await?;
+    // A server that is restarting is waited for, as a supervisor would.
+    let (bus, store, effects, temp_store) = match retrying(Duration::ZERO, || backend(&args)).await
+    {
+        Err(e) if e.is_transient() => {
+            eprintln!("waiting for the backend: {e}");
+            retrying(Duration::from_secs(60), || backend(&args)).await?
+        }
+        other => other?,
+    };
     let orchestrator_config = OrchestratorConfig {
         // The in-process bus loses what it held with the process; Redis does not.
         redispatch_on_start: args.backend != Backend::Redis,
@@ -662,17 +712,19 @@ async fn orders(
     };
     match args.role {
         Role::Orchestrator => {
-            let rt = Runtime::builder()
-                .bus_arc(bus)
-                .store_arc(store)
-                .workflow(definition()?)
-                .external_workers()
-                .orchestrator_config(OrchestratorConfig {
-                    redispatch_after: Some(args.redispatch_after),
-                    ..orchestrator_config
-                })
-                .start()
-                .await?;
+            let config = OrchestratorConfig {
+                redispatch_after: Some(args.redispatch_after),
+                ..orchestrator_config
+            };
+            let rt = retrying(Duration::from_secs(60), || {
+                let builder = Runtime::builder()
+                    .bus_arc(bus.clone())
+                    .store_arc(store.clone())
+                    .external_workers()
+                    .orchestrator_config(config.clone());
+                async move { builder.workflow(definition()?).start().await }
+            })
+            .await?;
             eprintln!(
                 "orchestrator running on {} (prefix {}); stop with Ctrl-C or SIGTERM",
                 args.redis_url, args.prefix
@@ -682,13 +734,16 @@ async fn orders(
             return Ok(ExitCode::SUCCESS);
         }
         Role::Workers => {
-            let mut manager = WorkerManager::new(bus)
-                .config(worker_config)
-                .health_store(store.clone());
-            for w in workers(&effects) {
-                manager = manager.register_arc(w, Default::default());
-            }
-            let handle = manager.start().await?;
+            let handle = retrying(Duration::from_secs(60), || {
+                let mut manager = WorkerManager::new(bus.clone())
+                    .config(worker_config.clone())
+                    .health_store(store.clone());
+                for w in workers(&effects) {
+                    manager = manager.register_arc(w, Default::default());
+                }
+                manager.start()
+            })
+            .await?;
             eprintln!(
                 "workers running on {} (prefix {}); stop with Ctrl-C or SIGTERM",
                 args.redis_url, args.prefix
@@ -718,7 +773,7 @@ async fn orders(
         client.register(&definition()?).await?;
         (client, None)
     };
-    effects.clear().await?;
+    retrying(Duration::from_secs(60), || effects.clear()).await?;
 
     let progress =
         ProgressBar::with_draw_target(Some(args.workflows), ProgressDrawTarget::stderr());
@@ -748,8 +803,17 @@ async fn orders(
                     n,
                     decline: declined(seed, n, rate),
                 };
-                let tx = client.start("orders", &order).await?;
-                let (status, attempts) = match client.wait(tx, stuck_after).await {
+                // A start with its own id may be retried (a server restarting).
+                let options = multiagents::StartOptions {
+                    transaction_id: Some(multiagents::core::TransactionId::new()),
+                    ..Default::default()
+                };
+                let tx = retrying(stuck_after, || {
+                    client.start_with("orders", &order, options.clone())
+                })
+                .await?;
+                let waited = retrying(stuck_after, || client.wait(tx, stuck_after)).await;
+                let (status, attempts) = match waited {
                     Ok(state) => (Some(state.status), Some((tx, settled_attempts(&state)))),
                     Err(Error::Timeout { .. }) => (None, None),
                     Err(e) => return Err(e),
@@ -777,7 +841,8 @@ async fn orders(
     progress.finish_and_clear();
     // Every effect, compensations included, is recorded before its workflow
     // finishes, so the counts are complete once the last wait returns.
-    let totals = totals(&effects.records().await?, &settled);
+    let records = retrying(Duration::from_secs(60), || effects.records()).await?;
+    let totals = totals(&records, &settled);
     if let Some(rt) = runtime {
         rt.shutdown().await;
     }
