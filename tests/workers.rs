@@ -371,3 +371,91 @@ async fn an_attempt_that_timed_out_and_its_retry_share_the_idempotency_key() {
     }
     rt.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_redelivered_command_whose_attempt_was_given_up_on_is_dropped_unrun() {
+    let bus = MemoryBus::with_config(MemoryBusConfig {
+        visibility_timeout: Duration::from_millis(300),
+        ..Default::default()
+    });
+    let store = Arc::new(multiagents::store::MemoryStore::new());
+    // A worker process that takes attempt 1 and hangs without extending it.
+    let doomed = bus
+        .consumer(
+            &command_topic(&WorkerName::new("charge")),
+            WORKER_GROUP,
+            "doomed",
+        )
+        .await
+        .expect("consumer");
+    let rt = Runtime::builder()
+        .bus(bus.clone())
+        .store_arc(store.clone())
+        .workflow(
+            WorkflowBuilder::new("pay")
+                .step("charge", "charge")
+                .timeout(Duration::from_millis(100))
+                .retry(
+                    multiagents::RetryPolicy::attempts(2)
+                        .with_initial_delay(Duration::from_millis(1)),
+                )
+                .build()
+                .expect("valid"),
+        )
+        .external_workers()
+        .start()
+        .await
+        .expect("starts");
+    let client = rt.client();
+    let tx = client.start("pay", &json!(null)).await.expect("start");
+    let taken = doomed.next_batch(1, WAIT).await.expect("batch");
+    assert_eq!(taken[0].event.attempt, 1);
+    // Attempt 1 times out and attempt 2 is dispatched; only then does a
+    // healthy worker (which knows the store) join.
+    let mut retried = false;
+    for _ in 0..100 {
+        let s = client.status(tx).await.expect("status").expect("state");
+        if s.awaits("charge", multiagents::core::Phase::Forward, 2) {
+            retried = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(retried, "attempt 2 was dispatched");
+    let runs = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let r = runs.clone();
+    let workers = WorkerManager::new(Arc::new(bus.clone()))
+        .health_store(store.clone())
+        .register(from_fn("charge", move |_: serde_json::Value, ctx| {
+            let r = r.clone();
+            async move {
+                r.lock().expect("lock").push(ctx.attempt);
+                Ok::<_, WorkerError>(json!("charged"))
+            }
+        }))
+        .start()
+        .await
+        .expect("workers start");
+    let done = client.wait(tx, WAIT).await.expect("finishes");
+    assert_eq!(done.status, WorkflowStatus::Completed);
+    // Attempt 1's command comes back once its lease lapses: dropped, acked.
+    for _ in 0..100 {
+        if bus.depth(&command_topic(&WorkerName::new("charge")), WORKER_GROUP) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        bus.depth(&command_topic(&WorkerName::new("charge")), WORKER_GROUP),
+        0,
+        "the stale command was acked"
+    );
+    assert_eq!(
+        *runs.lock().expect("lock"),
+        vec![2],
+        "attempt 1 never ran here"
+    );
+    drop(doomed);
+    workers.shutdown().await;
+    rt.shutdown().await;
+}

@@ -32,6 +32,9 @@ pub const WORKER_CALLS: &str = "multiagents_worker_calls_total";
 pub const WORKER_CALL_DURATION: &str = "multiagents_worker_call_duration_seconds";
 /// Worker calls in flight in this process, by `worker`.
 pub const WORKER_IN_FLIGHT: &str = "multiagents_worker_in_flight";
+/// Redelivered commands dropped unrun because their workflow no longer
+/// waited for that attempt, by `worker`.
+pub const STALE_COMMANDS: &str = "multiagents_stale_commands_total";
 /// Entries of a topic not yet delivered to a consumer group, by `topic` and
 /// `group` (sampled by the orchestrator).
 pub const BUS_LAG: &str = "multiagents_bus_lag";
@@ -78,6 +81,11 @@ pub const METRICS: &[(&str, &str, &str)] = &[
         WORKER_IN_FLIGHT,
         "gauge",
         "Worker calls in flight in this process.",
+    ),
+    (
+        STALE_COMMANDS,
+        "counter",
+        "Redelivered commands dropped unrun: their attempt was no longer awaited.",
     ),
     (
         BUS_LAG,

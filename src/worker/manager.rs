@@ -408,6 +408,7 @@ impl WorkerManager {
                 shared: options.limited().then(|| options.shared.clone()),
                 bus: self.bus.clone(),
                 holder: Arc::from(self.config.instance.as_str()),
+                store: self.health_store.clone(),
                 held: Arc::default(),
             };
             tasks.spawn(runner.run(stop.clone()));
@@ -465,6 +466,7 @@ impl WorkerManager {
 /// installed).
 struct RunnerMetrics {
     ok: metrics::Counter,
+    stale: metrics::Counter,
     failed: metrics::Counter,
     duration: metrics::Histogram,
     in_flight: metrics::Gauge,
@@ -472,13 +474,16 @@ struct RunnerMetrics {
 
 impl RunnerMetrics {
     fn new(worker: &str) -> Option<Self> {
-        use crate::monitoring::metrics::{WORKER_CALL_DURATION, WORKER_CALLS, WORKER_IN_FLIGHT};
+        use crate::monitoring::metrics::{
+            STALE_COMMANDS, WORKER_CALL_DURATION, WORKER_CALLS, WORKER_IN_FLIGHT,
+        };
         if !crate::monitoring::metrics::enabled() {
             return None;
         }
         let w = worker.to_string();
         Some(Self {
             ok: metrics::counter!(WORKER_CALLS, "worker" => w.clone(), "outcome" => "ok"),
+            stale: metrics::counter!(STALE_COMMANDS, "worker" => w.clone()),
             failed: metrics::counter!(WORKER_CALLS, "worker" => w.clone(), "outcome" => "error"),
             duration: metrics::histogram!(WORKER_CALL_DURATION, "worker" => w.clone()),
             in_flight: metrics::gauge!(WORKER_IN_FLIGHT, "worker" => w),
@@ -504,6 +509,9 @@ struct Runner {
     bus: Arc<dyn EventBus>,
     /// Names this process's places.
     holder: Arc<str>,
+    /// Where a redelivered command's workflow is looked up first, so that
+    /// a stale one is dropped instead of run.
+    store: Option<Arc<dyn crate::store::StateStore>>,
     /// The commands this runner holds (running, or answered and not yet
     /// acked), by the priority level they came from: their leases are
     /// extended until they are acked.
@@ -697,10 +705,13 @@ impl Runner {
                 me.held.insert(delivery.id.clone(), level);
                 calls.spawn(async move {
                     match me.handle(&delivery, level, picked_up_at).await {
-                        Some(reply) => {
-                            let _ = answers.send((level, delivery.id, reply));
+                        Handled::Answer(reply) => {
+                            let _ = answers.send((level, delivery.id, Some(reply)));
                         }
-                        None => me.held.remove(std::slice::from_ref(&delivery.id)),
+                        Handled::Stale => {
+                            let _ = answers.send((level, delivery.id, None));
+                        }
+                        Handled::Nothing => me.held.remove(std::slice::from_ref(&delivery.id)),
                     }
                     if let Some(lease) = lease {
                         me.give_back(vec![lease]).await;
@@ -796,13 +807,33 @@ impl Runner {
         }
     }
 
+    /// True when a redelivered command is stale: its workflow no longer
+    /// waits for this attempt (it was given up on, answered meanwhile, or
+    /// the workflow finished). One store read, only for redeliveries; when
+    /// the store cannot tell, the command runs (the idempotency key keeps
+    /// its effect single).
+    async fn stale(&self, delivery: &Delivery) -> bool {
+        let (Some(store), Some(step)) = (&self.store, &delivery.event.step) else {
+            return false;
+        };
+        if delivery.delivery_count < 2 {
+            return false;
+        }
+        let event = &delivery.event;
+        match store.get(event.transaction_id).await {
+            Ok(Some(current)) => !current
+                .state
+                .awaits(step.as_str(), event.phase, event.attempt),
+            Ok(None) => true,
+            Err(e) => {
+                tracing::debug!(transaction_id = %event.transaction_id, error = %e, "could not check a redelivered command; running it");
+                false
+            }
+        }
+    }
+
     /// Runs one command; returns the answer to publish, if any.
-    async fn handle(
-        &self,
-        delivery: &Delivery,
-        level: usize,
-        picked_up_at: Timestamp,
-    ) -> Option<Event> {
+    async fn handle(&self, delivery: &Delivery, level: usize, picked_up_at: Timestamp) -> Handled {
         let event = &delivery.event;
         let name = self.worker.name();
         if !matches!(event.kind, EventKind::Command | EventKind::Compensation)
@@ -813,7 +844,21 @@ impl Runner {
                 event.kind
             );
             let _ = self.consumers[level].reject(delivery, &reason).await;
-            return None;
+            return Handled::Nothing;
+        }
+        if self.stale(delivery).await {
+            tracing::info!(
+                worker = name,
+                transaction_id = %event.transaction_id,
+                step = ?event.step,
+                attempt = event.attempt,
+                deliveries = delivery.delivery_count,
+                "redelivered command dropped: its workflow no longer waits for this attempt"
+            );
+            if let Some(m) = &self.metrics {
+                m.stale.increment(1);
+            }
+            return Handled::Stale;
         }
         #[derive(Deserialize)]
         struct Doc<'a> {
@@ -827,7 +872,7 @@ impl Runner {
             Err(e) => {
                 let reason = format!("command payload is not {{\"input\": …, \"steps\": …}}: {e}");
                 let _ = self.consumers[level].reject(delivery, &reason).await;
-                return None;
+                return Handled::Nothing;
             }
         };
         let steps = Some(event.payload.clone());
@@ -905,7 +950,7 @@ impl Runner {
             // Stopped by shutdown, not failed: leave the command unacked so
             // that another worker gets it, as the same attempt.
             tracing::info!(worker = name, transaction_id = %event.transaction_id, "call cancelled by shutdown; its command will be redelivered");
-            return None;
+            return Handled::Nothing;
         }
         let (kind, payload) = match outcome {
             Ok(output) => {
@@ -965,8 +1010,18 @@ impl Runner {
                 finished_at: Timestamp::now(),
             });
         }
-        Some(reply)
+        Handled::Answer(reply)
     }
+}
+
+/// What became of a command.
+enum Handled {
+    /// Ran: publish this answer and ack the command.
+    Answer(Event),
+    /// Stale: ack it without an answer.
+    Stale,
+    /// Rejected (dead-lettered) or left for redelivery: nothing to flush.
+    Nothing,
 }
 
 /// Answers taken at once by the flusher.
@@ -995,7 +1050,7 @@ type Answers = (Vec<DeliveryId>, Vec<(String, Event)>);
 
 async fn flush(
     consumers: Vec<Arc<dyn Consumer>>,
-    mut queue: tokio::sync::mpsc::UnboundedReceiver<(usize, DeliveryId, Event)>,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<(usize, DeliveryId, Option<Event>)>,
     worker: String,
     held: Arc<Held>,
 ) {
@@ -1014,7 +1069,7 @@ async fn flush(
         for (level, id, reply) in taken.drain(..) {
             let (ids, events) = &mut by_level[level];
             ids.push(id);
-            events.push((RESULTS_TOPIC.to_string(), reply));
+            events.extend(reply.map(|r| (RESULTS_TOPIC.to_string(), r)));
         }
         for ((ids, events), consumer) in by_level.iter().zip(&consumers) {
             if !ids.is_empty() {

@@ -525,6 +525,19 @@ impl WorkflowState {
         steps.chain(deadline).min()
     }
 
+    /// True when the workflow still waits for an answer from `attempt` of
+    /// `step` (a fan-out branch is `step[i]`) in `phase`: that very attempt
+    /// is running or being compensated. A command for anything else — an
+    /// attempt given up on, one already answered, a finished workflow — is
+    /// stale, and its answer would change nothing.
+    pub fn awaits(&self, step: &str, phase: Phase, attempt: u32) -> bool {
+        match (self.step(step).map(|s| &s.status), phase) {
+            (Some(StepStatus::Running { attempt: a, .. }), Phase::Forward) => *a == attempt,
+            (Some(StepStatus::Compensating { attempt: a, .. }), Phase::Compensate) => *a == attempt,
+            _ => false,
+        }
+    }
+
     /// The step named `name`, or the fan-out branch named `step[i]`.
     pub fn step(&self, name: &str) -> Option<&StepState> {
         if let Some(s) = self.steps.iter().find(|s| s.name.as_str() == name) {

@@ -156,6 +156,53 @@ fn input_from_passes_an_earlier_output_as_input() {
 }
 
 #[test]
+fn a_state_awaits_exactly_the_attempt_in_flight() {
+    let def = orders();
+    let (mut s, _) = begin(&def);
+    assert!(s.awaits("validate", Phase::Forward, 1));
+    assert!(!s.awaits("validate", Phase::Forward, 2), "never dispatched");
+    assert!(!s.awaits("validate", Phase::Compensate, 1), "wrong phase");
+    assert!(
+        !s.awaits("reserve", Phase::Forward, 1),
+        "not dispatched yet"
+    );
+    assert!(!s.awaits("teleport", Phase::Forward, 1), "no such step");
+    assert!(apply(&def, &mut s, ok("validate", 1), at(1)).changed);
+    assert!(!s.awaits("validate", Phase::Forward, 1), "answered");
+    assert!(s.awaits("reserve", Phase::Forward, 1));
+    // Attempt 1 fails and is retried: a late command for it is stale.
+    assert!(
+        apply(
+            &def,
+            &mut s,
+            fail("reserve", 1, RetryDirective::Retry),
+            at(2)
+        )
+        .changed
+    );
+    assert!(!s.awaits("reserve", Phase::Forward, 1), "waiting to retry");
+    assert!(apply(&def, &mut s, Input::Tick, at(10_000)).changed);
+    assert!(s.awaits("reserve", Phase::Forward, 2));
+    assert!(!s.awaits("reserve", Phase::Forward, 1), "superseded");
+    // Charge fails for good: reserve is compensated, attempt 1 of that.
+    assert!(apply(&def, &mut s, ok("reserve", 2), at(10_001)).changed);
+    assert!(
+        apply(
+            &def,
+            &mut s,
+            fail("charge", 1, RetryDirective::Never),
+            at(10_002)
+        )
+        .changed
+    );
+    assert!(s.awaits("reserve", Phase::Compensate, 1));
+    assert!(!s.awaits("reserve", Phase::Forward, 2), "answered");
+    assert!(apply(&def, &mut s, comp_ok("reserve", 1), at(10_003)).changed);
+    assert!(s.is_terminal());
+    assert!(!s.awaits("reserve", Phase::Compensate, 1), "finished");
+}
+
+#[test]
 fn duplicates_and_stale_results_change_nothing() {
     let def = orders();
     let (mut s, _) = begin(&def);
