@@ -706,7 +706,7 @@ impl Runner {
                 calls.spawn(async move {
                     match me.handle(&delivery, level, picked_up_at).await {
                         Handled::Answer(reply) => {
-                            let _ = answers.send((level, delivery.id, Some(reply)));
+                            let _ = answers.send((level, delivery.id, Some(*reply)));
                         }
                         Handled::Stale => {
                             let _ = answers.send((level, delivery.id, None));
@@ -1010,14 +1010,14 @@ impl Runner {
                 finished_at: Timestamp::now(),
             });
         }
-        Handled::Answer(reply)
+        Handled::Answer(Box::new(reply))
     }
 }
 
 /// What became of a command.
 enum Handled {
     /// Ran: publish this answer and ack the command.
-    Answer(Event),
+    Answer(Box<Event>),
     /// Stale: ack it without an answer.
     Stale,
     /// Rejected (dead-lettered) or left for redelivery: nothing to flush.
