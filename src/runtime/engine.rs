@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use crate::bus::{DeadLetter, EventBus, Interrupt, RESULTS_TOPIC, command_topic, command_topic_at};
 use crate::core::saga::{self, Action, Input};
 use crate::core::{
-    Event, EventKind, Payload, Phase, Priority, StepError, Timestamp, TransactionId, WorkerName,
-    WorkflowDefinition, WorkflowName, WorkflowState,
+    CorrelationId, Event, EventKind, Payload, Phase, Priority, StepError, Timestamp, TransactionId,
+    WorkerName, WorkflowDefinition, WorkflowName, WorkflowState,
 };
 use crate::store::{StateStore, StoreError, Versioned};
 use crate::{Error, StartOptions};
@@ -546,50 +546,35 @@ impl Engine {
                         tracing::warn!(transaction_id = %state.transaction_id, error = %e, "interrupting a step failed; it settles when it answers or times out");
                     }
                 }
+                // A child is driven by a message, handled like a result:
+                // with its own compare-and-set and ack, never inline.
                 Action::StartChild(start) => {
-                    Box::pin(self.start_child(state, *start, outbox)).await?;
+                    let start = *start;
+                    let control = ChildControl::Start {
+                        parent: start.parent,
+                        workflow: start.workflow,
+                        version: start.version,
+                        input: start.input,
+                        priority: state.priority,
+                    };
+                    outbox.push(control_message(state, start.transaction_id, &control));
                 }
                 Action::CancelChild {
                     transaction_id,
                     reason,
                 } => {
-                    let input = Input::Cancel { reason };
-                    Box::pin(self.drive_into(transaction_id, &input, None, outbox)).await?;
+                    let control = ChildControl::Cancel { reason };
+                    outbox.push(control_message(state, transaction_id, &control));
                 }
                 Action::UndoChild {
                     parent,
                     transaction_id,
                 } => {
-                    let input = Input::Undo {
-                        reason: format!(
-                            "step `{}` of workflow {} is compensated",
-                            parent.step, parent.transaction_id
-                        ),
-                        parent_attempt: parent.attempt,
-                    };
-                    let driven =
-                        Box::pin(self.drive_into(transaction_id, &input, None, outbox)).await?;
-                    if driven != Driven::Applied {
-                        // Undone already (a repeat), or gone: answer the parent now.
-                        let outcome = match self.store.get(transaction_id).await? {
-                            Some(child) => saga::parent_outcome(&child.state)
-                                .filter(|o| o.phase == Phase::Compensate),
-                            None => Some(saga::ChildOutcome {
-                                parent: (*parent).clone(),
-                                phase: Phase::Compensate,
-                                result: Err(StepError::fatal(format!(
-                                    "sub-workflow {transaction_id} cannot be compensated: its state is gone (expired?)"
-                                ))),
-                            }),
-                        };
-                        if let Some(mut o) = outcome {
-                            o.parent.attempt = parent.attempt;
-                            outbox.push(notify_parent(state, o));
-                        }
-                    }
+                    let control = ChildControl::Undo { parent: *parent };
+                    outbox.push(control_message(state, transaction_id, &control));
                 }
                 Action::NotifyParent(outcome) => {
-                    outbox.push(notify_parent(state, *outcome));
+                    outbox.push(notify_parent(state.correlation_id, *outcome));
                 }
                 Action::DeadLetter { step, reason } => {
                     tracing::error!(
@@ -640,7 +625,7 @@ impl Engine {
             && let Some(current) = self.store.get(tx).await?
             && let Some(outcome) = saga::parent_outcome(&current.state)
         {
-            outbox.push(notify_parent(&current.state, outcome));
+            outbox.push(notify_parent(current.state.correlation_id, outcome));
         }
         outbox.written.push((tx, version));
         self.publish(outbox).await
@@ -659,11 +644,78 @@ fn conflict_pause(attempts: usize) -> std::time::Duration {
 pub const MAX_CHILD_DEPTH: u32 = 8;
 
 impl Engine {
+    /// Carries out a message to a sub-workflow from its parent (see
+    /// [`ChildControl`]); what that produces goes to `outbox`.
+    pub(crate) async fn control_child(
+        &self,
+        message: &Event,
+        outbox: &mut Outbox,
+    ) -> Result<(), Error> {
+        let ControlDoc { control } = message
+            .payload
+            .parse()
+            .map_err(|e| Error::Input(format!("not a message to a sub-workflow: {e}")))?;
+        let tx = message.transaction_id;
+        match control {
+            ChildControl::Start {
+                parent,
+                workflow,
+                version,
+                input,
+                priority,
+            } => {
+                let start = saga::StartChild {
+                    parent,
+                    transaction_id: tx,
+                    workflow,
+                    version,
+                    input,
+                };
+                self.start_child(message.correlation_id, priority, start, outbox)
+                    .await
+            }
+            ChildControl::Cancel { reason } => self
+                .drive_into(tx, &Input::Cancel { reason }, Some(message), outbox)
+                .await
+                .map(|_| ()),
+            ChildControl::Undo { parent } => {
+                let input = Input::Undo {
+                    reason: format!(
+                        "step `{}` of workflow {} is compensated",
+                        parent.step, parent.transaction_id
+                    ),
+                    parent_attempt: parent.attempt,
+                };
+                let driven = self.drive_into(tx, &input, Some(message), outbox).await?;
+                if driven != Driven::Applied {
+                    // Undone already (a repeat), or gone: answer the parent now.
+                    let outcome = match self.store.get(tx).await? {
+                        Some(child) => saga::parent_outcome(&child.state)
+                            .filter(|o| o.phase == Phase::Compensate),
+                        None => Some(saga::ChildOutcome {
+                            parent: parent.clone(),
+                            phase: Phase::Compensate,
+                            result: Err(StepError::fatal(format!(
+                                "sub-workflow {tx} cannot be compensated: its state is gone (expired?)"
+                            ))),
+                        }),
+                    };
+                    if let Some(mut o) = outcome {
+                        o.parent.attempt = parent.attempt;
+                        outbox.push(notify_parent(message.correlation_id, o));
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Starts a sub-workflow for a parent step (again, harmlessly, when
     /// recovering: the child's id is fixed by the parent step and attempt).
     async fn start_child(
         &self,
-        parent: &WorkflowState,
+        correlation_id: CorrelationId,
+        priority: Priority,
         start: saga::StartChild,
         outbox: &mut Outbox,
     ) -> Result<(), Error> {
@@ -673,7 +725,7 @@ impl Engine {
                 phase: Phase::Forward,
                 result: Err(StepError::fatal(message).with_kind("sub_workflow")),
             };
-            outbox.push(notify_parent(parent, outcome));
+            outbox.push(notify_parent(correlation_id, outcome));
         };
         if start.parent.depth > MAX_CHILD_DEPTH {
             refuse(
@@ -701,12 +753,12 @@ impl Engine {
         let (mut state, actions) = saga::start_child(
             &def,
             tx,
-            parent.correlation_id,
+            correlation_id,
             start.input,
             Timestamp::now(),
             Some(start.parent),
         );
-        state.priority = parent.priority;
+        state.priority = priority;
         let state = Arc::new(state);
         match self.store.create(state.clone()).await {
             Ok(version) => {
@@ -714,15 +766,15 @@ impl Engine {
                     cache.put(version, state.clone());
                 }
                 outbox.written.push((tx, version));
-                Box::pin(self.execute(&state, actions, None, None, outbox)).await
+                self.execute(&state, actions, None, None, outbox).await
             }
             Err(StoreError::AlreadyExists(_)) => {
-                // Started before (a republished command): if it has finished,
-                // tell the parent again.
+                // Started before (a republished message): if it has
+                // finished, tell the parent again.
                 if let Some(child) = self.store.get(tx).await?
                     && let Some(outcome) = saga::parent_outcome(&child.state)
                 {
-                    outbox.push(notify_parent(parent, outcome));
+                    outbox.push(notify_parent(correlation_id, outcome));
                 }
                 Ok(())
             }
@@ -731,8 +783,56 @@ impl Engine {
     }
 }
 
+/// What a parent sends its sub-workflow, on the results topic as a
+/// `Command` without a step, addressed by the child's transaction id.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum ChildControl {
+    /// Start it (again, harmlessly: its id is fixed by the parent step).
+    Start {
+        parent: crate::core::saga::ParentLink,
+        workflow: WorkflowName,
+        version: Option<u32>,
+        input: Payload,
+        priority: Priority,
+    },
+    /// Cancel it: the parent stopped.
+    Cancel { reason: String },
+    /// Undo it: the parent step that ran it is compensated.
+    Undo {
+        parent: crate::core::saga::ParentLink,
+    },
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(crate) struct ControlDoc {
+    control: ChildControl,
+}
+
+/// True when `event` is a parent's message to a sub-workflow.
+pub(crate) fn is_control(event: &Event) -> bool {
+    event.kind == EventKind::Command && event.step.is_none()
+}
+
+fn control_message(
+    parent: &WorkflowState,
+    child: TransactionId,
+    control: &ChildControl,
+) -> (String, Event) {
+    let doc = serde_json::json!({ "control": control });
+    let mut e = Event::new(
+        EventKind::Command,
+        child,
+        parent.correlation_id,
+        parent.workflow.clone(),
+        Payload::to_json(&doc).unwrap_or_else(|_| Payload::null()),
+    );
+    e.causation_id = None;
+    (RESULTS_TOPIC.to_string(), e)
+}
+
 /// The result (or error) event that answers a parent step for its child.
-fn notify_parent(child: &WorkflowState, outcome: saga::ChildOutcome) -> (String, Event) {
+fn notify_parent(correlation_id: CorrelationId, outcome: saga::ChildOutcome) -> (String, Event) {
     let (kind, payload) = match outcome.result {
         Ok(output) => (EventKind::Result, output),
         Err(e) => (
@@ -743,7 +843,7 @@ fn notify_parent(child: &WorkflowState, outcome: saga::ChildOutcome) -> (String,
     let mut e = Event::new(
         kind,
         outcome.parent.transaction_id,
-        child.correlation_id,
+        correlation_id,
         outcome.parent.workflow.clone(),
         payload,
     );

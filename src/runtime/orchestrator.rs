@@ -314,6 +314,18 @@ pub(crate) fn input_of(event: &Event) -> Result<Input, String> {
 }
 
 async fn handle_result(engine: &Engine, event: &Event, outbox: &mut Outbox) -> Verdict {
+    if super::engine::is_control(event) {
+        return match engine.control_child(event, outbox).await {
+            Ok(()) => Verdict::Ack,
+            Err(Error::Input(reason)) => Verdict::Reject(format!(
+                "unexpected Command event on the results topic: {reason}"
+            )),
+            Err(e) => {
+                tracing::warn!(transaction_id = %event.transaction_id, error = %e, "a message to a sub-workflow failed; it will be redelivered");
+                Verdict::Later
+            }
+        };
+    }
     let input = match input_of(event) {
         Ok(i) => i,
         Err(reason) => return Verdict::Reject(reason),

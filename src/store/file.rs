@@ -202,6 +202,7 @@ impl FileStore {
             })
             .await?;
         debug_assert_eq!(version, guess);
+        self.index.note_unpublished(state.transaction_id, version);
         if state.is_terminal() {
             self.index.notify(&Versioned { version, state });
         }
@@ -372,6 +373,27 @@ impl StateStore for FileStore {
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<WorkflowSummary>, StoreError> {
         self.index.list(query).await
+    }
+
+    // Kept in memory: after a crash the bus is gone too, and the
+    // orchestrator republishes everything in flight when it starts.
+    async fn published(&self, writes: &[(TransactionId, Version)]) -> Result<(), StoreError> {
+        self.index.published(writes).await
+    }
+
+    async fn unpublished(
+        &self,
+        written_before: Timestamp,
+        lease_until: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<(TransactionId, Version)>, StoreError> {
+        self.index
+            .unpublished(written_before, lease_until, limit)
+            .await
+    }
+
+    fn tracks_unpublished(&self) -> bool {
+        true
     }
 
     async fn due(&self, now: Timestamp, limit: usize) -> Result<Vec<TransactionId>, StoreError> {

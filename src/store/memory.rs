@@ -28,6 +28,7 @@ struct Inner {
     shards: Box<[Mutex<States>]>,
     definitions: Mutex<BTreeMap<(String, u32), WorkflowDefinition>>,
     health: super::HealthBoard,
+    unpublished: super::UnpublishedBoard,
 }
 
 #[derive(Default)]
@@ -92,6 +93,7 @@ impl Default for Inner {
             shards: (0..SHARDS).map(|_| Mutex::new(States::default())).collect(),
             definitions: Mutex::default(),
             health: super::HealthBoard::default(),
+            unpublished: super::UnpublishedBoard::default(),
         }
     }
 }
@@ -216,7 +218,14 @@ impl MemoryStore {
         let old = s.by_id.insert(tx, v.clone());
         s.index(old.as_ref().map(|o| &*o.state), &state);
         s.notify(&v);
+        drop(s);
+        self.note_unpublished(tx, version);
         Ok(version)
+    }
+
+    /// Notes a write as unpublished (see [`StateStore::unpublished`]).
+    pub(crate) fn note_unpublished(&self, tx: TransactionId, version: Version) {
+        self.inner.unpublished.note(tx, version);
     }
 
     /// Registers a definition (see [`StateStore::put_definition`]).
@@ -266,6 +275,27 @@ impl StateStore for MemoryStore {
         state: Arc<WorkflowState>,
     ) -> Result<Version, StoreError> {
         self.write(Some(expected), state)
+    }
+
+    async fn published(&self, writes: &[(TransactionId, Version)]) -> Result<(), StoreError> {
+        self.inner.unpublished.published(writes);
+        Ok(())
+    }
+
+    async fn unpublished(
+        &self,
+        written_before: Timestamp,
+        lease_until: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<(TransactionId, Version)>, StoreError> {
+        Ok(self
+            .inner
+            .unpublished
+            .lease(written_before, lease_until, limit))
+    }
+
+    fn tracks_unpublished(&self) -> bool {
+        true
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<WorkflowSummary>, StoreError> {

@@ -270,6 +270,57 @@ pub trait StateStore: Send + Sync + 'static {
     }
 }
 
+/// Writes not yet marked published, in memory (the in-process stores): by
+/// write, when it was made (or until when it is leased to a healer).
+#[derive(Default)]
+pub(crate) struct UnpublishedBoard {
+    shards: [std::sync::Mutex<std::collections::HashMap<(TransactionId, Version), u64>>; 16],
+}
+
+impl UnpublishedBoard {
+    fn shard(
+        &self,
+        tx: TransactionId,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<(TransactionId, Version), u64>> {
+        self.shards[(tx.0.as_u128() as usize) % 16]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn note(&self, tx: TransactionId, version: Version) {
+        self.shard(tx)
+            .insert((tx, version), Timestamp::now().as_millis());
+    }
+
+    pub(crate) fn published(&self, writes: &[(TransactionId, Version)]) {
+        for w in writes {
+            self.shard(w.0).remove(w);
+        }
+    }
+
+    pub(crate) fn lease(
+        &self,
+        written_before: Timestamp,
+        lease_until: Timestamp,
+        limit: usize,
+    ) -> Vec<(TransactionId, Version)> {
+        let mut out = Vec::new();
+        for shard in &self.shards {
+            let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for (write, at) in shard.iter_mut() {
+                if out.len() >= limit {
+                    return out;
+                }
+                if *at <= written_before.as_millis() {
+                    *at = lease_until.as_millis();
+                    out.push(*write);
+                }
+            }
+        }
+        out
+    }
+}
+
 /// Heartbeats kept in memory, by `worker@instance` (the in-process stores).
 #[derive(Default)]
 pub(crate) struct HealthBoard {
