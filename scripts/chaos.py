@@ -215,7 +215,7 @@ def main():
     summary = {
         "orders": args.orders,
         "kills": kills,
-        "redis_restarted": bool(args.restart_redis),
+        "redis_restarted": bool(args.restart_redis) and restarted,
         "seconds": round(time.time() - started, 2),
         "lost": args.orders - accounted,
         "stuck": r["stuck"],
