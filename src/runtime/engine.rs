@@ -170,6 +170,8 @@ pub(crate) struct Engine {
     /// With a remote store only.
     cache: Option<StateCache>,
     locks: WorkflowLocks,
+    /// To the task that marks writes published.
+    marks: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Vec<Written>>>,
     metrics: super::metrics::EngineMetrics,
 }
 
@@ -178,6 +180,7 @@ impl Engine {
         Self {
             cache: store.is_remote().then(StateCache::new),
             locks: WorkflowLocks::default(),
+            marks: std::sync::OnceLock::new(),
             metrics: super::metrics::EngineMetrics::new(),
             bus,
             store,
@@ -450,14 +453,22 @@ impl Engine {
         Ok(())
     }
 
-    /// Marks writes published. A failure only costs a republish by the
-    /// recovery sweep, which is harmless (the same attempts, the same keys).
+    /// Marks writes published, off the caller's path: one task takes what
+    /// every loop of this process published meanwhile and marks it in one
+    /// call. A mark that is lost (the process dies first, the call fails)
+    /// only costs a republish by the recovery sweep, which is harmless (the
+    /// same attempts, the same keys).
     pub(crate) async fn mark_published(&self, written: &[(TransactionId, crate::store::Version)]) {
         if written.is_empty() || !self.store.tracks_unpublished() {
             return;
         }
-        if let Err(e) = self.store.published(written).await {
-            tracing::warn!(error = %e, writes = written.len(), "marking writes published failed; the recovery sweep will publish their commands again");
+        let marks = self.marks.get_or_init(|| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(mark_published_loop(self.store.clone(), rx));
+            tx
+        });
+        if marks.send(written.to_vec()).is_err() {
+            tracing::debug!("the marking task is gone; the recovery sweep republishes instead");
         }
     }
 
@@ -629,6 +640,30 @@ impl Engine {
         }
         outbox.written.push((tx, version));
         self.publish(outbox).await
+    }
+}
+
+/// A write: a workflow and the version written.
+type Written = (TransactionId, crate::store::Version);
+
+/// Marks what was published, as much at once as has come in.
+async fn mark_published_loop(
+    store: Arc<dyn StateStore>,
+    mut marks: tokio::sync::mpsc::UnboundedReceiver<Vec<Written>>,
+) {
+    let mut batch: Vec<Written> = Vec::new();
+    while let Some(first) = marks.recv().await {
+        batch.extend(first);
+        while batch.len() < 4096 {
+            match marks.try_recv() {
+                Ok(more) => batch.extend(more),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = store.published(&batch).await {
+            tracing::warn!(error = %e, writes = batch.len(), "marking writes published failed; the recovery sweep will publish their commands again");
+        }
+        batch.clear();
     }
 }
 

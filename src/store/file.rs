@@ -202,7 +202,10 @@ impl FileStore {
             })
             .await?;
         debug_assert_eq!(version, guess);
-        self.index.note_unpublished(state.transaction_id, version);
+        // A finished top-level workflow has nothing left that must arrive.
+        if !(state.is_terminal() && state.parent.is_none()) {
+            self.index.note_unpublished(state.transaction_id, version);
+        }
         if state.is_terminal() {
             self.index.notify(&Versioned { version, state });
         }

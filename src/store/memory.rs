@@ -219,7 +219,9 @@ impl MemoryStore {
         s.index(old.as_ref().map(|o| &*o.state), &state);
         s.notify(&v);
         drop(s);
-        self.note_unpublished(tx, version);
+        if !(state.is_terminal() && state.parent.is_none()) {
+            self.note_unpublished(tx, version);
+        }
         Ok(version)
     }
 

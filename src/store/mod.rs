@@ -212,7 +212,8 @@ pub trait StateStore: Send + Sync + 'static {
     /// Marks writes whose actions (commands, status, messages to other
     /// workflows) are now published. Stores that track unpublished writes
     /// ([`StateStore::tracks_unpublished`]) note every write as unpublished
-    /// until this is called for it.
+    /// until this is called for it — but for the last write of a finished
+    /// top-level workflow, which leaves nothing that must arrive.
     async fn published(&self, writes: &[(TransactionId, Version)]) -> Result<(), StoreError> {
         let _ = writes;
         Ok(())

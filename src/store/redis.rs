@@ -85,6 +85,7 @@ else
   if cur ~= ARGV[1] then return {0, tonumber(cur)} end
 end
 redis.call('HSET', KEYS[1], 'v', ARGV[2], 's', ARGV[3], 'st', ARGV[4], 'wf', ARGV[5], 'sa', ARGV[6], 'up', ARGV[7])
+if KEYS[2] then redis.call('ZADD', KEYS[2], ARGV[11], ARGV[12]) end
 if ARGV[8] ~= '0' then
   redis.call('PEXPIRE', KEYS[1], ARGV[8])
   redis.call('PUBLISH', ARGV[9], ARGV[10])
@@ -227,14 +228,27 @@ impl RedisStateStore {
                 .arg(tx.to_string())
                 .ignore();
         }
-        // Unpublished until the engine says otherwise (after publishing);
-        // first, so that a crash after the write leaves the note.
-        pipe.cmd("ZADD")
-            .arg(self.unpublished_key())
-            .arg(Timestamp::now().as_millis())
-            .arg(format!("{tx}:{}", expected_arg + 1))
-            .ignore();
+        // Unpublished until the engine says otherwise (after publishing).
+        // On one server the script notes it with the write; on a cluster
+        // the note lives in another slot and goes first, so that a crash
+        // after the write still leaves it.
+        // A finished top-level workflow has nothing left that must arrive
+        // (only status broadcasts): no note.
+        let note = format!("{tx}:{}", expected_arg + 1);
+        let noted = !(state.is_terminal() && state.parent.is_none());
+        let now = Timestamp::now().as_millis();
+        let cluster = matches!(self.inner.conn.get(), RedisConnection::Cluster(_));
+        if cluster && noted {
+            pipe.cmd("ZADD")
+                .arg(self.unpublished_key())
+                .arg(now)
+                .arg(&note)
+                .ignore();
+        }
         let mut invocation = self.inner.cas.key(self.key(tx));
+        if !cluster && noted {
+            invocation.key(self.unpublished_key());
+        }
         invocation
             .arg(expected_arg)
             .arg(expected_arg + 1)
@@ -245,7 +259,9 @@ impl RedisStateStore {
             .arg(state.updated_at.as_millis())
             .arg(ttl)
             .arg(self.finished_channel())
-            .arg(tx.to_string());
+            .arg(tx.to_string())
+            .arg(now)
+            .arg(&note);
         // Scripts are sent by hash; load once so a pipeline can use EVALSHA.
         let mut conn = self.inner.conn.get();
         if matches!(conn, RedisConnection::Cluster(_)) {

@@ -208,9 +208,11 @@ pub fn definition() -> Result<WorkflowDefinition, multiagents::core::DefinitionE
 
 /// Where step bodies record their side effects, as a real idempotent store
 /// would: the first run under an idempotency key applies the effect, later
-/// runs under it are no-ops. Beside that, every run is counted by its
-/// attempt (`transaction/step/phase/attempt`), so the report can tell
-/// redeliveries and runs of attempts the orchestrator had given up on.
+/// runs under it are no-ops. Each run adds one to a counter named by the key
+/// it presents and by its own attempt (`transaction/step/phase/attempt`, from
+/// the call itself, not from the key), so the report can tell effects
+/// applied under more than one key, redeliveries, and runs of attempts the
+/// orchestrator had given up on. One `HINCRBY` a run on Redis.
 #[derive(Clone)]
 enum Effects {
     Local(Arc<LocalEffects>),
@@ -235,17 +237,7 @@ fn effects_error(address: &str, what: &str, e: redis::RedisError) -> Error {
 /// trivial bench workers little.
 #[derive(Default)]
 struct LocalEffects {
-    shards: [Mutex<LocalShard>; 16],
-}
-
-#[derive(Default)]
-struct LocalShard {
-    /// Idempotency key → the effect (`transaction/step/phase`) it applied.
-    keys: HashMap<String, String>,
-    /// Effect → how many times it was applied (more than once: a duplicate).
-    applied: HashMap<String, u64>,
-    /// Attempt key → runs.
-    runs: HashMap<String, u64>,
+    shards: [Mutex<HashMap<String, u64>>; 16],
 }
 
 fn hash64(parts: &[&str]) -> u64 {
@@ -259,34 +251,51 @@ fn hash64(parts: &[&str]) -> u64 {
     h.finish()
 }
 
-/// What one step run records: the key it presents, the effect it stands
-/// for, and its attempt.
-struct Run {
-    key: String,
-    effect: String,
-    attempt: String,
-}
-
-impl Run {
-    fn of(ctx: &WorkerContext) -> Self {
-        Self {
-            key: ctx.idempotency_key().to_string(),
-            // Named from the call itself, not from the key, so that a key
-            // that changed between attempts shows up as a duplicate.
-            effect: format!("{}/{}/{}", ctx.transaction_id, ctx.step, ctx.phase),
-            attempt: format!(
-                "{}/{}/{}/{}",
-                ctx.transaction_id, ctx.step, ctx.phase, ctx.attempt
-            ),
-        }
-    }
+/// The counter one run adds to: `<idempotency key> <attempt>`.
+fn run_field(ctx: &WorkerContext) -> String {
+    format!(
+        "{} {}/{}/{}/{}",
+        ctx.idempotency_key(),
+        ctx.transaction_id,
+        ctx.step,
+        ctx.phase,
+        ctx.attempt
+    )
 }
 
 /// The records of every run, read back at the end.
 #[derive(Debug, Default)]
 struct Records {
+    /// Effect (`transaction/step/phase`) → how many times it was applied:
+    /// the distinct keys it ran under.
     applied: HashMap<String, u64>,
+    /// Attempt → runs.
     runs: HashMap<String, u64>,
+}
+
+impl Records {
+    /// From the counters by `<key> <attempt>`.
+    fn from_runs(counters: HashMap<String, u64>) -> Self {
+        let mut keys: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
+        let mut runs: HashMap<String, u64> = HashMap::with_capacity(counters.len());
+        for (field, n) in counters {
+            let Some((key, attempt)) = field.split_once(' ') else {
+                continue;
+            };
+            let effect = attempt.rsplit_once('/').map_or(attempt, |(e, _)| e);
+            keys.entry(effect.to_string())
+                .or_default()
+                .insert(key.to_string());
+            *runs.entry(attempt.to_string()).or_default() += n;
+        }
+        Self {
+            applied: keys
+                .into_iter()
+                .map(|(effect, keys)| (effect, keys.len() as u64))
+                .collect(),
+            runs,
+        }
+    }
 }
 
 #[derive(Debug, Default, PartialEq)]
@@ -300,9 +309,9 @@ struct Totals {
 
 /// The attempts each finished workflow settled its steps with, by
 /// transaction id and step: (forward attempts, compensation attempts).
-type Settled = HashMap<String, HashMap<String, (u32, u32)>>;
+type Settled = HashMap<String, Vec<(String, (u32, u32))>>;
 
-fn settled_attempts(state: &multiagents::core::WorkflowState) -> HashMap<String, (u32, u32)> {
+fn settled_attempts(state: &multiagents::core::WorkflowState) -> Vec<(String, (u32, u32))> {
     state
         .steps
         .iter()
@@ -310,62 +319,30 @@ fn settled_attempts(state: &multiagents::core::WorkflowState) -> HashMap<String,
         .collect()
 }
 
-/// One script: apply the effect if its key is new, count the run.
-static RECORD: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-    redis::Script::new(
-        r"
-local fresh = redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
-if fresh == 1 then redis.call('HINCRBY', KEYS[2], ARGV[2], 1) end
-redis.call('HINCRBY', KEYS[3], ARGV[3], 1)
-return fresh
-",
-    )
-});
-
 impl Effects {
-    fn key(prefix: &str, what: &str) -> String {
-        format!("{{{prefix}:fx}}:{what}")
+    fn key(prefix: &str) -> String {
+        format!("{{{prefix}:fx}}:runs")
     }
 
     async fn record(&self, ctx: &WorkerContext) -> Result<(), WorkerError> {
-        let run = Run::of(ctx);
+        let field = run_field(ctx);
         match self {
             Effects::Local(local) => {
-                let shard = |k: &str| (hash64(&[k]) % 16) as usize;
-                let fresh = {
-                    let mut s = local.shards[shard(&run.key)]
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner());
-                    match s.keys.entry(run.key) {
-                        std::collections::hash_map::Entry::Occupied(_) => false,
-                        std::collections::hash_map::Entry::Vacant(v) => {
-                            v.insert(run.effect.clone());
-                            true
-                        }
-                    }
-                };
-                if fresh {
-                    let mut s = local.shards[shard(&run.effect)]
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner());
-                    *s.applied.entry(run.effect).or_default() += 1;
-                }
-                let mut s = local.shards[shard(&run.attempt)]
+                let shard = (hash64(&[&field]) % 16) as usize;
+                *local.shards[shard]
                     .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                *s.runs.entry(run.attempt).or_default() += 1;
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(field)
+                    .or_default() += 1;
                 Ok(())
             }
             Effects::Redis { conn, prefix, .. } => {
                 let mut conn = conn.clone();
-                let _: i64 = RECORD
-                    .key(Self::key(prefix, "keys"))
-                    .key(Self::key(prefix, "applied"))
-                    .key(Self::key(prefix, "runs"))
-                    .arg(&run.key)
-                    .arg(&run.effect)
-                    .arg(&run.attempt)
-                    .invoke_async(&mut conn)
+                let _: i64 = redis::cmd("HINCRBY")
+                    .arg(Self::key(prefix))
+                    .arg(field)
+                    .arg(1)
+                    .query_async(&mut conn)
                     .await
                     .map_err(WorkerError::retry)?;
                 Ok(())
@@ -376,26 +353,20 @@ impl Effects {
     async fn records(&self) -> Result<Records, Error> {
         match self {
             Effects::Local(local) => {
-                let mut records = Records::default();
+                let mut counters = HashMap::new();
                 for shard in &local.shards {
                     let s = shard.lock().unwrap_or_else(|e| e.into_inner());
-                    records
-                        .applied
-                        .extend(s.applied.iter().map(|(k, v)| (k.clone(), *v)));
-                    records
-                        .runs
-                        .extend(s.runs.iter().map(|(k, v)| (k.clone(), *v)));
+                    counters.extend(s.iter().map(|(k, v)| (k.clone(), *v)));
                 }
-                Ok(records)
+                Ok(Records::from_runs(counters))
             }
             Effects::Redis {
                 conn,
                 prefix,
                 address,
-            } => Ok(Records {
-                applied: hscan(conn, address, &Self::key(prefix, "applied")).await?,
-                runs: hscan(conn, address, &Self::key(prefix, "runs")).await?,
-            }),
+            } => Ok(Records::from_runs(
+                hscan(conn, address, &Self::key(prefix)).await?,
+            )),
         }
     }
 
@@ -407,10 +378,9 @@ impl Effects {
         } = self
         {
             let mut conn = conn.clone();
-            let _: () = redis::cmd("DEL")
-                .arg(Self::key(prefix, "keys"))
-                .arg(Self::key(prefix, "applied"))
-                .arg(Self::key(prefix, "runs"))
+            // UNLINK: a big hash from an earlier run is freed in the background.
+            let _: () = redis::cmd("UNLINK")
+                .arg(Self::key(prefix))
                 .query_async(&mut conn)
                 .await
                 .map_err(|e| effects_error(address, "clearing the effect counts", e))?;
@@ -468,7 +438,10 @@ fn totals(records: &Records, settled: &Settled) -> Totals {
         else {
             continue;
         };
-        let Some(&(forward, undo)) = settled.get(tx).and_then(|s| s.get(step)) else {
+        let Some(&(forward, undo)) = settled
+            .get(tx)
+            .and_then(|s| s.iter().find(|(name, _)| name == step).map(|(_, a)| a))
+        else {
             // A workflow that did not finish in time (counted as stuck).
             continue;
         };
@@ -932,35 +905,27 @@ mod tests {
 
     #[test]
     fn totals_count_runs_duplicates_stale_runs_and_redeliveries() {
-        let records = Records {
-            applied: map(&[
-                ("t1/validate/forward", 1),
-                ("t1/reserve/forward", 1),
-                // Applied under two keys: a duplicate.
-                ("t1/charge/forward", 2),
-                ("t1/reserve/compensate", 1),
-            ]),
-            runs: map(&[
-                ("t1/validate/forward/1", 1),
-                // Redelivered: two runs of the settling attempt.
-                ("t1/reserve/forward/1", 2),
-                // Attempt 1 was given up on; attempt 2 settled the step.
-                ("t1/charge/forward/1", 1),
-                ("t1/charge/forward/2", 1),
-                ("t1/reserve/compensate/1", 1),
-                // Not finished: not judged.
-                ("t2/validate/forward/1", 3),
-            ]),
-        };
+        let records = Records::from_runs(map(&[
+            ("t1/validate/forward t1/validate/forward/1", 1),
+            // Redelivered: two runs of the settling attempt, one effect.
+            ("t1/reserve/forward t1/reserve/forward/1", 2),
+            // Attempt 1 was given up on; attempt 2 settled the step. Under a
+            // key per attempt, the effect is applied twice: a duplicate.
+            ("t1/charge/forward/1 t1/charge/forward/1", 1),
+            ("t1/charge/forward/2 t1/charge/forward/2", 1),
+            ("t1/reserve/compensate t1/reserve/compensate/1", 1),
+            // Not finished: not judged.
+            ("t2/validate/forward t2/validate/forward/1", 3),
+        ]));
+        assert_eq!(records.applied["t1/reserve/forward"], 1);
+        assert_eq!(records.applied["t1/charge/forward"], 2);
         let settled: Settled = [(
             "t1".to_string(),
-            [
+            vec![
                 ("validate".to_string(), (1, 0)),
                 ("reserve".to_string(), (1, 1)),
                 ("charge".to_string(), (2, 0)),
-            ]
-            .into_iter()
-            .collect(),
+            ],
         )]
         .into_iter()
         .collect();
