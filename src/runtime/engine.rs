@@ -464,7 +464,9 @@ impl Engine {
         }
         let marks = self.marks.get_or_init(|| {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            tokio::spawn(mark_published_loop(self.store.clone(), rx));
+            // A weak reference: the store closes (a file store lets go of
+            // its lock) when the engine goes, not when this task notices.
+            tokio::spawn(mark_published_loop(Arc::downgrade(&self.store), rx));
             tx
         });
         if marks.send(written.to_vec()).is_err() {
@@ -648,7 +650,7 @@ type Written = (TransactionId, crate::store::Version);
 
 /// Marks what was published, as much at once as has come in.
 async fn mark_published_loop(
-    store: Arc<dyn StateStore>,
+    store: std::sync::Weak<dyn StateStore>,
     mut marks: tokio::sync::mpsc::UnboundedReceiver<Vec<Written>>,
 ) {
     let mut batch: Vec<Written> = Vec::new();
@@ -660,9 +662,13 @@ async fn mark_published_loop(
                 Err(_) => break,
             }
         }
+        let Some(store) = store.upgrade() else {
+            return;
+        };
         if let Err(e) = store.published(&batch).await {
             tracing::warn!(error = %e, writes = batch.len(), "marking writes published failed; the recovery sweep will publish their commands again");
         }
+        drop(store);
         batch.clear();
     }
 }
