@@ -6,6 +6,8 @@
 //! sub-workflow must still end every workflow with each effect applied once
 //! and each declined order undone exactly once — for several seeds.
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -483,16 +485,7 @@ async fn run(seed: u64) {
             "seed {seed}: notify of {tx}"
         );
         // The sub-workflow ran once, and was undone with its parent step.
-        let child = state
-            .history
-            .iter()
-            .find_map(|h| match &h.event {
-                multiagents::core::saga::HistoryEvent::ChildStarted { transaction_id } => {
-                    Some(*transaction_id)
-                }
-                _ => None,
-            })
-            .expect("child started");
+        let child = common::child_of(&state).expect("child started");
         assert_eq!(effects.applied(&format!("{child}/approve/forward")), 1);
         assert_eq!(
             effects.applied(&format!("{child}/approve/compensate")),

@@ -1,6 +1,8 @@
 //! Groups, conditions, fan-out, sleeps, signals, deadlines, sub-workflows and
 //! interrupts, end to end on the embedded runtime with real workers.
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -400,16 +402,7 @@ async fn a_sub_workflow_runs_under_the_parents_correlation_and_is_compensated_wi
     assert_eq!(state.status, WorkflowStatus::Compensated, "{state:?}");
     assert_eq!(calls.count("void_label:label"), 1, "{:?}", calls.all());
     assert_eq!(calls.count("refund:pay"), 1);
-    let child_tx = state
-        .history
-        .iter()
-        .find_map(|h| match &h.event {
-            multiagents::core::saga::HistoryEvent::ChildStarted { transaction_id } => {
-                Some(*transaction_id)
-            }
-            _ => None,
-        })
-        .expect("child started");
+    let child_tx = common::child_of(&state).expect("child started");
     let child_state = client.status(child_tx).await.expect("read").expect("child");
     assert_eq!(child_state.correlation_id, state.correlation_id);
     assert_eq!(child_state.status, WorkflowStatus::Compensated);

@@ -103,3 +103,15 @@ fn uuid_like() -> String {
         .unwrap_or(0);
     format!("{:x}{:x}", nanos, std::process::id())
 }
+
+/// The sub-workflow a workflow started (the first one in its history).
+pub fn child_of(
+    state: &multiagents::core::WorkflowState,
+) -> Option<multiagents::core::TransactionId> {
+    state.history.iter().find_map(|h| match &h.event {
+        multiagents::core::saga::HistoryEvent::ChildStarted { transaction_id } => {
+            Some(*transaction_id)
+        }
+        _ => None,
+    })
+}
