@@ -353,10 +353,11 @@ impl Effects {
     async fn records(&self) -> Result<Records, Error> {
         match self {
             Effects::Local(local) => {
+                // Read once, at the end: taken, not copied.
                 let mut counters = HashMap::new();
                 for shard in &local.shards {
-                    let s = shard.lock().unwrap_or_else(|e| e.into_inner());
-                    counters.extend(s.iter().map(|(k, v)| (k.clone(), *v)));
+                    let mut s = shard.lock().unwrap_or_else(|e| e.into_inner());
+                    counters.extend(std::mem::take(&mut *s));
                 }
                 Ok(Records::from_runs(counters))
             }
