@@ -38,8 +38,8 @@ pub struct OrchestratorConfig {
     /// A write whose actions are not marked published this long after it
     /// was made is taken to have been cut short by a crash, and its
     /// workflow's commands are published again (with a store that tracks
-    /// unpublished writes, such as Redis). The sweep looks every eighth of
-    /// this.
+    /// unpublished writes: every store here does). The sweep looks every
+    /// eighth of this.
     pub unpublished_after: Duration,
     /// How long finished workflows are kept.
     pub retention: Duration,

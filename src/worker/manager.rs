@@ -1027,9 +1027,6 @@ enum Handled {
 /// Answers taken at once by the flusher.
 const FLUSH_BATCH: usize = 256;
 
-/// Publishes answers and acks their commands, as many as are ready in one go.
-/// The ack comes only with the answer: a crash before it redelivers the
-/// command, and the idempotency key keeps the side effect single.
 /// Where the runner is in looking at the high and low topics.
 #[derive(Default)]
 struct Look {
@@ -1048,6 +1045,10 @@ const IDLE_WAIT: Duration = Duration::from_millis(100);
 /// Answers to publish, and the commands they ack.
 type Answers = (Vec<DeliveryId>, Vec<(String, Event)>);
 
+/// Publishes answers and acks their commands (a stale command is acked
+/// without one), as many as are ready in one go. The ack comes only with the
+/// answer: a crash before it redelivers the command, and the idempotency key
+/// keeps the side effect single.
 async fn flush(
     consumers: Vec<Arc<dyn Consumer>>,
     mut queue: tokio::sync::mpsc::UnboundedReceiver<(usize, DeliveryId, Option<Event>)>,

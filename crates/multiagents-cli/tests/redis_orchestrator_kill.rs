@@ -65,8 +65,8 @@ async fn a_workflow_survives_its_orchestrator_dying_in_a_sleep_a_group_and_a_sig
         return;
     };
     let prefix = format!("okill{}", std::process::id());
-    // The workers' bus keeps the default visibility timeout (30 s), longer
-    // than any step here; only the orchestrators take over quickly.
+    // The workers' bus keeps the default visibility timeout (2 s, extended
+    // while a call runs); the orchestrators take over quickly.
     let bus: Arc<dyn EventBus> = Arc::new(
         RedisStreamsBus::connect(RedisBusConfig::new(&url).prefix(&prefix))
             .await
