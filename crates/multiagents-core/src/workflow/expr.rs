@@ -93,11 +93,34 @@ impl Expr {
                 message: "the expression is empty".into(),
             });
         }
-        match cel_parser::parse(source) {
-            Ok(ast) => Ok(Self {
-                source: source.to_string(),
-                ast: Arc::new(ast),
-            }),
+        check_literals(source)?;
+        // The parser unwraps inside some of its rules; a literal it would
+        // choke on is refused above, and anything else it panics on is
+        // refused here rather than taking the process down.
+        let parsed =
+            std::panic::catch_unwind(|| cel_parser::parse(source)).map_err(|_| ExprError {
+                line: 1,
+                column: 1,
+                message: "the expression cannot be parsed".into(),
+            })?;
+        match parsed {
+            Ok(ast) => {
+                if let Some((name, given, takes)) = short_call(&ast) {
+                    let (line, column) = position_of(source, &name);
+                    return Err(ExprError {
+                        line,
+                        column,
+                        message: format!(
+                            "`{name}` takes {takes} argument{}, and is given {given}",
+                            if takes == 1 { "" } else { "s" }
+                        ),
+                    });
+                }
+                Ok(Self {
+                    source: source.to_string(),
+                    ast: Arc::new(ast),
+                })
+            }
             Err(e) => {
                 let (line, column) = e
                     .span
@@ -178,7 +201,13 @@ impl Expr {
             .map_err(|e| format!("cannot read the input: {e}"))?;
         ctx.add_variable("steps", steps)
             .map_err(|e| format!("cannot read the step outputs: {e}"))?;
-        let value = Value::resolve(&self.ast, &ctx).map_err(|e| e.to_string())?;
+        // The interpreter indexes its arguments unchecked in places: a call
+        // the checks above let through still fails the step, not the process.
+        let value = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Value::resolve(&self.ast, &ctx)
+        }))
+        .map_err(|_| "the expression could not be evaluated".to_string())?
+        .map_err(|e| e.to_string())?;
         value
             .json()
             .map_err(|e| format!("the result cannot be turned into JSON: {e:?}"))
@@ -207,6 +236,221 @@ impl Expr {
             other => Err(format!("gave {other}, not a list")),
         }
     }
+}
+
+/// Refuses the literals the CEL parser cannot hold (an integer beyond 64
+/// bits, an unsigned one with a minus, a string with a bad escape), naming
+/// the literal and where it is. It follows the parser's tokens: identifiers,
+/// quoted strings and bytes (with an `r`/`b` prefix), and numbers.
+fn check_literals(source: &str) -> Result<(), ExprError> {
+    let bytes = source.as_bytes();
+    let refuse = |at: usize, end: usize, why: &str| {
+        let (line, column) = line_column(source, at);
+        Err(ExprError {
+            line,
+            column,
+            message: format!("`{}`: {why}", &source[at..end]),
+        })
+    };
+    let mut i = 0;
+    while i < bytes.len() {
+        let c = bytes[i];
+        if c.is_ascii_alphabetic() || c == b'_' {
+            let start = i;
+            while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_') {
+                i += 1;
+            }
+            let prefix = &source[start..i];
+            let quote = bytes.get(i).copied().filter(|q| *q == b'"' || *q == b'\'');
+            if let (Some(quote), "r" | "R" | "b" | "B") = (quote, prefix) {
+                let is_bytes = matches!(prefix, "b" | "B");
+                let Some(end) = string_end(bytes, i, quote, is_bytes) else {
+                    // Not a literal to the lexer either: the parser reports it.
+                    continue;
+                };
+                let ok = if is_bytes {
+                    cel_parser::parse_bytes(&source[i + 1..end - 1]).is_ok()
+                } else {
+                    cel_parser::parse_string(&source[start..end]).is_ok()
+                };
+                if !ok {
+                    return refuse(start, end, "the literal has an invalid escape sequence");
+                }
+                i = end;
+            }
+            continue;
+        }
+        if c == b'"' || c == b'\'' {
+            let Some(end) = string_end(bytes, i, c, false) else {
+                return Ok(());
+            };
+            if cel_parser::parse_string(&source[i..end]).is_err() {
+                return refuse(i, end, "the string has an invalid escape sequence");
+            }
+            i = end;
+            continue;
+        }
+        let negative = c == b'-' && bytes.get(i + 1).is_some_and(u8::is_ascii_digit);
+        if !(c.is_ascii_digit() || negative) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        let digits_at = if negative { i + 1 } else { i };
+        let run = |from: usize, hex: bool| {
+            let mut j = from;
+            while j < bytes.len()
+                && (bytes[j].is_ascii_digit() || (hex && bytes[j].is_ascii_hexdigit()))
+            {
+                j += 1;
+            }
+            j
+        };
+        let is_hex = bytes[digits_at] == b'0'
+            && matches!(bytes.get(digits_at + 1), Some(b'x' | b'X'))
+            && bytes.get(digits_at + 2).is_some_and(u8::is_ascii_hexdigit);
+        if is_hex {
+            let end = run(digits_at + 2, true);
+            let unsigned = matches!(bytes.get(end), Some(b'u' | b'U'));
+            let digits = &source[digits_at + 2..end];
+            let fits = if unsigned {
+                !negative && u64::from_str_radix(digits, 16).is_ok()
+            } else {
+                let signed = if negative {
+                    format!("-{digits}")
+                } else {
+                    digits.to_string()
+                };
+                i64::from_str_radix(&signed, 16).is_ok()
+            };
+            let end = end + usize::from(unsigned);
+            if !fits {
+                return refuse(start, end, "the number does not fit in 64 bits");
+            }
+            i = end;
+            continue;
+        }
+        let end = run(digits_at, false);
+        let exponent = |at: usize| {
+            matches!(bytes.get(at), Some(b'e' | b'E')) && {
+                let k = at + 1 + usize::from(matches!(bytes.get(at + 1), Some(b'+' | b'-')));
+                bytes.get(k).is_some_and(u8::is_ascii_digit)
+            }
+        };
+        let fraction =
+            bytes.get(end) == Some(&b'.') && bytes.get(end + 1).is_some_and(u8::is_ascii_digit);
+        if fraction || exponent(end) {
+            // A float: any size parses (to infinity at worst).
+            let mut j = if fraction { run(end + 1, false) } else { end };
+            if exponent(j) {
+                j += 1;
+                j += usize::from(matches!(bytes.get(j), Some(b'+' | b'-')));
+                j = run(j, false);
+            }
+            i = j;
+            continue;
+        }
+        let unsigned = !negative && matches!(bytes.get(end), Some(b'u' | b'U'));
+        let fits = if unsigned {
+            source[digits_at..end].parse::<u64>().is_ok()
+        } else {
+            source[start..end].parse::<i64>().is_ok()
+        };
+        let end = end + usize::from(unsigned);
+        if !fits {
+            return refuse(start, end, "the number does not fit in 64 bits");
+        }
+        i = end;
+    }
+    Ok(())
+}
+
+/// The index just past the closing quote of a string literal opening at
+/// `open`, as the CEL lexer finds it (a backslash escapes the next
+/// character; a bytes literal ends at a newline); `None` when there is none.
+fn string_end(bytes: &[u8], open: usize, quote: u8, is_bytes: bool) -> Option<usize> {
+    let mut j = open + 1;
+    while j < bytes.len() {
+        match bytes[j] {
+            b'\\' if bytes.get(j + 1).is_some_and(|n| *n != b'\n') => j += 2,
+            b'\\' => return None,
+            b'\n' if is_bytes => return None,
+            q if q == quote => return Some(j + 1),
+            _ => j += 1,
+        }
+    }
+    None
+}
+
+/// The 1-based line and column of byte `at` in `source`.
+fn line_column(source: &str, at: usize) -> (usize, usize) {
+    let before = &source[..at];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// The built-in functions and how many arguments each needs at least,
+/// counting the target of a method call (`x.size()` is `size(x)`). The
+/// interpreter reads a macro's missing arguments unchecked (and panics);
+/// the others would fail every evaluation.
+const ARITY: [(&str, usize); 15] = [
+    ("contains", 2),
+    ("size", 1),
+    ("has", 1),
+    ("map", 3),
+    ("filter", 3),
+    ("all", 3),
+    ("exists", 3),
+    ("exists_one", 3),
+    ("startsWith", 2),
+    ("endsWith", 2),
+    ("string", 1),
+    ("bytes", 1),
+    ("double", 1),
+    ("int", 1),
+    ("uint", 1),
+];
+
+/// The first call to a built-in function with too few arguments: its name,
+/// the arguments given and those it takes (both without the target of a
+/// method call).
+fn short_call(e: &Expression) -> Option<(String, usize, usize)> {
+    let children: Vec<&Expression> = match e {
+        Expression::Arithmetic(a, _, b)
+        | Expression::Relation(a, _, b)
+        | Expression::Or(a, b)
+        | Expression::And(a, b) => vec![a, b],
+        Expression::Ternary(a, b, c) => vec![a, b, c],
+        Expression::Unary(_, a) => vec![a],
+        Expression::Member(target, member) => {
+            let mut out: Vec<&Expression> = vec![target];
+            match &**member {
+                Member::Attribute(_) => {}
+                Member::Index(key) => out.push(key),
+                Member::Fields(fields) => out.extend(fields.iter().map(|(_, v)| v)),
+            }
+            out
+        }
+        Expression::FunctionCall(name, target, args) => {
+            if let Expression::Ident(name) = &**name
+                && let Some((_, least)) = ARITY.iter().find(|(n, _)| *n == name.as_str())
+            {
+                let on = usize::from(target.is_some());
+                if args.len() + on < *least {
+                    return Some((name.to_string(), args.len(), least - on));
+                }
+            }
+            let mut out: Vec<&Expression> = vec![name];
+            out.extend(target.as_deref());
+            out.extend(args.iter());
+            out
+        }
+        Expression::List(items) => items.iter().collect(),
+        Expression::Map(entries) => entries.iter().flat_map(|(k, v)| [k, v]).collect(),
+        Expression::Atom(_) | Expression::Ident(_) => Vec::new(),
+    };
+    children.into_iter().find_map(short_call)
 }
 
 /// Macros whose first argument names a variable bound in the second.
@@ -346,6 +590,85 @@ mod tests {
                 (Reference::Step("x".into()), 1, 42),
             ]
         );
+    }
+
+    #[test]
+    fn literals_the_parser_cannot_hold_are_refused_with_their_position() {
+        // Each of these made the CEL parser panic (found by fuzzing).
+        let cases = [
+            (
+                "input.n > 111111111111111111111",
+                1,
+                11,
+                "`111111111111111111111`",
+            ),
+            (
+                "input.n == 0xFFFFFFFFFFFFFFFFFF",
+                1,
+                12,
+                "`0xFFFFFFFFFFFFFFFFFF`",
+            ),
+            (
+                "input.n == 99999999999999999999u",
+                1,
+                12,
+                "`99999999999999999999u`",
+            ),
+            ("input.n == -0x1u", 1, 12, "`-0x1u`"),
+            ("input.s == 'a\\qb'", 1, 12, "invalid escape"),
+            (
+                "input.s == r\"x\" &&\n  input.b == b'\\xZZ'",
+                2,
+                14,
+                "invalid escape",
+            ),
+        ];
+        for (source, line, column, says) in cases {
+            let e = Expr::parse(source).expect_err(source);
+            assert_eq!((e.line, e.column), (line, column), "{source}: {e}");
+            assert!(e.message.contains(says), "{source}: {e}");
+        }
+        // The edges still parse.
+        for source in [
+            "input.n > -9223372036854775808 && input.n < 9223372036854775807",
+            "input.n < 18446744073709551615u && input.n > 0x7FFFFFFFFFFFFFFF",
+            "input.f < 1e999 && input.f > -1.5e-999 && input.s == 'it\\'s' && input.id1 == 2",
+        ] {
+            Expr::parse(source).expect(source);
+        }
+    }
+
+    #[test]
+    fn calls_with_too_few_arguments_are_refused() {
+        // The interpreter panicked on the macros (found by fuzzing); the
+        // others would fail every time they ran.
+        let cases = [
+            (
+                "steps.all(l, ) && true",
+                "`all` takes 2 arguments, and is given 1",
+            ),
+            (
+                "input.items.map(x)",
+                "`map` takes 2 arguments, and is given 1",
+            ),
+            (
+                "input.s.startsWith()",
+                "`startsWith` takes 1 argument, and is given 0",
+            ),
+            ("size() > 0", "`size` takes 1 argument, and is given 0"),
+            ("[1].exists_one(x)", "`exists_one` takes 2 arguments"),
+        ];
+        for (source, says) in cases {
+            let e = Expr::parse(source).expect_err(source);
+            assert!(e.message.contains(says), "{source}: {e}");
+        }
+        for source in [
+            "size(input.items) > 0",
+            "input.items.size() > 0",
+            "max(1, 2, 3) == 3",
+        ] {
+            Expr::parse(source).expect(source);
+        }
     }
 
     #[test]
