@@ -141,8 +141,11 @@ return #kept
 /// Settings of a [`RedisStreamsBus`].
 #[derive(Clone, Debug)]
 pub struct RedisBusConfig {
-    /// `redis://host:port/db`.
+    /// `redis://[user:password@]host:port/db`, or `rediss://…` for TLS.
     pub url: String,
+    /// A PEM file of CA certificates to trust, besides the system's, for a
+    /// `rediss://` server (one with a private CA, say).
+    pub ca_file: Option<std::path::PathBuf>,
     /// Prefix of every key.
     pub prefix: String,
     /// How long a delivery may go without being acked or extended before
@@ -165,6 +168,7 @@ impl RedisBusConfig {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            ca_file: None,
             prefix: "ma".into(),
             visibility_timeout: Duration::from_secs(2),
             max_deliveries: 5,
@@ -177,6 +181,13 @@ impl RedisBusConfig {
     /// Sets the key prefix.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
+        self
+    }
+
+    /// Trusts the CA certificates in a PEM file as well as the system's
+    /// (for `rediss://` only).
+    pub fn ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.ca_file = Some(path.into());
         self
     }
 
@@ -278,22 +289,120 @@ pub(crate) async fn query_all<T: redis::FromRedisValue>(
 /// Connects to the server or cluster at `url` (for a cluster, any node's
 /// address); the error names the address.
 pub async fn connect(url: &str) -> Result<RedisConnection, BusError> {
-    let (_, pool) = open(url).await.map_err(|message| BusError::Backend {
-        address: redacted(url),
-        message,
-    })?;
+    connect_with(url, None).await
+}
+
+/// [`connect`], trusting the CA certificates of `ca_file` as well (see
+/// [`RedisBusConfig::ca_file`]).
+pub async fn connect_with(
+    url: &str,
+    ca_file: Option<&std::path::Path>,
+) -> Result<RedisConnection, BusError> {
+    let (_, pool) = open(url, ca_file)
+        .await
+        .map_err(|message| BusError::Backend {
+            address: redacted(url),
+            message,
+        })?;
     Ok(pool.get())
 }
 
 /// The client and the connection pool for `url`, within 10 s; the error is
 /// the reason, for the caller to put beside the (redacted) address.
-pub(crate) async fn open(url: &str) -> Result<(redis::Client, Pool), String> {
-    let client = redis::Client::open(url).map_err(|e| e.to_string())?;
-    let pool = tokio::time::timeout(Duration::from_secs(10), Pool::connect(&client, url))
+pub(crate) async fn open(
+    url: &str,
+    ca_file: Option<&std::path::Path>,
+) -> Result<(redis::Client, Pool), String> {
+    let (client, certs) = client(url, ca_file)?;
+    let pool = tokio::time::timeout(Duration::from_secs(10), Pool::connect(&client, url, certs))
         .await
         .map_err(|_| "connection timed out".to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| {
+            let e = e.to_string();
+            if e.contains("UnknownIssuer") && ca_file.is_none() {
+                format!("{e} (for a private CA, give its PEM file: `ca_file`, `--redis-ca-file`)")
+            } else {
+                e
+            }
+        })?;
     Ok((client, pool))
+}
+
+/// A client for `url`: over TLS for `rediss://`, trusting the CA
+/// certificates of `ca_file` besides the system's. The user and password,
+/// if any, come from the URL. The certificates are returned too, for a
+/// cluster client.
+pub(crate) fn client(
+    url: &str,
+    ca_file: Option<&std::path::Path>,
+) -> Result<(redis::Client, Option<redis::TlsCertificates>), String> {
+    let Some(path) = ca_file else {
+        return Ok((redis::Client::open(url).map_err(|e| e.to_string())?, None));
+    };
+    if !url.starts_with("rediss://") {
+        return Err(format!(
+            "a CA file ({}) is given, but the URL is not rediss:// (TLS)",
+            path.display()
+        ));
+    }
+    let certs = redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(trusted_roots(path)?),
+    };
+    let client = redis::Client::build_with_tls(url, certs.clone()).map_err(|e| e.to_string())?;
+    Ok((client, Some(certs)))
+}
+
+/// The system's root certificates and those of the PEM file at `path`, as
+/// one PEM bundle (redis-rs trusts only the bundle it is given).
+fn trusted_roots(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+
+    let pem = std::fs::read(path)
+        .map_err(|e| format!("cannot read the CA file {}: {e}", path.display()))?;
+    let mut found = 0;
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        cert.map_err(|e| format!("the CA file {} is not valid PEM: {e}", path.display()))?;
+        found += 1;
+    }
+    if found == 0 {
+        return Err(format!(
+            "the CA file {} holds no certificate",
+            path.display()
+        ));
+    }
+    let mut bundle = pem;
+    bundle.push(b'\n');
+    // A system without a trust store still trusts the file.
+    for cert in rustls_native_certs::load_native_certs().certs {
+        bundle.extend_from_slice(b"-----BEGIN CERTIFICATE-----\n");
+        for line in base64(&cert).as_bytes().chunks(64) {
+            bundle.extend_from_slice(line);
+            bundle.push(b'\n');
+        }
+        bundle.extend_from_slice(b"-----END CERTIFICATE-----\n");
+    }
+    Ok(bundle)
+}
+
+/// Standard base64 with padding.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = (u32::from(chunk[0]) << 16)
+            | (u32::from(chunk.get(1).copied().unwrap_or(0)) << 8)
+            | u32::from(chunk.get(2).copied().unwrap_or(0));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// Connections used in turn: one connection's driver task parses every
@@ -311,7 +420,11 @@ const POOL_SIZE: usize = 2;
 
 impl Pool {
     /// Opens the pool; the error is the server's.
-    pub(crate) async fn connect(client: &redis::Client, url: &str) -> redis::RedisResult<Self> {
+    pub(crate) async fn connect(
+        client: &redis::Client,
+        url: &str,
+        certs: Option<redis::TlsCertificates>,
+    ) -> redis::RedisResult<Self> {
         let mut probe = client.get_multiplexed_async_connection().await?;
         let info: String = redis::cmd("INFO")
             .arg("cluster")
@@ -319,9 +432,12 @@ impl Pool {
             .await?;
         if info.contains("cluster_enabled:1") {
             let cluster = |timeout: Option<Duration>| {
-                let builder = redis::cluster::ClusterClient::builder(vec![url])
+                let mut builder = redis::cluster::ClusterClient::builder(vec![url])
                     .connection_timeout(Duration::from_secs(5))
                     .retries(3);
+                if let Some(certs) = &certs {
+                    builder = builder.certs(certs.clone());
+                }
                 match timeout {
                     Some(t) => builder.response_timeout(t),
                     None => builder.response_timeout(Duration::from_secs(3600)),
@@ -430,15 +546,23 @@ impl RedisStreamsBus {
     /// Connects; fails with the server's address if it cannot be reached.
     pub async fn connect(config: RedisBusConfig) -> Result<Self, BusError> {
         let address = redacted(&config.url);
-        let (client, conn) = open(&config.url)
-            .await
-            .map_err(|message| BusError::Backend {
-                address: address.clone(),
-                message,
-            })?;
+        let (client, conn) =
+            open(&config.url, config.ca_file.as_deref())
+                .await
+                .map_err(|message| BusError::Backend {
+                    address: address.clone(),
+                    message,
+                })?;
         let (status, _) = broadcast::channel(4096);
         let pubsub = if config.broadcast_status {
-            Some(RedisPubSubBus::connect(&config.url, format!("{}:status", config.prefix)).await?)
+            Some(
+                RedisPubSubBus::connect_with(
+                    &config.url,
+                    config.ca_file.as_deref(),
+                    format!("{}:status", config.prefix),
+                )
+                .await?,
+            )
         } else {
             None
         };
@@ -793,12 +917,25 @@ struct PubSubInner {
 impl RedisPubSubBus {
     /// Connects to `url`; status events go to `channel`.
     pub async fn connect(url: &str, channel: impl Into<String>) -> Result<Self, BusError> {
+        Self::connect_with(url, None, channel).await
+    }
+
+    /// Connects to `url`, trusting the CA certificates of `ca_file` as well
+    /// (see [`RedisBusConfig::ca_file`]); status events go to `channel`.
+    pub async fn connect_with(
+        url: &str,
+        ca_file: Option<&std::path::Path>,
+        channel: impl Into<String>,
+    ) -> Result<Self, BusError> {
         let address = redacted(url);
         let backend = |e: redis::RedisError| BusError::Backend {
             address: address.clone(),
             message: e.to_string(),
         };
-        let client = redis::Client::open(url).map_err(backend)?;
+        let (client, _) = client(url, ca_file).map_err(|message| BusError::Backend {
+            address: address.clone(),
+            message,
+        })?;
         let conn = tokio::time::timeout(Duration::from_secs(10), client.get_connection_manager())
             .await
             .map_err(|_| BusError::Backend {

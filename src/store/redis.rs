@@ -42,8 +42,11 @@ use crate::core::{
 /// Settings of a [`RedisStateStore`].
 #[derive(Clone, Debug)]
 pub struct RedisStoreConfig {
-    /// `redis://host:port/db`.
+    /// `redis://[user:password@]host:port/db`, or `rediss://…` for TLS.
     pub url: String,
+    /// A PEM file of CA certificates to trust, besides the system's, for a
+    /// `rediss://` server.
+    pub ca_file: Option<std::path::PathBuf>,
     /// Prefix of every key.
     pub prefix: String,
     /// How long finished workflows are kept.
@@ -57,6 +60,7 @@ impl RedisStoreConfig {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            ca_file: None,
             prefix: "ma".into(),
             finished_ttl: Duration::from_secs(7 * 24 * 3600),
             timer_lease: Duration::from_secs(30),
@@ -66,6 +70,13 @@ impl RedisStoreConfig {
     /// Sets the key prefix.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
+        self
+    }
+
+    /// Trusts the CA certificates in a PEM file as well as the system's
+    /// (for `rediss://` only).
+    pub fn ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.ca_file = Some(path.into());
         self
     }
 
@@ -135,10 +146,13 @@ impl RedisStateStore {
     /// Connects; fails with the server's address if it cannot be reached.
     pub async fn connect(config: RedisStoreConfig) -> Result<Self, StoreError> {
         let address = redacted(&config.url);
-        let (client, conn) = open(&config.url).await.map_err(|message| StoreError::Io {
-            location: address.clone(),
-            message,
-        })?;
+        let (client, conn) =
+            open(&config.url, config.ca_file.as_deref())
+                .await
+                .map_err(|message| StoreError::Io {
+                    location: address.clone(),
+                    message,
+                })?;
         Ok(Self {
             inner: Arc::new(Inner {
                 config,

@@ -47,9 +47,14 @@ pub struct OrdersArgs {
     /// SIGTERM, draining on the way out.
     #[arg(long, value_enum, default_value_t = Role::All)]
     role: Role,
-    /// Redis server for `--backend redis`.
+    /// Redis server for `--backend redis`:
+    /// `redis://[user:password@]host:port/db`, or `rediss://…` for TLS.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
     redis_url: String,
+    /// A PEM file of CA certificates to trust, besides the system's, for a
+    /// `rediss://` server.
+    #[arg(long, env = "REDIS_CA_FILE", value_name = "PEM")]
+    redis_ca_file: Option<std::path::PathBuf>,
     /// Serve Prometheus `/metrics` and `/healthz` on this address while
     /// running (metrics are only recorded when this is set).
     #[arg(long, value_name = "ADDR")]
@@ -609,16 +614,20 @@ async fn backend(
             ))
         }
         Backend::Redis => {
-            let bus = RedisStreamsBus::connect(
-                RedisBusConfig::new(&args.redis_url)
-                    .prefix(&args.prefix)
-                    .visibility_timeout(args.visibility_timeout),
-            )
-            .await?;
+            let mut bus_config = RedisBusConfig::new(&args.redis_url)
+                .prefix(&args.prefix)
+                .visibility_timeout(args.visibility_timeout);
+            bus_config.ca_file = args.redis_ca_file.clone();
+            let bus = RedisStreamsBus::connect(bus_config).await?;
             let mut store_config = RedisStoreConfig::new(&args.redis_url).prefix(&args.prefix);
             store_config.timer_lease = args.visibility_timeout;
+            store_config.ca_file = args.redis_ca_file.clone();
             let store = RedisStateStore::connect(store_config).await?;
-            let conn = multiagents::bus::redis::connect(&args.redis_url).await?;
+            let conn = multiagents::bus::redis::connect_with(
+                &args.redis_url,
+                args.redis_ca_file.as_deref(),
+            )
+            .await?;
             Ok((
                 Arc::new(bus),
                 Arc::new(store),
@@ -701,7 +710,8 @@ async fn orders(
             .await?;
             eprintln!(
                 "orchestrator running on {} (prefix {}); stop with Ctrl-C or SIGTERM",
-                args.redis_url, args.prefix
+                multiagents::bus::redis::redacted(&args.redis_url),
+                args.prefix
             );
             stopped().await;
             rt.shutdown().await;
@@ -720,7 +730,8 @@ async fn orders(
             .await?;
             eprintln!(
                 "workers running on {} (prefix {}); stop with Ctrl-C or SIGTERM",
-                args.redis_url, args.prefix
+                multiagents::bus::redis::redacted(&args.redis_url),
+                args.prefix
             );
             stopped().await;
             eprintln!("draining workers");

@@ -75,8 +75,8 @@ async fn serve(
     args: ServeArgs,
     monitoring: &multiagents::monitoring::MonitoringConfig,
 ) -> Result<std::process::ExitCode, multiagents::Error> {
-    use multiagents::bus::{RedisBusConfig, RedisStreamsBus};
-    use multiagents::store::{RedisStateStore, RedisStoreConfig};
+    use multiagents::bus::RedisStreamsBus;
+    use multiagents::store::RedisStateStore;
     // Before anything records a metric: handles bind to the recorder.
     let http = args
         .http
@@ -96,12 +96,12 @@ async fn serve(
         None => None,
     };
     let bus = RedisStreamsBus::connect(
-        RedisBusConfig::new(&args.redis.redis_url)
-            .prefix(&args.redis.prefix)
+        args.redis
+            .bus_config()
             .visibility_timeout(args.visibility_timeout),
     )
     .await?;
-    let mut store_config = RedisStoreConfig::new(&args.redis.redis_url).prefix(&args.redis.prefix);
+    let mut store_config = args.redis.store_config();
     store_config.timer_lease = args.visibility_timeout;
     let store = RedisStateStore::connect(store_config).await?;
     let mut config = multiagents::OrchestratorConfig {
@@ -123,7 +123,8 @@ async fn serve(
         .await?;
     eprintln!(
         "orchestrator serving {} (prefix {}); stop with Ctrl-C or SIGTERM",
-        args.redis.redis_url, args.redis.prefix
+        args.redis.address(),
+        args.redis.prefix
     );
     bench::stopped().await;
     eprintln!("stopping");

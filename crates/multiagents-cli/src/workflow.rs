@@ -9,9 +9,14 @@ use multiagents::{Error, WorkflowDefinition};
 /// Where the state lives.
 #[derive(clap::Args, Debug)]
 pub struct RedisArgs {
-    /// The Redis server (or any node of a Redis Cluster) holding the state.
+    /// The Redis server (or any node of a Redis Cluster) holding the state:
+    /// `redis://[user:password@]host:port/db`, or `rediss://…` for TLS.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
     pub redis_url: String,
+    /// A PEM file of CA certificates to trust, besides the system's, for a
+    /// `rediss://` server.
+    #[arg(long, env = "REDIS_CA_FILE", value_name = "PEM")]
+    pub redis_ca_file: Option<PathBuf>,
     /// Key prefix in Redis.
     #[arg(long, default_value = "ma")]
     pub prefix: String,
@@ -19,10 +24,30 @@ pub struct RedisArgs {
 
 impl RedisArgs {
     async fn store(&self) -> Result<RedisStateStore, Error> {
-        Ok(
-            RedisStateStore::connect(RedisStoreConfig::new(&self.redis_url).prefix(&self.prefix))
-                .await?,
-        )
+        Ok(RedisStateStore::connect(self.store_config()).await?)
+    }
+
+    /// The store's configuration for this Redis.
+    pub fn store_config(&self) -> RedisStoreConfig {
+        let config = RedisStoreConfig::new(&self.redis_url).prefix(&self.prefix);
+        match &self.redis_ca_file {
+            Some(path) => config.ca_file(path),
+            None => config,
+        }
+    }
+
+    /// The bus's configuration for this Redis.
+    pub fn bus_config(&self) -> multiagents::bus::RedisBusConfig {
+        let config = multiagents::bus::RedisBusConfig::new(&self.redis_url).prefix(&self.prefix);
+        match &self.redis_ca_file {
+            Some(path) => config.ca_file(path),
+            None => config,
+        }
+    }
+
+    /// The server's address without the password, for messages.
+    pub fn address(&self) -> String {
+        multiagents::bus::redis::redacted(&self.redis_url)
     }
 }
 
@@ -195,7 +220,8 @@ async fn status(args: StatusArgs) -> Result<ExitCode, Error> {
     let Some(current) = store.get(tx).await? else {
         eprintln!(
             "no workflow {tx} in {} (prefix {}); it may have expired",
-            args.redis.redis_url, args.redis.prefix
+            args.redis.address(),
+            args.redis.prefix
         );
         return Ok(ExitCode::FAILURE);
     };
@@ -268,7 +294,8 @@ pub async fn workers(
     if report.is_empty() {
         println!(
             "no worker heartbeats in {} (prefix {}) within the retention",
-            args.redis.redis_url, args.redis.prefix
+            args.redis.address(),
+            args.redis.prefix
         );
         return Ok(ExitCode::SUCCESS);
     }
@@ -344,7 +371,7 @@ async fn diagram(args: DiagramArgs) -> Result<ExitCode, Error> {
             Error::Config(format!(
                 "`{}` is neither a file nor a definition registered in {} (prefix {}){}",
                 args.definition,
-                args.redis.redis_url,
+                args.redis.address(),
                 args.redis.prefix,
                 args.version
                     .map(|v| format!(" at version {v}"))
@@ -370,10 +397,8 @@ fn transaction_id(id: &str) -> Result<multiagents::TransactionId, Error> {
 impl RedisArgs {
     /// A client on this Redis.
     async fn client(&self) -> Result<multiagents::Client, Error> {
-        use multiagents::bus::{RedisBusConfig, RedisStreamsBus};
-        let bus =
-            RedisStreamsBus::connect(RedisBusConfig::new(&self.redis_url).prefix(&self.prefix))
-                .await?;
+        use multiagents::bus::RedisStreamsBus;
+        let bus = RedisStreamsBus::connect(self.bus_config()).await?;
         let store = self.store().await?;
         Ok(multiagents::Client::new(
             std::sync::Arc::new(bus),

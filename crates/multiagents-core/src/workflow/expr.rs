@@ -201,13 +201,11 @@ impl Expr {
             .map_err(|e| format!("cannot read the input: {e}"))?;
         ctx.add_variable("steps", steps)
             .map_err(|e| format!("cannot read the step outputs: {e}"))?;
-        // The interpreter indexes its arguments unchecked in places: a call
-        // the checks above let through still fails the step, not the process.
-        let value = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            Value::resolve(&self.ast, &ctx)
-        }))
-        .map_err(|_| "the expression could not be evaluated".to_string())?
-        .map_err(|e| e.to_string())?;
+        // The interpreter panics on some values (`x % 0`, `x / 0`): that
+        // fails the step, with the reason, and not the process.
+        let value = quietly(|| Value::resolve(&self.ast, &ctx))
+            .map_err(|why| format!("the expression could not be evaluated: {why}"))?
+            .map_err(|e| e.to_string())?;
         value
             .json()
             .map_err(|e| format!("the result cannot be turned into JSON: {e:?}"))
@@ -236,6 +234,36 @@ impl Expr {
             other => Err(format!("gave {other}, not a list")),
         }
     }
+}
+
+thread_local! {
+    /// Set while [`quietly`] runs its closure on this thread.
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, turning a panic into its message. The panic is not printed:
+/// the panic hook in place is wrapped once so that it stays silent for
+/// panics inside `f` (and is called as before for every other one).
+fn quietly<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    QUIET.with(|q| q.set(true));
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET.with(|q| q.set(false));
+    out.map_err(|payload| {
+        payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "the CEL interpreter failed".into())
+    })
 }
 
 /// Refuses the literals the CEL parser cannot hold (an integer beyond 64
@@ -669,6 +697,21 @@ mod tests {
         ] {
             Expr::parse(source).expect(source);
         }
+    }
+
+    #[test]
+    fn a_division_by_zero_fails_the_evaluation_and_says_so() {
+        // The interpreter panicked on it (found by fuzzing).
+        for source in ["9 % 0 == 1", "input.n / input.zero > 1"] {
+            let e = Expr::parse(source).expect(source);
+            let err = e
+                .eval_bool(&json!({"n": 4, "zero": 0}), &json!({}))
+                .expect_err(source);
+            assert!(err.contains("could not be evaluated"), "{source}: {err}");
+            assert!(err.contains("zero"), "{source}: {err}");
+        }
+        let e = Expr::parse("10 / 5 == 2 && input.n / input.two == 2u").expect("parses");
+        assert_eq!(e.eval_bool(&json!({"n": 4, "two": 2}), &json!({})), Ok(true));
     }
 
     #[test]
