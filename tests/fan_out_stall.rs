@@ -24,6 +24,12 @@ fn runs(default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// How long one run may take. A lost command or result is only rescued by
+/// the 30 s step timeout, and then shows as an attempt 2 in the history,
+/// which fails the run; the wait itself is generous, for debug builds on a
+/// busy machine (a run takes 13 s there, 0.6 s in release).
+const WAIT: Duration = Duration::from_secs(180);
+
 fn wide() -> multiagents::WorkflowDefinition {
     WorkflowBuilder::new("wide")
         .step("fan", "noop")
@@ -76,9 +82,7 @@ async fn a_thousand_item_fan_out_never_times_a_branch_out() {
         .start()
         .await
         .expect("runtime");
-    // Well under the 30 s step timeout: a lost command or result shows as
-    // a wait that ends here.
-    run_wide(&rt.client(), runs(4), Duration::from_secs(25)).await;
+    run_wide(&rt.client(), runs(4), WAIT).await;
     rt.shutdown().await;
 }
 
@@ -111,6 +115,6 @@ async fn a_thousand_item_fan_out_on_redis_never_times_a_branch_out() {
         .start()
         .await
         .expect("runtime");
-    run_wide(&rt.client(), runs(2), Duration::from_secs(25)).await;
+    run_wide(&rt.client(), runs(2), WAIT).await;
     rt.shutdown().await;
 }

@@ -12,7 +12,7 @@
 //! * **Leases.** A consumer that is still working on a delivery extends it
 //!   ([`Consumer::extend`]), so a call may run for hours and is never
 //!   redelivered while its process lives; the worker manager and the
-//!   orchestrator do so every third of the visibility timeout. A consumer
+//!   orchestrator do so every [`Consumer::extend_every`]. A consumer
 //!   whose deliveries have gone that long without being extended is taken to
 //!   be dead, and a live peer of its group takes them over.
 //! * **Dead letters.** After `max_deliveries` deliveries, or when a consumer
@@ -182,8 +182,17 @@ pub trait Consumer: Send + Sync {
     async fn extend(&self, ids: &[DeliveryId]) -> Result<(), BusError>;
 
     /// How long a delivery stays this consumer's without being extended or
-    /// acked. Holders extend every third of it.
+    /// acked. Holders extend every [`Consumer::extend_every`].
     fn visibility_timeout(&self) -> Duration;
+
+    /// How often a holder extends what it holds: five eighths of the
+    /// visibility timeout. A dead holder's deliveries are taken over one
+    /// visibility timeout after its last extension, plus up to an eighth for
+    /// the next look for abandoned entries: at most 1.8 beats after it died,
+    /// and a live holder still has three eighths of the timeout to spare.
+    fn extend_every(&self) -> Duration {
+        (self.visibility_timeout() * 5 / 8).max(Duration::from_millis(5))
+    }
 
     /// Gives up on a delivery: it goes to the dead-letter list with `reason`
     /// and is acked.

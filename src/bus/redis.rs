@@ -16,7 +16,8 @@
 //! exists are delivered to it. Consumers read with a blocking `XREADGROUP`.
 //! A consumer still working on an entry extends it (one script: `XPENDING`
 //! to check it still owns it, then `XCLAIM … JUSTID`, which resets its idle
-//! time without counting a delivery) every half visibility timeout; entries
+//! time without counting a delivery) every five eighths of the visibility
+//! timeout; entries
 //! idle past the visibility timeout — their holder died — are claimed by
 //! another consumer (`XPENDING IDLE` + `XCLAIM`, looked for every eighth of
 //! the timeout), and after `max_deliveries` they are moved to the dead
@@ -150,8 +151,8 @@ pub struct RedisBusConfig {
     pub prefix: String,
     /// How long a delivery may go without being acked or extended before
     /// another consumer takes it over. Holders extend their deliveries every
-    /// half of it, so this is also how soon a dead process's deliveries are
-    /// taken over (about two missed extensions).
+    /// five eighths of it ([`Consumer::extend_every`]), so a dead process's
+    /// deliveries are taken over within 1.8 of its beats.
     pub visibility_timeout: Duration,
     /// Deliveries after which an entry is dead-lettered.
     pub max_deliveries: u32,
@@ -1308,6 +1309,14 @@ impl RedisConsumer {
     }
 }
 
+impl RedisConsumer {
+    /// How often to look for abandoned entries: an eighth of the visibility
+    /// timeout.
+    fn reclaim_every(&self) -> Duration {
+        (self.bus.inner.config.visibility_timeout / 8).max(Duration::from_millis(10))
+    }
+}
+
 #[async_trait]
 impl Consumer for RedisConsumer {
     async fn next_batch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, BusError> {
@@ -1316,8 +1325,7 @@ impl Consumer for RedisConsumer {
         let due = {
             let mut last = self.last_reclaim.lock().await;
             let now = tokio::time::Instant::now();
-            let every =
-                (self.bus.inner.config.visibility_timeout / 8).max(Duration::from_millis(10));
+            let every = self.reclaim_every();
             if last.is_none_or(|t| now.duration_since(t) >= every) {
                 *last = Some(now);
                 true
@@ -1338,8 +1346,11 @@ impl Consumer for RedisConsumer {
             .arg(&self.name)
             .arg("COUNT")
             .arg(max);
-        // No wait: a plain read that answers at once.
+        // No wait: a plain read that answers at once. A blocking read lasts
+        // no longer than the look for abandoned entries is due, so that an
+        // idle consumer takes over a dead one's entries in time.
         if !wait.is_zero() {
+            let wait = wait.min(self.reclaim_every());
             cmd.arg("BLOCK")
                 .arg(wait.as_millis().clamp(1, 5_000) as u64);
         }

@@ -216,7 +216,7 @@ async fn results_loop(
         let handled = {
             let handling = handle_batch(&engine, batch, parallel, &mut outbox);
             tokio::pin!(handling);
-            let every = (consumer.visibility_timeout() / 2).max(Duration::from_millis(5));
+            let every = consumer.extend_every();
             loop {
                 tokio::select! {
                     done = &mut handling => break done,
@@ -246,30 +246,35 @@ async fn results_loop(
 }
 
 /// Publishes the commands of a batch's transitions and acks its results,
-/// trying a few times; true when they went out. The states are already
-/// written, so commands lost here are republished by the recovery sweep.
+/// trying again for up to the results' visibility timeout (a restarting
+/// server comes back in that time); true when they went out. The states are
+/// already written, so commands lost here are republished by the recovery
+/// sweep.
 async fn publish_then_ack(
     consumer: &dyn Consumer,
     events: &[(String, Event)],
     acks: &[DeliveryId],
 ) -> bool {
-    let mut pause = Duration::from_millis(50);
-    for attempt in 1..=5 {
+    let until = tokio::time::Instant::now() + consumer.visibility_timeout();
+    let mut pause = Duration::from_millis(20);
+    loop {
         match consumer.publish_then_ack(events, acks).await {
             Ok(()) => return true,
-            Err(e) if attempt == 5 => tracing::error!(
-                error = %e,
-                commands = events.len(),
-                "publishing commands failed; the recovery sweep will republish them"
-            ),
+            Err(e) if tokio::time::Instant::now() >= until => {
+                tracing::error!(
+                    error = %e,
+                    commands = events.len(),
+                    "publishing commands failed; the recovery sweep will republish them"
+                );
+                return false;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "publishing commands failed; retrying");
                 tokio::time::sleep(pause).await;
-                pause *= 2;
+                pause = (pause * 2).min(Duration::from_millis(200));
             }
         }
     }
-    false
 }
 
 async fn reject(consumer: &dyn Consumer, delivery: &Delivery, reason: &str) {

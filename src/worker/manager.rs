@@ -551,14 +551,13 @@ impl Held {
     }
 }
 
-/// Extends the leases of every command a runner holds, every half
-/// visibility timeout, until aborted: a call may take as long as it needs
-/// and is never redelivered while this process lives.
+/// Extends the leases of every command a runner holds, every
+/// [`Consumer::extend_every`], until aborted: a call may take as long as it
+/// needs and is never redelivered while this process lives.
 async fn extend_leases(consumers: Vec<Arc<dyn Consumer>>, held: Arc<Held>, worker: String) {
     let every = consumers
         .first()
-        .map_or(Duration::from_secs(1), |c| c.visibility_timeout() / 2)
-        .max(Duration::from_millis(5));
+        .map_or(Duration::from_secs(1), |c| c.extend_every());
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
@@ -1088,23 +1087,30 @@ async fn publish_answers(
     ids: &[DeliveryId],
     worker: &str,
 ) {
-    // A lost connection comes back by itself: try a few times before
-    // leaving the commands to be redelivered (and run again).
-    let mut pause = Duration::from_millis(50);
-    for attempt in 1..=4 {
+    // A lost connection comes back by itself (a restarting server within
+    // seconds): keep trying — the commands stay held, and their leases are
+    // extended again as soon as the server answers — before leaving them to
+    // be redelivered (and run again).
+    let until = tokio::time::Instant::now() + ANSWER_RETRY;
+    let mut pause = Duration::from_millis(20);
+    loop {
         match consumer.publish_then_ack(events, ids).await {
             Ok(()) => return,
-            Err(e) if attempt == 4 => {
+            Err(e) if tokio::time::Instant::now() >= until => {
                 tracing::warn!(worker, error = %e, answers = ids.len(), "publishing answers failed; their commands will be redelivered");
+                return;
             }
             Err(e) => {
                 tracing::debug!(worker, error = %e, "publishing answers failed; retrying");
                 tokio::time::sleep(pause).await;
-                pause *= 2;
+                pause = (pause * 2).min(Duration::from_millis(200));
             }
         }
     }
 }
+
+/// How long a worker keeps trying to publish its answers.
+const ANSWER_RETRY: Duration = Duration::from_secs(30);
 
 /// A running [`WorkerManager`].
 #[derive(Clone)]

@@ -35,6 +35,9 @@ use serde_json::json;
 pub enum Workload {
     /// Five-step order saga (validate, reserve, charge, invoice, notify).
     Orders(OrdersArgs),
+    /// How soon a live consumer takes over the deliveries of a process
+    /// killed with SIGKILL (Redis), in milliseconds and in lease beats.
+    Takeover(crate::takeover::TakeoverArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -97,7 +100,7 @@ pub struct OrdersArgs {
     json: bool,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     multiagents::core::time::parse_duration(s)
 }
 
@@ -532,6 +535,7 @@ pub async fn run(
 ) -> Result<ExitCode, Error> {
     match workload {
         Workload::Orders(args) => orders(args, monitoring).await,
+        Workload::Takeover(args) => crate::takeover::run(args).await,
     }
 }
 
@@ -548,7 +552,7 @@ where
         match call().await {
             Err(e) if e.is_transient() && Instant::now() < until => {
                 tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(1));
+                pause = (pause * 2).min(Duration::from_millis(200));
             }
             other => return other,
         }

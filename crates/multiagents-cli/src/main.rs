@@ -1,6 +1,7 @@
 //! The `multiagents` command.
 
 mod bench;
+mod takeover;
 mod workflow;
 
 // The bench measures the framework, not glibc's malloc: a saga step makes a

@@ -394,20 +394,47 @@ fn check_literals(source: &str) -> Result<(), ExprError> {
 }
 
 /// The index just past the closing quote of a string literal opening at
-/// `open`, as the CEL lexer finds it (a backslash escapes the next
-/// character; a bytes literal ends at a newline); `None` when there is none.
+/// `open`, as the CEL lexer finds it; `None` when there is none. In a string
+/// a backslash escapes the next character (not a newline). A bytes literal
+/// (`(\\.|[^"\n])*`) may also take a backslash as a plain character and
+/// ends at no newline; the lexer takes its longest match, so its end is the
+/// last quote on the line that some reading reaches.
 fn string_end(bytes: &[u8], open: usize, quote: u8, is_bytes: bool) -> Option<usize> {
-    let mut j = open + 1;
-    while j < bytes.len() {
-        match bytes[j] {
-            b'\\' if bytes.get(j + 1).is_some_and(|n| *n != b'\n') => j += 2,
-            b'\\' => return None,
-            b'\n' if is_bytes => return None,
-            q if q == quote => return Some(j + 1),
-            _ => j += 1,
+    if !is_bytes {
+        let mut j = open + 1;
+        while j < bytes.len() {
+            match bytes[j] {
+                b'\\' if bytes.get(j + 1).is_some_and(|n| *n != b'\n') => j += 2,
+                b'\\' => return None,
+                q if q == quote => return Some(j + 1),
+                _ => j += 1,
+            }
+        }
+        return None;
+    }
+    // reach[k]: some reading of the body stands at byte `open + 1 + k`.
+    let body = open + 1;
+    let line_end = bytes[body..]
+        .iter()
+        .position(|b| *b == b'\n')
+        .map_or(bytes.len(), |p| body + p);
+    let mut reach = vec![false; line_end - body + 1];
+    reach[0] = true;
+    let mut end = None;
+    for j in body..line_end {
+        if !reach[j - body] {
+            continue;
+        }
+        if bytes[j] == quote {
+            end = Some(j + 1);
+            continue;
+        }
+        reach[j + 1 - body] = true;
+        if bytes[j] == b'\\' && j + 1 < line_end {
+            reach[j + 2 - body] = true;
         }
     }
-    None
+    end
 }
 
 /// The 1-based line and column of byte `at` in `source`.
@@ -624,6 +651,14 @@ mod tests {
     fn literals_the_parser_cannot_hold_are_refused_with_their_position() {
         // Each of these made the CEL parser panic (found by fuzzing).
         let cases = [
+            // A bytes literal may take a backslash as a plain character:
+            // the second one here ends at the quote after seven backslashes.
+            (
+                "\"[b\"[b\":E?\\\\\\\\\\\\\\\":b\\ \\\\\\\n?<!b]\u{12}",
+                1,
+                6,
+                "invalid escape",
+            ),
             (
                 "input.n > 111111111111111111111",
                 1,
@@ -711,7 +746,10 @@ mod tests {
             assert!(err.contains("zero"), "{source}: {err}");
         }
         let e = Expr::parse("10 / 5 == 2 && input.n / input.two == 2u").expect("parses");
-        assert_eq!(e.eval_bool(&json!({"n": 4, "two": 2}), &json!({})), Ok(true));
+        assert_eq!(
+            e.eval_bool(&json!({"n": 4, "two": 2}), &json!({})),
+            Ok(true)
+        );
     }
 
     #[test]
