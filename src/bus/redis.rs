@@ -171,7 +171,7 @@ impl RedisBusConfig {
             url: url.into(),
             ca_file: None,
             prefix: "ma".into(),
-            visibility_timeout: Duration::from_secs(2),
+            visibility_timeout: Duration::from_millis(1500),
             max_deliveries: 5,
             max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
             delete_on_ack: true,

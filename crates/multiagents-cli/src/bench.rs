@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use clap::{Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use multiagents::bus::{EventBus, MemoryBus, RedisBusConfig, RedisStreamsBus};
+use multiagents::core::{Phase, StepName, TransactionId};
 use multiagents::store::{FileStore, MemoryStore, RedisStateStore, RedisStoreConfig, StateStore};
 use multiagents::worker::{Worker, WorkerError, WorkerManager, WorkerManagerConfig, from_fn};
 use multiagents::{
@@ -68,7 +69,7 @@ pub struct OrdersArgs {
     /// How long a command or result may go without being acked or extended
     /// before another process takes it over (redis backend); also the timer
     /// lease.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, default_value = "1500ms", value_parser = parse_duration)]
     visibility_timeout: Duration,
     /// Commands of steps in flight for this long without any change are
     /// published again (`--role orchestrator`).
@@ -242,10 +243,11 @@ fn effects_error(address: &str, what: &str, e: redis::RedisError) -> Error {
 }
 
 /// In-process effect records, in sharded maps so that recording costs the
-/// trivial bench workers little.
+/// trivial bench workers little: per run, the hash of the key it was given
+/// and its attempt, no strings.
 #[derive(Default)]
 struct LocalEffects {
-    shards: [Mutex<HashMap<String, u64>>; 16],
+    shards: [Mutex<HashMap<(u64, Attempt), u64>>; 16],
 }
 
 fn hash64(parts: &[&str]) -> u64 {
@@ -259,7 +261,44 @@ fn hash64(parts: &[&str]) -> u64 {
     h.finish()
 }
 
-/// The counter one run adds to: `<idempotency key> <attempt>`.
+/// One attempt of one step of one workflow, in one phase.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Attempt {
+    tx: TransactionId,
+    step: StepName,
+    phase: Phase,
+    attempt: u32,
+}
+
+impl Attempt {
+    fn of(ctx: &WorkerContext) -> Self {
+        Self {
+            tx: ctx.transaction_id,
+            step: ctx.step.clone(),
+            phase: ctx.phase,
+            attempt: ctx.attempt,
+        }
+    }
+
+    /// From `tx/step/phase/attempt`.
+    fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.rsplitn(4, '/');
+        let (attempt, phase, step, tx) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        Some(Self {
+            tx: tx.parse().ok()?,
+            step: StepName::from(step),
+            phase: match phase {
+                "forward" => Phase::Forward,
+                "compensate" => Phase::Compensate,
+                _ => return None,
+            },
+            attempt: attempt.parse().ok()?,
+        })
+    }
+}
+
+/// The Redis counter one run adds to: `<idempotency key> <attempt>`.
 fn run_field(ctx: &WorkerContext) -> String {
     format!(
         "{} {}/{}/{}/{}",
@@ -271,38 +310,42 @@ fn run_field(ctx: &WorkerContext) -> String {
     )
 }
 
+/// An effect: one step of one workflow, in one phase.
+type Effect = (TransactionId, StepName, Phase);
+
 /// The records of every run, read back at the end.
 #[derive(Debug, Default)]
 struct Records {
-    /// Effect (`transaction/step/phase`) → how many times it was applied:
-    /// the distinct keys it ran under.
-    applied: HashMap<String, u64>,
+    /// Effect → how many times it was applied: the distinct keys it ran
+    /// under.
+    applied: HashMap<Effect, u64>,
     /// Attempt → runs.
-    runs: HashMap<String, u64>,
+    runs: HashMap<Attempt, u64>,
 }
 
 impl Records {
-    /// From the counters by `<key> <attempt>`.
-    fn from_runs(counters: HashMap<String, u64>) -> Self {
-        let mut keys: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
-        let mut runs: HashMap<String, u64> = HashMap::with_capacity(counters.len());
-        for (field, n) in counters {
-            let Some((key, attempt)) = field.split_once(' ') else {
-                continue;
-            };
-            let effect = attempt.rsplit_once('/').map_or(attempt, |(e, _)| e);
-            keys.entry(effect.to_string())
-                .or_default()
-                .insert(key.to_string());
-            *runs.entry(attempt.to_string()).or_default() += n;
+    /// From the runs counted by (hash of the key presented, attempt).
+    fn from_runs(counters: impl IntoIterator<Item = ((u64, Attempt), u64)>) -> Self {
+        let mut keys: std::collections::HashSet<(u64, Effect)> = std::collections::HashSet::new();
+        let mut runs: HashMap<Attempt, u64> = HashMap::new();
+        for ((key, attempt), n) in counters {
+            keys.insert((key, (attempt.tx, attempt.step.clone(), attempt.phase)));
+            *runs.entry(attempt).or_default() += n;
         }
-        Self {
-            applied: keys
-                .into_iter()
-                .map(|(effect, keys)| (effect, keys.len() as u64))
-                .collect(),
-            runs,
+        let mut applied: HashMap<Effect, u64> = HashMap::with_capacity(keys.len());
+        for (_, effect) in keys {
+            *applied.entry(effect).or_default() += 1;
         }
+        Self { applied, runs }
+    }
+
+    /// From the Redis counters by `<key> <tx/step/phase/attempt>`; fields
+    /// that do not read so are left out.
+    fn from_fields(counters: HashMap<String, u64>) -> Self {
+        Self::from_runs(counters.into_iter().filter_map(|(field, n)| {
+            let (key, attempt) = field.split_once(' ')?;
+            Some(((hash64(&[key]), Attempt::parse(attempt)?), n))
+        }))
     }
 }
 
@@ -317,13 +360,13 @@ struct Totals {
 
 /// The attempts each finished workflow settled its steps with, by
 /// transaction id and step: (forward attempts, compensation attempts).
-type Settled = HashMap<String, Vec<(String, (u32, u32))>>;
+type Settled = HashMap<TransactionId, Vec<(StepName, (u32, u32))>>;
 
-fn settled_attempts(state: &multiagents::core::WorkflowState) -> Vec<(String, (u32, u32))> {
+fn settled_attempts(state: &multiagents::core::WorkflowState) -> Vec<(StepName, (u32, u32))> {
     state
         .steps
         .iter()
-        .map(|s| (s.name.to_string(), (s.attempts, s.compensation_attempts)))
+        .map(|s| (s.name.clone(), (s.attempts, s.compensation_attempts)))
         .collect()
 }
 
@@ -333,14 +376,14 @@ impl Effects {
     }
 
     async fn record(&self, ctx: &WorkerContext) -> Result<(), WorkerError> {
-        let field = run_field(ctx);
         match self {
             Effects::Local(local) => {
-                let shard = (hash64(&[&field]) % 16) as usize;
+                let run = (hash64(&[ctx.idempotency_key()]), Attempt::of(ctx));
+                let shard = (run.0 % 16) as usize;
                 *local.shards[shard]
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .entry(field)
+                    .entry(run)
                     .or_default() += 1;
                 Ok(())
             }
@@ -348,7 +391,7 @@ impl Effects {
                 let mut conn = conn.clone();
                 let _: i64 = redis::cmd("HINCRBY")
                     .arg(Self::key(prefix))
-                    .arg(field)
+                    .arg(run_field(ctx))
                     .arg(1)
                     .query_async(&mut conn)
                     .await
@@ -362,7 +405,7 @@ impl Effects {
         match self {
             Effects::Local(local) => {
                 // Read once, at the end: taken, not copied.
-                let mut counters = HashMap::new();
+                let mut counters = Vec::new();
                 for shard in &local.shards {
                     let mut s = shard.lock().unwrap_or_else(|e| e.into_inner());
                     counters.extend(std::mem::take(&mut *s));
@@ -373,7 +416,7 @@ impl Effects {
                 conn,
                 prefix,
                 address,
-            } => Ok(Records::from_runs(
+            } => Ok(Records::from_fields(
                 hscan(conn, address, &Self::key(prefix)).await?,
             )),
         }
@@ -436,26 +479,25 @@ fn totals(records: &Records, settled: &Settled) -> Totals {
         releases: records
             .applied
             .keys()
-            .filter(|k| k.ends_with("/reserve/compensate"))
+            .filter(|(_, step, phase)| step.as_str() == "reserve" && *phase == Phase::Compensate)
             .count() as u64,
         ..Totals::default()
     };
-    for (key, runs) in &records.runs {
-        let mut parts = key.rsplitn(4, '/');
-        let (Some(attempt), Some(phase), Some(step), Some(tx)) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            continue;
-        };
-        let Some(&(forward, undo)) = settled
-            .get(tx)
-            .and_then(|s| s.iter().find(|(name, _)| name == step).map(|(_, a)| a))
-        else {
+    for (attempt, runs) in &records.runs {
+        let Some(&(forward, undo)) = settled.get(&attempt.tx).and_then(|s| {
+            s.iter()
+                .find(|(name, _)| *name == attempt.step)
+                .map(|(_, a)| a)
+        }) else {
             // A workflow that did not finish in time (counted as stuck).
             continue;
         };
-        let settling = if phase == "compensate" { undo } else { forward };
-        if attempt.parse::<u32>().ok() == Some(settling) {
+        let settling = if attempt.phase == Phase::Compensate {
+            undo
+        } else {
+            forward
+        };
+        if attempt.attempt == settling {
             totals.redelivered_runs += runs - 1;
         } else {
             totals.stale_runs += runs;
@@ -820,7 +862,7 @@ async fn orders(
         match joined {
             Ok(Ok((o, s))) => {
                 outcomes.extend(o);
-                settled.extend(s.into_iter().map(|(tx, a)| (tx.to_string(), a)));
+                settled.extend(s);
             }
             Ok(Err(e)) => return Err(e),
             Err(e) => return Err(Error::Config(format!("a client task failed: {e}"))),
@@ -915,32 +957,40 @@ async fn orders(
 mod tests {
     use super::*;
 
-    fn map(pairs: &[(&str, u64)]) -> HashMap<String, u64> {
-        pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
-    }
-
     #[test]
     fn totals_count_runs_duplicates_stale_runs_and_redeliveries() {
-        let records = Records::from_runs(map(&[
-            ("t1/validate/forward t1/validate/forward/1", 1),
-            // Redelivered: two runs of the settling attempt, one effect.
-            ("t1/reserve/forward t1/reserve/forward/1", 2),
-            // Attempt 1 was given up on; attempt 2 settled the step. Under a
-            // key per attempt, the effect is applied twice: a duplicate.
-            ("t1/charge/forward/1 t1/charge/forward/1", 1),
-            ("t1/charge/forward/2 t1/charge/forward/2", 1),
-            ("t1/reserve/compensate t1/reserve/compensate/1", 1),
-            // Not finished: not judged.
-            ("t2/validate/forward t2/validate/forward/1", 3),
-        ]));
-        assert_eq!(records.applied["t1/reserve/forward"], 1);
-        assert_eq!(records.applied["t1/charge/forward"], 2);
+        let (t1, t2) = (TransactionId::new(), TransactionId::new());
+        let field = |key: &str, tx: TransactionId, rest: &str, n: u64| {
+            (
+                format!("{} {tx}/{rest}", key.replace("T", &tx.to_string())),
+                n,
+            )
+        };
+        let records = Records::from_fields(
+            [
+                field("T/validate/forward", t1, "validate/forward/1", 1),
+                // Redelivered: two runs of the settling attempt, one effect.
+                field("T/reserve/forward", t1, "reserve/forward/1", 2),
+                // Attempt 1 was given up on; attempt 2 settled the step. Under a
+                // key per attempt, the effect is applied twice: a duplicate.
+                field("T/charge/forward/1", t1, "charge/forward/1", 1),
+                field("T/charge/forward/2", t1, "charge/forward/2", 1),
+                field("T/reserve/compensate", t1, "reserve/compensate/1", 1),
+                // Not finished: not judged.
+                field("T/validate/forward", t2, "validate/forward/1", 3),
+            ]
+            .into_iter()
+            .collect(),
+        );
+        let effect = |step: &str, phase| (t1, StepName::from(step), phase);
+        assert_eq!(records.applied[&effect("reserve", Phase::Forward)], 1);
+        assert_eq!(records.applied[&effect("charge", Phase::Forward)], 2);
         let settled: Settled = [(
-            "t1".to_string(),
+            t1,
             vec![
-                ("validate".to_string(), (1, 0)),
-                ("reserve".to_string(), (1, 1)),
-                ("charge".to_string(), (2, 0)),
+                (StepName::from("validate"), (1, 0)),
+                (StepName::from("reserve"), (1, 1)),
+                (StepName::from("charge"), (2, 0)),
             ],
         )]
         .into_iter()

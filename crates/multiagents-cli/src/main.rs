@@ -57,9 +57,9 @@ struct ServeArgs {
     instance: Option<String>,
     /// How long a result or command may go without being acked or
     /// extended (its process died, say) before another process takes it
-    /// over; live processes extend what they hold every half of it. Also
+    /// over; live processes extend what they hold every five eighths of it. Also
     /// the lease of a timer being fired.
-    #[arg(long, default_value = "2s", value_parser = multiagents::core::time::parse_duration)]
+    #[arg(long, default_value = "1500ms", value_parser = multiagents::core::time::parse_duration)]
     visibility_timeout: std::time::Duration,
     /// Commands of steps in flight for this long without any change are
     /// published again (heals a crash between persisting a transition and

@@ -29,7 +29,7 @@ pub struct TakeoverArgs {
     #[arg(long, default_value = "takeover")]
     prefix: String,
     /// The bus's visibility timeout (the beat is five eighths of it).
-    #[arg(long, default_value = "2s", value_parser = super::bench::parse_duration)]
+    #[arg(long, default_value = "1500ms", value_parser = super::bench::parse_duration)]
     visibility_timeout: Duration,
     /// Trials, each with a process of its own killed.
     #[arg(long, default_value_t = 10)]

@@ -108,8 +108,19 @@ impl Drop for TlsRedis {
     }
 }
 
-fn serve(url: &str, ca: &Path, prefix: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_multiagents"))
+/// A child process killed when dropped, so that a failing test leaves none
+/// behind.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(url: &str, ca: &Path, prefix: &str) -> Reaped {
+    let child = Command::new(env!("CARGO_BIN_EXE_multiagents"))
         .args(["serve", "--redis-url", url, "--prefix", prefix])
         .arg("--redis-ca-file")
         .arg(ca)
@@ -118,7 +129,8 @@ fn serve(url: &str, ca: &Path, prefix: &str) -> Child {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("the multiagents binary starts")
+        .expect("the multiagents binary starts");
+    Reaped(child)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -208,10 +220,10 @@ async fn workflows_run_over_tls_as_an_acl_user_limited_to_its_prefix() {
     workers.shutdown().await;
     // SIGTERM, so that the orchestrator drains and logs its way out.
     Command::new("kill")
-        .args(["-TERM", &orchestrator.id().to_string()])
+        .args(["-TERM", &orchestrator.0.id().to_string()])
         .status()
         .expect("kill");
-    let out = wait_output(&mut orchestrator);
+    let out = wait_output(&mut orchestrator.0);
     assert!(
         !out.contains(PASSWORD),
         "the password is in the log:\n{out}"
