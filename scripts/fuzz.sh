@@ -38,5 +38,5 @@ for target in "${targets[@]}"; do
     echo "error: fuzz target $target failed" >&2
     exit 1
   fi
-  grep -E "^#[0-9]+ +DONE" "$log"
+  grep -E "^#[0-9]+[[:space:]]+DONE" "$log" || tail -3 "$log"
 done
