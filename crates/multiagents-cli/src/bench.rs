@@ -243,11 +243,11 @@ fn effects_error(address: &str, what: &str, e: redis::RedisError) -> Error {
 }
 
 /// In-process effect records, in sharded maps so that recording costs the
-/// trivial bench workers little: per run, the hash of the key it was given
-/// and its attempt, no strings.
+/// trivial bench workers little: per effect, the hash of the key it ran
+/// under and its runs by attempt, no strings.
 #[derive(Default)]
 struct LocalEffects {
-    shards: [Mutex<HashMap<(u64, Attempt), u64>>; 16],
+    shards: [Mutex<Records>; 16],
 }
 
 fn hash64(parts: &[&str]) -> u64 {
@@ -313,39 +313,98 @@ fn run_field(ctx: &WorkerContext) -> String {
 /// An effect: one step of one workflow, in one phase.
 type Effect = (TransactionId, StepName, Phase);
 
-/// The records of every run, read back at the end.
+/// The runs of one effect. Nearly always one key and one attempt, kept
+/// inline; anything more goes to `more`.
+#[derive(Debug)]
+struct EffectRuns {
+    /// The hash of the first key it ran under.
+    key: u64,
+    /// The first attempt that ran, and its runs.
+    attempt: u32,
+    runs: u64,
+    more: Option<Box<MoreRuns>>,
+}
+
+/// Other keys an effect ran under, and runs of its other attempts.
+#[derive(Debug, Default)]
+struct MoreRuns {
+    keys: Vec<u64>,
+    runs: Vec<(u32, u64)>,
+}
+
+impl EffectRuns {
+    fn add(&mut self, key: u64, attempt: u32, n: u64) {
+        if key != self.key {
+            let more = self.more.get_or_insert_default();
+            if !more.keys.contains(&key) {
+                more.keys.push(key);
+            }
+        }
+        if attempt == self.attempt {
+            self.runs += n;
+            return;
+        }
+        let more = self.more.get_or_insert_default();
+        match more.runs.iter_mut().find(|(a, _)| *a == attempt) {
+            Some((_, runs)) => *runs += n,
+            None => more.runs.push((attempt, n)),
+        }
+    }
+
+    /// How many times the effect was applied: the distinct keys it ran
+    /// under.
+    fn applied(&self) -> u64 {
+        1 + self.more.as_ref().map_or(0, |m| m.keys.len() as u64)
+    }
+
+    /// (attempt, runs) for every attempt that ran.
+    fn by_attempt(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        std::iter::once((self.attempt, self.runs))
+            .chain(self.more.iter().flat_map(|m| m.runs.iter().copied()))
+    }
+}
+
+/// The records of every run, by effect.
 #[derive(Debug, Default)]
 struct Records {
-    /// Effect → how many times it was applied: the distinct keys it ran
-    /// under.
-    applied: HashMap<Effect, u64>,
-    /// Attempt → runs.
-    runs: HashMap<Attempt, u64>,
+    effects: HashMap<Effect, EffectRuns>,
 }
 
 impl Records {
-    /// From the runs counted by (hash of the key presented, attempt).
-    fn from_runs(counters: impl IntoIterator<Item = ((u64, Attempt), u64)>) -> Self {
-        let mut keys: std::collections::HashSet<(u64, Effect)> = std::collections::HashSet::new();
-        let mut runs: HashMap<Attempt, u64> = HashMap::new();
-        for ((key, attempt), n) in counters {
-            keys.insert((key, (attempt.tx, attempt.step.clone(), attempt.phase)));
-            *runs.entry(attempt).or_default() += n;
+    /// Counts `n` runs of `attempt` under the key hashed to `key`.
+    fn add(&mut self, key: u64, attempt: Attempt, n: u64) {
+        let Attempt {
+            tx,
+            step,
+            phase,
+            attempt,
+        } = attempt;
+        match self.effects.entry((tx, step, phase)) {
+            std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().add(key, attempt, n),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(EffectRuns {
+                    key,
+                    attempt,
+                    runs: n,
+                    more: None,
+                });
+            }
         }
-        let mut applied: HashMap<Effect, u64> = HashMap::with_capacity(keys.len());
-        for (_, effect) in keys {
-            *applied.entry(effect).or_default() += 1;
-        }
-        Self { applied, runs }
     }
 
     /// From the Redis counters by `<key> <tx/step/phase/attempt>`; fields
     /// that do not read so are left out.
     fn from_fields(counters: HashMap<String, u64>) -> Self {
-        Self::from_runs(counters.into_iter().filter_map(|(field, n)| {
-            let (key, attempt) = field.split_once(' ')?;
-            Some(((hash64(&[key]), Attempt::parse(attempt)?), n))
-        }))
+        let mut records = Self::default();
+        for (field, n) in counters {
+            let Some((key, attempt)) = field.split_once(' ') else {
+                continue;
+            };
+            if let Some(attempt) = Attempt::parse(attempt) {
+                records.add(hash64(&[key]), attempt, n);
+            }
+        }
+        records
     }
 }
 
@@ -378,13 +437,12 @@ impl Effects {
     async fn record(&self, ctx: &WorkerContext) -> Result<(), WorkerError> {
         match self {
             Effects::Local(local) => {
-                let run = (hash64(&[ctx.idempotency_key()]), Attempt::of(ctx));
-                let shard = (run.0 % 16) as usize;
-                *local.shards[shard]
+                let key = hash64(&[ctx.idempotency_key()]);
+                let shard = (ctx.transaction_id.0.as_u128() % 16) as usize;
+                local.shards[shard]
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .entry(run)
-                    .or_default() += 1;
+                    .add(key, Attempt::of(ctx), 1);
                 Ok(())
             }
             Effects::Redis { conn, prefix, .. } => {
@@ -405,12 +463,17 @@ impl Effects {
         match self {
             Effects::Local(local) => {
                 // Read once, at the end: taken, not copied.
-                let mut counters = Vec::new();
+                let mut records = Records::default();
                 for shard in &local.shards {
                     let mut s = shard.lock().unwrap_or_else(|e| e.into_inner());
-                    counters.extend(std::mem::take(&mut *s));
+                    let taken = std::mem::take(&mut s.effects);
+                    if records.effects.is_empty() {
+                        records.effects = taken;
+                    } else {
+                        records.effects.extend(taken);
+                    }
                 }
-                Ok(Records::from_runs(counters))
+                Ok(records)
             }
             Effects::Redis {
                 conn,
@@ -473,34 +536,33 @@ async fn hscan(
 /// step settled with is stale (the orchestrator had given up on it or moved
 /// past it); a run of the settling attempt beyond its first is a redelivery.
 fn totals(records: &Records, settled: &Settled) -> Totals {
-    let mut totals = Totals {
-        executions: records.runs.values().sum(),
-        duplicates: records.applied.values().filter(|n| **n > 1).count() as u64,
-        releases: records
-            .applied
-            .keys()
-            .filter(|(_, step, phase)| step.as_str() == "reserve" && *phase == Phase::Compensate)
-            .count() as u64,
-        ..Totals::default()
-    };
-    for (attempt, runs) in &records.runs {
-        let Some(&(forward, undo)) = settled.get(&attempt.tx).and_then(|s| {
-            s.iter()
-                .find(|(name, _)| *name == attempt.step)
-                .map(|(_, a)| a)
-        }) else {
+    let mut totals = Totals::default();
+    for ((tx, step, phase), runs) in &records.effects {
+        totals.executions += runs.by_attempt().map(|(_, n)| n).sum::<u64>();
+        if runs.applied() > 1 {
+            totals.duplicates += 1;
+        }
+        if step.as_str() == "reserve" && *phase == Phase::Compensate {
+            totals.releases += 1;
+        }
+        let Some(&(forward, undo)) = settled
+            .get(tx)
+            .and_then(|s| s.iter().find(|(name, _)| name == step).map(|(_, a)| a))
+        else {
             // A workflow that did not finish in time (counted as stuck).
             continue;
         };
-        let settling = if attempt.phase == Phase::Compensate {
+        let settling = if *phase == Phase::Compensate {
             undo
         } else {
             forward
         };
-        if attempt.attempt == settling {
-            totals.redelivered_runs += runs - 1;
-        } else {
-            totals.stale_runs += runs;
+        for (attempt, n) in runs.by_attempt() {
+            if attempt == settling {
+                totals.redelivered_runs += n - 1;
+            } else {
+                totals.stale_runs += n;
+            }
         }
     }
     totals
@@ -983,8 +1045,14 @@ mod tests {
             .collect(),
         );
         let effect = |step: &str, phase| (t1, StepName::from(step), phase);
-        assert_eq!(records.applied[&effect("reserve", Phase::Forward)], 1);
-        assert_eq!(records.applied[&effect("charge", Phase::Forward)], 2);
+        assert_eq!(
+            records.effects[&effect("reserve", Phase::Forward)].applied(),
+            1
+        );
+        assert_eq!(
+            records.effects[&effect("charge", Phase::Forward)].applied(),
+            2
+        );
         let settled: Settled = [(
             t1,
             vec![
