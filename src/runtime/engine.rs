@@ -453,13 +453,22 @@ impl Engine {
         Ok(())
     }
 
-    /// Marks writes published, off the caller's path: one task takes what
-    /// every loop of this process published meanwhile and marks it in one
-    /// call. A mark that is lost (the process dies first, the call fails)
+    /// Marks writes published. For a remote store it is off the caller's
+    /// path: one task takes what every loop of this process published
+    /// meanwhile and marks it in one call; an in-process store is marked at
+    /// once. A mark that is lost (the process dies first, the call fails)
     /// only costs a republish by the recovery sweep, which is harmless (the
     /// same attempts, the same keys).
     pub(crate) async fn mark_published(&self, written: &[(TransactionId, crate::store::Version)]) {
         if written.is_empty() || !self.store.tracks_unpublished() {
+            return;
+        }
+        if !self.store.is_remote() {
+            // In process a mark is a map removal: cheaper done here than
+            // sent to the marking task.
+            if let Err(e) = self.store.published(written).await {
+                tracing::warn!(error = %e, writes = written.len(), "marking writes published failed; the recovery sweep will publish their commands again");
+            }
             return;
         }
         let marks = self.marks.get_or_init(|| {
