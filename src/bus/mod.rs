@@ -1,8 +1,8 @@
 //! The event bus: how commands reach workers and results reach the
 //! orchestrator.
 //!
-//! The contract every implementation meets (the in-memory one here, Redis
-//! Streams and NATS JetStream elsewhere):
+//! The contract every implementation meets (the in-memory one here and
+//! Redis Streams in `bus::redis`, with the `redis` feature):
 //!
 //! * **Topics and groups.** An event published to a topic is delivered to
 //!   every consumer group of that topic, and within a group to one consumer.

@@ -1,4 +1,4 @@
-//! `multiagents bench orders`: the workload of BENCH.md — five sequential
+//! `multiagents bench orders`: the workload of `docs/benchmarks.md` — five sequential
 //! steps, two of them compensable, a configurable share of orders declined
 //! in `charge_payment` — on a chosen backend, with every role in one process
 //! or each in its own (`--role`).
@@ -143,7 +143,7 @@ struct Order {
     decline: bool,
 }
 
-/// The figures BENCH.md asks for, plus the correctness counts.
+/// The figures of `docs/benchmarks.md`, plus the correctness counts.
 #[derive(Serialize, Debug)]
 struct Report {
     backend: &'static str,
@@ -970,7 +970,7 @@ async fn orders(
         redelivered_runs: totals.redelivered_runs,
         seconds,
         workflows_per_sec: args.workflows as f64 / seconds,
-        // BENCH.md: five steps per workflow; compensations are not steps.
+        // Five steps per workflow (docs/benchmarks.md); compensations are not steps.
         steps_per_sec: args.workflows as f64 * 5.0 / seconds,
         latency_p50_ms: percentile(&latencies, 50.0),
         latency_p99_ms: percentile(&latencies, 99.0),

@@ -155,8 +155,8 @@ impl From<TimingWire> for Timing {
 
 impl Event {
     /// An event of `kind` for one step of one transaction, with a fresh id and
-    /// the current time. Callers fill in the rest with struct update syntax or
-    /// the `with_*` helpers.
+    /// the current time. Callers set the rest (step, phase, attempt,
+    /// deadline…) on the public fields.
     pub fn new(
         kind: EventKind,
         transaction_id: TransactionId,
