@@ -77,9 +77,10 @@ impl Error {
     /// assert!(!Error::Config("bad".into()).is_transient());
     /// ```
     pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            Error::Bus(BusError::Backend { .. }) | Error::Store(StoreError::Io { .. })
-        )
+        match self {
+            Error::Bus(e) => e.is_transient(),
+            Error::Store(e) => matches!(e, StoreError::Io { .. }),
+            _ => false,
+        }
     }
 }

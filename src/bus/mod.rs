@@ -165,6 +165,38 @@ pub enum BusError {
     },
 }
 
+impl BusError {
+    /// True for a failure that trying again may mend: the server could not
+    /// be reached or answered with an error (it may be restarting). An
+    /// oversized event or a closed bus stays so.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, BusError::Backend { .. })
+    }
+}
+
+/// Runs `op` until it succeeds, fails for good (not
+/// [`BusError::is_transient`]) or `limit` has passed, pausing 20 ms between
+/// tries, doubling up to 200 ms: a lost connection comes back by itself.
+/// Returns the last error when it gives up.
+pub(crate) async fn retry_transient<T, F, Fut>(limit: Duration, mut op: F) -> Result<T, BusError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, BusError>>,
+{
+    let until = tokio::time::Instant::now() + limit;
+    let mut pause = Duration::from_millis(20);
+    loop {
+        match op().await {
+            Err(e) if e.is_transient() && tokio::time::Instant::now() < until => {
+                tracing::debug!(error = %e, "the bus failed; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(200));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// A consumer in a group: takes batches, acks them, rejects poison.
 #[async_trait]
 pub trait Consumer: Send + Sync {
@@ -280,4 +312,56 @@ pub trait EventBus: Send + Sync + 'static {
 
     /// Listens to status broadcasts from now on.
     fn subscribe_status(&self) -> broadcast::Receiver<Arc<Event>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn backend() -> BusError {
+        BusError::Backend {
+            address: "redis://127.0.0.1:1".into(),
+            message: "Connection refused".into(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_transient_failure_is_tried_again_until_it_passes() {
+        let calls = AtomicU32::new(0);
+        let out = retry_transient(Duration::from_secs(5), || async {
+            match calls.fetch_add(1, Ordering::SeqCst) {
+                0..=3 => Err(backend()),
+                n => Ok(n),
+            }
+        })
+        .await;
+        assert_eq!(out.expect("passes"), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_for_good_is_not_tried_again_and_time_runs_out_on_the_rest() {
+        let calls = AtomicU32::new(0);
+        let out: Result<(), _> = retry_transient(Duration::from_secs(5), || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err(BusError::TooLarge {
+                topic: "results".into(),
+                size: 2,
+                limit: 1,
+            })
+        })
+        .await;
+        assert!(matches!(out, Err(BusError::TooLarge { .. })));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+        let started = tokio::time::Instant::now();
+        let out: Result<(), _> =
+            retry_transient(Duration::from_secs(1), || async { Err(backend()) }).await;
+        assert!(out.expect_err("gives up").is_transient());
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(1) && waited < Duration::from_millis(1300),
+            "{waited:?}"
+        );
+    }
 }

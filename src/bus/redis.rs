@@ -357,6 +357,7 @@ pub(crate) fn client(
 /// The system's root certificates and those of the PEM file at `path`, as
 /// one PEM bundle (redis-rs trusts only the bundle it is given).
 fn trusted_roots(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    use base64::Engine as _;
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
 
@@ -378,32 +379,14 @@ fn trusted_roots(path: &std::path::Path) -> Result<Vec<u8>, String> {
     // A system without a trust store still trusts the file.
     for cert in rustls_native_certs::load_native_certs().certs {
         bundle.extend_from_slice(b"-----BEGIN CERTIFICATE-----\n");
-        for line in base64(&cert).as_bytes().chunks(64) {
+        let encoded = base64::engine::general_purpose::STANDARD.encode(&cert);
+        for line in encoded.as_bytes().chunks(64) {
             bundle.extend_from_slice(line);
             bundle.push(b'\n');
         }
         bundle.extend_from_slice(b"-----END CERTIFICATE-----\n");
     }
     Ok(bundle)
-}
-
-/// Standard base64 with padding.
-fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let n = (u32::from(chunk[0]) << 16)
-            | (u32::from(chunk.get(1).copied().unwrap_or(0)) << 8)
-            | u32::from(chunk.get(2).copied().unwrap_or(0));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 /// Connections used in turn: one connection's driver task parses every

@@ -246,8 +246,9 @@ async fn results_loop(
 }
 
 /// Publishes the commands of a batch's transitions and acks its results,
-/// trying again for up to the results' visibility timeout (a restarting
-/// server comes back in that time); true when they went out. The states are
+/// trying again after a transient failure for up to the results' visibility
+/// timeout (a restarting server comes back in that time); true when they
+/// went out. The states are
 /// already written, so commands lost here are republished by the recovery
 /// sweep.
 async fn publish_then_ack(
@@ -255,24 +256,19 @@ async fn publish_then_ack(
     events: &[(String, Event)],
     acks: &[DeliveryId],
 ) -> bool {
-    let until = tokio::time::Instant::now() + consumer.visibility_timeout();
-    let mut pause = Duration::from_millis(20);
-    loop {
-        match consumer.publish_then_ack(events, acks).await {
-            Ok(()) => return true,
-            Err(e) if tokio::time::Instant::now() >= until => {
-                tracing::error!(
-                    error = %e,
-                    commands = events.len(),
-                    "publishing commands failed; the recovery sweep will republish them"
-                );
-                return false;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "publishing commands failed; retrying");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_millis(200));
-            }
+    let sent = crate::bus::retry_transient(consumer.visibility_timeout(), || {
+        consumer.publish_then_ack(events, acks)
+    })
+    .await;
+    match sent {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!(
+                error = %e,
+                commands = events.len(),
+                "publishing commands failed; the recovery sweep will republish them"
+            );
+            false
         }
     }
 }

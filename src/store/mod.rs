@@ -233,10 +233,10 @@ pub trait StateStore: Send + Sync + 'static {
         Ok(Vec::new())
     }
 
-    /// True when the store notes unpublished writes (a store shared by
-    /// processes that may die alone). In-process stores do not: their bus
-    /// dies with them, and the orchestrator republishes everything in
-    /// flight when it starts.
+    /// True when the store notes unpublished writes, so that the recovery
+    /// sweep can find a transition whose actions never went out (a process
+    /// died, or the bus failed, between the write and the publish). Every
+    /// store here does; the default is for stores that cannot.
     fn tracks_unpublished(&self) -> bool {
         false
     }

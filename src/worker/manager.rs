@@ -1090,22 +1090,12 @@ async fn publish_answers(
     // A lost connection comes back by itself (a restarting server within
     // seconds): keep trying — the commands stay held, and their leases are
     // extended again as soon as the server answers — before leaving them to
-    // be redelivered (and run again).
-    let until = tokio::time::Instant::now() + ANSWER_RETRY;
-    let mut pause = Duration::from_millis(20);
-    loop {
-        match consumer.publish_then_ack(events, ids).await {
-            Ok(()) => return,
-            Err(e) if tokio::time::Instant::now() >= until => {
-                tracing::warn!(worker, error = %e, answers = ids.len(), "publishing answers failed; their commands will be redelivered");
-                return;
-            }
-            Err(e) => {
-                tracing::debug!(worker, error = %e, "publishing answers failed; retrying");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_millis(200));
-            }
-        }
+    // be redelivered (and run again). A failure for good (an answer over the
+    // size limit) is not tried again.
+    let sent =
+        crate::bus::retry_transient(ANSWER_RETRY, || consumer.publish_then_ack(events, ids)).await;
+    if let Err(e) = sent {
+        tracing::warn!(worker, error = %e, answers = ids.len(), "publishing answers failed; their commands will be redelivered");
     }
 }
 
