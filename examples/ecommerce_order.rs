@@ -76,10 +76,7 @@ enum Role {
     Client,
 }
 
-type Backends = (
-    std::sync::Arc<dyn multiagents::bus::EventBus>,
-    std::sync::Arc<dyn multiagents::store::StateStore>,
-);
+type Backends = (multiagents::bus::Bus, multiagents::store::Store);
 
 #[cfg(feature = "redis")]
 async fn redis_backends(url: &str, prefix: &str) -> Result<Backends, Box<dyn std::error::Error>> {
@@ -87,7 +84,7 @@ async fn redis_backends(url: &str, prefix: &str) -> Result<Backends, Box<dyn std
     use multiagents::store::{RedisStateStore, RedisStoreConfig};
     let bus = RedisStreamsBus::connect(RedisBusConfig::new(url).prefix(prefix)).await?;
     let store = RedisStateStore::connect(RedisStoreConfig::new(url).prefix(prefix)).await?;
-    Ok((std::sync::Arc::new(bus), std::sync::Arc::new(store)))
+    Ok((bus.into(), store.into()))
 }
 
 #[cfg(not(feature = "redis"))]
@@ -384,8 +381,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             return Err("--role other than `all` needs --redis-url: roles in separate processes share a Redis".into());
         }
         None => (
-            std::sync::Arc::new(multiagents::bus::MemoryBus::new()),
-            std::sync::Arc::new(FileStore::open(&args.store)?),
+            multiagents::bus::MemoryBus::new().into(),
+            FileStore::open(&args.store)?.into(),
         ),
     };
     let monitor_store = store.clone();
@@ -440,7 +437,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     multiagents::worker::WorkerManagerConfig::default()
                         .with_monitoring(&monitoring),
                 )
-                .health_store(store.clone());
+                .store(store.clone());
             for (w, o) in workers {
                 manager = manager.register_arc(w, o);
             }
@@ -455,8 +452,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         Role::Orchestrator => {
             let runtime = Runtime::builder()
-                .bus_arc(bus)
-                .store_arc(store)
+                .bus(bus)
+                .store(store)
                 .workflow(definition()?)
                 .external_workers()
                 .orchestrator_config(multiagents::OrchestratorConfig {
@@ -481,8 +478,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         Role::All => {
             let mut builder = Runtime::builder()
-                .bus_arc(bus)
-                .store_arc(store)
+                .bus(bus)
+                .store(store)
                 .worker_config(
                     multiagents::worker::WorkerManagerConfig::default()
                         .with_monitoring(&monitoring),
@@ -646,7 +643,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// The monitors' view of the run: commands and their latencies (event
 /// monitor) and worker health (worker monitor).
 async fn print_monitoring(
-    store: std::sync::Arc<dyn multiagents::store::StateStore>,
+    store: multiagents::store::Store,
     monitoring: &multiagents::monitoring::MonitoringConfig,
     took: Duration,
 ) -> Result<(), Box<dyn std::error::Error>> {

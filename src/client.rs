@@ -9,11 +9,11 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::Error;
-use crate::bus::{DeadLetter, EventBus};
+use crate::bus::{Bus, DeadLetter};
 use crate::core::saga::Input;
 use crate::core::{CorrelationId, Payload, TransactionId, WorkflowDefinition, WorkflowState};
 use crate::runtime::Engine;
-use crate::store::{ListQuery, StateStore, WorkflowSummary};
+use crate::store::{ListQuery, Store, WorkflowSummary};
 
 /// Options for [`Client::start_with`].
 #[derive(Clone, Debug, Default)]
@@ -40,9 +40,9 @@ pub struct Client {
 
 impl Client {
     /// A client on a bus and a store.
-    pub fn new(bus: Arc<dyn EventBus>, store: Arc<dyn StateStore>) -> Self {
+    pub fn new(bus: impl Into<Bus>, store: impl Into<Store>) -> Self {
         Self {
-            engine: Arc::new(Engine::new(bus, store)),
+            engine: Arc::new(Engine::new(bus.into(), store.into())),
         }
     }
 
@@ -85,6 +85,7 @@ impl Client {
         Ok(self
             .engine
             .store
+            .states
             .get(transaction_id)
             .await?
             .map(|v| v.state))
@@ -99,6 +100,7 @@ impl Client {
         match self
             .engine
             .store
+            .states
             .wait_terminal(transaction_id, timeout)
             .await?
         {
@@ -157,7 +159,7 @@ impl Client {
                     name: name.to_string(),
                     reason,
                 };
-                let Some(current) = self.engine.store.get(transaction_id).await? else {
+                let Some(current) = self.engine.store.states.get(transaction_id).await? else {
                     return Err(Error::NotFound(transaction_id));
                 };
                 let state = &current.state;
@@ -190,11 +192,11 @@ impl Client {
 
     /// Lists workflows.
     pub async fn list(&self, query: &ListQuery) -> Result<Vec<WorkflowSummary>, Error> {
-        Ok(self.engine.store.list(query).await?)
+        Ok(self.engine.store.states.list(query).await?)
     }
 
     /// The most recent dead letters.
     pub async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, Error> {
-        Ok(self.engine.bus.dead_letters(limit).await?)
+        Ok(self.engine.bus.topics.dead_letters(limit).await?)
     }
 }

@@ -8,6 +8,8 @@ mod error;
 #[cfg(feature = "llm")]
 pub mod llm;
 pub mod monitoring;
+#[cfg(feature = "redis")]
+pub mod redis;
 pub mod runtime;
 pub mod store;
 pub mod timeline;

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use common::{Effects, Order};
-use multiagents::bus::{EventBus, MemoryBus, RESULTS_TOPIC};
+use multiagents::bus::{MemoryBus, RESULTS_TOPIC, Topics};
 use multiagents::core::{Event, EventKind, Payload, StepStatus};
 use multiagents::store::{FileStore, MemoryStore};
 use multiagents::worker::{WorkerError, from_fn};

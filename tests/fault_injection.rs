@@ -15,17 +15,16 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use multiagents::bus::{
-    BusError, Consumer, DeadLetter, Delivery, DeliveryId, EventBus, Interrupt, MemoryBus,
-    MemoryBusConfig, PlaceLimits, Places,
+    Bus, BusError, Consumer, DeadLetter, Delivery, DeliveryId, MemoryBus, MemoryBusConfig, Topics,
 };
 use multiagents::core::{Event, Timestamp, TransactionId, WorkflowDefinition, WorkflowState};
 use multiagents::store::{
-    ListQuery, MemoryStore, StateStore, StoreError, Version, Versioned, WorkflowSummary,
+    Definitions, HealthRecords, ListQuery, MemoryStore, StoreError, TimerIndex, Version, Versioned,
+    WorkflowStates, WorkflowSummary,
 };
 use multiagents::worker::{WorkerContext, WorkerError, from_fn};
 use multiagents::{OrchestratorConfig, Runtime, WorkflowBuilder, WorkflowStatus};
 use serde_json::{Value, json};
-use tokio::sync::broadcast;
 
 /// A deterministic source of failures: fails one call in `every`.
 struct Dice {
@@ -78,7 +77,7 @@ struct FlakyBus {
 }
 
 #[async_trait]
-impl EventBus for FlakyBus {
+impl Topics for FlakyBus {
     async fn publish(&self, topic: &str, event: Event) -> Result<(), BusError> {
         if self.dice.fails() {
             return Err(Dice::injected());
@@ -113,36 +112,6 @@ impl EventBus for FlakyBus {
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BusError> {
         self.inner.dead_letters(limit).await
-    }
-
-    async fn interrupt(&self, interrupt: Interrupt) -> Result<(), BusError> {
-        self.inner.interrupt(interrupt).await
-    }
-
-    fn subscribe_interrupts(&self) -> broadcast::Receiver<Interrupt> {
-        self.inner.subscribe_interrupts()
-    }
-
-    async fn take_places(
-        &self,
-        key: &str,
-        want: u32,
-        limits: &PlaceLimits,
-        holder: &str,
-    ) -> Result<Places, BusError> {
-        self.inner.take_places(key, want, limits, holder).await
-    }
-
-    async fn give_back(&self, key: &str, leases: &[String]) -> Result<(), BusError> {
-        self.inner.give_back(key, leases).await
-    }
-
-    fn broadcast(&self, event: Event) {
-        self.inner.broadcast(event)
-    }
-
-    fn subscribe_status(&self) -> broadcast::Receiver<Arc<Event>> {
-        self.inner.subscribe_status()
     }
 }
 
@@ -209,7 +178,7 @@ impl FlakyStore {
 }
 
 #[async_trait]
-impl StateStore for FlakyStore {
+impl WorkflowStates for FlakyStore {
     async fn create(&self, state: Arc<WorkflowState>) -> Result<Version, StoreError> {
         match self.dice.roll() % (2 * self.dice.every) {
             0 => Err(Self::injected()),
@@ -246,49 +215,8 @@ impl StateStore for FlakyStore {
         self.inner.list(query).await
     }
 
-    async fn due(&self, now: Timestamp, limit: usize) -> Result<Vec<TransactionId>, StoreError> {
-        self.inner.due(now, limit).await
-    }
-
-    async fn timer_handled(&self, transaction_id: TransactionId) -> Result<(), StoreError> {
-        self.inner.timer_handled(transaction_id).await
-    }
-
     async fn expire(&self, finished_before: Timestamp) -> Result<usize, StoreError> {
         self.inner.expire(finished_before).await
-    }
-
-    async fn put_definition(&self, definition: &WorkflowDefinition) -> Result<(), StoreError> {
-        self.inner.put_definition(definition).await
-    }
-
-    async fn get_definition(
-        &self,
-        name: &str,
-        version: u32,
-    ) -> Result<Option<WorkflowDefinition>, StoreError> {
-        self.inner.get_definition(name, version).await
-    }
-
-    async fn latest_definition(
-        &self,
-        name: &str,
-    ) -> Result<Option<WorkflowDefinition>, StoreError> {
-        self.inner.latest_definition(name).await
-    }
-
-    async fn record_worker_health(
-        &self,
-        beats: &[multiagents::worker::WorkerHealth],
-    ) -> Result<(), StoreError> {
-        self.inner.record_worker_health(beats).await
-    }
-
-    async fn worker_health(
-        &self,
-        max_age: Duration,
-    ) -> Result<Vec<multiagents::worker::WorkerHealth>, StoreError> {
-        self.inner.worker_health(max_age).await
     }
 
     async fn published(&self, writes: &[(TransactionId, Version)]) -> Result<(), StoreError> {
@@ -311,6 +239,56 @@ impl StateStore for FlakyStore {
 
     fn tracks_unpublished(&self) -> bool {
         self.inner.tracks_unpublished()
+    }
+}
+
+#[async_trait]
+impl TimerIndex for FlakyStore {
+    async fn due(&self, now: Timestamp, limit: usize) -> Result<Vec<TransactionId>, StoreError> {
+        self.inner.due(now, limit).await
+    }
+
+    async fn timer_handled(&self, transaction_id: TransactionId) -> Result<(), StoreError> {
+        self.inner.timer_handled(transaction_id).await
+    }
+}
+
+#[async_trait]
+impl Definitions for FlakyStore {
+    async fn put_definition(&self, definition: &WorkflowDefinition) -> Result<(), StoreError> {
+        self.inner.put_definition(definition).await
+    }
+
+    async fn get_definition(
+        &self,
+        name: &str,
+        version: u32,
+    ) -> Result<Option<WorkflowDefinition>, StoreError> {
+        self.inner.get_definition(name, version).await
+    }
+
+    async fn latest_definition(
+        &self,
+        name: &str,
+    ) -> Result<Option<WorkflowDefinition>, StoreError> {
+        self.inner.latest_definition(name).await
+    }
+}
+
+#[async_trait]
+impl HealthRecords for FlakyStore {
+    async fn record_worker_health(
+        &self,
+        beats: &[multiagents::worker::WorkerHealth],
+    ) -> Result<(), StoreError> {
+        self.inner.record_worker_health(beats).await
+    }
+
+    async fn worker_health(
+        &self,
+        max_age: Duration,
+    ) -> Result<Vec<multiagents::worker::WorkerHealth>, StoreError> {
+        self.inner.worker_health(max_age).await
     }
 }
 
@@ -360,18 +338,24 @@ fn worker(effects: &Effects, name: &'static str) -> impl multiagents::Worker {
 
 async fn run(seed: u64) {
     let dice = Dice::new(seed, 12);
-    let bus = FlakyBus {
-        inner: MemoryBus::with_config(MemoryBusConfig {
-            visibility_timeout: Duration::from_millis(300),
-            max_deliveries: 1000,
-            ..Default::default()
+    let memory = MemoryBus::with_config(MemoryBusConfig {
+        visibility_timeout: Duration::from_millis(300),
+        max_deliveries: 1000,
+        ..Default::default()
+    });
+    // Only the topics fail; status and limits are the memory bus's own.
+    let bus = Bus {
+        topics: Arc::new(FlakyBus {
+            inner: memory.clone(),
+            dice: dice.clone(),
         }),
-        dice: dice.clone(),
+        notifier: Arc::new(memory.clone()),
+        limits: Arc::new(memory),
     };
-    let store = Arc::new(FlakyStore {
+    let store = FlakyStore {
         inner: MemoryStore::new(),
         dice,
-    });
+    };
     let child = WorkflowBuilder::new("review")
         .step("approve", "approve")
         .compensate_with("unapprove")
@@ -395,7 +379,7 @@ async fn run(seed: u64) {
     let effects = Effects::default();
     let mut builder = Runtime::builder()
         .bus(bus)
-        .store_arc(store.clone())
+        .store(store)
         .workflow(child)
         .workflow(parent)
         .orchestrator_config(OrchestratorConfig {

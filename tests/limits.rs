@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use multiagents::bus::{EventBus, MemoryBus};
+use multiagents::bus::{Bus, MemoryBus};
 use multiagents::store::MemoryStore;
 use multiagents::worker::{WorkerContext, WorkerError, WorkerManager, WorkerOptions, from_fn};
 use multiagents::{Client, Runtime, WorkflowBuilder, WorkflowStatus};
@@ -23,7 +23,7 @@ struct Gauge {
 
 /// Two "processes" (worker managers) running `call`, each allowed 8 at
 /// once locally, under `options`; 24 workflows of one `call` step.
-async fn run(bus: Arc<dyn EventBus>, options: WorkerOptions) -> Arc<Gauge> {
+async fn run(bus: Bus, options: WorkerOptions) -> Arc<Gauge> {
     let gauge = Arc::new(Gauge::default());
     let worker = |g: Arc<Gauge>| {
         from_fn("call", move |_i: Value, _ctx: WorkerContext| {
@@ -49,10 +49,10 @@ async fn run(bus: Arc<dyn EventBus>, options: WorkerOptions) -> Arc<Gauge> {
                 .expect("workers"),
         );
     }
-    let store = Arc::new(MemoryStore::new());
+    let store = MemoryStore::new();
     let rt = Runtime::builder()
-        .bus_arc(bus.clone())
-        .store_arc(store.clone())
+        .bus(bus.clone())
+        .store(store.clone())
         .workflow(
             WorkflowBuilder::new("limited")
                 .step("call", "call")
@@ -99,7 +99,7 @@ fn busiest(starts: &[Instant], window: Duration) -> usize {
 
 #[tokio::test]
 async fn without_shared_limits_both_processes_run_at_full_width() {
-    let gauge = run(Arc::new(MemoryBus::new()), WorkerOptions::default()).await;
+    let gauge = run(MemoryBus::new().into(), WorkerOptions::default()).await;
     assert!(
         gauge.max.load(Ordering::SeqCst) > 8,
         "the test could not tell"
@@ -109,7 +109,7 @@ async fn without_shared_limits_both_processes_run_at_full_width() {
 #[tokio::test]
 async fn a_global_concurrency_limit_holds_across_processes() {
     let gauge = run(
-        Arc::new(MemoryBus::new()),
+        MemoryBus::new().into(),
         WorkerOptions::default().global_concurrency(3),
     )
     .await;
@@ -119,7 +119,7 @@ async fn a_global_concurrency_limit_holds_across_processes() {
 #[tokio::test]
 async fn a_rate_limit_holds_across_processes() {
     let gauge = run(
-        Arc::new(MemoryBus::new()),
+        MemoryBus::new().into(),
         WorkerOptions::default().rate_limit(8, Duration::from_millis(400)),
     )
     .await;
@@ -138,12 +138,11 @@ mod redis {
     use super::*;
     use multiagents::bus::{RedisBusConfig, RedisStreamsBus};
 
-    async fn bus(url: &str, name: &str) -> Arc<dyn EventBus> {
-        Arc::new(
-            RedisStreamsBus::connect(RedisBusConfig::new(url).prefix(common::unique_prefix(name)))
-                .await
-                .expect("bus"),
-        )
+    async fn bus(url: &str, name: &str) -> Bus {
+        RedisStreamsBus::connect(RedisBusConfig::new(url).prefix(common::unique_prefix(name)))
+            .await
+            .expect("bus")
+            .into()
     }
 
     #[tokio::test]

@@ -3,19 +3,18 @@
 //! apart, window statistics computed correctly, and the settings taking
 //! effect.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use multiagents::monitoring::{
     EventMonitor, MonitorError, MonitoringConfig, Outcome, events::Percentiles,
 };
-use multiagents::store::{MemoryStore, StateStore};
+use multiagents::store::{MemoryStore, Store};
 use multiagents::worker::{WorkerError, WorkerManagerConfig, from_fn};
 use multiagents::{RetryPolicy, Runtime, WorkflowBuilder, WorkflowStatus};
 
-async fn runtime(store: Arc<dyn StateStore>, record_timing: bool) -> Runtime {
+async fn runtime(store: Store, record_timing: bool) -> Runtime {
     Runtime::builder()
-        .store_arc(store)
+        .store(store)
         .workflow(
             WorkflowBuilder::new("orders")
                 .default_retry(
@@ -60,7 +59,7 @@ async fn runtime(store: Arc<dyn StateStore>, record_timing: bool) -> Runtime {
 
 #[tokio::test]
 async fn the_trace_shows_each_commands_lifecycle_and_how_it_ended() {
-    let store: Arc<dyn StateStore> = Arc::new(MemoryStore::new());
+    let store: Store = MemoryStore::new().into();
     let rt = runtime(store.clone(), true).await;
     let client = rt.client();
     let ok = client.start("orders", &false).await.expect("start");
@@ -159,9 +158,9 @@ fn percentiles_and_a_clean_window_read_right() {
 
 #[tokio::test]
 async fn a_run_with_no_failures_reads_100_percent() {
-    let store: Arc<dyn StateStore> = Arc::new(MemoryStore::new());
+    let store: Store = MemoryStore::new().into();
     let rt = Runtime::builder()
-        .store_arc(store.clone())
+        .store(store.clone())
         .workflow(
             WorkflowBuilder::new("w")
                 .step("a", "a")
@@ -199,7 +198,7 @@ async fn a_run_with_no_failures_reads_100_percent() {
 
 #[tokio::test]
 async fn the_settings_take_effect() {
-    let store: Arc<dyn StateStore> = Arc::new(MemoryStore::new());
+    let store: Store = MemoryStore::new().into();
     // Workers told not to record timing: the lifecycle has no pickup.
     let rt = runtime(store.clone(), false).await;
     let client = rt.client();

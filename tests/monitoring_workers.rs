@@ -5,13 +5,12 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use multiagents::core::Timestamp;
 use multiagents::monitoring::workers::report;
 use multiagents::monitoring::{Health, MonitoringConfig, WorkerMonitor};
-use multiagents::store::{MemoryStore, StateStore};
+use multiagents::store::{MemoryStore, Store};
 use multiagents::worker::{ErrorKind, WorkerError, WorkerHealth, WorkerManagerConfig, from_fn};
 use multiagents::{Runtime, WorkflowBuilder};
 
@@ -109,9 +108,9 @@ fn instances_merge_into_their_type() {
     assert_eq!(t.errors[0].count, 45);
 }
 
-async fn run_and_report(store: Arc<dyn StateStore>, reader: Arc<dyn StateStore>) {
+async fn run_and_report(store: Store, reader: Store) {
     let rt = Runtime::builder()
-        .store_arc(store)
+        .store(store)
         .workflow(
             WorkflowBuilder::new("w")
                 .step("pay", "charge")
@@ -159,7 +158,7 @@ async fn run_and_report(store: Arc<dyn StateStore>, reader: Arc<dyn StateStore>)
 
 #[tokio::test]
 async fn a_runs_workers_report_through_the_store() {
-    let store: Arc<dyn StateStore> = Arc::new(MemoryStore::new());
+    let store: Store = MemoryStore::new().into();
     run_and_report(store.clone(), store).await;
 }
 
@@ -181,7 +180,7 @@ async fn heartbeats_in_redis_are_seen_by_another_connection() {
     let _bus = RedisStreamsBus::connect(RedisBusConfig::new(&url).prefix(&prefix))
         .await
         .expect("bus");
-    run_and_report(Arc::new(store), Arc::new(reader)).await;
+    run_and_report(store.into(), reader.into()).await;
 }
 
 #[test]
@@ -201,9 +200,10 @@ fn the_monitoring_settings_reach_the_worker_manager() {
 
 #[tokio::test]
 async fn heartbeats_past_the_retention_are_dropped_and_monitoring_off_keeps_no_durations() {
-    let store: Arc<dyn StateStore> = Arc::new(MemoryStore::new());
+    let store: Store = MemoryStore::new().into();
     let now = Timestamp::now();
     store
+        .health
         .record_worker_health(&[
             beat("fresh", 1, 0, now),
             beat("old", 1, 0, Timestamp(now.0 - 2 * 3_600_000)),
@@ -225,7 +225,7 @@ async fn heartbeats_past_the_retention_are_dropped_and_monitoring_off_keeps_no_d
 
     // A manager with monitoring off reports counts but no durations or errors.
     let rt = Runtime::builder()
-        .store_arc(store.clone())
+        .store(store.clone())
         .workflow(
             WorkflowBuilder::new("w")
                 .step("pay", "charge")
@@ -250,6 +250,7 @@ async fn heartbeats_past_the_retention_are_dropped_and_monitoring_off_keeps_no_d
         .expect("ends");
     rt.shutdown().await;
     let beats = store
+        .health
         .worker_health(Duration::from_secs(60))
         .await
         .expect("beats");

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use multiagents::bus::{BusError, EventBus, RedisBusConfig, RedisStreamsBus};
+use multiagents::bus::{BusError, RedisBusConfig, RedisStreamsBus, Topics};
 use multiagents::core::{CorrelationId, Event, EventKind, Payload, TransactionId, WorkflowName};
 use redis::AsyncCommands;
 

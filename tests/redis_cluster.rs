@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use multiagents::bus::{EventBus, RedisBusConfig, RedisStreamsBus};
-use multiagents::store::{ListQuery, RedisStateStore, RedisStoreConfig, StateStore};
+use multiagents::bus::{RedisBusConfig, RedisStreamsBus, Topics};
+use multiagents::store::{ListQuery, RedisStateStore, RedisStoreConfig, WorkflowStates};
 use multiagents::worker::{WorkerError, from_fn};
 use multiagents::{RetryPolicy, Runtime, WorkflowBuilder, WorkflowStatus};
 

@@ -45,7 +45,7 @@ async fn a_fan_out_a_sub_workflow_and_an_interrupt_work_across_redis() {
     // it learns of the interrupt only through Redis.
     let interrupted = Arc::new(AtomicBool::new(false));
     let seen = interrupted.clone();
-    let remote = WorkerManager::new(Arc::new(bus().await))
+    let remote = WorkerManager::new(bus().await)
         .register(from_fn("slow", move |_i: Value, ctx: WorkerContext| {
             let seen = seen.clone();
             async move {
@@ -64,7 +64,7 @@ async fn a_fan_out_a_sub_workflow_and_an_interrupt_work_across_redis() {
 
     let rt = Runtime::builder()
         .bus(bus().await)
-        .store_arc(Arc::new(store))
+        .store(store)
         .workflow(child)
         .workflow(parent)
         .external_workers()

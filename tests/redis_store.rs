@@ -11,7 +11,10 @@ use std::time::Duration;
 use multiagents::bus::{RedisBusConfig, RedisStreamsBus};
 use multiagents::core::saga;
 use multiagents::core::{CorrelationId, Payload, Phase, Timestamp, TransactionId};
-use multiagents::store::{ListQuery, RedisStateStore, RedisStoreConfig, StateStore, StoreError};
+use multiagents::store::{
+    Definitions, ListQuery, RedisStateStore, RedisStoreConfig, StoreError, TimerIndex,
+    WorkflowStates,
+};
 use multiagents::worker::{WorkerError, WorkerManager, from_fn};
 use multiagents::{RetryPolicy, Runtime, WorkflowBuilder, WorkflowDefinition, WorkflowStatus};
 use redis::AsyncCommands;
@@ -237,7 +240,7 @@ async fn two_orchestrators_and_two_worker_pools_share_one_redis() {
                 .expect("orchestrator starts"),
         );
         pools.push(
-            WorkerManager::new(Arc::new(bus))
+            WorkerManager::new(bus)
                 .config(multiagents::worker::WorkerManagerConfig {
                     instance: format!("pool-{i}"),
                     ..Default::default()

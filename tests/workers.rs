@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::Effects;
-use multiagents::bus::{EventBus, MemoryBus, MemoryBusConfig, WORKER_GROUP, command_topic};
+use multiagents::bus::{MemoryBus, MemoryBusConfig, Notifier, Topics, WORKER_GROUP, command_topic};
 use multiagents::worker::{
     WorkerError, WorkerManager, WorkerManagerConfig, WorkerOptions, from_fn,
 };
@@ -57,7 +57,7 @@ async fn a_command_taken_by_a_worker_that_dies_is_redelivered_with_the_same_idem
     // A healthy worker joins the group; it gets the command once it is seen as lost.
     let effects = Effects::default();
     let e = effects.clone();
-    let workers = WorkerManager::new(Arc::new(bus.clone()))
+    let workers = WorkerManager::new(bus.clone())
         .register(from_fn("charge", move |_: serde_json::Value, ctx| {
             let e = e.clone();
             async move {
@@ -84,11 +84,11 @@ async fn a_command_taken_by_a_worker_that_dies_is_redelivered_with_the_same_idem
 
 #[tokio::test]
 async fn shutdown_drains_calls_in_flight() {
-    let bus = Arc::new(MemoryBus::new());
+    let bus = MemoryBus::new();
     let finished = Arc::new(AtomicUsize::new(0));
     let f = finished.clone();
     let rt = Runtime::builder()
-        .bus_arc(bus.clone())
+        .bus(bus.clone())
         .workflow(
             WorkflowBuilder::new("slow")
                 .step("s", "slow")
@@ -141,12 +141,12 @@ async fn shutdown_drains_calls_in_flight() {
 
 #[tokio::test]
 async fn a_call_past_the_drain_timeout_is_cancelled_and_redelivered() {
-    let bus = Arc::new(MemoryBus::with_config(MemoryBusConfig {
+    let bus = MemoryBus::with_config(MemoryBusConfig {
         visibility_timeout: Duration::from_millis(200),
         ..Default::default()
-    }));
+    });
     let rt = Runtime::builder()
-        .bus_arc(bus.clone())
+        .bus(bus.clone())
         .workflow(
             WorkflowBuilder::new("stuck")
                 .step("s", "stuck")
@@ -201,12 +201,12 @@ async fn a_call_past_the_drain_timeout_is_cancelled_and_redelivered() {
 
 #[tokio::test]
 async fn concurrency_is_bounded_per_worker_and_health_counts_calls() {
-    let bus = Arc::new(MemoryBus::new());
+    let bus = MemoryBus::new();
     let now = Arc::new(AtomicUsize::new(0));
     let peak = Arc::new(AtomicUsize::new(0));
     let (n, p) = (now.clone(), peak.clone());
     let rt = Runtime::builder()
-        .bus_arc(bus.clone())
+        .bus(bus.clone())
         .workflow(
             WorkflowBuilder::new("w")
                 .step("s", "limited")
@@ -264,7 +264,7 @@ async fn concurrency_is_bounded_per_worker_and_health_counts_calls() {
 
 #[tokio::test]
 async fn registering_a_worker_twice_is_refused() {
-    let err = WorkerManager::new(Arc::new(MemoryBus::new()))
+    let err = WorkerManager::new(MemoryBus::new())
         .register(from_fn("a", |_: (), _| async { Ok::<_, WorkerError>(()) }))
         .register(from_fn("a", |_: (), _| async { Ok::<_, WorkerError>(()) }))
         .start()
@@ -279,7 +279,7 @@ async fn registering_a_worker_twice_is_refused() {
 
 #[tokio::test]
 async fn heartbeats_carry_the_health_counters() {
-    let bus = Arc::new(MemoryBus::new());
+    let bus = MemoryBus::new();
     let mut status = bus.subscribe_status();
     let workers = WorkerManager::new(bus.clone())
         .config(WorkerManagerConfig {
@@ -378,7 +378,7 @@ async fn a_redelivered_command_whose_attempt_was_given_up_on_is_dropped_unrun() 
         visibility_timeout: Duration::from_millis(300),
         ..Default::default()
     });
-    let store = Arc::new(multiagents::store::MemoryStore::new());
+    let store = multiagents::store::MemoryStore::new();
     // A worker process that takes attempt 1 and hangs without extending it.
     let doomed = bus
         .consumer(
@@ -390,7 +390,7 @@ async fn a_redelivered_command_whose_attempt_was_given_up_on_is_dropped_unrun() 
         .expect("consumer");
     let rt = Runtime::builder()
         .bus(bus.clone())
-        .store_arc(store.clone())
+        .store(store.clone())
         .workflow(
             WorkflowBuilder::new("pay")
                 .step("charge", "charge")
@@ -424,8 +424,8 @@ async fn a_redelivered_command_whose_attempt_was_given_up_on_is_dropped_unrun() 
     assert!(retried, "attempt 2 was dispatched");
     let runs = Arc::new(std::sync::Mutex::new(Vec::new()));
     let r = runs.clone();
-    let workers = WorkerManager::new(Arc::new(bus.clone()))
-        .health_store(store.clone())
+    let workers = WorkerManager::new(bus.clone())
+        .store(store.clone())
         .register(from_fn("charge", move |_: serde_json::Value, ctx| {
             let r = r.clone();
             async move {

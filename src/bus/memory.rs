@@ -13,7 +13,8 @@ use tokio::sync::{Notify, broadcast};
 use tokio::time::Instant;
 
 use super::{
-    BusError, Consumer, DeadLetter, Delivery, DeliveryId, EventBus, Interrupt, PlaceLimits, Places,
+    BusError, Consumer, DeadLetter, Delivery, DeliveryId, Interrupt, LocalLimits, LocalNotifier,
+    Notifier, PlaceLimits, Places, SharedLimits, Topics,
 };
 use crate::core::event::DEFAULT_MAX_EVENT_BYTES;
 use crate::core::{Event, Timestamp};
@@ -42,7 +43,8 @@ impl Default for MemoryBusConfig {
     }
 }
 
-/// An in-process [`EventBus`].
+/// An in-process bus: [`Topics`], with a [`LocalNotifier`] and
+/// [`LocalLimits`] of its own.
 #[derive(Clone)]
 pub struct MemoryBus {
     inner: Arc<Inner>,
@@ -52,9 +54,8 @@ struct Inner {
     config: MemoryBusConfig,
     topics: RwLock<HashMap<String, Arc<Topic>>>,
     dead: Mutex<VecDeque<DeadLetter>>,
-    status: broadcast::Sender<Arc<Event>>,
-    interrupts: broadcast::Sender<Interrupt>,
-    limits: Mutex<HashMap<String, LimitState>>,
+    notifier: LocalNotifier,
+    limits: LocalLimits,
 }
 
 #[derive(Default)]
@@ -102,16 +103,13 @@ impl MemoryBus {
 
     /// A bus with the given settings.
     pub fn with_config(config: MemoryBusConfig) -> Self {
-        let (status, _) = broadcast::channel(4096);
-        let (interrupts, _) = broadcast::channel(1024);
         Self {
             inner: Arc::new(Inner {
                 config,
                 topics: RwLock::new(HashMap::new()),
                 dead: Mutex::new(VecDeque::new()),
-                status,
-                interrupts,
-                limits: Mutex::new(HashMap::new()),
+                notifier: LocalNotifier::new(),
+                limits: LocalLimits::new(),
             }),
         }
     }
@@ -165,7 +163,7 @@ fn body_of(event: &Event) -> String {
 }
 
 #[async_trait]
-impl EventBus for MemoryBus {
+impl Topics for MemoryBus {
     async fn publish(&self, topic: &str, event: Event) -> Result<(), BusError> {
         let size = event.approx_size();
         if size > self.inner.config.max_event_bytes {
@@ -243,49 +241,6 @@ impl EventBus for MemoryBus {
         Ok(dead.iter().rev().take(limit).rev().cloned().collect())
     }
 
-    async fn take_places(
-        &self,
-        key: &str,
-        want: u32,
-        limits: &PlaceLimits,
-        holder: &str,
-    ) -> Result<Places, BusError> {
-        let mut all = self.inner.limits.lock().unwrap_or_else(|e| e.into_inner());
-        let state = all.entry(key.to_string()).or_default();
-        Ok(state.take(Instant::now(), want, limits, holder))
-    }
-
-    async fn give_back(&self, key: &str, leases: &[String]) -> Result<(), BusError> {
-        let mut all = self.inner.limits.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(state) = all.get_mut(key) {
-            for l in leases {
-                state.held.remove(l);
-            }
-        }
-        Ok(())
-    }
-
-    async fn interrupt(&self, interrupt: Interrupt) -> Result<(), BusError> {
-        if self.inner.interrupts.receiver_count() > 0 {
-            let _ = self.inner.interrupts.send(interrupt);
-        }
-        Ok(())
-    }
-
-    fn subscribe_interrupts(&self) -> broadcast::Receiver<Interrupt> {
-        self.inner.interrupts.subscribe()
-    }
-
-    fn broadcast(&self, event: Event) {
-        if self.inner.status.receiver_count() > 0 {
-            let _ = self.inner.status.send(Arc::new(event));
-        }
-    }
-
-    fn has_status_listeners(&self) -> bool {
-        self.inner.status.receiver_count() > 0
-    }
-
     async fn lag(&self, topic: &str, group: &str) -> Result<Option<u64>, BusError> {
         let t = self.topic(topic);
         let ts = t.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -299,9 +254,48 @@ impl EventBus for MemoryBus {
             None => ts.backlog.len() as u64,
         }))
     }
+}
+
+#[async_trait]
+impl Notifier for MemoryBus {
+    fn broadcast(&self, event: Event) {
+        self.inner.notifier.broadcast(event)
+    }
+
+    fn has_status_listeners(&self) -> bool {
+        self.inner.notifier.has_status_listeners()
+    }
 
     fn subscribe_status(&self) -> broadcast::Receiver<Arc<Event>> {
-        self.inner.status.subscribe()
+        self.inner.notifier.subscribe_status()
+    }
+
+    async fn interrupt(&self, interrupt: Interrupt) -> Result<(), BusError> {
+        self.inner.notifier.interrupt(interrupt).await
+    }
+
+    fn subscribe_interrupts(&self) -> broadcast::Receiver<Interrupt> {
+        self.inner.notifier.subscribe_interrupts()
+    }
+}
+
+#[async_trait]
+impl SharedLimits for MemoryBus {
+    async fn take_places(
+        &self,
+        key: &str,
+        want: u32,
+        limits: &PlaceLimits,
+        holder: &str,
+    ) -> Result<Places, BusError> {
+        self.inner
+            .limits
+            .take_places(key, want, limits, holder)
+            .await
+    }
+
+    async fn give_back(&self, key: &str, leases: &[String]) -> Result<(), BusError> {
+        self.inner.limits.give_back(key, leases).await
     }
 }
 
@@ -616,71 +610,5 @@ mod tests {
         bus.publish("t", event(3)).await.expect("publish");
         let batch = waiter.await.expect("join").expect("batch");
         assert_eq!(batch.len(), 1);
-    }
-}
-
-/// Places of one worker type: leases held and recent starts.
-#[derive(Default)]
-struct LimitState {
-    held: HashMap<String, Instant>,
-    starts: std::collections::VecDeque<Instant>,
-    next: u64,
-}
-
-impl LimitState {
-    fn take(&mut self, now: Instant, want: u32, limits: &PlaceLimits, holder: &str) -> Places {
-        let mut grant = want;
-        let mut wait: Option<Duration> = None;
-        if let Some(max) = limits.concurrency {
-            self.held.retain(|_, until| *until > now);
-            grant = grant.min(max.saturating_sub(self.held.len() as u32));
-            if grant == 0 {
-                let first_free = self.held.values().min().map(|u| u.duration_since(now));
-                wait = Some(
-                    first_free
-                        .unwrap_or_default()
-                        .min(Duration::from_millis(50)),
-                );
-            }
-        }
-        if let Some((n, per)) = limits.rate {
-            while self
-                .starts
-                .front()
-                .is_some_and(|t| now.duration_since(*t) >= per)
-            {
-                self.starts.pop_front();
-            }
-            grant = grant.min(n.saturating_sub(self.starts.len() as u32));
-            if grant == 0 {
-                let oldest = self.starts.front().copied().unwrap_or(now);
-                let free_in = per.saturating_sub(now.duration_since(oldest));
-                wait = Some(wait.map_or(free_in, |w| w.max(free_in)));
-            }
-        }
-        if grant == 0 {
-            return Places {
-                leases: Vec::new(),
-                retry_after: wait,
-            };
-        }
-        let leases: Vec<String> = (0..grant)
-            .map(|_| {
-                self.next += 1;
-                format!("{holder}:{}", self.next)
-            })
-            .collect();
-        if limits.concurrency.is_some() {
-            for l in &leases {
-                self.held.insert(l.clone(), now + limits.lease);
-            }
-        }
-        if limits.rate.is_some() {
-            self.starts.extend(std::iter::repeat_n(now, grant as usize));
-        }
-        Places {
-            leases,
-            retry_after: None,
-        }
     }
 }

@@ -1,8 +1,21 @@
 //! The event bus: how commands reach workers and results reach the
 //! orchestrator.
 //!
-//! The contract every implementation meets (the in-memory one here and
-//! Redis Streams in `bus::redis`, with the `redis` feature):
+//! A bus is three capabilities, each its own trait, put together in a
+//! [`Bus`]:
+//!
+//! | trait | what | required methods |
+//! | --- | --- | --- |
+//! | [`Topics`] (+ [`Consumer`]) | what must arrive: commands, results, dead letters | 4 (+ 6) |
+//! | [`Notifier`] | fire-and-forget: status broadcasts, interrupts | 4 |
+//! | [`SharedLimits`] | places and rates shared by processes | 2 |
+//!
+//! A new backend implements [`Topics`] and its [`Consumer`]; [`Bus::new`]
+//! gives it an in-process [`LocalNotifier`] and [`LocalLimits`] until it has
+//! its own. The in-memory bus ([`MemoryBus`]) and Redis
+//! ([`crate::redis`], with the `redis` feature) implement all three.
+//!
+//! The contract every topic bus meets:
 //!
 //! * **Topics and groups.** An event published to a topic is delivered to
 //!   every consumer group of that topic, and within a group to one consumer.
@@ -21,9 +34,8 @@
 //! * **Status broadcast** is separate and fire-and-forget: subscribers that
 //!   are not listening miss events. Nothing that must arrive goes through it.
 
+mod local;
 pub mod memory;
-#[cfg(feature = "redis")]
-pub mod redis;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,7 +47,8 @@ use tokio::sync::broadcast;
 use crate::core::{Event, Timestamp, WorkerName};
 
 #[cfg(feature = "redis")]
-pub use self::redis::{RedisBusConfig, RedisPubSubBus, RedisStreamsBus};
+pub use crate::redis::{RedisBusConfig, RedisPubSubBus, RedisStreamsBus};
+pub use local::{LocalLimits, LocalNotifier};
 pub use memory::{MemoryBus, MemoryBusConfig};
 
 /// The topic results and errors go to.
@@ -90,10 +103,10 @@ pub struct PlaceLimits {
     pub lease: Duration,
 }
 
-/// Places granted by [`EventBus::take_places`].
+/// Places granted by [`SharedLimits::take_places`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Places {
-    /// One lease per place; give each back with [`EventBus::give_back`].
+    /// One lease per place; give each back with [`SharedLimits::give_back`].
     pub leases: Vec<String>,
     /// When none was granted: how long until one may be.
     pub retry_after: Option<Duration>,
@@ -241,9 +254,13 @@ pub trait Consumer: Send + Sync {
     ) -> Result<(), BusError>;
 }
 
-/// An event bus.
+/// The topic bus: what must arrive. Publishing, consumer groups with
+/// acks, leases and redelivery ([`Consumer`]), dead letters and lag.
+///
+/// A new backend implements this and [`Consumer`]; it gets an in-process
+/// [`Notifier`] and [`SharedLimits`] from [`Bus::new`] until it has its own.
 #[async_trait]
-pub trait EventBus: Send + Sync + 'static {
+pub trait Topics: Send + Sync + 'static {
     /// Publishes one event. When this returns `Ok`, the bus has it.
     async fn publish(&self, topic: &str, event: Event) -> Result<(), BusError>;
 
@@ -277,30 +294,13 @@ pub trait EventBus: Send + Sync + 'static {
         let _ = (topic, group);
         Ok(None)
     }
+}
 
-    /// Tells the workers running a command that its result is no longer
-    /// wanted. Fire-and-forget, like status broadcasts: the workflow does not
-    /// depend on it (the step settles when its answer comes or its deadline
-    /// passes), it only spares the work.
-    async fn interrupt(&self, interrupt: Interrupt) -> Result<(), BusError>;
-
-    /// Listens to interrupts from now on.
-    fn subscribe_interrupts(&self) -> broadcast::Receiver<Interrupt>;
-
-    /// Takes up to `want` places for `key` (a worker type) under `limits`,
-    /// shared by every process on this bus. `holder` names the taker (for
-    /// unique lease ids).
-    async fn take_places(
-        &self,
-        key: &str,
-        want: u32,
-        limits: &PlaceLimits,
-        holder: &str,
-    ) -> Result<Places, BusError>;
-
-    /// Gives places back.
-    async fn give_back(&self, key: &str, leases: &[String]) -> Result<(), BusError>;
-
+/// Fire-and-forget messages: status broadcasts and interrupts. Subscribers
+/// that are not listening miss them, and nothing the workflow depends on
+/// goes through here.
+#[async_trait]
+pub trait Notifier: Send + Sync + 'static {
     /// Broadcasts a status event. Fire-and-forget: lost if nobody listens.
     fn broadcast(&self, event: Event);
 
@@ -312,6 +312,91 @@ pub trait EventBus: Send + Sync + 'static {
 
     /// Listens to status broadcasts from now on.
     fn subscribe_status(&self) -> broadcast::Receiver<Arc<Event>>;
+
+    /// Tells the workers running a command that its result is no longer
+    /// wanted. The workflow does not depend on it (the step settles when its
+    /// answer comes or its deadline passes), it only spares the work.
+    async fn interrupt(&self, interrupt: Interrupt) -> Result<(), BusError>;
+
+    /// Listens to interrupts from now on.
+    fn subscribe_interrupts(&self) -> broadcast::Receiver<Interrupt>;
+}
+
+/// Limits shared by every process on a bus: calls at once and calls per
+/// period, per worker type.
+#[async_trait]
+pub trait SharedLimits: Send + Sync + 'static {
+    /// Takes up to `want` places for `key` (a worker type) under `limits`.
+    /// `holder` names the taker (for unique lease ids).
+    async fn take_places(
+        &self,
+        key: &str,
+        want: u32,
+        limits: &PlaceLimits,
+        holder: &str,
+    ) -> Result<Places, BusError>;
+
+    /// Gives places back.
+    async fn give_back(&self, key: &str, leases: &[String]) -> Result<(), BusError>;
+}
+
+/// A bus: one implementation per capability. Cheap to clone; every clone
+/// is the same bus.
+///
+/// A backend that does all three ([`MemoryBus`], `RedisStreamsBus`)
+/// converts with `into()`; one that has only topics gets an in-process
+/// notifier and limits:
+///
+/// ```
+/// use multiagents::bus::{Bus, LocalLimits, MemoryBus};
+///
+/// let whole: Bus = MemoryBus::new().into();
+/// let mixed = Bus::new(MemoryBus::new()).with_limits(LocalLimits::new());
+/// # let _ = (whole, mixed);
+/// ```
+#[derive(Clone)]
+pub struct Bus {
+    /// Commands and results.
+    pub topics: Arc<dyn Topics>,
+    /// Status broadcasts and interrupts.
+    pub notifier: Arc<dyn Notifier>,
+    /// Places and rates shared by processes.
+    pub limits: Arc<dyn SharedLimits>,
+}
+
+impl Bus {
+    /// Topics from `topics`, with a [`LocalNotifier`] and [`LocalLimits`]
+    /// that reach only this process.
+    pub fn new(topics: impl Topics) -> Self {
+        Self {
+            topics: Arc::new(topics),
+            notifier: Arc::new(LocalNotifier::new()),
+            limits: Arc::new(LocalLimits::new()),
+        }
+    }
+
+    /// The same bus with another notifier.
+    pub fn with_notifier(mut self, notifier: impl Notifier) -> Self {
+        self.notifier = Arc::new(notifier);
+        self
+    }
+
+    /// The same bus with other limits.
+    pub fn with_limits(mut self, limits: impl SharedLimits) -> Self {
+        self.limits = Arc::new(limits);
+        self
+    }
+}
+
+impl<B: Topics + Notifier + SharedLimits> From<B> for Bus {
+    fn from(bus: B) -> Self {
+        let bus = Arc::new(bus);
+        Self {
+            topics: bus.clone(),
+            notifier: bus.clone(),
+            limits: bus,
+        }
+    }
 }
 
 #[cfg(test)]

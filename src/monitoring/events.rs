@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::config::EventMonitoringConfig;
 use crate::core::saga::HistoryEvent;
 use crate::core::{Phase, StepName, Timestamp, TransactionId, WorkflowState, WorkflowStatus};
-use crate::store::{ListQuery, StateStore, StoreError};
+use crate::store::{ListQuery, Store, StoreError, WorkflowStates};
 
 /// How one attempt ended.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -259,7 +259,7 @@ pub fn window_stats(
 /// up to `max_trace_history` finished traces in memory for
 /// `trace_retention_hours`, swept every `cleanup_interval_minutes`.
 pub struct EventMonitor {
-    store: Arc<dyn StateStore>,
+    states: Arc<dyn WorkflowStates>,
     config: EventMonitoringConfig,
     /// Finished workflows' states: they no longer change.
     cache: Mutex<TraceCache>,
@@ -284,10 +284,10 @@ pub enum MonitorError {
 }
 
 impl EventMonitor {
-    /// A monitor reading `store`.
-    pub fn new(store: Arc<dyn StateStore>, config: EventMonitoringConfig) -> Self {
+    /// A monitor reading the workflow states of `store`.
+    pub fn new(store: impl Into<Store>, config: EventMonitoringConfig) -> Self {
         Self {
-            store,
+            states: store.into().states,
             config,
             cache: Mutex::new(TraceCache::default()),
         }
@@ -312,7 +312,7 @@ impl EventMonitor {
         if let Some(s) = self.cache().by_tx.get(&tx) {
             return Ok(Some(s.clone()));
         }
-        let Some(v) = self.store.get(tx).await? else {
+        let Some(v) = self.states.get(tx).await? else {
             return Ok(None);
         };
         if now.since(v.state.updated_at) > self.retention() {
@@ -352,7 +352,7 @@ impl EventMonitor {
                 limit: self.config.max_trace_history,
                 ..Default::default()
             };
-            for summary in self.store.list(&query).await? {
+            for summary in self.states.list(&query).await? {
                 if states.len() >= self.config.max_trace_history {
                     break;
                 }

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::config::WorkerMonitoringConfig;
 use super::events::Percentiles;
 use crate::core::Timestamp;
-use crate::store::{StateStore, StoreError};
+use crate::store::{HealthRecords, Store, StoreError};
 use crate::worker::{ErrorKind, WorkerHealth};
 
 /// How a worker reads.
@@ -83,20 +83,23 @@ pub struct WorkerTypeReport {
 
 /// Reads heartbeats from the store and judges them.
 pub struct WorkerMonitor {
-    store: Arc<dyn StateStore>,
+    health: Arc<dyn HealthRecords>,
     config: WorkerMonitoringConfig,
 }
 
 impl WorkerMonitor {
-    /// A monitor reading `store`.
-    pub fn new(store: Arc<dyn StateStore>, config: WorkerMonitoringConfig) -> Self {
-        Self { store, config }
+    /// A monitor reading the heartbeats `store` keeps.
+    pub fn new(store: impl Into<Store>, config: WorkerMonitoringConfig) -> Self {
+        Self {
+            health: store.into().health,
+            config,
+        }
     }
 
     /// Every worker type seen within `metrics_retention_hours`.
     pub async fn report(&self) -> Result<Vec<WorkerTypeReport>, StoreError> {
         let beats = self
-            .store
+            .health
             .worker_health(Duration::from_secs(
                 self.config.metrics_retention_hours.saturating_mul(3600),
             ))

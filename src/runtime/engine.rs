@@ -4,13 +4,13 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
-use crate::bus::{DeadLetter, EventBus, Interrupt, RESULTS_TOPIC, command_topic, command_topic_at};
+use crate::bus::{Bus, DeadLetter, Interrupt, RESULTS_TOPIC, command_topic, command_topic_at};
 use crate::core::saga::{self, Action, Input};
 use crate::core::{
     CorrelationId, Event, EventKind, Payload, Phase, Priority, StepError, Timestamp, TransactionId,
     WorkerName, WorkflowDefinition, WorkflowName, WorkflowState,
 };
-use crate::store::{StateStore, StoreError, Versioned};
+use crate::store::{Store, StoreError, Versioned, WorkflowStates};
 use crate::{Error, StartOptions};
 
 /// How many times a transition is re-applied after losing a compare-and-set.
@@ -161,8 +161,8 @@ pub(crate) enum Driven {
 }
 
 pub(crate) struct Engine {
-    pub(crate) bus: Arc<dyn EventBus>,
-    pub(crate) store: Arc<dyn StateStore>,
+    pub(crate) bus: Bus,
+    pub(crate) store: Store,
     definitions: RwLock<HashMap<(WorkflowName, u32), Arc<WorkflowDefinition>>>,
     /// Command topic names by worker and priority, so dispatching does not
     /// format one each time.
@@ -176,9 +176,9 @@ pub(crate) struct Engine {
 }
 
 impl Engine {
-    pub(crate) fn new(bus: Arc<dyn EventBus>, store: Arc<dyn StateStore>) -> Self {
+    pub(crate) fn new(bus: Bus, store: Store) -> Self {
         Self {
-            cache: store.is_remote().then(StateCache::new),
+            cache: store.states.is_remote().then(StateCache::new),
             locks: WorkflowLocks::default(),
             marks: std::sync::OnceLock::new(),
             metrics: super::metrics::EngineMetrics::new(),
@@ -190,7 +190,7 @@ impl Engine {
     }
 
     pub(crate) async fn register(&self, def: &WorkflowDefinition) -> Result<(), Error> {
-        self.store.put_definition(def).await?;
+        self.store.definitions.put_definition(def).await?;
         self.definitions
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -214,6 +214,7 @@ impl Engine {
         }
         let def = self
             .store
+            .definitions
             .get_definition(name.as_str(), version)
             .await?
             .ok_or_else(|| Error::UnknownWorkflow {
@@ -278,14 +279,15 @@ impl Engine {
         if let Some(d) = local {
             return Ok(d);
         }
-        let def =
-            self.store
-                .latest_definition(name)
-                .await?
-                .ok_or_else(|| Error::UnknownWorkflow {
-                    name: name.to_string(),
-                    version: None,
-                })?;
+        let def = self
+            .store
+            .definitions
+            .latest_definition(name)
+            .await?
+            .ok_or_else(|| Error::UnknownWorkflow {
+                name: name.to_string(),
+                version: None,
+            })?;
         self.definition(def.name(), def.version()).await
     }
 
@@ -305,7 +307,7 @@ impl Engine {
         state.priority = options.priority;
         let state = Arc::new(state);
         let mut outbox = Outbox::new();
-        match self.store.create(state.clone()).await {
+        match self.store.states.create(state.clone()).await {
             Ok(version) => {
                 if let Some(cache) = &self.cache {
                     cache.put(version, state.clone());
@@ -358,7 +360,7 @@ impl Engine {
             let from_cache = cached.is_some();
             let current = match cached.take() {
                 Some(c) => c,
-                None => match self.store.get(tx).await? {
+                None => match self.store.states.get(tx).await? {
                     Some(c) => c,
                     None => return Ok(Driven::Missing),
                 },
@@ -382,6 +384,7 @@ impl Engine {
             let state = Arc::new(state);
             match self
                 .store
+                .states
                 .compare_and_set(current.version, state.clone())
                 .await
             {
@@ -441,10 +444,11 @@ impl Engine {
             0 => {}
             1 => {
                 let (topic, e) = outbox.events.pop().expect("one command");
-                self.bus.publish(&topic, e).await?;
+                self.bus.topics.publish(&topic, e).await?;
             }
             _ => {
                 self.bus
+                    .topics
                     .publish_many(std::mem::take(&mut outbox.events))
                     .await?
             }
@@ -460,13 +464,13 @@ impl Engine {
     /// only costs a republish by the recovery sweep, which is harmless (the
     /// same attempts, the same keys).
     pub(crate) async fn mark_published(&self, written: &[(TransactionId, crate::store::Version)]) {
-        if written.is_empty() || !self.store.tracks_unpublished() {
+        if written.is_empty() || !self.store.states.tracks_unpublished() {
             return;
         }
-        if !self.store.is_remote() {
+        if !self.store.states.is_remote() {
             // In process a mark is a map removal: cheaper done here than
             // sent to the marking task.
-            if let Err(e) = self.store.published(written).await {
+            if let Err(e) = self.store.states.published(written).await {
                 tracing::warn!(error = %e, writes = written.len(), "marking writes published failed; the recovery sweep will publish their commands again");
             }
             return;
@@ -475,7 +479,7 @@ impl Engine {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             // A weak reference: the store closes (a file store lets go of
             // its lock) when the engine goes, not when this task notices.
-            tokio::spawn(mark_published_loop(Arc::downgrade(&self.store), rx));
+            tokio::spawn(mark_published_loop(Arc::downgrade(&self.store.states), rx));
             tx
         });
         if marks.send(written.to_vec()).is_err() {
@@ -540,7 +544,7 @@ impl Engine {
                     if matches!(update, saga::StatusUpdate::Finished { .. }) {
                         crate::monitoring::otel::workflow_finished(state);
                     }
-                    if self.bus.has_status_listeners() {
+                    if self.bus.notifier.has_status_listeners() {
                         let payload = Payload::to_json(&update).unwrap_or_else(|_| Payload::null());
                         let mut e = Event::new(
                             EventKind::Status,
@@ -550,7 +554,7 @@ impl Engine {
                             payload,
                         );
                         e.causation_id = cause.map(|c| c.id);
-                        self.bus.broadcast(e);
+                        self.bus.notifier.broadcast(e);
                     }
                 }
                 Action::Interrupt {
@@ -564,7 +568,7 @@ impl Engine {
                         step,
                         attempt,
                     };
-                    if let Err(e) = self.bus.interrupt(interrupt).await {
+                    if let Err(e) = self.bus.notifier.interrupt(interrupt).await {
                         tracing::warn!(transaction_id = %state.transaction_id, error = %e, "interrupting a step failed; it settles when it answers or times out");
                     }
                 }
@@ -612,6 +616,7 @@ impl Engine {
                         "last_error": state.step(step.as_str()).and_then(|s| s.last_error.clone()),
                     });
                     self.bus
+                        .topics
                         .dead_letter(DeadLetter {
                             topic: "compensations".into(),
                             group: None,
@@ -644,7 +649,7 @@ impl Engine {
         };
         let driven = self.drive_into(tx, &input, None, &mut outbox).await?;
         if driven == Driven::Unchanged
-            && let Some(current) = self.store.get(tx).await?
+            && let Some(current) = self.store.states.get(tx).await?
             && let Some(outcome) = saga::parent_outcome(&current.state)
         {
             outbox.push(notify_parent(current.state.correlation_id, outcome));
@@ -659,7 +664,7 @@ type Written = (TransactionId, crate::store::Version);
 
 /// Marks what was published, as much at once as has come in.
 async fn mark_published_loop(
-    store: std::sync::Weak<dyn StateStore>,
+    states: std::sync::Weak<dyn WorkflowStates>,
     mut marks: tokio::sync::mpsc::UnboundedReceiver<Vec<Written>>,
 ) {
     let mut batch: Vec<Written> = Vec::new();
@@ -671,13 +676,13 @@ async fn mark_published_loop(
                 Err(_) => break,
             }
         }
-        let Some(store) = store.upgrade() else {
+        let Some(states) = states.upgrade() else {
             return;
         };
-        if let Err(e) = store.published(&batch).await {
+        if let Err(e) = states.published(&batch).await {
             tracing::warn!(error = %e, writes = batch.len(), "marking writes published failed; the recovery sweep will publish their commands again");
         }
-        drop(store);
+        drop(states);
         batch.clear();
     }
 }
@@ -739,7 +744,7 @@ impl Engine {
                 let driven = self.drive_into(tx, &input, Some(message), outbox).await?;
                 if driven != Driven::Applied {
                     // Undone already (a repeat), or gone: answer the parent now.
-                    let outcome = match self.store.get(tx).await? {
+                    let outcome = match self.store.states.get(tx).await? {
                         Some(child) => saga::parent_outcome(&child.state)
                             .filter(|o| o.phase == Phase::Compensate),
                         None => Some(saga::ChildOutcome {
@@ -810,7 +815,7 @@ impl Engine {
         );
         state.priority = priority;
         let state = Arc::new(state);
-        match self.store.create(state.clone()).await {
+        match self.store.states.create(state.clone()).await {
             Ok(version) => {
                 if let Some(cache) = &self.cache {
                     cache.put(version, state.clone());
@@ -821,7 +826,7 @@ impl Engine {
             Err(StoreError::AlreadyExists(_)) => {
                 // Started before (a republished message): if it has
                 // finished, tell the parent again.
-                if let Some(child) = self.store.get(tx).await?
+                if let Some(child) = self.store.states.get(tx).await?
                     && let Some(outcome) = saga::parent_outcome(&child.state)
                 {
                     outbox.push(notify_parent(correlation_id, outcome));

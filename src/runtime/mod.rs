@@ -15,9 +15,9 @@ pub(crate) use engine::Driven as engine_driven;
 pub(crate) use engine::Engine;
 pub use orchestrator::{OrchestratorConfig, OrchestratorHandle};
 
-use crate::bus::{EventBus, MemoryBus};
+use crate::bus::{Bus, MemoryBus};
 use crate::core::WorkflowDefinition;
-use crate::store::{MemoryStore, StateStore};
+use crate::store::{MemoryStore, Store};
 use crate::worker::{
     Worker, WorkerHandle, WorkerHealth, WorkerManager, WorkerManagerConfig, WorkerOptions,
 };
@@ -26,8 +26,8 @@ use crate::{Client, Error};
 /// Builds a [`Runtime`].
 #[must_use = "a builder does nothing until .start() is awaited"]
 pub struct RuntimeBuilder {
-    bus: Option<Arc<dyn EventBus>>,
-    store: Option<Arc<dyn StateStore>>,
+    bus: Option<Bus>,
+    store: Option<Store>,
     workflows: Vec<WorkflowDefinition>,
     workers: Vec<(Arc<dyn Worker>, WorkerOptions)>,
     orchestrator: OrchestratorConfig,
@@ -101,27 +101,18 @@ impl Runtime {
 }
 
 impl RuntimeBuilder {
-    /// The bus (default: a new [`MemoryBus`]).
-    pub fn bus(mut self, bus: impl EventBus) -> Self {
-        self.bus = Some(Arc::new(bus));
+    /// The bus (default: a new [`MemoryBus`]): a backend, or a [`Bus`]
+    /// put together from parts. To share one with other runtimes or a
+    /// [`WorkerManager`], pass a clone.
+    pub fn bus(mut self, bus: impl Into<Bus>) -> Self {
+        self.bus = Some(bus.into());
         self
     }
 
-    /// A shared bus.
-    pub fn bus_arc(mut self, bus: Arc<dyn EventBus>) -> Self {
-        self.bus = Some(bus);
-        self
-    }
-
-    /// The store (default: a new [`MemoryStore`]).
-    pub fn store(mut self, store: impl StateStore) -> Self {
-        self.store = Some(Arc::new(store));
-        self
-    }
-
-    /// A shared store.
-    pub fn store_arc(mut self, store: Arc<dyn StateStore>) -> Self {
-        self.store = Some(store);
+    /// The store (default: a new [`MemoryStore`]): a backend, or a
+    /// [`Store`] put together from parts. To share one, pass a clone.
+    pub fn store(mut self, store: impl Into<Store>) -> Self {
+        self.store = Some(store.into());
         self
     }
 
@@ -170,8 +161,8 @@ impl RuntimeBuilder {
     /// Registers the workflows, checks that their workers exist, and starts
     /// the workers and the orchestrator.
     pub async fn start(self) -> Result<Runtime, Error> {
-        let bus = self.bus.unwrap_or_else(|| Arc::new(MemoryBus::new()));
-        let store = self.store.unwrap_or_else(|| Arc::new(MemoryStore::new()));
+        let bus = self.bus.unwrap_or_else(|| MemoryBus::new().into());
+        let store = self.store.unwrap_or_else(|| MemoryStore::new().into());
         if !self.external_workers {
             let known: HashSet<&str> = self.workers.iter().map(|(w, _)| w.name()).collect();
             for def in &self.workflows {
@@ -208,7 +199,7 @@ impl RuntimeBuilder {
         } else {
             let mut manager = WorkerManager::new(bus)
                 .config(self.worker_config)
-                .health_store(store);
+                .store(store);
             for (w, o) in self.workers {
                 manager = manager.register_arc(w, o);
             }

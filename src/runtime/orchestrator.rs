@@ -93,6 +93,7 @@ pub(crate) async fn start(
     for i in 0..config.consumers.max(1) {
         let consumer = engine
             .bus
+            .topics
             .consumer(
                 RESULTS_TOPIC,
                 ORCHESTRATOR_GROUP,
@@ -113,7 +114,7 @@ pub(crate) async fn start(
         stop.clone(),
     ));
     tasks.spawn(lag_loop(engine.clone(), stop.clone()));
-    if engine.store.tracks_unpublished() {
+    if engine.store.states.tracks_unpublished() {
         tasks.spawn(unpublished_loop(
             engine.clone(),
             config.unpublished_after,
@@ -362,7 +363,7 @@ async fn timer_loop(engine: Arc<Engine>, every: Duration, stop: CancellationToke
             _ = stop.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let due = match engine.store.due(Timestamp::now(), 1024).await {
+        let due = match engine.store.timers.due(Timestamp::now(), 1024).await {
             Ok(d) => d,
             Err(e) => {
                 tracing::warn!(error = %e, "reading due timers failed");
@@ -374,7 +375,7 @@ async fn timer_loop(engine: Arc<Engine>, every: Duration, stop: CancellationToke
                 tracing::warn!(transaction_id = %tx, error = %e, "firing a timer failed; it stays due");
                 continue;
             }
-            if let Err(e) = engine.store.timer_handled(tx).await {
+            if let Err(e) = engine.store.timers.timer_handled(tx).await {
                 tracing::warn!(transaction_id = %tx, error = %e, "re-arming a timer failed; it fires again after its lease");
             }
         }
@@ -396,7 +397,7 @@ async fn redispatch(
             updated_before: idle,
             ..Default::default()
         };
-        for summary in engine.store.list(&query).await? {
+        for summary in engine.store.states.list(&query).await? {
             let input = Input::Redispatch {
                 dispatched_before: cutoff,
             };
@@ -421,7 +422,7 @@ async fn unpublished_loop(engine: Arc<Engine>, after: Duration, stop: Cancellati
         let now = Timestamp::now();
         let before = Timestamp(now.0.saturating_sub(after.as_millis() as u64));
         let lease = Timestamp(now.0 + after.as_millis() as u64);
-        let writes = match engine.store.unpublished(before, lease, 256).await {
+        let writes = match engine.store.states.unpublished(before, lease, 256).await {
             Ok(w) => w,
             Err(e) => {
                 tracing::warn!(error = %e, "reading unpublished writes failed");
@@ -460,7 +461,7 @@ async fn lag_loop(engine: Arc<Engine>, stop: CancellationToken) {
                 .map(|t| (t, WORKER_GROUP)),
         );
         for (topic, group) in topics {
-            match engine.bus.lag(&topic, group).await {
+            match engine.bus.topics.lag(&topic, group).await {
                 Ok(Some(n)) => {
                     metrics::gauge!(BUS_LAG, "topic" => topic, "group" => group).set(n as f64)
                 }
@@ -501,7 +502,7 @@ async fn housekeeping_loop(
         if now.since(last_expiry) >= Duration::from_secs(60) {
             last_expiry = now;
             let before = Timestamp(now.0.saturating_sub(config.retention.as_millis() as u64));
-            match engine.store.expire(before).await {
+            match engine.store.states.expire(before).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(workflows = n, "expired finished workflows"),
                 Err(e) => tracing::warn!(error = %e, "expiring finished workflows failed"),

@@ -23,8 +23,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use super::{
-    ListQuery, MemoryStore, StateStore, StoreError, Version, Versioned, WorkflowSummary,
-    same_definition,
+    Definitions, HealthRecords, ListQuery, MemoryStore, StoreError, TimerIndex, Version, Versioned,
+    WorkflowStates, WorkflowSummary, same_definition,
 };
 use crate::core::{Timestamp, TransactionId, WorkflowDefinition, WorkflowState};
 
@@ -58,7 +58,8 @@ impl Default for FileStoreConfig {
     }
 }
 
-/// A [`StateStore`] in one local file.
+/// A store in one local file: states, timers, definitions and (in
+/// memory) worker health.
 #[derive(Clone)]
 pub struct FileStore {
     index: MemoryStore,
@@ -357,7 +358,7 @@ impl Writer {
 }
 
 #[async_trait]
-impl StateStore for FileStore {
+impl WorkflowStates for FileStore {
     async fn create(&self, state: Arc<WorkflowState>) -> Result<Version, StoreError> {
         self.write(None, state).await
     }
@@ -380,6 +381,20 @@ impl StateStore for FileStore {
 
     // Kept in memory: after a crash the bus is gone too, and the
     // orchestrator republishes everything in flight when it starts.
+
+    async fn expire(&self, finished_before: Timestamp) -> Result<usize, StoreError> {
+        let ids = self.index.finished_before(finished_before);
+        for tx in &ids {
+            let record = frame(&Record::Delete { tx: *tx });
+            self.commit(record, || {
+                self.index.remove_unchecked(*tx);
+                Ok(())
+            })
+            .await?;
+        }
+        Ok(ids.len())
+    }
+
     async fn published(&self, writes: &[(TransactionId, Version)]) -> Result<(), StoreError> {
         self.index.published(writes).await
     }
@@ -399,38 +414,24 @@ impl StateStore for FileStore {
         true
     }
 
+    async fn wait_terminal(
+        &self,
+        transaction_id: TransactionId,
+        timeout: Duration,
+    ) -> Result<Option<Versioned>, StoreError> {
+        self.index.wait_terminal(transaction_id, timeout).await
+    }
+}
+
+#[async_trait]
+impl TimerIndex for FileStore {
     async fn due(&self, now: Timestamp, limit: usize) -> Result<Vec<TransactionId>, StoreError> {
         self.index.due(now, limit).await
     }
+}
 
-    async fn record_worker_health(
-        &self,
-        beats: &[crate::worker::WorkerHealth],
-    ) -> Result<(), StoreError> {
-        // Heartbeats are not worth the disk: they are kept in memory.
-        self.index.record_worker_health(beats).await
-    }
-
-    async fn worker_health(
-        &self,
-        max_age: std::time::Duration,
-    ) -> Result<Vec<crate::worker::WorkerHealth>, StoreError> {
-        self.index.worker_health(max_age).await
-    }
-
-    async fn expire(&self, finished_before: Timestamp) -> Result<usize, StoreError> {
-        let ids = self.index.finished_before(finished_before);
-        for tx in &ids {
-            let record = frame(&Record::Delete { tx: *tx });
-            self.commit(record, || {
-                self.index.remove_unchecked(*tx);
-                Ok(())
-            })
-            .await?;
-        }
-        Ok(ids.len())
-    }
-
+#[async_trait]
+impl Definitions for FileStore {
     async fn put_definition(&self, definition: &WorkflowDefinition) -> Result<(), StoreError> {
         if let Some(stored) = self
             .index
@@ -460,13 +461,23 @@ impl StateStore for FileStore {
     ) -> Result<Option<WorkflowDefinition>, StoreError> {
         self.index.latest_definition(name).await
     }
+}
 
-    async fn wait_terminal(
+#[async_trait]
+impl HealthRecords for FileStore {
+    async fn record_worker_health(
         &self,
-        transaction_id: TransactionId,
-        timeout: Duration,
-    ) -> Result<Option<Versioned>, StoreError> {
-        self.index.wait_terminal(transaction_id, timeout).await
+        beats: &[crate::core::health::WorkerHealth],
+    ) -> Result<(), StoreError> {
+        // Heartbeats are not worth the disk: they are kept in memory.
+        self.index.record_worker_health(beats).await
+    }
+
+    async fn worker_health(
+        &self,
+        max_age: std::time::Duration,
+    ) -> Result<Vec<crate::core::health::WorkerHealth>, StoreError> {
+        self.index.worker_health(max_age).await
     }
 }
 

@@ -10,11 +10,12 @@ use tokio::sync::oneshot;
 
 use super::newest_first;
 use super::{
-    ListQuery, StateStore, StoreError, Version, Versioned, WorkflowSummary, same_definition,
+    Definitions, HealthRecords, ListQuery, StoreError, TimerIndex, Version, Versioned,
+    WorkflowStates, WorkflowSummary, same_definition,
 };
 use crate::core::{Timestamp, TransactionId, WorkflowDefinition, WorkflowState};
 
-/// An in-process [`StateStore`].
+/// An in-process store of all four tables.
 #[derive(Clone, Default)]
 pub struct MemoryStore {
     inner: Arc<Inner>,
@@ -27,7 +28,7 @@ const SHARDS: usize = 16;
 struct Inner {
     shards: Box<[Mutex<States>]>,
     definitions: Mutex<BTreeMap<(String, u32), WorkflowDefinition>>,
-    health: super::HealthBoard,
+    health: super::LocalHealth,
     unpublished: super::UnpublishedBoard,
 }
 
@@ -92,7 +93,7 @@ impl Default for Inner {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(States::default())).collect(),
             definitions: Mutex::default(),
-            health: super::HealthBoard::default(),
+            health: super::LocalHealth::default(),
             unpublished: super::UnpublishedBoard::default(),
         }
     }
@@ -225,12 +226,12 @@ impl MemoryStore {
         Ok(version)
     }
 
-    /// Notes a write as unpublished (see [`StateStore::unpublished`]).
+    /// Notes a write as unpublished (see [`WorkflowStates::unpublished`]).
     pub(crate) fn note_unpublished(&self, tx: TransactionId, version: Version) {
         self.inner.unpublished.note(tx, version);
     }
 
-    /// Registers a definition (see [`StateStore::put_definition`]).
+    /// Registers a definition (see [`Definitions::put_definition`]).
     pub(crate) fn insert_definition(
         &self,
         definition: &WorkflowDefinition,
@@ -258,7 +259,7 @@ impl MemoryStore {
 }
 
 #[async_trait]
-impl StateStore for MemoryStore {
+impl WorkflowStates for MemoryStore {
     async fn create(&self, state: Arc<WorkflowState>) -> Result<Version, StoreError> {
         self.write(None, state)
     }
@@ -277,6 +278,28 @@ impl StateStore for MemoryStore {
         state: Arc<WorkflowState>,
     ) -> Result<Version, StoreError> {
         self.write(Some(expected), state)
+    }
+
+    async fn list(&self, query: &ListQuery) -> Result<Vec<WorkflowSummary>, StoreError> {
+        let mut out: Vec<WorkflowSummary> = Vec::new();
+        for s in self.each_shard() {
+            out.extend(
+                s.by_id
+                    .values()
+                    .filter(|v| query.matches(&v.state))
+                    .map(|v| WorkflowSummary::of(&v.state)),
+            );
+        }
+        newest_first(&mut out, query.limit);
+        Ok(out)
+    }
+
+    async fn expire(&self, finished_before: Timestamp) -> Result<usize, StoreError> {
+        let ids = self.finished_before(finished_before);
+        for tx in &ids {
+            self.remove_unchecked(*tx);
+        }
+        Ok(ids.len())
     }
 
     async fn published(&self, writes: &[(TransactionId, Version)]) -> Result<(), StoreError> {
@@ -298,92 +321,6 @@ impl StateStore for MemoryStore {
 
     fn tracks_unpublished(&self) -> bool {
         true
-    }
-
-    async fn list(&self, query: &ListQuery) -> Result<Vec<WorkflowSummary>, StoreError> {
-        let mut out: Vec<WorkflowSummary> = Vec::new();
-        for s in self.each_shard() {
-            out.extend(
-                s.by_id
-                    .values()
-                    .filter(|v| query.matches(&v.state))
-                    .map(|v| WorkflowSummary::of(&v.state)),
-            );
-        }
-        newest_first(&mut out, query.limit);
-        Ok(out)
-    }
-
-    async fn due(&self, now: Timestamp, limit: usize) -> Result<Vec<TransactionId>, StoreError> {
-        let mut due: Vec<(Timestamp, TransactionId)> = Vec::new();
-        for s in self.each_shard() {
-            due.extend(
-                s.wakeups
-                    .iter()
-                    .take_while(|(t, _)| *t <= now)
-                    .take(limit)
-                    .copied(),
-            );
-        }
-        // The earliest first, across shards.
-        due.sort_unstable();
-        due.truncate(limit);
-        Ok(due.into_iter().map(|(_, tx)| tx).collect())
-    }
-
-    async fn record_worker_health(
-        &self,
-        beats: &[crate::worker::WorkerHealth],
-    ) -> Result<(), StoreError> {
-        self.inner.health.record(beats);
-        Ok(())
-    }
-
-    async fn worker_health(
-        &self,
-        max_age: std::time::Duration,
-    ) -> Result<Vec<crate::worker::WorkerHealth>, StoreError> {
-        Ok(self.inner.health.read(max_age))
-    }
-
-    async fn expire(&self, finished_before: Timestamp) -> Result<usize, StoreError> {
-        let ids = self.finished_before(finished_before);
-        for tx in &ids {
-            self.remove_unchecked(*tx);
-        }
-        Ok(ids.len())
-    }
-
-    async fn put_definition(&self, definition: &WorkflowDefinition) -> Result<(), StoreError> {
-        self.insert_definition(definition)
-    }
-
-    async fn get_definition(
-        &self,
-        name: &str,
-        version: u32,
-    ) -> Result<Option<WorkflowDefinition>, StoreError> {
-        let defs = self
-            .inner
-            .definitions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        Ok(defs.get(&(name.to_string(), version)).cloned())
-    }
-
-    async fn latest_definition(
-        &self,
-        name: &str,
-    ) -> Result<Option<WorkflowDefinition>, StoreError> {
-        let defs = self
-            .inner
-            .definitions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        Ok(defs
-            .range((name.to_string(), 0)..=(name.to_string(), u32::MAX))
-            .next_back()
-            .map(|(_, d)| d.clone()))
     }
 
     async fn wait_terminal(
@@ -416,5 +353,78 @@ impl StateStore for MemoryStore {
                 Ok(s.by_id.get(&transaction_id).cloned())
             }
         }
+    }
+}
+
+#[async_trait]
+impl TimerIndex for MemoryStore {
+    async fn due(&self, now: Timestamp, limit: usize) -> Result<Vec<TransactionId>, StoreError> {
+        let mut due: Vec<(Timestamp, TransactionId)> = Vec::new();
+        for s in self.each_shard() {
+            due.extend(
+                s.wakeups
+                    .iter()
+                    .take_while(|(t, _)| *t <= now)
+                    .take(limit)
+                    .copied(),
+            );
+        }
+        // The earliest first, across shards.
+        due.sort_unstable();
+        due.truncate(limit);
+        Ok(due.into_iter().map(|(_, tx)| tx).collect())
+    }
+}
+
+#[async_trait]
+impl Definitions for MemoryStore {
+    async fn put_definition(&self, definition: &WorkflowDefinition) -> Result<(), StoreError> {
+        self.insert_definition(definition)
+    }
+
+    async fn get_definition(
+        &self,
+        name: &str,
+        version: u32,
+    ) -> Result<Option<WorkflowDefinition>, StoreError> {
+        let defs = self
+            .inner
+            .definitions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        Ok(defs.get(&(name.to_string(), version)).cloned())
+    }
+
+    async fn latest_definition(
+        &self,
+        name: &str,
+    ) -> Result<Option<WorkflowDefinition>, StoreError> {
+        let defs = self
+            .inner
+            .definitions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        Ok(defs
+            .range((name.to_string(), 0)..=(name.to_string(), u32::MAX))
+            .next_back()
+            .map(|(_, d)| d.clone()))
+    }
+}
+
+#[async_trait]
+impl HealthRecords for MemoryStore {
+    async fn record_worker_health(
+        &self,
+        beats: &[crate::core::health::WorkerHealth],
+    ) -> Result<(), StoreError> {
+        self.inner.health.record(beats);
+        Ok(())
+    }
+
+    async fn worker_health(
+        &self,
+        max_age: std::time::Duration,
+    ) -> Result<Vec<crate::core::health::WorkerHealth>, StoreError> {
+        Ok(self.inner.health.read(max_age))
     }
 }

@@ -6,10 +6,22 @@
 //! re-applies. Stores also index workflows by their next wakeup (a retry or
 //! a deadline), which is how timers fire from the store and not from tasks
 //! that a crash would lose, and keep the workflow definitions by version.
+//!
+//! A store is four tables, each its own trait, put together in a [`Store`]:
+//!
+//! | trait | what | required methods |
+//! | --- | --- | --- |
+//! | [`WorkflowStates`] | states: create, get, compare-and-set, list, expire | 5 |
+//! | [`TimerIndex`] | workflows by next wakeup | 1 |
+//! | [`Definitions`] | definitions by name and version | 3 |
+//! | [`HealthRecords`] | worker heartbeats | 2 |
+//!
+//! A new backend implements the first three; [`Store::new`] keeps worker
+//! heartbeats in this process ([`LocalHealth`]) until it has its own.
+//! [`MemoryStore`], `FileStore` (feature `embedded`) and `RedisStateStore`
+//! (feature `redis`) implement all four.
 
 pub mod memory;
-#[cfg(feature = "redis")]
-pub mod redis;
 
 #[cfg(feature = "embedded")]
 pub mod file;
@@ -20,12 +32,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+use crate::core::health::WorkerHealth;
 use crate::core::{
     Timestamp, TransactionId, WorkflowDefinition, WorkflowName, WorkflowState, WorkflowStatus,
 };
 
 #[cfg(feature = "redis")]
-pub use self::redis::{RedisStateStore, RedisStoreConfig};
+pub use crate::redis::{RedisStateStore, RedisStoreConfig};
 #[cfg(feature = "embedded")]
 pub use file::{FileStore, FileStoreConfig, Sync as FileSync};
 pub use memory::MemoryStore;
@@ -147,9 +160,9 @@ pub enum StoreError {
     },
 }
 
-/// A versioned store of workflow states and definitions.
+/// Workflow states, versioned: the table every orchestrator writes.
 #[async_trait]
-pub trait StateStore: Send + Sync + 'static {
+pub trait WorkflowStates: Send + Sync + 'static {
     /// Stores a new workflow at version 1.
     async fn create(&self, state: Arc<WorkflowState>) -> Result<Version, StoreError>;
 
@@ -167,53 +180,14 @@ pub trait StateStore: Send + Sync + 'static {
     /// Lists workflows, most recently started first.
     async fn list(&self, query: &ListQuery) -> Result<Vec<WorkflowSummary>, StoreError>;
 
-    /// Workflows with a wakeup (a retry or a deadline) at or before `now`.
-    async fn due(&self, now: Timestamp, limit: usize) -> Result<Vec<TransactionId>, StoreError>;
-
-    /// Called by the timer loop once a workflow returned by [`StateStore::due`]
-    /// has been handled. Stores that lease due timers to one orchestrator
-    /// (Redis) re-arm the timer at the workflow's real next wakeup here.
-    async fn timer_handled(&self, transaction_id: TransactionId) -> Result<(), StoreError> {
-        let _ = transaction_id;
-        Ok(())
-    }
-
     /// Deletes workflows that finished before `finished_before`; returns how many.
     async fn expire(&self, finished_before: Timestamp) -> Result<usize, StoreError>;
 
-    /// Registers a definition. Registering the same (name, version) again
-    /// with the same content is fine; with other content it is refused.
-    async fn put_definition(&self, definition: &WorkflowDefinition) -> Result<(), StoreError>;
-
-    /// A definition by name and version.
-    async fn get_definition(
-        &self,
-        name: &str,
-        version: u32,
-    ) -> Result<Option<WorkflowDefinition>, StoreError>;
-
-    /// The highest registered version of a definition.
-    async fn latest_definition(&self, name: &str)
-    -> Result<Option<WorkflowDefinition>, StoreError>;
-
-    /// Keeps the latest heartbeat of each (worker type, instance), for the
-    /// worker monitor of any process.
-    async fn record_worker_health(
-        &self,
-        beats: &[crate::worker::WorkerHealth],
-    ) -> Result<(), StoreError>;
-
-    /// The latest heartbeats; those older than `max_age` are dropped.
-    async fn worker_health(
-        &self,
-        max_age: Duration,
-    ) -> Result<Vec<crate::worker::WorkerHealth>, StoreError>;
-
     /// Marks writes whose actions (commands, status, messages to other
     /// workflows) are now published. Stores that track unpublished writes
-    /// ([`StateStore::tracks_unpublished`]) note every write as unpublished
-    /// until this is called for it — but for the last write of a finished
-    /// top-level workflow, which leaves nothing that must arrive.
+    /// ([`WorkflowStates::tracks_unpublished`]) note every write as
+    /// unpublished until this is called for it — but for the last write of a
+    /// finished top-level workflow, which leaves nothing that must arrive.
     async fn published(&self, writes: &[(TransactionId, Version)]) -> Result<(), StoreError> {
         let _ = writes;
         Ok(())
@@ -271,6 +245,114 @@ pub trait StateStore: Send + Sync + 'static {
     }
 }
 
+/// The timer index: workflows by their next wakeup (a retry, a deadline, a
+/// durable sleep). A store keeps it in the same write as the state, from
+/// [`WorkflowState::next_wakeup`], so that timers fire from the store and
+/// not from tasks a crash would lose.
+#[async_trait]
+pub trait TimerIndex: Send + Sync + 'static {
+    /// Workflows with a wakeup at or before `now`.
+    async fn due(&self, now: Timestamp, limit: usize) -> Result<Vec<TransactionId>, StoreError>;
+
+    /// Called by the timer loop once a workflow returned by
+    /// [`TimerIndex::due`] has been handled. Stores that lease due timers to
+    /// one orchestrator (Redis) re-arm the timer at the workflow's real next
+    /// wakeup here.
+    async fn timer_handled(&self, transaction_id: TransactionId) -> Result<(), StoreError> {
+        let _ = transaction_id;
+        Ok(())
+    }
+}
+
+/// Workflow definitions by name and version.
+#[async_trait]
+pub trait Definitions: Send + Sync + 'static {
+    /// Registers a definition. Registering the same (name, version) again
+    /// with the same content is fine; with other content it is refused.
+    async fn put_definition(&self, definition: &WorkflowDefinition) -> Result<(), StoreError>;
+
+    /// A definition by name and version.
+    async fn get_definition(
+        &self,
+        name: &str,
+        version: u32,
+    ) -> Result<Option<WorkflowDefinition>, StoreError>;
+
+    /// The highest registered version of a definition.
+    async fn latest_definition(&self, name: &str)
+    -> Result<Option<WorkflowDefinition>, StoreError>;
+}
+
+/// The latest heartbeat of each (worker type, process), for the worker
+/// monitor of any process.
+#[async_trait]
+pub trait HealthRecords: Send + Sync + 'static {
+    /// Keeps these heartbeats, each replacing the previous one of its
+    /// (worker type, process).
+    async fn record_worker_health(&self, beats: &[WorkerHealth]) -> Result<(), StoreError>;
+
+    /// The latest heartbeats; those older than `max_age` are dropped.
+    async fn worker_health(&self, max_age: Duration) -> Result<Vec<WorkerHealth>, StoreError>;
+}
+
+/// A store: one implementation per table. Cheap to clone; every clone is
+/// the same store.
+///
+/// A backend that keeps all four ([`MemoryStore`], `FileStore`,
+/// `RedisStateStore`) converts with `into()`; one without worker health
+/// keeps heartbeats in this process:
+///
+/// ```
+/// use multiagents::store::{LocalHealth, MemoryStore, Store};
+///
+/// let whole: Store = MemoryStore::new().into();
+/// let mixed = Store::new(MemoryStore::new()).with_health(LocalHealth::default());
+/// # let _ = (whole, mixed);
+/// ```
+#[derive(Clone)]
+pub struct Store {
+    /// Workflow states.
+    pub states: Arc<dyn WorkflowStates>,
+    /// Workflows by next wakeup.
+    pub timers: Arc<dyn TimerIndex>,
+    /// Workflow definitions.
+    pub definitions: Arc<dyn Definitions>,
+    /// Worker heartbeats.
+    pub health: Arc<dyn HealthRecords>,
+}
+
+impl Store {
+    /// States, timers and definitions from `backend`; worker heartbeats in
+    /// this process only ([`LocalHealth`]).
+    pub fn new(backend: impl WorkflowStates + TimerIndex + Definitions) -> Self {
+        let backend = Arc::new(backend);
+        Self {
+            states: backend.clone(),
+            timers: backend.clone(),
+            definitions: backend,
+            health: Arc::new(LocalHealth::default()),
+        }
+    }
+
+    /// The same store with heartbeats kept elsewhere.
+    pub fn with_health(mut self, health: impl HealthRecords) -> Self {
+        self.health = Arc::new(health);
+        self
+    }
+}
+
+impl<S: WorkflowStates + TimerIndex + Definitions + HealthRecords> From<S> for Store {
+    fn from(store: S) -> Self {
+        let store = Arc::new(store);
+        Self {
+            states: store.clone(),
+            timers: store.clone(),
+            definitions: store.clone(),
+            health: store,
+        }
+    }
+}
+
 /// Writes not yet marked published, in memory (the in-process stores): by
 /// write, when it was made (or until when it is leased to a healer).
 #[derive(Default)]
@@ -322,21 +404,34 @@ impl UnpublishedBoard {
     }
 }
 
-/// Heartbeats kept in memory, by `worker@instance` (the in-process stores).
+/// Heartbeats kept in this process, by `worker@instance`: what the
+/// in-process stores use, and any store without worker health.
 #[derive(Default)]
-pub(crate) struct HealthBoard {
-    beats: std::sync::Mutex<std::collections::HashMap<String, crate::worker::WorkerHealth>>,
+pub struct LocalHealth {
+    beats: std::sync::Mutex<std::collections::HashMap<String, WorkerHealth>>,
 }
 
-impl HealthBoard {
-    pub(crate) fn record(&self, beats: &[crate::worker::WorkerHealth]) {
+#[async_trait]
+impl HealthRecords for LocalHealth {
+    async fn record_worker_health(&self, beats: &[WorkerHealth]) -> Result<(), StoreError> {
+        self.record(beats);
+        Ok(())
+    }
+
+    async fn worker_health(&self, max_age: Duration) -> Result<Vec<WorkerHealth>, StoreError> {
+        Ok(self.read(max_age))
+    }
+}
+
+impl LocalHealth {
+    pub(crate) fn record(&self, beats: &[WorkerHealth]) {
         let mut map = self.beats.lock().unwrap_or_else(|e| e.into_inner());
         for b in beats {
             map.insert(format!("{}@{}", b.worker, b.instance), b.clone());
         }
     }
 
-    pub(crate) fn read(&self, max_age: Duration) -> Vec<crate::worker::WorkerHealth> {
+    pub(crate) fn read(&self, max_age: Duration) -> Vec<WorkerHealth> {
         let now = Timestamp::now();
         let mut map = self.beats.lock().unwrap_or_else(|e| e.into_inner());
         map.retain(|_, b| now.since(b.at) <= max_age);

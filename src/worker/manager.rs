@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -16,9 +16,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Worker, WorkerContext, WorkerError};
 use crate::bus::{
-    Consumer, Delivery, DeliveryId, EventBus, Interrupt, PlaceLimits, RESULTS_TOPIC, WORKER_GROUP,
+    Bus, Consumer, Delivery, DeliveryId, Interrupt, PlaceLimits, RESULTS_TOPIC, WORKER_GROUP,
     command_topic_at,
 };
+use crate::core::health::{ErrorKind, WorkerHealth};
 use crate::core::{
     Event, EventKind, Payload, Phase, Priority, StepError, StepName, Timestamp, TransactionId,
     WorkerName,
@@ -141,7 +142,7 @@ impl WorkerManagerConfig {
 /// Registers workers and runs them against a bus.
 ///
 /// ```no_run
-/// # async fn demo(bus: std::sync::Arc<dyn multiagents::bus::EventBus>) -> Result<(), multiagents::Error> {
+/// # async fn demo(bus: multiagents::bus::Bus) -> Result<(), multiagents::Error> {
 /// use multiagents::worker::{from_fn, WorkerError, WorkerManager, WorkerOptions};
 ///
 /// let handle = WorkerManager::new(bus)
@@ -154,60 +155,11 @@ impl WorkerManagerConfig {
 /// # Ok(()) }
 /// ```
 pub struct WorkerManager {
-    bus: Arc<dyn EventBus>,
+    bus: Bus,
     config: WorkerManagerConfig,
     workers: Vec<(Arc<dyn Worker>, WorkerOptions)>,
-    /// Where heartbeats are kept for the worker monitor of any process.
-    health_store: Option<Arc<dyn crate::store::StateStore>>,
-}
-
-/// Counters of one worker type in this process.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct WorkerHealth {
-    /// The worker type.
-    pub worker: String,
-    /// This process.
-    pub instance: String,
-    /// Calls finished successfully.
-    pub succeeded: u64,
-    /// Calls that failed (any kind).
-    pub failed: u64,
-    /// Calls in flight now.
-    pub in_flight: u64,
-    /// Concurrency limit.
-    pub concurrency: u64,
-    /// When this snapshot was taken.
-    pub at: Timestamp,
-    /// The heartbeat interval: how often a snapshot comes.
-    #[serde(default)]
-    pub interval_ms: u64,
-    /// Calls that succeeded since the previous snapshot.
-    #[serde(default)]
-    pub recent_succeeded: u64,
-    /// Calls that failed since the previous snapshot.
-    #[serde(default)]
-    pub recent_failed: u64,
-    /// Call durations in this process, microseconds: `(value, count)` of
-    /// every non-empty bucket of an HDR histogram (2 significant digits),
-    /// so that monitors can merge instances exactly.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub durations_us: Vec<(u64, u64)>,
-    /// The latest errors, by kind.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub errors: Vec<ErrorKind>,
-}
-
-/// Errors of one kind.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct ErrorKind {
-    /// The kind (`WorkerError::with_kind`), or `error` when none was given.
-    pub kind: String,
-    /// How many.
-    pub count: u64,
-    /// The latest one's message.
-    pub last_message: String,
-    /// When the latest happened.
-    pub last_at: Timestamp,
+    /// Where heartbeats are kept and redelivered commands are checked.
+    store: Option<crate::store::Store>,
 }
 
 /// Error kinds kept per worker type.
@@ -293,19 +245,21 @@ struct Counters {
 
 impl WorkerManager {
     /// A manager on `bus` with default settings.
-    pub fn new(bus: Arc<dyn EventBus>) -> Self {
+    pub fn new(bus: impl Into<Bus>) -> Self {
         Self {
-            bus,
+            bus: bus.into(),
             config: WorkerManagerConfig::default(),
             workers: Vec::new(),
-            health_store: None,
+            store: None,
         }
     }
 
-    /// Keeps each heartbeat in `store` too, where the worker monitor of any
-    /// process (and `multiagents workers`) reads it.
-    pub fn health_store(mut self, store: Arc<dyn crate::store::StateStore>) -> Self {
-        self.health_store = Some(store);
+    /// Keeps each heartbeat in `store`'s health records too, where the
+    /// worker monitor of any process (and `multiagents workers`) reads it,
+    /// and looks up a redelivered command's workflow in its states first, so
+    /// that a command whose step has settled meanwhile is dropped, not run.
+    pub fn store(mut self, store: impl Into<crate::store::Store>) -> Self {
+        self.store = Some(store.into());
         self
     }
 
@@ -356,7 +310,7 @@ impl WorkerManager {
         let mut counters = Vec::new();
         let interrupts = Arc::new(Interrupts::default());
         {
-            let mut rx = self.bus.subscribe_interrupts();
+            let mut rx = self.bus.notifier.subscribe_interrupts();
             let interrupts = interrupts.clone();
             let stop = stop.clone();
             tasks.spawn(async move {
@@ -385,6 +339,7 @@ impl WorkerManager {
                 let topic = command_topic_at(&WorkerName::new(worker.name()), priority);
                 consumers.push(
                     self.bus
+                        .topics
                         .consumer(&topic, WORKER_GROUP, &self.config.instance)
                         .await?,
                 );
@@ -408,14 +363,14 @@ impl WorkerManager {
                 shared: options.limited().then(|| options.shared.clone()),
                 bus: self.bus.clone(),
                 holder: Arc::from(self.config.instance.as_str()),
-                store: self.health_store.clone(),
+                states: self.store.as_ref().map(|s| s.states.clone()),
                 held: Arc::default(),
             };
             tasks.spawn(runner.run(stop.clone()));
         }
         let handle = WorkerHandle {
             inner: Arc::new(HandleInner {
-                health_store: self.health_store.clone(),
+                health: self.store.as_ref().map(|s| s.health.clone()),
                 heartbeat_interval: self.config.heartbeat_interval,
                 instance: self.config.instance.clone(),
                 counters,
@@ -427,7 +382,7 @@ impl WorkerManager {
         };
         let beat = handle.clone();
         let bus = self.bus.clone();
-        let store = self.health_store.clone();
+        let health = self.store.as_ref().map(|s| s.health.clone());
         let interval = self.config.heartbeat_interval;
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(interval);
@@ -446,11 +401,11 @@ impl WorkerManager {
                                     payload,
                                 );
                                 e.step = Some(h.worker.as_str().into());
-                                bus.broadcast(e);
+                                bus.notifier.broadcast(e);
                             }
                         }
-                        if let Some(store) = &store
-                            && let Err(e) = store.record_worker_health(&beats).await
+                        if let Some(health) = &health
+                            && let Err(e) = health.record_worker_health(&beats).await
                         {
                             tracing::warn!(error = %e, "recording a heartbeat failed");
                         }
@@ -506,12 +461,12 @@ struct Runner {
     interrupts: Arc<Interrupts>,
     /// Limits shared with other processes, if any.
     shared: Option<PlaceLimits>,
-    bus: Arc<dyn EventBus>,
+    bus: Bus,
     /// Names this process's places.
     holder: Arc<str>,
     /// Where a redelivered command's workflow is looked up first, so that
     /// a stale one is dropped instead of run.
-    store: Option<Arc<dyn crate::store::StateStore>>,
+    states: Option<Arc<dyn crate::store::WorkflowStates>>,
     /// The commands this runner holds (running, or answered and not yet
     /// acked), by the priority level they came from: their leases are
     /// extended until they are acked.
@@ -777,6 +732,7 @@ impl Runner {
         loop {
             let pause = match self
                 .bus
+                .limits
                 .take_places(name, want as u32, limits, &self.holder)
                 .await
             {
@@ -801,7 +757,7 @@ impl Runner {
         if leases.is_empty() {
             return;
         }
-        if let Err(e) = self.bus.give_back(self.worker.name(), &leases).await {
+        if let Err(e) = self.bus.limits.give_back(self.worker.name(), &leases).await {
             tracing::warn!(worker = self.worker.name(), error = %e, "giving shared places back failed; they come back when their lease ends");
         }
     }
@@ -812,14 +768,14 @@ impl Runner {
     /// the store cannot tell, the command runs (the idempotency key keeps
     /// its effect single).
     async fn stale(&self, delivery: &Delivery) -> bool {
-        let (Some(store), Some(step)) = (&self.store, &delivery.event.step) else {
+        let (Some(states), Some(step)) = (&self.states, &delivery.event.step) else {
             return false;
         };
         if delivery.delivery_count < 2 {
             return false;
         }
         let event = &delivery.event;
-        match store.get(event.transaction_id).await {
+        match states.get(event.transaction_id).await {
             Ok(Some(current)) => !current
                 .state
                 .awaits(step.as_str(), event.phase, event.attempt),
@@ -1109,7 +1065,7 @@ pub struct WorkerHandle {
 }
 
 struct HandleInner {
-    health_store: Option<Arc<dyn crate::store::StateStore>>,
+    health: Option<Arc<dyn crate::store::HealthRecords>>,
     heartbeat_interval: Duration,
     instance: String,
     counters: Vec<(String, usize, Arc<Counters>)>,
@@ -1185,9 +1141,9 @@ impl WorkerHandle {
         }
         drop(tasks);
         // A last heartbeat, with every call counted.
-        if let Some(store) = &self.inner.health_store {
+        if let Some(health) = &self.inner.health {
             let beats = self.heartbeat(self.inner.heartbeat_interval);
-            if let Err(e) = store.record_worker_health(&beats).await {
+            if let Err(e) = health.record_worker_health(&beats).await {
                 tracing::warn!(error = %e, "recording the last heartbeat failed");
             }
         }

@@ -26,9 +26,8 @@ use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
-pub use manager::{
-    ErrorKind, WorkerHandle, WorkerHealth, WorkerManager, WorkerManagerConfig, WorkerOptions,
-};
+pub use crate::core::health::{ErrorKind, WorkerHealth};
+pub use manager::{WorkerHandle, WorkerManager, WorkerManagerConfig, WorkerOptions};
 
 use crate::core::{
     CorrelationId, Payload, Phase, RetryDirective, StepError, StepName, Timestamp, TransactionId,

@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 
 use clap::{Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use multiagents::bus::{EventBus, MemoryBus, RedisBusConfig, RedisStreamsBus};
+use multiagents::bus::{Bus, MemoryBus, RedisBusConfig, RedisStreamsBus};
 use multiagents::core::{Phase, StepName, TransactionId};
-use multiagents::store::{FileStore, MemoryStore, RedisStateStore, RedisStoreConfig, StateStore};
+use multiagents::store::{FileStore, MemoryStore, RedisStateStore, RedisStoreConfig, Store};
 use multiagents::worker::{Worker, WorkerError, WorkerManager, WorkerManagerConfig, from_fn};
 use multiagents::{
     Client, Error, OrchestratorConfig, RetryPolicy, Runtime, WorkerContext, WorkflowBuilder,
@@ -226,7 +226,7 @@ pub fn definition() -> Result<WorkflowDefinition, multiagents::core::DefinitionE
 enum Effects {
     Local(Arc<LocalEffects>),
     Redis {
-        conn: multiagents::bus::redis::RedisConnection,
+        conn: multiagents::redis::RedisConnection,
         prefix: String,
         /// The server, for errors.
         address: String,
@@ -506,7 +506,7 @@ impl Effects {
 
 /// A whole hash, a page at a time.
 async fn hscan(
-    conn: &multiagents::bus::redis::RedisConnection,
+    conn: &multiagents::redis::RedisConnection,
     address: &str,
     key: &str,
 ) -> Result<HashMap<String, u64>, Error> {
@@ -687,21 +687,11 @@ pub async fn stopped() {
 }
 
 /// The bus and store of a backend.
-async fn backend(
-    args: &OrdersArgs,
-) -> Result<
-    (
-        Arc<dyn EventBus>,
-        Arc<dyn StateStore>,
-        Effects,
-        Option<PathBuf>,
-    ),
-    Error,
-> {
+async fn backend(args: &OrdersArgs) -> Result<(Bus, Store, Effects, Option<PathBuf>), Error> {
     match args.backend {
         Backend::Memory => Ok((
-            Arc::new(MemoryBus::new()),
-            Arc::new(MemoryStore::new()),
+            MemoryBus::new().into(),
+            MemoryStore::new().into(),
             Effects::Local(Arc::default()),
             None,
         )),
@@ -715,8 +705,8 @@ async fn backend(
                 }
             };
             Ok((
-                Arc::new(MemoryBus::new()),
-                Arc::new(FileStore::open(&path)?),
+                MemoryBus::new().into(),
+                FileStore::open(&path)?.into(),
                 Effects::Local(Arc::default()),
                 temp,
             ))
@@ -731,18 +721,16 @@ async fn backend(
             store_config.timer_lease = args.visibility_timeout;
             store_config.ca_file = args.redis_ca_file.clone();
             let store = RedisStateStore::connect(store_config).await?;
-            let conn = multiagents::bus::redis::connect_with(
-                &args.redis_url,
-                args.redis_ca_file.as_deref(),
-            )
-            .await?;
+            let conn =
+                multiagents::redis::connect_with(&args.redis_url, args.redis_ca_file.as_deref())
+                    .await?;
             Ok((
-                Arc::new(bus),
-                Arc::new(store),
+                bus.into(),
+                store.into(),
                 Effects::Redis {
                     conn,
                     prefix: args.prefix.clone(),
-                    address: multiagents::bus::redis::redacted(&args.redis_url),
+                    address: multiagents::redis::redacted(&args.redis_url),
                 },
                 None,
             ))
@@ -809,8 +797,8 @@ async fn orders(
             };
             let rt = retrying(Duration::from_secs(60), || {
                 let builder = Runtime::builder()
-                    .bus_arc(bus.clone())
-                    .store_arc(store.clone())
+                    .bus(bus.clone())
+                    .store(store.clone())
                     .external_workers()
                     .orchestrator_config(config.clone());
                 async move { builder.workflow(definition()?).start().await }
@@ -818,7 +806,7 @@ async fn orders(
             .await?;
             eprintln!(
                 "orchestrator running on {} (prefix {}); stop with Ctrl-C or SIGTERM",
-                multiagents::bus::redis::redacted(&args.redis_url),
+                multiagents::redis::redacted(&args.redis_url),
                 args.prefix
             );
             stopped().await;
@@ -829,7 +817,7 @@ async fn orders(
             let handle = retrying(Duration::from_secs(60), || {
                 let mut manager = WorkerManager::new(bus.clone())
                     .config(worker_config.clone())
-                    .health_store(store.clone());
+                    .store(store.clone());
                 for w in workers(&effects) {
                     manager = manager.register_arc(w, Default::default());
                 }
@@ -838,7 +826,7 @@ async fn orders(
             .await?;
             eprintln!(
                 "workers running on {} (prefix {}); stop with Ctrl-C or SIGTERM",
-                multiagents::bus::redis::redacted(&args.redis_url),
+                multiagents::redis::redacted(&args.redis_url),
                 args.prefix
             );
             stopped().await;
@@ -851,8 +839,8 @@ async fn orders(
 
     let (client, runtime) = if args.role == Role::All {
         let mut builder = Runtime::builder()
-            .bus_arc(bus)
-            .store_arc(store)
+            .bus(bus)
+            .store(store)
             .workflow(definition()?)
             .orchestrator_config(orchestrator_config)
             .worker_config(worker_config);

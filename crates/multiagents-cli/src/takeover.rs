@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use multiagents::Error;
-use multiagents::bus::{Consumer, EventBus, RedisBusConfig, RedisStreamsBus};
+use multiagents::bus::{Consumer, RedisBusConfig, RedisStreamsBus, Topics};
 use multiagents::core::{CorrelationId, Event, EventKind, Payload, TransactionId, WorkflowName};
 
 #[derive(clap::Args, Debug)]

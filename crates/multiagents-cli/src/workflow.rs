@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use multiagents::store::{RedisStateStore, RedisStoreConfig, StateStore};
+use multiagents::store::{Definitions, RedisStateStore, RedisStoreConfig, Store};
 use multiagents::{Error, WorkflowDefinition};
 
 /// Where the state lives.
@@ -47,7 +47,7 @@ impl RedisArgs {
 
     /// The server's address without the password, for messages.
     pub fn address(&self) -> String {
-        multiagents::bus::redis::redacted(&self.redis_url)
+        multiagents::redis::redacted(&self.redis_url)
     }
 }
 
@@ -216,8 +216,8 @@ async fn status(args: StatusArgs) -> Result<ExitCode, Error> {
         .id
         .parse()
         .map_err(|e| Error::Config(format!("`{}` is not a transaction id: {e}", args.id)))?;
-    let store: std::sync::Arc<dyn StateStore> = std::sync::Arc::new(args.redis.store().await?);
-    let Some(current) = store.get(tx).await? else {
+    let store: Store = args.redis.store().await?.into();
+    let Some(current) = store.states.get(tx).await? else {
         eprintln!(
             "no workflow {tx} in {} (prefix {}); it may have expired",
             args.redis.address(),
@@ -278,12 +278,9 @@ pub async fn workers(
 ) -> Result<ExitCode, Error> {
     use multiagents::monitoring::WorkerMonitor;
     let store = args.redis.store().await?;
-    let report = WorkerMonitor::new(
-        std::sync::Arc::new(store),
-        monitoring.worker_monitoring.clone(),
-    )
-    .report()
-    .await?;
+    let report = WorkerMonitor::new(store, monitoring.worker_monitoring.clone())
+        .report()
+        .await?;
     if args.json {
         println!(
             "{}",
@@ -400,10 +397,7 @@ impl RedisArgs {
         use multiagents::bus::RedisStreamsBus;
         let bus = RedisStreamsBus::connect(self.bus_config()).await?;
         let store = self.store().await?;
-        Ok(multiagents::Client::new(
-            std::sync::Arc::new(bus),
-            std::sync::Arc::new(store),
-        ))
+        Ok(multiagents::Client::new(bus, store))
     }
 }
 

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use multiagents::bus::{RedisBusConfig, RedisStreamsBus};
@@ -24,7 +23,7 @@ async fn on_redis(url: &str, prefix: &str, second: &str) -> RuntimeBuilder {
         .expect("store");
     Runtime::builder()
         .bus(bus)
-        .store_arc(Arc::new(store))
+        .store(store)
         .workflow(
             WorkflowBuilder::new("orders")
                 .step("reserve", "reserve_inventory")

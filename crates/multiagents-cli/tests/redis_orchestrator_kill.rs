@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use multiagents::bus::{EventBus, RedisBusConfig, RedisStreamsBus};
+use multiagents::bus::{Bus, RedisBusConfig, RedisStreamsBus};
 use multiagents::core::{StepStatus, TransactionId, WorkflowState};
-use multiagents::store::{RedisStateStore, RedisStoreConfig, StateStore};
+use multiagents::store::{RedisStateStore, RedisStoreConfig, Store};
 use multiagents::worker::{WorkerContext, WorkerError, WorkerManager, from_fn};
 use multiagents::{Client, WorkflowBuilder, WorkflowStatus};
 use serde_json::{Value, json};
@@ -67,16 +67,14 @@ async fn a_workflow_survives_its_orchestrator_dying_in_a_sleep_a_group_and_a_sig
     let prefix = format!("okill{}", std::process::id());
     // The workers' bus keeps the default visibility timeout (2 s, extended
     // while a call runs); the orchestrators take over quickly.
-    let bus: Arc<dyn EventBus> = Arc::new(
-        RedisStreamsBus::connect(RedisBusConfig::new(&url).prefix(&prefix))
-            .await
-            .expect("bus"),
-    );
-    let store: Arc<dyn StateStore> = Arc::new(
-        RedisStateStore::connect(RedisStoreConfig::new(&url).prefix(&prefix))
-            .await
-            .expect("store"),
-    );
+    let bus: Bus = RedisStreamsBus::connect(RedisBusConfig::new(&url).prefix(&prefix))
+        .await
+        .expect("bus")
+        .into();
+    let store: Store = RedisStateStore::connect(RedisStoreConfig::new(&url).prefix(&prefix))
+        .await
+        .expect("store")
+        .into();
     let client = Client::new(bus.clone(), store.clone());
     let def = WorkflowBuilder::new("resilient")
         .step("prepare", "prepare")

@@ -8,11 +8,10 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use multiagents::bus::{EventBus, RedisBusConfig, RedisStreamsBus};
-use multiagents::store::{RedisStateStore, RedisStoreConfig, StateStore};
+use multiagents::bus::{Bus, RedisBusConfig, RedisStreamsBus};
+use multiagents::store::{RedisStateStore, RedisStoreConfig, Store};
 use multiagents::worker::{WorkerContext, WorkerError, WorkerManager, from_fn};
 use multiagents::{Client, WorkflowBuilder, WorkflowStatus};
 use serde_json::{Value, json};
@@ -140,24 +139,22 @@ async fn workflows_run_over_tls_as_an_acl_user_limited_to_its_prefix() {
         return;
     };
     let url = redis.url("app", PASSWORD);
-    let bus: Arc<dyn EventBus> = Arc::new(
-        RedisStreamsBus::connect(
-            RedisBusConfig::new(&url)
-                .prefix(&prefix)
-                .ca_file(redis.ca()),
-        )
-        .await
-        .expect("the bus connects over TLS as `app`"),
-    );
-    let store: Arc<dyn StateStore> = Arc::new(
-        RedisStateStore::connect(
-            RedisStoreConfig::new(&url)
-                .prefix(&prefix)
-                .ca_file(redis.ca()),
-        )
-        .await
-        .expect("the store connects over TLS as `app`"),
-    );
+    let bus: Bus = RedisStreamsBus::connect(
+        RedisBusConfig::new(&url)
+            .prefix(&prefix)
+            .ca_file(redis.ca()),
+    )
+    .await
+    .expect("the bus connects over TLS as `app`")
+    .into();
+    let store: Store = RedisStateStore::connect(
+        RedisStoreConfig::new(&url)
+            .prefix(&prefix)
+            .ca_file(redis.ca()),
+    )
+    .await
+    .expect("the store connects over TLS as `app`")
+    .into();
     let client = Client::new(bus.clone(), store.clone());
     let def = WorkflowBuilder::new("paid")
         .step("reserve", "reserve")
@@ -206,7 +203,7 @@ async fn workflows_run_over_tls_as_an_acl_user_limited_to_its_prefix() {
     assert_eq!(declined.status, WorkflowStatus::Compensated, "{declined:?}");
 
     // The ACL is real: `app` may not touch a key outside its prefix.
-    let mut conn = multiagents::bus::redis::connect_with(&url, Some(&redis.ca()))
+    let mut conn = multiagents::redis::connect_with(&url, Some(&redis.ca()))
         .await
         .expect("connects");
     let refused: redis::RedisResult<()> = redis::cmd("SET")

@@ -7,7 +7,7 @@ mod common;
 
 use std::process::{Command, Output};
 
-use multiagents::store::{RedisStateStore, RedisStoreConfig, StateStore};
+use multiagents::store::{Definitions, RedisStateStore, RedisStoreConfig};
 
 fn deploy(url: &str, prefix: &str, files: &[&std::path::Path]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_multiagents"))

@@ -5,6 +5,7 @@
 //! a random number: the runtime in the `multiagents` crate does that around it.
 
 pub mod event;
+pub mod health;
 pub mod ids;
 pub mod payload;
 pub mod saga;
@@ -14,6 +15,7 @@ pub mod workflow;
 pub use event::{
     Event, EventCodec, EventError, EventKind, Phase, RetryDirective, StepError, Timing,
 };
+pub use health::{ErrorKind, WorkerHealth};
 pub use ids::{CorrelationId, EventId, StepName, TransactionId, WorkerName, WorkflowName};
 pub use payload::Payload;
 pub use saga::{

@@ -2,17 +2,7 @@
 //! orchestrator replica can fire (exactly one does), definitions by version,
 //! and finished workflows expiring after a TTL.
 //!
-//! Key layout (prefix `ma` by default; `{…}` hash tags keep each key's
-//! commands on one Cluster slot):
-//!
-//! | key | type | holds |
-//! | --- | --- | --- |
-//! | `{ma:wf:<transaction>}` | hash | `v` version, `s` state JSON, `st` status, `wf` workflow, `sa` started, `up` updated (ms) |
-//! | `{ma:timers}` | sorted set | transaction ids scored by next wakeup (ms) |
-//! | `{ma:workers}` | hash | `worker@instance` → the latest heartbeat (JSON); stale ones are dropped when read |
-//! | `{ma:index}` | sorted set | transaction ids scored by start (ms), for listing; `expire` drops those whose hash has expired |
-//! | `{ma:defs}` | hash | `name@version` → definition JSON |
-//! | `ma:finished` | Pub/Sub channel | transaction ids as they finish (wakes waiting clients) |
+//! Its keys are in the [module table](super).
 //!
 //! A write is one Lua script on the workflow's key (check the version, write,
 //! set the TTL when finished, announce the finish), pipelined behind a
@@ -28,15 +18,13 @@ use async_trait::async_trait;
 use redis::Script;
 use tokio::sync::oneshot;
 
-use super::newest_first;
-use super::{
-    ListQuery, StateStore, StoreError, Version, Versioned, WorkflowSummary, same_definition,
-};
-use crate::bus::redis::{
-    Pool, RedisConnection, follow_channel, open, query_all, redacted, run_all,
-};
+use super::conn::{Pool, RedisConnection, follow_channel, open, query_all, redacted, run_all};
 use crate::core::{
     Timestamp, TransactionId, WorkflowDefinition, WorkflowName, WorkflowState, WorkflowStatus,
+};
+use crate::store::{
+    Definitions, HealthRecords, ListQuery, StoreError, TimerIndex, Version, Versioned,
+    WorkflowStates, WorkflowSummary, newest_first, same_definition,
 };
 
 /// Settings of a [`RedisStateStore`].
@@ -122,7 +110,7 @@ return 0
 /// Workflows read per round trip when listing.
 const LIST_PAGE: usize = 500;
 
-/// A [`StateStore`] on Redis.
+/// A store on Redis: states, timers, definitions and worker health.
 #[derive(Clone)]
 pub struct RedisStateStore {
     inner: Arc<Inner>,
@@ -355,106 +343,9 @@ fn status_of(text: &str) -> Option<WorkflowStatus> {
 }
 
 #[async_trait]
-impl StateStore for RedisStateStore {
+impl WorkflowStates for RedisStateStore {
     async fn create(&self, state: Arc<WorkflowState>) -> Result<Version, StoreError> {
         self.write(None, state).await
-    }
-
-    async fn published(&self, writes: &[(TransactionId, Version)]) -> Result<(), StoreError> {
-        if writes.is_empty() {
-            return Ok(());
-        }
-        let members: Vec<String> = writes.iter().map(|(tx, v)| format!("{tx}:{v}")).collect();
-        let mut conn = self.inner.conn.get();
-        let mut cmd = redis::cmd("ZREM");
-        cmd.arg(self.unpublished_key()).arg(&members);
-        cmd.query_async::<i64>(&mut conn)
-            .await
-            .map(|_| ())
-            .map_err(|e| self.io(e))
-    }
-
-    async fn unpublished(
-        &self,
-        written_before: Timestamp,
-        lease_until: Timestamp,
-        limit: usize,
-    ) -> Result<Vec<(TransactionId, Version)>, StoreError> {
-        let mut conn = self.inner.conn.get();
-        let members: Vec<String> = self
-            .inner
-            .lease_due
-            .key(self.unpublished_key())
-            .arg(written_before.as_millis())
-            .arg(limit.max(1))
-            .arg(lease_until.as_millis())
-            .invoke_async(&mut conn)
-            .await
-            .map_err(|e| self.io(e))?;
-        Ok(members
-            .iter()
-            .filter_map(|m| {
-                let (tx, v) = m.rsplit_once(':')?;
-                Some((tx.parse().ok()?, v.parse().ok()?))
-            })
-            .collect())
-    }
-
-    fn tracks_unpublished(&self) -> bool {
-        true
-    }
-
-    fn is_remote(&self) -> bool {
-        true
-    }
-
-    async fn record_worker_health(
-        &self,
-        beats: &[crate::worker::WorkerHealth],
-    ) -> Result<(), StoreError> {
-        if beats.is_empty() {
-            return Ok(());
-        }
-        let mut cmd = redis::cmd("HSET");
-        cmd.arg(self.workers_key());
-        for b in beats {
-            let json = serde_json::to_string(b).map_err(|e| self.corrupt(e))?;
-            cmd.arg(format!("{}@{}", b.worker, b.instance)).arg(json);
-        }
-        let mut conn = self.inner.conn.get();
-        cmd.query_async::<()>(&mut conn)
-            .await
-            .map_err(|e| self.io(e))
-    }
-
-    async fn worker_health(
-        &self,
-        max_age: Duration,
-    ) -> Result<Vec<crate::worker::WorkerHealth>, StoreError> {
-        let mut conn = self.inner.conn.get();
-        let all: HashMap<String, String> = redis::cmd("HGETALL")
-            .arg(self.workers_key())
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| self.io(e))?;
-        let now = Timestamp::now();
-        let mut out = Vec::new();
-        let mut stale = Vec::new();
-        for (field, json) in all {
-            match serde_json::from_str::<crate::worker::WorkerHealth>(&json) {
-                Ok(b) if now.since(b.at) <= max_age => out.push(b),
-                _ => stale.push(field),
-            }
-        }
-        if !stale.is_empty() {
-            let _: redis::RedisResult<()> = redis::cmd("HDEL")
-                .arg(self.workers_key())
-                .arg(&stale)
-                .query_async(&mut conn)
-                .await;
-        }
-        out.sort_by(|a, b| (&a.worker, &a.instance).cmp(&(&b.worker, &b.instance)));
-        Ok(out)
     }
 
     async fn get(&self, transaction_id: TransactionId) -> Result<Option<Versioned>, StoreError> {
@@ -560,6 +451,136 @@ impl StateStore for RedisStateStore {
         Ok(out)
     }
 
+    async fn expire(&self, finished_before: Timestamp) -> Result<usize, StoreError> {
+        // Finished workflows carry a TTL: Redis deletes them itself. What is
+        // left is to drop them from the index: of the workflows started
+        // before the cut-off, those whose hash is gone.
+        let mut conn = self.inner.conn.get();
+        let mut removed = 0;
+        let mut start = 0usize;
+        loop {
+            let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+                .arg(self.index_key())
+                .arg("-inf")
+                .arg(finished_before.as_millis())
+                .arg("LIMIT")
+                .arg(start)
+                .arg(LIST_PAGE)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.io(e))?;
+            if ids.is_empty() {
+                break;
+            }
+            let mut pipe = redis::pipe();
+            for id in &ids {
+                pipe.cmd("EXISTS")
+                    .arg(format!("{{{}:wf:{id}}}", self.inner.config.prefix));
+            }
+            let exists: Vec<bool> = query_all(&mut conn, &pipe).await.map_err(|e| self.io(e))?;
+            let gone: Vec<&String> = ids
+                .iter()
+                .zip(&exists)
+                .filter(|(_, e)| !**e)
+                .map(|(id, _)| id)
+                .collect();
+            start += ids.len() - gone.len();
+            if !gone.is_empty() {
+                let n: usize = redis::cmd("ZREM")
+                    .arg(self.index_key())
+                    .arg(&gone)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| self.io(e))?;
+                removed += n;
+            }
+        }
+        Ok(removed)
+    }
+
+    async fn published(&self, writes: &[(TransactionId, Version)]) -> Result<(), StoreError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let members: Vec<String> = writes.iter().map(|(tx, v)| format!("{tx}:{v}")).collect();
+        let mut conn = self.inner.conn.get();
+        let mut cmd = redis::cmd("ZREM");
+        cmd.arg(self.unpublished_key()).arg(&members);
+        cmd.query_async::<i64>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.io(e))
+    }
+
+    async fn unpublished(
+        &self,
+        written_before: Timestamp,
+        lease_until: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<(TransactionId, Version)>, StoreError> {
+        let mut conn = self.inner.conn.get();
+        let members: Vec<String> = self
+            .inner
+            .lease_due
+            .key(self.unpublished_key())
+            .arg(written_before.as_millis())
+            .arg(limit.max(1))
+            .arg(lease_until.as_millis())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.io(e))?;
+        Ok(members
+            .iter()
+            .filter_map(|m| {
+                let (tx, v) = m.rsplit_once(':')?;
+                Some((tx.parse().ok()?, v.parse().ok()?))
+            })
+            .collect())
+    }
+
+    fn tracks_unpublished(&self) -> bool {
+        true
+    }
+
+    fn is_remote(&self) -> bool {
+        true
+    }
+
+    async fn wait_terminal(
+        &self,
+        transaction_id: TransactionId,
+        timeout: Duration,
+    ) -> Result<Option<Versioned>, StoreError> {
+        self.ensure_listener();
+        let until = tokio::time::Instant::now() + timeout;
+        loop {
+            let (tx, rx) = oneshot::channel();
+            if let Ok(mut w) = self.inner.waiters.lock() {
+                w.entry(transaction_id).or_default().push(tx);
+            }
+            let current = self.get(transaction_id).await?;
+            let done = current.as_ref().is_none_or(|v| v.state.is_terminal());
+            if done || tokio::time::Instant::now() >= until {
+                if let Ok(mut w) = self.inner.waiters.lock()
+                    && let Some(list) = w.get_mut(&transaction_id)
+                {
+                    list.retain(|s| !s.is_closed());
+                    if list.is_empty() {
+                        w.remove(&transaction_id);
+                    }
+                }
+                return Ok(current);
+            }
+            // Woken by the finish announcement; re-read now and then in case
+            // it was missed (Pub/Sub keeps nothing while reconnecting).
+            let nap = (until - tokio::time::Instant::now()).min(Duration::from_millis(250));
+            let _ = tokio::time::timeout(nap, rx).await;
+        }
+    }
+}
+
+#[async_trait]
+impl TimerIndex for RedisStateStore {
     async fn due(&self, now: Timestamp, limit: usize) -> Result<Vec<TransactionId>, StoreError> {
         let lease = now.plus(self.inner.config.timer_lease).as_millis();
         let mut conn = self.inner.conn.get();
@@ -624,54 +645,10 @@ impl StateStore for RedisStateStore {
         }
         Ok(())
     }
+}
 
-    async fn expire(&self, finished_before: Timestamp) -> Result<usize, StoreError> {
-        // Finished workflows carry a TTL: Redis deletes them itself. What is
-        // left is to drop them from the index: of the workflows started
-        // before the cut-off, those whose hash is gone.
-        let mut conn = self.inner.conn.get();
-        let mut removed = 0;
-        let mut start = 0usize;
-        loop {
-            let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-                .arg(self.index_key())
-                .arg("-inf")
-                .arg(finished_before.as_millis())
-                .arg("LIMIT")
-                .arg(start)
-                .arg(LIST_PAGE)
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| self.io(e))?;
-            if ids.is_empty() {
-                break;
-            }
-            let mut pipe = redis::pipe();
-            for id in &ids {
-                pipe.cmd("EXISTS")
-                    .arg(format!("{{{}:wf:{id}}}", self.inner.config.prefix));
-            }
-            let exists: Vec<bool> = query_all(&mut conn, &pipe).await.map_err(|e| self.io(e))?;
-            let gone: Vec<&String> = ids
-                .iter()
-                .zip(&exists)
-                .filter(|(_, e)| !**e)
-                .map(|(id, _)| id)
-                .collect();
-            start += ids.len() - gone.len();
-            if !gone.is_empty() {
-                let n: usize = redis::cmd("ZREM")
-                    .arg(self.index_key())
-                    .arg(&gone)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(|e| self.io(e))?;
-                removed += n;
-            }
-        }
-        Ok(removed)
-    }
-
+#[async_trait]
+impl Definitions for RedisStateStore {
     async fn put_definition(&self, definition: &WorkflowDefinition) -> Result<(), StoreError> {
         let field = format!("{}@{}", definition.name(), definition.version());
         let json = serde_json::to_string(definition).map_err(|e| self.corrupt(e))?;
@@ -732,36 +709,56 @@ impl StateStore for RedisStateStore {
             None => Ok(None),
         }
     }
+}
 
-    async fn wait_terminal(
+#[async_trait]
+impl HealthRecords for RedisStateStore {
+    async fn record_worker_health(
         &self,
-        transaction_id: TransactionId,
-        timeout: Duration,
-    ) -> Result<Option<Versioned>, StoreError> {
-        self.ensure_listener();
-        let until = tokio::time::Instant::now() + timeout;
-        loop {
-            let (tx, rx) = oneshot::channel();
-            if let Ok(mut w) = self.inner.waiters.lock() {
-                w.entry(transaction_id).or_default().push(tx);
-            }
-            let current = self.get(transaction_id).await?;
-            let done = current.as_ref().is_none_or(|v| v.state.is_terminal());
-            if done || tokio::time::Instant::now() >= until {
-                if let Ok(mut w) = self.inner.waiters.lock()
-                    && let Some(list) = w.get_mut(&transaction_id)
-                {
-                    list.retain(|s| !s.is_closed());
-                    if list.is_empty() {
-                        w.remove(&transaction_id);
-                    }
-                }
-                return Ok(current);
-            }
-            // Woken by the finish announcement; re-read now and then in case
-            // it was missed (Pub/Sub keeps nothing while reconnecting).
-            let nap = (until - tokio::time::Instant::now()).min(Duration::from_millis(250));
-            let _ = tokio::time::timeout(nap, rx).await;
+        beats: &[crate::core::health::WorkerHealth],
+    ) -> Result<(), StoreError> {
+        if beats.is_empty() {
+            return Ok(());
         }
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(self.workers_key());
+        for b in beats {
+            let json = serde_json::to_string(b).map_err(|e| self.corrupt(e))?;
+            cmd.arg(format!("{}@{}", b.worker, b.instance)).arg(json);
+        }
+        let mut conn = self.inner.conn.get();
+        cmd.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| self.io(e))
+    }
+
+    async fn worker_health(
+        &self,
+        max_age: Duration,
+    ) -> Result<Vec<crate::core::health::WorkerHealth>, StoreError> {
+        let mut conn = self.inner.conn.get();
+        let all: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(self.workers_key())
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.io(e))?;
+        let now = Timestamp::now();
+        let mut out = Vec::new();
+        let mut stale = Vec::new();
+        for (field, json) in all {
+            match serde_json::from_str::<crate::core::health::WorkerHealth>(&json) {
+                Ok(b) if now.since(b.at) <= max_age => out.push(b),
+                _ => stale.push(field),
+            }
+        }
+        if !stale.is_empty() {
+            let _: redis::RedisResult<()> = redis::cmd("HDEL")
+                .arg(self.workers_key())
+                .arg(&stale)
+                .query_async(&mut conn)
+                .await;
+        }
+        out.sort_by(|a, b| (&a.worker, &a.instance).cmp(&(&b.worker, &b.instance)));
+        Ok(out)
     }
 }
