@@ -1,4 +1,5 @@
 //! The embedded runtime end to end: in-memory bus, memory and file stores.
+#![cfg(feature = "embedded")]
 
 mod common;
 

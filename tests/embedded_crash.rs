@@ -4,6 +4,7 @@
 //! The test runs its own binary again as the child process (selected by an
 //! environment variable), kills it with SIGKILL while workflows are in
 //! flight, then resumes from the same store file in this process.
+#![cfg(feature = "embedded")]
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;

@@ -8,6 +8,7 @@
 //! `FAN_OUT_RUNS` sets how many runs (default 4 embedded, 2 on Redis; the
 //! issue's check is 50 embedded and 20 on Redis, best taken with
 //! `--release`).
+#![cfg(feature = "embedded")]
 
 mod common;
 
@@ -86,6 +87,7 @@ async fn a_thousand_item_fan_out_never_times_a_branch_out() {
     rt.shutdown().await;
 }
 
+#[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_item_fan_out_on_redis_never_times_a_branch_out() {
     use multiagents::bus::{RedisBusConfig, RedisStreamsBus};

@@ -1,5 +1,6 @@
 //! LLM token, call and cost counters reach `/metrics` (one test: the
 //! Prometheus recorder is process-wide).
+#![cfg(all(feature = "llm", feature = "prometheus"))]
 #![cfg(feature = "llm")]
 
 use std::time::Duration;

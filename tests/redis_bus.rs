@@ -1,6 +1,6 @@
-#![cfg(feature = "redis")]
 //! The Redis Streams bus against a real Redis: the same contract as the
 //! in-memory bus, plus poison entries written straight into the streams.
+#![cfg(feature = "redis")]
 
 mod common;
 

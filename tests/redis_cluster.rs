@@ -1,7 +1,7 @@
-#![cfg(feature = "redis")]
 //! The Redis backend on a Redis Cluster: the same code, with commands routed
 //! to the node owning each key. `scripts/test.sh` starts a three-node cluster
 //! and sets `REDIS_CLUSTER_URL` to one of its nodes.
+#![cfg(feature = "redis")]
 
 mod common;
 

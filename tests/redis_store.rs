@@ -1,7 +1,7 @@
-#![cfg(feature = "redis")]
 //! The Redis state store against a real Redis, alone and under the runtime
 //! with the Redis Streams bus: two orchestrators and two worker managers
 //! sharing one Redis.
+#![cfg(feature = "redis")]
 
 mod common;
 

@@ -459,3 +459,53 @@ async fn a_redelivered_command_whose_attempt_was_given_up_on_is_dropped_unrun() 
     workers.shutdown().await;
     rt.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_copy_of_a_command_whose_attempt_runs_here_is_dropped_not_run_again() {
+    let bus = MemoryBus::new();
+    // Another group on the command topic sees every command, to copy one.
+    let topic = command_topic(&WorkerName::new("slow"));
+    let spy = bus.consumer(&topic, "spy", "spy").await.expect("consumer");
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let rt = Runtime::builder()
+        .bus(bus.clone())
+        .workflow(
+            WorkflowBuilder::new("once")
+                .step("slow", "slow")
+                .build()
+                .expect("valid"),
+        )
+        .worker(from_fn("slow", move |_: serde_json::Value, _ctx| {
+            let c = c.clone();
+            async move {
+                c.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                Ok::<_, WorkerError>(json!("done"))
+            }
+        }))
+        .start()
+        .await
+        .expect("starts");
+    let tx = rt.client().start("once", &json!({})).await.expect("start");
+    let seen = spy.next_batch(1, WAIT).await.expect("batch");
+    assert_eq!(seen.len(), 1);
+    while calls.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The recovery sweep's republish, as it looks to the worker: the same
+    // command again while the first call still runs.
+    bus.publish(&topic, (*seen[0].event).clone())
+        .await
+        .expect("publish");
+    let done = rt.client().wait(tx, WAIT).await.expect("wait");
+    assert_eq!(done.status, WorkflowStatus::Completed);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the copy ran again");
+    assert_eq!(
+        bus.depth(&topic, WORKER_GROUP),
+        0,
+        "the copy was left unacked"
+    );
+    rt.shutdown().await;
+}

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use serde_yaml::{Mapping, Value};
+use serde_yaml_ng::{Mapping, Value};
 
 /// Every monitoring setting. Each key has a default; a file or environment
 /// variable only needs the keys it changes.
@@ -342,7 +342,7 @@ impl MonitoringConfig {
         env: &[(String, String)],
     ) -> Result<Self, ConfigError> {
         check_keys(&tree, origin)?;
-        let mut merged = serde_yaml::to_value(&self).map_err(|e| ConfigError::Invalid {
+        let mut merged = serde_yaml_ng::to_value(&self).map_err(|e| ConfigError::Invalid {
             origin: origin.to_string(),
             message: e.to_string(),
         })?;
@@ -381,14 +381,14 @@ impl MonitoringConfig {
             let value = match *key {
                 "file_path" | "prometheus_addr" | "otlp_endpoint" | "service_name" | "level"
                 | "console_min_level" | "default_logger" => Value::String(raw.clone()),
-                _ => serde_yaml::from_str(raw).unwrap_or(Value::String(raw.clone())),
+                _ => serde_yaml_ng::from_str(raw).unwrap_or(Value::String(raw.clone())),
             };
             if let Some(Value::Mapping(m)) = base.get_mut(*section) {
                 m.insert(Value::String((*key).to_string()), value);
             }
         }
         let config: MonitoringConfig =
-            serde_yaml::from_value(merged.clone()).map_err(|e| ConfigError::Invalid {
+            serde_yaml_ng::from_value(merged.clone()).map_err(|e| ConfigError::Invalid {
                 origin: origin.clone(),
                 message: match culprit(&merged) {
                     Some((key, why)) => format!("{key}: {why}"),
@@ -424,7 +424,7 @@ impl MonitoringConfig {
         {
             return bad(format!(
                 "logging.file_path must be set when default_logger is {}",
-                serde_yaml::to_string(&l.default_logger)
+                serde_yaml_ng::to_string(&l.default_logger)
                     .unwrap_or_default()
                     .trim()
             ));
@@ -473,7 +473,7 @@ fn culprit(tree: &Value) -> Option<(String, String)> {
             one.insert(key.clone(), value.clone());
             let mut tree = Mapping::new();
             tree.insert(section.clone(), Value::Mapping(one));
-            if let Err(e) = serde_yaml::from_value::<MonitoringConfig>(Value::Mapping(tree)) {
+            if let Err(e) = serde_yaml_ng::from_value::<MonitoringConfig>(Value::Mapping(tree)) {
                 let name = format!(
                     "{}.{}",
                     section.as_str().unwrap_or_default(),
@@ -506,7 +506,7 @@ fn check_level(text: &str) -> Result<(), String> {
 }
 
 fn parse_tree(text: &str, origin: &str) -> Result<Value, ConfigError> {
-    let tree: Value = serde_yaml::from_str(text).map_err(|e| ConfigError::Invalid {
+    let tree: Value = serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Invalid {
         origin: origin.to_string(),
         message: e.to_string(),
     })?;

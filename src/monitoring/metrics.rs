@@ -1,15 +1,21 @@
 //! Metric names, each described, and the Prometheus endpoint.
 //!
 //! Metrics go through the [`metrics`] facade: nothing is recorded until a
-//! recorder is installed ([`install_prometheus`]), and the hot paths hold
+//! recorder is installed (`install_prometheus`, feature `prometheus`, or
+//! your own and [`enable`]), and the hot paths hold
 //! their handles, so a process that does not export pays next to nothing.
 
+#[cfg(feature = "http")]
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+#[cfg(feature = "http")]
+use std::sync::Arc;
+#[cfg(feature = "prometheus")]
+use std::sync::OnceLock;
 
+#[cfg(feature = "prometheus")]
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+#[cfg(feature = "prometheus")]
 use super::config::ConfigError;
 
 /// Workflows started, by `workflow`.
@@ -39,16 +45,11 @@ pub const STALE_COMMANDS: &str = "multiagents_stale_commands_total";
 /// `group` (sampled by the orchestrator).
 pub const BUS_LAG: &str = "multiagents_bus_lag";
 
-/// LLM tokens, by `model` and `direction` (`in` for the prompt, `out` for
-/// the completion).
-pub const LLM_TOKENS: &str = "multiagents_llm_tokens_total";
-/// LLM calls, by `model` and `outcome`.
-pub const LLM_CALLS: &str = "multiagents_llm_calls_total";
-/// What LLM calls cost, in the configured currency, by `model` (only when a
-/// price is configured).
-pub const LLM_COST: &str = "multiagents_llm_cost_total";
+#[cfg(feature = "llm")]
+pub use multiagents_llm::metric_names::{LLM_CALLS, LLM_COST, LLM_TOKENS};
 
-/// Every metric: name, kind and what it means.
+/// Every metric of the runtime: name, kind and what it means (the LLM
+/// metrics, with the `llm` feature, are in `multiagents_llm::metric_names`).
 pub const METRICS: &[(&str, &str, &str)] = &[
     (WORKFLOWS_STARTED, "counter", "Workflows started."),
     (
@@ -92,25 +93,16 @@ pub const METRICS: &[(&str, &str, &str)] = &[
         "gauge",
         "Entries not yet delivered to a consumer group.",
     ),
-    (
-        LLM_TOKENS,
-        "counter",
-        "LLM tokens, by model and direction (in, out).",
-    ),
-    (LLM_CALLS, "counter", "LLM calls, by model and outcome."),
-    (
-        LLM_COST,
-        "counter",
-        "What LLM calls cost, when a price is configured.",
-    ),
 ];
 
+#[cfg(feature = "prometheus")]
 /// Histogram buckets, in seconds: 100 µs to 60 s.
 const BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0, 30.0, 60.0,
 ];
 
+#[cfg(feature = "prometheus")]
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Set once a recorder is installed: until then the hot paths skip even
@@ -118,7 +110,7 @@ static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Whether metrics are being recorded by this process (a recorder was
-/// installed through [`install_prometheus`] or [`enable`]).
+/// installed through `install_prometheus` or [`enable`]).
 pub fn enabled() -> bool {
     ENABLED.load(std::sync::atomic::Ordering::Relaxed)
 }
@@ -130,6 +122,7 @@ pub fn enable() {
     ENABLED.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
+#[cfg(feature = "prometheus")]
 /// Installs the Prometheus recorder as this process's metrics recorder (once;
 /// later calls return the same handle) and describes every metric.
 pub fn install_prometheus() -> Result<PrometheusHandle, ConfigError> {
@@ -145,7 +138,13 @@ pub fn install_prometheus() -> Result<PrometheusHandle, ConfigError> {
         .map_err(|e| invalid(&e))?
         .install_recorder()
         .map_err(|e| invalid(&format!("cannot install the Prometheus recorder: {e}")))?;
-    for (name, kind, help) in METRICS {
+    #[cfg(feature = "llm")]
+    let catalogue = METRICS
+        .iter()
+        .chain(multiagents_llm::metric_names::CATALOGUE);
+    #[cfg(not(feature = "llm"))]
+    let catalogue = METRICS.iter();
+    for (name, kind, help) in catalogue {
         match *kind {
             "counter" => metrics::describe_counter!(*name, *help),
             "gauge" => metrics::describe_gauge!(*name, *help),
@@ -156,6 +155,7 @@ pub fn install_prometheus() -> Result<PrometheusHandle, ConfigError> {
     Ok(PROMETHEUS.get_or_init(|| handle).clone())
 }
 
+#[cfg(feature = "prometheus")]
 /// The Prometheus text of every metric, if the recorder is installed.
 pub fn render_prometheus() -> Option<String> {
     PROMETHEUS.get().map(|h| {
@@ -191,9 +191,11 @@ pub fn sum_series(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+#[cfg(feature = "http")]
 /// What `/healthz` reports: `ok` (200) or why not (503).
 pub type HealthCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
+#[cfg(feature = "http")]
 /// A running `/metrics` + `/healthz` server.
 pub struct HttpServer {
     /// Where it listens (the port chosen when asked for port 0).
@@ -201,6 +203,7 @@ pub struct HttpServer {
     task: tokio::task::JoinHandle<()>,
 }
 
+#[cfg(feature = "http")]
 impl HttpServer {
     /// Stops serving.
     pub fn stop(self) {
@@ -208,6 +211,7 @@ impl HttpServer {
     }
 }
 
+#[cfg(feature = "http")]
 /// Serves `GET /metrics` (Prometheus text) and `GET /healthz` on `addr`,
 /// installing the recorder if needed. The error names the address.
 pub async fn serve_metrics(addr: &str, health: HealthCheck) -> Result<HttpServer, ConfigError> {
@@ -258,7 +262,7 @@ pub async fn serve_metrics(addr: &str, health: HealthCheck) -> Result<HttpServer
     });
     // Histograms are drained into their buckets now and then, not only on scrape.
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
         loop {
             tick.tick().await;
             handle.run_upkeep();

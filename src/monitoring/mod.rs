@@ -5,7 +5,11 @@ mod config;
 pub mod events;
 mod logging;
 pub mod metrics;
+#[cfg(feature = "otel")]
 pub mod otel;
+#[cfg(not(feature = "otel"))]
+#[path = "otel_off.rs"]
+pub(crate) mod otel;
 pub mod workers;
 
 pub use config::{

@@ -7,8 +7,9 @@
 //! `traceparent` on the command; the worker's `run <step>` span is its child,
 //! in whichever process runs it; when the workflow ends, the orchestrator
 //! emits the `workflow <name>` span from start to finish. Spans go to the
-//! global tracer provider: [`init_tracing`] (cargo feature `otel`) sets one
-//! that exports over OTLP/HTTP; with none set, nothing is built.
+//! global tracer provider: [`init_tracing`] sets one that exports over
+//! OTLP/HTTP; with none set, nothing is built. All of this needs the cargo
+//! feature `otel`; without it no span is ever built.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -226,7 +227,6 @@ thread_local! {
     static FORCED: std::cell::Cell<Option<(TraceId, SpanId)>> = const { std::cell::Cell::new(None) };
 }
 
-#[cfg(feature = "otel")]
 mod export {
     use super::*;
     use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
@@ -342,7 +342,6 @@ mod export {
     }
 }
 
-#[cfg(feature = "otel")]
 pub use export::{TracingGuard, init_tracing};
 
 #[cfg(test)]

@@ -535,11 +535,16 @@ async fn extend_leases(consumers: Vec<Arc<dyn Consumer>>, held: Arc<Held>, worke
 #[derive(Default)]
 struct Interrupts {
     inner: std::sync::Mutex<InterruptsInner>,
+    /// How many calls are registered, so that the duplicate check of every
+    /// command takes no lock while none is.
+    registered: std::sync::atomic::AtomicUsize,
 }
 
 #[derive(Default)]
 struct InterruptsInner {
-    running: HashMap<(TransactionId, StepName, u32), CancellationToken>,
+    /// Calls still running after their first poll, with the delivery each
+    /// came in.
+    running: HashMap<(TransactionId, StepName, u32), (CancellationToken, DeliveryId)>,
     /// Interrupts for calls not (yet) registered here, newest last: a call
     /// registered just after its interrupt came is still cancelled.
     recent: std::collections::VecDeque<Interrupt>,
@@ -557,7 +562,7 @@ impl Interrupts {
         let mut inner = self.lock();
         let key = (i.transaction_id, i.step.clone(), i.attempt);
         match inner.running.get(&key) {
-            Some(token) => {
+            Some((token, _)) => {
                 tracing::info!(transaction_id = %i.transaction_id, step = %i.step, attempt = i.attempt, "call interrupted: its result is no longer wanted");
                 token.cancel();
             }
@@ -570,7 +575,12 @@ impl Interrupts {
         }
     }
 
-    fn register(&self, key: (TransactionId, StepName, u32), token: &CancellationToken) {
+    fn register(
+        &self,
+        key: (TransactionId, StepName, u32),
+        token: &CancellationToken,
+        delivery: &DeliveryId,
+    ) {
         let mut inner = self.lock();
         let early = inner
             .recent
@@ -579,11 +589,33 @@ impl Interrupts {
         if early {
             token.cancel();
         }
-        inner.running.insert(key, token.clone());
+        if inner
+            .running
+            .insert(key, (token.clone(), delivery.clone()))
+            .is_none()
+        {
+            self.registered.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn unregister(&self, key: &(TransactionId, StepName, u32)) {
-        self.lock().running.remove(key);
+        if self.lock().running.remove(key).is_some() {
+            self.registered.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The delivery of a call of this attempt running here, if any: a
+    /// second command for it is a copy (republished by the recovery sweep,
+    /// or redelivered while the first still runs).
+    fn running(&self, event: &Event) -> Option<DeliveryId> {
+        if self.registered.load(Ordering::Relaxed) == 0 || event.phase != Phase::Forward {
+            return None;
+        }
+        let step = event.step.clone()?;
+        self.lock()
+            .running
+            .get(&(event.transaction_id, step, event.attempt))
+            .map(|(_, id)| id.clone())
     }
 }
 
@@ -666,6 +698,7 @@ impl Runner {
                             let _ = answers.send((level, delivery.id, None));
                         }
                         Handled::Nothing => me.held.remove(std::slice::from_ref(&delivery.id)),
+                        Handled::Held => {}
                     }
                     if let Some(lease) = lease {
                         me.give_back(vec![lease]).await;
@@ -801,6 +834,20 @@ impl Runner {
             let _ = self.consumers[level].reject(delivery, &reason).await;
             return Handled::Nothing;
         }
+        if let Some(running) = self.interrupts.running(event) {
+            tracing::info!(
+                worker = name,
+                transaction_id = %event.transaction_id,
+                step = ?event.step,
+                attempt = event.attempt,
+                "command dropped: this attempt is running here already, and its answer will serve"
+            );
+            // The same delivery taken again: the running call acks it.
+            if running == delivery.id {
+                return Handled::Held;
+            }
+            return Handled::Stale;
+        }
         if self.stale(delivery).await {
             tracing::info!(
                 worker = name,
@@ -866,7 +913,7 @@ impl Runner {
             )
         });
         if let Some(key) = &key {
-            self.interrupts.register(key.clone(), &token);
+            self.interrupts.register(key.clone(), &token, &delivery.id);
         }
         let outcome = match (first, event.deadline.map(|d| d.since(Timestamp::now()))) {
             (std::task::Poll::Ready(r), _) => r,
@@ -977,6 +1024,8 @@ enum Handled {
     Stale,
     /// Rejected (dead-lettered) or left for redelivery: nothing to flush.
     Nothing,
+    /// Held by a call still running, which will answer and ack it.
+    Held,
 }
 
 /// Answers taken at once by the flusher.

@@ -276,7 +276,7 @@ impl WorkflowDefinition {
 
     /// Parses and validates a YAML definition.
     pub fn from_yaml(text: &str) -> Result<Self, DefinitionError> {
-        serde_yaml::from_str(text).map_err(|e| DefinitionError::from_parse(e.to_string()))
+        serde_yaml_ng::from_str(text).map_err(|e| DefinitionError::from_parse(e.to_string()))
     }
 
     /// The definition as pretty JSON.
@@ -286,7 +286,7 @@ impl WorkflowDefinition {
 
     /// The definition as YAML.
     pub fn to_yaml(&self) -> String {
-        serde_yaml::to_string(self).unwrap_or_default()
+        serde_yaml_ng::to_string(self).unwrap_or_default()
     }
 }
 

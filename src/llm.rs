@@ -1,11 +1,27 @@
-//! An LLM program as a worker: one call makes a `Predict` or
-//! `ChainOfThought` a saga step, with retries, timeouts and compensation
-//! like any other.
+//! LLM workers (feature `llm`): the programs of the `multiagents-llm`
+//! crate — a client for OpenAI-compatible chat APIs, typed signatures,
+//! `Predict`, `ChainOfThought`, `ReAct` with tools, few-shot optimisers and
+//! replays — and [`LlmWorker`], which makes one a saga step with retries,
+//! timeouts and compensation like any other.
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), multiagents::llm::LlmError> {
+//! use multiagents::llm::{ChatRequest, LlmClient, LlmConfig, Message};
+//!
+//! let client = LlmClient::new(LlmConfig::from_env()?.model("gpt-4o-mini"));
+//! let reply = client
+//!     .chat(&ChatRequest::new(vec![Message::user("Say hello in French.")]))
+//!     .await?;
+//! println!("{} ({} tokens)", reply.content, reply.usage.total());
+//! # Ok(()) }
+//! ```
 
 use async_trait::async_trait;
 use serde_json::{Map, Value};
 
-use super::{ChainOfThought, LlmClient, Predict, PredictError, Prediction, Program};
+pub use multiagents_llm::*;
+pub use multiagents_macros::{Signature, tool};
+
 use crate::core::Payload;
 use crate::worker::{Worker, WorkerContext, WorkerError};
 
@@ -64,7 +80,7 @@ fn used_so_far(outputs: &Map<String, Value>) -> u64 {
 pub struct UsageMeter(std::sync::Arc<[std::sync::atomic::AtomicU64; 3]>);
 
 impl UsageMeter {
-    fn add(&self, usage: &super::Usage) {
+    fn add(&self, usage: &Usage) {
         use std::sync::atomic::Ordering::Relaxed;
         self.0[0].fetch_add(usage.prompt_tokens, Relaxed);
         self.0[1].fetch_add(usage.completion_tokens, Relaxed);
@@ -72,9 +88,9 @@ impl UsageMeter {
     }
 
     /// Tokens so far.
-    pub fn total(&self) -> super::Usage {
+    pub fn total(&self) -> Usage {
         use std::sync::atomic::Ordering::Relaxed;
-        super::Usage {
+        Usage {
             prompt_tokens: self.0[0].load(Relaxed),
             completion_tokens: self.0[1].load(Relaxed),
         }

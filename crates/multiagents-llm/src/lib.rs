@@ -31,16 +31,14 @@
 //! [`LlmConfig::extra_root_pem`]). Without it they are refused with an error
 //! that says so.
 
+pub mod metric_names;
 mod optimize;
 mod predict;
 mod program;
 mod react;
 mod replay;
 mod signature;
-mod worker;
 
-pub use multiagents_macros::Signature;
-pub use multiagents_macros::tool;
 pub use optimize::{
     BootstrapFewShot, Evaluation, LabeledFewShot, Metric, SavedProgram, evaluate, exact_match,
 };
@@ -49,7 +47,6 @@ pub use program::{Program, Then};
 pub use react::{ReAct, ReActOutcome, Tool, ToolStep};
 pub use replay::Replay;
 pub use signature::{Field, FieldType, Signature, SignatureError, TypedSignature};
-pub use worker::{LlmWorker, USAGE_KEY, UsageMeter};
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -409,9 +406,9 @@ impl LlmError {
     }
 }
 
-#[cfg(feature = "llm-tls")]
+#[cfg(feature = "tls")]
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
-#[cfg(not(feature = "llm-tls"))]
+#[cfg(not(feature = "tls"))]
 type Connector = HttpConnector;
 
 /// A client for one [`LlmConfig`]. Cheap to clone.
@@ -652,18 +649,15 @@ impl LlmClient {
         })
     }
 
+    // No recorder installed: the `metrics` crate drops these at the cost of
+    // a label clone, next to nothing beside an LLM call.
     fn count(&self, outcome: &'static str) {
-        if crate::monitoring::metrics::enabled() {
-            metrics::counter!(crate::monitoring::metrics::LLM_CALLS, "model" => self.config.model.clone(), "outcome" => outcome)
-                .increment(1);
-        }
+        metrics::counter!(metric_names::LLM_CALLS, "model" => self.config.model.clone(), "outcome" => outcome)
+            .increment(1);
     }
 
     fn record_usage(&self, usage: &Usage) {
-        use crate::monitoring::metrics::{LLM_COST, LLM_TOKENS, enabled};
-        if !enabled() {
-            return;
-        }
+        use metric_names::{LLM_COST, LLM_TOKENS};
         let model = self.config.model.clone();
         metrics::counter!(LLM_TOKENS, "model" => model.clone(), "direction" => "in")
             .increment(usage.prompt_tokens);
@@ -679,18 +673,18 @@ impl LlmClient {
     }
 }
 
-#[cfg(not(feature = "llm-tls"))]
+#[cfg(not(feature = "tls"))]
 fn tls(connector: HttpConnector, _config: &LlmConfig) -> (Connector, Option<String>) {
     (
         connector,
         Some(
-            "https needs the `llm-tls` feature of multiagents (or a local http endpoint or proxy)"
+            "https needs the `llm-tls` feature of multiagents (`tls` of multiagents-llm), or a local http endpoint or proxy"
                 .into(),
         ),
     )
 }
 
-#[cfg(feature = "llm-tls")]
+#[cfg(feature = "tls")]
 fn tls(mut connector: HttpConnector, config: &LlmConfig) -> (Connector, Option<String>) {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
@@ -734,7 +728,7 @@ fn tls(mut connector: HttpConnector, config: &LlmConfig) -> (Connector, Option<S
     (https, problem)
 }
 
-#[cfg(feature = "llm-tls")]
+#[cfg(feature = "tls")]
 fn webpki_roots_certs() -> impl Iterator<Item = rustls::pki_types::TrustAnchor<'static>> {
     webpki_roots::TLS_SERVER_ROOTS.iter().cloned()
 }

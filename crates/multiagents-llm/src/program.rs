@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 use super::{ChainOfThought, LlmClient, Predict, PredictError, Prediction, ReAct};
 
 /// An LLM program. Implement it for your own type to compose modules in
-/// code; [`LlmWorker`](super::LlmWorker) runs any program as a saga step.
+/// code; `multiagents::llm::LlmWorker` runs any program as a saga step.
 ///
 /// ```
 /// use multiagents::llm::{LlmClient, Predict, PredictError, Prediction, Program, Signature};
