@@ -306,11 +306,8 @@ async fn notify_customer(
 }
 
 /// splitmix64: a tiny seeded generator, enough to pick orders reproducibly.
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
+fn mix(x: u64) -> u64 {
+    multiagents::core::hash::splitmix64(x)
 }
 
 fn unit(seed: u64, n: u64, salt: u64) -> f64 {

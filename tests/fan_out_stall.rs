@@ -57,7 +57,12 @@ async fn run_wide(client: &multiagents::Client, runs: usize, wait: Duration) {
             .wait(tx, wait)
             .await
             .unwrap_or_else(|e| panic!("run {run}: a branch waited: {e}"));
-        assert_eq!(state.status, WorkflowStatus::Completed, "run {run}");
+        assert_eq!(
+            state.status,
+            WorkflowStatus::Completed,
+            "run {run}: {:?}",
+            state.failure
+        );
         let retried: Vec<String> = state
             .history
             .iter()

@@ -19,13 +19,9 @@ fn fast_v7(ms: u64) -> Uuid {
         });
     }
     fn next(state: &Cell<u64>) -> u64 {
-        // splitmix64
-        let s = state.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
-        state.set(s);
-        let mut z = s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        let s = state.get();
+        state.set(s.wrapping_add(crate::hash::GOLDEN));
+        crate::hash::splitmix64(s)
     }
     let (r1, r2) = STATE.with(|s| (next(s), next(s)));
     let mut bytes = [0u8; 10];

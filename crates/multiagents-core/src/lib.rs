@@ -5,6 +5,7 @@
 //! a random number: the runtime in the `multiagents` crate does that around it.
 
 pub mod event;
+pub mod hash;
 pub mod health;
 pub mod ids;
 pub mod payload;

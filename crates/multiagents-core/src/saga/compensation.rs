@@ -1,12 +1,12 @@
 //! Undoing: cancellation, deadlines, the order compensations run in, their
 //! retries and how the workflow ends.
 
+use super::tasks::accepts_success;
 use super::{
-    Action, Dispatch, Failure, HistoryEvent, Slot, StatusUpdate, StepStatus, Transition,
-    WorkflowStatus,
+    Action, Failure, HistoryEvent, Slot, StatusUpdate, StepStatus, Transition, WorkflowStatus,
 };
-use crate::event::{Phase, RetryDirective, StepError};
-use crate::time::Timestamp;
+use crate::event::{Phase, StepError};
+use crate::time::format_duration;
 use crate::workflow::{RetryPolicy, StepKind};
 
 impl Transition<'_> {
@@ -194,7 +194,6 @@ impl Transition<'_> {
             _ => return,
         };
         let deadline = self.now.plus(timeout);
-        let payload = self.payload_for(slot);
         let now = self.now;
         let step = self.slot_mut(slot);
         step.status = StepStatus::Compensating {
@@ -203,40 +202,14 @@ impl Transition<'_> {
             deadline,
         };
         step.compensation_attempts = attempt;
-        let forward_attempt = step.attempts;
-        let name = step.name.clone();
         self.record_slot(slot, attempt, HistoryEvent::CompensationDispatched);
-        match (&def.kind, &def.compensation) {
-            (StepKind::Workflow(_), _) => {
-                let transaction_id = self.child_id(slot.step, forward_attempt);
-                self.actions.push(Action::UndoChild {
-                    parent: Box::new(self.parent_link(slot.step, attempt)),
-                    transaction_id,
-                });
-            }
-            (_, Some(comp)) => self.actions.push(Action::Dispatch(Dispatch {
-                step: name,
-                phase: Phase::Compensate,
-                worker: comp.worker.clone(),
-                attempt,
-                deadline,
-                payload,
-            })),
-            _ => {}
+        if let Some(action) = self.send(slot, Phase::Compensate, attempt, deadline) {
+            self.actions.push(action);
         }
     }
 
     pub(super) fn compensation_succeeded(&mut self, slot: Slot, attempt: u32) -> bool {
-        let accepts = match self.slot(slot).status {
-            StepStatus::Compensating {
-                attempt: current, ..
-            } => attempt >= 1 && attempt <= current,
-            StepStatus::CompensationRetryWaiting { attempt: next, .. } => {
-                attempt >= 1 && attempt < next
-            }
-            _ => false,
-        };
-        if !accepts {
+        if !accepts_success(&self.slot(slot).status, Phase::Compensate, attempt) {
             return false;
         }
         self.slot_mut(slot).status = StepStatus::Compensated;
@@ -245,6 +218,37 @@ impl Transition<'_> {
         self.actions
             .push(Action::Status(StatusUpdate::StepCompensated { step }));
         true
+    }
+
+    /// Fires a compensation's deadline or its due retry.
+    pub(super) fn compensation_timer(&mut self, slot: Slot) -> bool {
+        let now = self.now;
+        let def = &self.def.steps()[slot.step];
+        match self.slot(slot).status {
+            StepStatus::Compensating {
+                attempt, deadline, ..
+            } if deadline <= now => {
+                let timeout = match &def.kind {
+                    StepKind::Workflow(_) => def.timeout,
+                    _ => def
+                        .compensation
+                        .as_ref()
+                        .map(|c| c.timeout)
+                        .unwrap_or_default(),
+                };
+                let error = StepError::retryable(format!(
+                    "compensation timed out after {}",
+                    format_duration(timeout)
+                ))
+                .with_kind("timeout");
+                self.compensation_failed(slot, attempt, error)
+            }
+            StepStatus::CompensationRetryWaiting { attempt, due } if due <= now => {
+                self.dispatch_compensation(slot, attempt);
+                true
+            }
+            _ => false,
+        }
     }
 
     pub(super) fn compensation_failed(
@@ -269,15 +273,12 @@ impl Transition<'_> {
             (_, Some(c)) => &c.retry,
             _ => return false,
         };
-        let retry_at = match error.retry {
-            _ if attempt >= policy.max_attempts => None,
-            RetryDirective::Never => None,
-            RetryDirective::Retry => Some(self.now.plus(policy.delay_after(
-                attempt,
-                self.jitter_seed(slot.step + slot.item.map_or(0, |k| (k + 1) << 16), attempt),
-            ))),
-            RetryDirective::RetryAfter(ms) => Some(Timestamp(self.now.0.saturating_add(ms))),
-        };
+        let retry_at = policy.next_try(
+            attempt,
+            error.retry,
+            self.now,
+            self.retry_seed(slot, attempt),
+        );
         let message = error.to_string();
         self.slot_mut(slot).last_error = Some(error);
         match retry_at {

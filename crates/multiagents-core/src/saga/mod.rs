@@ -7,25 +7,45 @@
 //! inputs always give the same result, which is what lets the property tests
 //! below throw arbitrary interleavings at it.
 //!
-//! The rules, in the order they are written down in the submodules:
+//! The rules, one file per kind of step or concern:
 //!
-//! * `forward` — a step is dispatched once every step it comes after has
-//!   completed; a success completes it; a failure is retried under the step's
-//!   policy (a `RetryAfter` error sets the delay, a `Never` error or the last
-//!   attempt fails it for good); a passed deadline counts as a retryable
-//!   failure. Results for another attempt, for a step not in flight or for a
-//!   finished workflow change nothing.
+//! * `tasks` — a step is dispatched once every step it comes after has
+//!   completed (or was skipped by its condition); a success completes it; a
+//!   failure is retried under the step's policy ([`RetryPolicy::next_try`]:
+//!   a `RetryAfter` error sets the delay, a `Never` error or the last attempt
+//!   fails it for good). Results for another attempt, for a step not in
+//!   flight or for a finished workflow change nothing; a late success of an
+//!   earlier attempt counts. Every command, start and undo of a child is
+//!   built in one place there (`send`), for both phases and the recovery
+//!   sweep.
+//! * `fan_out` — one branch per item, at most `max_concurrency` at once; the
+//!   step completes with the list of outputs, and fails with its first branch
+//!   to fail for good.
+//! * `children` — a sub-workflow step starts a child whose id is derived
+//!   from the parent, the step and the attempt; a child that overruns its
+//!   step's deadline is cancelled, never started twice.
+//! * `timers` — sleeps, signal waits and their timeouts, due retries, step
+//!   deadlines (a passed one is a retryable failure) and the workflow's
+//!   deadline.
 //! * `compensation` — once a step fails for good, or the workflow is
 //!   cancelled, nothing new starts; every completed step that has a
 //!   compensation is undone, each only after every step that came after it
 //!   has been undone or has settled (so sequential steps are undone in reverse
 //!   order and independent branches in parallel); compensations are retried
-//!   under their own policy; one that fails for good is dead-lettered and the
-//!   workflow ends `CompensationFailed`.
+//!   under their own policy, by the same rule; one that fails for good is
+//!   dead-lettered and the workflow ends `CompensationFailed`.
+//! * `recovery` — commands in flight for longer than the sweep's cutoff are
+//!   sent again, unchanged (same attempt, same idempotency key).
+//!
+//! [`RetryPolicy::next_try`]: crate::workflow::RetryPolicy::next_try
 
+mod children;
 mod compensation;
-mod forward;
+mod fan_out;
+mod recovery;
 mod state;
+mod tasks;
+mod timers;
 
 use serde::{Deserialize, Serialize};
 
@@ -432,39 +452,6 @@ impl Transition<'_> {
         def.compensation.is_some() || matches!(def.kind, StepKind::Workflow(_))
     }
 
-    /// The child transaction a sub-workflow step's attempt runs.
-    fn child_id(&self, i: usize, attempt: u32) -> TransactionId {
-        let name = self.state.steps[i].name.as_str();
-        let mut h1: u64 = 0xcbf2_9ce4_8422_2325;
-        let mut h2: u64 = 0x8422_2325_cbf2_9ce4;
-        let bytes = self.state.transaction_id.as_uuid().as_bytes();
-        for b in bytes
-            .iter()
-            .chain(name.as_bytes())
-            .chain(attempt.to_le_bytes().iter())
-        {
-            h1 ^= u64::from(*b);
-            h1 = h1.wrapping_mul(0x0000_0100_0000_01b3);
-            h2 = (h2 ^ u64::from(*b))
-                .rotate_left(5)
-                .wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        }
-        let mut out = [0u8; 16];
-        out[..8].copy_from_slice(&h1.to_be_bytes());
-        out[8..].copy_from_slice(&h2.to_be_bytes());
-        TransactionId(uuid::Builder::from_custom_bytes(out).into_uuid())
-    }
-
-    fn parent_link(&self, i: usize, attempt: u32) -> ParentLink {
-        ParentLink {
-            transaction_id: self.state.transaction_id,
-            workflow: self.state.workflow.clone(),
-            step: self.state.steps[i].name.clone(),
-            attempt,
-            depth: self.state.parent.as_ref().map_or(0, |p| p.depth) + 1,
-        }
-    }
-
     fn record(&mut self, step: Option<usize>, attempt: u32, event: HistoryEvent) {
         let step = step.map(|i| self.state.steps[i].name.clone());
         self.push_history(step, attempt, event);
@@ -532,23 +519,16 @@ impl Transition<'_> {
 
     /// A stable per-(transaction, step, attempt) number for retry jitter.
     fn jitter_seed(&self, index: usize, attempt: u32) -> u64 {
-        // FNV-1a over the transaction id, step index and attempt.
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        // FNV-1a over the transaction id, step index and attempt, finalised
+        // so that nearby inputs spread over the whole range.
         let bytes = self.state.transaction_id.as_uuid().as_bytes();
-        for b in bytes
-            .iter()
-            .chain((index as u64).to_le_bytes().iter())
-            .chain(attempt.to_le_bytes().iter())
-        {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        // Finalise (splitmix64) so nearby inputs spread over the whole range.
-        h ^= h >> 30;
-        h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        h ^= h >> 27;
-        h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
-        h ^ (h >> 31)
+        crate::hash::mix64(crate::hash::fnv1a(
+            bytes
+                .iter()
+                .copied()
+                .chain((index as u64).to_le_bytes())
+                .chain(attempt.to_le_bytes()),
+        ))
     }
 
     /// A step's `input`: the workflow input, or its `input_from` step's output.

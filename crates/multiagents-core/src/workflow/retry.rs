@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::time::duration_serde;
+use crate::event::RetryDirective;
+use crate::time::{Timestamp, duration_serde};
 
 /// Exponential back-off with jitter.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -104,6 +105,26 @@ impl RetryPolicy {
         Duration::from_secs_f64(jittered.clamp(0.0, self.max_delay.as_secs_f64()))
     }
 
+    /// When to try again after attempt `failed_attempt` failed with the
+    /// retry `directive` its error carries, at `now`: `None` when it must not
+    /// be tried again (the attempts are spent, or the error says never).
+    /// `seed` picks the jitter, as in [`RetryPolicy::delay_after`]. The one
+    /// retry rule, for steps and compensations alike.
+    pub fn next_try(
+        &self,
+        failed_attempt: u32,
+        directive: RetryDirective,
+        now: Timestamp,
+        seed: u64,
+    ) -> Option<Timestamp> {
+        match directive {
+            _ if failed_attempt >= self.max_attempts => None,
+            RetryDirective::Never => None,
+            RetryDirective::Retry => Some(now.plus(self.delay_after(failed_attempt, seed))),
+            RetryDirective::RetryAfter(ms) => Some(Timestamp(now.0.saturating_add(ms))),
+        }
+    }
+
     /// Checks the policy, returning what is wrong with it.
     pub fn problem(&self) -> Option<String> {
         if self.max_attempts == 0 {
@@ -152,6 +173,23 @@ mod tests {
             );
             assert_eq!(d, p.delay_after(1, seed));
         }
+    }
+
+    #[test]
+    fn the_next_try_follows_the_directive_until_the_attempts_are_spent() {
+        let p = RetryPolicy::attempts(3).with_jitter(0.0);
+        let now = Timestamp(1_000);
+        assert_eq!(
+            p.next_try(1, RetryDirective::Retry, now, 0),
+            Some(Timestamp(1_100))
+        );
+        assert_eq!(
+            p.next_try(2, RetryDirective::RetryAfter(5), now, 0),
+            Some(Timestamp(1_005))
+        );
+        assert_eq!(p.next_try(1, RetryDirective::Never, now, 0), None);
+        assert_eq!(p.next_try(3, RetryDirective::Retry, now, 0), None);
+        assert_eq!(p.next_try(3, RetryDirective::RetryAfter(5), now, 0), None);
     }
 
     #[test]
