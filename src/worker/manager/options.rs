@@ -71,7 +71,7 @@ impl WorkerOptions {
     }
 }
 
-/// Settings of a [`WorkerManager`].
+/// Settings of a [`WorkerManager`](super::WorkerManager).
 #[derive(Clone, Debug)]
 pub struct WorkerManagerConfig {
     /// This process's name among the workers (consumer name on the bus).
