@@ -172,13 +172,57 @@ pub(crate) struct Engine {
     locks: WorkflowLocks,
     /// To the task that marks writes published.
     marks: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Vec<Written>>>,
+    /// With a remote store only: writes of this process whose publishing
+    /// (or marking) is still under way, which the recovery sweep must leave
+    /// alone. A slow batch is not a crash: healing it would republish every
+    /// command in flight of its workflows, and the copies would slow the
+    /// next batches down until they too looked cut short.
+    pending: Option<Arc<Pending>>,
     metrics: super::metrics::EngineMetrics,
+}
+
+/// Writes still being published by this process, with when each was
+/// made. One that an error path dropped without publishing stops counting
+/// after [`PENDING_AT_MOST`], so that the sweep heals it all the same.
+#[derive(Default)]
+pub(crate) struct Pending(std::sync::Mutex<HashMap<Written, std::time::Instant>>);
+
+/// How long a write counts as being published by this process at most.
+const PENDING_AT_MOST: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Pending {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Written, std::time::Instant>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn add(&self, write: Written) {
+        let mut map = self.lock();
+        if map.len() >= 65_536 {
+            map.retain(|_, at| at.elapsed() < PENDING_AT_MOST);
+        }
+        map.insert(write, std::time::Instant::now());
+    }
+
+    fn settle(&self, writes: &[Written]) {
+        let mut map = self.lock();
+        for w in writes {
+            map.remove(w);
+        }
+    }
+
+    fn contains(&self, write: &Written) -> bool {
+        self.lock()
+            .get(write)
+            .is_some_and(|at| at.elapsed() < PENDING_AT_MOST)
+    }
 }
 
 impl Engine {
     pub(crate) fn new(bus: Bus, store: Store) -> Self {
         Self {
             cache: store.states.is_remote().then(StateCache::new),
+            pending: (store.states.is_remote() && store.states.tracks_unpublished())
+                .then(Arc::default),
             locks: WorkflowLocks::default(),
             marks: std::sync::OnceLock::new(),
             metrics: super::metrics::EngineMetrics::new(),
@@ -312,7 +356,7 @@ impl Engine {
                 if let Some(cache) = &self.cache {
                     cache.put(version, state.clone());
                 }
-                outbox.written.push((tx, version));
+                self.wrote(&mut outbox, tx, version);
             }
             // Starting with a transaction id that exists is idempotent.
             Err(StoreError::AlreadyExists(_)) if options.transaction_id.is_some() => return Ok(tx),
@@ -393,7 +437,7 @@ impl Engine {
                         cache.put(version, state.clone());
                     }
                     drop(guard);
-                    outbox.written.push((tx, version));
+                    self.wrote(outbox, tx, version);
                     self.metrics.result(&current.state, input, now);
                     if !matches!(input, Input::Redispatch { .. }) {
                         for action in &outcome.actions {
@@ -440,21 +484,50 @@ impl Engine {
     /// Publishes what transitions put in an outbox, then marks their writes
     /// published.
     pub(crate) async fn publish(&self, mut outbox: Outbox) -> Result<(), Error> {
-        match outbox.events.len() {
-            0 => {}
+        let sent = match outbox.events.len() {
+            0 => Ok(()),
             1 => {
                 let (topic, e) = outbox.events.pop().expect("one command");
-                self.bus.topics.publish(&topic, e).await?;
+                self.bus.topics.publish(&topic, e).await
             }
             _ => {
                 self.bus
                     .topics
                     .publish_many(std::mem::take(&mut outbox.events))
-                    .await?
+                    .await
+            }
+        };
+        match sent {
+            Ok(()) => {
+                self.mark_published(&outbox.written).await;
+                Ok(())
+            }
+            Err(e) => {
+                self.not_published(&outbox.written);
+                Err(e.into())
             }
         }
-        self.mark_published(&outbox.written).await;
-        Ok(())
+    }
+
+    /// Notes a write in `outbox`, and as pending until it is published.
+    fn wrote(&self, outbox: &mut Outbox, tx: TransactionId, version: crate::store::Version) {
+        outbox.written.push((tx, version));
+        if let Some(pending) = &self.pending {
+            pending.add((tx, version));
+        }
+    }
+
+    /// Publishing these writes' actions failed: they are no longer pending,
+    /// so that the recovery sweep heals them.
+    pub(crate) fn not_published(&self, written: &[Written]) {
+        if let Some(pending) = &self.pending {
+            pending.settle(written);
+        }
+    }
+
+    /// True while this process is still publishing (or marking) `write`.
+    pub(crate) fn publishing(&self, write: &Written) -> bool {
+        self.pending.as_ref().is_some_and(|p| p.contains(write))
     }
 
     /// Marks writes published. For a remote store it is off the caller's
@@ -479,11 +552,16 @@ impl Engine {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             // A weak reference: the store closes (a file store lets go of
             // its lock) when the engine goes, not when this task notices.
-            tokio::spawn(mark_published_loop(Arc::downgrade(&self.store.states), rx));
+            tokio::spawn(mark_published_loop(
+                Arc::downgrade(&self.store.states),
+                self.pending.clone(),
+                rx,
+            ));
             tx
         });
         if marks.send(written.to_vec()).is_err() {
             tracing::debug!("the marking task is gone; the recovery sweep republishes instead");
+            self.not_published(written);
         }
     }
 
@@ -665,6 +743,7 @@ type Written = (TransactionId, crate::store::Version);
 /// Marks what was published, as much at once as has come in.
 async fn mark_published_loop(
     states: std::sync::Weak<dyn WorkflowStates>,
+    pending: Option<Arc<Pending>>,
     mut marks: tokio::sync::mpsc::UnboundedReceiver<Vec<Written>>,
 ) {
     let mut batch: Vec<Written> = Vec::new();
@@ -681,6 +760,9 @@ async fn mark_published_loop(
         };
         if let Err(e) = states.published(&batch).await {
             tracing::warn!(error = %e, writes = batch.len(), "marking writes published failed; the recovery sweep will publish their commands again");
+        }
+        if let Some(pending) = &pending {
+            pending.settle(&batch);
         }
         drop(states);
         batch.clear();
@@ -820,7 +902,7 @@ impl Engine {
                 if let Some(cache) = &self.cache {
                     cache.put(version, state.clone());
                 }
-                outbox.written.push((tx, version));
+                self.wrote(outbox, tx, version);
                 self.execute(&state, actions, None, None, outbox).await
             }
             Err(StoreError::AlreadyExists(_)) => {

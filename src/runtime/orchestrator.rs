@@ -239,6 +239,8 @@ async fn results_loop(
         if !acks.is_empty() || !outbox.is_empty() {
             if publish_then_ack(&*consumer, &outbox.events, &acks).await {
                 engine.mark_published(&outbox.written).await;
+            } else {
+                engine.not_published(&outbox.written);
             }
             acks.clear();
             outbox.clear();
@@ -423,7 +425,12 @@ async fn unpublished_loop(engine: Arc<Engine>, after: Duration, stop: Cancellati
         let before = Timestamp(now.0.saturating_sub(after.as_millis() as u64));
         let lease = Timestamp(now.0 + after.as_millis() as u64);
         let writes = match engine.store.states.unpublished(before, lease, 256).await {
-            Ok(w) => w,
+            // What this process is still publishing is not cut short: it
+            // comes up again after its lease if it still is not marked.
+            Ok(mut w) => {
+                w.retain(|write| !engine.publishing(write));
+                w
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "reading unpublished writes failed");
                 continue;
