@@ -53,6 +53,18 @@ pub enum Error {
     /// The workflow input could not be encoded as JSON.
     #[error("the workflow input does not encode as JSON: {0}")]
     Input(String),
+    /// A workflow's state kept changing under every attempt to update it
+    /// (other writers won each compare-and-set). The input is left for
+    /// redelivery; trying again later is right.
+    #[error(
+        "workflow {transaction_id} kept changing under {attempts} attempts to update it; is something looping?"
+    )]
+    Contended {
+        /// The workflow.
+        transaction_id: TransactionId,
+        /// Compare-and-sets lost in a row.
+        attempts: usize,
+    },
     /// The runtime was set up wrongly.
     #[error("{0}")]
     Config(String),
@@ -63,8 +75,8 @@ pub enum Error {
 
 impl Error {
     /// True when the bus or the store could not be reached or answered with
-    /// an error — a server restarting, a connection lost: the same call is
-    /// worth trying again (a start with an explicit
+    /// an error — a server restarting, a connection lost — or the workflow
+    /// was contended: the same call is worth trying again (a start with an explicit
     /// [`StartOptions::transaction_id`](crate::StartOptions::transaction_id)
     /// is idempotent).
     ///
@@ -75,11 +87,15 @@ impl Error {
     /// let lost = Error::Bus(BusError::Backend { address: "redis://127.0.0.1:6379".into(), message: "broken pipe".into() });
     /// assert!(lost.is_transient());
     /// assert!(!Error::Config("bad".into()).is_transient());
+    /// let busy = Error::Contended { transaction_id: multiagents::TransactionId::new(), attempts: 64 };
+    /// assert!(busy.is_transient());
+    /// assert!(busy.to_string().contains("64 attempts"));
     /// ```
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Bus(e) => e.is_transient(),
             Error::Store(e) => matches!(e, StoreError::Io { .. }),
+            Error::Contended { .. } => true,
             _ => false,
         }
     }

@@ -476,9 +476,10 @@ impl Engine {
                 }
             }
         }
-        Err(Error::Config(format!(
-            "workflow {tx} kept changing under {MAX_CONFLICT_RETRIES} attempts to update it; is something looping?"
-        )))
+        Err(Error::Contended {
+            transaction_id: tx,
+            attempts: MAX_CONFLICT_RETRIES,
+        })
     }
 
     /// Publishes what transitions put in an outbox, then marks their writes
