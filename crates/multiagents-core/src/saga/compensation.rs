@@ -7,7 +7,7 @@ use super::{
 };
 use crate::event::{Phase, StepError};
 use crate::time::format_duration;
-use crate::workflow::{RetryPolicy, StepKind};
+use crate::workflow::{RetryPolicy, StepDefinition, StepKind};
 
 impl Transition<'_> {
     /// Cancellation: stop starting steps and undo what completed.
@@ -187,11 +187,8 @@ impl Transition<'_> {
     }
 
     pub(super) fn dispatch_compensation(&mut self, slot: Slot, attempt: u32) {
-        let def = &self.def.steps()[slot.step];
-        let timeout = match (&def.kind, &def.compensation) {
-            (StepKind::Workflow(_), _) => def.timeout,
-            (_, Some(c)) => c.timeout,
-            _ => return,
+        let Some(timeout) = compensation_timeout(&self.def.steps()[slot.step]) else {
+            return;
         };
         let deadline = self.now.plus(timeout);
         let now = self.now;
@@ -223,19 +220,12 @@ impl Transition<'_> {
     /// Fires a compensation's deadline or its due retry.
     pub(super) fn compensation_timer(&mut self, slot: Slot) -> bool {
         let now = self.now;
-        let def = &self.def.steps()[slot.step];
         match self.slot(slot).status {
             StepStatus::Compensating {
                 attempt, deadline, ..
             } if deadline <= now => {
-                let timeout = match &def.kind {
-                    StepKind::Workflow(_) => def.timeout,
-                    _ => def
-                        .compensation
-                        .as_ref()
-                        .map(|c| c.timeout)
-                        .unwrap_or_default(),
-                };
+                let timeout =
+                    compensation_timeout(&self.def.steps()[slot.step]).unwrap_or_default();
                 let error = StepError::retryable(format!(
                     "compensation timed out after {}",
                     format_duration(timeout)
@@ -314,5 +304,15 @@ impl Transition<'_> {
             }
         }
         true
+    }
+}
+
+/// How long one attempt of a step's undoing may take: its sub-workflow's
+/// step timeout, or its compensation's; `None` when it has nothing to undo.
+fn compensation_timeout(def: &StepDefinition) -> Option<std::time::Duration> {
+    match (&def.kind, &def.compensation) {
+        (StepKind::Workflow(_), _) => Some(def.timeout),
+        (_, Some(c)) => Some(c.timeout),
+        _ => None,
     }
 }

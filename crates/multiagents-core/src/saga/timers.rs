@@ -56,11 +56,11 @@ impl Transition<'_> {
                 StepStatus::Running {
                     attempt, deadline, ..
                 } if deadline <= now => {
-                    let timeout = format_duration(def.timeout);
                     if let StepKind::Workflow(_) = &def.kind {
                         self.child_timed_out(slot, attempt);
                         changed = true;
                     } else {
+                        let timeout = format_duration(def.timeout);
                         let error = StepError::retryable(format!("timed out after {timeout}"))
                             .with_kind("timeout");
                         changed |= self.step_failed(slot, attempt, error);
