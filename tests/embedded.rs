@@ -248,7 +248,9 @@ async fn a_step_past_its_timeout_is_retried_then_compensated() {
     let wait = done.step("wait").expect("step");
     assert_eq!(wait.attempts, 2);
     assert_eq!(
-        wait.last_error.as_ref().and_then(|e| e.kind.as_deref()),
+        wait.last_error
+            .as_ref()
+            .and_then(|e| e.kind.as_ref().map(|k| k.as_str())),
         Some("timeout")
     );
     rt.shutdown().await;

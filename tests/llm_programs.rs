@@ -690,7 +690,10 @@ async fn a_workflow_token_budget_fails_the_step_that_exceeds_it_and_compensates(
         .step("second")
         .and_then(|s| s.last_error.clone())
         .expect("error");
-    assert_eq!(error.kind.as_deref(), Some("token_budget"));
+    assert_eq!(
+        error.kind.as_ref().map(|k| k.as_str()),
+        Some("token_budget")
+    );
     assert!(
         error
             .message

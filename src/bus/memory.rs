@@ -4,7 +4,7 @@
 //! when the process ends, what it held is gone, which is why the embedded
 //! runtime republishes in-flight commands from the store when it starts.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -52,7 +52,7 @@ pub struct MemoryBus {
 
 struct Inner {
     config: MemoryBusConfig,
-    topics: RwLock<HashMap<String, Arc<Topic>>>,
+    topics: RwLock<crate::core::hash::IdMap<String, Arc<Topic>>>,
     dead: Mutex<VecDeque<DeadLetter>>,
     notifier: LocalNotifier,
     limits: LocalLimits,
@@ -65,7 +65,7 @@ struct Topic {
 
 #[derive(Default)]
 struct TopicState {
-    groups: HashMap<String, Arc<Group>>,
+    groups: crate::core::hash::IdMap<String, Arc<Group>>,
     /// Events published while no group existed.
     backlog: VecDeque<Arc<Event>>,
 }
@@ -83,7 +83,7 @@ struct GroupState {
     queue: VecDeque<(u64, Arc<Event>, u32)>,
     /// Deliveries not acked yet: the event, its delivery count and the end
     /// of its lease.
-    pending: HashMap<u64, (Arc<Event>, u32, Instant)>,
+    pending: crate::core::hash::IdMap<u64, (Arc<Event>, u32, Instant)>,
     /// (visibility deadline, id, delivery count) in the order they were
     /// set; a deadline that an extension moved is skipped when it comes up.
     timeouts: VecDeque<(Instant, u64, u32)>,
@@ -106,7 +106,7 @@ impl MemoryBus {
         Self {
             inner: Arc::new(Inner {
                 config,
-                topics: RwLock::new(HashMap::new()),
+                topics: RwLock::default(),
                 dead: Mutex::new(VecDeque::new()),
                 notifier: LocalNotifier::new(),
                 limits: LocalLimits::new(),
@@ -146,25 +146,8 @@ impl MemoryBus {
         }
     }
 
-    fn push_dead(&self, letter: DeadLetter) {
-        metrics::counter!(crate::monitoring::metrics::DEAD_LETTERS, "topic" => letter.topic.clone())
-            .increment(1);
-        let mut dead = self.inner.dead.lock().unwrap_or_else(|e| e.into_inner());
-        if dead.len() >= self.inner.config.dead_letter_capacity {
-            dead.pop_front();
-        }
-        tracing::warn!(topic = %letter.topic, reason = %letter.reason, "event dead-lettered");
-        dead.push_back(letter);
-    }
-}
-
-fn body_of(event: &Event) -> String {
-    serde_json::to_string(event).unwrap_or_else(|e| format!("<unencodable: {e}>"))
-}
-
-#[async_trait]
-impl Topics for MemoryBus {
-    async fn publish(&self, topic: &str, event: Event) -> Result<(), BusError> {
+    /// Publishes at once: nothing here waits.
+    fn publish_now(&self, topic: &str, event: Event) -> Result<(), BusError> {
         let size = event.approx_size();
         if size > self.inner.config.max_event_bytes {
             return Err(BusError::TooLarge {
@@ -190,6 +173,28 @@ impl Topics for MemoryBus {
             g.ready.notify_one();
         }
         Ok(())
+    }
+
+    fn push_dead(&self, letter: DeadLetter) {
+        metrics::counter!(crate::monitoring::metrics::DEAD_LETTERS, "topic" => letter.topic.clone())
+            .increment(1);
+        let mut dead = self.inner.dead.lock().unwrap_or_else(|e| e.into_inner());
+        if dead.len() >= self.inner.config.dead_letter_capacity {
+            dead.pop_front();
+        }
+        tracing::warn!(topic = %letter.topic, reason = %letter.reason, "event dead-lettered");
+        dead.push_back(letter);
+    }
+}
+
+fn body_of(event: &Event) -> String {
+    serde_json::to_string(event).unwrap_or_else(|e| format!("<unencodable: {e}>"))
+}
+
+#[async_trait]
+impl Topics for MemoryBus {
+    async fn publish(&self, topic: &str, event: Event) -> Result<(), BusError> {
+        self.publish_now(topic, event)
     }
 
     async fn consumer(
@@ -305,6 +310,16 @@ struct MemoryConsumer {
 }
 
 impl MemoryConsumer {
+    /// Acks at once: nothing here waits.
+    fn ack_now(&self, ids: &[DeliveryId]) {
+        let mut gs = self.group.state.lock().unwrap_or_else(|e| e.into_inner());
+        for id in ids {
+            if let DeliveryId::Seq(n) = id {
+                gs.pending.remove(n);
+            }
+        }
+    }
+
     /// Takes what is ready, moving expired deliveries back to the queue (or
     /// to the dead letters). Returns the batch and, when it is empty, how long
     /// until the next visibility deadline.
@@ -388,12 +403,7 @@ impl Consumer for MemoryConsumer {
     }
 
     async fn ack(&self, ids: &[DeliveryId]) -> Result<(), BusError> {
-        let mut gs = self.group.state.lock().unwrap_or_else(|e| e.into_inner());
-        for id in ids {
-            if let DeliveryId::Seq(n) = id {
-                gs.pending.remove(n);
-            }
-        }
+        self.ack_now(ids);
         Ok(())
     }
 
@@ -421,9 +431,10 @@ impl Consumer for MemoryConsumer {
         ids: &[DeliveryId],
     ) -> Result<(), BusError> {
         for (topic, event) in events {
-            self.bus.publish(topic, event.clone()).await?;
+            self.bus.publish_now(topic, event.clone())?;
         }
-        self.ack(ids).await
+        self.ack_now(ids);
+        Ok(())
     }
 
     async fn reject(&self, delivery: &Delivery, reason: &str) -> Result<(), BusError> {

@@ -125,8 +125,8 @@ struct Inner {
     lease_due: Script,
     rearm: Script,
     /// Lease scores of the timers this instance took, by transaction.
-    leases: Mutex<HashMap<TransactionId, u64>>,
-    waiters: Mutex<HashMap<TransactionId, Vec<oneshot::Sender<()>>>>,
+    leases: Mutex<crate::core::hash::IdMap<TransactionId, u64>>,
+    waiters: Mutex<crate::core::hash::IdMap<TransactionId, Vec<oneshot::Sender<()>>>>,
     listener: std::sync::Once,
 }
 
@@ -150,8 +150,8 @@ impl RedisStateStore {
                 cas: Script::new(CAS),
                 lease_due: Script::new(LEASE_DUE),
                 rearm: Script::new(REARM),
-                leases: Mutex::new(HashMap::new()),
-                waiters: Mutex::new(HashMap::new()),
+                leases: Mutex::default(),
+                waiters: Mutex::default(),
                 listener: std::sync::Once::new(),
             }),
         })

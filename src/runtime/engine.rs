@@ -1,10 +1,10 @@
 //! The I/O shell around the saga core, shared by the orchestrator loops and
 //! the client: load, apply, compare-and-set, publish.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::bus::{Bus, DeadLetter, Interrupt, RESULTS_TOPIC, command_topic, command_topic_at};
+use crate::core::hash::IdMap;
 use crate::core::saga::{self, Action, Input};
 use crate::core::{
     CorrelationId, Event, EventKind, Payload, Phase, Priority, StepError, Timestamp, TransactionId,
@@ -55,7 +55,7 @@ impl Outbox {
 /// guess: the compare-and-set that follows checks its version, and an input
 /// that changes nothing in a cached state is tried again on a fresh read.
 struct StateCache {
-    shards: [Mutex<HashMap<TransactionId, Versioned>>; 16],
+    shards: [Mutex<IdMap<TransactionId, Versioned>>; 16],
 }
 
 /// Entries per shard before the shard is emptied.
@@ -64,14 +64,14 @@ const CACHE_SHARD_LIMIT: usize = 2048;
 impl StateCache {
     fn new() -> Self {
         Self {
-            shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            shards: std::array::from_fn(|_| Mutex::new(IdMap::default())),
         }
     }
 
     fn shard(
         &self,
         tx: TransactionId,
-    ) -> std::sync::MutexGuard<'_, HashMap<TransactionId, Versioned>> {
+    ) -> std::sync::MutexGuard<'_, IdMap<TransactionId, Versioned>> {
         let i = (tx.0.as_u128() as usize) % self.shards.len();
         self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -107,7 +107,7 @@ impl StateCache {
 /// in a row and waited out the visibility timeout.
 #[derive(Default)]
 struct WorkflowLocks {
-    shards: [Mutex<HashMap<TransactionId, Arc<tokio::sync::Mutex<()>>>>; 16],
+    shards: [Mutex<IdMap<TransactionId, Arc<tokio::sync::Mutex<()>>>>; 16],
 }
 
 impl WorkflowLocks {
@@ -132,7 +132,7 @@ impl WorkflowLocks {
 /// Held while a workflow is loaded, changed and written; the entry goes
 /// when its last user lets go.
 struct WorkflowGuard<'a> {
-    shard: &'a Mutex<HashMap<TransactionId, Arc<tokio::sync::Mutex<()>>>>,
+    shard: &'a Mutex<IdMap<TransactionId, Arc<tokio::sync::Mutex<()>>>>,
     tx: TransactionId,
     lock: Arc<tokio::sync::Mutex<()>>,
     guard: Option<tokio::sync::OwnedMutexGuard<()>>,
@@ -163,10 +163,10 @@ pub(crate) enum Driven {
 pub(crate) struct Engine {
     pub(crate) bus: Bus,
     pub(crate) store: Store,
-    definitions: RwLock<HashMap<(WorkflowName, u32), Arc<WorkflowDefinition>>>,
+    definitions: RwLock<IdMap<(WorkflowName, u32), Arc<WorkflowDefinition>>>,
     /// Command topic names by worker and priority, so dispatching does not
     /// format one each time.
-    topics: RwLock<HashMap<(WorkerName, Priority), Arc<str>>>,
+    topics: RwLock<IdMap<(WorkerName, Priority), Arc<str>>>,
     /// With a remote store only.
     cache: Option<StateCache>,
     locks: WorkflowLocks,
@@ -185,13 +185,13 @@ pub(crate) struct Engine {
 /// made. One that an error path dropped without publishing stops counting
 /// after [`PENDING_AT_MOST`], so that the sweep heals it all the same.
 #[derive(Default)]
-pub(crate) struct Pending(std::sync::Mutex<HashMap<Written, std::time::Instant>>);
+pub(crate) struct Pending(std::sync::Mutex<IdMap<Written, std::time::Instant>>);
 
 /// How long a write counts as being published by this process at most.
 const PENDING_AT_MOST: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Pending {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Written, std::time::Instant>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, IdMap<Written, std::time::Instant>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -228,8 +228,8 @@ impl Engine {
             metrics: super::metrics::EngineMetrics::new(),
             bus,
             store,
-            definitions: RwLock::new(HashMap::new()),
-            topics: RwLock::new(HashMap::new()),
+            definitions: RwLock::default(),
+            topics: RwLock::default(),
         }
     }
 
@@ -615,7 +615,7 @@ impl Engine {
                     e.deadline = Some(d.deadline);
                     e.causation_id = cause.map(|c| c.id);
                     e.traceparent = span.map(Arc::from).or_else(|| traceparent.clone());
-                    outbox.push((self.topic(&d.worker, state.priority).to_string(), e));
+                    outbox.push((String::from(&*self.topic(&d.worker, state.priority)), e));
                 }
                 Action::Status(update) => {
                     log_status(state, &update);

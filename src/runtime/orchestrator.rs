@@ -152,8 +152,7 @@ async fn handle_batch(
         return out;
     }
     let mut groups: Vec<Vec<Delivery>> = Vec::new();
-    let mut index: std::collections::HashMap<crate::core::TransactionId, usize> =
-        std::collections::HashMap::new();
+    let mut index: crate::core::hash::IdMap<crate::core::TransactionId, usize> = Default::default();
     for d in batch {
         match index.get(&d.event.transaction_id) {
             Some(&i) => groups[i].push(d),

@@ -1,7 +1,7 @@
 //! The in-memory store: fast, shared by everything in one process, gone when
 //! it ends. The file store keeps one of these as its index.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,6 +13,7 @@ use super::{
     Definitions, HealthRecords, ListQuery, StoreError, TimerIndex, Version, Versioned,
     WorkflowStates, WorkflowSummary, same_definition,
 };
+use crate::core::hash::IdMap;
 use crate::core::{Timestamp, TransactionId, WorkflowDefinition, WorkflowState};
 
 /// An in-process store of all four tables.
@@ -34,10 +35,10 @@ struct Inner {
 
 #[derive(Default)]
 struct States {
-    by_id: HashMap<TransactionId, Versioned>,
+    by_id: IdMap<TransactionId, Versioned>,
     wakeups: BTreeSet<(Timestamp, TransactionId)>,
     finished: BTreeSet<(Timestamp, TransactionId)>,
-    waiters: HashMap<TransactionId, Vec<oneshot::Sender<Versioned>>>,
+    waiters: IdMap<TransactionId, Vec<oneshot::Sender<Versioned>>>,
 }
 
 impl States {

@@ -357,14 +357,14 @@ impl<S: WorkflowStates + TimerIndex + Definitions + HealthRecords> From<S> for S
 /// write, when it was made (or until when it is leased to a healer).
 #[derive(Default)]
 pub(crate) struct UnpublishedBoard {
-    shards: [std::sync::Mutex<std::collections::HashMap<(TransactionId, Version), u64>>; 16],
+    shards: [std::sync::Mutex<crate::core::hash::IdMap<(TransactionId, Version), u64>>; 16],
 }
 
 impl UnpublishedBoard {
     fn shard(
         &self,
         tx: TransactionId,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<(TransactionId, Version), u64>> {
+    ) -> std::sync::MutexGuard<'_, crate::core::hash::IdMap<(TransactionId, Version), u64>> {
         self.shards[(tx.0.as_u128() as usize) % 16]
             .lock()
             .unwrap_or_else(|e| e.into_inner())

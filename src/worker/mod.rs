@@ -30,8 +30,8 @@ pub use crate::core::health::{ErrorKind, WorkerHealth};
 pub use manager::{WorkerHandle, WorkerManager, WorkerManagerConfig, WorkerOptions};
 
 use crate::core::{
-    CorrelationId, Payload, Phase, RetryDirective, StepError, StepName, Timestamp, TransactionId,
-    WorkflowName,
+    CorrelationId, Payload, Phase, RetryDirective, StepError, StepErrorKind, StepName, Timestamp,
+    TransactionId, WorkflowName,
 };
 
 /// What a worker gets besides its input.
@@ -55,7 +55,7 @@ pub struct WorkerContext {
     /// the deadline passed). Long work should watch it.
     pub cancellation: CancellationToken,
     /// Formatted on first use: most workers never ask.
-    idempotency_key: std::sync::OnceLock<Arc<str>>,
+    idempotency_key: std::sync::OnceLock<String>,
     attempt_key: std::sync::OnceLock<Arc<str>>,
     /// The command document, `{"input": …, "steps": {…}}`.
     steps: Option<Payload>,
@@ -118,11 +118,7 @@ impl WorkerContext {
     /// ```
     pub fn idempotency_key(&self) -> &str {
         self.idempotency_key.get_or_init(|| {
-            Arc::from(crate::core::event::idempotency_key(
-                self.transaction_id,
-                self.step.as_str(),
-                self.phase,
-            ))
+            crate::core::event::idempotency_key(self.transaction_id, self.step.as_str(), self.phase)
         })
     }
 
@@ -224,7 +220,7 @@ impl WorkerContext {
 pub struct WorkerError {
     message: String,
     retry: RetryDirective,
-    kind: Option<String>,
+    kind: Option<StepErrorKind>,
 }
 
 impl WorkerError {
@@ -256,7 +252,7 @@ impl WorkerError {
     }
 
     /// Tags the error with a short machine-readable kind (`declined`, `timeout`…).
-    pub fn with_kind(mut self, kind: impl Into<String>) -> Self {
+    pub fn with_kind(mut self, kind: impl Into<StepErrorKind>) -> Self {
         self.kind = Some(kind.into());
         self
     }
@@ -272,8 +268,8 @@ impl WorkerError {
     }
 
     /// The kind, if tagged.
-    pub fn kind(&self) -> Option<&str> {
-        self.kind.as_deref()
+    pub fn kind(&self) -> Option<&StepErrorKind> {
+        self.kind.as_ref()
     }
 
     /// True unless the error is fatal.

@@ -32,6 +32,8 @@ use multiagents::{
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::error::CliError;
+
 #[derive(Subcommand, Debug)]
 pub enum Workload {
     /// Five-step order saga (validate, reserve, charge, invoice, notify).
@@ -247,18 +249,12 @@ fn effects_error(address: &str, what: &str, e: redis::RedisError) -> Error {
 /// under and its runs by attempt, no strings.
 #[derive(Default)]
 struct LocalEffects {
-    shards: [Mutex<Records>; 16],
+    shards: [Mutex<EffectMap>; 16],
 }
 
-fn hash64(parts: &[&str]) -> u64 {
-    use std::hash::Hasher;
-    // A fixed-key SipHash: stable within the process, which is all we need.
-    let mut h = std::hash::DefaultHasher::new();
-    for p in parts {
-        h.write(p.as_bytes());
-        h.write_u8(0xff);
-    }
-    h.finish()
+/// The hash of an idempotency key.
+fn hash64(key: &str) -> u64 {
+    multiagents::core::hash::fnv1a(key.bytes())
 }
 
 /// One attempt of one step of one workflow, in one phase.
@@ -364,47 +360,65 @@ impl EffectRuns {
     }
 }
 
-/// The records of every run, by effect.
+/// Runs by effect.
+type EffectMap = multiagents::core::hash::IdMap<Effect, EffectRuns>;
+
+/// Counts `n` runs of `attempt` under the key hashed to `key`.
+fn add_runs(effects: &mut EffectMap, key: u64, attempt: Attempt, n: u64) {
+    let Attempt {
+        tx,
+        step,
+        phase,
+        attempt,
+    } = attempt;
+    match effects.entry((tx, step, phase)) {
+        std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().add(key, attempt, n),
+        std::collections::hash_map::Entry::Vacant(e) => {
+            e.insert(EffectRuns {
+                key,
+                attempt,
+                runs: n,
+                more: None,
+            });
+        }
+    }
+}
+
+/// The records of every run, by effect: in the shards they were recorded
+/// in, never merged (an effect is in one shard only), so reading them at
+/// the end copies and rehashes nothing.
 #[derive(Debug, Default)]
 struct Records {
-    effects: HashMap<Effect, EffectRuns>,
+    shards: Vec<EffectMap>,
 }
 
 impl Records {
-    /// Counts `n` runs of `attempt` under the key hashed to `key`.
-    fn add(&mut self, key: u64, attempt: Attempt, n: u64) {
-        let Attempt {
-            tx,
-            step,
-            phase,
-            attempt,
-        } = attempt;
-        match self.effects.entry((tx, step, phase)) {
-            std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().add(key, attempt, n),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(EffectRuns {
-                    key,
-                    attempt,
-                    runs: n,
-                    more: None,
-                });
-            }
-        }
+    /// Every effect and its runs.
+    fn effects(&self) -> impl Iterator<Item = (&Effect, &EffectRuns)> {
+        self.shards.iter().flatten()
+    }
+
+    /// The runs of one effect.
+    #[cfg(test)]
+    fn get(&self, effect: &Effect) -> Option<&EffectRuns> {
+        self.shards.iter().find_map(|s| s.get(effect))
     }
 
     /// From the Redis counters by `<key> <tx/step/phase/attempt>`; fields
     /// that do not read so are left out.
     fn from_fields(counters: HashMap<String, u64>) -> Self {
-        let mut records = Self::default();
+        let mut effects = EffectMap::default();
         for (field, n) in counters {
             let Some((key, attempt)) = field.split_once(' ') else {
                 continue;
             };
             if let Some(attempt) = Attempt::parse(attempt) {
-                records.add(hash64(&[key]), attempt, n);
+                add_runs(&mut effects, hash64(key), attempt, n);
             }
         }
-        records
+        Self {
+            shards: vec![effects],
+        }
     }
 }
 
@@ -419,7 +433,7 @@ struct Totals {
 
 /// The attempts each finished workflow settled its steps with, by
 /// transaction id and step: (forward attempts, compensation attempts).
-type Settled = HashMap<TransactionId, Vec<(StepName, (u32, u32))>>;
+type Settled = multiagents::core::hash::IdMap<TransactionId, Vec<(StepName, (u32, u32))>>;
 
 fn settled_attempts(state: &multiagents::core::WorkflowState) -> Vec<(StepName, (u32, u32))> {
     state
@@ -437,12 +451,16 @@ impl Effects {
     async fn record(&self, ctx: &WorkerContext) -> Result<(), WorkerError> {
         match self {
             Effects::Local(local) => {
-                let key = hash64(&[ctx.idempotency_key()]);
+                let key = hash64(ctx.idempotency_key());
                 let shard = (ctx.transaction_id.0.as_u128() % 16) as usize;
-                local.shards[shard]
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .add(key, Attempt::of(ctx), 1);
+                add_runs(
+                    &mut local.shards[shard]
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()),
+                    key,
+                    Attempt::of(ctx),
+                    1,
+                );
                 Ok(())
             }
             Effects::Redis { conn, prefix, .. } => {
@@ -463,17 +481,15 @@ impl Effects {
         match self {
             Effects::Local(local) => {
                 // Read once, at the end: taken, not copied.
-                let mut records = Records::default();
-                for shard in &local.shards {
-                    let mut s = shard.lock().unwrap_or_else(|e| e.into_inner());
-                    let taken = std::mem::take(&mut s.effects);
-                    if records.effects.is_empty() {
-                        records.effects = taken;
-                    } else {
-                        records.effects.extend(taken);
-                    }
-                }
-                Ok(records)
+                Ok(Records {
+                    shards: local
+                        .shards
+                        .iter()
+                        .map(|shard| {
+                            std::mem::take(&mut *shard.lock().unwrap_or_else(|e| e.into_inner()))
+                        })
+                        .collect(),
+                })
             }
             Effects::Redis {
                 conn,
@@ -537,7 +553,7 @@ async fn hscan(
 /// past it); a run of the settling attempt beyond its first is a redelivery.
 fn totals(records: &Records, settled: &Settled) -> Totals {
     let mut totals = Totals::default();
-    for ((tx, step, phase), runs) in &records.effects {
+    for ((tx, step, phase), runs) in records.effects() {
         totals.executions += runs.by_attempt().map(|(_, n)| n).sum::<u64>();
         if runs.applied() > 1 {
             totals.duplicates += 1;
@@ -633,7 +649,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 pub async fn run(
     workload: Workload,
     monitoring: &multiagents::monitoring::MonitoringConfig,
-) -> Result<ExitCode, Error> {
+) -> crate::error::Result<ExitCode> {
     match workload {
         Workload::Orders(args) => orders(args, monitoring).await,
         Workload::Takeover(args) => crate::takeover::run(args).await,
@@ -738,24 +754,32 @@ async fn backend(args: &OrdersArgs) -> Result<(Bus, Store, Effects, Option<PathB
 async fn orders(
     args: OrdersArgs,
     monitoring: &multiagents::monitoring::MonitoringConfig,
-) -> Result<ExitCode, Error> {
+) -> crate::error::Result<ExitCode> {
     let worker_config = WorkerManagerConfig::default().with_monitoring(monitoring);
     if !(0.0..=1.0).contains(&args.fail_rate) {
-        return Err(Error::Config(format!(
-            "--fail-rate must be between 0 and 1, not {}",
-            args.fail_rate
-        )));
+        return Err(CliError::usage(
+            "--fail-rate",
+            format!("must be between 0 and 1, not {}", args.fail_rate),
+        ));
     }
     if args.workflows == 0 || args.concurrency == 0 {
-        return Err(Error::Config(
-            "--workflows and --concurrency must be at least 1".into(),
+        return Err(CliError::usage(
+            if args.workflows == 0 {
+                "--workflows"
+            } else {
+                "--concurrency"
+            },
+            "must be at least 1",
         ));
     }
     if args.role != Role::All && args.backend != Backend::Redis {
-        return Err(Error::Config(format!(
-            "--role {:?} needs a backend other processes can reach: use --backend redis",
-            args.role
-        )));
+        return Err(CliError::usage(
+            "--role",
+            format!(
+                "{:?} needs a backend other processes can reach: use --backend redis",
+                args.role
+            ),
+        ));
     }
     let metrics_server = match &args.http {
         Some(addr) => {
@@ -904,15 +928,16 @@ async fn orders(
         });
     }
     let mut outcomes = Vec::with_capacity(args.workflows as usize);
-    let mut settled = Settled::with_capacity(args.workflows as usize);
+    let mut settled =
+        Settled::with_capacity_and_hasher(args.workflows as usize, Default::default());
     while let Some(joined) = tasks.join_next().await {
         match joined {
             Ok(Ok((o, s))) => {
                 outcomes.extend(o);
                 settled.extend(s);
             }
-            Ok(Err(e)) => return Err(e),
-            Err(e) => return Err(Error::Config(format!("a client task failed: {e}"))),
+            Ok(Err(e)) => return Err(e.into()),
+            Err(e) => return Err(CliError::process("a client task", e)),
         }
     }
     let seconds = started.elapsed().as_secs_f64();
@@ -1031,11 +1056,17 @@ mod tests {
         );
         let effect = |step: &str, phase| (t1, StepName::from(step), phase);
         assert_eq!(
-            records.effects[&effect("reserve", Phase::Forward)].applied(),
+            records
+                .get(&effect("reserve", Phase::Forward))
+                .expect("recorded")
+                .applied(),
             1
         );
         assert_eq!(
-            records.effects[&effect("charge", Phase::Forward)].applied(),
+            records
+                .get(&effect("charge", Phase::Forward))
+                .expect("recorded")
+                .applied(),
             2
         );
         let settled: Settled = [(

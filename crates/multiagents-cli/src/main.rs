@@ -1,6 +1,7 @@
 //! The `multiagents` command.
 
 mod bench;
+mod error;
 mod takeover;
 mod workflow;
 
@@ -75,7 +76,7 @@ struct ServeArgs {
 async fn serve(
     args: ServeArgs,
     monitoring: &multiagents::monitoring::MonitoringConfig,
-) -> Result<std::process::ExitCode, multiagents::Error> {
+) -> error::Result<std::process::ExitCode> {
     use multiagents::bus::RedisStreamsBus;
     use multiagents::store::RedisStateStore;
     // Before anything records a metric: handles bind to the recorder.
@@ -165,7 +166,8 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async {
         // Spans to `tracing.otlp_endpoint` (MULTIAGENTS_OTLP_ENDPOINT), flushed on the way out.
-        let tracing = multiagents::monitoring::otel::init_tracing(&monitoring.tracing)?;
+        let tracing = multiagents::monitoring::otel::init_tracing(&monitoring.tracing)
+            .map_err(error::CliError::from)?;
         let result = match cli.command {
             Command::Bench { workload } => bench::run(workload, &monitoring).await,
             Command::Serve(args) => serve(args, &monitoring).await,
@@ -183,7 +185,7 @@ fn main() -> std::process::ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");
-            std::process::ExitCode::FAILURE
+            e.exit_code()
         }
     }
 }

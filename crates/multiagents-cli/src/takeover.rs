@@ -17,6 +17,8 @@ use multiagents::Error;
 use multiagents::bus::{Consumer, RedisBusConfig, RedisStreamsBus, Topics};
 use multiagents::core::{CorrelationId, Event, EventKind, Payload, TransactionId, WorkflowName};
 
+use crate::error::{CliError, Result};
+
 #[derive(clap::Args, Debug)]
 pub struct TakeoverArgs {
     /// The Redis server.
@@ -57,11 +59,11 @@ impl TakeoverArgs {
 
 const GROUP: &str = "takeover";
 
-fn io(e: std::io::Error) -> Error {
-    Error::Config(format!("the holder process: {e}"))
+fn io(e: std::io::Error) -> CliError {
+    CliError::process("the holder process", e)
 }
 
-pub async fn run(args: TakeoverArgs) -> Result<ExitCode, Error> {
+pub async fn run(args: TakeoverArgs) -> Result<ExitCode> {
     let bus = args.bus().await?;
     if let Some(topic) = &args.hold {
         return hold(&bus, topic, args.entries).await;
@@ -103,20 +105,20 @@ pub async fn run(args: TakeoverArgs) -> Result<ExitCode, Error> {
         let stdout = child
             .stdout
             .take()
-            .ok_or_else(|| Error::Config("no stdout".into()))?;
+            .ok_or_else(|| CliError::process("the holder process", "no stdout"))?;
         let line = tokio::task::spawn_blocking(move || {
             let mut line = String::new();
             BufReader::new(stdout).read_line(&mut line).map(|_| line)
         })
         .await
-        .map_err(|e| Error::Config(e.to_string()))?
+        .map_err(|e| CliError::process("reading the holder's stdout", e))?
         .map_err(io)?;
         if line.trim() != "held" {
             let _ = child.kill();
-            return Err(Error::Config(format!(
-                "the holder said {read:?}",
-                read = line.trim()
-            )));
+            return Err(CliError::process(
+                "the holder process",
+                format!("it said {read:?}, not `held`", read = line.trim()),
+            ));
         }
         let taker = bus
             .consumer(&topic, GROUP, &format!("taker-{run_id}"))
@@ -138,7 +140,7 @@ pub async fn run(args: TakeoverArgs) -> Result<ExitCode, Error> {
                 .await?;
             if batch.is_empty() {
                 if killed.elapsed() > args.visibility_timeout * 10 {
-                    return Err(Error::Config(format!(
+                    return Err(CliError::Check(format!(
                         "trial {trial}: {got} of {} taken over after {:?}",
                         args.entries,
                         killed.elapsed()
@@ -196,7 +198,7 @@ pub async fn run(args: TakeoverArgs) -> Result<ExitCode, Error> {
 
 /// Takes every entry of `topic`, says `held`, and extends them at the beat
 /// until killed.
-async fn hold(bus: &RedisStreamsBus, topic: &str, entries: u32) -> Result<ExitCode, Error> {
+async fn hold(bus: &RedisStreamsBus, topic: &str, entries: u32) -> Result<ExitCode> {
     let consumer: Arc<dyn Consumer> = bus
         .consumer(topic, GROUP, &format!("holder-{}", std::process::id()))
         .await?;

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use multiagents::store::{Definitions, RedisStateStore, RedisStoreConfig, Store};
 use multiagents::{Error, WorkflowDefinition};
 
+use crate::error::{CliError, Result};
+
 /// Where the state lives.
 #[derive(clap::Args, Debug)]
 pub struct RedisArgs {
@@ -147,7 +149,7 @@ pub struct DeployArgs {
     redis: RedisArgs,
 }
 
-pub async fn run(command: WorkflowCommand) -> Result<ExitCode, Error> {
+pub async fn run(command: WorkflowCommand) -> Result<ExitCode> {
     match command {
         WorkflowCommand::Deploy(args) => deploy(args).await,
         WorkflowCommand::Status(args) => status(args).await,
@@ -158,9 +160,11 @@ pub async fn run(command: WorkflowCommand) -> Result<ExitCode, Error> {
 }
 
 /// Reads a definition file, checking it as the builder does.
-pub fn read_definition(path: &std::path::Path) -> Result<WorkflowDefinition, Error> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+pub fn read_definition(path: &std::path::Path) -> Result<WorkflowDefinition> {
+    let text = std::fs::read_to_string(path).map_err(|source| CliError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let yaml = matches!(
         path.extension().and_then(|e| e.to_str()),
         Some("yaml" | "yml")
@@ -170,10 +174,13 @@ pub fn read_definition(path: &std::path::Path) -> Result<WorkflowDefinition, Err
     } else {
         WorkflowDefinition::from_json(&text)
     };
-    parsed.map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    parsed.map_err(|source| CliError::Definition {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
-async fn deploy(args: DeployArgs) -> Result<ExitCode, Error> {
+async fn deploy(args: DeployArgs) -> Result<ExitCode> {
     // Check every file before registering any.
     let definitions = args
         .files
@@ -198,7 +205,7 @@ async fn deploy(args: DeployArgs) -> Result<ExitCode, Error> {
         }
     }
     if let Some(cycle) = multiagents::core::workflow::child_cycle(&known) {
-        return Err(Error::Config(format!(
+        return Err(CliError::Refused(format!(
             "nothing deployed: workflows would start each other as sub-workflows in a cycle, which would never end: {}",
             cycle.join(" → ")
         )));
@@ -210,12 +217,14 @@ async fn deploy(args: DeployArgs) -> Result<ExitCode, Error> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn status(args: StatusArgs) -> Result<ExitCode, Error> {
+async fn status(args: StatusArgs) -> Result<ExitCode> {
     use multiagents::monitoring::lifecycles;
-    let tx: multiagents::TransactionId = args
-        .id
-        .parse()
-        .map_err(|e| Error::Config(format!("`{}` is not a transaction id: {e}", args.id)))?;
+    let tx: multiagents::TransactionId = args.id.parse().map_err(|e| {
+        CliError::usage(
+            "<ID>",
+            format!("`{}` is not a transaction id: {e}", args.id),
+        )
+    })?;
     let store: Store = args.redis.store().await?.into();
     let Some(current) = store.states.get(tx).await? else {
         eprintln!(
@@ -275,7 +284,7 @@ pub struct WorkersArgs {
 pub async fn workers(
     args: WorkersArgs,
     monitoring: &multiagents::monitoring::MonitoringConfig,
-) -> Result<ExitCode, Error> {
+) -> Result<ExitCode> {
     use multiagents::monitoring::WorkerMonitor;
     let store = args.redis.store().await?;
     let report = WorkerMonitor::new(store, monitoring.worker_monitoring.clone())
@@ -353,7 +362,7 @@ pub async fn workers(
     Ok(ExitCode::SUCCESS)
 }
 
-async fn diagram(args: DiagramArgs) -> Result<ExitCode, Error> {
+async fn diagram(args: DiagramArgs) -> Result<ExitCode> {
     use multiagents::core::workflow::diagram;
     let path = std::path::Path::new(&args.definition);
     let def = if path.is_file() {
@@ -365,7 +374,7 @@ async fn diagram(args: DiagramArgs) -> Result<ExitCode, Error> {
             None => store.latest_definition(&args.definition).await?,
         };
         found.ok_or_else(|| {
-            Error::Config(format!(
+            CliError::NotFound(format!(
                 "`{}` is neither a file nor a definition registered in {} (prefix {}){}",
                 args.definition,
                 args.redis.address(),
@@ -386,9 +395,9 @@ async fn diagram(args: DiagramArgs) -> Result<ExitCode, Error> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn transaction_id(id: &str) -> Result<multiagents::TransactionId, Error> {
+fn transaction_id(id: &str) -> Result<multiagents::TransactionId> {
     id.parse()
-        .map_err(|e| Error::Config(format!("`{id}` is not a transaction id: {e}")))
+        .map_err(|e| CliError::usage("<ID>", format!("`{id}` is not a transaction id: {e}")))
 }
 
 impl RedisArgs {
@@ -401,17 +410,17 @@ impl RedisArgs {
     }
 }
 
-async fn signal(args: SignalArgs) -> Result<ExitCode, Error> {
+async fn signal(args: SignalArgs) -> Result<ExitCode> {
     let tx = transaction_id(&args.id)?;
     let data: serde_json::Value = serde_json::from_str(&args.data)
-        .map_err(|e| Error::Config(format!("--data `{}` is not JSON: {e}", args.data)))?;
+        .map_err(|e| CliError::usage("--data", format!("`{}` is not JSON: {e}", args.data)))?;
     let client = args.redis.client().await?;
     client.signal(tx, &args.name, &data).await?;
     println!("{tx}: signal `{}` delivered", args.name);
     Ok(ExitCode::SUCCESS)
 }
 
-async fn cancel(args: CancelArgs) -> Result<ExitCode, Error> {
+async fn cancel(args: CancelArgs) -> Result<ExitCode> {
     let tx = transaction_id(&args.id)?;
     let client = args.redis.client().await?;
     if !client.cancel(tx, &args.reason).await? {

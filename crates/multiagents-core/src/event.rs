@@ -221,14 +221,21 @@ impl Event {
 /// (Temporal's workflow id + activity id). A fan-out branch's step is
 /// `step[i]`, so each branch has its own key.
 pub fn idempotency_key(tx: TransactionId, step: &str, phase: Phase) -> String {
-    format!("{tx}/{step}/{phase}")
+    use std::fmt::Write as _;
+    // Sized once: a hyphenated UUID is 36 bytes, the longest phase 10.
+    let mut key = String::with_capacity(36 + step.len() + 12);
+    let _ = write!(key, "{tx}/{step}/{phase}");
+    key
 }
 
 /// `transaction/step/phase/attempt`: one key per attempt, for the rare API
 /// that remembers a failure under its key and would answer every retry with
 /// it.
 pub fn attempt_key(tx: TransactionId, step: &str, phase: Phase, attempt: u32) -> String {
-    format!("{tx}/{step}/{phase}/{attempt}")
+    use std::fmt::Write as _;
+    let mut key = String::with_capacity(36 + step.len() + 23);
+    let _ = write!(key, "{tx}/{step}/{phase}/{attempt}");
+    key
 }
 
 /// How a failed step wants to be treated.
@@ -259,9 +266,142 @@ pub struct StepError {
     /// Whether and when to retry.
     #[serde(default)]
     pub retry: RetryDirective,
-    /// A short machine-readable kind (`timeout`, `declined`, `invalid_input`, …).
+    /// What kind of error it is, for branching and grouping (`timeout`,
+    /// `invalid_input`, or a kind the worker chose, `declined` say).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kind: Option<String>,
+    pub kind: Option<StepErrorKind>,
+}
+
+/// The kind of a [`StepError`]: the kinds the framework itself gives, each
+/// a variant, and the kinds workers choose, as [`StepErrorKind::Custom`].
+///
+/// On the wire and in persisted states a kind is its name, a short
+/// snake_case string (`timeout`, `invalid_input`, `declined`), so states
+/// and events written before this type existed read the same; a name that
+/// is one of the framework's reads as its variant, whoever wrote it.
+///
+/// ```
+/// use multiagents_core::StepErrorKind;
+///
+/// assert_eq!(StepErrorKind::from("timeout"), StepErrorKind::Timeout);
+/// assert_eq!(StepErrorKind::from("declined").as_str(), "declined");
+/// let kind: StepErrorKind = serde_json::from_str("\"signal_timeout\"").unwrap();
+/// assert_eq!(kind, StepErrorKind::SignalTimeout);
+/// assert_eq!(serde_json::to_string(&StepErrorKind::custom("out_of_stock")).unwrap(), "\"out_of_stock\"");
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum StepErrorKind {
+    /// The attempt ran past its step timeout (or a worker's call past its
+    /// deadline).
+    Timeout,
+    /// A signal step waited past its timeout.
+    SignalTimeout,
+    /// A step's `when` condition could not be evaluated.
+    Condition,
+    /// A `for_each` expression did not give a list, or too long a one.
+    ForEach,
+    /// A sub-workflow failed, was compensated or timed out.
+    SubWorkflow,
+    /// The worker could not read its input.
+    InvalidInput,
+    /// The call was interrupted (cancelled, or its process stopped).
+    Interrupted,
+    /// An LLM step would go over its token budget.
+    TokenBudget,
+    /// An LLM answered with output the program could not parse.
+    BadLlmOutput,
+    /// The LLM endpoint could not be reached or was overloaded.
+    LlmUnavailable,
+    /// The LLM endpoint refused the request for good.
+    LlmRefused,
+    /// A kind the worker chose.
+    Custom(Box<str>),
+}
+
+impl StepErrorKind {
+    /// Every kind the framework gives, by name.
+    const NAMED: [(&'static str, StepErrorKind); 11] = [
+        ("timeout", StepErrorKind::Timeout),
+        ("signal_timeout", StepErrorKind::SignalTimeout),
+        ("condition", StepErrorKind::Condition),
+        ("for_each", StepErrorKind::ForEach),
+        ("sub_workflow", StepErrorKind::SubWorkflow),
+        ("invalid_input", StepErrorKind::InvalidInput),
+        ("interrupted", StepErrorKind::Interrupted),
+        ("token_budget", StepErrorKind::TokenBudget),
+        ("bad_llm_output", StepErrorKind::BadLlmOutput),
+        ("llm_unavailable", StepErrorKind::LlmUnavailable),
+        ("llm_refused", StepErrorKind::LlmRefused),
+    ];
+
+    /// A kind by name: the framework's variant when the name is one of
+    /// its kinds, else [`StepErrorKind::Custom`].
+    pub fn custom(name: impl AsRef<str> + Into<Box<str>>) -> Self {
+        match Self::NAMED.iter().find(|(n, _)| *n == name.as_ref()) {
+            Some((_, kind)) => kind.clone(),
+            None => StepErrorKind::Custom(name.into()),
+        }
+    }
+
+    /// Its name, as written on the wire and shown by monitors.
+    pub fn as_str(&self) -> &str {
+        match self {
+            StepErrorKind::Custom(name) => name,
+            known => Self::NAMED
+                .iter()
+                .find(|(_, k)| k == known)
+                .map_or("error", |(n, _)| n),
+        }
+    }
+
+    /// True for a kind the framework gives, false for one a worker chose.
+    pub fn is_builtin(&self) -> bool {
+        !matches!(self, StepErrorKind::Custom(_))
+    }
+}
+
+impl fmt::Display for StepErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<&str> for StepErrorKind {
+    fn from(name: &str) -> Self {
+        Self::custom(name)
+    }
+}
+
+impl From<String> for StepErrorKind {
+    fn from(name: String) -> Self {
+        Self::custom(name)
+    }
+}
+
+impl PartialEq<str> for StepErrorKind {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for StepErrorKind {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl Serialize for StepErrorKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for StepErrorKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        Ok(Self::custom(name.into_owned()))
+    }
 }
 
 impl StepError {
@@ -284,7 +424,7 @@ impl StepError {
     }
 
     /// Sets the kind.
-    pub fn with_kind(mut self, kind: impl Into<String>) -> Self {
+    pub fn with_kind(mut self, kind: impl Into<StepErrorKind>) -> Self {
         self.kind = Some(kind.into());
         self
     }
@@ -394,6 +534,42 @@ impl EventCodec {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn step_error_kinds_read_and_write_as_their_names() {
+        // The layout written before kinds were typed.
+        for (text, kind) in [
+            (
+                r#"{"message":"late","retry":{"mode":"retry"},"kind":"timeout"}"#,
+                StepErrorKind::Timeout,
+            ),
+            (
+                r#"{"message":"no","retry":{"mode":"never"},"kind":"declined"}"#,
+                StepErrorKind::Custom("declined".into()),
+            ),
+            (
+                r#"{"message":"bad","retry":{"mode":"never"},"kind":"invalid_input"}"#,
+                StepErrorKind::InvalidInput,
+            ),
+        ] {
+            let error: StepError = serde_json::from_str(text).expect("an old step error reads");
+            assert_eq!(error.kind.as_ref(), Some(&kind));
+            assert_eq!(serde_json::to_string(&error).expect("encodes"), text);
+        }
+        // Every framework kind goes round by its name, and no custom name
+        // shadows one.
+        for (name, kind) in StepErrorKind::NAMED {
+            assert!(kind.is_builtin());
+            assert_eq!(kind.as_str(), name);
+            assert_eq!(StepErrorKind::custom(name), kind);
+            assert_eq!(StepErrorKind::from(name.to_string()), kind);
+        }
+        assert!(!StepErrorKind::from("out_of_stock").is_builtin());
+        assert_eq!(
+            StepError::fatal("x").with_kind("for_each").to_string(),
+            "for_each: x"
+        );
+    }
 
     fn sample() -> Event {
         let mut e = Event::new(

@@ -14,7 +14,8 @@ pub mod time;
 pub mod workflow;
 
 pub use event::{
-    Event, EventCodec, EventError, EventKind, Phase, RetryDirective, StepError, Timing,
+    Event, EventCodec, EventError, EventKind, Phase, RetryDirective, StepError, StepErrorKind,
+    Timing,
 };
 pub use health::{ErrorKind, WorkerHealth};
 pub use ids::{CorrelationId, EventId, StepName, TransactionId, WorkerName, WorkflowName};

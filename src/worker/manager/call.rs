@@ -9,7 +9,7 @@ use serde_json::value::RawValue;
 
 use super::{WorkerContext, WorkerError};
 use crate::bus::Delivery;
-use crate::core::{Event, EventKind, Payload, Phase, StepError, Timestamp};
+use crate::core::{Event, EventKind, Payload, Phase, StepError, StepErrorKind, Timestamp};
 
 use super::*;
 
@@ -86,15 +86,10 @@ impl Runner {
             }
             return Handled::Stale;
         }
-        #[derive(Deserialize)]
-        struct Doc<'a> {
-            #[serde(borrow)]
-            input: &'a RawValue,
-        }
         // Only the input is copied out; the step outputs stay in the command
         // and are read when the worker asks for one.
-        let input = match serde_json::from_str::<Doc<'_>>(event.payload.as_str()) {
-            Ok(doc) => Payload::from_raw(doc.input.to_owned()),
+        let input = match command_input(event.payload.as_str()) {
+            Ok(input) => Payload::from_raw(input.to_owned()),
             Err(e) => {
                 let reason = format!("command payload is not {{\"input\": …, \"steps\": …}}: {e}");
                 let _ = self.consumers[level].reject(delivery, &reason).await;
@@ -165,7 +160,7 @@ impl Runner {
             detail.recent.push(began.elapsed().as_micros() as u64);
             if let Err(e) = &outcome {
                 detail.summary().error(
-                    e.kind().unwrap_or("error"),
+                    e.kind().map_or("error", StepErrorKind::as_str),
                     &e.to_string(),
                     Timestamp::now(),
                 );
@@ -250,4 +245,66 @@ pub(super) enum Handled {
     Nothing,
     /// Held by a call still running, which will answer and ack it.
     Held,
+}
+
+/// The input of a command, `{"input": …, "steps": {…}}`. The orchestrator
+/// writes the input first and compactly, so it is read without parsing the
+/// outputs of every step before (which grow with the workflow); anything
+/// else is parsed whole. The event decoder has already checked that the
+/// payload is JSON.
+fn command_input(payload: &str) -> Result<&RawValue, serde_json::Error> {
+    if let Some(rest) = payload.strip_prefix("{\"input\":") {
+        let mut values = serde_json::Deserializer::from_str(rest).into_iter::<&RawValue>();
+        if let Some(Ok(input)) = values.next() {
+            let after = &rest[values.byte_offset()..];
+            if after == "}"
+                || after
+                    .strip_prefix(",\"steps\":{")
+                    .is_some_and(|steps| steps.ends_with('}'))
+            {
+                return Ok(input);
+            }
+        }
+    }
+    #[derive(Deserialize)]
+    struct Doc<'a> {
+        #[serde(borrow)]
+        input: &'a RawValue,
+    }
+    serde_json::from_str::<Doc<'_>>(payload).map(|doc| doc.input)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::command_input;
+
+    #[test]
+    fn the_input_is_read_without_the_outputs_and_odd_layouts_are_parsed_whole() {
+        let read = |p: &str| {
+            command_input(p)
+                .map(|r| r.get().to_string())
+                .map_err(|e| e.to_string())
+        };
+        // As the orchestrator writes it.
+        assert_eq!(
+            read(r#"{"input":{"n":1},"steps":{"a":{"x":[1,2]}}}"#),
+            Ok(r#"{"n":1}"#.into())
+        );
+        assert_eq!(read(r#"{"input":7,"steps":{}}"#), Ok("7".into()));
+        assert_eq!(
+            read(r#"{"input":"s,\"steps\":{","steps":{}}"#),
+            Ok(r#""s,\"steps\":{""#.into())
+        );
+        assert_eq!(read(r#"{"input":null}"#), Ok("null".into()));
+        // Written some other way: parsed whole, same answer.
+        assert_eq!(read(r#"{ "steps": {}, "input": [1] }"#), Ok("[1]".into()));
+        assert_eq!(read(r#"{"input":1, "steps":{}}"#), Ok("1".into()));
+        // Not a command: refused, saying why.
+        assert!(
+            read(r#"{"steps":{}}"#)
+                .expect_err("no input")
+                .contains("missing field `input`")
+        );
+        assert!(read("5").is_err());
+    }
 }

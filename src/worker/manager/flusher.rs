@@ -26,6 +26,8 @@ pub(super) async fn flush(
     held: Arc<Held>,
 ) {
     let mut taken = Vec::with_capacity(FLUSH_BATCH);
+    // Kept from batch to batch, emptied after each.
+    let mut by_level: Vec<Answers> = consumers.iter().map(|_| Answers::default()).collect();
     while let Some(first) = queue.recv().await {
         taken.push(first);
         while taken.len() < FLUSH_BATCH {
@@ -36,17 +38,18 @@ pub(super) async fn flush(
         }
         // Each answer is acked on the topic its command came from (almost
         // always the normal one: then the batch goes as it is).
-        let mut by_level: Vec<Answers> = consumers.iter().map(|_| Answers::default()).collect();
         for (level, id, reply) in taken.drain(..) {
             let (ids, events) = &mut by_level[level];
             ids.push(id);
             events.extend(reply.map(|r| (RESULTS_TOPIC.to_string(), r)));
         }
-        for ((ids, events), consumer) in by_level.iter().zip(&consumers) {
+        for ((ids, events), consumer) in by_level.iter_mut().zip(&consumers) {
             if !ids.is_empty() {
                 publish_answers(consumer.as_ref(), events, ids, &worker).await;
                 // Acked, or left to be redelivered: either way no longer ours.
                 held.remove(ids);
+                ids.clear();
+                events.clear();
             }
         }
     }

@@ -1,7 +1,6 @@
 //! The calls that can be interrupted, and the copies of a running
 //! attempt that must not run again.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
 use tokio_util::sync::CancellationToken;
@@ -24,7 +23,8 @@ pub(super) struct Interrupts {
 pub(super) struct InterruptsInner {
     /// Calls still running after their first poll, with the delivery each
     /// came in.
-    pub(super) running: HashMap<(TransactionId, StepName, u32), (CancellationToken, DeliveryId)>,
+    pub(super) running:
+        crate::core::hash::IdMap<(TransactionId, StepName, u32), (CancellationToken, DeliveryId)>,
     /// Interrupts for calls not (yet) registered here, newest last: a call
     /// registered just after its interrupt came is still cancelled.
     pub(super) recent: std::collections::VecDeque<Interrupt>,

@@ -1,7 +1,6 @@
 //! The commands a runner holds, and the task that extends their leases
 //! while they run.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +9,7 @@ use crate::bus::{Consumer, DeliveryId};
 /// Deliveries held by a runner, by consumer (priority level).
 #[derive(Default)]
 pub(super) struct Held {
-    pub(super) ids: std::sync::Mutex<HashMap<DeliveryId, usize>>,
+    pub(super) ids: std::sync::Mutex<crate::core::hash::IdMap<DeliveryId, usize>>,
 }
 
 impl Held {

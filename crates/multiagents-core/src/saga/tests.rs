@@ -351,7 +351,7 @@ fn deadline_counts_as_a_retryable_failure() {
         s.steps[0]
             .last_error
             .as_ref()
-            .and_then(|e| e.kind.as_deref()),
+            .and_then(|e| e.kind.as_ref().map(|k| k.as_str())),
         Some("timeout")
     );
     apply(&def, &mut s, Input::Tick, at(150));
