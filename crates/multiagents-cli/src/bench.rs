@@ -12,7 +12,6 @@
 //! orchestrator had given up on (`stale_runs`) and how many were
 //! redeliveries (`redelivered_runs`).
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -252,6 +251,22 @@ struct LocalEffects {
     shards: [Mutex<EffectMap>; 16],
 }
 
+impl LocalEffects {
+    /// Records sized for `workflows` orders of five steps, so that no
+    /// shard grows (and holds two tables at once) mid-run.
+    fn sized(workflows: u64) -> Effects {
+        let per_shard = (workflows as usize * 5).div_ceil(16);
+        Effects::Local(Arc::new(Self {
+            shards: std::array::from_fn(|_| {
+                Mutex::new(EffectMap::with_capacity_and_hasher(
+                    per_shard,
+                    Default::default(),
+                ))
+            }),
+        }))
+    }
+}
+
 /// The hash of an idempotency key.
 fn hash64(key: &str) -> u64 {
     multiagents::core::hash::fnv1a(key.bytes())
@@ -406,19 +421,26 @@ impl Records {
 
     /// From the Redis counters by `<key> <tx/step/phase/attempt>`; fields
     /// that do not read so are left out.
-    fn from_fields(counters: HashMap<String, u64>) -> Self {
+    #[cfg(test)]
+    fn from_fields(counters: std::collections::HashMap<String, u64>) -> Self {
         let mut effects = EffectMap::default();
         for (field, n) in counters {
-            let Some((key, attempt)) = field.split_once(' ') else {
-                continue;
-            };
-            if let Some(attempt) = Attempt::parse(attempt) {
-                add_runs(&mut effects, hash64(key), attempt, n);
-            }
+            add_field(&mut effects, &field, n);
         }
         Self {
             shards: vec![effects],
         }
+    }
+}
+
+/// Counts one Redis counter, `<key> <tx/step/phase/attempt>`; a field that
+/// does not read so is left out.
+fn add_field(effects: &mut EffectMap, field: &str, n: u64) {
+    let Some((key, attempt)) = field.split_once(' ') else {
+        return;
+    };
+    if let Some(attempt) = Attempt::parse(attempt) {
+        add_runs(effects, hash64(key), attempt, n);
     }
 }
 
@@ -495,9 +517,9 @@ impl Effects {
                 conn,
                 prefix,
                 address,
-            } => Ok(Records::from_fields(
-                hscan(conn, address, &Self::key(prefix)).await?,
-            )),
+            } => Ok(Records {
+                shards: vec![hscan(conn, address, &Self::key(prefix)).await?],
+            }),
         }
     }
 
@@ -520,14 +542,17 @@ impl Effects {
     }
 }
 
-/// A whole hash, a page at a time.
+/// The effect counters, read a page at a time and counted as they come (a
+/// run's hundreds of thousands of fields are never all held as strings). A
+/// field HSCAN returns twice is counted once.
 async fn hscan(
     conn: &multiagents::redis::RedisConnection,
     address: &str,
     key: &str,
-) -> Result<HashMap<String, u64>, Error> {
+) -> Result<EffectMap, Error> {
     let mut conn = conn.clone();
-    let mut all = HashMap::new();
+    let mut effects = EffectMap::default();
+    let mut seen = multiagents::core::hash::IdSet::default();
     let mut cursor = 0u64;
     loop {
         let (next, page): (u64, Vec<(String, u64)>) = redis::cmd("HSCAN")
@@ -538,10 +563,14 @@ async fn hscan(
             .query_async(&mut conn)
             .await
             .map_err(|e| effects_error(address, "reading the effect counts", e))?;
-        all.extend(page);
+        for (field, n) in page {
+            if seen.insert(hash64(&field)) {
+                add_field(&mut effects, &field, n);
+            }
+        }
         cursor = next;
         if cursor == 0 {
-            return Ok(all);
+            return Ok(effects);
         }
     }
 }
@@ -705,7 +734,7 @@ async fn backend(args: &OrdersArgs) -> Result<(Bus, Store, Effects, Option<PathB
         Backend::Memory => Ok((
             MemoryBus::new().into(),
             MemoryStore::new().into(),
-            Effects::Local(Arc::default()),
+            LocalEffects::sized(args.workflows),
             None,
         )),
         Backend::Embedded => {
@@ -720,7 +749,7 @@ async fn backend(args: &OrdersArgs) -> Result<(Bus, Store, Effects, Option<PathB
             Ok((
                 MemoryBus::new().into(),
                 FileStore::open(&path)?.into(),
-                Effects::Local(Arc::default()),
+                LocalEffects::sized(args.workflows),
                 temp,
             ))
         }

@@ -270,7 +270,7 @@ impl Transition<'_> {
             self.retry_seed(slot, attempt),
         );
         let message = error.to_string();
-        self.slot_mut(slot).last_error = Some(error);
+        self.slot_mut(slot).last_error = Some(Box::new(error));
         match retry_at {
             Some(due) => {
                 self.slot_mut(slot).status = StepStatus::CompensationRetryWaiting {

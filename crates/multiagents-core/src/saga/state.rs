@@ -250,7 +250,7 @@ pub struct StepState {
     pub output: Option<Payload>,
     /// The most recent error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<StepError>,
+    pub last_error: Option<Box<StepError>>,
     /// For a branch of a fan-out: its item, which it gets as `input`.
     #[serde(
         default,

@@ -222,7 +222,7 @@ impl Transition<'_> {
             Some(due) => {
                 let message = error.to_string();
                 let step = self.slot_mut(slot);
-                step.last_error = Some(error);
+                step.last_error = Some(Box::new(error));
                 step.status = StepStatus::RetryWaiting {
                     attempt: attempt + 1,
                     due,
@@ -247,7 +247,7 @@ impl Transition<'_> {
     pub(super) fn fail_for_good(&mut self, slot: Slot, attempt: u32, error: StepError) {
         let message = error.to_string();
         let step = self.slot_mut(slot);
-        step.last_error = Some(error.clone());
+        step.last_error = Some(Box::new(error.clone()));
         step.status = StepStatus::Failed;
         let name = step.name.clone();
         self.record_slot(
@@ -259,7 +259,7 @@ impl Transition<'_> {
         );
         if slot.item.is_some() && self.state.steps[slot.step].status == StepStatus::Branching {
             self.state.steps[slot.step].status = StepStatus::Failed;
-            self.state.steps[slot.step].last_error = Some(error.clone());
+            self.state.steps[slot.step].last_error = Some(Box::new(error.clone()));
         }
         self.actions.push(Action::Status(StatusUpdate::StepFailed {
             step: name.clone(),
