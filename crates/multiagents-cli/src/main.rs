@@ -27,9 +27,10 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run an orchestrator against Redis until SIGINT or SIGTERM. Several may
-    /// run at once and share the work; workflow definitions come from the
-    /// store (registered by the code that starts workflows).
+    /// Run the service until SIGINT or SIGTERM: the HTTP API and an
+    /// orchestrator, embedded (a file store, no server needed) or on Redis
+    /// (`--redis-url`, where several replicas share the work). Workflow
+    /// definitions come from the store (`POST /v1/definitions`).
     Serve(ServeArgs),
     /// Worker health: per worker type and process, calls, failures, rates,
     /// durations and the latest errors, from the heartbeats in Redis.
@@ -48,8 +49,23 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
-    #[command(flatten)]
-    redis: workflow::RedisArgs,
+    /// Serve the HTTP API (and `/metrics`, `/healthz`, `/readyz`) here.
+    /// Without API keys, only a loopback address is allowed.
+    #[arg(long, default_value = multiagents_server::DEFAULT_LISTEN, value_name = "ADDR")]
+    listen: String,
+    /// Embedded mode (no `--redis-url`): the file holding the state.
+    #[arg(long, default_value = ".multiagents/store.db", value_name = "PATH")]
+    store: std::path::PathBuf,
+    /// Run on Redis instead of embedded: `redis://[user:password@]host:port/db`,
+    /// or `rediss://…` for TLS. Several replicas share the work.
+    #[arg(long, value_name = "URL")]
+    redis_url: Option<String>,
+    /// A PEM file of CA certificates to trust, for a `rediss://` server.
+    #[arg(long, env = "REDIS_CA_FILE", value_name = "PEM")]
+    redis_ca_file: Option<std::path::PathBuf>,
+    /// Key prefix in Redis.
+    #[arg(long, default_value = "ma")]
+    prefix: String,
     /// Result consumers in this process.
     #[arg(long, default_value_t = 16)]
     consumers: usize,
@@ -67,8 +83,8 @@ struct ServeArgs {
     /// publishing its commands).
     #[arg(long, default_value = "30s", value_parser = multiagents::core::time::parse_duration)]
     redispatch_after: std::time::Duration,
-    /// Serve Prometheus `/metrics` and `/healthz` on this address (overrides
-    /// `metrics.prometheus_addr` of the monitoring settings).
+    /// Also serve Prometheus `/metrics` and `/healthz` on this address
+    /// (overrides `metrics.prometheus_addr` of the monitoring settings).
     #[arg(long, value_name = "ADDR")]
     http: Option<String>,
 }
@@ -77,8 +93,23 @@ async fn serve(
     args: ServeArgs,
     monitoring: &multiagents::monitoring::MonitoringConfig,
 ) -> error::Result<std::process::ExitCode> {
-    use multiagents::bus::RedisStreamsBus;
-    use multiagents::store::RedisStateStore;
+    use multiagents::bus::{Bus, MemoryBus, RedisStreamsBus};
+    use multiagents::store::{FileStore, RedisStateStore, Store};
+    let listen: std::net::SocketAddr = args.listen.parse().map_err(|e| {
+        error::CliError::usage(
+            "--listen",
+            format!("`{}` is not host:port: {e}", args.listen),
+        )
+    })?;
+    if !listen.ip().is_loopback() {
+        return Err(error::CliError::usage(
+            "--listen",
+            format!(
+                "{listen} is not a loopback address, and the service has no API keys yet: \
+                 it would let anyone on the network start and cancel workflows"
+            ),
+        ));
+    }
     // Before anything records a metric: handles bind to the recorder.
     let http = args
         .http
@@ -95,21 +126,52 @@ async fn serve(
             eprintln!("metrics on http://{}/metrics", server.addr);
             Some(server)
         }
-        None => None,
+        None => {
+            multiagents::monitoring::metrics::install_prometheus()?;
+            None
+        }
     };
-    let bus = RedisStreamsBus::connect(
-        args.redis
-            .bus_config()
-            .visibility_timeout(args.visibility_timeout),
-    )
-    .await?;
-    let mut store_config = args.redis.store_config();
-    store_config.timer_lease = args.visibility_timeout;
-    let store = RedisStateStore::connect(store_config).await?;
+    let (bus, store, place): (Bus, Store, String) = match &args.redis_url {
+        Some(url) => {
+            let redis = workflow::RedisArgs {
+                redis_url: url.clone(),
+                redis_ca_file: args.redis_ca_file.clone(),
+                prefix: args.prefix.clone(),
+            };
+            let bus = RedisStreamsBus::connect(
+                redis
+                    .bus_config()
+                    .visibility_timeout(args.visibility_timeout),
+            )
+            .await?;
+            let mut store_config = redis.store_config();
+            store_config.timer_lease = args.visibility_timeout;
+            let store = RedisStateStore::connect(store_config).await?;
+            (
+                bus.into(),
+                store.into(),
+                format!("{} (prefix {})", redis.address(), args.prefix),
+            )
+        }
+        None => {
+            if let Some(dir) = args.store.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|source| error::CliError::Read {
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
+            }
+            let store = FileStore::open(&args.store)?;
+            (
+                MemoryBus::new().into(),
+                store.into(),
+                format!("{} (embedded)", args.store.display()),
+            )
+        }
+    };
     let mut config = multiagents::OrchestratorConfig {
         consumers: args.consumers,
         parallel_results: true,
-        redispatch_on_start: false,
+        redispatch_on_start: args.redis_url.is_none(),
         redispatch_after: Some(args.redispatch_after),
         ..Default::default()
     };
@@ -117,21 +179,38 @@ async fn serve(
         config.instance = name;
     }
     let runtime = multiagents::Runtime::builder()
-        .bus(bus)
-        .store(store)
+        .bus(bus.clone())
+        .store(store.clone())
         .external_workers()
         .orchestrator_config(config)
         .start()
         .await?;
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+        error::CliError::process(
+            "the API listener",
+            format!("cannot listen on {listen}: {e}"),
+        )
+    })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| error::CliError::process("the API listener", e))?;
+    let service = multiagents_server::Service::new(runtime.client(), bus, store);
+    let api = tokio::spawn(multiagents_server::serve(
+        listener,
+        service,
+        bench::stopped(),
+    ));
     eprintln!(
-        "orchestrator serving {} (prefix {}); stop with Ctrl-C or SIGTERM",
-        args.redis.address(),
-        args.redis.prefix
+        "multiagents serving http://{bound} on {place}; loopback only (no API keys); stop with Ctrl-C or SIGTERM"
     );
-    bench::stopped().await;
+    let served = api.await;
     eprintln!("stopping");
     runtime.shutdown().await;
-    Ok(std::process::ExitCode::SUCCESS)
+    match served {
+        Ok(Ok(())) => Ok(std::process::ExitCode::SUCCESS),
+        Ok(Err(e)) => Err(error::CliError::process("the API server", e)),
+        Err(e) => Err(error::CliError::process("the API server", e)),
+    }
 }
 
 fn main() -> std::process::ExitCode {

@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 fn orchestrator(url: &str, prefix: &str, n: u32) -> Child {
     Command::new(env!("CARGO_BIN_EXE_multiagents"))
         .args(["serve", "--redis-url", url, "--prefix", prefix])
+        .args(["--listen", "127.0.0.1:0"])
         .args(["--consumers", "2", "--visibility-timeout", "1s"])
         .args(["--instance", &format!("orch-{n}")])
         .stdin(Stdio::null())

@@ -121,6 +121,7 @@ impl Drop for Reaped {
 fn serve(url: &str, ca: &Path, prefix: &str) -> Reaped {
     let child = Command::new(env!("CARGO_BIN_EXE_multiagents"))
         .args(["serve", "--redis-url", url, "--prefix", prefix])
+        .args(["--listen", "127.0.0.1:0"])
         .arg("--redis-ca-file")
         .arg(ca)
         .env("RUST_LOG", "debug")

@@ -1,0 +1,169 @@
+//! `multiagents serve` with no server: the embedded service answers the API
+//! over real HTTP, keeps what it was given in its file across a restart,
+//! and refuses to listen beyond loopback without API keys.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+struct Served {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(store: &Path) -> Served {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_multiagents"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--store"])
+        .arg(store)
+        .env_remove("REDIS_URL")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the multiagents binary starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("serve says where it listens")
+            .expect("utf-8");
+        if let Some(rest) = line.split("serving http://").nth(1) {
+            break rest.split_whitespace().next().expect("address").to_string();
+        }
+    };
+    // Keep draining stderr so that the service never blocks on it.
+    std::thread::spawn(move || for _ in lines {});
+    Served { child, addr }
+}
+
+/// One HTTP/1.1 request; the status and the body.
+fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).expect("connects");
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    stream.write_all(req.as_bytes()).expect("sends");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("reads");
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+const FLOW: &str = "name: greet\nversion: 1\nsteps:\n  - name: hello\n    worker: say_hello\n";
+
+#[test]
+fn the_embedded_service_answers_the_api_and_keeps_its_state_across_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("state/store.db");
+    let served = serve(&store);
+    let addr = served.addr.clone();
+    assert_eq!(http(&addr, "GET", "/healthz", &[], "").0, 200);
+    assert_eq!(http(&addr, "GET", "/readyz", &[], "").0, 200);
+    let (status, body) = http(
+        &addr,
+        "POST",
+        "/v1/definitions",
+        &[("Content-Type", "application/yaml")],
+        FLOW,
+    );
+    assert_eq!(status, 201, "{body}");
+    // No worker serves `say_hello` yet: the run is started and waits.
+    let key = [("Idempotency-Key", "greet-1")];
+    let (status, body) = http(
+        &addr,
+        "POST",
+        "/v1/workflows/greet/runs",
+        &key,
+        r#"{"who":"ada"}"#,
+    );
+    assert_eq!(status, 201, "{body}");
+    let run: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(run["status"], "running");
+    let url = run["url"].as_str().expect("url").to_string();
+    let (status, body) = http(&addr, "GET", &format!("{url}/result?wait=50ms"), &[], "");
+    assert_eq!(status, 202, "{body}");
+    let (status, body) = http(&addr, "GET", "/metrics", &[], "");
+    assert_eq!(status, 200);
+    assert!(body.contains("multiagents_"), "{body}");
+    // An HTTP worker takes the step, and the service is killed (SIGKILL)
+    // while the task is leased.
+    let poll = r#"{"workers": ["say_hello"], "wait_ms": 5000}"#;
+    let (status, body) = http(&addr, "POST", "/v1/tasks/poll", &[], poll);
+    assert_eq!(status, 200, "{body}");
+    let tasks: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let leased = tasks["tasks"][0].clone();
+    assert_eq!(leased["input"]["who"], "ada", "{body}");
+    drop(served);
+
+    // Killed and started again on the same file: the definition and the
+    // run are there, and the same key still finds the same run.
+    let served = serve(&store);
+    let addr = served.addr.clone();
+    let (status, body) = http(&addr, "GET", "/v1/definitions/greet", &[], "");
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = http(&addr, "GET", &url, &[], "");
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = http(
+        &addr,
+        "POST",
+        "/v1/workflows/greet/runs",
+        &key,
+        r#"{"who":"ada"}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(&url), "{body}");
+    let (status, body) = http(
+        &addr,
+        "POST",
+        &format!("{url}/cancel"),
+        &[],
+        r#"{"reason":"test"}"#,
+    );
+    assert_eq!(status, 202, "{body}");
+}
+
+#[test]
+fn listening_beyond_loopback_without_keys_is_refused() {
+    let out = Command::new(env!("CARGO_BIN_EXE_multiagents"))
+        .args([
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+            "--store",
+            "/nonexistent/never.db",
+        ])
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--listen 0.0.0.0:0 is not a loopback address"),
+        "{stderr}"
+    );
+}

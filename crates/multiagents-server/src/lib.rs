@@ -1,0 +1,238 @@
+//! The multiagents service: the HTTP API (v1) over a runtime's client and
+//! store, as `multiagents serve` runs it.
+//!
+//! JSON in and out; every error is an RFC 9457 `application/problem+json`
+//! body that says what was wrong and which request field. See
+//! `docs/api.md` for every route with curl.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use multiagents::Runtime;
+//! use multiagents::bus::MemoryBus;
+//! use multiagents::store::MemoryStore;
+//!
+//! let (bus, store) = (MemoryBus::new(), MemoryStore::new());
+//! let runtime = Runtime::builder().bus(bus.clone()).store(store.clone()).start().await?;
+//! let service = multiagents_server::Service::new(runtime.client(), bus, store);
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! multiagents_server::serve(listener, service, std::future::pending()).await?;
+//! # Ok(()) }
+//! ```
+
+mod problem;
+mod runs;
+mod tasks;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use multiagents::Client;
+use multiagents::bus::Bus;
+use multiagents::core::WorkflowDefinition;
+use multiagents::store::Store;
+use serde::Deserialize;
+use serde_json::json;
+
+pub use problem::Problem;
+pub use tasks::TaskOptions;
+
+/// The default address of `multiagents serve`: loopback, port 7430.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7430";
+
+/// What the API works on: a client (to start, watch, signal and cancel
+/// runs), the bus HTTP workers take their tasks from, and the store.
+#[derive(Clone)]
+pub struct Service {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    store: Store,
+    tasks: Arc<tasks::Tasks>,
+}
+
+impl Service {
+    /// A service over `client` and the `bus` and `store` it uses.
+    pub fn new(client: Client, bus: impl Into<Bus>, store: impl Into<Store>) -> Self {
+        Self::with_tasks(client, bus, store, TaskOptions::default())
+    }
+
+    /// The same, with HTTP workers' tasks leased as `options` says.
+    pub fn with_tasks(
+        client: Client,
+        bus: impl Into<Bus>,
+        store: impl Into<Store>,
+        options: TaskOptions,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                client,
+                store: store.into(),
+                tasks: tasks::Tasks::new(bus.into(), options),
+            }),
+        }
+    }
+
+    fn tasks(&self) -> &Arc<tasks::Tasks> {
+        &self.inner.tasks
+    }
+
+    fn client(&self) -> &Client {
+        &self.inner.client
+    }
+
+    fn store(&self) -> &Store {
+        &self.inner.store
+    }
+}
+
+/// Every route of the API, v1.
+pub fn router(service: Service) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/definitions", post(deploy))
+        .route("/v1/definitions/{name}", get(definition))
+        .route("/v1/workflows/{name}/runs", post(runs::start))
+        .route("/v1/runs", get(runs::list))
+        .route("/v1/runs/{id}", get(runs::get))
+        .route("/v1/runs/{id}/result", get(runs::result))
+        .route("/v1/runs/{id}/cancel", post(runs::cancel))
+        .route("/v1/runs/{id}/signals/{name}", post(runs::signal))
+        .route("/v1/tasks/poll", post(tasks::poll))
+        .route("/v1/tasks/{token}/heartbeat", post(tasks::heartbeat))
+        .route("/v1/tasks/{token}/complete", post(tasks::complete))
+        .route("/v1/tasks/{token}/fail", post(tasks::fail))
+        .fallback(|| async {
+            Problem::not_found("no such route; see /openapi.json and docs/api.md")
+        })
+        .with_state(service)
+}
+
+/// The run id an `Idempotency-Key` stands for, for runs of `workflow`: the
+/// same in every replica and after every restart, so a retried start finds
+/// the run the first one made.
+pub fn run_id_for_key(workflow: &str, key: &str) -> multiagents::TransactionId {
+    runs::idempotent_id(workflow, key)
+}
+
+/// Serves the API on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    service: Service,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(service))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn readyz(State(service): State<Service>) -> Response {
+    // One store read: the service is ready when its store answers.
+    match service
+        .store()
+        .definitions
+        .latest_definition("readyz")
+        .await
+    {
+        Ok(_) => (StatusCode::OK, "ready").into_response(),
+        Err(e) => Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "The store does not answer",
+            e.to_string(),
+        )
+        .into_response(),
+    }
+}
+
+async fn metrics() -> Response {
+    match multiagents::monitoring::metrics::install_prometheus() {
+        Ok(handle) => {
+            handle.run_upkeep();
+            (
+                [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                handle.render(),
+            )
+                .into_response()
+        }
+        Err(e) => Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "Metrics are unavailable",
+            e.to_string(),
+        )
+        .into_response(),
+    }
+}
+
+/// `POST /v1/definitions`: a definition as JSON, or YAML (by its
+/// `Content-Type`, or when the body is not a JSON object).
+async fn deploy(
+    State(service): State<Service>,
+    headers: HeaderMap,
+    body: String,
+) -> Result<Response, Problem> {
+    let yaml = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.contains("yaml"))
+        || !body.trim_start().starts_with('{');
+    if body.trim().is_empty() {
+        return Err(Problem::bad_request(
+            "body",
+            "the body is empty: send a workflow definition as JSON or YAML",
+        ));
+    }
+    let parsed = if yaml {
+        WorkflowDefinition::from_yaml(&body)
+    } else {
+        WorkflowDefinition::from_json(&body)
+    };
+    let definition = parsed.map_err(|e| Problem::unprocessable("body", e.to_string()))?;
+    service.client().register(&definition).await?;
+    let name = definition.name().to_string();
+    let version = definition.version();
+    Ok((
+        StatusCode::CREATED,
+        [(
+            header::LOCATION,
+            format!("/v1/definitions/{name}?version={version}"),
+        )],
+        axum::Json(json!({"name": name, "version": version})),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+struct VersionQuery {
+    version: Option<u32>,
+}
+
+/// `GET /v1/definitions/{name}`: the latest version, or `?version=N`.
+async fn definition(
+    State(service): State<Service>,
+    Path(name): Path<String>,
+    Query(q): Query<VersionQuery>,
+) -> Result<Response, Problem> {
+    let definitions = &service.store().definitions;
+    let found = match q.version {
+        Some(v) => definitions.get_definition(&name, v).await,
+        None => definitions.latest_definition(&name).await,
+    }
+    .map_err(multiagents::Error::from)?;
+    match found {
+        Some(d) => Ok(axum::Json(d).into_response()),
+        None => Err(Problem::not_found(match q.version {
+            Some(v) => format!("no definition `{name}` version {v} is deployed"),
+            None => format!("no definition `{name}` is deployed"),
+        })),
+    }
+}

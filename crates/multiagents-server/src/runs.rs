@@ -1,0 +1,339 @@
+//! Runs: start (idempotently), read, list, wait for, signal, cancel.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use multiagents::StartOptions;
+use multiagents::core::{
+    CorrelationId, Priority, TransactionId, WorkflowName, WorkflowState, WorkflowStatus,
+};
+use multiagents::store::ListQuery;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::{Problem, Service};
+
+/// The longest `?wait=` honoured.
+const MAX_WAIT: Duration = Duration::from_secs(300);
+
+fn url(id: TransactionId) -> String {
+    format!("/v1/runs/{id}")
+}
+
+fn wait_of(wait: Option<&str>) -> Result<Option<Duration>, Problem> {
+    let Some(text) = wait else { return Ok(None) };
+    let d = multiagents::core::time::parse_duration(text).map_err(|e| {
+        Problem::bad_request(
+            "query.wait",
+            format!("`{text}` is not a duration (say 30s or 500ms): {e}"),
+        )
+    })?;
+    Ok(Some(d.min(MAX_WAIT)))
+}
+
+fn run_id(id: &str) -> Result<TransactionId, Problem> {
+    id.parse()
+        .map_err(|e| Problem::bad_request("path.id", format!("`{id}` is not a run id: {e}")))
+}
+
+/// The transaction id an idempotency key stands for: the same for the same
+/// workflow and key, in every replica, after every restart.
+pub(crate) fn idempotent_id(workflow: &str, key: &str) -> TransactionId {
+    use multiagents::core::hash::{fnv1a, splitmix64};
+    let bytes = workflow.bytes().chain([0]).chain(key.bytes());
+    let high = fnv1a(bytes);
+    let low = splitmix64(high ^ fnv1a(key.bytes().rev()));
+    let mut raw = [0u8; 16];
+    raw[..8].copy_from_slice(&high.to_be_bytes());
+    raw[8..].copy_from_slice(&low.to_be_bytes());
+    TransactionId(uuid::Builder::from_custom_bytes(raw).into_uuid())
+}
+
+/// A run as the API shows it: its state with its id and URL.
+fn view(state: &WorkflowState) -> Value {
+    let mut v = serde_json::to_value(state).unwrap_or(Value::Null);
+    if let Value::Object(m) = &mut v {
+        m.insert("id".into(), json!(state.transaction_id));
+        m.insert("url".into(), json!(url(state.transaction_id)));
+        if state.status == WorkflowStatus::Completed {
+            m.insert("output".into(), state_output(state));
+        }
+    }
+    v
+}
+
+fn state_output(state: &WorkflowState) -> Value {
+    multiagents::core::saga::outputs(&state.steps)
+        .parse()
+        .unwrap_or(Value::Null)
+}
+
+/// The outcome of a finished run.
+fn outcome(state: &WorkflowState) -> Value {
+    json!({
+        "id": state.transaction_id,
+        "url": url(state.transaction_id),
+        "workflow": state.workflow,
+        "status": state.status,
+        "output": if state.status == WorkflowStatus::Completed { state_output(state) } else { Value::Null },
+        "failure": state.failure,
+    })
+}
+
+#[derive(Deserialize, Default)]
+pub(crate) struct StartQuery {
+    wait: Option<String>,
+    version: Option<u32>,
+    correlation_id: Option<String>,
+    priority: Option<String>,
+    on_conflict: Option<String>,
+}
+
+/// `POST /v1/workflows/{name}/runs`: the body is the input.
+pub(crate) async fn start(
+    State(service): State<Service>,
+    Path(name): Path<String>,
+    Query(q): Query<StartQuery>,
+    headers: HeaderMap,
+    body: String,
+) -> Result<Response, Problem> {
+    let input: Value = if body.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&body)
+            .map_err(|e| Problem::bad_request("body", format!("the input is not JSON: {e}")))?
+    };
+    let wait = wait_of(q.wait.as_deref())?;
+    let fail_on_conflict = match q.on_conflict.as_deref() {
+        None | Some("return_existing") => false,
+        Some("fail") => true,
+        Some(other) => {
+            return Err(Problem::bad_request(
+                "query.on_conflict",
+                format!("`{other}` is not return_existing or fail"),
+            ));
+        }
+    };
+    let mut options = StartOptions {
+        version: q.version,
+        ..Default::default()
+    };
+    if let Some(p) = &q.priority {
+        options.priority = p
+            .parse::<Priority>()
+            .map_err(|e| Problem::bad_request("query.priority", e))?;
+    }
+    if let Some(c) = &q.correlation_id {
+        options.correlation_id = Some(CorrelationId(c.parse().map_err(|e| {
+            Problem::bad_request("query.correlation_id", format!("`{c}` is not a UUID: {e}"))
+        })?));
+    }
+    let key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .filter(|k| !k.is_empty() && k.len() <= 255)
+                .ok_or_else(|| {
+                    Problem::bad_request(
+                        "header.Idempotency-Key",
+                        "the key must be 1 to 255 visible ASCII characters",
+                    )
+                })?,
+        ),
+    };
+    let client = service.client();
+    let mut existed = false;
+    if let Some(key) = key {
+        let id = idempotent_id(&name, key);
+        if let Some(state) = client.status(id).await? {
+            if fail_on_conflict {
+                return Err(Problem::conflict(format!(
+                    "a run with this Idempotency-Key exists: {}",
+                    url(id)
+                ))
+                .field("header.Idempotency-Key"));
+            }
+            if state.workflow.as_str() != name {
+                return Err(Problem::conflict(format!(
+                    "this Idempotency-Key was used for a run of `{}`",
+                    state.workflow
+                ))
+                .field("header.Idempotency-Key"));
+            }
+            existed = true;
+        }
+        options.transaction_id = Some(id);
+    }
+    let id = client.start_with(&name, &input, options).await?;
+    let created = if existed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    let location = [(header::LOCATION, url(id))];
+    if let Some(wait) = wait {
+        return match client.wait(id, wait).await {
+            Ok(state) => Ok((created, location, Json(outcome(&state))).into_response()),
+            Err(multiagents::Error::Timeout { status, .. }) => Ok((
+                StatusCode::ACCEPTED,
+                location,
+                Json(json!({"id": id, "status": status, "url": url(id)})),
+            )
+                .into_response()),
+            Err(e) => Err(e.into()),
+        };
+    }
+    let status = client
+        .status(id)
+        .await?
+        .map_or(WorkflowStatus::Running, |s| s.status);
+    Ok((
+        created,
+        location,
+        Json(json!({"id": id, "status": status, "url": url(id)})),
+    )
+        .into_response())
+}
+
+/// `GET /v1/runs/{id}`: the run's state, steps and history.
+pub(crate) async fn get(
+    State(service): State<Service>,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    let id = run_id(&id)?;
+    match service.client().status(id).await? {
+        Some(state) => Ok(Json(view(&state)).into_response()),
+        None => Err(Problem::not_found(format!(
+            "no run {id} (it may have expired)"
+        ))),
+    }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct WaitQuery {
+    wait: Option<String>,
+}
+
+/// `GET /v1/runs/{id}/result?wait=30s`: the outcome once the run has
+/// finished, waiting for it at most `wait`; `202` while it runs.
+pub(crate) async fn result(
+    State(service): State<Service>,
+    Path(id): Path<String>,
+    Query(q): Query<WaitQuery>,
+) -> Result<Response, Problem> {
+    let id = run_id(&id)?;
+    let wait = wait_of(q.wait.as_deref())?.unwrap_or(Duration::ZERO);
+    match service.client().wait(id, wait).await {
+        Ok(state) => Ok(Json(outcome(&state)).into_response()),
+        Err(multiagents::Error::Timeout { status, .. }) => Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({"id": id, "status": status, "url": url(id)})),
+        )
+            .into_response()),
+        Err(multiagents::Error::NotFound(_)) => Err(Problem::not_found(format!(
+            "no run {id} (it may have expired)"
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ListParams {
+    status: Option<String>,
+    workflow: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/runs?status=…&workflow=…&limit=…`, newest first.
+pub(crate) async fn list(
+    State(service): State<Service>,
+    Query(q): Query<ListParams>,
+) -> Result<Response, Problem> {
+    let status = match &q.status {
+        None => None,
+        Some(s) => Some(
+            s.parse::<WorkflowStatus>()
+                .map_err(|e| Problem::bad_request("query.status", e.to_string()))?,
+        ),
+    };
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let query = ListQuery {
+        status,
+        workflow: q.workflow.as_deref().map(WorkflowName::new),
+        limit,
+        ..Default::default()
+    };
+    let runs: Vec<Value> = service
+        .client()
+        .list(&query)
+        .await?
+        .iter()
+        .map(|s| {
+            let mut v = serde_json::to_value(s).unwrap_or(Value::Null);
+            if let Value::Object(m) = &mut v {
+                m.insert("id".into(), json!(s.transaction_id));
+                m.insert("url".into(), json!(url(s.transaction_id)));
+            }
+            v
+        })
+        .collect();
+    Ok(Json(json!({"runs": runs})).into_response())
+}
+
+#[derive(Deserialize, Default)]
+pub(crate) struct CancelBody {
+    reason: Option<String>,
+}
+
+/// `POST /v1/runs/{id}/cancel` with an optional `{"reason": …}`.
+pub(crate) async fn cancel(
+    State(service): State<Service>,
+    Path(id): Path<String>,
+    body: String,
+) -> Result<Response, Problem> {
+    let id = run_id(&id)?;
+    let body: CancelBody = if body.trim().is_empty() {
+        CancelBody::default()
+    } else {
+        serde_json::from_str(&body)
+            .map_err(|e| Problem::bad_request("body", format!("not {{\"reason\": …}}: {e}")))?
+    };
+    if service.client().status(id).await?.is_none() {
+        return Err(Problem::not_found(format!("no run {id}")));
+    }
+    let reason = body
+        .reason
+        .unwrap_or_else(|| "cancelled over the API".into());
+    let cancelled = service.client().cancel(id, &reason).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"id": id, "cancelled": cancelled, "url": url(id)})),
+    )
+        .into_response())
+}
+
+/// `POST /v1/runs/{id}/signals/{name}`: the body is the signal's data.
+pub(crate) async fn signal(
+    State(service): State<Service>,
+    Path((id, name)): Path<(String, String)>,
+    body: String,
+) -> Result<Response, Problem> {
+    let id = run_id(&id)?;
+    let data: Value = if body.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&body).map_err(|e| {
+            Problem::bad_request("body", format!("the signal's data is not JSON: {e}"))
+        })?
+    };
+    service.client().signal(id, &name, &data).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"id": id, "signal": name, "url": url(id)})),
+    )
+        .into_response())
+}

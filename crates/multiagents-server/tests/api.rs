@@ -1,0 +1,263 @@
+//! The API over real HTTP: a runtime with in-process workers behind the
+//! router on a loopback port, called with an HTTP client.
+
+mod common;
+
+use common::{Api, REFUNDS, problem};
+use hyper::Method;
+use serde_json::json;
+
+#[tokio::test]
+async fn definitions_deploy_from_yaml_and_bad_ones_are_refused_naming_the_culprit() {
+    let api = Api::start().await;
+    let a = api
+        .call(
+            Method::POST,
+            "/v1/definitions",
+            &[("content-type", "application/yaml")],
+            REFUNDS,
+        )
+        .await;
+    assert_eq!(a.status, 201, "{:?}", a.body);
+    assert_eq!(a.body, json!({"name": "refunds", "version": 1}));
+    assert_eq!(
+        a.location.as_deref(),
+        Some("/v1/definitions/refunds?version=1")
+    );
+
+    let a = api
+        .call(Method::GET, "/v1/definitions/refunds", &[], "")
+        .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body["name"], "refunds");
+    assert_eq!(a.body["steps"][1]["worker"], "pay_refund");
+    problem(
+        &api.call(Method::GET, "/v1/definitions/refunds?version=9", &[], "")
+            .await,
+        404,
+        None,
+    );
+    problem(
+        &api.call(Method::GET, "/v1/definitions/nothing", &[], "")
+            .await,
+        404,
+        None,
+    );
+
+    let twice = "name: bad\nsteps:\n  - name: a\n    worker: w\n  - name: a\n    worker: w\n";
+    let a = api.call(Method::POST, "/v1/definitions", &[], twice).await;
+    problem(&a, 422, Some("body"));
+    assert!(
+        a.body["detail"].as_str().expect("detail").contains("`a`"),
+        "{:?}",
+        a.body
+    );
+    let a = api
+        .call(
+            Method::POST,
+            "/v1/definitions",
+            &[("content-type", "application/json")],
+            "{\"name\": 3",
+        )
+        .await;
+    problem(&a, 422, Some("body"));
+    problem(
+        &api.call(Method::POST, "/v1/definitions", &[], "  ").await,
+        400,
+        Some("body"),
+    );
+}
+
+#[tokio::test]
+async fn a_run_starts_once_per_idempotency_key_and_is_read_listed_and_waited_for() {
+    let api = Api::start().await;
+    assert_eq!(
+        api.call(Method::POST, "/v1/definitions", &[], REFUNDS)
+            .await
+            .status,
+        201
+    );
+    let key = [("idempotency-key", "refund-42")];
+    let first = api
+        .call(
+            Method::POST,
+            "/v1/workflows/refunds/runs?wait=10s",
+            &key,
+            r#"{"amount": 5}"#,
+        )
+        .await;
+    assert_eq!(first.status, 201, "{:?}", first.body);
+    assert_eq!(first.body["status"], "completed");
+    assert_eq!(first.body["output"]["pay"], json!({"paid": 5}));
+    let id = first.body["id"].as_str().expect("id").to_string();
+    assert_eq!(first.location, Some(format!("/v1/runs/{id}")));
+
+    // The same key: the same run, not a second one.
+    let again = api
+        .call(
+            Method::POST,
+            "/v1/workflows/refunds/runs",
+            &key,
+            r#"{"amount": 5}"#,
+        )
+        .await;
+    assert_eq!(again.status, 200, "{:?}", again.body);
+    assert_eq!(again.body["id"], id);
+    assert_eq!(again.body["url"], format!("/v1/runs/{id}"));
+    let refused = api
+        .call(
+            Method::POST,
+            "/v1/workflows/refunds/runs?on_conflict=fail",
+            &key,
+            r#"{"amount": 5}"#,
+        )
+        .await;
+    problem(&refused, 409, Some("header.Idempotency-Key"));
+
+    let run = api
+        .call(Method::GET, &format!("/v1/runs/{id}"), &[], "")
+        .await;
+    assert_eq!(run.status, 200);
+    assert_eq!(run.body["status"], "completed");
+    assert_eq!(run.body["input"], json!({"amount": 5}));
+    assert!(
+        run.body["history"].as_array().is_some_and(|h| h.len() >= 5),
+        "{:?}",
+        run.body
+    );
+
+    let listed = api
+        .call(
+            Method::GET,
+            "/v1/runs?workflow=refunds&status=completed",
+            &[],
+            "",
+        )
+        .await;
+    assert_eq!(listed.status, 200);
+    let runs = listed.body["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!(runs[0]["id"], id);
+
+    // Without a key every start is a new run; a declined one ends failed.
+    let declined = api
+        .call(
+            Method::POST,
+            "/v1/workflows/refunds/runs",
+            &[],
+            r#"{"amount": 500}"#,
+        )
+        .await;
+    assert_eq!(declined.status, 201);
+    let url = declined.body["url"].as_str().expect("url").to_string();
+    assert_ne!(declined.body["id"], id);
+    let result = api
+        .call(Method::GET, &format!("{url}/result?wait=10s"), &[], "")
+        .await;
+    assert_eq!(result.status, 200, "{:?}", result.body);
+    assert_eq!(result.body["status"], "failed");
+    assert!(
+        result.body["failure"].to_string().contains("too much"),
+        "{:?}",
+        result.body
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_get_a_problem_naming_the_field() {
+    let api = Api::start().await;
+    assert_eq!(api.call(Method::GET, "/healthz", &[], "").await.status, 200);
+    assert_eq!(api.call(Method::GET, "/readyz", &[], "").await.status, 200);
+    problem(
+        &api.call(Method::GET, "/v1/runs/not-an-id", &[], "").await,
+        400,
+        Some("path.id"),
+    );
+    let unknown = format!("/v1/runs/{}", multiagents::TransactionId::new());
+    problem(&api.call(Method::GET, &unknown, &[], "").await, 404, None);
+    problem(
+        &api.call(Method::GET, &format!("{unknown}/result?wait=1ms"), &[], "")
+            .await,
+        404,
+        None,
+    );
+    problem(
+        &api.call(Method::POST, "/v1/workflows/nothing/runs", &[], "{}")
+            .await,
+        404,
+        None,
+    );
+    problem(
+        &api.call(Method::POST, "/v1/workflows/refunds/runs", &[], "{not json")
+            .await,
+        400,
+        Some("body"),
+    );
+    assert_eq!(
+        api.call(Method::POST, "/v1/definitions", &[], REFUNDS)
+            .await
+            .status,
+        201
+    );
+    problem(
+        &api.call(
+            Method::POST,
+            "/v1/workflows/refunds/runs?wait=soon",
+            &[],
+            "{}",
+        )
+        .await,
+        400,
+        Some("query.wait"),
+    );
+    problem(
+        &api.call(
+            Method::POST,
+            "/v1/workflows/refunds/runs?priority=urgent",
+            &[],
+            "{}",
+        )
+        .await,
+        400,
+        Some("query.priority"),
+    );
+    problem(
+        &api.call(
+            Method::POST,
+            "/v1/workflows/refunds/runs?on_conflict=maybe",
+            &[],
+            "{}",
+        )
+        .await,
+        400,
+        Some("query.on_conflict"),
+    );
+    problem(
+        &api.call(Method::GET, "/v1/runs?status=sleepy", &[], "")
+            .await,
+        400,
+        Some("query.status"),
+    );
+    problem(
+        &api.call(Method::GET, "/v1/nowhere", &[], "").await,
+        404,
+        None,
+    );
+}
+
+#[test]
+fn idempotency_keys_map_to_stable_distinct_run_ids() {
+    // Same workflow and key: the same id; another key or workflow: another.
+    let ids = [
+        multiagents_server::run_id_for_key("refunds", "a"),
+        multiagents_server::run_id_for_key("refunds", "b"),
+        multiagents_server::run_id_for_key("orders", "a"),
+        multiagents_server::run_id_for_key("refundsa", ""),
+    ];
+    assert_eq!(ids[0], multiagents_server::run_id_for_key("refunds", "a"));
+    for i in 0..ids.len() {
+        for j in i + 1..ids.len() {
+            assert_ne!(ids[i], ids[j]);
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! Workers over HTTP: a step whose worker is not in the process is polled,
+//! answered, failed or let go over real HTTP, under the bus's leases.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Api, REFUNDS, problem};
+use hyper::Method;
+use multiagents_server::TaskOptions;
+use serde_json::{Value, json};
+
+/// `pay_refund` is an HTTP worker; `check_refund` runs in process.
+async fn api(visibility: Duration, lease: Duration) -> Api {
+    let api = Api::with(
+        |b| b.worker(common::check_refund()),
+        visibility,
+        TaskOptions {
+            lease,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        api.call(Method::POST, "/v1/definitions", &[], REFUNDS)
+            .await
+            .status,
+        201
+    );
+    api
+}
+
+async fn start(api: &Api, amount: i64) -> String {
+    let a = api
+        .call(
+            Method::POST,
+            "/v1/workflows/refunds/runs",
+            &[],
+            &json!({"amount": amount}).to_string(),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{:?}", a.body);
+    a.body["url"].as_str().expect("url").to_string()
+}
+
+async fn poll(api: &Api, wait_ms: u64) -> Vec<Value> {
+    let a = api
+        .call(
+            Method::POST,
+            "/v1/tasks/poll",
+            &[],
+            &json!({"workers": ["pay_refund"], "max": 10, "wait_ms": wait_ms}).to_string(),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    a.body["tasks"].as_array().expect("tasks").clone()
+}
+
+async fn result(api: &Api, url: &str) -> Value {
+    let a = api
+        .call(Method::GET, &format!("{url}/result?wait=10s"), &[], "")
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    a.body
+}
+
+#[tokio::test]
+async fn a_polled_task_carries_what_the_step_needs_and_its_answer_finishes_the_run() {
+    let api = api(Duration::from_secs(30), Duration::from_secs(30)).await;
+    let url = start(&api, 5).await;
+    let tasks = poll(&api, 5_000).await;
+    assert_eq!(tasks.len(), 1, "{tasks:?}");
+    let task = &tasks[0];
+    let id = url.trim_start_matches("/v1/runs/");
+    assert_eq!(task["worker"], "pay_refund");
+    assert_eq!(task["workflow"], "refunds");
+    assert_eq!(task["transaction_id"], id);
+    assert_eq!(task["step"], "pay");
+    assert_eq!(task["phase"], "forward");
+    assert_eq!(task["attempt"], 1);
+    assert_eq!(task["idempotency_key"], format!("{id}/pay/forward"));
+    assert_eq!(task["input"], json!({"amount": 5}));
+    assert_eq!(task["steps"]["check"], json!({"checked": 5}));
+    let token = task["token"].as_str().expect("token");
+
+    let beat = api
+        .call(
+            Method::POST,
+            &format!("/v1/tasks/{token}/heartbeat"),
+            &[],
+            "",
+        )
+        .await;
+    assert_eq!(beat.status, 200, "{:?}", beat.body);
+    let done = api
+        .call(
+            Method::POST,
+            &format!("/v1/tasks/{token}/complete"),
+            &[],
+            r#"{"output": {"paid": 5}}"#,
+        )
+        .await;
+    assert_eq!(done.status, 202, "{:?}", done.body);
+    let outcome = result(&api, &url).await;
+    assert_eq!(outcome["status"], "completed");
+    assert_eq!(outcome["output"]["pay"], json!({"paid": 5}));
+    // Answered once: the token is spent.
+    let again = api
+        .call(
+            Method::POST,
+            &format!("/v1/tasks/{token}/complete"),
+            &[],
+            r#"{"output": 1}"#,
+        )
+        .await;
+    problem(&again, 404, Some("path.token"));
+    assert!(poll(&api, 0).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_failure_says_whether_to_retry_and_a_fatal_one_fails_the_run() {
+    let api = api(Duration::from_secs(30), Duration::from_secs(30)).await;
+    let url = start(&api, 7).await;
+    let first = poll(&api, 5_000).await;
+    let token = first[0]["token"].as_str().expect("token");
+    let failed = api
+        .call(
+            Method::POST,
+            &format!("/v1/tasks/{token}/fail"),
+            &[],
+            r#"{"error": "the bank is down", "retry": "after", "retry_after_ms": 10}"#,
+        )
+        .await;
+    assert_eq!(failed.status, 202, "{:?}", failed.body);
+    // Retried: attempt 2, the same idempotency key.
+    let second = poll(&api, 5_000).await;
+    assert_eq!(second.len(), 1, "{second:?}");
+    assert_eq!(second[0]["attempt"], 2);
+    assert_eq!(second[0]["idempotency_key"], first[0]["idempotency_key"]);
+    assert_ne!(second[0]["attempt_key"], first[0]["attempt_key"]);
+    let token = second[0]["token"].as_str().expect("token");
+    let fatal = api
+        .call(
+            Method::POST,
+            &format!("/v1/tasks/{token}/fail"),
+            &[],
+            r#"{"error": "account closed", "kind": "declined", "retry": "no"}"#,
+        )
+        .await;
+    assert_eq!(fatal.status, 202, "{:?}", fatal.body);
+    let outcome = result(&api, &url).await;
+    assert_eq!(outcome["status"], "failed");
+    assert!(
+        outcome["failure"].to_string().contains("account closed"),
+        "{outcome:?}"
+    );
+    let run = api.call(Method::GET, &url, &[], "").await;
+    assert_eq!(
+        run.body["steps"][1]["last_error"]["kind"], "declined",
+        "{:?}",
+        run.body
+    );
+}
+
+#[tokio::test]
+async fn a_task_whose_worker_goes_quiet_goes_back_to_the_bus_as_the_same_attempt() {
+    // A short lease and a short visibility: the quiet worker's command is
+    // redelivered within a second.
+    let api = api(Duration::from_millis(300), Duration::from_millis(200)).await;
+    let url = start(&api, 9).await;
+    let first = poll(&api, 5_000).await;
+    assert_eq!(first.len(), 1);
+    let stale = first[0]["token"].as_str().expect("token").to_string();
+    let second = poll(&api, 5_000).await;
+    assert_eq!(
+        second.len(),
+        1,
+        "redelivered after the lease lapsed: {second:?}"
+    );
+    assert_eq!(second[0]["attempt"], 1);
+    assert_eq!(second[0]["delivery_count"], 2);
+    assert_eq!(second[0]["idempotency_key"], first[0]["idempotency_key"]);
+    // The quiet worker's token is spent; the new one answers.
+    let late = api
+        .call(
+            Method::POST,
+            &format!("/v1/tasks/{stale}/complete"),
+            &[],
+            r#"{"output": {"paid": 9}}"#,
+        )
+        .await;
+    problem(&late, 404, Some("path.token"));
+    let token = second[0]["token"].as_str().expect("token");
+    let done = api
+        .call(
+            Method::POST,
+            &format!("/v1/tasks/{token}/complete"),
+            &[],
+            r#"{"output": {"paid": 9}}"#,
+        )
+        .await;
+    assert_eq!(done.status, 202);
+    assert_eq!(result(&api, &url).await["status"], "completed");
+}
+
+#[tokio::test]
+async fn a_live_worker_keeps_its_task_past_the_visibility_timeout() {
+    let api = api(Duration::from_millis(300), Duration::from_millis(400)).await;
+    let url = start(&api, 3).await;
+    let tasks = poll(&api, 5_000).await;
+    let token = tasks[0]["token"].as_str().expect("token");
+    // Heartbeats for three visibility timeouts: nothing is redelivered.
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let beat = api
+            .call(
+                Method::POST,
+                &format!("/v1/tasks/{token}/heartbeat"),
+                &[],
+                "",
+            )
+            .await;
+        assert_eq!(beat.status, 200, "{:?}", beat.body);
+    }
+    assert!(
+        poll(&api, 0).await.is_empty(),
+        "the task was not given to anyone else"
+    );
+    let done = api
+        .call(
+            Method::POST,
+            &format!("/v1/tasks/{token}/complete"),
+            &[],
+            r#"{"output": {"paid": 3}}"#,
+        )
+        .await;
+    assert_eq!(done.status, 202);
+    assert_eq!(result(&api, &url).await["status"], "completed");
+}
+
+#[tokio::test]
+async fn bad_task_requests_get_a_problem_naming_the_field() {
+    let api = api(Duration::from_secs(30), Duration::from_secs(30)).await;
+    let call = |body: &'static str| api.call(Method::POST, "/v1/tasks/poll", &[], body);
+    problem(&call("{}").await, 400, Some("body"));
+    problem(&call(r#"{"workers": []}"#).await, 400, Some("body.workers"));
+    problem(
+        &call(r#"{"workers": ["pay_refund"], "max": 0}"#).await,
+        400,
+        Some("body.max"),
+    );
+    problem(
+        &call(r#"{"workers": ["pay_refund"], "max": 1000}"#).await,
+        400,
+        Some("body.max"),
+    );
+    let nobody = "/v1/tasks/0123/fail";
+    problem(
+        &api.call(Method::POST, nobody, &[], r#"{"error": "x"}"#)
+            .await,
+        404,
+        Some("path.token"),
+    );
+    problem(
+        &api.call(
+            Method::POST,
+            nobody,
+            &[],
+            r#"{"error": "x", "retry": "maybe"}"#,
+        )
+        .await,
+        400,
+        Some("body.retry"),
+    );
+    problem(
+        &api.call(
+            Method::POST,
+            nobody,
+            &[],
+            r#"{"error": "x", "retry": "after"}"#,
+        )
+        .await,
+        400,
+        Some("body.retry_after_ms"),
+    );
+    problem(
+        &api.call(Method::POST, "/v1/tasks/0123/complete", &[], "[")
+            .await,
+        400,
+        Some("body"),
+    );
+}
