@@ -19,6 +19,7 @@
 //! # Ok(()) }
 //! ```
 
+mod ops;
 mod problem;
 mod runs;
 mod tasks;
@@ -106,6 +107,8 @@ pub fn router(service: Service) -> Router {
         .route("/v1/runs/{id}/result", get(runs::result))
         .route("/v1/runs/{id}/cancel", post(runs::cancel))
         .route("/v1/runs/{id}/signals/{name}", post(runs::signal))
+        .route("/v1/dead-letters", get(ops::dead_letters))
+        .route("/v1/workers", get(ops::workers))
         .route("/v1/tasks/poll", post(tasks::poll))
         .route("/v1/tasks/{token}/heartbeat", post(tasks::heartbeat))
         .route("/v1/tasks/{token}/complete", post(tasks::complete))

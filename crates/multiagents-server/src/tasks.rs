@@ -82,6 +82,10 @@ impl Tasks {
         })
     }
 
+    pub(crate) fn bus(&self) -> &Bus {
+        &self.bus
+    }
+
     fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, Held>> {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -261,3 +261,87 @@ fn idempotency_keys_map_to_stable_distinct_run_ids() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_poison_result_shows_in_the_dead_letters_with_its_reason_origin_and_age() {
+    use multiagents::bus::Topics;
+    use multiagents::core::{
+        CorrelationId, Event, EventKind, Payload, TransactionId, WorkflowName,
+    };
+    let api = Api::start().await;
+    let stray = TransactionId::new();
+    let mut event = Event::new(
+        EventKind::Result,
+        stray,
+        CorrelationId::new(),
+        WorkflowName::new("refunds"),
+        Payload::null(),
+    );
+    event.step = Some("pay".into());
+    api.bus.publish("results", event).await.expect("published");
+    let mut letters = serde_json::Value::Null;
+    for _ in 0..100 {
+        let a = api.call(Method::GET, "/v1/dead-letters", &[], "").await;
+        assert_eq!(a.status, 200, "{:?}", a.body);
+        if a.body["dead_letters"]
+            .as_array()
+            .is_some_and(|l| !l.is_empty())
+        {
+            letters = a.body["dead_letters"].clone();
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let letter = &letters[0];
+    assert_eq!(letter["topic"], "results", "{letters:?}");
+    assert!(
+        letter["reason"].as_str().is_some_and(|r| !r.is_empty()),
+        "{letter:?}"
+    );
+    assert_eq!(
+        letter["origin"]["transaction_id"],
+        stray.to_string(),
+        "{letter:?}"
+    );
+    assert_eq!(letter["origin"]["step"], "pay", "{letter:?}");
+    assert!(letter["age_ms"].as_u64().is_some(), "{letter:?}");
+    problem(
+        &api.call(Method::GET, "/v1/dead-letters?limit=0", &[], "")
+            .await,
+        400,
+        Some("query.limit"),
+    );
+}
+
+#[tokio::test]
+async fn workers_report_their_health_from_their_heartbeats() {
+    let api = Api::start().await;
+    let mut seen = Vec::new();
+    for _ in 0..100 {
+        let a = api.call(Method::GET, "/v1/workers", &[], "").await;
+        assert_eq!(a.status, 200, "{:?}", a.body);
+        seen = a.body["workers"].as_array().cloned().unwrap_or_default();
+        if seen.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let names: Vec<&str> = seen.iter().filter_map(|w| w["worker"].as_str()).collect();
+    assert!(
+        names.contains(&"check_refund") && names.contains(&"pay_refund"),
+        "{seen:?}"
+    );
+    let check = seen
+        .iter()
+        .find(|w| w["worker"] == "check_refund")
+        .expect("check_refund");
+    assert_eq!(
+        check["instances"].as_array().map(Vec::len),
+        Some(1),
+        "{check:?}"
+    );
+    assert!(
+        check["lag"].get("commands.check_refund").is_some(),
+        "{check:?}"
+    );
+}

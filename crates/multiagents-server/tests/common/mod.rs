@@ -38,6 +38,8 @@ pub struct Api {
         Full<Bytes>,
     >,
     _runtime: Runtime,
+    /// The bus the service takes tasks from.
+    pub bus: MemoryBus,
 }
 
 pub struct Answer {
@@ -75,7 +77,8 @@ impl Api {
             .start()
             .await
             .expect("runtime");
-        let service = multiagents_server::Service::with_tasks(runtime.client(), bus, store, tasks);
+        let service =
+            multiagents_server::Service::with_tasks(runtime.client(), bus.clone(), store, tasks);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -92,6 +95,7 @@ impl Api {
             base,
             http,
             _runtime: runtime,
+            bus,
         }
     }
 
