@@ -101,6 +101,7 @@ pub fn router(service: Service) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/definitions", post(deploy))
         .route("/v1/definitions/{name}", get(definition))
+        .route("/v1/definitions/{name}/diagram", get(diagram))
         .route("/v1/workflows/{name}/runs", post(runs::start))
         .route("/v1/runs", get(runs::list))
         .route("/v1/runs/{id}", get(runs::get))
@@ -217,6 +218,7 @@ async fn deploy(
 #[derive(Deserialize)]
 struct VersionQuery {
     version: Option<u32>,
+    format: Option<String>,
 }
 
 /// `GET /v1/definitions/{name}`: the latest version, or `?version=N`.
@@ -225,15 +227,49 @@ async fn definition(
     Path(name): Path<String>,
     Query(q): Query<VersionQuery>,
 ) -> Result<Response, Problem> {
+    Ok(axum::Json(find_definition(&service, &name, q.version).await?).into_response())
+}
+
+/// `GET /v1/definitions/{name}/diagram?format=mermaid|ascii` (Mermaid by
+/// default), as text.
+async fn diagram(
+    State(service): State<Service>,
+    Path(name): Path<String>,
+    Query(q): Query<VersionQuery>,
+) -> Result<Response, Problem> {
+    use multiagents::core::workflow::diagram;
+    let render = match q.format.as_deref().unwrap_or("mermaid") {
+        "mermaid" => diagram::mermaid,
+        "ascii" => diagram::ascii,
+        other => {
+            return Err(Problem::bad_request(
+                "query.format",
+                format!("`{other}` is not mermaid or ascii"),
+            ));
+        }
+    };
+    let def = find_definition(&service, &name, q.version).await?;
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        render(&def),
+    )
+        .into_response())
+}
+
+async fn find_definition(
+    service: &Service,
+    name: &str,
+    version: Option<u32>,
+) -> Result<WorkflowDefinition, Problem> {
     let definitions = &service.store().definitions;
-    let found = match q.version {
-        Some(v) => definitions.get_definition(&name, v).await,
-        None => definitions.latest_definition(&name).await,
+    let found = match version {
+        Some(v) => definitions.get_definition(name, v).await,
+        None => definitions.latest_definition(name).await,
     }
     .map_err(multiagents::Error::from)?;
     match found {
-        Some(d) => Ok(axum::Json(d).into_response()),
-        None => Err(Problem::not_found(match q.version {
+        Some(d) => Ok(d),
+        None => Err(Problem::not_found(match version {
             Some(v) => format!("no definition `{name}` version {v} is deployed"),
             None => format!("no definition `{name}` is deployed"),
         })),

@@ -273,6 +273,22 @@ pub(crate) async fn poll(
             let _ = consumer.reject(&delivery, &reason).await;
             continue;
         };
+        // A redelivered command whose workflow no longer waits for this
+        // attempt (given up on, answered meanwhile, finished) is acked and
+        // not handed out: one store read, only on redeliveries.
+        if delivery.delivery_count > 1 {
+            let awaited = match service.client().status(event.transaction_id).await {
+                Ok(Some(state)) => state.awaits(step.as_str(), event.phase, event.attempt),
+                Ok(None) => false,
+                // The store cannot tell: hand it out; the key keeps the effect single.
+                Err(_) => true,
+            };
+            if !awaited {
+                tracing::info!(transaction_id = %event.transaction_id, step = %step, attempt = event.attempt, "redelivered command dropped: its workflow no longer waits for this attempt");
+                let _ = consumer.ack(std::slice::from_ref(&delivery.id)).await;
+                continue;
+            }
+        }
         let token = uuid::Uuid::new_v4().simple().to_string();
         out.push(json!({
             "token": token,

@@ -43,6 +43,43 @@ async fn definitions_deploy_from_yaml_and_bad_ones_are_refused_naming_the_culpri
         404,
         None,
     );
+    let mermaid = api
+        .call(Method::GET, "/v1/definitions/refunds/diagram", &[], "")
+        .await;
+    assert_eq!(mermaid.status, 200);
+    let text = mermaid.body.as_str().expect("text");
+    assert!(
+        text.contains("check") && text.contains("pay_refund"),
+        "{text}"
+    );
+    let ascii = api
+        .call(
+            Method::GET,
+            "/v1/definitions/refunds/diagram?format=ascii&version=1",
+            &[],
+            "",
+        )
+        .await;
+    assert!(
+        ascii
+            .body
+            .as_str()
+            .expect("text")
+            .contains("pay    [pay_refund]"),
+        "{:?}",
+        ascii.body
+    );
+    problem(
+        &api.call(
+            Method::GET,
+            "/v1/definitions/refunds/diagram?format=svg",
+            &[],
+            "",
+        )
+        .await,
+        400,
+        Some("query.format"),
+    );
 
     let twice = "name: bad\nsteps:\n  - name: a\n    worker: w\n  - name: a\n    worker: w\n";
     let a = api.call(Method::POST, "/v1/definitions", &[], twice).await;

@@ -290,3 +290,56 @@ async fn bad_task_requests_get_a_problem_naming_the_field() {
         Some("body"),
     );
 }
+
+#[tokio::test]
+async fn a_redelivered_task_for_an_attempt_given_up_on_is_dropped_not_handed_out() {
+    // The step times out (150 ms) long before the quiet worker's command
+    // comes back from the bus (a 100 ms lease, then a 400 ms visibility).
+    let api = api(Duration::from_millis(400), Duration::from_millis(100)).await;
+    let slow = "name: slow\nversion: 1\nsteps:\n  - name: pay\n    worker: pay_refund\n    timeout: 150ms\n    retry: {max_attempts: 3, initial_delay: 10ms}\n";
+    assert_eq!(
+        api.call(Method::POST, "/v1/definitions", &[], slow)
+            .await
+            .status,
+        201
+    );
+    let a = api
+        .call(
+            Method::POST,
+            "/v1/workflows/slow/runs",
+            &[],
+            r#"{"amount": 1}"#,
+        )
+        .await;
+    let url = a.body["url"].as_str().expect("url").to_string();
+    let first = poll(&api, 5_000).await;
+    assert_eq!(first[0]["attempt"], 1);
+    // Attempt 2 comes after the timeout; then, for a while, nothing else:
+    // attempt 1's redelivery is stale and is dropped.
+    let mut handed = Vec::new();
+    // At least 1.2 s (attempt 1 is redelivered after about 0.5 s), and
+    // until attempt 2 has come, within 10 s on a loaded machine.
+    let began = std::time::Instant::now();
+    while began.elapsed() < Duration::from_millis(1_200)
+        || (handed.is_empty() && began.elapsed() < Duration::from_secs(10))
+    {
+        for task in poll(&api, 100).await {
+            handed.push((task["attempt"].clone(), task["delivery_count"].clone()));
+            if task["attempt"] == 2 {
+                // Held, heartbeating, so that attempt 2 neither times out nor comes back.
+                let token = task["token"].as_str().expect("token").to_string();
+                let beat = format!("/v1/tasks/{token}/heartbeat");
+                let done = format!("/v1/tasks/{token}/complete");
+                assert_eq!(api.call(Method::POST, &beat, &[], "").await.status, 200);
+                assert_eq!(
+                    api.call(Method::POST, &done, &[], r#"{"output": {"paid": 1}}"#)
+                        .await
+                        .status,
+                    202
+                );
+            }
+        }
+    }
+    assert_eq!(handed, vec![(json!(2), json!(1))], "only attempt 2, once");
+    assert_eq!(result(&api, &url).await["status"], "completed");
+}
