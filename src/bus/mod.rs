@@ -191,7 +191,7 @@ impl BusError {
 /// [`BusError::is_transient`]) or `limit` has passed, pausing 20 ms between
 /// tries, doubling up to 200 ms: a lost connection comes back by itself.
 /// Returns the last error when it gives up.
-pub(crate) async fn retry_transient<T, F, Fut>(limit: Duration, mut op: F) -> Result<T, BusError>
+pub async fn retry_transient<T, F, Fut>(limit: Duration, mut op: F) -> Result<T, BusError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, BusError>>,

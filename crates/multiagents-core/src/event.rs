@@ -194,6 +194,36 @@ impl Event {
             + 320
     }
 
+    /// The answer to this command: a `kind` event (a result or an error)
+    /// carrying `payload`, for the same workflow, step, phase and attempt,
+    /// caused by this one and continuing its trace.
+    ///
+    /// ```
+    /// use multiagents_core::{CorrelationId, Event, EventKind, Payload, TransactionId, WorkflowName};
+    ///
+    /// let mut command = Event::new(EventKind::Command, TransactionId::new(), CorrelationId::new(),
+    ///     WorkflowName::new("orders"), Payload::null());
+    /// command.step = Some("charge".into());
+    /// command.attempt = 2;
+    /// let answer = command.answer(EventKind::Result, Payload::null());
+    /// assert_eq!((answer.step, answer.attempt, answer.causation_id), (command.step, 2, Some(command.id)));
+    /// ```
+    pub fn answer(&self, kind: EventKind, payload: Payload) -> Event {
+        let mut answer = Event::new(
+            kind,
+            self.transaction_id,
+            self.correlation_id,
+            self.workflow.clone(),
+            payload,
+        );
+        answer.causation_id = Some(self.id);
+        answer.step = self.step.clone();
+        answer.phase = self.phase;
+        answer.attempt = self.attempt;
+        answer.traceparent = self.traceparent.clone();
+        answer
+    }
+
     /// The idempotency key a worker gets for this command: the same for
     /// every attempt and every redelivery of this step in this phase.
     pub fn idempotency_key(&self) -> String {

@@ -138,6 +138,27 @@ pub async fn serve(
         .await
 }
 
+/// The body read as JSON, or a 400 naming the body: `expected` says what
+/// it should have been.
+pub(crate) fn json_body<T: serde::de::DeserializeOwned>(
+    body: &str,
+    expected: &str,
+) -> Result<T, Problem> {
+    serde_json::from_str(body).map_err(|e| Problem::bad_request("body", format!("{expected}: {e}")))
+}
+
+/// The same, where an empty body stands for `T::default()` (`null`, no
+/// options).
+pub(crate) fn json_body_or_default<T: serde::de::DeserializeOwned + Default>(
+    body: &str,
+    expected: &str,
+) -> Result<T, Problem> {
+    if body.trim().is_empty() {
+        return Ok(T::default());
+    }
+    json_body(body, expected)
+}
+
 async fn readyz(State(service): State<Service>) -> Response {
     // One store read: the service is ready when its store answers.
     match service

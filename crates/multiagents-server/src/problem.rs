@@ -79,15 +79,26 @@ impl Problem {
 impl From<multiagents::Error> for Problem {
     fn from(e: multiagents::Error) -> Self {
         use multiagents::Error;
+        use multiagents::bus::BusError;
+        use multiagents::store::StoreError;
         match &e {
             Error::Definition(_) => Self::unprocessable("body", e.to_string()),
             Error::UnknownWorkflow { .. } => Self::not_found(e.to_string()),
             Error::NotFound(_) => Self::not_found(e.to_string()),
             Error::Input(_) => Self::unprocessable("body", e.to_string()),
             Error::Signal { .. } => Self::conflict(e.to_string()),
-            Error::Store(multiagents::store::StoreError::Conflict { .. }) => {
-                Self::conflict(e.to_string())
-            }
+            Error::Store(
+                StoreError::Conflict { .. }
+                | StoreError::DefinitionChanged { .. }
+                | StoreError::AlreadyExists(_),
+            ) => Self::conflict(e.to_string()),
+            Error::Bus(BusError::TooLarge { .. }) => Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too-large",
+                "The request is over a size limit",
+                e.to_string(),
+            )
+            .field("body"),
             _ if e.is_transient() => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",

@@ -14,7 +14,7 @@ use multiagents::store::ListQuery;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::{Problem, Service};
+use crate::{Problem, Service, json_body_or_default};
 
 /// The longest `?wait=` honoured.
 const MAX_WAIT: Duration = Duration::from_secs(300);
@@ -100,12 +100,7 @@ pub(crate) async fn start(
     headers: HeaderMap,
     body: String,
 ) -> Result<Response, Problem> {
-    let input: Value = if body.trim().is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(&body)
-            .map_err(|e| Problem::bad_request("body", format!("the input is not JSON: {e}")))?
-    };
+    let input: Value = json_body_or_default(&body, "the input is not JSON")?;
     let wait = wait_of(q.wait.as_deref())?;
     let fail_on_conflict = match q.on_conflict.as_deref() {
         None | Some("return_existing") => false,
@@ -296,12 +291,7 @@ pub(crate) async fn cancel(
     body: String,
 ) -> Result<Response, Problem> {
     let id = run_id(&id)?;
-    let body: CancelBody = if body.trim().is_empty() {
-        CancelBody::default()
-    } else {
-        serde_json::from_str(&body)
-            .map_err(|e| Problem::bad_request("body", format!("not {{\"reason\": …}}: {e}")))?
-    };
+    let body: CancelBody = json_body_or_default(&body, "not {\"reason\": …}")?;
     if service.client().status(id).await?.is_none() {
         return Err(Problem::not_found(format!("no run {id}")));
     }
@@ -323,13 +313,7 @@ pub(crate) async fn signal(
     body: String,
 ) -> Result<Response, Problem> {
     let id = run_id(&id)?;
-    let data: Value = if body.trim().is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(&body).map_err(|e| {
-            Problem::bad_request("body", format!("the signal's data is not JSON: {e}"))
-        })?
-    };
+    let data: Value = json_body_or_default(&body, "the signal's data is not JSON")?;
     service.client().signal(id, &name, &data).await?;
     Ok((
         StatusCode::ACCEPTED,

@@ -20,14 +20,13 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use multiagents::bus::{Bus, Consumer, Delivery, RESULTS_TOPIC, WORKER_GROUP, command_topic_at};
 use multiagents::core::{
-    Event, EventKind, Payload, Priority, RetryDirective, StepError, StepErrorKind, Timestamp,
-    WorkerName,
+    EventKind, Payload, Priority, RetryDirective, StepError, StepErrorKind, Timestamp, WorkerName,
 };
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
-use crate::{Problem, Service};
+use crate::{Problem, Service, json_body};
 
 /// How HTTP workers' tasks are leased.
 #[derive(Clone, Debug)]
@@ -185,12 +184,7 @@ pub(crate) async fn poll(
     body: String,
 ) -> Result<Response, Problem> {
     let tasks = service.tasks();
-    let body: PollBody = serde_json::from_str(&body).map_err(|e| {
-        Problem::bad_request(
-            "body",
-            format!("not {{\"workers\": [names], \"max\": N, \"wait_ms\": N}}: {e}"),
-        )
-    })?;
+    let body: PollBody = json_body(&body, r#"not {"workers": [names], "max": N, "wait_ms": N}"#)?;
     if body.workers.is_empty() || body.workers.iter().any(|w| w.trim().is_empty()) {
         return Err(Problem::bad_request(
             "body.workers",
@@ -348,39 +342,34 @@ async fn answer(
     let tasks = service.tasks();
     let held = tasks.held().remove(token).ok_or_else(|| lapsed(token))?;
     let event = &held.delivery.event;
-    let mut reply = Event::new(
-        kind,
-        event.transaction_id,
-        event.correlation_id,
-        event.workflow.clone(),
-        payload,
-    );
-    reply.causation_id = Some(event.id);
-    reply.step = event.step.clone();
-    reply.phase = event.phase;
-    reply.attempt = event.attempt;
-    reply.traceparent = event.traceparent.clone();
+    let mut reply = event.answer(kind, payload);
     reply.timing = Some(multiagents::core::Timing {
         instance: Arc::from(tasks.instance.as_str()),
         picked_up_at: held.picked_up_at,
         started_at: held.picked_up_at,
         finished_at: Timestamp::now(),
     });
-    let sent = held
-        .consumer
-        .publish_then_ack(
-            &[(RESULTS_TOPIC.to_string(), reply)],
-            std::slice::from_ref(&held.delivery.id),
-        )
-        .await;
+    // A lost connection comes back by itself: keep trying a little, as a
+    // worker process does, before answering 503.
+    let answers = [(RESULTS_TOPIC.to_string(), reply)];
+    let ids = std::slice::from_ref(&held.delivery.id);
+    let sent = multiagents::bus::retry_transient(PUBLISH_RETRY, || {
+        held.consumer.publish_then_ack(&answers, ids)
+    })
+    .await;
     match sent {
         Ok(()) => Ok((StatusCode::ACCEPTED, Json(json!({"accepted": true}))).into_response()),
         Err(e) => {
-            // Not published: the command is redelivered to the next poll.
+            // Not published: the task stays the worker's (its lease runs on),
+            // so the same answer may be sent again with the same token.
+            tasks.held().insert(token.to_string(), held);
             Err(multiagents::Error::from(e).into())
         }
     }
 }
+
+/// How long an answer is retried against a bus that does not answer.
+const PUBLISH_RETRY: Duration = Duration::from_secs(5);
 
 #[derive(Deserialize)]
 pub(crate) struct CompleteBody {
@@ -393,8 +382,7 @@ pub(crate) async fn complete(
     Path(token): Path<String>,
     body: String,
 ) -> Result<Response, Problem> {
-    let body: CompleteBody = serde_json::from_str(&body)
-        .map_err(|e| Problem::bad_request("body", format!("not {{\"output\": …}}: {e}")))?;
+    let body: CompleteBody = json_body(&body, r#"not {"output": …}"#)?;
     let output = match body.output {
         Some(raw) => Payload::from_raw(raw),
         None => Payload::null(),
@@ -417,12 +405,10 @@ pub(crate) async fn fail(
     Path(token): Path<String>,
     body: String,
 ) -> Result<Response, Problem> {
-    let body: FailBody = serde_json::from_str(&body).map_err(|e| {
-        Problem::bad_request(
-            "body",
-            format!("not {{\"error\": \"…\", \"kind\", \"retry\", \"retry_after_ms\"}}: {e}"),
-        )
-    })?;
+    let body: FailBody = json_body(
+        &body,
+        r#"not {"error": "…", "kind", "retry", "retry_after_ms"}"#,
+    )?;
     let retry = match (body.retry.as_deref().unwrap_or("yes"), body.retry_after_ms) {
         ("yes", _) => RetryDirective::Retry,
         ("no", _) => RetryDirective::Never,

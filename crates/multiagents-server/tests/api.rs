@@ -81,6 +81,19 @@ async fn definitions_deploy_from_yaml_and_bad_ones_are_refused_naming_the_culpri
         Some("query.format"),
     );
 
+    // The same version with other steps: refused, the deployed one kept.
+    let changed = REFUNDS.replace("pay_refund", "pay_twice");
+    problem(
+        &api.call(Method::POST, "/v1/definitions", &[], &changed)
+            .await,
+        409,
+        None,
+    );
+    let kept = api
+        .call(Method::GET, "/v1/definitions/refunds", &[], "")
+        .await;
+    assert_eq!(kept.body["steps"][1]["worker"], "pay_refund");
+
     let twice = "name: bad\nsteps:\n  - name: a\n    worker: w\n  - name: a\n    worker: w\n";
     let a = api.call(Method::POST, "/v1/definitions", &[], twice).await;
     problem(&a, 422, Some("body"));

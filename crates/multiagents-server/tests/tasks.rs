@@ -56,6 +56,17 @@ async fn poll(api: &Api, wait_ms: u64) -> Vec<Value> {
     a.body["tasks"].as_array().expect("tasks").clone()
 }
 
+/// `POST /v1/tasks/{token}/{action}`.
+async fn on_task(api: &Api, token: &str, action: &str, body: &str) -> common::Answer {
+    api.call(
+        Method::POST,
+        &format!("/v1/tasks/{token}/{action}"),
+        &[],
+        body,
+    )
+    .await
+}
+
 async fn result(api: &Api, url: &str) -> Value {
     let a = api
         .call(Method::GET, &format!("{url}/result?wait=10s"), &[], "")
@@ -83,36 +94,15 @@ async fn a_polled_task_carries_what_the_step_needs_and_its_answer_finishes_the_r
     assert_eq!(task["steps"]["check"], json!({"checked": 5}));
     let token = task["token"].as_str().expect("token");
 
-    let beat = api
-        .call(
-            Method::POST,
-            &format!("/v1/tasks/{token}/heartbeat"),
-            &[],
-            "",
-        )
-        .await;
+    let beat = on_task(&api, token, "heartbeat", "").await;
     assert_eq!(beat.status, 200, "{:?}", beat.body);
-    let done = api
-        .call(
-            Method::POST,
-            &format!("/v1/tasks/{token}/complete"),
-            &[],
-            r#"{"output": {"paid": 5}}"#,
-        )
-        .await;
+    let done = on_task(&api, token, "complete", r#"{"output": {"paid": 5}}"#).await;
     assert_eq!(done.status, 202, "{:?}", done.body);
     let outcome = result(&api, &url).await;
     assert_eq!(outcome["status"], "completed");
     assert_eq!(outcome["output"]["pay"], json!({"paid": 5}));
     // Answered once: the token is spent.
-    let again = api
-        .call(
-            Method::POST,
-            &format!("/v1/tasks/{token}/complete"),
-            &[],
-            r#"{"output": 1}"#,
-        )
-        .await;
+    let again = on_task(&api, token, "complete", r#"{"output": 1}"#).await;
     problem(&again, 404, Some("path.token"));
     assert!(poll(&api, 0).await.is_empty());
 }
@@ -123,14 +113,13 @@ async fn a_failure_says_whether_to_retry_and_a_fatal_one_fails_the_run() {
     let url = start(&api, 7).await;
     let first = poll(&api, 5_000).await;
     let token = first[0]["token"].as_str().expect("token");
-    let failed = api
-        .call(
-            Method::POST,
-            &format!("/v1/tasks/{token}/fail"),
-            &[],
-            r#"{"error": "the bank is down", "retry": "after", "retry_after_ms": 10}"#,
-        )
-        .await;
+    let failed = on_task(
+        &api,
+        token,
+        "fail",
+        r#"{"error": "the bank is down", "retry": "after", "retry_after_ms": 10}"#,
+    )
+    .await;
     assert_eq!(failed.status, 202, "{:?}", failed.body);
     // Retried: attempt 2, the same idempotency key.
     let second = poll(&api, 5_000).await;
@@ -139,14 +128,13 @@ async fn a_failure_says_whether_to_retry_and_a_fatal_one_fails_the_run() {
     assert_eq!(second[0]["idempotency_key"], first[0]["idempotency_key"]);
     assert_ne!(second[0]["attempt_key"], first[0]["attempt_key"]);
     let token = second[0]["token"].as_str().expect("token");
-    let fatal = api
-        .call(
-            Method::POST,
-            &format!("/v1/tasks/{token}/fail"),
-            &[],
-            r#"{"error": "account closed", "kind": "declined", "retry": "no"}"#,
-        )
-        .await;
+    let fatal = on_task(
+        &api,
+        token,
+        "fail",
+        r#"{"error": "account closed", "kind": "declined", "retry": "no"}"#,
+    )
+    .await;
     assert_eq!(fatal.status, 202, "{:?}", fatal.body);
     let outcome = result(&api, &url).await;
     assert_eq!(outcome["status"], "failed");
@@ -181,24 +169,10 @@ async fn a_task_whose_worker_goes_quiet_goes_back_to_the_bus_as_the_same_attempt
     assert_eq!(second[0]["delivery_count"], 2);
     assert_eq!(second[0]["idempotency_key"], first[0]["idempotency_key"]);
     // The quiet worker's token is spent; the new one answers.
-    let late = api
-        .call(
-            Method::POST,
-            &format!("/v1/tasks/{stale}/complete"),
-            &[],
-            r#"{"output": {"paid": 9}}"#,
-        )
-        .await;
+    let late = on_task(&api, &stale, "complete", r#"{"output": {"paid": 9}}"#).await;
     problem(&late, 404, Some("path.token"));
     let token = second[0]["token"].as_str().expect("token");
-    let done = api
-        .call(
-            Method::POST,
-            &format!("/v1/tasks/{token}/complete"),
-            &[],
-            r#"{"output": {"paid": 9}}"#,
-        )
-        .await;
+    let done = on_task(&api, token, "complete", r#"{"output": {"paid": 9}}"#).await;
     assert_eq!(done.status, 202);
     assert_eq!(result(&api, &url).await["status"], "completed");
 }
@@ -212,28 +186,14 @@ async fn a_live_worker_keeps_its_task_past_the_visibility_timeout() {
     // Heartbeats for three visibility timeouts: nothing is redelivered.
     for _ in 0..6 {
         tokio::time::sleep(Duration::from_millis(150)).await;
-        let beat = api
-            .call(
-                Method::POST,
-                &format!("/v1/tasks/{token}/heartbeat"),
-                &[],
-                "",
-            )
-            .await;
+        let beat = on_task(&api, token, "heartbeat", "").await;
         assert_eq!(beat.status, 200, "{:?}", beat.body);
     }
     assert!(
         poll(&api, 0).await.is_empty(),
         "the task was not given to anyone else"
     );
-    let done = api
-        .call(
-            Method::POST,
-            &format!("/v1/tasks/{token}/complete"),
-            &[],
-            r#"{"output": {"paid": 3}}"#,
-        )
-        .await;
+    let done = on_task(&api, token, "complete", r#"{"output": {"paid": 3}}"#).await;
     assert_eq!(done.status, 202);
     assert_eq!(result(&api, &url).await["status"], "completed");
 }
@@ -328,11 +288,9 @@ async fn a_redelivered_task_for_an_attempt_given_up_on_is_dropped_not_handed_out
             if task["attempt"] == 2 {
                 // Held, heartbeating, so that attempt 2 neither times out nor comes back.
                 let token = task["token"].as_str().expect("token").to_string();
-                let beat = format!("/v1/tasks/{token}/heartbeat");
-                let done = format!("/v1/tasks/{token}/complete");
-                assert_eq!(api.call(Method::POST, &beat, &[], "").await.status, 200);
+                assert_eq!(on_task(&api, &token, "heartbeat", "").await.status, 200);
                 assert_eq!(
-                    api.call(Method::POST, &done, &[], r#"{"output": {"paid": 1}}"#)
+                    on_task(&api, &token, "complete", r#"{"output": {"paid": 1}}"#)
                         .await
                         .status,
                     202

@@ -201,17 +201,7 @@ impl Runner {
                 )
             }
         };
-        let mut reply = Event::new(
-            kind,
-            event.transaction_id,
-            event.correlation_id,
-            event.workflow.clone(),
-            payload,
-        );
-        reply.causation_id = Some(event.id);
-        reply.step = event.step.clone();
-        reply.phase = event.phase;
-        reply.attempt = event.attempt;
+        let mut reply = event.answer(kind, payload);
         reply.traceparent = match otel {
             Some(span) => {
                 let tp = Arc::from(span.traceparent());
@@ -221,7 +211,7 @@ impl Runner {
                 });
                 Some(tp)
             }
-            None => event.traceparent.clone(),
+            None => reply.traceparent,
         };
         if self.record_timing {
             reply.timing = Some(crate::core::Timing {
