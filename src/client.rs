@@ -9,9 +9,11 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::Error;
-use crate::bus::{Bus, DeadLetter};
+use crate::bus::{AuditedLetter, Bus, COMPENSATIONS, DeadLetter, SettleAction, Settlement};
 use crate::core::saga::Input;
-use crate::core::{CorrelationId, Payload, TransactionId, WorkflowDefinition, WorkflowState};
+use crate::core::{
+    CorrelationId, Payload, Timestamp, TransactionId, WorkflowDefinition, WorkflowState,
+};
 use crate::runtime::Engine;
 use crate::store::{ListQuery, Store, WorkflowSummary};
 
@@ -30,6 +32,32 @@ pub struct StartOptions {
     /// Its priority: when workers are saturated, the commands of
     /// higher-priority workflows are taken first (default normal).
     pub priority: crate::core::Priority,
+}
+
+/// Options for [`Client::retry`].
+#[derive(Clone, Debug, Default)]
+pub struct RetryOptions {
+    /// Run again from this step (default: the step that failed); see
+    /// [`crate::core::saga::retry`] for which steps are kept.
+    pub from_step: Option<String>,
+    /// An RFC 7386 JSON merge patch for the input (default: the same input).
+    pub input_patch: Option<serde_json::Value>,
+    /// Run the latest version of the definition instead of the one the old
+    /// run was pinned to.
+    pub latest_definition: bool,
+}
+
+/// What [`Client::redrive_dead_letter`] did.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Redriven {
+    /// The dead letter, now in the audit log.
+    pub id: String,
+    /// Where it went: the topic it was published to again, or
+    /// `compensations` for a failed compensation tried again.
+    pub topic: String,
+    /// The run it belongs to, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transaction_id: Option<TransactionId>,
 }
 
 /// Starts, watches and cancels workflows.
@@ -195,8 +223,184 @@ impl Client {
         Ok(self.engine.store.states.list(query).await?)
     }
 
-    /// The most recent dead letters.
+    /// Retries a run that ended failed, compensated, timed out or
+    /// cancelled: a new run (whose id this returns) that keeps what the old
+    /// one finished and still stands and runs the rest again, from the
+    /// failed step or [`RetryOptions::from_step`]. Both runs' histories say
+    /// so. Refused ([`Error::Retry`], with the reason) for a run that is
+    /// running, completed, a sub-workflow, or retried already.
+    ///
+    /// ```no_run
+    /// # async fn f(client: multiagents::Client, tx: multiagents::core::TransactionId) -> Result<(), multiagents::Error> {
+    /// use multiagents::RetryOptions;
+    /// let retry = client
+    ///     .retry(tx, RetryOptions {
+    ///         input_patch: Some(serde_json::json!({"card": "4242"})),
+    ///         ..Default::default()
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn retry(
+        &self,
+        transaction_id: TransactionId,
+        options: RetryOptions,
+    ) -> Result<TransactionId, Error> {
+        let input = match &options.input_patch {
+            None => None,
+            Some(patch) => {
+                let old = self
+                    .status(transaction_id)
+                    .await?
+                    .ok_or(Error::NotFound(transaction_id))?;
+                let mut input: serde_json::Value = old.input.parse().unwrap_or_default();
+                crate::core::payload::merge_patch(&mut input, patch);
+                Some(Payload::to_json(&input).map_err(|e| Error::Input(e.to_string()))?)
+            }
+        };
+        let plan = crate::core::saga::RetryPlan {
+            from_step: options.from_step,
+            input,
+        };
+        self.engine
+            .retry(transaction_id, plan, options.latest_definition)
+            .await
+    }
+
+    /// The most recent dead letters, newest last.
     pub async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, Error> {
         Ok(self.engine.bus.topics.dead_letters(limit).await?)
     }
+
+    /// One dead letter, by id.
+    pub async fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, Error> {
+        Ok(self.engine.bus.topics.dead_letter_by_id(id).await?)
+    }
+
+    /// Settled dead letters (redriven or discarded), newest last.
+    pub async fn dead_letter_audit(&self, limit: usize) -> Result<Vec<AuditedLetter>, Error> {
+        Ok(self.engine.bus.topics.dead_letter_audit(limit).await?)
+    }
+
+    /// Sends a dead letter back to be processed, once its cause is fixed,
+    /// and moves it to the audit log (`by` says who). An event goes back to
+    /// its topic, as it was or as `edited` (the event's JSON); a compensation
+    /// that failed for good is tried again, and its workflow compensates
+    /// again and ends as that goes. Of two redrives of one letter, one does
+    /// it and the other is told it is gone.
+    pub async fn redrive_dead_letter(
+        &self,
+        id: &str,
+        edited: Option<&str>,
+        by: &str,
+    ) -> Result<Redriven, Error> {
+        let letter = self
+            .dead_letter(id)
+            .await?
+            .ok_or_else(|| Error::NoDeadLetter(id.to_string()))?;
+        let refused = |reason: String| Error::Redrive {
+            id: id.to_string(),
+            reason,
+        };
+        let settlement = |note: String| Settlement {
+            action: SettleAction::Redriven,
+            by: by.to_string(),
+            note,
+            at: Timestamp::now(),
+        };
+        let topics = &self.engine.bus.topics;
+        if letter.topic == COMPENSATIONS {
+            if edited.is_some() {
+                return Err(refused(
+                    "a failed compensation is tried again as it is: its body only names the run and the step; fix the cause and redrive it unedited".into(),
+                ));
+            }
+            let (tx, step) = compensation_of(&letter)
+                .ok_or_else(|| refused("its body names no run and step".into()))?;
+            let state = self.status(tx).await?.ok_or(Error::NotFound(tx))?;
+            crate::core::saga::check_redrive(&state, &step).map_err(|e| refused(e.to_string()))?;
+            let Some(letter) = topics
+                .settle_dead_letter(
+                    id,
+                    &settlement(format!("compensation of `{step}` tried again")),
+                )
+                .await?
+            else {
+                return Err(Error::NoDeadLetter(id.to_string()));
+            };
+            let input = Input::RedriveCompensation {
+                step: step.as_str().into(),
+            };
+            match self.engine.drive(tx, &input, None).await {
+                Ok(crate::runtime::engine_driven::Applied) => {}
+                Ok(_) => {
+                    // Another redrive of the same failure won; nothing to undo.
+                }
+                Err(e) => {
+                    let _ = topics.dead_letter(letter).await;
+                    return Err(e);
+                }
+            }
+            return Ok(Redriven {
+                id: id.to_string(),
+                topic: COMPENSATIONS.into(),
+                transaction_id: Some(tx),
+            });
+        }
+        let body = edited.unwrap_or(&letter.body);
+        let event = crate::core::EventCodec::default()
+            .decode(body.as_bytes())
+            .map_err(|e| {
+                refused(format!(
+                    "its body does not decode as an event ({e}); send an edited body"
+                ))
+            })?;
+        let transaction_id = Some(event.transaction_id);
+        let note = match edited {
+            Some(_) => format!("published to `{}`, edited", letter.topic),
+            None => format!("published to `{}`", letter.topic),
+        };
+        let Some(letter) = topics.settle_dead_letter(id, &settlement(note)).await? else {
+            return Err(Error::NoDeadLetter(id.to_string()));
+        };
+        if let Err(e) = topics.publish(&letter.topic, event).await {
+            let _ = topics.dead_letter(letter).await;
+            return Err(e.into());
+        }
+        Ok(Redriven {
+            id: id.to_string(),
+            topic: letter.topic,
+            transaction_id,
+        })
+    }
+
+    /// Drops a dead letter on purpose; it is kept in the audit log with
+    /// `by` and `reason`.
+    pub async fn discard_dead_letter(
+        &self,
+        id: &str,
+        by: &str,
+        reason: &str,
+    ) -> Result<DeadLetter, Error> {
+        let settlement = Settlement {
+            action: SettleAction::Discarded,
+            by: by.to_string(),
+            note: reason.to_string(),
+            at: Timestamp::now(),
+        };
+        self.engine
+            .bus
+            .topics
+            .settle_dead_letter(id, &settlement)
+            .await?
+            .ok_or_else(|| Error::NoDeadLetter(id.to_string()))
+    }
+}
+
+/// The run and step a failed compensation's dead letter names.
+fn compensation_of(letter: &DeadLetter) -> Option<(TransactionId, String)> {
+    let body: serde_json::Value = serde_json::from_str(&letter.body).ok()?;
+    let tx = body.get("transaction_id")?.as_str()?.parse().ok()?;
+    let step = body.get("step")?.as_str()?.to_string();
+    Some((tx, step))
 }

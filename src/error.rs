@@ -65,6 +65,26 @@ pub enum Error {
         /// Compare-and-sets lost in a row.
         attempts: usize,
     },
+    /// A retry (or the redrive of a failed compensation) was refused; the
+    /// reason says why and what to do instead.
+    #[error("run {transaction_id}: {refused}")]
+    Retry {
+        /// The run.
+        transaction_id: TransactionId,
+        /// Why.
+        refused: crate::core::saga::RetryRefused,
+    },
+    /// No dead letter has that id (it may have been redriven or discarded).
+    #[error("no dead letter `{0}` (it may have been redriven or discarded)")]
+    NoDeadLetter(String),
+    /// A dead letter could not be redriven as asked.
+    #[error("dead letter `{id}` cannot be redriven: {reason}")]
+    Redrive {
+        /// The dead letter.
+        id: String,
+        /// Why.
+        reason: String,
+    },
     /// The runtime was set up wrongly.
     #[error("{0}")]
     Config(String),

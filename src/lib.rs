@@ -20,7 +20,7 @@ pub mod worker;
 pub use multiagents_core as core;
 
 pub use async_trait::async_trait;
-pub use client::{Client, StartOptions};
+pub use client::{Client, Redriven, RetryOptions, StartOptions};
 pub use error::Error;
 pub use multiagents_core::{
     CorrelationId, Payload, RetryPolicy, StepName, TransactionId, WorkerName, WorkflowBuilder,

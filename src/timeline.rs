@@ -84,6 +84,19 @@ pub fn render(state: &WorkflowState) -> String {
             }
             HistoryEvent::DeadlineExceeded => "DEADLINE passed".to_string(),
             HistoryEvent::UndoRequested { reason } => format!("undo requested: {reason}"),
+            HistoryEvent::Retried {
+                transaction_id,
+                from_step,
+            } => match from_step {
+                Some(step) => format!("retries run {transaction_id} from step `{step}`"),
+                None => format!("retries run {transaction_id}"),
+            },
+            HistoryEvent::RetriedAs { transaction_id } => {
+                format!("retried as run {transaction_id}")
+            }
+            HistoryEvent::CompensationRedriven => {
+                format!("compensation redriven (attempt {})", h.attempt)
+            }
             HistoryEvent::Finished { status } => format!("finished: {status}"),
         };
         let _ = writeln!(out, "    +{offset:>4}ms  {step:<width$}  {what}");

@@ -113,6 +113,25 @@ impl Topics for FlakyBus {
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BusError> {
         self.inner.dead_letters(limit).await
     }
+
+    async fn dead_letter_by_id(&self, id: &str) -> Result<Option<DeadLetter>, BusError> {
+        self.inner.dead_letter_by_id(id).await
+    }
+
+    async fn settle_dead_letter(
+        &self,
+        id: &str,
+        settlement: &multiagents::bus::Settlement,
+    ) -> Result<Option<DeadLetter>, BusError> {
+        self.inner.settle_dead_letter(id, settlement).await
+    }
+
+    async fn dead_letter_audit(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<multiagents::bus::AuditedLetter>, BusError> {
+        self.inner.dead_letter_audit(limit).await
+    }
 }
 
 struct FlakyConsumer {
@@ -272,6 +291,10 @@ impl Definitions for FlakyStore {
         name: &str,
     ) -> Result<Option<WorkflowDefinition>, StoreError> {
         self.inner.latest_definition(name).await
+    }
+
+    async fn definition_versions(&self) -> Result<Vec<(String, u32)>, StoreError> {
+        self.inner.definition_versions().await
     }
 }
 

@@ -13,8 +13,8 @@ use tokio::sync::{Notify, broadcast};
 use tokio::time::Instant;
 
 use super::{
-    BusError, Consumer, DeadLetter, Delivery, DeliveryId, Interrupt, LocalLimits, LocalNotifier,
-    Notifier, PlaceLimits, Places, SharedLimits, Topics,
+    AuditedLetter, BusError, Consumer, DeadLetter, Delivery, DeliveryId, Interrupt, LocalLimits,
+    LocalNotifier, Notifier, PlaceLimits, Places, Settlement, SharedLimits, Topics,
 };
 use crate::core::event::DEFAULT_MAX_EVENT_BYTES;
 use crate::core::{Event, Timestamp};
@@ -53,9 +53,17 @@ pub struct MemoryBus {
 struct Inner {
     config: MemoryBusConfig,
     topics: RwLock<crate::core::hash::IdMap<String, Arc<Topic>>>,
-    dead: Mutex<VecDeque<DeadLetter>>,
+    dead: Mutex<DeadLetters>,
     notifier: LocalNotifier,
     limits: LocalLimits,
+}
+
+/// The dead-letter list and its audit log.
+#[derive(Default)]
+struct DeadLetters {
+    letters: VecDeque<DeadLetter>,
+    audit: VecDeque<AuditedLetter>,
+    next_id: u64,
 }
 
 #[derive(Default)]
@@ -107,7 +115,7 @@ impl MemoryBus {
             inner: Arc::new(Inner {
                 config,
                 topics: RwLock::default(),
-                dead: Mutex::new(VecDeque::new()),
+                dead: Mutex::new(DeadLetters::default()),
                 notifier: LocalNotifier::new(),
                 limits: LocalLimits::new(),
             }),
@@ -175,15 +183,17 @@ impl MemoryBus {
         Ok(())
     }
 
-    fn push_dead(&self, letter: DeadLetter) {
+    fn push_dead(&self, mut letter: DeadLetter) {
         metrics::counter!(crate::monitoring::metrics::DEAD_LETTERS, "topic" => letter.topic.clone())
             .increment(1);
         let mut dead = self.inner.dead.lock().unwrap_or_else(|e| e.into_inner());
-        if dead.len() >= self.inner.config.dead_letter_capacity {
-            dead.pop_front();
+        if dead.letters.len() >= self.inner.config.dead_letter_capacity {
+            dead.letters.pop_front();
         }
         tracing::warn!(topic = %letter.topic, reason = %letter.reason, "event dead-lettered");
-        dead.push_back(letter);
+        dead.next_id += 1;
+        letter.id = dead.next_id.to_string();
+        dead.letters.push_back(letter);
     }
 }
 
@@ -243,7 +253,46 @@ impl Topics for MemoryBus {
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BusError> {
         let dead = self.inner.dead.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(dead.iter().rev().take(limit).rev().cloned().collect())
+        Ok(dead
+            .letters
+            .iter()
+            .rev()
+            .take(limit)
+            .rev()
+            .cloned()
+            .collect())
+    }
+
+    async fn dead_letter_by_id(&self, id: &str) -> Result<Option<DeadLetter>, BusError> {
+        let dead = self.inner.dead.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(dead.letters.iter().find(|d| d.id == id).cloned())
+    }
+
+    async fn settle_dead_letter(
+        &self,
+        id: &str,
+        settlement: &Settlement,
+    ) -> Result<Option<DeadLetter>, BusError> {
+        let mut dead = self.inner.dead.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(at) = dead.letters.iter().position(|d| d.id == id) else {
+            return Ok(None);
+        };
+        let Some(letter) = dead.letters.remove(at) else {
+            return Ok(None);
+        };
+        if dead.audit.len() >= super::AUDIT_CAPACITY {
+            dead.audit.pop_front();
+        }
+        dead.audit.push_back(AuditedLetter {
+            letter: letter.clone(),
+            settlement: settlement.clone(),
+        });
+        Ok(Some(letter))
+    }
+
+    async fn dead_letter_audit(&self, limit: usize) -> Result<Vec<AuditedLetter>, BusError> {
+        let dead = self.inner.dead.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(dead.audit.iter().rev().take(limit).rev().cloned().collect())
     }
 
     async fn lag(&self, topic: &str, group: &str) -> Result<Option<u64>, BusError> {
@@ -372,6 +421,7 @@ impl MemoryConsumer {
         }
         for (event, count) in dead {
             self.bus.push_dead(DeadLetter {
+                id: String::new(),
                 topic: self.group.topic.clone(),
                 group: Some(self.group.name.clone()),
                 reason: format!("not acked after {count} deliveries"),
@@ -440,6 +490,7 @@ impl Consumer for MemoryConsumer {
     async fn reject(&self, delivery: &Delivery, reason: &str) -> Result<(), BusError> {
         self.ack(std::slice::from_ref(&delivery.id)).await?;
         self.bus.push_dead(DeadLetter {
+            id: String::new(),
             topic: self.group.topic.clone(),
             group: Some(self.group.name.clone()),
             reason: reason.to_string(),

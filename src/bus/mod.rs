@@ -137,6 +137,10 @@ pub struct Delivery {
 /// An event that could not be processed, with the reason.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeadLetter {
+    /// Its id on the bus (empty until the bus has it): a stream entry id on
+    /// Redis, a sequence number in memory.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub id: String,
     /// The topic it was on.
     pub topic: String,
     /// The consumer group that gave up on it, if any.
@@ -151,6 +155,58 @@ pub struct DeadLetter {
     /// The event as JSON, or the raw bytes (lossily as text) when it did not decode.
     pub body: String,
 }
+
+/// What became of a dead letter taken off the list: kept in the audit log
+/// with the letter.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Settlement {
+    /// `redriven` or `discarded`.
+    pub action: SettleAction,
+    /// Who did it (an API key's name, or `cli`).
+    pub by: String,
+    /// Why, or what was done (the topic it went back to).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub note: String,
+    /// When.
+    pub at: Timestamp,
+}
+
+/// How a dead letter was settled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SettleAction {
+    /// Sent back to be processed again.
+    Redriven,
+    /// Dropped on purpose.
+    Discarded,
+}
+
+impl SettleAction {
+    /// The snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SettleAction::Redriven => "redriven",
+            SettleAction::Discarded => "discarded",
+        }
+    }
+}
+
+/// One line of the dead-letter audit log: a letter and what became of it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditedLetter {
+    /// The letter, as it was.
+    pub letter: DeadLetter,
+    /// What became of it.
+    pub settlement: Settlement,
+}
+
+/// The topic of the dead letters of compensations that failed for good:
+/// their body names the run and the step, and redriving one tries the
+/// compensation again.
+pub const COMPENSATIONS: &str = "compensations";
+
+/// How many entries the dead-letter audit log keeps (the oldest go first).
+pub const AUDIT_CAPACITY: usize = 10_000;
 
 /// What went wrong talking to the bus.
 #[derive(Debug, thiserror::Error)]
@@ -287,6 +343,21 @@ pub trait Topics: Send + Sync + 'static {
 
     /// The most recent dead letters, newest last.
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BusError>;
+
+    /// The dead letter with this id, if it is still on the list.
+    async fn dead_letter_by_id(&self, id: &str) -> Result<Option<DeadLetter>, BusError>;
+
+    /// Takes the dead letter `id` off the list and records it, with
+    /// `settlement`, in the audit log, as one step: of two calls for the same
+    /// letter, one gets it and the other `None`.
+    async fn settle_dead_letter(
+        &self,
+        id: &str,
+        settlement: &Settlement,
+    ) -> Result<Option<DeadLetter>, BusError>;
+
+    /// The audit log of settled dead letters, newest last.
+    async fn dead_letter_audit(&self, limit: usize) -> Result<Vec<AuditedLetter>, BusError>;
 
     /// Entries of `topic` not yet delivered to `group`, when the backend can
     /// tell (for the bus-lag metric).

@@ -12,7 +12,9 @@ use tokio::sync::{Mutex, broadcast};
 use super::conn::{Pool, bulk_string, entries, open, redacted, run_all};
 use super::consumer::RedisConsumer;
 use super::notify::RedisPubSubBus;
-use crate::bus::{BusError, Consumer, DeadLetter, Interrupt, Topics};
+use crate::bus::{
+    AuditedLetter, BusError, Consumer, DeadLetter, Interrupt, SettleAction, Settlement, Topics,
+};
 use crate::core::event::DEFAULT_MAX_EVENT_BYTES;
 use crate::core::{Event, EventCodec, Timestamp};
 
@@ -162,6 +164,12 @@ impl RedisStreamsBus {
         self.key("dead-letters")
     }
 
+    /// The audit log of settled dead letters: beside the list, in the same
+    /// cluster slot, so that one script moves a letter from one to the other.
+    fn audit_key(&self) -> String {
+        format!("{}:audit", self.dead_key())
+    }
+
     pub(super) fn err(&self, e: redis::RedisError) -> BusError {
         BusError::Backend {
             address: self.inner.address.clone(),
@@ -292,24 +300,87 @@ impl Topics for RedisStreamsBus {
             .query_async(&mut conn)
             .await
             .map_err(|e| self.err(e))?;
-        let mut out: Vec<DeadLetter> = entries(&reply)
+        let mut out: Vec<DeadLetter> = entries(&reply).into_iter().map(letter_of).collect();
+        out.reverse();
+        Ok(out)
+    }
+
+    async fn dead_letter_by_id(&self, id: &str) -> Result<Option<DeadLetter>, BusError> {
+        let Some(id) = stream_id(id) else {
+            return Ok(None);
+        };
+        let mut conn = self.inner.conn.get();
+        let reply: Value = redis::cmd("XRANGE")
+            .arg(self.dead_key())
+            .arg(&id)
+            .arg(&id)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(entries(&reply).into_iter().next().map(letter_of))
+    }
+
+    async fn settle_dead_letter(
+        &self,
+        id: &str,
+        settlement: &Settlement,
+    ) -> Result<Option<DeadLetter>, BusError> {
+        let Some(id) = stream_id(id) else {
+            return Ok(None);
+        };
+        let mut conn = self.inner.conn.get();
+        let reply: Value = SETTLE
+            .key(self.dead_key())
+            .key(self.audit_key())
+            .arg(&id)
+            .arg(crate::bus::AUDIT_CAPACITY)
+            .arg(settlement.action.as_str())
+            .arg(&settlement.by)
+            .arg(&settlement.note)
+            .arg(settlement.at.as_millis())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.err(e))?;
+        let Value::Array(fields) = reply else {
+            return Ok(None);
+        };
+        let entry = Value::Array(vec![Value::Array(vec![
+            Value::BulkString(id.into_bytes()),
+            Value::Array(fields),
+        ])]);
+        Ok(entries(&entry).into_iter().next().map(letter_of))
+    }
+
+    async fn dead_letter_audit(&self, limit: usize) -> Result<Vec<AuditedLetter>, BusError> {
+        let mut conn = self.inner.conn.get();
+        let reply: Value = redis::cmd("XREVRANGE")
+            .arg(self.audit_key())
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(limit)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.err(e))?;
+        let mut out: Vec<AuditedLetter> = entries(&reply)
             .into_iter()
-            .map(|(_, fields)| {
-                let get = |name: &str| {
-                    fields
-                        .iter()
-                        .find(|(k, _)| k == name)
-                        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-                        .unwrap_or_default()
+            .map(|(audit_id, fields)| {
+                let get = field_getter(&fields);
+                let settlement = Settlement {
+                    action: if get("action") == "discarded" {
+                        SettleAction::Discarded
+                    } else {
+                        SettleAction::Redriven
+                    },
+                    by: get("by"),
+                    note: get("note"),
+                    at: Timestamp(get("settled_at").parse().unwrap_or(0)),
                 };
-                DeadLetter {
-                    topic: get("topic"),
-                    group: Some(get("group")).filter(|g| !g.is_empty()),
-                    reason: get("reason"),
-                    delivery_count: get("deliveries").parse().unwrap_or(0),
-                    at: Timestamp(get("at").parse().unwrap_or(0)),
-                    body: get("body"),
-                }
+                let kept_id = get("letter");
+                drop(get);
+                let mut letter = letter_of((audit_id, fields));
+                letter.id = settlement_letter_id(&letter, &kept_id);
+                AuditedLetter { letter, settlement }
             })
             .collect();
         out.reverse();
@@ -353,5 +424,66 @@ impl Topics for RedisStreamsBus {
             }
         }
         Ok(None)
+    }
+}
+
+/// Moves a dead letter to the audit log: `KEYS[1]` the list, `KEYS[2]` the
+/// log; `ARGV` the entry id, the log's cap, then the action, who, the note
+/// and when. Returns the letter's fields, or nil when it is gone already.
+static SETTLE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local e = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
+if #e == 0 then return false end
+redis.call('XDEL', KEYS[1], ARGV[1])
+local fields = e[1][2]
+local logged = {}
+for i = 1, #fields do logged[i] = fields[i] end
+for _, v in ipairs({'letter', ARGV[1], 'action', ARGV[3], 'by', ARGV[4], 'note', ARGV[5], 'settled_at', ARGV[6]}) do
+  logged[#logged + 1] = v
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(logged))
+return fields
+",
+    )
+});
+
+/// A dead-letter id as a stream entry id (`ms-seq`), or `None` when it is
+/// not one (then no such letter exists).
+fn stream_id(id: &str) -> Option<String> {
+    let (ms, seq) = id.split_once('-')?;
+    (ms.parse::<u64>().is_ok() && seq.parse::<u64>().is_ok()).then(|| id.to_string())
+}
+
+fn field_getter(fields: &[(String, Vec<u8>)]) -> impl Fn(&str) -> String + '_ {
+    move |name: &str| {
+        fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// The id a settled letter had on the list (kept in its audit entry).
+fn settlement_letter_id(letter: &DeadLetter, kept: &str) -> String {
+    if kept.is_empty() {
+        letter.id.clone()
+    } else {
+        kept.to_string()
+    }
+}
+
+/// A dead-letter stream entry as a [`DeadLetter`].
+fn letter_of((id, fields): (String, Vec<(String, Vec<u8>)>)) -> DeadLetter {
+    let get = field_getter(&fields);
+    DeadLetter {
+        topic: get("topic"),
+        group: Some(get("group")).filter(|g| !g.is_empty()),
+        reason: get("reason"),
+        delivery_count: get("deliveries").parse().unwrap_or(0),
+        at: Timestamp(get("at").parse().unwrap_or(0)),
+        body: get("body"),
+        id,
     }
 }

@@ -187,6 +187,7 @@ impl RedisConsumer {
             for (id, reason, body, count) in &poison {
                 tracing::warn!(topic = %self.topic, id = %id, reason = %reason, "undecodable entry dead-lettered");
                 let letter = DeadLetter {
+                    id: String::new(),
                     topic: self.topic.clone(),
                     group: Some(self.group.clone()),
                     reason: reason.clone(),
@@ -252,6 +253,7 @@ impl RedisConsumer {
                 .map(|(_, v)| String::from_utf8_lossy(&v).into_owned())
                 .unwrap_or_default();
             let letter = DeadLetter {
+                id: String::new(),
                 topic: self.topic.clone(),
                 group: Some(self.group.clone()),
                 reason: format!("not acked after {count} deliveries"),
@@ -437,6 +439,7 @@ impl Consumer for RedisConsumer {
     async fn reject(&self, delivery: &Delivery, reason: &str) -> Result<(), BusError> {
         let id = id_text(&delivery.id);
         let letter = DeadLetter {
+            id: String::new(),
             topic: self.topic.clone(),
             group: Some(self.group.clone()),
             reason: reason.to_string(),

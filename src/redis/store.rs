@@ -709,6 +709,22 @@ impl Definitions for RedisStateStore {
             None => Ok(None),
         }
     }
+
+    async fn definition_versions(&self) -> Result<Vec<(String, u32)>, StoreError> {
+        let mut conn = self.inner.conn.get();
+        let fields: Vec<String> = redis::cmd("HKEYS")
+            .arg(self.defs_key())
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.io(e))?;
+        let mut out: Vec<(String, u32)> = fields
+            .iter()
+            .filter_map(|f| f.rsplit_once('@'))
+            .filter_map(|(n, v)| Some((n.to_string(), v.parse::<u32>().ok()?)))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
 }
 
 #[async_trait]

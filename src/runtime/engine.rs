@@ -374,6 +374,81 @@ impl Engine {
         Ok(tx)
     }
 
+    /// Starts the run that retries `old` (see [`saga::retry`]): marks the
+    /// old run retried, creates the new one and publishes its first
+    /// commands. Asked twice at once, both calls make the same single run.
+    pub(crate) async fn retry(
+        &self,
+        old: TransactionId,
+        plan: saga::RetryPlan,
+        latest: bool,
+    ) -> Result<TransactionId, Error> {
+        let refused = |refused| Error::Retry {
+            transaction_id: old,
+            refused,
+        };
+        let new = saga::retry_id(old);
+        for attempt in 0..MAX_CONFLICT_RETRIES {
+            let current = self
+                .store
+                .states
+                .get(old)
+                .await?
+                .ok_or(Error::NotFound(old))?;
+            saga::check_retryable(&current.state).map_err(refused)?;
+            let marked = saga::retried_as(&current.state);
+            if let Some(retry) = marked
+                && self.store.states.get(retry).await?.is_some()
+            {
+                return Err(refused(saga::RetryRefused::AlreadyRetried { retry }));
+            }
+            let def = if latest {
+                self.latest(current.state.workflow.as_str()).await?
+            } else {
+                self.definition(&current.state.workflow, current.state.version)
+                    .await?
+            };
+            let now = Timestamp::now();
+            let (state, actions) =
+                saga::retry(&def, &current.state, plan.clone(), now).map_err(refused)?;
+            if marked.is_none() {
+                let mut old_state = WorkflowState::clone(&current.state);
+                saga::mark_retried(&mut old_state, new, now);
+                match self
+                    .store
+                    .states
+                    .compare_and_set(current.version, Arc::new(old_state))
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(StoreError::Conflict { .. }) => {
+                        if attempt > 2 {
+                            tokio::time::sleep(conflict_pause(attempt)).await;
+                        }
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let state = Arc::new(state);
+            let mut outbox = Outbox::new();
+            match self.store.states.create(state.clone()).await {
+                Ok(version) => self.wrote(&mut outbox, new, version),
+                // The other of two calls at once made it.
+                Err(StoreError::AlreadyExists(_)) => return Ok(new),
+                Err(e) => return Err(e.into()),
+            }
+            self.execute(&state, actions, None, None, &mut outbox)
+                .await?;
+            self.publish(outbox).await?;
+            return Ok(new);
+        }
+        Err(Error::Contended {
+            transaction_id: old,
+            attempts: MAX_CONFLICT_RETRIES,
+        })
+    }
+
     /// Applies `input` to a workflow, persisting with compare-and-set and
     /// re-applying on conflict, then carries out the actions.
     pub(crate) async fn drive(
@@ -697,7 +772,8 @@ impl Engine {
                     self.bus
                         .topics
                         .dead_letter(DeadLetter {
-                            topic: "compensations".into(),
+                            id: String::new(),
+                            topic: crate::bus::COMPENSATIONS.into(),
                             group: None,
                             reason,
                             delivery_count: 0,

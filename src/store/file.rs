@@ -461,6 +461,10 @@ impl Definitions for FileStore {
     ) -> Result<Option<WorkflowDefinition>, StoreError> {
         self.index.latest_definition(name).await
     }
+
+    async fn definition_versions(&self) -> Result<Vec<(String, u32)>, StoreError> {
+        self.index.definition_versions().await
+    }
 }
 
 #[async_trait]

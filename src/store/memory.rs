@@ -410,6 +410,15 @@ impl Definitions for MemoryStore {
             .next_back()
             .map(|(_, d)| d.clone()))
     }
+
+    async fn definition_versions(&self) -> Result<Vec<(String, u32)>, StoreError> {
+        let defs = self
+            .inner
+            .definitions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        Ok(defs.keys().cloned().collect())
+    }
 }
 
 #[async_trait]

@@ -281,6 +281,9 @@ pub trait Definitions: Send + Sync + 'static {
     /// The highest registered version of a definition.
     async fn latest_definition(&self, name: &str)
     -> Result<Option<WorkflowDefinition>, StoreError>;
+
+    /// Every registered (name, version), sorted by name, then version.
+    async fn definition_versions(&self) -> Result<Vec<(String, u32)>, StoreError>;
 }
 
 /// The latest heartbeat of each (worker type, process), for the worker

@@ -40,11 +40,64 @@ enum Command {
         #[command(subcommand)]
         command: workflow::WorkflowCommand,
     },
+    /// API keys for `serve --api-keys`: `keys new NAME --scopes read,operate`
+    /// prints a fresh key once, and the line of the keys file that accepts it.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Run a benchmark workload and report throughput, latency and memory.
     Bench {
         #[command(subcommand)]
         workload: bench::Workload,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum KeysCommand {
+    /// A fresh random key. The key is printed once, on stdout; the line for
+    /// the keys file (`NAME SCOPES SHA256HEX`, no key in it) on stderr, or
+    /// appended to `--file`.
+    New {
+        /// The key's name, shown in the audit log.
+        name: String,
+        /// Comma-separated: read, operate, admin, worker.
+        #[arg(long, value_delimiter = ',', required = true)]
+        scopes: Vec<multiagents_server::Scope>,
+        /// Append the line to this keys file.
+        #[arg(long, value_name = "FILE")]
+        file: Option<std::path::PathBuf>,
+    },
+}
+
+fn keys(command: KeysCommand) -> error::Result<std::process::ExitCode> {
+    let KeysCommand::New { name, scopes, file } = command;
+    let (key, line) = multiagents_server::ApiKeys::generate(&name, &scopes)
+        .map_err(|problem| error::CliError::usage("NAME", problem))?;
+    match file {
+        Some(path) => {
+            use std::io::Write as _;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|source| error::CliError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+            writeln!(f, "{line}").map_err(|source| error::CliError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            eprintln!(
+                "added key `{name}` to {}; it is shown once:",
+                path.display()
+            );
+        }
+        None => eprintln!("add this line to the keys file; the key below is shown once:\n{line}"),
+    }
+    println!("{key}");
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 #[derive(clap::Args, Debug)]
@@ -53,6 +106,15 @@ struct ServeArgs {
     /// Without API keys, only a loopback address is allowed.
     #[arg(long, default_value = multiagents_server::DEFAULT_LISTEN, value_name = "ADDR")]
     listen: String,
+    /// Require API keys: a file of `NAME SCOPES SHA256HEX` lines (make
+    /// them with `multiagents keys new`). Every route but /healthz and
+    /// /readyz then needs `Authorization: Bearer KEY`.
+    #[arg(long, value_name = "FILE")]
+    api_keys: Option<std::path::PathBuf>,
+    /// Listen on a non-loopback address without API keys: anyone who can
+    /// reach it may start, cancel and repair workflows.
+    #[arg(long)]
+    allow_unauthenticated: bool,
     /// Embedded mode (no `--redis-url`): the file holding the state.
     #[arg(long, default_value = ".multiagents/store.db", value_name = "PATH")]
     store: std::path::PathBuf,
@@ -101,12 +163,31 @@ async fn serve(
             format!("`{}` is not host:port: {e}", args.listen),
         )
     })?;
-    if !listen.ip().is_loopback() {
+    let keys = match &args.api_keys {
+        Some(path) => {
+            let keys = multiagents_server::ApiKeys::load(path)
+                .map_err(|e| error::CliError::usage("--api-keys", e.to_string()))?;
+            if keys.is_empty() {
+                return Err(error::CliError::usage(
+                    "--api-keys",
+                    format!(
+                        "{} holds no key; add one with `multiagents keys new NAME --scopes admin --file {}`",
+                        path.display(),
+                        path.display()
+                    ),
+                ));
+            }
+            Some(keys)
+        }
+        None => None,
+    };
+    if !listen.ip().is_loopback() && keys.is_none() && !args.allow_unauthenticated {
         return Err(error::CliError::usage(
             "--listen",
             format!(
-                "{listen} is not a loopback address, and the service has no API keys yet: \
-                 it would let anyone on the network start and cancel workflows"
+                "{listen} is not a loopback address and no --api-keys are given: \
+                 anyone on the network could start and cancel workflows. \
+                 Give --api-keys FILE, or --allow-unauthenticated if that is what you want"
             ),
         ));
     }
@@ -194,14 +275,23 @@ async fn serve(
     let bound = listener
         .local_addr()
         .map_err(|e| error::CliError::process("the API listener", e))?;
-    let service = multiagents_server::Service::new(runtime.client(), bus, store);
+    let mut service = multiagents_server::Service::new(runtime.client(), bus, store);
+    let access = match keys {
+        Some(keys) => {
+            let access = format!("{} API key(s) required", keys.len());
+            service = service.with_api_keys(keys);
+            access
+        }
+        None if bound.ip().is_loopback() => "loopback only, no API keys".to_string(),
+        None => "NO API KEYS: anyone who can reach it may use it".to_string(),
+    };
     let api = tokio::spawn(multiagents_server::serve(
         listener,
         service,
         bench::stopped(),
     ));
     eprintln!(
-        "multiagents serving http://{bound} on {place}; loopback only (no API keys); stop with Ctrl-C or SIGTERM"
+        "multiagents serving http://{bound} on {place}; {access}; stop with Ctrl-C or SIGTERM"
     );
     let served = api.await;
     eprintln!("stopping");
@@ -250,6 +340,7 @@ fn main() -> std::process::ExitCode {
         let result = match cli.command {
             Command::Bench { workload } => bench::run(workload, &monitoring).await,
             Command::Serve(args) => serve(args, &monitoring).await,
+            Command::Keys { command } => keys(command),
             Command::Workflow { command } => workflow::run(command).await,
             Command::Workers(args) => workflow::workers(args, &monitoring).await,
         };

@@ -20,9 +20,14 @@ impl Drop for Served {
 }
 
 fn serve(store: &Path) -> Served {
+    serve_with(store, &[])
+}
+
+fn serve_with(store: &Path, extra: &[&str]) -> Served {
     let mut child = Command::new(env!("CARGO_BIN_EXE_multiagents"))
         .args(["serve", "--listen", "127.0.0.1:0", "--store"])
         .arg(store)
+        .args(extra)
         .env_remove("REDIS_URL")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -166,4 +171,88 @@ fn listening_beyond_loopback_without_keys_is_refused() {
         stderr.contains("--listen 0.0.0.0:0 is not a loopback address"),
         "{stderr}"
     );
+    assert!(stderr.contains("--allow-unauthenticated"), "{stderr}");
+}
+
+#[test]
+fn keys_made_by_keys_new_are_required_by_serve() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("keys");
+    let new = |name: &str, scopes: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_multiagents"))
+            .args(["keys", "new", name, "--scopes", scopes, "--file"])
+            .arg(&file)
+            .output()
+            .expect("runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .expect("utf-8")
+            .trim()
+            .to_string()
+    };
+    let reader = new("dashboard", "read");
+    let operator = new("ops", "operate,read");
+    let text = std::fs::read_to_string(&file).expect("the keys file");
+    assert_eq!(text.lines().count(), 2, "{text}");
+    assert!(
+        !text.contains(&reader) && !text.contains(&operator),
+        "no key is stored"
+    );
+    let served = serve_with(
+        &dir.path().join("store.db"),
+        &["--api-keys", file.to_str().expect("path")],
+    );
+    let addr = served.addr.clone();
+    assert_eq!(http(&addr, "GET", "/healthz", &[], "").0, 200);
+    assert_eq!(http(&addr, "GET", "/v1/runs", &[], "").0, 401);
+    let read = format!("Bearer {reader}");
+    assert_eq!(
+        http(&addr, "GET", "/v1/runs", &[("Authorization", &read)], "").0,
+        200
+    );
+    let (status, body) = http(
+        &addr,
+        "POST",
+        "/v1/workflows/greet/runs",
+        &[("Authorization", &read)],
+        "{}",
+    );
+    assert_eq!(status, 403, "{body}");
+    let operate = format!("Bearer {operator}");
+    let (status, body) = http(
+        &addr,
+        "POST",
+        "/v1/workflows/greet/runs",
+        &[("Authorization", &operate)],
+        "{}",
+    );
+    assert_eq!(
+        status, 404,
+        "past the key check, to the unknown workflow: {body}"
+    );
+    drop(served);
+
+    // A bad keys file is refused, naming the line.
+    std::fs::write(&file, format!("{text}broken line\n")).expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_multiagents"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--api-keys"])
+        .arg(&file)
+        .arg("--store")
+        .arg(dir.path().join("store.db"))
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("line 3"), "{stderr}");
+    // And so is a scope that does not exist.
+    let out = Command::new(env!("CARGO_BIN_EXE_multiagents"))
+        .args(["keys", "new", "x", "--scopes", "write"])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown scope `write`"));
 }

@@ -97,3 +97,33 @@ impl Default for Payload {
         Self::null()
     }
 }
+
+/// Applies an RFC 7386 JSON merge patch to `target`: members of an object
+/// patch replace (or, when `null`, remove) the target's, recursively; any
+/// other patch replaces the target whole.
+///
+/// ```
+/// use serde_json::json;
+/// let mut order = json!({"id": 7, "card": {"number": "4000", "cvc": "1"}});
+/// multiagents_core::payload::merge_patch(&mut order, &json!({"card": {"cvc": null, "number": "4242"}}));
+/// assert_eq!(order, json!({"id": 7, "card": {"number": "4242"}}));
+/// ```
+pub fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
+    use serde_json::Value;
+    let Value::Object(members) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = Value::Object(serde_json::Map::new());
+    }
+    if let Value::Object(t) = target {
+        for (key, value) in members {
+            if value.is_null() {
+                t.remove(key);
+            } else {
+                merge_patch(t.entry(key.clone()).or_insert(Value::Null), value);
+            }
+        }
+    }
+}

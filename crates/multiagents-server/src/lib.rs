@@ -19,6 +19,8 @@
 //! # Ok(()) }
 //! ```
 
+mod auth;
+mod events;
 mod ops;
 mod problem;
 mod runs;
@@ -39,6 +41,7 @@ use multiagents::store::Store;
 use serde::Deserialize;
 use serde_json::json;
 
+pub use auth::{ApiKeys, KeysError, Scope};
 pub use problem::Problem;
 pub use tasks::TaskOptions;
 
@@ -50,12 +53,14 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7430";
 #[derive(Clone)]
 pub struct Service {
     inner: Arc<Inner>,
+    keys: Option<Arc<ApiKeys>>,
 }
 
 struct Inner {
     client: Client,
     store: Store,
     tasks: Arc<tasks::Tasks>,
+    feed: Arc<events::Feed>,
 }
 
 impl Service {
@@ -71,13 +76,31 @@ impl Service {
         store: impl Into<Store>,
         options: TaskOptions,
     ) -> Self {
+        let bus = bus.into();
         Self {
             inner: Arc::new(Inner {
                 client,
                 store: store.into(),
-                tasks: tasks::Tasks::new(bus.into(), options),
+                feed: events::Feed::start(&bus),
+                tasks: tasks::Tasks::new(bus, options),
             }),
+            keys: None,
         }
+    }
+
+    /// Requires one of `keys` on every request but `/healthz` and
+    /// `/readyz`, each allowed what its scopes allow (see [`Scope`]).
+    pub fn with_api_keys(mut self, keys: ApiKeys) -> Self {
+        self.keys = Some(Arc::new(keys));
+        self
+    }
+
+    fn keys(&self) -> Option<&ApiKeys> {
+        self.keys.as_deref()
+    }
+
+    fn feed(&self) -> &Arc<events::Feed> {
+        &self.inner.feed
     }
 
     fn tasks(&self) -> &Arc<tasks::Tasks> {
@@ -99,7 +122,7 @@ pub fn router(service: Service) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/v1/definitions", post(deploy))
+        .route("/v1/definitions", post(deploy).get(definitions))
         .route("/v1/definitions/{name}", get(definition))
         .route("/v1/definitions/{name}/diagram", get(diagram))
         .route("/v1/workflows/{name}/runs", post(runs::start))
@@ -108,7 +131,18 @@ pub fn router(service: Service) -> Router {
         .route("/v1/runs/{id}/result", get(runs::result))
         .route("/v1/runs/{id}/cancel", post(runs::cancel))
         .route("/v1/runs/{id}/signals/{name}", post(runs::signal))
+        .route("/v1/runs/{id}/retry", post(runs::retry))
+        .route("/v1/runs/{id}/events", get(events::run))
+        .route("/v1/events", get(events::all))
+        .route("/v1/me", get(auth::me))
         .route("/v1/dead-letters", get(ops::dead_letters))
+        .route("/v1/dead-letters/redrive", post(ops::redrive_bulk))
+        .route("/v1/dead-letters/audit", get(ops::audit))
+        .route(
+            "/v1/dead-letters/{id}",
+            get(ops::dead_letter).delete(ops::discard),
+        )
+        .route("/v1/dead-letters/{id}/redrive", post(ops::redrive))
         .route("/v1/workers", get(ops::workers))
         .route("/v1/tasks/poll", post(tasks::poll))
         .route("/v1/tasks/{token}/heartbeat", post(tasks::heartbeat))
@@ -117,6 +151,10 @@ pub fn router(service: Service) -> Router {
         .fallback(|| async {
             Problem::not_found("no such route; see /openapi.json and docs/api.md")
         })
+        .layer(axum::middleware::from_fn_with_state(
+            service.clone(),
+            auth::require_key,
+        ))
         .with_state(service)
 }
 
@@ -234,6 +272,34 @@ async fn deploy(
         axum::Json(json!({"name": name, "version": version})),
     )
         .into_response())
+}
+
+/// `GET /v1/definitions`: every deployed definition, with its versions.
+async fn definitions(State(service): State<Service>) -> Result<Response, Problem> {
+    let versions = service
+        .store()
+        .definitions
+        .definition_versions()
+        .await
+        .map_err(multiagents::Error::from)?;
+    let mut out: Vec<serde_json::Value> = Vec::new();
+    for (name, version) in versions {
+        match out.last_mut() {
+            Some(last) if last["name"] == name.as_str() => {
+                if let Some(v) = last["versions"].as_array_mut() {
+                    v.push(json!(version));
+                }
+                last["latest"] = json!(version);
+            }
+            _ => out.push(json!({
+                "name": name,
+                "versions": [version],
+                "latest": version,
+                "url": format!("/v1/definitions/{name}"),
+            })),
+        }
+    }
+    Ok(axum::Json(json!({"definitions": out})).into_response())
 }
 
 #[derive(Deserialize)]

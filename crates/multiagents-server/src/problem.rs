@@ -87,6 +87,13 @@ impl From<multiagents::Error> for Problem {
             Error::NotFound(_) => Self::not_found(e.to_string()),
             Error::Input(_) => Self::unprocessable("body", e.to_string()),
             Error::Signal { .. } => Self::conflict(e.to_string()),
+            Error::Retry {
+                refused: multiagents::core::saga::RetryRefused::NoSuchStep { .. },
+                ..
+            } => Self::unprocessable("body.from_step", e.to_string()),
+            Error::Retry { .. } => Self::conflict(e.to_string()),
+            Error::NoDeadLetter(_) => Self::not_found(e.to_string()),
+            Error::Redrive { .. } => Self::conflict(e.to_string()),
             Error::Store(
                 StoreError::Conflict { .. }
                 | StoreError::DefinitionChanged { .. }

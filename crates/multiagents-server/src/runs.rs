@@ -321,3 +321,74 @@ pub(crate) async fn signal(
     )
         .into_response())
 }
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RetryBody {
+    from_step: Option<String>,
+    /// An RFC 7386 merge patch for the input.
+    input: Option<Value>,
+    /// `pinned` (the default) or `latest`.
+    definition: Option<String>,
+}
+
+/// `POST /v1/runs/{id}/retry` with an optional
+/// `{"from_step", "input": merge patch, "definition": "pinned|latest"}`:
+/// a new run that keeps what stands of the old one and runs the rest again.
+pub(crate) async fn retry(
+    State(service): State<Service>,
+    Path(id): Path<String>,
+    Query(q): Query<WaitQuery>,
+    body: String,
+) -> Result<Response, Problem> {
+    let id = run_id(&id)?;
+    let body: RetryBody = json_body_or_default(
+        &body,
+        "not {\"from_step\": …, \"input\": merge patch, \"definition\": \"pinned|latest\"}",
+    )?;
+    let wait = wait_of(q.wait.as_deref())?;
+    let latest_definition = match body.definition.as_deref() {
+        None | Some("pinned") => false,
+        Some("latest") => true,
+        Some(other) => {
+            return Err(Problem::bad_request(
+                "body.definition",
+                format!("`{other}` is not pinned or latest"),
+            ));
+        }
+    };
+    let options = multiagents::RetryOptions {
+        from_step: body.from_step,
+        input_patch: body.input,
+        latest_definition,
+    };
+    let client = service.client();
+    let new = client.retry(id, options).await?;
+    let location = [(header::LOCATION, url(new))];
+    if let Some(wait) = wait {
+        return match client.wait(new, wait).await {
+            Ok(state) => {
+                let mut out = outcome(&state);
+                out["retry_of"] = json!(id);
+                Ok((StatusCode::CREATED, location, Json(out)).into_response())
+            }
+            Err(multiagents::Error::Timeout { status, .. }) => Ok((
+                StatusCode::ACCEPTED,
+                location,
+                Json(json!({"id": new, "status": status, "url": url(new), "retry_of": id})),
+            )
+                .into_response()),
+            Err(e) => Err(e.into()),
+        };
+    }
+    let status = client
+        .status(new)
+        .await?
+        .map_or(WorkflowStatus::Running, |s| s.status);
+    Ok((
+        StatusCode::CREATED,
+        location,
+        Json(json!({"id": new, "status": status, "url": url(new), "retry_of": id})),
+    )
+        .into_response())
+}

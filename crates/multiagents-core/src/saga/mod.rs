@@ -43,12 +43,17 @@ mod children;
 mod compensation;
 mod fan_out;
 mod recovery;
+mod retry;
 mod state;
 mod tasks;
 mod timers;
 
 use serde::{Deserialize, Serialize};
 
+pub use retry::{
+    RetryPlan, RetryRefused, check_redrive, check_retryable, mark_retried, retried_as, retry,
+    retry_id,
+};
 pub use state::{
     Failure, HistoryEntry, HistoryEvent, ParentLink, PendingSignal, Priority, StepState,
     StepStatus, WorkflowState, WorkflowStatus,
@@ -115,6 +120,12 @@ pub enum Input {
         /// The attempt of the parent step's compensation, reported back with
         /// the outcome.
         parent_attempt: u32,
+    },
+    /// Try again a compensation that failed for good (its dead letter was
+    /// redriven): the only input a `CompensationFailed` workflow takes.
+    RedriveCompensation {
+        /// The step (or fan-out branch) whose compensation failed.
+        step: StepName,
     },
 }
 
@@ -323,9 +334,14 @@ pub fn apply(
         return Outcome::default();
     }
     if state.is_terminal() {
-        // Only a completed workflow can be asked to undo itself.
-        let undo = matches!(input, Input::Undo { .. }) && state.status == WorkflowStatus::Completed;
-        if !undo {
+        // Only a completed workflow can be asked to undo itself, and only
+        // one whose compensation failed can try it again.
+        let reopens = match input {
+            Input::Undo { .. } => state.status == WorkflowStatus::Completed,
+            Input::RedriveCompensation { .. } => state.status == WorkflowStatus::CompensationFailed,
+            _ => false,
+        };
+        if !reopens {
             return Outcome::default();
         }
     }
@@ -368,6 +384,7 @@ pub fn apply(
             reason,
             parent_attempt,
         } => t.undo(reason, parent_attempt),
+        Input::RedriveCompensation { step } => t.redrive_compensation(&step),
     };
     if !changed {
         return Outcome::default();
@@ -631,6 +648,12 @@ impl Serialize for Outputs<'_> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+use tests as tests_support;
+
+#[cfg(test)]
+mod retry_tests;
 
 #[cfg(test)]
 mod power_tests;

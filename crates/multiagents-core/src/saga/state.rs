@@ -429,6 +429,23 @@ pub enum HistoryEvent {
         /// Why.
         reason: String,
     },
+    /// This run retries an earlier one (its first entry).
+    Retried {
+        /// The run it retries.
+        transaction_id: TransactionId,
+        /// The step it starts from, when it was one step (the failed one,
+        /// or the one asked for).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from_step: Option<StepName>,
+    },
+    /// This run was retried by a new run.
+    RetriedAs {
+        /// The new run.
+        transaction_id: TransactionId,
+    },
+    /// A compensation that had failed for good was tried again (its dead
+    /// letter was redriven).
+    CompensationRedriven,
     /// The workflow reached a terminal status.
     Finished {
         /// The status.

@@ -10,7 +10,7 @@ use crate::workflow::{RetryPolicy, WorkflowBuilder};
 
 const T0: Timestamp = Timestamp(1_000_000);
 
-fn orders() -> WorkflowDefinition {
+pub(super) fn orders() -> WorkflowDefinition {
     WorkflowBuilder::new("orders")
         .default_retry(
             RetryPolicy::attempts(3)
@@ -28,7 +28,7 @@ fn orders() -> WorkflowDefinition {
         .expect("valid")
 }
 
-fn begin(def: &WorkflowDefinition) -> (WorkflowState, Vec<Action>) {
+pub(super) fn begin(def: &WorkflowDefinition) -> (WorkflowState, Vec<Action>) {
     start(
         def,
         TransactionId::new(),
@@ -38,7 +38,7 @@ fn begin(def: &WorkflowDefinition) -> (WorkflowState, Vec<Action>) {
     )
 }
 
-fn dispatches(actions: &[Action]) -> Vec<(String, Phase, u32)> {
+pub(super) fn dispatches(actions: &[Action]) -> Vec<(String, Phase, u32)> {
     actions
         .iter()
         .filter_map(|a| match a {
@@ -48,7 +48,7 @@ fn dispatches(actions: &[Action]) -> Vec<(String, Phase, u32)> {
         .collect()
 }
 
-fn ok(step: &str, attempt: u32) -> Input {
+pub(super) fn ok(step: &str, attempt: u32) -> Input {
     Input::Succeeded {
         step: step.into(),
         phase: Phase::Forward,
@@ -57,7 +57,7 @@ fn ok(step: &str, attempt: u32) -> Input {
     }
 }
 
-fn comp_ok(step: &str, attempt: u32) -> Input {
+pub(super) fn comp_ok(step: &str, attempt: u32) -> Input {
     Input::Succeeded {
         step: step.into(),
         phase: Phase::Compensate,
@@ -66,7 +66,7 @@ fn comp_ok(step: &str, attempt: u32) -> Input {
     }
 }
 
-fn fail(step: &str, attempt: u32, retry: RetryDirective) -> Input {
+pub(super) fn fail(step: &str, attempt: u32, retry: RetryDirective) -> Input {
     Input::Failed {
         step: step.into(),
         phase: Phase::Forward,
@@ -79,7 +79,7 @@ fn fail(step: &str, attempt: u32, retry: RetryDirective) -> Input {
     }
 }
 
-fn comp_fail(step: &str, attempt: u32, retry: RetryDirective) -> Input {
+pub(super) fn comp_fail(step: &str, attempt: u32, retry: RetryDirective) -> Input {
     Input::Failed {
         step: step.into(),
         phase: Phase::Compensate,
@@ -92,7 +92,7 @@ fn comp_fail(step: &str, attempt: u32, retry: RetryDirective) -> Input {
     }
 }
 
-fn at(ms: u64) -> Timestamp {
+pub(super) fn at(ms: u64) -> Timestamp {
     Timestamp(T0.0 + ms)
 }
 

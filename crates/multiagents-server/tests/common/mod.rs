@@ -32,7 +32,8 @@ pub fn pay_refund() -> impl multiagents::Worker {
 }
 
 pub struct Api {
-    base: String,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
     http: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
         Full<Bytes>,
@@ -67,18 +68,51 @@ impl Api {
         visibility: Duration,
         tasks: multiagents_server::TaskOptions,
     ) -> Self {
-        let bus = MemoryBus::with_config(MemoryBusConfig {
+        let config = MemoryBusConfig {
             visibility_timeout: visibility,
             ..Default::default()
-        });
+        };
+        Self::on_bus(workers, config, tasks).await
+    }
+
+    /// The same on a bus set up as `config` says.
+    pub async fn on_bus(
+        workers: impl FnOnce(RuntimeBuilder) -> RuntimeBuilder,
+        config: MemoryBusConfig,
+        tasks: multiagents_server::TaskOptions,
+    ) -> Self {
+        Self::build(workers, config, tasks, None).await
+    }
+
+    /// Both refund workers in process, and the service requiring `keys`.
+    pub async fn secured(keys: multiagents_server::ApiKeys) -> Self {
+        Self::build(
+            |b| b.worker(check_refund()).worker(pay_refund()),
+            MemoryBusConfig::default(),
+            multiagents_server::TaskOptions::default(),
+            Some(keys),
+        )
+        .await
+    }
+
+    async fn build(
+        workers: impl FnOnce(RuntimeBuilder) -> RuntimeBuilder,
+        config: MemoryBusConfig,
+        tasks: multiagents_server::TaskOptions,
+        keys: Option<multiagents_server::ApiKeys>,
+    ) -> Self {
+        let bus = MemoryBus::with_config(config);
         let store = MemoryStore::new();
         let runtime = workers(Runtime::builder().bus(bus.clone()).store(store.clone()))
             .external_workers()
             .start()
             .await
             .expect("runtime");
-        let service =
+        let mut service =
             multiagents_server::Service::with_tasks(runtime.client(), bus.clone(), store, tasks);
+        if let Some(keys) = keys {
+            service = service.with_api_keys(keys);
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -148,4 +182,48 @@ pub fn problem(a: &Answer, status: u16, field: Option<&str>) {
         a.body
     );
     assert_eq!(a.body["field"].as_str(), field, "{:?}", a.body);
+}
+
+impl Api {
+    /// Deploys a YAML definition; it must be accepted.
+    pub async fn deploy(&self, yaml: &str) {
+        let a = self.call(Method::POST, "/v1/definitions", &[], yaml).await;
+        assert_eq!(a.status, 201, "{:?}", a.body);
+    }
+
+    /// Starts a run of `workflow` with `input` and waits for its outcome.
+    pub async fn run_to_end(&self, workflow: &str, input: Value) -> Value {
+        let a = self
+            .call(
+                Method::POST,
+                &format!("/v1/workflows/{workflow}/runs?wait=20s"),
+                &[],
+                &input.to_string(),
+            )
+            .await;
+        assert_eq!(a.status, 201, "{:?}", a.body);
+        a.body
+    }
+
+    /// `GET path`, which must answer 200.
+    pub async fn get(&self, path: &str) -> Value {
+        let a = self.call(Method::GET, path, &[], "").await;
+        assert_eq!(a.status, 200, "GET {path}: {:?}", a.body);
+        a.body
+    }
+
+    /// Polls `GET /v1/dead-letters` until one letter of `topic` shows.
+    pub async fn dead_letter_of(&self, topic: &str) -> Value {
+        for _ in 0..250 {
+            let letters = self.get("/v1/dead-letters").await;
+            if let Some(l) = letters["dead_letters"]
+                .as_array()
+                .and_then(|l| l.iter().find(|d| d["topic"] == topic))
+            {
+                return l.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no dead letter of `{topic}` showed");
+    }
 }
