@@ -528,3 +528,63 @@ async fn publish_then_ack_publishes_and_acks_in_one_go_or_not_at_all() {
     let left: usize = raw.xlen(format!("{{{prefix}:in}}")).await.expect("xlen");
     assert_eq!(left, 0, "acked entries are deleted");
 }
+
+#[tokio::test]
+async fn a_dead_letter_is_found_by_id_and_settled_once_into_the_audit_log() {
+    use multiagents::bus::{DeadLetter, SettleAction, Settlement};
+    use multiagents::core::Timestamp;
+    let Some((bus, _, _)) = bus("settle", |c| c).await else {
+        return;
+    };
+    for n in 0..3 {
+        bus.dead_letter(DeadLetter {
+            id: String::new(),
+            topic: "compensations".into(),
+            group: None,
+            reason: format!("reason {n}"),
+            delivery_count: 0,
+            at: Timestamp::now(),
+            body: format!("{{\"n\":{n}}}"),
+        })
+        .await
+        .expect("dead-lettered");
+    }
+    let letters = bus.dead_letters(10).await.expect("list");
+    assert_eq!(letters.len(), 3);
+    let middle = letters[1].clone();
+    assert!(!middle.id.is_empty(), "{middle:?}");
+    assert_eq!(
+        bus.dead_letter_by_id(&middle.id).await.expect("get"),
+        Some(middle.clone())
+    );
+    assert_eq!(bus.dead_letter_by_id("0-1").await.expect("get"), None);
+    assert_eq!(bus.dead_letter_by_id("not an id").await.expect("get"), None);
+    let settlement = Settlement {
+        action: SettleAction::Discarded,
+        by: "ops".into(),
+        note: "a test".into(),
+        at: Timestamp::now(),
+    };
+    // Two at once: one gets it.
+    let (a, b) = tokio::join!(
+        bus.settle_dead_letter(&middle.id, &settlement),
+        bus.settle_dead_letter(&middle.id, &settlement)
+    );
+    let got: Vec<DeadLetter> = [a.expect("settle"), b.expect("settle")]
+        .into_iter()
+        .flatten()
+        .collect();
+    assert_eq!(got, vec![middle.clone()]);
+    let left: Vec<String> = bus
+        .dead_letters(10)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|d| d.reason)
+        .collect();
+    assert_eq!(left, ["reason 0", "reason 2"]);
+    let audit = bus.dead_letter_audit(10).await.expect("audit");
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].letter, middle);
+    assert_eq!(audit[0].settlement, settlement);
+}

@@ -505,6 +505,54 @@ impl Consumer for MemoryConsumer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_dead_letter_is_found_by_id_and_settled_once_into_the_audit_log() {
+        use crate::bus::{SettleAction, Settlement};
+        let bus = MemoryBus::new();
+        for n in 0..3 {
+            bus.dead_letter(DeadLetter {
+                id: String::new(),
+                topic: "t".into(),
+                group: None,
+                reason: format!("reason {n}"),
+                delivery_count: 0,
+                at: Timestamp::now(),
+                body: String::new(),
+            })
+            .await
+            .expect("dead-lettered");
+        }
+        let letters = bus.dead_letters(10).await.expect("list");
+        let ids: Vec<&str> = letters.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(ids, ["1", "2", "3"]);
+        assert_eq!(
+            bus.dead_letter_by_id("2").await.expect("get"),
+            Some(letters[1].clone())
+        );
+        let settlement = Settlement {
+            action: SettleAction::Redriven,
+            by: "ops".into(),
+            note: String::new(),
+            at: Timestamp::now(),
+        };
+        let first = bus
+            .settle_dead_letter("2", &settlement)
+            .await
+            .expect("settle");
+        assert_eq!(first, Some(letters[1].clone()));
+        assert_eq!(
+            bus.settle_dead_letter("2", &settlement)
+                .await
+                .expect("settle"),
+            None
+        );
+        assert_eq!(bus.dead_letters(10).await.expect("list").len(), 2);
+        let audit = bus.dead_letter_audit(10).await.expect("audit");
+        assert_eq!(audit.len(), 1);
+        assert_eq!(audit[0].letter, letters[1]);
+        assert_eq!(audit[0].settlement, settlement);
+    }
     use crate::core::{CorrelationId, EventKind, Payload, TransactionId, WorkflowName};
 
     fn event(n: u32) -> Event {
