@@ -145,6 +145,7 @@ pub fn router(service: Service) -> Router {
         .route("/v1/dead-letters/{id}/redrive", post(ops::redrive))
         .route("/v1/workers", get(ops::workers))
         .route("/v1/tasks/poll", post(tasks::poll))
+        .route("/v1/tasks/answers", post(tasks::answers))
         .route("/v1/tasks/{token}/heartbeat", post(tasks::heartbeat))
         .route("/v1/tasks/{token}/complete", post(tasks::complete))
         .route("/v1/tasks/{token}/fail", post(tasks::fail))

@@ -18,7 +18,9 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use multiagents::bus::{Bus, Consumer, Delivery, RESULTS_TOPIC, WORKER_GROUP, command_topic_at};
+use multiagents::bus::{
+    Bus, Consumer, Delivery, DeliveryId, RESULTS_TOPIC, WORKER_GROUP, command_topic_at,
+};
 use multiagents::core::{
     EventKind, Payload, Priority, RetryDirective, StepError, StepErrorKind, Timestamp, WorkerName,
 };
@@ -341,14 +343,7 @@ async fn answer(
 ) -> Result<Response, Problem> {
     let tasks = service.tasks();
     let held = tasks.held().remove(token).ok_or_else(|| lapsed(token))?;
-    let event = &held.delivery.event;
-    let mut reply = event.answer(kind, payload);
-    reply.timing = Some(multiagents::core::Timing {
-        instance: Arc::from(tasks.instance.as_str()),
-        picked_up_at: held.picked_up_at,
-        started_at: held.picked_up_at,
-        finished_at: Timestamp::now(),
-    });
+    let reply = tasks.reply(&held, kind, payload);
     // A lost connection comes back by itself: keep trying a little, as a
     // worker process does, before answering 503.
     let answers = [(RESULTS_TOPIC.to_string(), reply)];
@@ -365,6 +360,20 @@ async fn answer(
             tasks.held().insert(token.to_string(), held);
             Err(multiagents::Error::from(e).into())
         }
+    }
+}
+
+impl Tasks {
+    /// The answer to a held task's command.
+    fn reply(&self, held: &Held, kind: EventKind, payload: Payload) -> multiagents::core::Event {
+        let mut reply = held.delivery.event.answer(kind, payload);
+        reply.timing = Some(multiagents::core::Timing {
+            instance: Arc::from(self.instance.as_str()),
+            picked_up_at: held.picked_up_at,
+            started_at: held.picked_up_at,
+            finished_at: Timestamp::now(),
+        });
+        reply
     }
 }
 
@@ -409,19 +418,26 @@ pub(crate) async fn fail(
         &body,
         r#"not {"error": "…", "kind", "retry", "retry_after_ms"}"#,
     )?;
+    let payload = failure_payload(body, "body")?;
+    answer(&service, &token, EventKind::Error, payload).await
+}
+
+/// The error a worker reports, as the payload of its answer; `at` is where
+/// in the request the failure is (`body`, `body.answers[3]`).
+fn failure_payload(body: FailBody, at: &str) -> Result<Payload, Problem> {
     let retry = match (body.retry.as_deref().unwrap_or("yes"), body.retry_after_ms) {
         ("yes", _) => RetryDirective::Retry,
         ("no", _) => RetryDirective::Never,
         ("after", Some(ms)) => RetryDirective::RetryAfter(ms),
         ("after", None) => {
             return Err(Problem::bad_request(
-                "body.retry_after_ms",
+                &format!("{at}.retry_after_ms"),
                 "`retry: after` needs retry_after_ms",
             ));
         }
         (other, _) => {
             return Err(Problem::bad_request(
-                "body.retry",
+                &format!("{at}.retry"),
                 format!("`{other}` is not yes, no or after"),
             ));
         }
@@ -431,7 +447,118 @@ pub(crate) async fn fail(
         retry,
         kind: body.kind.map(StepErrorKind::from),
     };
-    let payload =
-        Payload::to_json(&error).map_err(|e| Problem::bad_request("body", e.to_string()))?;
-    answer(&service, &token, EventKind::Error, payload).await
+    Payload::to_json(&error).map_err(|e| Problem::bad_request(at, e.to_string()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AnswerItem {
+    token: String,
+    output: Option<Box<RawValue>>,
+    error: Option<String>,
+    kind: Option<String>,
+    retry: Option<String>,
+    retry_after_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AnswersBody {
+    answers: Vec<AnswerItem>,
+}
+
+/// The most answers one batch may carry.
+const MAX_ANSWERS: usize = 1000;
+
+/// `POST /v1/tasks/answers` with `{"answers": [{"token", "output"} |
+/// {"token", "error", "kind", "retry", "retry_after_ms"}]}`: many tasks
+/// answered at once, in one bus round trip per topic. The reply says, per
+/// token, what `complete` or `fail` would have: `202`, or a problem's status
+/// and detail (the other answers still go).
+pub(crate) async fn answers(
+    State(service): State<Service>,
+    body: String,
+) -> Result<Response, Problem> {
+    let body: AnswersBody = json_body(
+        &body,
+        r#"not {"answers": [{"token", "output"} or {"token", "error", "kind", "retry", "retry_after_ms"}]}"#,
+    )?;
+    if body.answers.len() > MAX_ANSWERS {
+        return Err(Problem::bad_request(
+            "body.answers",
+            format!(
+                "at most {MAX_ANSWERS} answers a batch, not {}",
+                body.answers.len()
+            ),
+        ));
+    }
+    let tasks = service.tasks();
+    let mut results: Vec<Value> = Vec::with_capacity(body.answers.len());
+    // Answers by the consumer that holds their task.
+    let mut groups: Vec<(
+        Arc<dyn Consumer>,
+        Vec<(String, Held, multiagents::core::Event)>,
+    )> = Vec::new();
+    for (i, item) in body.answers.into_iter().enumerate() {
+        let token = item.token.clone();
+        let built = match item.error {
+            None => Ok((
+                EventKind::Result,
+                item.output.map_or_else(Payload::null, Payload::from_raw),
+            )),
+            Some(error) => failure_payload(
+                FailBody {
+                    error,
+                    kind: item.kind,
+                    retry: item.retry,
+                    retry_after_ms: item.retry_after_ms,
+                },
+                &format!("body.answers[{i}]"),
+            )
+            .map(|p| (EventKind::Error, p)),
+        };
+        let (kind, payload) = match built {
+            Ok(b) => b,
+            Err(p) => {
+                results.push(json!({"token": token, "status": p.status, "detail": p.detail, "field": p.field}));
+                continue;
+            }
+        };
+        let Some(held) = tasks.held().remove(&token) else {
+            let p = lapsed(&token);
+            results.push(json!({"token": token, "status": p.status, "detail": p.detail}));
+            continue;
+        };
+        let reply = tasks.reply(&held, kind, payload);
+        results.push(json!({"token": token, "status": 202}));
+        match groups
+            .iter_mut()
+            .find(|(c, _)| Arc::ptr_eq(c, &held.consumer))
+        {
+            Some((_, list)) => list.push((token, held, reply)),
+            None => groups.push((held.consumer.clone(), vec![(token, held, reply)])),
+        }
+    }
+    for (consumer, list) in groups {
+        let events: Vec<(String, multiagents::core::Event)> = list
+            .iter()
+            .map(|(_, _, reply)| (RESULTS_TOPIC.to_string(), reply.clone()))
+            .collect();
+        let ids: Vec<DeliveryId> = list.iter().map(|(_, h, _)| h.delivery.id.clone()).collect();
+        let sent = multiagents::bus::retry_transient(PUBLISH_RETRY, || {
+            consumer.publish_then_ack(&events, &ids)
+        })
+        .await;
+        if let Err(e) = sent {
+            let p = Problem::from(multiagents::Error::from(e));
+            let mut held = tasks.held();
+            for (token, h, _) in list {
+                if let Some(r) = results.iter_mut().find(|r| r["token"] == token.as_str()) {
+                    *r = json!({"token": token, "status": p.status, "detail": p.detail});
+                }
+                held.insert(token, h);
+            }
+        }
+    }
+    Ok(Json(json!({"results": results})).into_response())
 }

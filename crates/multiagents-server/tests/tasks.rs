@@ -301,3 +301,66 @@ async fn a_redelivered_task_for_an_attempt_given_up_on_is_dropped_not_handed_out
     assert_eq!(handed, vec![(json!(2), json!(1))], "only attempt 2, once");
     assert_eq!(result(&api, &url).await["status"], "completed");
 }
+
+#[tokio::test]
+async fn many_tasks_are_answered_in_one_batch_each_getting_its_own_status() {
+    let api = api(Duration::from_secs(30), Duration::from_secs(30)).await;
+    let urls = [
+        start(&api, 1).await,
+        start(&api, 2).await,
+        start(&api, 3).await,
+    ];
+    let mut tasks = Vec::new();
+    while tasks.len() < 3 {
+        tasks.extend(poll(&api, 5_000).await);
+    }
+    let token_of = |amount: i64| {
+        tasks
+            .iter()
+            .find(|t| t["input"]["amount"] == amount)
+            .and_then(|t| t["token"].as_str())
+            .expect("a task per run")
+            .to_string()
+    };
+    let (one, two, three) = (token_of(1), token_of(2), token_of(3));
+    let body = json!({"answers": [
+        {"token": one, "output": {"paid": 1}},
+        {"token": two, "error": "account closed", "kind": "declined", "retry": "no"},
+        {"token": three, "error": "x", "retry": "maybe"},
+        {"token": "nope", "output": 1},
+    ]});
+    let a = api
+        .call(Method::POST, "/v1/tasks/answers", &[], &body.to_string())
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let statuses: Vec<&Value> = a.body["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| &r["status"])
+        .collect();
+    assert_eq!(
+        statuses,
+        [&json!(202), &json!(202), &json!(400), &json!(404)],
+        "{:?}",
+        a.body
+    );
+    assert_eq!(a.body["results"][2]["field"], "body.answers[2].retry");
+    assert_eq!(result(&api, &urls[0]).await["status"], "completed");
+    assert_eq!(result(&api, &urls[1]).await["status"], "failed");
+    // The refused answer left its task with the worker: answered now.
+    let done = on_task(&api, &three, "complete", r#"{"output": {"paid": 3}}"#).await;
+    assert_eq!(done.status, 202, "{:?}", done.body);
+    assert_eq!(result(&api, &urls[2]).await["status"], "completed");
+    problem(
+        &api.call(
+            Method::POST,
+            "/v1/tasks/answers",
+            &[],
+            r#"{"answers": [{"output": 1}]}"#,
+        )
+        .await,
+        400,
+        Some("body"),
+    );
+}
