@@ -20,7 +20,8 @@ use tokio::sync::oneshot;
 
 use super::conn::{Pool, RedisConnection, follow_channel, open, query_all, redacted, run_all};
 use crate::core::{
-    Timestamp, TransactionId, WorkflowDefinition, WorkflowName, WorkflowState, WorkflowStatus,
+    CorrelationId, Timestamp, TransactionId, WorkflowDefinition, WorkflowName, WorkflowState,
+    WorkflowStatus,
 };
 use crate::store::{
     Definitions, HealthRecords, ListQuery, StoreError, TimerIndex, Version, Versioned,
@@ -84,6 +85,7 @@ else
   if cur ~= ARGV[1] then return {0, tonumber(cur)} end
 end
 redis.call('HSET', KEYS[1], 'v', ARGV[2], 's', ARGV[3], 'st', ARGV[4], 'wf', ARGV[5], 'sa', ARGV[6], 'up', ARGV[7])
+if ARGV[1] == '0' then redis.call('HSET', KEYS[1], 'co', ARGV[13]) end
 if KEYS[2] then redis.call('ZADD', KEYS[2], ARGV[11], ARGV[12]) end
 if ARGV[8] ~= '0' then
   redis.call('PEXPIRE', KEYS[1], ARGV[8])
@@ -263,7 +265,12 @@ impl RedisStateStore {
             .arg(self.finished_channel())
             .arg(tx.to_string())
             .arg(now)
-            .arg(&note);
+            .arg(&note)
+            .arg(if expected.is_none() {
+                state.correlation_id.to_string()
+            } else {
+                String::new()
+            });
         // Scripts are sent by hash; load once so a pipeline can use EVALSHA.
         let mut conn = self.inner.conn.get();
         if matches!(conn, RedisConnection::Cluster(_)) {
@@ -381,13 +388,28 @@ impl WorkflowStates for RedisStateStore {
     async fn list(&self, query: &ListQuery) -> Result<Vec<WorkflowSummary>, StoreError> {
         let mut conn = self.inner.conn.get();
         let mut out = Vec::new();
-        // Newest first from the index, a page at a time, until the limit.
+        // Newest first from the index (scored by start), within the start
+        // range and from the cursor on, a page at a time, until the limit.
+        // The highest start score wanted: the cursor's (inclusive: ties
+        // are told apart by id) or `started_before` (exclusive), the lower.
+        let max = match (query.started_before, query.after) {
+            (Some(b), Some((c, _))) if c < b => c.as_millis().to_string(),
+            (Some(b), _) => format!("({}", b.as_millis()),
+            (None, Some((c, _))) => c.as_millis().to_string(),
+            (None, None) => "+inf".to_string(),
+        };
+        let min = query
+            .started_after
+            .map_or_else(|| "-inf".to_string(), |t| t.as_millis().to_string());
         let mut start = 0usize;
         loop {
-            let ids: Vec<String> = redis::cmd("ZREVRANGE")
+            let ids: Vec<String> = redis::cmd("ZREVRANGEBYSCORE")
                 .arg(self.index_key())
+                .arg(&max)
+                .arg(&min)
+                .arg("LIMIT")
                 .arg(start)
-                .arg(start + LIST_PAGE - 1)
+                .arg(LIST_PAGE)
                 .query_async(&mut conn)
                 .await
                 .map_err(|e| self.io(e))?;
@@ -402,11 +424,18 @@ impl WorkflowStates for RedisStateStore {
                     .arg("st")
                     .arg("wf")
                     .arg("sa")
-                    .arg("up");
+                    .arg("up")
+                    .arg("co");
             }
-            type Row = (Option<String>, Option<String>, Option<u64>, Option<u64>);
+            type Row = (
+                Option<String>,
+                Option<String>,
+                Option<u64>,
+                Option<u64>,
+                Option<String>,
+            );
             let rows: Vec<Row> = query_all(&mut conn, &pipe).await.map_err(|e| self.io(e))?;
-            for (id, (st, wf, sa, up)) in ids.iter().zip(rows) {
+            for (id, (st, wf, sa, up, co)) in ids.iter().zip(rows) {
                 // Expired (or never written): the index is pruned by `expire`.
                 let (
                     Some(status),
@@ -432,16 +461,23 @@ impl WorkflowStates for RedisStateStore {
                     started_at: Timestamp(started),
                     updated_at: Timestamp(updated),
                 };
-                let selected = query.status.is_none_or(|s| s == summary.status)
-                    && query
-                        .workflow
-                        .as_ref()
-                        .is_none_or(|w| *w == summary.workflow)
-                    && query.updated_before.is_none_or(|t| summary.updated_at <= t)
-                    && query.updated_after.is_none_or(|t| summary.updated_at >= t);
-                if selected {
-                    out.push(summary);
+                if !query.summary_matches(&summary) {
+                    continue;
                 }
+                if let Some(wanted) = query.correlation_id {
+                    let found = match co.and_then(|c| c.parse().ok()) {
+                        Some(c) => Some(CorrelationId(c)),
+                        // Written before the field was: read the state.
+                        None => self
+                            .get(transaction_id)
+                            .await?
+                            .map(|v| v.state.correlation_id),
+                    };
+                    if found != Some(wanted) {
+                        continue;
+                    }
+                }
+                out.push(summary);
             }
             if query.limit > 0 && out.len() >= query.limit {
                 break;

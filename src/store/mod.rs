@@ -34,7 +34,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::core::health::WorkerHealth;
 use crate::core::{
-    Timestamp, TransactionId, WorkflowDefinition, WorkflowName, WorkflowState, WorkflowStatus,
+    CorrelationId, Timestamp, TransactionId, WorkflowDefinition, WorkflowName, WorkflowState,
+    WorkflowStatus,
 };
 
 #[cfg(feature = "redis")]
@@ -66,6 +67,17 @@ pub struct ListQuery {
     pub updated_before: Option<Timestamp>,
     /// Only workflows changed at or after this time.
     pub updated_after: Option<Timestamp>,
+    /// Only workflows of this request chain.
+    pub correlation_id: Option<CorrelationId>,
+    /// Only workflows started at or after this time.
+    pub started_after: Option<Timestamp>,
+    /// Only workflows started before this time.
+    pub started_before: Option<Timestamp>,
+    /// Only workflows that come after this one in the listing's order
+    /// (newest first: started earlier, or at the same time with a lower
+    /// id): the cursor of the next page, [`WorkflowSummary::cursor`] of the
+    /// last one listed.
+    pub after: Option<(Timestamp, TransactionId)>,
     /// At most this many (0 = no limit).
     pub limit: usize,
 }
@@ -88,6 +100,12 @@ pub struct WorkflowSummary {
 }
 
 impl WorkflowSummary {
+    /// Where a listing that ended with this workflow goes on from
+    /// ([`ListQuery::after`]).
+    pub fn cursor(&self) -> (Timestamp, TransactionId) {
+        (self.started_at, self.transaction_id)
+    }
+
     /// The summary of a state.
     pub fn of(state: &WorkflowState) -> Self {
         Self {
@@ -104,10 +122,22 @@ impl WorkflowSummary {
 impl ListQuery {
     /// True when `state` is selected.
     pub fn matches(&self, state: &WorkflowState) -> bool {
-        self.status.is_none_or(|s| s == state.status)
-            && self.workflow.as_ref().is_none_or(|w| *w == state.workflow)
-            && self.updated_before.is_none_or(|t| state.updated_at <= t)
-            && self.updated_after.is_none_or(|t| state.updated_at >= t)
+        self.summary_matches(&WorkflowSummary::of(state))
+            && self
+                .correlation_id
+                .is_none_or(|c| c == state.correlation_id)
+    }
+
+    /// True when a workflow with this summary is selected, judging by all
+    /// but [`ListQuery::correlation_id`] (which a summary does not carry).
+    pub fn summary_matches(&self, s: &WorkflowSummary) -> bool {
+        self.status.is_none_or(|x| x == s.status)
+            && self.workflow.as_ref().is_none_or(|w| *w == s.workflow)
+            && self.updated_before.is_none_or(|t| s.updated_at <= t)
+            && self.updated_after.is_none_or(|t| s.updated_at >= t)
+            && self.started_after.is_none_or(|t| s.started_at >= t)
+            && self.started_before.is_none_or(|t| s.started_at < t)
+            && self.after.is_none_or(|c| s.cursor() < c)
     }
 }
 

@@ -240,10 +240,38 @@ pub(crate) async fn result(
 pub(crate) struct ListParams {
     status: Option<String>,
     workflow: Option<String>,
+    correlation_id: Option<String>,
+    started_after: Option<u64>,
+    started_before: Option<u64>,
+    cursor: Option<String>,
     limit: Option<usize>,
 }
 
-/// `GET /v1/runs?status=…&workflow=…&limit=…`, newest first.
+/// The cursor of the page after `summary`: opaque to clients.
+fn cursor_of(summary: &multiagents::store::WorkflowSummary) -> String {
+    format!(
+        "{}.{}",
+        summary.started_at.as_millis(),
+        summary.transaction_id
+    )
+}
+
+fn parse_cursor(text: &str) -> Result<(multiagents::core::Timestamp, TransactionId), Problem> {
+    let bad = || {
+        Problem::bad_request(
+            "query.cursor",
+            format!("`{text}` is not a cursor from a listing's `next`"),
+        )
+    };
+    let (ms, id) = text.split_once('.').ok_or_else(bad)?;
+    let ms = ms.parse::<u64>().map_err(|_| bad())?;
+    let id = id.parse::<TransactionId>().map_err(|_| bad())?;
+    Ok((multiagents::core::Timestamp(ms), id))
+}
+
+/// `GET /v1/runs?status=…&workflow=…&correlation_id=…&started_after=MS&
+/// started_before=MS&cursor=…&limit=…`, newest first; `next` is the cursor
+/// of the next page (null on the last).
 pub(crate) async fn list(
     State(service): State<Service>,
     Query(q): Query<ListParams>,
@@ -255,17 +283,35 @@ pub(crate) async fn list(
                 .map_err(|e| Problem::bad_request("query.status", e.to_string()))?,
         ),
     };
-    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > 1000 {
+        return Err(Problem::bad_request(
+            "query.limit",
+            format!("must be between 1 and 1000, not {limit}"),
+        ));
+    }
+    let correlation_id = match &q.correlation_id {
+        None => None,
+        Some(c) => Some(CorrelationId(c.parse().map_err(|e| {
+            Problem::bad_request("query.correlation_id", format!("`{c}` is not a UUID: {e}"))
+        })?)),
+    };
     let query = ListQuery {
         status,
         workflow: q.workflow.as_deref().map(WorkflowName::new),
-        limit,
+        correlation_id,
+        started_after: q.started_after.map(multiagents::core::Timestamp),
+        started_before: q.started_before.map(multiagents::core::Timestamp),
+        after: q.cursor.as_deref().map(parse_cursor).transpose()?,
+        limit: limit + 1,
         ..Default::default()
     };
-    let runs: Vec<Value> = service
-        .client()
-        .list(&query)
-        .await?
+    let mut found = service.client().list(&query).await?;
+    let next = (found.len() > limit).then(|| {
+        found.truncate(limit);
+        found.last().map(cursor_of)
+    });
+    let runs: Vec<Value> = found
         .iter()
         .map(|s| {
             let mut v = serde_json::to_value(s).unwrap_or(Value::Null);
@@ -276,7 +322,7 @@ pub(crate) async fn list(
             v
         })
         .collect();
-    Ok(Json(json!({"runs": runs})).into_response())
+    Ok(Json(json!({"runs": runs, "next": next.flatten()})).into_response())
 }
 
 #[derive(Deserialize, Default)]

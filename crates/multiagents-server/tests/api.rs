@@ -395,3 +395,62 @@ async fn workers_report_their_health_from_their_heartbeats() {
         "{check:?}"
     );
 }
+
+#[tokio::test]
+async fn runs_are_listed_a_page_at_a_time_by_cursor_and_filtered() {
+    let api = Api::start().await;
+    api.deploy(REFUNDS).await;
+    let chain = "8f0c3f7e-2f37-4c6e-9a7e-1d2b3c4d5e6f";
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        let path = if n % 2 == 0 {
+            format!("/v1/workflows/refunds/runs?wait=10s&correlation_id={chain}")
+        } else {
+            "/v1/workflows/refunds/runs?wait=10s".to_string()
+        };
+        let a = api
+            .call(Method::POST, &path, &[], &json!({"amount": n}).to_string())
+            .await;
+        assert_eq!(a.status, 201, "{:?}", a.body);
+        ids.push(a.body["id"].clone());
+    }
+    let mut seen = Vec::new();
+    let mut path = "/v1/runs?limit=2".to_string();
+    loop {
+        let page = api.get(&path).await;
+        let runs = page["runs"].as_array().expect("runs").clone();
+        assert!(runs.len() <= 2, "{page:?}");
+        seen.extend(runs.iter().map(|r| r["id"].clone()));
+        match page["next"].as_str() {
+            Some(next) => path = format!("/v1/runs?limit=2&cursor={next}"),
+            None => break,
+        }
+    }
+    ids.reverse();
+    assert_eq!(seen, ids, "every run once, newest first");
+    let chained = api.get(&format!("/v1/runs?correlation_id={chain}")).await;
+    assert_eq!(
+        chained["runs"].as_array().map(Vec::len),
+        Some(3),
+        "{chained:?}"
+    );
+    assert_eq!(chained["next"], serde_json::Value::Null);
+    let none = api.get("/v1/runs?started_after=1&started_before=2").await;
+    assert_eq!(none["runs"], json!([]));
+    problem(
+        &api.call(Method::GET, "/v1/runs?cursor=nope", &[], "").await,
+        400,
+        Some("query.cursor"),
+    );
+    problem(
+        &api.call(Method::GET, "/v1/runs?limit=0", &[], "").await,
+        400,
+        Some("query.limit"),
+    );
+    problem(
+        &api.call(Method::GET, "/v1/runs?correlation_id=x", &[], "")
+            .await,
+        400,
+        Some("query.correlation_id"),
+    );
+}
