@@ -123,3 +123,6 @@ else
 fi
 # nextest does not run doctests.
 cargo test --workspace --doc
+# The HTTP API against its own OpenAPI document, over a real `multiagents serve`.
+cargo build -p multiagents-cli
+scripts/api-fuzz.sh target/debug/multiagents

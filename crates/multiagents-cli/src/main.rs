@@ -115,6 +115,11 @@ struct ServeArgs {
     /// reach it may start, cancel and repair workflows.
     #[arg(long)]
     allow_unauthenticated: bool,
+    /// The longest a request may wait (`?wait=`, a task poll's `wait_ms`);
+    /// longer waits end at it. Keep it under the timeouts of the proxies in
+    /// front.
+    #[arg(long, default_value = "5m", value_parser = multiagents::core::time::parse_duration)]
+    max_wait: std::time::Duration,
     /// Embedded mode (no `--redis-url`): the file holding the state.
     #[arg(long, default_value = ".multiagents/store.db", value_name = "PATH")]
     store: std::path::PathBuf,
@@ -275,7 +280,8 @@ async fn serve(
     let bound = listener
         .local_addr()
         .map_err(|e| error::CliError::process("the API listener", e))?;
-    let mut service = multiagents_server::Service::new(runtime.client(), bus, store);
+    let mut service =
+        multiagents_server::Service::new(runtime.client(), bus, store).with_max_wait(args.max_wait);
     let access = match keys {
         Some(keys) => {
             let access = format!("{} API key(s) required", keys.len());

@@ -21,6 +21,8 @@
 
 mod auth;
 mod events;
+mod extract;
+mod openapi;
 mod ops;
 mod problem;
 mod runs;
@@ -29,11 +31,11 @@ mod tasks;
 use std::future::Future;
 use std::sync::Arc;
 
+use crate::extract::{Path, Query, Text};
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use multiagents::Client;
 use multiagents::bus::Bus;
 use multiagents::core::WorkflowDefinition;
@@ -42,6 +44,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 pub use auth::{ApiKeys, KeysError, Scope};
+pub use openapi::document as openapi_document;
 pub use problem::Problem;
 pub use tasks::TaskOptions;
 
@@ -54,7 +57,12 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7430";
 pub struct Service {
     inner: Arc<Inner>,
     keys: Option<Arc<ApiKeys>>,
+    max_wait: std::time::Duration,
 }
+
+/// The longest `?wait=` a service honours unless told otherwise
+/// ([`Service::with_max_wait`]).
+pub const DEFAULT_MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
 
 struct Inner {
     client: Client,
@@ -85,7 +93,20 @@ impl Service {
                 tasks: tasks::Tasks::new(bus, options),
             }),
             keys: None,
+            max_wait: DEFAULT_MAX_WAIT,
         }
+    }
+
+    /// Caps every `?wait=` (and a task poll's `wait_ms`) at `max`: a wait
+    /// asked for beyond it ends at it (default 5 minutes). Keep it under the
+    /// timeouts of the proxies in front.
+    pub fn with_max_wait(mut self, max: std::time::Duration) -> Self {
+        self.max_wait = max;
+        self
+    }
+
+    fn max_wait(&self) -> std::time::Duration {
+        self.max_wait
     }
 
     /// Requires one of `keys` on every request but `/healthz` and
@@ -116,41 +137,20 @@ impl Service {
     }
 }
 
-/// Every route of the API, v1.
+/// Every route of the API, v1 (the table in `openapi.rs`, which the
+/// document at `/openapi.json` is made from too).
 pub fn router(service: Service) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/v1/definitions", post(deploy).get(definitions))
-        .route("/v1/definitions/{name}", get(definition))
-        .route("/v1/definitions/{name}/diagram", get(diagram))
-        .route("/v1/workflows/{name}/runs", post(runs::start))
-        .route("/v1/runs", get(runs::list))
-        .route("/v1/runs/{id}", get(runs::get))
-        .route("/v1/runs/{id}/result", get(runs::result))
-        .route("/v1/runs/{id}/cancel", post(runs::cancel))
-        .route("/v1/runs/{id}/signals/{name}", post(runs::signal))
-        .route("/v1/runs/{id}/retry", post(runs::retry))
-        .route("/v1/runs/{id}/events", get(events::run))
-        .route("/v1/events", get(events::all))
-        .route("/v1/me", get(auth::me))
-        .route("/v1/dead-letters", get(ops::dead_letters))
-        .route("/v1/dead-letters/redrive", post(ops::redrive_bulk))
-        .route("/v1/dead-letters/audit", get(ops::audit))
-        .route(
-            "/v1/dead-letters/{id}",
-            get(ops::dead_letter).delete(ops::discard),
-        )
-        .route("/v1/dead-letters/{id}/redrive", post(ops::redrive))
-        .route("/v1/workers", get(ops::workers))
-        .route("/v1/tasks/poll", post(tasks::poll))
-        .route("/v1/tasks/answers", post(tasks::answers))
-        .route("/v1/tasks/{token}/heartbeat", post(tasks::heartbeat))
-        .route("/v1/tasks/{token}/complete", post(tasks::complete))
-        .route("/v1/tasks/{token}/fail", post(tasks::fail))
+    openapi::routes()
         .fallback(|| async {
             Problem::not_found("no such route; see /openapi.json and docs/api.md")
+        })
+        .method_not_allowed_fallback(|| async {
+            Problem::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "Method not allowed",
+                "this route does not take this method; see /openapi.json",
+            )
         })
         .layer(axum::middleware::from_fn_with_state(
             service.clone(),
@@ -198,7 +198,7 @@ pub(crate) fn json_body_or_default<T: serde::de::DeserializeOwned + Default>(
     json_body(body, expected)
 }
 
-async fn readyz(State(service): State<Service>) -> Response {
+pub(crate) async fn readyz(State(service): State<Service>) -> Response {
     // One store read: the service is ready when its store answers.
     match service
         .store()
@@ -217,7 +217,7 @@ async fn readyz(State(service): State<Service>) -> Response {
     }
 }
 
-async fn metrics() -> Response {
+pub(crate) async fn metrics() -> Response {
     match multiagents::monitoring::metrics::install_prometheus() {
         Ok(handle) => {
             handle.run_upkeep();
@@ -239,10 +239,10 @@ async fn metrics() -> Response {
 
 /// `POST /v1/definitions`: a definition as JSON, or YAML (by its
 /// `Content-Type`, or when the body is not a JSON object).
-async fn deploy(
+pub(crate) async fn deploy(
     State(service): State<Service>,
     headers: HeaderMap,
-    body: String,
+    Text(body): Text,
 ) -> Result<Response, Problem> {
     let yaml = headers
         .get(header::CONTENT_TYPE)
@@ -276,7 +276,7 @@ async fn deploy(
 }
 
 /// `GET /v1/definitions`: every deployed definition, with its versions.
-async fn definitions(State(service): State<Service>) -> Result<Response, Problem> {
+pub(crate) async fn definitions(State(service): State<Service>) -> Result<Response, Problem> {
     let versions = service
         .store()
         .definitions
@@ -310,7 +310,7 @@ struct VersionQuery {
 }
 
 /// `GET /v1/definitions/{name}`: the latest version, or `?version=N`.
-async fn definition(
+pub(crate) async fn definition(
     State(service): State<Service>,
     Path(name): Path<String>,
     Query(q): Query<VersionQuery>,
@@ -320,7 +320,7 @@ async fn definition(
 
 /// `GET /v1/definitions/{name}/diagram?format=mermaid|ascii` (Mermaid by
 /// default), as text.
-async fn diagram(
+pub(crate) async fn diagram(
     State(service): State<Service>,
     Path(name): Path<String>,
     Query(q): Query<VersionQuery>,

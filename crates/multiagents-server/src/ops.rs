@@ -2,8 +2,9 @@
 
 use std::time::Duration;
 
+use crate::extract::{Path, Query, Text};
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use multiagents::bus::{DeadLetter, WORKER_GROUP, command_topic};
@@ -135,7 +136,7 @@ pub(crate) async fn redrive(
     State(service): State<Service>,
     Path(id): Path<String>,
     caller: Caller,
-    body: String,
+    Text(body): Text,
 ) -> Result<Response, Problem> {
     let edit: RedriveBody = json_body_or_default(&body, "not {\"payload\": …} or {\"body\": …}")?;
     let edited = edited_body(&service, &id, edit).await?;
@@ -195,7 +196,7 @@ const BULK_SCAN: usize = 10_000;
 pub(crate) async fn redrive_bulk(
     State(service): State<Service>,
     caller: Caller,
-    body: String,
+    Text(body): Text,
 ) -> Result<Response, Problem> {
     let bulk: BulkBody = json_body_or_default(
         &body,
@@ -247,7 +248,7 @@ pub(crate) async fn discard(
     State(service): State<Service>,
     Path(id): Path<String>,
     caller: Caller,
-    body: String,
+    Text(body): Text,
 ) -> Result<Response, Problem> {
     let body: DiscardBody = json_body_or_default(&body, "not {\"reason\": …}")?;
     let reason = body

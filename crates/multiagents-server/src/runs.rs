@@ -2,8 +2,9 @@
 
 use std::time::Duration;
 
+use crate::extract::{Path, Query, Text};
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use multiagents::StartOptions;
@@ -16,14 +17,11 @@ use serde_json::{Value, json};
 
 use crate::{Problem, Service, json_body_or_default};
 
-/// The longest `?wait=` honoured.
-const MAX_WAIT: Duration = Duration::from_secs(300);
-
 fn url(id: TransactionId) -> String {
     format!("/v1/runs/{id}")
 }
 
-fn wait_of(wait: Option<&str>) -> Result<Option<Duration>, Problem> {
+fn wait_of(service: &Service, wait: Option<&str>) -> Result<Option<Duration>, Problem> {
     let Some(text) = wait else { return Ok(None) };
     let d = multiagents::core::time::parse_duration(text).map_err(|e| {
         Problem::bad_request(
@@ -31,7 +29,7 @@ fn wait_of(wait: Option<&str>) -> Result<Option<Duration>, Problem> {
             format!("`{text}` is not a duration (say 30s or 500ms): {e}"),
         )
     })?;
-    Ok(Some(d.min(MAX_WAIT)))
+    Ok(Some(d.min(service.max_wait())))
 }
 
 fn run_id(id: &str) -> Result<TransactionId, Problem> {
@@ -98,10 +96,10 @@ pub(crate) async fn start(
     Path(name): Path<String>,
     Query(q): Query<StartQuery>,
     headers: HeaderMap,
-    body: String,
+    Text(body): Text,
 ) -> Result<Response, Problem> {
     let input: Value = json_body_or_default(&body, "the input is not JSON")?;
-    let wait = wait_of(q.wait.as_deref())?;
+    let wait = wait_of(&service, q.wait.as_deref())?;
     let fail_on_conflict = match q.on_conflict.as_deref() {
         None | Some("return_existing") => false,
         Some("fail") => true,
@@ -221,7 +219,7 @@ pub(crate) async fn result(
     Query(q): Query<WaitQuery>,
 ) -> Result<Response, Problem> {
     let id = run_id(&id)?;
-    let wait = wait_of(q.wait.as_deref())?.unwrap_or(Duration::ZERO);
+    let wait = wait_of(&service, q.wait.as_deref())?.unwrap_or(Duration::ZERO);
     match service.client().wait(id, wait).await {
         Ok(state) => Ok(Json(outcome(&state)).into_response()),
         Err(multiagents::Error::Timeout { status, .. }) => Ok((
@@ -334,7 +332,7 @@ pub(crate) struct CancelBody {
 pub(crate) async fn cancel(
     State(service): State<Service>,
     Path(id): Path<String>,
-    body: String,
+    Text(body): Text,
 ) -> Result<Response, Problem> {
     let id = run_id(&id)?;
     let body: CancelBody = json_body_or_default(&body, "not {\"reason\": …}")?;
@@ -356,7 +354,7 @@ pub(crate) async fn cancel(
 pub(crate) async fn signal(
     State(service): State<Service>,
     Path((id, name)): Path<(String, String)>,
-    body: String,
+    Text(body): Text,
 ) -> Result<Response, Problem> {
     let id = run_id(&id)?;
     let data: Value = json_body_or_default(&body, "the signal's data is not JSON")?;
@@ -385,14 +383,14 @@ pub(crate) async fn retry(
     State(service): State<Service>,
     Path(id): Path<String>,
     Query(q): Query<WaitQuery>,
-    body: String,
+    Text(body): Text,
 ) -> Result<Response, Problem> {
     let id = run_id(&id)?;
     let body: RetryBody = json_body_or_default(
         &body,
         "not {\"from_step\": …, \"input\": merge patch, \"definition\": \"pinned|latest\"}",
     )?;
-    let wait = wait_of(q.wait.as_deref())?;
+    let wait = wait_of(&service, q.wait.as_deref())?;
     let latest_definition = match body.definition.as_deref() {
         None | Some("pinned") => false,
         Some("latest") => true,

@@ -14,8 +14,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use crate::extract::{Path, Text};
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use multiagents::bus::{
@@ -183,7 +184,7 @@ fn split_payload(payload: &str) -> Result<(Value, Value), String> {
 /// `POST /v1/tasks/poll`: `{"workers": [names], "max": N, "wait_ms": N}`.
 pub(crate) async fn poll(
     State(service): State<Service>,
-    body: String,
+    Text(body): Text,
 ) -> Result<Response, Problem> {
     let tasks = service.tasks();
     let body: PollBody = json_body(&body, r#"not {"workers": [names], "max": N, "wait_ms": N}"#)?;
@@ -203,7 +204,9 @@ pub(crate) async fn poll(
             ),
         ));
     }
-    let wait = Duration::from_millis(body.wait_ms.unwrap_or(0)).min(tasks.options.max_wait);
+    let wait = Duration::from_millis(body.wait_ms.unwrap_or(0))
+        .min(tasks.options.max_wait)
+        .min(service.max_wait());
     let deadline = Instant::now() + wait;
     let mut workers = Vec::new();
     for name in &body.workers {
@@ -389,7 +392,7 @@ pub(crate) struct CompleteBody {
 pub(crate) async fn complete(
     State(service): State<Service>,
     Path(token): Path<String>,
-    body: String,
+    Text(body): Text,
 ) -> Result<Response, Problem> {
     let body: CompleteBody = json_body(&body, r#"not {"output": …}"#)?;
     let output = match body.output {
@@ -412,7 +415,7 @@ pub(crate) struct FailBody {
 pub(crate) async fn fail(
     State(service): State<Service>,
     Path(token): Path<String>,
-    body: String,
+    Text(body): Text,
 ) -> Result<Response, Problem> {
     let body: FailBody = json_body(
         &body,
@@ -477,7 +480,7 @@ const MAX_ANSWERS: usize = 1000;
 /// and detail (the other answers still go).
 pub(crate) async fn answers(
     State(service): State<Service>,
-    body: String,
+    Text(body): Text,
 ) -> Result<Response, Problem> {
     let body: AnswersBody = json_body(
         &body,

@@ -152,6 +152,10 @@ async fn a_missing_or_wrong_key_is_refused_and_never_echoed() {
     // Health needs no key.
     assert_eq!(api.call(Method::GET, "/healthz", &[], "").await.status, 200);
     assert_eq!(api.call(Method::GET, "/readyz", &[], "").await.status, 200);
+    assert_eq!(
+        api.call(Method::GET, "/openapi.json", &[], "").await.status,
+        200
+    );
     // The key is in no metric.
     let metrics = api
         .call(
