@@ -120,6 +120,10 @@ struct ServeArgs {
     /// front.
     #[arg(long, default_value = "5m", value_parser = multiagents::core::time::parse_duration)]
     max_wait: std::time::Duration,
+    /// How long an HTTP worker keeps a task without a heartbeat or an
+    /// answer; then its command goes back to the bus for another worker.
+    #[arg(long, default_value = "30s", value_parser = multiagents::core::time::parse_duration)]
+    task_lease: std::time::Duration,
     /// Embedded mode (no `--redis-url`): the file holding the state.
     #[arg(long, default_value = ".multiagents/store.db", value_name = "PATH")]
     store: std::path::PathBuf,
@@ -247,8 +251,12 @@ async fn serve(
                 })?;
             }
             let store = FileStore::open(&args.store)?;
+            let bus = MemoryBus::with_config(multiagents::bus::MemoryBusConfig {
+                visibility_timeout: args.visibility_timeout,
+                ..Default::default()
+            });
             (
-                MemoryBus::new().into(),
+                bus.into(),
                 store.into(),
                 format!("{} (embedded)", args.store.display()),
             )
@@ -280,8 +288,12 @@ async fn serve(
     let bound = listener
         .local_addr()
         .map_err(|e| error::CliError::process("the API listener", e))?;
-    let mut service =
-        multiagents_server::Service::new(runtime.client(), bus, store).with_max_wait(args.max_wait);
+    let tasks = multiagents_server::TaskOptions {
+        lease: args.task_lease,
+        ..Default::default()
+    };
+    let mut service = multiagents_server::Service::with_tasks(runtime.client(), bus, store, tasks)
+        .with_max_wait(args.max_wait);
     let access = match keys {
         Some(keys) => {
             let access = format!("{} API key(s) required", keys.len());
