@@ -400,16 +400,17 @@ mod tests {
     #[test]
     fn a_bad_keys_file_names_the_line() {
         let hash = "ab".repeat(32);
-        let err = ApiKeys::parse(&format!("# keys\nops read {hash}\nci rwx {hash}\n")).unwrap_err();
+        let err = ApiKeys::parse(&format!("# keys\nops read {hash}\nci rwx {hash}\n"))
+            .expect_err("refused");
         assert_eq!(
             err.to_string(),
             "line 3: unknown scope `rwx`; use read, operate, admin or worker"
         );
-        let err = ApiKeys::parse("ops read abc").unwrap_err();
+        let err = ApiKeys::parse("ops read abc").expect_err("refused");
         assert!(err.to_string().contains("64 hex digits"), "{err}");
-        let err = ApiKeys::parse("ops read").unwrap_err();
+        let err = ApiKeys::parse("ops read").expect_err("refused");
         assert!(err.to_string().contains("found 2 field(s)"), "{err}");
-        let err = ApiKeys::parse(&format!("a read {hash}\na admin {hash}")).unwrap_err();
+        let err = ApiKeys::parse(&format!("a read {hash}\na admin {hash}")).expect_err("refused");
         assert!(err.to_string().contains("used twice"), "{err}");
     }
 

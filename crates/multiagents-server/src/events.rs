@@ -37,10 +37,14 @@ pub(crate) const RING: usize = 10_000;
 /// (broadcasts are fire-and-forget, and not every history entry has one).
 const POLL: Duration = Duration::from_secs(1);
 
+/// One status change of the ring: its number, its data and its workflow
+/// (none for a gap).
+type Entry = (u64, Arc<str>, Option<Arc<str>>);
+
 /// The status changes this service heard, numbered.
 pub(crate) struct Feed {
     boot: u64,
-    ring: Mutex<VecDeque<(u64, Arc<str>, Option<Arc<str>>)>>,
+    ring: Mutex<VecDeque<Entry>>,
     latest: watch::Sender<u64>,
 }
 
@@ -73,7 +77,7 @@ impl Feed {
 
     /// The entries after `seq`, or `None` when some of them have left the
     /// ring.
-    fn after(&self, seq: u64) -> Option<Vec<(u64, Arc<str>, Option<Arc<str>>)>> {
+    fn after(&self, seq: u64) -> Option<Vec<Entry>> {
         let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
         match ring.front() {
             Some((first, _, _)) if *first > seq + 1 => None,

@@ -470,6 +470,9 @@ pub(crate) struct AnswersBody {
     answers: Vec<AnswerItem>,
 }
 
+/// An answer ready to go: its token, its task and the event.
+type Answered = (String, Held, multiagents::core::Event);
+
 /// The most answers one batch may carry.
 const MAX_ANSWERS: usize = 1000;
 
@@ -498,10 +501,7 @@ pub(crate) async fn answers(
     let tasks = service.tasks();
     let mut results: Vec<Value> = Vec::with_capacity(body.answers.len());
     // Answers by the consumer that holds their task.
-    let mut groups: Vec<(
-        Arc<dyn Consumer>,
-        Vec<(String, Held, multiagents::core::Event)>,
-    )> = Vec::new();
+    let mut groups: Vec<(Arc<dyn Consumer>, Vec<Answered>)> = Vec::new();
     for (i, item) in body.answers.into_iter().enumerate() {
         let token = item.token.clone();
         let built = match item.error {

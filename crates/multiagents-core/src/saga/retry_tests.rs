@@ -93,7 +93,7 @@ fn a_retry_is_refused_with_the_reason() {
     let def = orders();
     let (running, _) = begin(&def);
     assert_eq!(
-        retry(&def, &running, RetryPlan::default(), at(1)).unwrap_err(),
+        retry(&def, &running, RetryPlan::default(), at(1)).expect_err("refused"),
         RetryRefused::Status {
             status: WorkflowStatus::Running
         }
@@ -103,7 +103,7 @@ fn a_retry_is_refused_with_the_reason() {
         from_step: Some("nope".into()),
         ..Default::default()
     };
-    let refused = retry(&def, &old, plan, at(1)).unwrap_err();
+    let refused = retry(&def, &old, plan, at(1)).expect_err("refused");
     assert!(refused.to_string().contains("no step `nope`"), "{refused}");
 }
 
