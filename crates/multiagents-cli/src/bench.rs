@@ -40,6 +40,10 @@ pub enum Workload {
     /// How soon a live consumer takes over the deliveries of a process
     /// killed with SIGKILL (Redis), in milliseconds and in lease beats.
     Takeover(crate::takeover::TakeoverArgs),
+    /// The orders through the HTTP API: starts per second over
+    /// `POST /v1/workflows/orders/runs`, then steps per second done by HTTP
+    /// workers (Rust in this process, or another process's, e.g. Python).
+    Http(crate::bench_http::HttpArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -682,6 +686,7 @@ pub async fn run(
     match workload {
         Workload::Orders(args) => orders(args, monitoring).await,
         Workload::Takeover(args) => crate::takeover::run(args).await,
+        Workload::Http(args) => crate::bench_http::run(args).await,
     }
 }
 

@@ -1,7 +1,11 @@
 //! The `multiagents` command.
 
 mod bench;
+mod bench_http;
 mod error;
+mod init;
+mod remote;
+mod runs;
 mod takeover;
 mod workflow;
 
@@ -35,11 +39,21 @@ enum Command {
     /// Worker health: per worker type and process, calls, failures, rates,
     /// durations and the latest errors, from the heartbeats in Redis.
     Workers(workflow::WorkersArgs),
-    /// Operations on workflows: `deploy` definitions, `status` of one.
+    /// Operations on workflows: deploy, start, list, status, signal,
+    /// cancel, retry; on a service (`--server`) or straight on Redis.
     Workflow {
         #[command(subcommand)]
         command: workflow::WorkflowCommand,
     },
+    /// Dead letters: list, show, redrive (one, or all that match, with a dry
+    /// run first), discard; on a service (`--server`) or straight on Redis.
+    Dlq {
+        #[command(subcommand)]
+        command: runs::DlqCommand,
+    },
+    /// A new project from a template: a workflow YAML, its workers and a
+    /// README, that `cargo run` builds and runs.
+    Init(init::InitArgs),
     /// API keys for `serve --api-keys`: `keys new NAME --scopes read,operate`
     /// prints a fresh key once, and the line of the keys file that accepts it.
     Keys {
@@ -359,6 +373,8 @@ fn main() -> std::process::ExitCode {
             Command::Bench { workload } => bench::run(workload, &monitoring).await,
             Command::Serve(args) => serve(args, &monitoring).await,
             Command::Keys { command } => keys(command),
+            Command::Dlq { command } => runs::dlq(command).await,
+            Command::Init(args) => init::init(args),
             Command::Workflow { command } => workflow::run(command).await,
             Command::Workers(args) => workflow::workers(args, &monitoring).await,
         };

@@ -9,7 +9,7 @@ use multiagents::{Error, WorkflowDefinition};
 use crate::error::{CliError, Result};
 
 /// Where the state lives.
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct RedisArgs {
     /// The Redis server (or any node of a Redis Cluster) holding the state:
     /// `redis://[user:password@]host:port/db`, or `rediss://…` for TLS.
@@ -77,6 +77,14 @@ pub enum WorkflowCommand {
     /// Print one workflow's step timeline and each command's lifecycle
     /// (dispatch → pickup → processing → outcome, and which worker process).
     Status(StatusArgs),
+    /// Start a run: `start NAME --input JSON [--wait 30s]
+    /// [--idempotency-key K]`; with `--wait`, the outcome.
+    Start(crate::runs::StartArgs),
+    /// List runs, newest first, by status, workflow or request chain.
+    List(crate::runs::ListArgs),
+    /// Retry a failed, compensated, timed-out or cancelled run as a new run
+    /// that keeps what stands: `retry ID [--from STEP] [--patch JSON]`.
+    Retry(crate::runs::RetryArgs),
 }
 
 /// How to draw.
@@ -113,6 +121,8 @@ pub struct CancelArgs {
     #[arg(long, value_parser = multiagents::core::time::parse_duration)]
     wait: Option<std::time::Duration>,
     #[command(flatten)]
+    server: crate::remote::ServerArgs,
+    #[command(flatten)]
     redis: RedisArgs,
 }
 
@@ -125,6 +135,8 @@ pub struct SignalArgs {
     /// Its payload, as JSON (`null` when absent).
     #[arg(long, default_value = "null")]
     data: String,
+    #[command(flatten)]
+    server: crate::remote::ServerArgs,
     #[command(flatten)]
     redis: RedisArgs,
 }
@@ -146,6 +158,8 @@ pub struct DeployArgs {
     #[arg(required = true)]
     files: Vec<PathBuf>,
     #[command(flatten)]
+    server: crate::remote::ServerArgs,
+    #[command(flatten)]
     redis: RedisArgs,
 }
 
@@ -156,6 +170,9 @@ pub async fn run(command: WorkflowCommand) -> Result<ExitCode> {
         WorkflowCommand::Diagram(args) => diagram(args).await,
         WorkflowCommand::Cancel(args) => cancel(args).await,
         WorkflowCommand::Signal(args) => signal(args).await,
+        WorkflowCommand::Start(args) => crate::runs::start(args).await,
+        WorkflowCommand::List(args) => crate::runs::list(args).await,
+        WorkflowCommand::Retry(args) => crate::runs::retry(args).await,
     }
 }
 
@@ -187,6 +204,15 @@ async fn deploy(args: DeployArgs) -> Result<ExitCode> {
         .iter()
         .map(|f| read_definition(f))
         .collect::<Result<Vec<_>, _>>()?;
+    if let Some(http) = server(&args.server)? {
+        for def in &definitions {
+            let body = serde_json::to_value(def).unwrap_or_default();
+            http.post("/v1/definitions", &body, std::time::Duration::ZERO)
+                .await?;
+            println!("deployed {}@{}", def.name(), def.version());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let store = args.redis.store().await?;
     // Sub-workflows that would start each other in a cycle are refused: look
     // at these definitions and every child they reach, here or registered.
@@ -414,6 +440,19 @@ async fn signal(args: SignalArgs) -> Result<ExitCode> {
     let tx = transaction_id(&args.id)?;
     let data: serde_json::Value = serde_json::from_str(&args.data)
         .map_err(|e| CliError::usage("--data", format!("`{}` is not JSON: {e}", args.data)))?;
+    if let Some(http) = server(&args.server)? {
+        http.post(
+            &format!(
+                "/v1/runs/{tx}/signals/{}",
+                crate::remote::encode(&args.name)
+            ),
+            &data,
+            std::time::Duration::ZERO,
+        )
+        .await?;
+        println!("{tx}: signal `{}` delivered", args.name);
+        return Ok(ExitCode::SUCCESS);
+    }
     let client = args.redis.client().await?;
     client.signal(tx, &args.name, &data).await?;
     println!("{tx}: signal `{}` delivered", args.name);
@@ -422,6 +461,34 @@ async fn signal(args: SignalArgs) -> Result<ExitCode> {
 
 async fn cancel(args: CancelArgs) -> Result<ExitCode> {
     let tx = transaction_id(&args.id)?;
+    if let Some(http) = server(&args.server)? {
+        let body = serde_json::json!({"reason": args.reason});
+        let (_, answer) = http
+            .post(
+                &format!("/v1/runs/{tx}/cancel"),
+                &body,
+                std::time::Duration::ZERO,
+            )
+            .await?;
+        if answer["cancelled"] == false {
+            println!("{tx} has already finished or is compensating: nothing to cancel");
+            return Ok(ExitCode::SUCCESS);
+        }
+        println!("{tx}: cancellation requested ({})", args.reason);
+        if let Some(wait) = args.wait {
+            let (_, outcome) = http
+                .call(
+                    "GET",
+                    &format!("/v1/runs/{tx}/result?wait={}ms", wait.as_millis()),
+                    None,
+                    "application/json",
+                    wait + std::time::Duration::from_secs(30),
+                )
+                .await?;
+            println!("{tx} ended {}", outcome["status"].as_str().unwrap_or("?"));
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let client = args.redis.client().await?;
     if !client.cancel(tx, &args.reason).await? {
         let status = client
@@ -438,4 +505,17 @@ async fn cancel(args: CancelArgs) -> Result<ExitCode> {
         println!("{tx} ended {}", state.status);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The service to talk to, when one is named.
+fn server(args: &crate::remote::ServerArgs) -> Result<Option<crate::remote::Http>> {
+    let target = crate::remote::TargetArgs {
+        server: args.clone(),
+        redis: RedisArgs {
+            redis_url: String::new(),
+            redis_ca_file: None,
+            prefix: String::new(),
+        },
+    };
+    target.http()
 }
