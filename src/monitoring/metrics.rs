@@ -32,6 +32,8 @@ pub const STEP_RETRIES: &str = "multiagents_step_retries_total";
 /// Events dead-lettered, by `topic` (`compensations` for compensations that
 /// failed for good).
 pub const DEAD_LETTERS: &str = "multiagents_dead_letters_total";
+#[cfg(feature = "prometheus")]
+const COMPENSATIONS_TOPIC: &str = crate::bus::COMPENSATIONS;
 /// Worker calls finished in this process, by `worker` and `outcome`.
 pub const WORKER_CALLS: &str = "multiagents_worker_calls_total";
 /// Seconds a worker call took in this process, by `worker`.
@@ -152,6 +154,9 @@ pub fn install_prometheus() -> Result<PrometheusHandle, ConfigError> {
         }
     }
     enable();
+    // Series whose labels are known from the start exist at zero from the
+    // first scrape (the runtime adds each workflow's as it learns of them).
+    metrics::counter!(DEAD_LETTERS, "topic" => COMPENSATIONS_TOPIC).increment(0);
     Ok(PROMETHEUS.get_or_init(|| handle).clone())
 }
 

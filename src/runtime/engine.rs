@@ -235,6 +235,7 @@ impl Engine {
 
     pub(crate) async fn register(&self, def: &WorkflowDefinition) -> Result<(), Error> {
         self.store.definitions.put_definition(def).await?;
+        self.metrics.known(def);
         self.definitions
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -266,11 +267,30 @@ impl Engine {
                 version: Some(version),
             })?;
         let def = Arc::new(def);
+        self.metrics.known(&def);
         self.definitions
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(key, def.clone());
         Ok(def)
+    }
+
+    /// Loads every registered definition (the latest version of each), so
+    /// that their metrics exist from the first scrape. Best effort.
+    pub(crate) async fn preload_definitions(&self) {
+        let Ok(versions) = self.store.definitions.definition_versions().await else {
+            return;
+        };
+        let mut latest: Vec<(String, u32)> = Vec::new();
+        for (name, version) in versions {
+            match latest.last_mut() {
+                Some((n, v)) if *n == name => *v = (*v).max(version),
+                _ => latest.push((name, version)),
+            }
+        }
+        for (name, version) in latest {
+            let _ = self.definition(&WorkflowName::new(&name), version).await;
+        }
     }
 
     /// The command topic of a worker at a priority, formatted once.

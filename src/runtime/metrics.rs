@@ -8,7 +8,10 @@ use std::sync::RwLock;
 use metrics::{Counter, Histogram};
 
 use crate::core::saga::{Input, StatusUpdate};
-use crate::core::{Phase, StepName, StepStatus, Timestamp, WorkflowName, WorkflowState};
+use crate::core::workflow::StepKind;
+use crate::core::{
+    Phase, StepName, StepStatus, Timestamp, WorkflowName, WorkflowState, WorkflowStatus,
+};
 use crate::monitoring::metrics::{
     STEP_DURATION, STEP_RETRIES, WORKFLOWS_FINISHED, WORKFLOWS_STARTED, enabled,
 };
@@ -135,6 +138,55 @@ impl EngineMetrics {
                 ]
             });
         h[slot].record(seconds);
+    }
+
+    /// Makes every series of `def` exist, at zero, before anything happens
+    /// to its runs: Prometheus users alert on absent series. The started
+    /// count, each terminal status, and each step's retries (of its
+    /// compensation too, when it has one).
+    pub(crate) fn known(&self, def: &crate::core::WorkflowDefinition) {
+        if !enabled() {
+            return;
+        }
+        let workflow = def.name();
+        self.started
+            .get(
+                workflow,
+                || metrics::counter!(WORKFLOWS_STARTED, "workflow" => workflow.to_string()),
+            )
+            .increment(0);
+        for status in WorkflowStatus::ALL.into_iter().filter(|s| s.is_terminal()) {
+            let status = status.as_str();
+            self.finished
+                .get(&(workflow.clone(), status), || {
+                    metrics::counter!(
+                        WORKFLOWS_FINISHED,
+                        "workflow" => workflow.to_string(),
+                        "status" => status,
+                    )
+                })
+                .increment(0);
+        }
+        for step in def.steps() {
+            let undone = step.compensation.is_some() || matches!(step.kind, StepKind::Workflow(_));
+            let phases: &[Phase] = if undone {
+                &[Phase::Forward, Phase::Compensate]
+            } else {
+                &[Phase::Forward]
+            };
+            for &phase in phases {
+                self.retries
+                    .get(&(workflow.clone(), step.name.clone(), phase), || {
+                        metrics::counter!(
+                            STEP_RETRIES,
+                            "workflow" => workflow.to_string(),
+                            "step" => step.name.to_string(),
+                            "phase" => phase.to_string(),
+                        )
+                    })
+                    .increment(0);
+            }
+        }
     }
 
     pub(crate) fn status(&self, state: &WorkflowState, update: &StatusUpdate) {

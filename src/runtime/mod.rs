@@ -194,6 +194,10 @@ impl RuntimeBuilder {
         for def in &self.workflows {
             engine.register(def).await?;
         }
+        if crate::monitoring::metrics::enabled() {
+            // The metrics of every deployed workflow, at zero, from the first scrape.
+            engine.preload_definitions().await;
+        }
         let workers = if self.workers.is_empty() {
             None
         } else {

@@ -198,11 +198,23 @@ pub async fn run(args: HttpArgs) -> Result<ExitCode> {
             )
         }
     };
+    // As `serve` runs it: many results in flight on Redis, where each costs
+    // a few round trips.
+    let config = multiagents::OrchestratorConfig {
+        consumers: if args.backend == HttpBackend::Redis {
+            16
+        } else {
+            2
+        },
+        parallel_results: true,
+        ..Default::default()
+    };
     let runtime = Runtime::builder()
         .bus(bus.clone())
         .store(store.clone())
         .workflow(crate::bench::definition()?)
         .external_workers()
+        .orchestrator_config(config)
         .start()
         .await?;
     let service = multiagents_server::Service::new(runtime.client(), bus, store);

@@ -98,6 +98,19 @@ fn the_embedded_service_answers_the_api_and_keeps_its_state_across_a_restart() {
         FLOW,
     );
     assert_eq!(status, 201, "{body}");
+    // Its series exist at zero before any run (alerts need them present).
+    let (_, metrics) = http(&addr, "GET", "/metrics", &[], "");
+    for series in [
+        r#"multiagents_workflows_started_total{workflow="greet"} 0"#,
+        r#"multiagents_workflows_finished_total{workflow="greet",status="compensated"} 0"#,
+        r#"multiagents_step_retries_total{workflow="greet",step="hello",phase="forward"} 0"#,
+        r#"multiagents_dead_letters_total{topic="compensations"} 0"#,
+    ] {
+        assert!(
+            metrics.contains(series),
+            "{series} missing from:\n{metrics}"
+        );
+    }
     // No worker serves `say_hello` yet: the run is started and waits.
     let key = [("Idempotency-Key", "greet-1")];
     let (status, body) = http(
@@ -130,6 +143,14 @@ fn the_embedded_service_answers_the_api_and_keeps_its_state_across_a_restart() {
     // run are there, and the same key still finds the same run.
     let served = serve(&store);
     let addr = served.addr.clone();
+    // The first scrape after the restart has the deployed workflow's series.
+    let (_, metrics) = http(&addr, "GET", "/metrics", &[], "");
+    assert!(
+        metrics.contains(
+            r#"multiagents_workflows_finished_total{workflow="greet",status="failed"} 0"#
+        ),
+        "{metrics}"
+    );
     let (status, body) = http(&addr, "GET", "/v1/definitions/greet", &[], "");
     assert_eq!(status, 200, "{body}");
     let (status, body) = http(&addr, "GET", &url, &[], "");
