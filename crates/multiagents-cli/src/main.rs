@@ -134,6 +134,11 @@ struct ServeArgs {
     /// front.
     #[arg(long, default_value = "5m", value_parser = multiagents::core::time::parse_duration)]
     max_wait: std::time::Duration,
+    /// On Redis: keep status changes in the replica that made them (one
+    /// Pub/Sub message less per step), so that a replica's `/v1/events`
+    /// shows only the runs its own orchestrator moved.
+    #[arg(long)]
+    local_status: bool,
     /// How long an HTTP worker keeps a task without a heartbeat or an
     /// answer; then its command goes back to the bus for another worker.
     #[arg(long, default_value = "30s", value_parser = multiagents::core::time::parse_duration)]
@@ -242,12 +247,13 @@ async fn serve(
                 redis_ca_file: args.redis_ca_file.clone(),
                 prefix: args.prefix.clone(),
             };
-            let bus = RedisStreamsBus::connect(
-                redis
-                    .bus_config()
-                    .visibility_timeout(args.visibility_timeout),
-            )
-            .await?;
+            let mut bus_config = redis
+                .bus_config()
+                .visibility_timeout(args.visibility_timeout);
+            // Every replica's status changes reach every replica's event
+            // streams (`/v1/events`), whichever orchestrator made them.
+            bus_config.broadcast_status = !args.local_status;
+            let bus = RedisStreamsBus::connect(bus_config).await?;
             let mut store_config = redis.store_config();
             store_config.timer_lease = args.visibility_timeout;
             let store = RedisStateStore::connect(store_config).await?;

@@ -379,3 +379,86 @@ fn init_makes_a_project_that_builds_and_runs() {
     );
     assert!(stdout.contains("greeting: completed"), "{stdout}");
 }
+
+/// `serve` on Redis, at any free port; its address.
+fn serve_on_redis(url: &str, prefix: &str) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_multiagents"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--redis-url",
+            url,
+            "--prefix",
+            prefix,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("serve starts");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let addr = loop {
+        let line = lines.next().expect("serve says where").expect("utf-8");
+        if let Some(rest) = line.split("serving http://").nth(1) {
+            break rest.split_whitespace().next().expect("addr").to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    (child, addr)
+}
+
+#[test]
+fn a_replica_streams_the_status_changes_another_replica_made() {
+    let Some(url) = common::redis_url() else {
+        return;
+    };
+    let prefix = format!("sse-{}", std::process::id());
+    let (mut a, addr_a) = serve_on_redis(&url, &prefix);
+    let (mut b, addr_b) = serve_on_redis(&url, &prefix);
+    let mut stream = TcpStream::connect(&addr_b).expect("connects");
+    stream
+        .write_all(
+            format!(
+                "GET /v1/events HTTP/1.1\r\nHost: {addr_b}\r\nAccept: text/event-stream\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .expect("sends");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .expect("timeout");
+    // The stream is open once its headers came.
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    while reader.read_line(&mut line).expect("headers") > 0 && line != "\r\n" {
+        line.clear();
+    }
+    http(
+        &addr_a,
+        "POST",
+        "/v1/definitions",
+        &serde_json::to_string(&serde_json::json!({
+            "name": "gate", "version": 1, "steps": [{"name": "approval", "signal": "approve"}]
+        }))
+        .expect("json"),
+    );
+    let run = http(&addr_a, "POST", "/v1/workflows/gate/runs", "{}");
+    let id = run["id"].as_str().expect("a run").to_string();
+    let mut seen = String::new();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !seen.contains(&id) {
+        assert!(
+            std::time::Instant::now() < until,
+            "replica B never streamed the run replica A started: {seen}"
+        );
+        let mut chunk = String::new();
+        let n = reader
+            .read_line(&mut chunk)
+            .expect("the stream of replica B goes on");
+        assert!(n > 0, "the stream ended: {seen}");
+        seen.push_str(&chunk);
+    }
+    assert!(seen.contains("event: status"), "{seen}");
+    let _ = (a.kill(), b.kill(), a.wait(), b.wait());
+}
