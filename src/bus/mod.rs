@@ -156,6 +156,49 @@ pub struct DeadLetter {
     pub body: String,
 }
 
+/// Which dead letters a bulk redrive takes: every field given must hold
+/// (`reason` as a part of the reason; `workflow` and `step` from the
+/// letter's event).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterFilter {
+    /// The topic it was on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    /// The workflow of its event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<String>,
+    /// The step of its event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    /// A part of its reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl DeadLetterFilter {
+    /// True when `letter` is selected.
+    pub fn matches(&self, letter: &DeadLetter) -> bool {
+        let event: Option<serde_json::Value> = (self.workflow.is_some() || self.step.is_some())
+            .then(|| serde_json::from_str(&letter.body).ok())
+            .flatten();
+        let field = |name: &str| event.as_ref().and_then(|e| e.get(name)?.as_str());
+        self.topic.as_ref().is_none_or(|t| *t == letter.topic)
+            && self
+                .reason
+                .as_ref()
+                .is_none_or(|r| letter.reason.contains(r.as_str()))
+            && self
+                .workflow
+                .as_ref()
+                .is_none_or(|w| field("workflow") == Some(w.as_str()))
+            && self
+                .step
+                .as_ref()
+                .is_none_or(|s| field("step") == Some(s.as_str()))
+    }
+}
+
 /// What became of a dead letter taken off the list: kept in the audit log
 /// with the letter.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -164,6 +164,21 @@ impl RedisStreamsBus {
         self.key("dead-letters")
     }
 
+    /// The newest `limit` entries of stream `key`, newest first.
+    async fn newest(&self, key: &str, limit: usize) -> Result<Vec<super::conn::Entry>, BusError> {
+        let mut conn = self.inner.conn.get();
+        let reply: Value = redis::cmd("XREVRANGE")
+            .arg(key)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(limit)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(entries(&reply))
+    }
+
     /// The audit log of settled dead letters: beside the list, in the same
     /// cluster slot, so that one script moves a letter from one to the other.
     fn audit_key(&self) -> String {
@@ -290,17 +305,12 @@ impl Topics for RedisStreamsBus {
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BusError> {
-        let mut conn = self.inner.conn.get();
-        let reply: Value = redis::cmd("XREVRANGE")
-            .arg(self.dead_key())
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(limit)
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| self.err(e))?;
-        let mut out: Vec<DeadLetter> = entries(&reply).into_iter().map(letter_of).collect();
+        let mut out: Vec<DeadLetter> = self
+            .newest(&self.dead_key(), limit)
+            .await?
+            .into_iter()
+            .map(letter_of)
+            .collect();
         out.reverse();
         Ok(out)
     }
@@ -352,17 +362,9 @@ impl Topics for RedisStreamsBus {
     }
 
     async fn dead_letter_audit(&self, limit: usize) -> Result<Vec<AuditedLetter>, BusError> {
-        let mut conn = self.inner.conn.get();
-        let reply: Value = redis::cmd("XREVRANGE")
-            .arg(self.audit_key())
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(limit)
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| self.err(e))?;
-        let mut out: Vec<AuditedLetter> = entries(&reply)
+        let mut out: Vec<AuditedLetter> = self
+            .newest(&self.audit_key(), limit)
+            .await?
             .into_iter()
             .map(|(audit_id, fields)| {
                 let get = field_getter(&fields);

@@ -89,6 +89,16 @@ fn json_arg(flag: &'static str, text: &str) -> Result<Value> {
         .map_err(|e| CliError::usage(flag, format!("`{text}` is not JSON: {e}")))
 }
 
+/// `--correlation-id`, when given, as a request chain.
+fn correlation(text: Option<&str>) -> Result<Option<multiagents::core::CorrelationId>> {
+    text.map(|c| {
+        c.parse()
+            .map(multiagents::core::CorrelationId)
+            .map_err(|e| CliError::usage("--correlation-id", format!("`{c}` is not a UUID: {e}")))
+    })
+    .transpose()
+}
+
 fn run_id(id: &str) -> Result<multiagents::TransactionId> {
     id.parse()
         .map_err(|e| CliError::usage("<ID>", format!("`{id}` is not a run id: {e}")))
@@ -252,13 +262,7 @@ pub async fn start(args: StartArgs) -> Result<ExitCode> {
                     .parse()
                     .map_err(|e: String| CliError::usage("--priority", e))?;
             }
-            if let Some(c) = &args.correlation_id {
-                options.correlation_id = Some(multiagents::core::CorrelationId(
-                    c.parse().map_err(|e| {
-                        CliError::usage("--correlation-id", format!("`{c}` is not a UUID: {e}"))
-                    })?,
-                ));
-            }
+            options.correlation_id = correlation(args.correlation_id.as_deref())?;
             if let Some(key) = &args.idempotency_key {
                 options.transaction_id = Some(multiagents_server::run_id_for_key(&args.name, key));
             }
@@ -314,12 +318,7 @@ pub async fn list(args: ListArgs) -> Result<ExitCode> {
                         .map_err(|e| CliError::usage("--status", e))?,
                 ),
             };
-            let correlation_id = match &args.correlation_id {
-                None => None,
-                Some(c) => Some(multiagents::core::CorrelationId(c.parse().map_err(
-                    |e| CliError::usage("--correlation-id", format!("`{c}` is not a UUID: {e}")),
-                )?)),
-            };
+            let correlation_id = correlation(args.correlation_id.as_deref())?;
             let query = multiagents::store::ListQuery {
                 status,
                 workflow: args
@@ -645,19 +644,12 @@ pub async fn dlq(command: DlqCommand) -> Result<ExitCode> {
                 println!("redriven {id} to {}", done["topic"].as_str().unwrap_or("?"));
                 return Ok(ExitCode::SUCCESS);
             }
-            let filter =
-                json!({"topic": topic, "workflow": workflow, "step": step, "reason": reason});
-            let filter = Value::Object(
-                filter
-                    .as_object()
-                    .map(|m| {
-                        m.iter()
-                            .filter(|(_, v)| !v.is_null())
-                            .map(|(k, v)| (k.clone(), v.clone()))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            );
+            let filter = multiagents::bus::DeadLetterFilter {
+                topic,
+                workflow,
+                step,
+                reason,
+            };
             match &target {
                 Target::Server(http) => {
                     let bar = indicatif::ProgressBar::new_spinner();
@@ -682,26 +674,7 @@ pub async fn dlq(command: DlqCommand) -> Result<ExitCode> {
                 }
                 Target::Redis(client) => {
                     let letters = client.dead_letters(10_000).await?;
-                    let field = |d: &multiagents::bus::DeadLetter, k: &str| {
-                        serde_json::from_str::<Value>(&d.body)
-                            .ok()
-                            .and_then(|e| e[k].as_str().map(str::to_string))
-                    };
-                    let matched: Vec<_> = letters
-                        .iter()
-                        .filter(|d| {
-                            filter["topic"].as_str().is_none_or(|t| t == d.topic)
-                                && filter["reason"]
-                                    .as_str()
-                                    .is_none_or(|r| d.reason.contains(r))
-                                && filter["workflow"]
-                                    .as_str()
-                                    .is_none_or(|w| field(d, "workflow").as_deref() == Some(w))
-                                && filter["step"]
-                                    .as_str()
-                                    .is_none_or(|s| field(d, "step").as_deref() == Some(s))
-                        })
-                        .collect();
+                    let matched: Vec<_> = letters.iter().filter(|d| filter.matches(d)).collect();
                     if dry_run {
                         return summarize(true, matched.len() as u64, 0, &[]);
                     }

@@ -7,7 +7,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use multiagents::bus::{DeadLetter, WORKER_GROUP, command_topic};
+use multiagents::bus::{DeadLetter, DeadLetterFilter, WORKER_GROUP, command_topic};
 use multiagents::core::{Timestamp, WorkerName};
 use multiagents::monitoring::WorkerMonitoringConfig;
 use multiagents::monitoring::workers::WorkerMonitor;
@@ -149,39 +149,9 @@ pub(crate) async fn redrive(
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct Filter {
-    topic: Option<String>,
-    workflow: Option<String>,
-    step: Option<String>,
-    /// A part of the reason.
-    reason: Option<String>,
-}
-
-impl Filter {
-    fn matches(&self, d: &DeadLetter) -> bool {
-        let origin = origin(&d.body);
-        let field = |name: &str| origin.get(name).and_then(Value::as_str).map(str::to_string);
-        self.topic.as_ref().is_none_or(|t| *t == d.topic)
-            && self
-                .reason
-                .as_ref()
-                .is_none_or(|r| d.reason.contains(r.as_str()))
-            && self
-                .workflow
-                .as_ref()
-                .is_none_or(|w| field("workflow").as_deref() == Some(w.as_str()))
-            && self
-                .step
-                .as_ref()
-                .is_none_or(|s| field("step").as_deref() == Some(s.as_str()))
-    }
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 pub(crate) struct BulkBody {
     #[serde(default)]
-    filter: Filter,
+    filter: DeadLetterFilter,
     #[serde(default)]
     dry_run: bool,
     limit: Option<usize>,

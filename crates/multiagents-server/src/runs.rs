@@ -167,29 +167,42 @@ pub(crate) async fn start(
     } else {
         StatusCode::CREATED
     };
+    answer_run(&service, id, created, wait, None).await
+}
+
+/// The answer to a start or a retry of run `id`: with `wait`, its outcome
+/// if it ends in time (`code`) or else `202`; without, `{id, status, url}`
+/// (`code`). `retry_of` is added to either when given.
+async fn answer_run(
+    service: &Service,
+    id: TransactionId,
+    code: StatusCode,
+    wait: Option<Duration>,
+    retry_of: Option<TransactionId>,
+) -> Result<Response, Problem> {
+    let client = service.client();
     let location = [(header::LOCATION, url(id))];
-    if let Some(wait) = wait {
-        return match client.wait(id, wait).await {
-            Ok(state) => Ok((created, location, Json(outcome(&state))).into_response()),
-            Err(multiagents::Error::Timeout { status, .. }) => Ok((
+    let (code, mut body) = match wait {
+        Some(wait) => match client.wait(id, wait).await {
+            Ok(state) => (code, outcome(&state)),
+            Err(multiagents::Error::Timeout { status, .. }) => (
                 StatusCode::ACCEPTED,
-                location,
-                Json(json!({"id": id, "status": status, "url": url(id)})),
-            )
-                .into_response()),
-            Err(e) => Err(e.into()),
-        };
+                json!({"id": id, "status": status, "url": url(id)}),
+            ),
+            Err(e) => return Err(e.into()),
+        },
+        None => {
+            let status = client
+                .status(id)
+                .await?
+                .map_or(WorkflowStatus::Running, |s| s.status);
+            (code, json!({"id": id, "status": status, "url": url(id)}))
+        }
+    };
+    if let Some(old) = retry_of {
+        body["retry_of"] = json!(old);
     }
-    let status = client
-        .status(id)
-        .await?
-        .map_or(WorkflowStatus::Running, |s| s.status);
-    Ok((
-        created,
-        location,
-        Json(json!({"id": id, "status": status, "url": url(id)})),
-    )
-        .into_response())
+    Ok((code, location, Json(body)).into_response())
 }
 
 /// `GET /v1/runs/{id}`: the run's state, steps and history.
@@ -406,33 +419,6 @@ pub(crate) async fn retry(
         input_patch: body.input,
         latest_definition,
     };
-    let client = service.client();
-    let new = client.retry(id, options).await?;
-    let location = [(header::LOCATION, url(new))];
-    if let Some(wait) = wait {
-        return match client.wait(new, wait).await {
-            Ok(state) => {
-                let mut out = outcome(&state);
-                out["retry_of"] = json!(id);
-                Ok((StatusCode::CREATED, location, Json(out)).into_response())
-            }
-            Err(multiagents::Error::Timeout { status, .. }) => Ok((
-                StatusCode::ACCEPTED,
-                location,
-                Json(json!({"id": new, "status": status, "url": url(new), "retry_of": id})),
-            )
-                .into_response()),
-            Err(e) => Err(e.into()),
-        };
-    }
-    let status = client
-        .status(new)
-        .await?
-        .map_or(WorkflowStatus::Running, |s| s.status);
-    Ok((
-        StatusCode::CREATED,
-        location,
-        Json(json!({"id": new, "status": status, "url": url(new), "retry_of": id})),
-    )
-        .into_response())
+    let new = service.client().retry(id, options).await?;
+    answer_run(&service, new, StatusCode::CREATED, wait, Some(id)).await
 }
