@@ -126,5 +126,7 @@ cargo test --workspace --doc
 # The HTTP API against its own OpenAPI document, over a real `multiagents serve`.
 cargo build -p multiagents-cli
 scripts/api-fuzz.sh target/debug/multiagents
+# The dashboard in headless Chromium, over a real `multiagents serve`.
+scripts/ui-test.sh target/debug/multiagents
 # The Python client and workers, against real `multiagents serve` processes.
 MULTIAGENTS_BIN="$PWD/target/debug/multiagents" "$(scripts/python-env.sh)" -m pytest -q clients/python

@@ -210,13 +210,19 @@ impl Worker for LlmWorker {
                     .with_kind("token_budget"));
                 }
                 let mut outputs = prediction.outputs.clone();
-                outputs.insert(
-                    USAGE_KEY.into(),
-                    serde_json::json!({
-                        "prompt_tokens": prediction.usage.prompt_tokens,
-                        "completion_tokens": prediction.usage.completion_tokens,
-                    }),
-                );
+                let mut usage = serde_json::json!({
+                    "prompt_tokens": prediction.usage.prompt_tokens,
+                    "completion_tokens": prediction.usage.completion_tokens,
+                });
+                // With prices set, what the step cost (the dashboard shows it).
+                if let Some(p) = self.client.config().prices {
+                    usage["cost_usd"] = serde_json::json!(
+                        prediction.usage.prompt_tokens as f64 * p.input_per_million / 1e6
+                            + prediction.usage.completion_tokens as f64 * p.output_per_million
+                                / 1e6
+                    );
+                }
+                outputs.insert(USAGE_KEY.into(), usage);
                 tracing::debug!(
                     worker = %self.name,
                     prompt_tokens = prediction.usage.prompt_tokens,

@@ -755,3 +755,45 @@ async fn modules_compose_into_a_program_that_runs_as_a_step() {
     assert_eq!(read["topic"], "billing");
     rt.shutdown().await;
 }
+
+#[tokio::test]
+async fn with_prices_set_an_llm_step_reports_what_it_cost_beside_its_tokens() {
+    // 30 tokens in, 8 out; $2 and $10 per million.
+    let (client, _) = serve(Arc::new(|_req, _n| {
+        completion(r#"{"category": "billing", "urgent": false}"#, "stop")
+    }))
+    .await;
+    let priced = LlmClient::new(client.config().clone().prices(2.0, 10.0));
+    let rt = Runtime::builder()
+        .workflow(
+            WorkflowBuilder::new("priced")
+                .step("classify", "priced_llm")
+                .build()
+                .expect("valid"),
+        )
+        .worker(LlmWorker::predict(
+            "priced_llm",
+            priced,
+            Predict::new(classify()),
+        ))
+        .start()
+        .await
+        .expect("runtime");
+    let c = rt.client();
+    let tx = c
+        .start("priced", &json!({"ticket": "refund"}))
+        .await
+        .expect("start");
+    let state = c.wait(tx, Duration::from_secs(10)).await.expect("ends");
+    rt.shutdown().await;
+    let out: Value = state
+        .output("classify")
+        .expect("output")
+        .parse()
+        .expect("json");
+    let usage = &out["_usage"];
+    assert_eq!(usage["prompt_tokens"], 30);
+    assert_eq!(usage["completion_tokens"], 8);
+    let cost = usage["cost_usd"].as_f64().expect("a cost");
+    assert!((cost - 0.000_14).abs() < 1e-12, "{cost}");
+}

@@ -44,6 +44,10 @@ pub enum Workload {
     /// `POST /v1/workflows/orders/runs`, then steps per second done by HTTP
     /// workers (Rust in this process, or another process's, e.g. Python).
     Http(crate::bench_http::HttpArgs),
+    /// The dashboard's runs page over many finished runs: its first render
+    /// (definitions, a page of runs, the counts by status) and each next
+    /// page by cursor, timed over HTTP.
+    RunsPage(crate::bench_runs::RunsPageArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -687,6 +691,7 @@ pub async fn run(
         Workload::Orders(args) => orders(args, monitoring).await,
         Workload::Takeover(args) => crate::takeover::run(args).await,
         Workload::Http(args) => crate::bench_http::run(args).await,
+        Workload::RunsPage(args) => crate::bench_runs::run(args).await,
     }
 }
 

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_http;
+mod bench_runs;
 mod error;
 mod init;
 mod remote;

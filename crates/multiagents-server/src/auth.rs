@@ -252,7 +252,7 @@ fn unhex(text: &str) -> Option<[u8; 32]> {
 
 /// The scope a request needs, `None` for one anyone may make.
 fn needed(method: &Method, path: &str) -> Option<Scope> {
-    if matches!(path, "/healthz" | "/readyz" | "/openapi.json") {
+    if matches!(path, "/healthz" | "/readyz" | "/openapi.json") || crate::ui::is_ui(path) {
         return None;
     }
     if path.starts_with("/v1/tasks/") {
@@ -418,6 +418,9 @@ mod tests {
     fn routes_need_the_scopes_the_docs_give() {
         assert_eq!(needed(&Method::GET, "/healthz"), None);
         assert_eq!(needed(&Method::GET, "/openapi.json"), None);
+        assert_eq!(needed(&Method::GET, "/ui/"), None);
+        assert_eq!(needed(&Method::GET, "/ui/app.js"), None);
+        assert_eq!(needed(&Method::GET, "/uix"), Some(Scope::Read));
         assert_eq!(needed(&Method::GET, "/v1/runs"), Some(Scope::Read));
         assert_eq!(needed(&Method::GET, "/metrics"), Some(Scope::Read));
         assert_eq!(

@@ -26,7 +26,10 @@ mod openapi;
 mod ops;
 mod problem;
 mod runs;
+mod stats;
 mod tasks;
+mod timeline;
+mod ui;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -69,6 +72,7 @@ struct Inner {
     store: Store,
     tasks: Arc<tasks::Tasks>,
     feed: Arc<events::Feed>,
+    stats: Arc<stats::Stats>,
 }
 
 impl Service {
@@ -90,6 +94,7 @@ impl Service {
                 client,
                 store: store.into(),
                 feed: events::Feed::start(&bus),
+                stats: stats::Stats::start(),
                 tasks: tasks::Tasks::new(bus, options),
             }),
             keys: None,
@@ -124,6 +129,10 @@ impl Service {
         &self.inner.feed
     }
 
+    fn stats(&self) -> &stats::Stats {
+        &self.inner.stats
+    }
+
     fn tasks(&self) -> &Arc<tasks::Tasks> {
         &self.inner.tasks
     }
@@ -138,9 +147,11 @@ impl Service {
 }
 
 /// Every route of the API, v1 (the table in `openapi.rs`, which the
-/// document at `/openapi.json` is made from too).
+/// document at `/openapi.json` is made from too), and the dashboard at
+/// `/ui`.
 pub fn router(service: Service) -> Router {
     openapi::routes()
+        .merge(ui::routes())
         .fallback(|| async {
             Problem::not_found("no such route; see /openapi.json and docs/api.md")
         })

@@ -7,7 +7,7 @@ use axum::Router;
 use axum::routing::{MethodRouter, delete, get, post};
 use serde_json::{Map, Value, json};
 
-use crate::{Service, auth, events, ops, runs, tasks};
+use crate::{Service, auth, events, ops, runs, stats, tasks, timeline};
 
 /// One operation: a method on a path, its handler and what the document
 /// says of it.
@@ -209,6 +209,13 @@ pub(crate) fn operations() -> Vec<Op> {
             .query("limit", limit(1000, 100), "at most this many")
             .answers(200, "a page of runs", schema("RunList"))
             .problem(400, "a malformed filter, cursor or limit"),
+        Op::new("get", "/v1/runs/counts", get(runs::counts), "countRuns", "runs", "How many runs there are in each status")
+            .query("workflow", name.clone(), "only runs of this workflow")
+            .query("correlation_id", json!({"type": "string", "format": "uuid"}), "only runs of this request chain")
+            .query("started_after", json!({"type": "integer", "minimum": 0}), "only runs started at or after this time (ms since the epoch)")
+            .query("started_before", json!({"type": "integer", "minimum": 0}), "only runs started before this time (ms since the epoch)")
+            .answers(200, "the counts", json!({"type": "object", "required": ["total", "by_status"], "properties": {"total": {"type": "integer"}, "by_status": {"type": "object", "additionalProperties": {"type": "integer"}}}}))
+            .problem(400, "a malformed filter"),
         Op::new("get", "/v1/runs/{id}", get(runs::get), "getRun", "runs", "A run: its state, steps and history")
             .answers(200, "the run", schema("Run"))
             .problem(400, "not a run id")
@@ -218,6 +225,11 @@ pub(crate) fn operations() -> Vec<Op> {
             .answers(200, "the outcome", schema("RunOutcome"))
             .answers(202, "still running", schema("RunRef"))
             .problem(400, "not a run id, or a malformed wait")
+            .problem(404, "no such run"),
+        Op::new("get", "/v1/runs/{id}/timeline", get(timeline::route), "getRunTimeline", "runs", "A run as a timeline: a lane per step, a bar per attempt, wait, sub-workflow and compensation")
+            .describe("Each lane has the step's kind, status, input, output, token use (LLM steps) and bars; each bar its kind (attempt, wait, workflow, compensation, skipped), phase, attempt, start and end (ms since the epoch), outcome, error and, once answered, the worker process and its pickup, start and finish times.")
+            .answers(200, "the timeline", schema("Timeline"))
+            .problem(400, "not a run id")
             .problem(404, "no such run"),
         Op::new("post", "/v1/runs/{id}/cancel", post(runs::cancel), "cancelRun", "runs", "Cancel a run: completed steps are compensated")
             .body(json!({"type": "object", "properties": {"reason": {"type": "string"}}}), false)
@@ -279,6 +291,9 @@ pub(crate) fn operations() -> Vec<Op> {
             .problem(404, "no such dead letter")
             .problem(409, "it cannot be redriven as it is: the detail says why")
             .problem(422, "the edit cannot be applied"),
+        Op::new("get", "/v1/stats", get(stats::route), "getStats", "operations", "The last hour of this process: workflows started and finished per second, step latency percentiles")
+            .describe("One point per 5-second interval, sampled from this process's own metrics (empty until metrics are recorded).")
+            .answers(200, "the points", json!({"type": "object", "required": ["interval_ms", "points"]})),
         // Workers.
         Op::new("get", "/v1/workers", get(ops::workers), "listWorkers", "workers", "Worker health per type and process, and lag per topic")
             .answers(200, "the workers", json!({"type": "object", "required": ["workers"]})),
@@ -382,6 +397,43 @@ pub fn document() -> Value {
     })
 }
 
+/// The schema of a run's timeline (apart: one `json!` of it all is too deep).
+fn timeline_schema(id: &Value, ms: &Value) -> Value {
+    let maybe_ms = json!({"type": ["integer", "null"], "minimum": 0, "description": "milliseconds since the epoch; null while it lasts"});
+    let bar = json!({
+        "type": "object",
+        "required": ["kind", "phase", "attempt", "start", "outcome"],
+        "properties": {
+            "kind": {"type": "string", "enum": ["attempt", "wait", "workflow", "compensation", "skipped"]},
+            "phase": {"type": "string", "enum": ["forward", "compensate"]},
+            "attempt": {"type": "integer"}, "start": ms, "end": maybe_ms,
+            "outcome": {"type": "string", "enum": ["in_flight", "completed", "failed", "cancelled", "signalled", "skipped"]},
+            "error": {"type": "string"}, "instance": {"type": "string"}, "child": {"type": "string"},
+        },
+    });
+    let lane = json!({
+        "type": "object",
+        "required": ["step", "kind", "bars"],
+        "properties": {
+            "step": {"type": "string"}, "kind": {"type": "string", "enum": ["task", "sleep", "signal", "workflow", "unknown"]},
+            "branch_of": {"type": "string"}, "group": {"type": ["string", "null"]}, "signal": {"type": "string"},
+            "input": {}, "output": {}, "usage": {},
+            "bars": {"type": "array", "items": bar},
+        },
+    });
+    json!({
+        "type": "object",
+        "required": ["id", "workflow", "status", "started_at", "now", "lanes", "markers"],
+        "properties": {
+            "id": id, "workflow": {"type": "string"}, "version": {"type": "integer"}, "status": schema("Status"),
+            "started_at": ms, "finished_at": maybe_ms, "now": ms,
+            "parent": {"type": ["string", "null"]}, "retry_of": {"type": ["string", "null"]}, "retried_as": {"type": ["string", "null"]},
+            "lanes": {"type": "array", "items": lane},
+            "markers": {"type": "array", "items": {"type": "object", "required": ["at", "what"]}},
+        },
+    })
+}
+
 fn schemas() -> Value {
     let id = json!({"type": "string", "format": "uuid"});
     let ms =
@@ -476,6 +528,7 @@ fn schemas() -> Value {
                 "next": {"type": ["string", "null"], "description": "the cursor of the next page; null on the last"},
             },
         },
+        "Timeline": timeline_schema(&id, &ms),
         "RetryRequest": {
             "type": "object",
             "additionalProperties": false,

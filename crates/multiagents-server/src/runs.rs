@@ -32,7 +32,7 @@ fn wait_of(service: &Service, wait: Option<&str>) -> Result<Option<Duration>, Pr
     Ok(Some(d.min(service.max_wait())))
 }
 
-fn run_id(id: &str) -> Result<TransactionId, Problem> {
+pub(crate) fn run_id(id: &str) -> Result<TransactionId, Problem> {
     id.parse()
         .map_err(|e| Problem::bad_request("path.id", format!("`{id}` is not a run id: {e}")))
 }
@@ -301,12 +301,7 @@ pub(crate) async fn list(
             format!("must be between 1 and 1000, not {limit}"),
         ));
     }
-    let correlation_id = match &q.correlation_id {
-        None => None,
-        Some(c) => Some(CorrelationId(c.parse().map_err(|e| {
-            Problem::bad_request("query.correlation_id", format!("`{c}` is not a UUID: {e}"))
-        })?)),
-    };
+    let correlation_id = correlation_of(q.correlation_id.as_deref())?;
     let query = ListQuery {
         status,
         workflow: q.workflow.as_deref().map(WorkflowName::new),
@@ -334,6 +329,49 @@ pub(crate) async fn list(
         })
         .collect();
     Ok(Json(json!({"runs": runs, "next": next.flatten()})).into_response())
+}
+
+#[derive(Deserialize)]
+pub(crate) struct CountParams {
+    workflow: Option<String>,
+    correlation_id: Option<String>,
+    started_after: Option<u64>,
+    started_before: Option<u64>,
+}
+
+/// `GET /v1/runs/counts?workflow=…&correlation_id=…&started_after=MS&
+/// started_before=MS`: how many runs there are in each status, and in all.
+pub(crate) async fn counts(
+    State(service): State<Service>,
+    Query(q): Query<CountParams>,
+) -> Result<Response, Problem> {
+    let query = ListQuery {
+        workflow: q.workflow.as_deref().map(WorkflowName::new),
+        correlation_id: correlation_of(q.correlation_id.as_deref())?,
+        started_after: q.started_after.map(multiagents::core::Timestamp),
+        started_before: q.started_before.map(multiagents::core::Timestamp),
+        ..Default::default()
+    };
+    let found = service.client().list(&query).await?;
+    let mut by_status: serde_json::Map<String, Value> = WorkflowStatus::ALL
+        .iter()
+        .map(|s| (s.as_str().to_string(), json!(0)))
+        .collect();
+    for s in &found {
+        if let Some(Value::Number(n)) = by_status.get_mut(s.status.as_str()) {
+            *n = (n.as_u64().unwrap_or(0) + 1).into();
+        }
+    }
+    Ok(Json(json!({"total": found.len(), "by_status": by_status})).into_response())
+}
+
+fn correlation_of(text: Option<&str>) -> Result<Option<CorrelationId>, Problem> {
+    text.map(|c| {
+        c.parse().map(CorrelationId).map_err(|e| {
+            Problem::bad_request("query.correlation_id", format!("`{c}` is not a UUID: {e}"))
+        })
+    })
+    .transpose()
 }
 
 #[derive(Deserialize, Default)]

@@ -426,7 +426,20 @@ async fn runs_are_listed_a_page_at_a_time_by_cursor_and_filtered() {
             None => break,
         }
     }
-    ids.reverse();
+    // Newest first; runs started in the same millisecond by id, highest first.
+    let mut order = Vec::new();
+    for id in &ids {
+        let run = api
+            .get(&format!("/v1/runs/{}", id.as_str().expect("in the answer")))
+            .await;
+        order.push((
+            run["started_at"].as_u64().expect("in the answer"),
+            id.as_str().expect("in the answer").to_string(),
+        ));
+    }
+    order.sort();
+    order.reverse();
+    let ids: Vec<serde_json::Value> = order.into_iter().map(|(_, id)| json!(id)).collect();
     assert_eq!(seen, ids, "every run once, newest first");
     let chained = api.get(&format!("/v1/runs?correlation_id={chain}")).await;
     assert_eq!(
