@@ -73,6 +73,7 @@ struct Inner {
     tasks: Arc<tasks::Tasks>,
     feed: Arc<events::Feed>,
     stats: Arc<stats::Stats>,
+    counts: runs::CountsCache,
 }
 
 impl Service {
@@ -95,6 +96,7 @@ impl Service {
                 store: store.into(),
                 feed: events::Feed::start(&bus),
                 stats: stats::Stats::start(),
+                counts: runs::CountsCache::default(),
                 tasks: tasks::Tasks::new(bus, options),
             }),
             keys: None,
@@ -127,6 +129,10 @@ impl Service {
 
     fn feed(&self) -> &Arc<events::Feed> {
         &self.inner.feed
+    }
+
+    fn counts_cache(&self) -> &runs::CountsCache {
+        &self.inner.counts
     }
 
     fn stats(&self) -> &stats::Stats {

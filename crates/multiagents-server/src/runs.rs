@@ -352,6 +352,17 @@ pub(crate) async fn counts(
         started_before: q.started_before.map(multiagents::core::Timestamp),
         ..Default::default()
     };
+    // A count reads every run that matches: on a big store (Redis, say)
+    // that is slow, and the dashboard asks again on every status change. An
+    // answer is reused for five times what it took to make, at least 1 s.
+    let key = format!(
+        "{:?}/{:?}/{:?}/{:?}",
+        q.workflow, q.correlation_id, q.started_after, q.started_before
+    );
+    if let Some(hit) = service.counts_cache().get(&key) {
+        return Ok(Json(hit).into_response());
+    }
+    let began = std::time::Instant::now();
     let found = service.client().list(&query).await?;
     let mut by_status: serde_json::Map<String, Value> = WorkflowStatus::ALL
         .iter()
@@ -362,7 +373,37 @@ pub(crate) async fn counts(
             *n = (n.as_u64().unwrap_or(0) + 1).into();
         }
     }
-    Ok(Json(json!({"total": found.len(), "by_status": by_status})).into_response())
+    let answer = json!({
+        "total": found.len(),
+        "by_status": by_status,
+        "as_of": multiagents::core::Timestamp::now(),
+    });
+    service
+        .counts_cache()
+        .put(key, answer.clone(), began.elapsed());
+    Ok(Json(answer).into_response())
+}
+
+/// Recent answers of `GET /v1/runs/counts`, by filter.
+#[derive(Default)]
+pub(crate) struct CountsCache {
+    entries: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, Value)>>,
+}
+
+impl CountsCache {
+    fn get(&self, key: &str) -> Option<Value> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let (until, v) = entries.get(key)?;
+        (std::time::Instant::now() < *until).then(|| v.clone())
+    }
+
+    fn put(&self, key: String, value: Value, took: Duration) {
+        let keep = (took * 5).max(Duration::from_secs(1));
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        entries.retain(|_, (until, _)| *until > now);
+        entries.insert(key, (now + keep, value));
+    }
 }
 
 fn correlation_of(text: Option<&str>) -> Result<Option<CorrelationId>, Problem> {

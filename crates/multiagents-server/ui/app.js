@@ -306,8 +306,13 @@ async function runsPage(params) {
 
   // Live: a status change reloads the first page (new runs appear) and the
   // counts, at most a few times a second; on later pages rows change in place.
+  // The service reuses a count for a second or more (counting a big store
+  // is slow), so the counts are asked for again once things go quiet.
   let pending = null;
+  let trailing = null;
   const refresh = () => {
+    clearTimeout(trailing);
+    trailing = setTimeout(() => loadCounts().catch(() => {}), 1500);
     if (pending) return;
     pending = setTimeout(async () => {
       pending = null;
@@ -328,9 +333,11 @@ async function runsPage(params) {
     }
   });
   onLeave(stop);
-  onLeave(() => clearTimeout(pending));
+  onLeave(() => { clearTimeout(pending); clearTimeout(trailing); });
 
-  await Promise.all([load(), loadCounts()]);
+  // The list first; the counts when they come (on a big store they take longer).
+  await load();
+  loadCounts().catch((e) => counts.replaceChildren(h("span", { class: "error" }, e.message)));
   root.append(h("h1", {}, "Runs"), form, counts,
     h("table", {}, h("thead", {}, h("tr", {}, h("th", {}, "Run"), h("th", {}, "Workflow"), h("th", {}, "Status"), h("th", {}, "Started"), h("th", {}, "Took"))), tbody),
     pager);
