@@ -323,8 +323,16 @@ test("a dead letter is redriven from its page", async () => {
 });
 
 test("workers, definitions with their diagram, and charts render", async () => {
+  // HTTP workers show too: the service heartbeats for them every 5 s.
   await page.goto(`${served.url}/ui/#/workers`);
-  await page.waitForSelector("#workers-page h1");
+  await until("the HTTP workers' heartbeat", async () => {
+    await page.reload();
+    await page.waitForSelector("#workers-page h1");
+    return page.$('[data-worker="ship_parcel"]');
+  }, 20000);
+  const ship = await page.textContent('[data-worker="ship_parcel"]');
+  assert.match(ship, /bad_address/, "the latest errors, by kind");
+  assert.match(ship, /http-\d+/, "the process");
   await shot("workers");
   await page.goto(`${served.url}/ui/#/definitions/shop`);
   await page.waitForSelector('#diagram[data-rendered="true"] svg', { timeout: 15000 });

@@ -22,6 +22,7 @@
 mod auth;
 mod events;
 mod extract;
+mod http_health;
 mod openapi;
 mod ops;
 mod problem;
@@ -90,14 +91,17 @@ impl Service {
         options: TaskOptions,
     ) -> Self {
         let bus = bus.into();
+        let store: Store = store.into();
+        let tasks = tasks::Tasks::new(bus.clone(), options);
+        tasks.heartbeat_into(store.health.clone());
         Self {
             inner: Arc::new(Inner {
                 client,
-                store: store.into(),
+                store,
                 feed: events::Feed::start(&bus),
                 stats: stats::Stats::start(),
                 counts: runs::CountsCache::default(),
-                tasks: tasks::Tasks::new(bus, options),
+                tasks,
             }),
             keys: None,
             max_wait: DEFAULT_MAX_WAIT,

@@ -57,6 +57,8 @@ impl Default for TaskOptions {
 type Levels = Arc<Vec<Arc<dyn Consumer>>>;
 
 struct Held {
+    /// The worker type it was polled for.
+    worker: Arc<str>,
     consumer: Arc<dyn Consumer>,
     delivery: Delivery,
     until: Instant,
@@ -70,6 +72,8 @@ pub(crate) struct Tasks {
     consumers: tokio::sync::Mutex<HashMap<String, Levels>>,
     held: Mutex<HashMap<String, Held>>,
     extender: std::sync::OnceLock<()>,
+    /// What the HTTP workers did, for their heartbeats.
+    health: Arc<crate::http_health::HttpHealth>,
 }
 
 impl Tasks {
@@ -81,7 +85,17 @@ impl Tasks {
             consumers: tokio::sync::Mutex::default(),
             held: Mutex::default(),
             extender: std::sync::OnceLock::new(),
+            health: Arc::default(),
         })
+    }
+
+    /// Records the HTTP workers' heartbeats in `records` while this lives.
+    pub(crate) fn heartbeat_into(&self, records: Arc<dyn multiagents::store::HealthRecords>) {
+        crate::http_health::HttpHealth::start(
+            Arc::downgrade(&self.health),
+            records,
+            self.instance.clone(),
+        );
     }
 
     pub(crate) fn bus(&self) -> &Bus {
@@ -133,6 +147,7 @@ impl Tasks {
                         let mut held = tasks.held();
                         held.retain(|token, h| {
                             if h.until <= now {
+                                tasks.health.let_go(&h.worker);
                                 tracing::info!(token = %&token[..8], transaction_id = %h.delivery.event.transaction_id, "an HTTP worker's lease lapsed; its command goes back to the bus");
                                 return false;
                             }
@@ -211,6 +226,7 @@ pub(crate) async fn poll(
     let mut workers = Vec::new();
     for name in &body.workers {
         workers.push((name.clone(), tasks.levels(name).await?));
+        tasks.health.polled(name);
     }
     if let Some((_, levels)) = workers.first() {
         tasks.start_extender(levels[0].extend_every().min(tasks.options.lease / 3));
@@ -306,9 +322,11 @@ pub(crate) async fn poll(
             "input": input,
             "steps": steps,
         }));
+        tasks.health.handed_out(&worker);
         tasks.held().insert(
             token,
             Held {
+                worker: Arc::from(worker.as_str()),
                 consumer,
                 delivery,
                 until: Instant::now() + tasks.options.lease,
@@ -369,6 +387,14 @@ async fn answer(
 impl Tasks {
     /// The answer to a held task's command.
     fn reply(&self, held: &Held, kind: EventKind, payload: Payload) -> multiagents::core::Event {
+        let error = (kind == EventKind::Error)
+            .then(|| payload.parse::<StepError>().ok())
+            .flatten();
+        let took = Timestamp::now()
+            .as_millis()
+            .saturating_sub(held.picked_up_at.as_millis());
+        self.health
+            .answered(&held.worker, Duration::from_millis(took), error.as_ref());
         let mut reply = held.delivery.event.answer(kind, payload);
         reply.timing = Some(multiagents::core::Timing {
             instance: Arc::from(self.instance.as_str()),
