@@ -44,6 +44,14 @@ steps:
   - name: publish
     worker: publish_doc
 `,
+  `name: trip
+version: 1
+steps:
+  - name: plan
+    worker: write_draft
+  - name: buy
+    workflow: shop
+`,
   `name: booking
 version: 1
 steps:
@@ -175,7 +183,7 @@ async function until(what, probe, timeout = 15000) {
 async function shot(name) {
   mkdirSync(SHOTS, { recursive: true });
   // Not the toast of the step before.
-  await page.evaluate(() => { document.getElementById("toast").className = ""; });
+  await page.evaluate(() => { const t = document.getElementById("toast"); t.style.transition = "none"; t.className = ""; });
   await page.screenshot({ path: join(SHOTS, `${name}.png`), fullPage: true });
 }
 
@@ -320,6 +328,19 @@ test("a dead letter is redriven from its page", async () => {
   await page.waitForSelector("#letters-page");
   assert.equal(await page.$(`#letters-page tr[data-letter]`), null, "the letter left the list");
   await page.waitForSelector("#letters-page [data-audit]");
+});
+
+test("a sub-workflow expands in place on its parent's timeline", async () => {
+  const run = await api("POST", "/v1/workflows/trip/runs?wait=10s", { amount: 5, address: "Elm St" });
+  assert.equal(run.status, "completed", JSON.stringify(run));
+  await page.goto(`${served.url}/ui/#/runs/${run.id}`);
+  await page.waitForSelector('.bar.workflow[data-step="buy"][data-outcome="completed"]');
+  await page.click('[data-expand="buy"]');
+  // The child's own lanes, under the parent's.
+  for (const step of ["reserve", "charge", "ship"]) {
+    await page.waitForSelector(`.child .gantt .bar[data-step="${step}"][data-outcome="completed"]`);
+  }
+  await shot("run-sub-workflow");
 });
 
 test("workers, definitions with their diagram, and charts render", async () => {

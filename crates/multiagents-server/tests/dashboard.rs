@@ -258,3 +258,55 @@ async fn stats_answer_with_their_interval_and_points() {
     assert_eq!(s["interval_ms"], 5000);
     assert!(s["points"].is_array(), "{s}");
 }
+
+#[tokio::test]
+async fn fan_out_branches_follow_their_step_parallel_steps_name_their_group_and_a_child_run_is_linked()
+ {
+    let api = api().await;
+    api.deploy(REFUNDS).await;
+    api.deploy(
+        "name: wide\nversion: 1\nsteps:\n  - {name: a, worker: check_refund, group: checks}\n  - {name: b, worker: check_refund, group: checks}\n  - {name: each, worker: check_refund, for_each: input.items}\n  - {name: child, workflow: refunds}\n",
+    )
+    .await;
+    let run = api
+        .run_to_end(
+            "wide",
+            json!({"amount": 3, "items": [{"amount": 1}, {"amount": 2}]}),
+        )
+        .await;
+    assert_eq!(run["status"], "completed", "{run}");
+    let t = api
+        .get(&format!(
+            "/v1/runs/{}/timeline",
+            run["id"].as_str().expect("id")
+        ))
+        .await;
+    let lanes = t["lanes"].as_array().expect("lanes");
+    let names: Vec<&str> = lanes
+        .iter()
+        .map(|l| l["step"].as_str().expect("step"))
+        .collect();
+    assert_eq!(names, ["a", "b", "each", "each[0]", "each[1]", "child"]);
+    assert_eq!(
+        (&lanes[0]["group"], &lanes[1]["group"]),
+        (&json!("checks"), &json!("checks"))
+    );
+    assert_eq!(lanes[3]["branch_of"], "each");
+    assert_eq!(
+        lanes[4]["input"],
+        json!({"amount": 2}),
+        "a branch gets its item"
+    );
+    assert_eq!(lanes[4]["bars"][0]["outcome"], "completed");
+    let child = &lanes[5];
+    assert_eq!(child["kind"], "workflow");
+    let bar = &child["bars"][0];
+    assert_eq!(
+        (&bar["kind"], &bar["outcome"]),
+        (&json!("workflow"), &json!("completed"))
+    );
+    let id = bar["child"].as_str().expect("the child's id");
+    let ct = api.get(&format!("/v1/runs/{id}/timeline")).await;
+    assert_eq!(ct["workflow"], "refunds");
+    assert_eq!(ct["parent"], run["id"]);
+}
