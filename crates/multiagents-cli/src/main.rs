@@ -332,6 +332,7 @@ async fn serve(
     eprintln!(
         "multiagents serving http://{bound} on {place}; {access}; stop with Ctrl-C or SIGTERM"
     );
+    eprintln!("the dashboard: http://{bound}/ui/");
     let served = api.await;
     eprintln!("stopping");
     runtime.shutdown().await;
