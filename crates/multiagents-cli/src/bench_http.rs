@@ -86,6 +86,20 @@ type HttpClient = hyper_util::client::legacy::Client<
     Full<Bytes>,
 >;
 
+/// A bus and a store on the Redis at `url`, under `prefix`, as the
+/// benchmarks of the service use them.
+pub async fn on_redis(url: &str, prefix: &str) -> Result<(Bus, Store)> {
+    let redis = crate::workflow::RedisArgs {
+        redis_url: url.to_string(),
+        redis_ca_file: None,
+        prefix: prefix.to_string(),
+    };
+    Ok((
+        RedisStreamsBus::connect(redis.bus_config()).await?.into(),
+        RedisStateStore::connect(redis.store_config()).await?.into(),
+    ))
+}
+
 async fn post(http: &HttpClient, base: &str, path: &str, body: String) -> Result<(u16, Value)> {
     let req = hyper::Request::builder()
         .method("POST")
@@ -186,17 +200,7 @@ pub async fn run(args: HttpArgs) -> Result<ExitCode> {
             .into(),
             MemoryStore::new().into(),
         ),
-        HttpBackend::Redis => {
-            let redis = crate::workflow::RedisArgs {
-                redis_url: args.redis_url.clone(),
-                redis_ca_file: None,
-                prefix: args.prefix.clone(),
-            };
-            (
-                RedisStreamsBus::connect(redis.bus_config()).await?.into(),
-                RedisStateStore::connect(redis.store_config()).await?.into(),
-            )
-        }
+        HttpBackend::Redis => on_redis(&args.redis_url, &args.prefix).await?,
     };
     // As `serve` runs it: many results in flight on Redis, where each costs
     // a few round trips.

@@ -16,12 +16,12 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use multiagents::Runtime;
-use multiagents::bus::{Bus, MemoryBus, RedisStreamsBus};
+use multiagents::bus::{Bus, MemoryBus};
 use multiagents::core::saga::{HistoryEntry, HistoryEvent};
 use multiagents::core::{
     CorrelationId, Payload, StepStatus, Timestamp, TransactionId, WorkflowStatus,
 };
-use multiagents::store::{FileStore, MemoryStore, RedisStateStore, Store};
+use multiagents::store::{FileStore, MemoryStore, Store};
 use serde_json::{Value, json};
 
 use crate::error::{CliError, Result};
@@ -183,17 +183,7 @@ pub async fn run(args: RunsPageArgs) -> Result<ExitCode> {
             });
             (MemoryBus::new().into(), FileStore::open(&path)?.into())
         }
-        PageBackend::Redis => {
-            let redis = crate::workflow::RedisArgs {
-                redis_url: args.redis_url.clone(),
-                redis_ca_file: None,
-                prefix: args.prefix.clone(),
-            };
-            (
-                RedisStreamsBus::connect(redis.bus_config()).await?.into(),
-                RedisStateStore::connect(redis.store_config()).await?.into(),
-            )
-        }
+        PageBackend::Redis => crate::bench_http::on_redis(&args.redis_url, &args.prefix).await?,
     };
     let def = crate::bench::definition()?;
     store.definitions.put_definition(&def).await?;
