@@ -319,6 +319,8 @@ test("a dead letter is redriven from its page", async () => {
   await link.click();
   await page.waitForSelector("#letter-page");
   assert.match(await page.textContent("#letter-page"), /compensations/);
+  // Not an event with a payload: its whole body is the edit, as JSON.
+  assert.match(await page.inputValue("#letter-payload"), /\n  "step": "room"/);
   await shot("dead-letter");
   flaky.releaseRoomFails = false;
   await page.click('button[data-action="redrive"]');

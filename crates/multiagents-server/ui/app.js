@@ -639,7 +639,10 @@ async function letterPage(id) {
   let event = null;
   try { event = JSON.parse(d.body); } catch (_) { /* not JSON */ }
   const payload = event && "payload" in event ? event.payload : null;
-  const ta = h("textarea", { id: "letter-payload", rows: 10 }, payload !== null ? json(payload) : d.body);
+  // What can be edited: the event's payload, else the whole body (as JSON
+  // when it is JSON).
+  const original = payload !== null ? json(payload) : event ? json(event) : d.body;
+  const ta = h("textarea", { id: "letter-payload", rows: 10 }, original);
   const err = h("p", { class: "error" });
   const root = h("div", { id: "letter-page" },
     h("h1", {}, "Dead letter ", h("span", { class: "mono" }, d.id)),
@@ -650,10 +653,10 @@ async function letterPage(id) {
     h("div", { class: "actions" },
       action("Redrive", "operate", async () => {
         const body = {};
-        const original = payload !== null ? json(payload) : d.body;
         if (ta.value !== original) {
-          if (payload !== null) {
-            try { body.payload = JSON.parse(ta.value); } catch (x) { err.textContent = `The payload is not JSON: ${x.message}`; return; }
+          const field = payload !== null ? "payload" : event ? "body" : null;
+          if (field) {
+            try { body[field] = JSON.parse(ta.value); } catch (x) { err.textContent = `The ${field} is not JSON: ${x.message}`; return; }
           } else body.body = ta.value;
         }
         try {
