@@ -64,10 +64,15 @@ impl HttpHealth {
 
     /// A task of `worker` was handed out.
     pub(crate) fn handed_out(&self, worker: &str) {
-        self.counters()
-            .entry(worker.to_string())
-            .or_insert_with(Counters::new)
-            .in_flight += 1;
+        let mut all = self.counters();
+        match all.get_mut(worker) {
+            Some(c) => c.in_flight += 1,
+            None => {
+                let mut c = Counters::new();
+                c.in_flight = 1;
+                all.insert(worker.to_string(), c);
+            }
+        }
     }
 
     /// A task of `worker` went back to the bus unanswered (its lease lapsed).
@@ -80,7 +85,10 @@ impl HttpHealth {
     /// A task of `worker` was answered after `took`: with an error, or not.
     pub(crate) fn answered(&self, worker: &str, took: Duration, error: Option<&StepError>) {
         let mut all = self.counters();
-        let c = all.entry(worker.to_string()).or_insert_with(Counters::new);
+        if !all.contains_key(worker) {
+            all.insert(worker.to_string(), Counters::new());
+        }
+        let Some(c) = all.get_mut(worker) else { return };
         c.in_flight = c.in_flight.saturating_sub(1);
         let _ = c
             .durations

@@ -374,7 +374,10 @@ async fn answer(
     })
     .await;
     match sent {
-        Ok(()) => Ok((StatusCode::ACCEPTED, Json(json!({"accepted": true}))).into_response()),
+        Ok(()) => {
+            tasks.answered(&held, &answers[0].1);
+            Ok((StatusCode::ACCEPTED, Json(json!({"accepted": true}))).into_response())
+        }
         Err(e) => {
             // Not published: the task stays the worker's (its lease runs on),
             // so the same answer may be sent again with the same token.
@@ -385,16 +388,21 @@ async fn answer(
 }
 
 impl Tasks {
-    /// The answer to a held task's command.
-    fn reply(&self, held: &Held, kind: EventKind, payload: Payload) -> multiagents::core::Event {
-        let error = (kind == EventKind::Error)
-            .then(|| payload.parse::<StepError>().ok())
+    /// Counts a held task's answer, once the bus has taken it (an answer
+    /// sent again after a failed publish counts once).
+    fn answered(&self, held: &Held, reply: &multiagents::core::Event) {
+        let error = (reply.kind == EventKind::Error)
+            .then(|| reply.payload.parse::<StepError>().ok())
             .flatten();
         let took = Timestamp::now()
             .as_millis()
             .saturating_sub(held.picked_up_at.as_millis());
         self.health
             .answered(&held.worker, Duration::from_millis(took), error.as_ref());
+    }
+
+    /// The answer to a held task's command.
+    fn reply(&self, held: &Held, kind: EventKind, payload: Payload) -> multiagents::core::Event {
         let mut reply = held.delivery.event.answer(kind, payload);
         reply.timing = Some(multiagents::core::Timing {
             instance: Arc::from(self.instance.as_str()),
@@ -578,6 +586,11 @@ pub(crate) async fn answers(
             consumer.publish_then_ack(&events, &ids)
         })
         .await;
+        if sent.is_ok() {
+            for (_, h, reply) in &list {
+                tasks.answered(h, reply);
+            }
+        }
         if let Err(e) = sent {
             let p = Problem::from(multiagents::Error::from(e));
             let mut held = tasks.held();

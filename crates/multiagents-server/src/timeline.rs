@@ -196,7 +196,7 @@ fn lane_state<'a>(state: &'a WorkflowState, name: &str) -> Option<&'a StepState>
 
 /// An LLM step's token use, from the `_usage` of its output.
 fn usage(output: &Value) -> Value {
-    let Some(u) = output.get(usage_key()) else {
+    let Some(u) = output.get(multiagents::llm::USAGE_KEY) else {
         return Value::Null;
     };
     let prompt = u["prompt_tokens"].as_u64().unwrap_or(0);
@@ -210,11 +210,6 @@ fn usage(output: &Value) -> Value {
         v["cost_usd"] = json!(cost);
     }
     v
-}
-
-fn usage_key() -> &'static str {
-    // The key the LLM workers put their token counts under.
-    "_usage"
 }
 
 /// The timeline of `state`, whose definition is `def` (when still deployed).
