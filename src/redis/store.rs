@@ -130,6 +130,9 @@ struct Inner {
     leases: Mutex<crate::core::hash::IdMap<TransactionId, u64>>,
     waiters: Mutex<crate::core::hash::IdMap<TransactionId, Vec<oneshot::Sender<()>>>>,
     listener: std::sync::Once,
+    /// Bytes of state records sent (the state and the script's other
+    /// arguments; not the index updates beside it).
+    written: std::sync::atomic::AtomicU64,
 }
 
 impl RedisStateStore {
@@ -155,6 +158,7 @@ impl RedisStateStore {
                 leases: Mutex::default(),
                 waiters: Mutex::default(),
                 listener: std::sync::Once::new(),
+                written: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }
@@ -249,6 +253,23 @@ impl RedisStateStore {
                 .arg(&note)
                 .ignore();
         }
+        let correlation = if expected.is_none() {
+            state.correlation_id.to_string()
+        } else {
+            String::new()
+        };
+        let channel = self.finished_channel();
+        let sent = json.len()
+            + state.status.as_str().len()
+            + state.workflow.as_str().len()
+            + channel.len()
+            + note.len()
+            + correlation.len()
+            + 36
+            + 6 * 13;
+        self.inner
+            .written
+            .fetch_add(sent as u64, std::sync::atomic::Ordering::Relaxed);
         let mut invocation = self.inner.cas.key(self.key(tx));
         if !cluster && noted {
             invocation.key(self.unpublished_key());
@@ -262,15 +283,11 @@ impl RedisStateStore {
             .arg(state.started_at.as_millis())
             .arg(state.updated_at.as_millis())
             .arg(ttl)
-            .arg(self.finished_channel())
+            .arg(channel)
             .arg(tx.to_string())
             .arg(now)
             .arg(&note)
-            .arg(if expected.is_none() {
-                state.correlation_id.to_string()
-            } else {
-                String::new()
-            });
+            .arg(correlation);
         // Scripts are sent by hash; load once so a pipeline can use EVALSHA.
         let mut conn = self.inner.conn.get();
         if matches!(conn, RedisConnection::Cluster(_)) {
@@ -576,6 +593,14 @@ impl WorkflowStates for RedisStateStore {
 
     fn tracks_unpublished(&self) -> bool {
         true
+    }
+
+    fn bytes_written(&self) -> Option<u64> {
+        Some(
+            self.inner
+                .written
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     fn is_remote(&self) -> bool {

@@ -70,6 +70,8 @@ struct Shared {
     path: PathBuf,
     /// Orders index updates and log appends the same way.
     commit: Mutex<mpsc::Sender<Request>>,
+    /// Bytes written to the file, compactions included.
+    written: Arc<std::sync::atomic::AtomicU64>,
     _lock: File,
 }
 
@@ -133,7 +135,9 @@ impl FileStore {
             .open(&path)
             .map_err(|e| io_err(&path, e))?;
         let (tx, rx) = mpsc::channel();
+        let counted = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let writer = Writer {
+            counted: counted.clone(),
             path: path.clone(),
             file: BufWriter::with_capacity(1 << 20, file),
             config,
@@ -150,6 +154,7 @@ impl FileStore {
             shared: Arc::new(Shared {
                 path,
                 commit: Mutex::new(tx),
+                written: counted,
                 _lock: lock,
             }),
         })
@@ -275,6 +280,7 @@ struct Writer {
     index: MemoryStore,
     live_bytes: u64,
     written: u64,
+    counted: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Writer {
@@ -308,6 +314,9 @@ impl Writer {
             self.file.write_all(&r.frame).map_err(|e| e.to_string())?;
             self.written += r.frame.len() as u64;
         }
+        let appended: usize = batch.iter().map(|r| r.frame.len()).sum();
+        self.counted
+            .fetch_add(appended as u64, std::sync::atomic::Ordering::Relaxed);
         self.file.flush().map_err(|e| e.to_string())?;
         if self.config.sync == Sync::Always {
             self.file.get_ref().sync_data().map_err(|e| e.to_string())?;
@@ -352,6 +361,8 @@ impl Writer {
         self.file = BufWriter::with_capacity(1 << 20, file);
         self.live_bytes = size;
         self.written = 0;
+        self.counted
+            .fetch_add(size, std::sync::atomic::Ordering::Relaxed);
         tracing::debug!(path = %self.path.display(), bytes = size, "store file compacted");
         Ok(())
     }
@@ -412,6 +423,14 @@ impl WorkflowStates for FileStore {
 
     fn tracks_unpublished(&self) -> bool {
         true
+    }
+
+    fn bytes_written(&self) -> Option<u64> {
+        Some(
+            self.shared
+                .written
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     async fn wait_terminal(

@@ -252,6 +252,14 @@ pub trait WorkflowStates: Send + Sync + 'static {
         false
     }
 
+    /// Bytes of workflow states this store has written since it was opened
+    /// (to its file, or sent to its server), when it counts them: what the
+    /// shape benchmarks divide by the steps run. `None` for a store that
+    /// writes nothing out (the memory store).
+    fn bytes_written(&self) -> Option<u64> {
+        None
+    }
+
     /// Waits until the workflow is terminal or `timeout` passes; returns its
     /// last state either way (`None` if it does not exist).
     ///

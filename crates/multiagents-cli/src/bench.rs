@@ -48,6 +48,12 @@ pub enum Workload {
     /// (definitions, a page of runs, the counts by status) and each next
     /// page by cursor, timed over HTTP.
     RunsPage(crate::bench_runs::RunsPageArgs),
+    /// Workflows of N sequential steps: the time and the bytes written per
+    /// step as the chain grows (several sizes print one table).
+    Chain(crate::bench_shape::ChainArgs),
+    /// One step fanned out over N items: the time and the bytes written per
+    /// branch as the fan-out grows.
+    Fanout(crate::bench_shape::FanoutArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -662,7 +668,7 @@ fn declined(seed: u64, n: u64, rate: f64) -> bool {
     ((mix(seed ^ mix(n)) >> 11) as f64 / (1u64 << 53) as f64) < rate
 }
 
-fn peak_rss_mb() -> f64 {
+pub(crate) fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -692,6 +698,8 @@ pub async fn run(
         Workload::Takeover(args) => crate::takeover::run(args).await,
         Workload::Http(args) => crate::bench_http::run(args).await,
         Workload::RunsPage(args) => crate::bench_runs::run(args).await,
+        Workload::Chain(args) => crate::bench_shape::chain(args).await,
+        Workload::Fanout(args) => crate::bench_shape::fanout(args).await,
     }
 }
 

@@ -3,6 +3,7 @@
 mod bench;
 mod bench_http;
 mod bench_runs;
+mod bench_shape;
 mod error;
 mod init;
 mod remote;
