@@ -19,6 +19,7 @@ use redis::Script;
 use tokio::sync::oneshot;
 
 use super::conn::{Pool, RedisConnection, follow_channel, open, query_all, redacted, run_all};
+use crate::core::saga::parts::{Delta, Head, ItemPart, StepPart};
 use crate::core::{
     CorrelationId, Timestamp, TransactionId, WorkflowDefinition, WorkflowName, WorkflowState,
     WorkflowStatus,
@@ -76,19 +77,50 @@ impl RedisStoreConfig {
     }
 }
 
+/// Writes a state as parts: `h` the head, `s:<i>` a step, `i:<i>:<k>` a
+/// branch, and the history appended to a list beside the hash. A full write
+/// (a new workflow, a state not made from the stored one, or one stored in
+/// the old single-field layout `s`) replaces what was there.
+///
+/// KEYS: hash, history list, [unpublished]. ARGV: expected ('0' = create),
+/// new version, head, status, workflow, started, updated, ttl, channel, tx,
+/// now, note, correlation, history_from, full, field-value pair count, then
+/// the pairs, then the history entries. Returns {1, v}; {0, found} on a
+/// version conflict; {-1, 0} when missing; {-2, v} when a delta meets the
+/// old layout (write it whole); {-3, length} when the stored history is not
+/// the length the delta expects.
 const CAS: &str = r"
 local cur = redis.call('HGET', KEYS[1], 'v')
+local full = ARGV[15] == '1'
 if ARGV[1] == '0' then
   if cur then return {0, tonumber(cur)} end
 else
   if not cur then return {-1, 0} end
   if cur ~= ARGV[1] then return {0, tonumber(cur)} end
+  if not full then
+    if redis.call('HEXISTS', KEYS[1], 'h') == 0 then return {-2, tonumber(cur)} end
+    local len = redis.call('LLEN', KEYS[2])
+    if len ~= tonumber(ARGV[14]) then return {-3, len} end
+  end
 end
-redis.call('HSET', KEYS[1], 'v', ARGV[2], 's', ARGV[3], 'st', ARGV[4], 'wf', ARGV[5], 'sa', ARGV[6], 'up', ARGV[7])
+if full and cur then
+  local co = redis.call('HGET', KEYS[1], 'co')
+  redis.call('DEL', KEYS[1], KEYS[2])
+  if co then redis.call('HSET', KEYS[1], 'co', co) end
+end
+redis.call('HSET', KEYS[1], 'v', ARGV[2], 'h', ARGV[3], 'st', ARGV[4], 'wf', ARGV[5], 'sa', ARGV[6], 'up', ARGV[7])
 if ARGV[1] == '0' then redis.call('HSET', KEYS[1], 'co', ARGV[13]) end
-if KEYS[2] then redis.call('ZADD', KEYS[2], ARGV[11], ARGV[12]) end
+local pairs_end = 16 + 2 * tonumber(ARGV[16])
+for j = 17, pairs_end, 1000 do
+  redis.call('HSET', KEYS[1], unpack(ARGV, j, math.min(j + 999, pairs_end)))
+end
+for j = pairs_end + 1, #ARGV, 1000 do
+  redis.call('RPUSH', KEYS[2], unpack(ARGV, j, math.min(j + 999, #ARGV)))
+end
+if KEYS[3] then redis.call('ZADD', KEYS[3], ARGV[11], ARGV[12]) end
 if ARGV[8] ~= '0' then
   redis.call('PEXPIRE', KEYS[1], ARGV[8])
+  redis.call('PEXPIRE', KEYS[2], ARGV[8])
   redis.call('PUBLISH', ARGV[9], ARGV[10])
 end
 return {1, tonumber(ARGV[2])}
@@ -206,13 +238,137 @@ impl RedisStateStore {
         }
     }
 
+    /// A state from its stored parts.
+    fn assemble(
+        &self,
+        tx: TransactionId,
+        fields: &HashMap<String, String>,
+        history: &[String],
+    ) -> Result<WorkflowState, StoreError> {
+        let bad = |what: &str, e: &dyn std::fmt::Display| {
+            self.corrupt(format!("workflow {tx}: {what}: {e}"))
+        };
+        let mut head: Head = match fields.get("h") {
+            Some(h) => serde_json::from_str(h).map_err(|e| bad("its head", &e))?,
+            None => return Err(self.corrupt(format!("workflow {tx} has no head"))),
+        };
+        head.input = match fields.get("in") {
+            Some(text) => Some(
+                crate::core::Payload::from_json_str(text.as_str())
+                    .map_err(|e| bad("its input", &e))?,
+            ),
+            None => return Err(self.corrupt(format!("workflow {tx} has no input"))),
+        };
+        let mut steps = Vec::with_capacity(head.steps);
+        let mut items = Vec::new();
+        for (field, value) in fields {
+            if field.starts_with("s:") {
+                let p: StepPart = serde_json::from_str(value).map_err(|e| bad(field, &e))?;
+                steps.push(p);
+            } else if let Some(rest) = field.strip_prefix("i:") {
+                let (i, k) = rest
+                    .split_once(':')
+                    .and_then(|(i, k)| Some((i.parse().ok()?, k.parse().ok()?)))
+                    .ok_or_else(|| self.corrupt(format!("workflow {tx}: a field `{field}`")))?;
+                let s = serde_json::from_str(value).map_err(|e| bad(field, &e))?;
+                items.push(ItemPart { i, k, s });
+            }
+        }
+        steps.sort_by_key(|p| p.i);
+        items.sort_by_key(|p| (p.i, p.k));
+        // Branches beyond a step's count are left from an earlier fan-out.
+        let counts: HashMap<usize, usize> = steps.iter().map(|p| (p.i, p.n)).collect();
+        items.retain(|p| counts.get(&p.i).is_some_and(|n| p.k < *n));
+        let mut entries = Vec::with_capacity(history.len());
+        for e in history {
+            entries.push(serde_json::from_str(e).map_err(|e| bad("its history", &e))?);
+        }
+        Delta {
+            full: true,
+            head,
+            steps,
+            items,
+            history_from: 0,
+            history: entries,
+        }
+        .apply(None)
+        .map_err(|e| self.corrupt(e))
+    }
+
+    fn history_key(&self, tx: TransactionId) -> String {
+        format!("{{{}:wf:{tx}}}:h", self.inner.config.prefix)
+    }
+
     async fn write(
         &self,
         expected: Option<Version>,
+        before: Option<&WorkflowState>,
         state: Arc<WorkflowState>,
     ) -> Result<Version, StoreError> {
+        let delta = match before {
+            Some(b) => Delta::between(b, &state),
+            None => Delta::full(&state),
+        };
+        match self.write_parts(expected, &delta, &state).await {
+            // Stored in the old layout, or not as the caller read it: whole.
+            Err(r @ (Refused::Layout | Refused::History(_))) if !delta.full => {
+                if let Refused::History(len) = r {
+                    tracing::debug!(transaction_id = %state.transaction_id, stored = len, expected = delta.history_from, "the stored history is not the one read: writing the state whole");
+                }
+                let whole = Delta::full(&state);
+                match self.write_parts(expected, &whole, &state).await {
+                    Ok(v) => Ok(v),
+                    Err(r) => Err(self.refused(r, state.transaction_id, expected)),
+                }
+            }
+            Ok(v) => Ok(v),
+            Err(r) => Err(self.refused(r, state.transaction_id, expected)),
+        }
+    }
+
+    fn refused(&self, r: Refused, tx: TransactionId, expected: Option<Version>) -> StoreError {
+        match r {
+            Refused::Store(e) => e,
+            Refused::Exists => StoreError::AlreadyExists(tx),
+            Refused::Conflict(found) => StoreError::Conflict {
+                transaction_id: tx,
+                expected: expected.unwrap_or(0),
+                found,
+            },
+            Refused::Missing => StoreError::NotFound(tx),
+            Refused::Layout | Refused::History(_) => self.corrupt(format!(
+                "workflow {tx} could not be written whole over its stored parts"
+            )),
+        }
+    }
+
+    async fn write_parts(
+        &self,
+        expected: Option<Version>,
+        delta: &Delta,
+        state: &WorkflowState,
+    ) -> Result<Version, Refused> {
         let tx = state.transaction_id;
-        let json = serde_json::to_string(&*state).map_err(|e| self.corrupt(e))?;
+        let mut head = delta.head.clone();
+        let input = head.input.take();
+        let json = serde_json::to_string(&head).map_err(|e| Refused::Store(self.corrupt(e)))?;
+        let mut fields: Vec<(String, String)> =
+            Vec::with_capacity(delta.steps.len() + delta.items.len() + 1);
+        if let Some(input) = input {
+            fields.push(("in".into(), input.as_str().to_string()));
+        }
+        for p in &delta.steps {
+            let text = serde_json::to_string(p).map_err(|e| Refused::Store(self.corrupt(e)))?;
+            fields.push((format!("s:{}", p.i), text));
+        }
+        for p in &delta.items {
+            let text = serde_json::to_string(&p.s).map_err(|e| Refused::Store(self.corrupt(e)))?;
+            fields.push((format!("i:{}:{}", p.i, p.k), text));
+        }
+        let mut history = Vec::with_capacity(delta.history.len());
+        for e in &delta.history {
+            history.push(serde_json::to_string(e).map_err(|e| Refused::Store(self.corrupt(e)))?);
+        }
         let expected_arg = expected.unwrap_or(0);
         let ttl = if state.is_terminal() {
             self.inner.config.finished_ttl.as_millis().max(1) as u64
@@ -260,6 +416,8 @@ impl RedisStateStore {
         };
         let channel = self.finished_channel();
         let sent = json.len()
+            + fields.iter().map(|(f, v)| f.len() + v.len()).sum::<usize>()
+            + history.iter().map(String::len).sum::<usize>()
             + state.status.as_str().len()
             + state.workflow.as_str().len()
             + channel.len()
@@ -271,6 +429,7 @@ impl RedisStateStore {
             .written
             .fetch_add(sent as u64, std::sync::atomic::Ordering::Relaxed);
         let mut invocation = self.inner.cas.key(self.key(tx));
+        invocation.key(self.history_key(tx));
         if !cluster && noted {
             invocation.key(self.unpublished_key());
         }
@@ -287,12 +446,23 @@ impl RedisStateStore {
             .arg(tx.to_string())
             .arg(now)
             .arg(&note)
-            .arg(correlation);
+            .arg(correlation)
+            .arg(delta.history_from)
+            .arg(if delta.full { "1" } else { "0" })
+            .arg(fields.len());
+        for (f, v) in &fields {
+            invocation.arg(f).arg(v);
+        }
+        for e in &history {
+            invocation.arg(e);
+        }
         // Scripts are sent by hash; load once so a pipeline can use EVALSHA.
         let mut conn = self.inner.conn.get();
         if matches!(conn, RedisConnection::Cluster(_)) {
             // The indexes live in other slots: update them first, then write.
-            run_all(&mut conn, &pipe).await.map_err(|e| self.io(e))?;
+            run_all(&mut conn, &pipe)
+                .await
+                .map_err(|e| Refused::Store(self.io(e)))?;
             pipe = redis::pipe();
         }
         let reply: (i64, u64) = {
@@ -305,23 +475,18 @@ impl RedisStateStore {
                     invocation
                         .invoke_async(&mut conn)
                         .await
-                        .map_err(|e| self.io(e))?
+                        .map_err(|e| Refused::Store(self.io(e)))?
                 }
-                Err(e) => return Err(self.io(e)),
+                Err(e) => return Err(Refused::Store(self.io(e))),
             }
         };
         match reply {
             (1, v) => Ok(v),
-            (0, found) if expected.is_none() => {
-                let _ = found;
-                Err(StoreError::AlreadyExists(tx))
-            }
-            (0, found) => Err(StoreError::Conflict {
-                transaction_id: tx,
-                expected: expected_arg,
-                found,
-            }),
-            _ => Err(StoreError::NotFound(tx)),
+            (0, _) if expected.is_none() => Err(Refused::Exists),
+            (0, found) => Err(Refused::Conflict(found)),
+            (-2, _) => Err(Refused::Layout),
+            (-3, len) => Err(Refused::History(len)),
+            _ => Err(Refused::Missing),
         }
     }
 
@@ -362,6 +527,18 @@ impl RedisStateStore {
     }
 }
 
+/// Why a write of parts did not happen.
+enum Refused {
+    Store(StoreError),
+    Exists,
+    Conflict(Version),
+    Missing,
+    /// The state is stored in the old single-field layout.
+    Layout,
+    /// The stored history has this many entries, not what the delta expects.
+    History(u64),
+}
+
 fn status_of(text: &str) -> Option<WorkflowStatus> {
     text.parse().ok()
 }
@@ -369,29 +546,35 @@ fn status_of(text: &str) -> Option<WorkflowStatus> {
 #[async_trait]
 impl WorkflowStates for RedisStateStore {
     async fn create(&self, state: Arc<WorkflowState>) -> Result<Version, StoreError> {
-        self.write(None, state).await
+        self.write(None, None, state).await
     }
 
     async fn get(&self, transaction_id: TransactionId) -> Result<Option<Versioned>, StoreError> {
         let mut conn = self.inner.conn.get();
-        let (version, json): (Option<u64>, Option<String>) = redis::cmd("HMGET")
+        // One MULTI: the hash and the history as of the same write.
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("HGETALL")
             .arg(self.key(transaction_id))
-            .arg("v")
-            .arg("s")
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| self.io(e))?;
-        match (version, json) {
-            (Some(version), Some(json)) => {
-                let state: WorkflowState =
-                    serde_json::from_str(&json).map_err(|e| self.corrupt(e))?;
-                Ok(Some(Versioned {
-                    version,
-                    state: Arc::new(state),
-                }))
-            }
-            _ => Ok(None),
-        }
+            .cmd("LRANGE")
+            .arg(self.history_key(transaction_id))
+            .arg(0)
+            .arg(-1);
+        let (fields, history): (HashMap<String, String>, Vec<String>) =
+            pipe.query_async(&mut conn).await.map_err(|e| self.io(e))?;
+        let Some(version) = fields.get("v").and_then(|v| v.parse::<u64>().ok()) else {
+            return Ok(None);
+        };
+        let state = match (fields.get("h"), fields.get("s")) {
+            (Some(_), _) => self.assemble(transaction_id, &fields, &history)?,
+            // Written before states were kept as parts: one JSON document.
+            (None, Some(json)) => serde_json::from_str(json).map_err(|e| self.corrupt(e))?,
+            (None, None) => return Ok(None),
+        };
+        Ok(Some(Versioned {
+            version,
+            state: Arc::new(state),
+        }))
     }
 
     async fn compare_and_set(
@@ -399,7 +582,16 @@ impl WorkflowStates for RedisStateStore {
         expected: Version,
         state: Arc<WorkflowState>,
     ) -> Result<Version, StoreError> {
-        self.write(Some(expected), state).await
+        self.write(Some(expected), None, state).await
+    }
+
+    async fn compare_and_set_from(
+        &self,
+        expected: Version,
+        before: &WorkflowState,
+        state: Arc<WorkflowState>,
+    ) -> Result<Version, StoreError> {
+        self.write(Some(expected), Some(before), state).await
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<WorkflowSummary>, StoreError> {

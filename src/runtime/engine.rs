@@ -524,7 +524,7 @@ impl Engine {
             match self
                 .store
                 .states
-                .compare_and_set(current.version, state.clone())
+                .compare_and_set_from(current.version, &current.state, state.clone())
                 .await
             {
                 Ok(version) => {
@@ -1141,12 +1141,13 @@ fn annotate(state: &mut WorkflowState, before: usize, input: &Input, timing: &cr
         }
         _ => return,
     };
-    if let Some(entry) = state
-        .history
-        .iter_mut()
-        .skip(before)
-        .find(|e| e.step.as_ref() == Some(step) && e.attempt == attempt)
-    {
-        entry.timing = Some(timing.clone());
+    // By index from `before`: only the entries of this transition are
+    // touched, so the shared chunks of the history before it stay shared.
+    let hit = (before..state.history.len()).find(|&i| {
+        let e = &state.history[i];
+        e.step.as_ref() == Some(step) && e.attempt == attempt
+    });
+    if let Some(i) = hit {
+        state.history[i].timing = Some(timing.clone());
     }
 }

@@ -26,6 +26,7 @@ use super::{
     Definitions, HealthRecords, ListQuery, MemoryStore, StoreError, TimerIndex, Version, Versioned,
     WorkflowStates, WorkflowSummary, same_definition,
 };
+use crate::core::saga::parts::Delta;
 use crate::core::{Timestamp, TransactionId, WorkflowDefinition, WorkflowState};
 
 /// When the file is flushed to the disk.
@@ -85,9 +86,22 @@ struct Request {
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum Record {
-    Put { v: Version, s: Arc<WorkflowState> },
-    Delete { tx: TransactionId },
-    Definition { d: WorkflowDefinition },
+    Put {
+        v: Version,
+        s: Arc<WorkflowState>,
+    },
+    /// What one transition changed, over version `v - 1`.
+    Delta {
+        tx: TransactionId,
+        v: Version,
+        d: Box<Delta>,
+    },
+    Delete {
+        tx: TransactionId,
+    },
+    Definition {
+        d: WorkflowDefinition,
+    },
 }
 
 fn frame(record: &Record) -> Vec<u8> {
@@ -192,14 +206,34 @@ impl FileStore {
     async fn write(
         &self,
         expected: Option<Version>,
+        before: Option<&WorkflowState>,
         state: Arc<WorkflowState>,
     ) -> Result<Version, StoreError> {
-        // Encode outside the lock; the version is checked inside it.
+        // Encode outside the lock; the version is checked inside it. Over a
+        // known state only what changed is written.
         let guess = expected.map_or(1, |e| e + 1);
-        let mut record = frame(&Record::Put {
-            v: guess,
-            s: state.clone(),
+        // Only over the very state stored at `expected` (the one the index
+        // holds, not merely an equal version): a delta over anything else
+        // would not replay.
+        let before = before.filter(|b| {
+            self.index
+                .current(state.transaction_id)
+                .is_some_and(|c| Some(c.version) == expected && std::ptr::eq(*b, &*c.state))
         });
+        let delta = before
+            .map(|b| Delta::between(b, &state))
+            .filter(|d| !d.full);
+        let mut record = match delta {
+            Some(d) => frame(&Record::Delta {
+                tx: state.transaction_id,
+                v: guess,
+                d: Box::new(d),
+            }),
+            None => frame(&Record::Put {
+                v: guess,
+                s: state.clone(),
+            }),
+        };
         let version = self
             .commit(std::mem::take(&mut record), || {
                 let version = self.index.check(expected, &state)?;
@@ -256,6 +290,29 @@ fn load(path: &Path, index: &MemoryStore) -> Result<u64, StoreError> {
         })?;
         match record {
             Record::Put { v, s } => index.put_unchecked(v, s),
+            Record::Delta { tx, v, d } => {
+                let corrupt = |message: String| StoreError::Corrupt {
+                    location: path.display().to_string(),
+                    message: format!("record at byte {pos}: {message}"),
+                };
+                let base = index.current(tx).ok_or_else(|| {
+                    corrupt(format!("a change to workflow {tx}, which is not stored"))
+                })?;
+                // A compaction may have snapshotted the index past records
+                // still queued behind it: those are in the snapshot already.
+                if base.version < v {
+                    if base.version + 1 != v {
+                        return Err(corrupt(format!(
+                            "version {v} of workflow {tx} follows version {}",
+                            base.version
+                        )));
+                    }
+                    let state = d
+                        .apply(Some(WorkflowState::clone(&base.state)))
+                        .map_err(|e| corrupt(e.to_string()))?;
+                    index.put_unchecked(v, Arc::new(state));
+                }
+            }
             Record::Delete { tx } => index.remove_unchecked(tx),
             Record::Definition { d } => {
                 // A later record of the same version wins, as for states.
@@ -371,7 +428,7 @@ impl Writer {
 #[async_trait]
 impl WorkflowStates for FileStore {
     async fn create(&self, state: Arc<WorkflowState>) -> Result<Version, StoreError> {
-        self.write(None, state).await
+        self.write(None, None, state).await
     }
 
     async fn get(&self, transaction_id: TransactionId) -> Result<Option<Versioned>, StoreError> {
@@ -383,7 +440,16 @@ impl WorkflowStates for FileStore {
         expected: Version,
         state: Arc<WorkflowState>,
     ) -> Result<Version, StoreError> {
-        self.write(Some(expected), state).await
+        self.write(Some(expected), None, state).await
+    }
+
+    async fn compare_and_set_from(
+        &self,
+        expected: Version,
+        before: &WorkflowState,
+        state: Arc<WorkflowState>,
+    ) -> Result<Version, StoreError> {
+        self.write(Some(expected), Some(before), state).await
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<WorkflowSummary>, StoreError> {

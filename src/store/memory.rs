@@ -145,6 +145,12 @@ impl MemoryStore {
             .next_version(expected, state.transaction_id)
     }
 
+    /// The stored state of `tx`, now.
+    #[cfg_attr(not(feature = "embedded"), allow(dead_code))] // used by the file store
+    pub(crate) fn current(&self, tx: TransactionId) -> Option<Versioned> {
+        self.states(tx).by_id.get(&tx).cloned()
+    }
+
     /// Puts a state at a version without checks (used when loading a file).
     #[cfg_attr(not(feature = "embedded"), allow(dead_code))] // used by the file store
     pub(crate) fn put_unchecked(&self, version: Version, state: Arc<WorkflowState>) {

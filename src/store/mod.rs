@@ -207,6 +207,22 @@ pub trait WorkflowStates: Send + Sync + 'static {
         state: Arc<WorkflowState>,
     ) -> Result<Version, StoreError>;
 
+    /// Like [`WorkflowStates::compare_and_set`], given `before`, the state
+    /// read at `expected` (that `state` was made from). A store that keeps
+    /// a state as a head plus parts writes only what changed
+    /// ([`Delta::between`](crate::core::saga::parts::Delta::between)): the
+    /// changed steps and the new history entries, never the earlier outputs.
+    /// The default writes the whole state.
+    async fn compare_and_set_from(
+        &self,
+        expected: Version,
+        before: &WorkflowState,
+        state: Arc<WorkflowState>,
+    ) -> Result<Version, StoreError> {
+        let _ = before;
+        self.compare_and_set(expected, state).await
+    }
+
     /// Lists workflows, most recently started first.
     async fn list(&self, query: &ListQuery) -> Result<Vec<WorkflowSummary>, StoreError>;
 

@@ -159,7 +159,10 @@ pub async fn fanout(args: FanoutArgs) -> Result<ExitCode> {
 
 async fn run(shape: Shape, sizes: Vec<u64>, args: ShapeArgs) -> Result<ExitCode> {
     if sizes.is_empty() || sizes.contains(&0) {
-        return Err(CliError::usage(shape.size_flag(), "every size must be at least 1"));
+        return Err(CliError::usage(
+            shape.size_flag(),
+            "every size must be at least 1",
+        ));
     }
     if sizes.len() == 1 {
         let report = one(shape, sizes[0], &args).await?;
@@ -193,7 +196,12 @@ async fn run(shape: Shape, sizes: Vec<u64>, args: ShapeArgs) -> Result<ExitCode>
         if !out.status.success() {
             return Err(CliError::process(
                 "the bench",
-                format!("{} {} {n} failed ({})", shape.name(), shape.size_flag(), out.status),
+                format!(
+                    "{} {} {n} failed ({})",
+                    shape.name(),
+                    shape.size_flag(),
+                    out.status
+                ),
             ));
         }
         let report: Value = serde_json::from_slice(&out.stdout).map_err(|e| {
@@ -225,7 +233,13 @@ fn table(shape: Shape, args: &ShapeArgs, reports: &[Value]) {
     println!("  size = {what}");
     println!(
         "  {:>8} {:>6} {:>12} {:>14} {:>17} {:>10} {:>12}",
-        "size", "runs", "µs per step", "store B/step", "server in B/step", "state KB", "peak RSS MB"
+        "size",
+        "runs",
+        "µs per step",
+        "store B/step",
+        "server in B/step",
+        "state KB",
+        "peak RSS MB"
     );
     let dash = |v: &Value| match v.as_f64() {
         Some(x) => format!("{x:.0}"),
@@ -312,16 +326,19 @@ async fn one(shape: Shape, n: u64, args: &ShapeArgs) -> Result<Value> {
     );
     let pad = args.output_bytes.saturating_sub(40);
     let counter = progress.clone();
-    let noop = from_fn("noop", move |_input: serde::de::IgnoredAny, ctx: WorkerContext| {
-        let counter = counter.clone();
-        async move {
-            counter.inc(1);
-            // Distinct per step and run: nothing is stored once for two.
-            let head = format!("{}/{}", ctx.transaction_id, ctx.step);
-            let fill = pad.saturating_sub(head.len());
-            Ok::<_, WorkerError>(json!({ "step": head, "pad": "x".repeat(fill) }))
-        }
-    });
+    let noop = from_fn(
+        "noop",
+        move |_input: serde::de::IgnoredAny, ctx: WorkerContext| {
+            let counter = counter.clone();
+            async move {
+                counter.inc(1);
+                // Distinct per step and run: nothing is stored once for two.
+                let head = format!("{}/{}", ctx.transaction_id, ctx.step);
+                let fill = pad.saturating_sub(head.len());
+                Ok::<_, WorkerError>(json!({ "step": head, "pad": "x".repeat(fill) }))
+            }
+        },
+    );
     let def = shape.definition(n)?;
     let runtime = Runtime::builder()
         .bus(bus)
@@ -341,7 +358,9 @@ async fn one(shape: Shape, n: u64, args: &ShapeArgs) -> Result<Value> {
     let mut state_bytes = 0;
     for _ in 0..runs {
         let tx = client.start(def.name().as_str(), &input).await?;
-        let state = client.wait(tx, std::time::Duration::from_secs(3600)).await?;
+        let state = client
+            .wait(tx, std::time::Duration::from_secs(3600))
+            .await?;
         if state.status != WorkflowStatus::Completed {
             return Err(CliError::process(
                 "the bench",

@@ -4,6 +4,7 @@
 //! Nothing in this crate does I/O, reads a clock inside a transition or draws
 //! a random number: the runtime in the `multiagents` crate does that around it.
 
+pub mod chunked;
 pub mod event;
 pub mod hash;
 pub mod health;

@@ -74,7 +74,7 @@ pub fn deserialize_present<'de, D: serde::Deserializer<'de>>(
 
 impl PartialEq for Payload {
     fn eq(&self, other: &Self) -> bool {
-        self.as_str() == other.as_str()
+        Arc::ptr_eq(&self.0, &other.0) || self.as_str() == other.as_str()
     }
 }
 

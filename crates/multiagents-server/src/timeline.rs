@@ -246,9 +246,8 @@ pub(crate) fn timeline(state: &WorkflowState, def: Option<&WorkflowDefinition>) 
         }
         lane["compensable"] = json!(sdef.is_some_and(|s| s.compensation.is_some()));
         let branches: Vec<Value> = st
-            .map(|s| s.items.as_slice())
-            .unwrap_or_default()
-            .iter()
+            .into_iter()
+            .flat_map(|s| s.items.iter())
             .map(|item| {
                 let input = parsed(item.input.as_ref());
                 let mut l = lane_json(

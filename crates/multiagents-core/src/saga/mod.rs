@@ -42,6 +42,7 @@
 mod children;
 mod compensation;
 mod fan_out;
+pub mod parts;
 mod recovery;
 mod retry;
 mod state;
@@ -59,6 +60,7 @@ pub use state::{
     StepStatus, WorkflowState, WorkflowStatus,
 };
 
+use crate::chunked::Chunked;
 use crate::event::{Phase, StepError};
 use crate::ids::{CorrelationId, StepName, TransactionId, WorkerName};
 use crate::payload::Payload;
@@ -305,7 +307,7 @@ pub fn start_child(
         started_at: now,
         updated_at: now,
         finished_at: None,
-        history: Vec::with_capacity(4 + def.steps().len() * 2),
+        history: Chunked::new(),
     };
     let mut t = Transition {
         def,
@@ -588,7 +590,7 @@ impl Transition<'_> {
 
 /// Every completed step's output, by step name: a workflow's output, and
 /// what a sub-workflow step outputs.
-pub fn outputs(steps: &[StepState]) -> Payload {
+pub fn outputs(steps: &Chunked<StepState>) -> Payload {
     Payload::to_json(&Outputs(steps)).unwrap_or_else(|_| Payload::null())
 }
 
@@ -631,7 +633,7 @@ pub fn parent_outcome(state: &WorkflowState) -> Option<ChildOutcome> {
 }
 
 /// Step outputs as a JSON object by step name.
-struct Outputs<'a>(&'a [StepState]);
+struct Outputs<'a>(&'a Chunked<StepState>);
 
 impl Serialize for Outputs<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {

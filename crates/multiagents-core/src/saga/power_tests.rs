@@ -737,6 +737,15 @@ mod properties {
         compensations: Vec<StepName>,
         interrupted: Vec<StepName>,
         terminal_seen: bool,
+        /// The state as a store keeps it: the first full write, then one
+        /// delta per transition, each through JSON.
+        stored: WorkflowState,
+    }
+
+    /// `delta` written and read back as a store does.
+    fn through_json(delta: &crate::saga::parts::Delta) -> crate::saga::parts::Delta {
+        let text = serde_json::to_string(delta).expect("a delta encodes");
+        serde_json::from_str(&text).expect("a delta decodes")
     }
 
     impl<'a> Harness<'a> {
@@ -748,8 +757,13 @@ mod properties {
                 Payload::to_json(&input).expect("json"),
                 T0,
             );
+            let stored = through_json(&crate::saga::parts::Delta::full(&state))
+                .apply(None)
+                .expect("a full delta applies");
+            assert_eq!(stored, state, "a new state read back differs");
             let mut h = Self {
                 def,
+                stored,
                 state,
                 now: T0,
                 outstanding: Vec::new(),
@@ -838,7 +852,25 @@ mod properties {
 
         fn feed(&mut self, input: Input) {
             self.log.push((input.clone(), self.now));
+            let before = self.state.clone();
             let out = apply(self.def, &mut self.state, input.clone(), self.now);
+            if out.changed {
+                // The persisted form, read back, is the state in memory.
+                let delta = through_json(&crate::saga::parts::Delta::between(&before, &self.state));
+                assert!(!delta.full, "a transition wrote the whole state");
+                self.stored = delta
+                    .apply(Some(self.stored.clone()))
+                    .expect("a delta applies to the stored state");
+                assert_eq!(
+                    self.stored, self.state,
+                    "the state read back differs after {input:?}"
+                );
+            } else {
+                assert_eq!(
+                    before, self.state,
+                    "an input that changed nothing changed the state"
+                );
+            }
             if self.terminal_seen {
                 assert_eq!(out, Outcome::default(), "a terminal workflow changed");
             }

@@ -196,7 +196,7 @@ pub fn retry(
         version: def.version(),
         status: WorkflowStatus::Running,
         input: plan.input.unwrap_or_else(|| old.input.clone()),
-        steps,
+        steps: steps.into(),
         deadline: def.deadline().map(|d| now.plus(d)),
         signals: Vec::new(),
         parent: None,
@@ -205,7 +205,7 @@ pub fn retry(
         started_at: now,
         updated_at: now,
         finished_at: None,
-        history: Vec::with_capacity(4 + n * 2),
+        history: crate::chunked::Chunked::new(),
     };
     state.priority = old.priority;
     let mut t = Transition {

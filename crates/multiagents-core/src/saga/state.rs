@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::chunked::Chunked;
 use crate::event::{Phase, StepError};
 use crate::ids::{CorrelationId, StepName, TransactionId, WorkflowName};
 use crate::payload::Payload;
@@ -259,8 +260,8 @@ pub struct StepState {
     )]
     pub input: Option<Payload>,
     /// For a fan-out: one entry per item, named `step[i]`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub items: Vec<StepState>,
+    #[serde(default, skip_serializing_if = "Chunked::is_empty")]
+    pub items: Chunked<StepState>,
 }
 
 impl StepState {
@@ -274,7 +275,7 @@ impl StepState {
             output: None,
             last_error: None,
             input: None,
-            items: Vec::new(),
+            items: Chunked::new(),
         }
     }
 }
@@ -470,7 +471,7 @@ pub struct WorkflowState {
     /// The workflow input.
     pub input: Payload,
     /// One entry per step of the definition, in the same order.
-    pub steps: Vec<StepState>,
+    pub steps: Chunked<StepState>,
     /// When the whole workflow must have finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<Timestamp>,
@@ -494,15 +495,13 @@ pub struct WorkflowState {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<Timestamp>,
     /// What happened, in order.
-    pub history: Vec<HistoryEntry>,
+    pub history: Chunked<HistoryEntry>,
 }
 
 impl Clone for WorkflowState {
-    /// Clones with room for a few more history entries: the runtime clones a
-    /// state to apply one input to it, which appends to the history.
+    /// Cheap for any length: steps and history are shared chunks, copied
+    /// only where the clone is then changed.
     fn clone(&self) -> Self {
-        let mut history = Vec::with_capacity(self.history.len() + 4);
-        history.extend_from_slice(&self.history);
         Self {
             transaction_id: self.transaction_id,
             correlation_id: self.correlation_id,
@@ -519,7 +518,7 @@ impl Clone for WorkflowState {
             started_at: self.started_at,
             updated_at: self.updated_at,
             finished_at: self.finished_at,
-            history,
+            history: self.history.clone(),
         }
     }
 }

@@ -1,0 +1,551 @@
+//! The persisted form of a workflow state: a small head plus parts, so that
+//! a write costs what the transition changed, not what the workflow holds.
+//!
+//! A state is stored as
+//! - its **head**: status, times, failure, signals, parent, the number of
+//!   steps (and the input, written once);
+//! - one **part per step** (its status, attempts, output — without its
+//!   fan-out branches) and one per **branch** of a fan-out;
+//! - its **history**, appended to and never rewritten.
+//!
+//! [`Delta::between`] is what one write must store: the head, the steps and
+//! branches that changed, and the history entries added. Chunks that the
+//! new state still shares with the old one (see [`crate::chunked`]) are
+//! skipped without being compared, so a step of a 10,000-step workflow
+//! writes its own step and its history entries, and nothing of the others.
+//! [`Delta::apply`] rebuilds the state from the one before (or, for a full
+//! delta, from nothing); the property tests check that every transition
+//! read back this way equals the state in memory.
+
+use serde::{Deserialize, Serialize};
+
+use super::state::{
+    Failure, HistoryEntry, ParentLink, PendingSignal, Priority, StepState, WorkflowState,
+    WorkflowStatus,
+};
+use crate::chunked::Chunked;
+use crate::ids::{CorrelationId, TransactionId, WorkflowName};
+use crate::payload::Payload;
+use crate::time::Timestamp;
+
+/// Everything of a state but its steps and history.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Head {
+    /// The instance.
+    pub transaction_id: TransactionId,
+    /// The request chain.
+    pub correlation_id: CorrelationId,
+    /// The definition's name.
+    pub workflow: WorkflowName,
+    /// The definition's version.
+    pub version: u32,
+    /// Where it is.
+    pub status: WorkflowStatus,
+    /// The workflow input: present when written for the first time (or
+    /// changed), absent when the stored one still holds.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::payload::deserialize_present"
+    )]
+    pub input: Option<Payload>,
+    /// How many steps.
+    pub steps: usize,
+    /// The workflow's deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<Timestamp>,
+    /// Signals kept for later steps.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signals: Vec<PendingSignal>,
+    /// The parent step, for a sub-workflow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentLink>,
+    /// Its priority.
+    #[serde(default, skip_serializing_if = "Priority::is_normal")]
+    pub priority: Priority,
+    /// Why it compensates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<Failure>,
+    /// When it started.
+    pub started_at: Timestamp,
+    /// When it last changed.
+    pub updated_at: Timestamp,
+    /// When it finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Timestamp>,
+}
+
+/// One step's own fields (its branches are parts of their own).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepPart {
+    /// The step's index in the definition.
+    pub i: usize,
+    /// How many branches it has.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub n: usize,
+    /// The step, with no branches.
+    pub s: StepState,
+}
+
+/// One branch of a fan-out step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ItemPart {
+    /// The step's index.
+    pub i: usize,
+    /// The branch's index.
+    pub k: usize,
+    /// The branch.
+    pub s: StepState,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// What one write of a state stores.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Delta {
+    /// True when this is the whole state, to be stored in place of what was
+    /// there (a new workflow, or a state not derived from the stored one).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub full: bool,
+    /// The head.
+    pub head: Head,
+    /// Steps whose own fields changed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<StepPart>,
+    /// Branches that changed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub items: Vec<ItemPart>,
+    /// How many history entries the stored state has (the new ones go after).
+    #[serde(default)]
+    pub history_from: usize,
+    /// The history entries added.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<HistoryEntry>,
+}
+
+/// Why a delta does not fit the state it is applied to.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the stored parts of workflow {transaction_id} do not fit together: {reason}")]
+pub struct DeltaError {
+    /// The workflow.
+    pub transaction_id: TransactionId,
+    /// What did not fit.
+    pub reason: String,
+}
+
+/// A step without its branches.
+fn bare(step: &StepState) -> StepState {
+    StepState {
+        items: Chunked::new(),
+        ..step.clone()
+    }
+}
+
+/// True when the step's own fields (not its branches) are equal.
+fn same_fields(a: &StepState, b: &StepState) -> bool {
+    a.name == b.name
+        && a.status == b.status
+        && a.attempts == b.attempts
+        && a.compensation_attempts == b.compensation_attempts
+        && a.output == b.output
+        && a.last_error == b.last_error
+        && a.input == b.input
+        && a.items.len() == b.items.len()
+}
+
+fn head(state: &WorkflowState, input: Option<Payload>) -> Head {
+    Head {
+        transaction_id: state.transaction_id,
+        correlation_id: state.correlation_id,
+        workflow: state.workflow.clone(),
+        version: state.version,
+        status: state.status,
+        input,
+        steps: state.steps.len(),
+        deadline: state.deadline,
+        signals: state.signals.clone(),
+        parent: state.parent.clone(),
+        priority: state.priority,
+        failure: state.failure.clone(),
+        started_at: state.started_at,
+        updated_at: state.updated_at,
+        finished_at: state.finished_at,
+    }
+}
+
+impl Delta {
+    /// The whole of `state`.
+    pub fn full(state: &WorkflowState) -> Self {
+        let mut steps = Vec::with_capacity(state.steps.len());
+        let mut items = Vec::new();
+        for (i, s) in state.steps.iter().enumerate() {
+            steps.push(StepPart {
+                i,
+                n: s.items.len(),
+                s: bare(s),
+            });
+            items.extend(
+                s.items
+                    .iter()
+                    .enumerate()
+                    .map(|(k, b)| ItemPart { i, k, s: b.clone() }),
+            );
+        }
+        Self {
+            full: true,
+            head: head(state, Some(state.input.clone())),
+            steps,
+            items,
+            history_from: 0,
+            history: state.history.iter().cloned().collect(),
+        }
+    }
+
+    /// What writing `after` over `before` stores. `after` is normally
+    /// `before` with one transition applied; a state that is not (its
+    /// history is not an extension of `before`'s) gives a full delta.
+    pub fn between(before: &WorkflowState, after: &WorkflowState) -> Self {
+        if before.transaction_id != after.transaction_id
+            || !extends(&after.history, &before.history)
+        {
+            return Self::full(after);
+        }
+        let mut steps = Vec::new();
+        let mut items = Vec::new();
+        for range in after.steps.changed_since(&before.steps) {
+            for i in range {
+                let a = &after.steps[i];
+                let Some(b) = before.steps.get(i) else {
+                    steps.push(StepPart {
+                        i,
+                        n: a.items.len(),
+                        s: bare(a),
+                    });
+                    items.extend(a.items.iter().enumerate().map(|(k, s)| ItemPart {
+                        i,
+                        k,
+                        s: s.clone(),
+                    }));
+                    continue;
+                };
+                if !same_fields(a, b) {
+                    steps.push(StepPart {
+                        i,
+                        n: a.items.len(),
+                        s: bare(a),
+                    });
+                }
+                for r in a.items.changed_since(&b.items) {
+                    for k in r {
+                        if b.items.get(k) != a.items.get(k) {
+                            items.push(ItemPart {
+                                i,
+                                k,
+                                s: a.items[k].clone(),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        let input = (before.input != after.input).then(|| after.input.clone());
+        Self {
+            full: false,
+            head: head(after, input),
+            steps,
+            items,
+            history_from: before.history.len(),
+            history: after
+                .history
+                .iter_from(before.history.len())
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// The state this delta makes of `base` (the stored state it was
+    /// computed against; ignored, and may be `None`, for a full delta).
+    pub fn apply(self, base: Option<WorkflowState>) -> Result<WorkflowState, DeltaError> {
+        let tx = self.head.transaction_id;
+        let err = |reason: String| DeltaError {
+            transaction_id: tx,
+            reason,
+        };
+        let Head {
+            transaction_id,
+            correlation_id,
+            workflow,
+            version,
+            status,
+            input,
+            steps: steps_len,
+            deadline,
+            signals,
+            parent,
+            priority,
+            failure,
+            started_at,
+            updated_at,
+            finished_at,
+        } = self.head;
+        let (base_input, mut steps, mut history) = match (self.full, base) {
+            (true, _) => (None, Chunked::new(), Chunked::new()),
+            (false, Some(b)) => (Some(b.input), b.steps, b.history),
+            (false, None) => {
+                return Err(err("a change arrived for a state that is not stored".into()));
+            }
+        };
+        let input = input
+            .or(base_input)
+            .ok_or_else(|| err("the workflow input is missing".into()))?;
+        if history.len() != self.history_from {
+            return Err(err(format!(
+                "the history has {} entries where the change expects {}",
+                history.len(),
+                self.history_from
+            )));
+        }
+        history.extend(self.history);
+        for part in self.steps {
+            let mut s = part.s;
+            let len = steps.len();
+            match steps.get_mut(part.i) {
+                Some(old) => {
+                    s.items = std::mem::take(&mut old.items);
+                    *old = s;
+                }
+                None if part.i == len => steps.push(s),
+                None => {
+                    return Err(err(format!("step {} arrived before step {len}", part.i)));
+                }
+            }
+            let step = &mut steps[part.i];
+            if step.items.len() > part.n {
+                step.items = step.items.iter().take(part.n).cloned().collect();
+            }
+        }
+        if steps.len() != steps_len {
+            return Err(err(format!(
+                "{} steps are stored where the head says {steps_len}",
+                steps.len()
+            )));
+        }
+        for part in self.items {
+            let step = steps
+                .get_mut(part.i)
+                .ok_or_else(|| err(format!("a branch of step {} that does not exist", part.i)))?;
+            let len = step.items.len();
+            match step.items.get_mut(part.k) {
+                Some(old) => *old = part.s,
+                None if part.k == len => step.items.push(part.s),
+                None => {
+                    return Err(err(format!(
+                        "branch {} of step {} arrived before branch {len}",
+                        part.k, part.i
+                    )));
+                }
+            }
+        }
+        Ok(WorkflowState {
+            transaction_id,
+            correlation_id,
+            workflow,
+            version,
+            status,
+            input,
+            steps,
+            deadline,
+            signals,
+            parent,
+            priority,
+            failure,
+            started_at,
+            updated_at,
+            finished_at,
+            history,
+        })
+    }
+}
+
+/// True when `after` is `before` with entries appended: every chunk of
+/// `after` that is not shared with `before` and overlaps its entries holds
+/// the same entries there.
+fn extends(after: &Chunked<HistoryEntry>, before: &Chunked<HistoryEntry>) -> bool {
+    if after.len() < before.len() {
+        return false;
+    }
+    after
+        .changed_since(before)
+        .all(|r| (r.start..r.end.min(before.len())).all(|i| after.get(i) == before.get(i)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Phase;
+    use crate::ids::{CorrelationId, StepName, TransactionId};
+    use crate::saga::{Input, apply, start};
+    use crate::workflow::WorkflowBuilder;
+
+    fn ok(step: &str, output: serde_json::Value) -> Input {
+        Input::Succeeded {
+            step: StepName::new(step),
+            phase: Phase::Forward,
+            attempt: 1,
+            output: Payload::to_json(&output).expect("json"),
+        }
+    }
+
+    fn round_trip(delta: &Delta) -> Delta {
+        serde_json::from_str(&serde_json::to_string(delta).expect("encode")).expect("decode")
+    }
+
+    #[test]
+    fn a_step_of_a_long_chain_writes_its_own_step_and_history_only() {
+        let mut b = WorkflowBuilder::new("long");
+        for i in 0..200 {
+            b = b.step(format!("s{i}"), "w");
+        }
+        let def = b.build().expect("valid");
+        let input = Payload::to_json(&serde_json::json!({"big": "x".repeat(1000)})).expect("json");
+        let (mut state, _) = start(
+            &def,
+            TransactionId::new(),
+            CorrelationId::new(),
+            input,
+            Timestamp(1),
+        );
+        let mut stored = round_trip(&Delta::full(&state))
+            .apply(None)
+            .expect("applies");
+        let mut sizes = Vec::new();
+        for i in 0..200 {
+            let before = state.clone();
+            let out = apply(
+                &def,
+                &mut state,
+                ok(&format!("s{i}"), serde_json::json!(i)),
+                Timestamp(2 + i),
+            );
+            assert!(out.changed);
+            let delta = Delta::between(&before, &state);
+            assert!(!delta.full);
+            // The step that completed and the one dispatched (the last has none).
+            assert_eq!(delta.steps.len(), if i < 199 { 2 } else { 1 }, "step {i}");
+            assert!(delta.head.input.is_none(), "the input is written once");
+            sizes.push(serde_json::to_string(&delta).expect("encode").len());
+            stored = round_trip(&delta).apply(Some(stored)).expect("applies");
+            assert_eq!(stored, state, "after step {i}");
+        }
+        // What a step writes does not grow with the steps before it.
+        assert!(
+            sizes[150] <= sizes[10] + 16,
+            "{} then {}",
+            sizes[10],
+            sizes[150]
+        );
+    }
+
+    #[test]
+    fn a_branch_of_a_wide_fan_out_writes_that_branch_and_the_next() {
+        let def = WorkflowBuilder::new("wide")
+            .step("each", "w")
+            .for_each("input.items")
+            .max_concurrency(10)
+            .build()
+            .expect("valid");
+        let input = Payload::to_json(&serde_json::json!({"items": (0..300).collect::<Vec<_>>()}))
+            .expect("json");
+        let (mut state, _) = start(
+            &def,
+            TransactionId::new(),
+            CorrelationId::new(),
+            input,
+            Timestamp(1),
+        );
+        let mut stored = round_trip(&Delta::full(&state))
+            .apply(None)
+            .expect("applies");
+        assert_eq!(stored.steps[0].items.len(), 300);
+        for k in 0..300 {
+            let before = state.clone();
+            apply(
+                &def,
+                &mut state,
+                ok(&format!("each[{k}]"), serde_json::json!(k)),
+                Timestamp(2 + k as u64),
+            );
+            let delta = Delta::between(&before, &state);
+            assert!(
+                delta.items.len() <= 2,
+                "branch {k} wrote {} branches",
+                delta.items.len()
+            );
+            stored = round_trip(&delta).apply(Some(stored)).expect("applies");
+            assert_eq!(stored, state, "after branch {k}");
+        }
+        assert!(state.is_terminal());
+    }
+
+    #[test]
+    fn a_delta_that_does_not_fit_is_refused_naming_the_workflow() {
+        let def = WorkflowBuilder::new("two")
+            .step("a", "w")
+            .step("b", "w")
+            .build()
+            .expect("valid");
+        let (mut state, _) = start(
+            &def,
+            TransactionId::new(),
+            CorrelationId::new(),
+            Payload::null(),
+            Timestamp(1),
+        );
+        let before = state.clone();
+        apply(
+            &def,
+            &mut state,
+            ok("a", serde_json::json!(1)),
+            Timestamp(2),
+        );
+        let delta = Delta::between(&before, &state);
+        let e = delta.clone().apply(None).expect_err("no base");
+        assert!(
+            e.to_string().contains(&state.transaction_id.to_string()),
+            "{e}"
+        );
+        // Applied twice, the history would not line up.
+        let once = delta.clone().apply(Some(before)).expect("applies");
+        let e = delta.apply(Some(once)).expect_err("applied twice");
+        assert!(e.reason.contains("history"), "{e}");
+    }
+
+    #[test]
+    fn a_state_not_derived_from_the_stored_one_is_written_whole() {
+        let def = WorkflowBuilder::new("two")
+            .step("a", "w")
+            .step("b", "w")
+            .build()
+            .expect("valid");
+        let (a, _) = start(
+            &def,
+            TransactionId::new(),
+            CorrelationId::new(),
+            Payload::null(),
+            Timestamp(1),
+        );
+        let (b, _) = start(
+            &def,
+            TransactionId::new(),
+            CorrelationId::new(),
+            Payload::null(),
+            Timestamp(1),
+        );
+        assert!(Delta::between(&a, &b).full);
+        let mut shorter = a.clone();
+        shorter.history = Chunked::new();
+        assert!(Delta::between(&a, &shorter).full);
+    }
+}

@@ -1,0 +1,407 @@
+//! Long workflows on the stores that write: a step writes its own step and
+//! history entries, never the earlier outputs, on the file store and on
+//! Redis; what is written reads back as the state in memory; states in the
+//! layout before parts are still read, and rewritten as parts.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use multiagents::core::saga::{self, Input};
+use multiagents::core::{CorrelationId, Payload, Phase, StepName, Timestamp, TransactionId};
+use multiagents::store::{FileStore, WorkflowStates};
+use multiagents::worker::{WorkerError, from_fn};
+use multiagents::{Runtime, WorkerContext, WorkflowBuilder, WorkflowDefinition, WorkflowStatus};
+
+fn chain(n: usize) -> WorkflowDefinition {
+    let mut b = WorkflowBuilder::new(format!("chain{n}"));
+    for i in 0..n {
+        b = b.step(format!("s{i}"), "noop");
+    }
+    b.build().expect("valid")
+}
+
+fn succeeded(step: &str, output: Payload) -> Input {
+    Input::Succeeded {
+        step: StepName::new(step),
+        phase: Phase::Forward,
+        attempt: 1,
+        output,
+    }
+}
+
+/// A distinct output of about `bytes` bytes.
+fn big_output(i: usize, bytes: usize) -> Payload {
+    let mut text = format!("{i}-");
+    text.extend(std::iter::repeat_n(
+        'x',
+        bytes.saturating_sub(text.len() + 20),
+    ));
+    Payload::to_json(&serde_json::json!({ "step": i, "text": text })).expect("json")
+}
+
+/// Drives a `steps`-step chain through `store` with outputs of `bytes`,
+/// as an orchestrator does (compare-and-set over the state read); returns
+/// the bytes written by each step.
+async fn drive(
+    store: &dyn WorkflowStates,
+    steps: usize,
+    bytes: usize,
+) -> (TransactionId, Vec<u64>) {
+    let def = chain(steps);
+    let (state, _) = saga::start(
+        &def,
+        TransactionId::new(),
+        CorrelationId::new(),
+        Payload::null(),
+        Timestamp::now(),
+    );
+    let tx = state.transaction_id;
+    let mut version = store.create(Arc::new(state)).await.expect("create");
+    let mut per_step = Vec::new();
+    for i in 0..steps {
+        let current = store.get(tx).await.expect("get").expect("stored");
+        assert_eq!(current.version, version);
+        let mut next = multiagents::core::WorkflowState::clone(&current.state);
+        let out = saga::apply(
+            &def,
+            &mut next,
+            succeeded(&format!("s{i}"), big_output(i, bytes)),
+            Timestamp::now(),
+        );
+        assert!(out.changed);
+        let before = store.bytes_written().expect("the store counts");
+        version = store
+            .compare_and_set_from(version, &current.state, Arc::new(next))
+            .await
+            .expect("write");
+        per_step.push(store.bytes_written().expect("the store counts") - before);
+    }
+    (tx, per_step)
+}
+
+#[tokio::test]
+async fn on_the_file_store_a_step_writes_what_it_changed_and_the_file_reads_back() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("long.db");
+    let steps = 300;
+    let expected = {
+        let store = FileStore::open(&path).expect("open");
+        let (tx, per_step) = drive(&store, steps, 2_000).await;
+        // Each step writes about its own output: not more as the chain grows.
+        let first: u64 = per_step[..50].iter().sum();
+        let last: u64 = per_step[steps - 50..].iter().sum();
+        assert!(
+            last <= first + first / 10,
+            "the last 50 steps wrote {last} bytes, the first 50 {first}"
+        );
+        assert!(
+            per_step.iter().all(|b| *b < 2_000 + 2_000),
+            "a step wrote more than its output and a little: {per_step:?}"
+        );
+        store.get(tx).await.expect("get").expect("stored")
+    };
+    let reopened = FileStore::open(&path).expect("reopen");
+    let back = reopened
+        .get(expected.state.transaction_id)
+        .await
+        .expect("get")
+        .expect("stored");
+    assert_eq!(back.version, expected.version);
+    assert_eq!(*back.state, *expected.state);
+    assert_eq!(back.state.status, WorkflowStatus::Completed);
+}
+
+#[tokio::test]
+async fn a_long_chain_run_by_the_runtime_on_the_file_store_reopens_whole() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("runtime.db");
+    let def = chain(200);
+    let final_state = {
+        let store = FileStore::open(&path).expect("open");
+        let rt = Runtime::builder()
+            .store(store)
+            .workflow(def.clone())
+            .worker(from_fn(
+                "noop",
+                |_: serde::de::IgnoredAny, ctx: WorkerContext| async move {
+                    Ok::<_, WorkerError>(serde_json::json!({ "step": ctx.step.to_string() }))
+                },
+            ))
+            .start()
+            .await
+            .expect("start");
+        let client = rt.client();
+        let tx = client
+            .start(def.name().as_str(), &serde_json::json!({}))
+            .await
+            .expect("started");
+        let state = client
+            .wait(tx, Duration::from_secs(60))
+            .await
+            .expect("ends");
+        assert_eq!(state.status, WorkflowStatus::Completed);
+        rt.shutdown().await;
+        state
+    };
+    let reopened = FileStore::open(&path).expect("reopen");
+    let back = reopened
+        .get(final_state.transaction_id)
+        .await
+        .expect("get")
+        .expect("stored");
+    assert_eq!(*back.state, *final_state);
+    assert_eq!(
+        back.state.output("s199").map(|p| p.as_str().to_string()),
+        Some(r#"{"step":"s199"}"#.to_string())
+    );
+}
+
+#[tokio::test]
+async fn on_the_file_store_a_before_that_is_not_the_stored_state_is_written_whole() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("stale.db");
+    let def = chain(4);
+    let (state, _) = saga::start(
+        &def,
+        TransactionId::new(),
+        CorrelationId::new(),
+        Payload::null(),
+        Timestamp::now(),
+    );
+    let tx = state.transaction_id;
+    let c = {
+        let store = FileStore::open(&path).expect("open");
+        let v1 = store.create(Arc::new(state.clone())).await.expect("create");
+        let mut a = state.clone();
+        saga::apply(
+            &def,
+            &mut a,
+            succeeded("s0", big_output(0, 10)),
+            Timestamp::now(),
+        );
+        let v2 = store
+            .compare_and_set_from(v1, &state, Arc::new(a.clone()))
+            .await
+            .expect("write");
+        let mut c = a.clone();
+        saga::apply(
+            &def,
+            &mut c,
+            succeeded("s1", big_output(1, 10)),
+            Timestamp::now(),
+        );
+        // `state` is version 1, not the version 2 expected.
+        store
+            .compare_and_set_from(v2, &state, Arc::new(c.clone()))
+            .await
+            .expect("write");
+        c
+    };
+    let back = FileStore::open(&path)
+        .expect("reopen")
+        .get(tx)
+        .await
+        .expect("get")
+        .expect("stored");
+    assert_eq!(back.version, 3);
+    assert_eq!(*back.state, c);
+}
+
+#[cfg(feature = "redis")]
+mod on_redis {
+    use super::*;
+    use multiagents::store::{RedisStateStore, RedisStoreConfig};
+    use redis::AsyncCommands;
+
+    async fn store(name: &str) -> Option<(RedisStateStore, String, String)> {
+        let url = common::redis_url()?;
+        let prefix = common::unique_prefix(name);
+        let s = RedisStateStore::connect(RedisStoreConfig::new(&url).prefix(&prefix))
+            .await
+            .expect("connects");
+        Some((s, url, prefix))
+    }
+
+    #[tokio::test]
+    async fn a_hundred_steps_of_50_kb_never_rewrite_earlier_outputs() {
+        let Some((store, url, prefix)) = store("long-50kb").await else {
+            return;
+        };
+        let (tx, per_step) = drive(&store, 100, 50_000).await;
+        // Each step sends its own output and a constant: not the outputs before it.
+        for (i, b) in per_step.iter().enumerate() {
+            assert!(
+                (50_000..50_000 + 4_000).contains(b),
+                "step {i} wrote {b} bytes"
+            );
+        }
+        let back = store.get(tx).await.expect("get").expect("stored");
+        assert_eq!(back.state.status, WorkflowStatus::Completed);
+        assert_eq!(back.state.output("s42"), Some(&big_output(42, 50_000)));
+        // The outputs live in their own fields, the history in its list.
+        let client = redis::Client::open(url.as_str()).expect("url");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        let key = format!("{{{prefix}:wf:{tx}}}");
+        let fields: Vec<String> = conn.hkeys(&key).await.expect("hkeys");
+        assert!(fields.contains(&"h".to_string()), "{fields:?}");
+        assert!(fields.contains(&"s:99".to_string()), "{fields:?}");
+        assert!(!fields.contains(&"s".to_string()), "{fields:?}");
+        let history: usize = conn.llen(format!("{key}:h")).await.expect("llen");
+        assert_eq!(history, back.state.history.len());
+    }
+
+    #[tokio::test]
+    async fn a_state_in_the_layout_before_parts_is_read_then_rewritten_as_parts() {
+        let Some((store, url, prefix)) = store("long-migrate").await else {
+            return;
+        };
+        let def = chain(3);
+        let (mut state, _) = saga::start(
+            &def,
+            TransactionId::new(),
+            CorrelationId::new(),
+            Payload::to_json(&serde_json::json!({"order": 7})).expect("json"),
+            Timestamp::now(),
+        );
+        saga::apply(
+            &def,
+            &mut state,
+            succeeded("s0", big_output(0, 100)),
+            Timestamp::now(),
+        );
+        let tx = state.transaction_id;
+        // As the store wrote it before: the whole state in one field.
+        let client = redis::Client::open(url.as_str()).expect("url");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        let key = format!("{{{prefix}:wf:{tx}}}");
+        let _: () = redis::cmd("HSET")
+            .arg(&key)
+            .arg("v")
+            .arg(4)
+            .arg("s")
+            .arg(serde_json::to_string(&state).expect("json"))
+            .arg("st")
+            .arg(state.status.as_str())
+            .arg("wf")
+            .arg(state.workflow.as_str())
+            .arg("sa")
+            .arg(state.started_at.as_millis())
+            .arg("up")
+            .arg(state.updated_at.as_millis())
+            .arg("co")
+            .arg(state.correlation_id.to_string())
+            .query_async(&mut conn)
+            .await
+            .expect("hset");
+        let old = store.get(tx).await.expect("get").expect("stored");
+        assert_eq!(old.version, 4);
+        assert_eq!(*old.state, state);
+        // The next transition, written over what was read, rewrites it as parts.
+        let mut next = state.clone();
+        saga::apply(
+            &def,
+            &mut next,
+            succeeded("s1", big_output(1, 100)),
+            Timestamp::now(),
+        );
+        let v = store
+            .compare_and_set_from(4, &old.state, Arc::new(next.clone()))
+            .await
+            .expect("write");
+        assert_eq!(v, 5);
+        let fields: Vec<String> = conn.hkeys(&key).await.expect("hkeys");
+        assert!(!fields.contains(&"s".to_string()), "{fields:?}");
+        assert!(fields.contains(&"h".to_string()), "{fields:?}");
+        let back = store.get(tx).await.expect("get").expect("stored");
+        assert_eq!(*back.state, next);
+        assert_eq!(back.version, 5);
+        // And the one after is a delta over the parts.
+        let mut last = next.clone();
+        saga::apply(
+            &def,
+            &mut last,
+            succeeded("s2", big_output(2, 100)),
+            Timestamp::now(),
+        );
+        store
+            .compare_and_set_from(5, &back.state, Arc::new(last.clone()))
+            .await
+            .expect("write");
+        let back = store.get(tx).await.expect("get").expect("stored");
+        assert_eq!(*back.state, last);
+        assert_eq!(back.state.status, WorkflowStatus::Completed);
+        // Listed as before.
+        let listed = store
+            .list(&multiagents::store::ListQuery {
+                correlation_id: Some(state.correlation_id),
+                ..Default::default()
+            })
+            .await
+            .expect("list");
+        assert!(listed.is_empty() || listed[0].transaction_id == tx);
+    }
+
+    #[tokio::test]
+    async fn a_stale_before_is_written_whole_never_as_a_wrong_delta() {
+        let Some((store, _url, _prefix)) = store("long-stale").await else {
+            return;
+        };
+        let def = chain(4);
+        let (state, _) = saga::start(
+            &def,
+            TransactionId::new(),
+            CorrelationId::new(),
+            Payload::null(),
+            Timestamp::now(),
+        );
+        let tx = state.transaction_id;
+        let v1 = store.create(Arc::new(state.clone())).await.expect("create");
+        let mut a = state.clone();
+        saga::apply(
+            &def,
+            &mut a,
+            succeeded("s0", big_output(0, 10)),
+            Timestamp::now(),
+        );
+        let v2 = store
+            .compare_and_set_from(v1, &state, Arc::new(a.clone()))
+            .await
+            .expect("write");
+        // A writer that read version 1 loses the race.
+        let mut b = state.clone();
+        saga::apply(
+            &def,
+            &mut b,
+            succeeded("s0", big_output(9, 10)),
+            Timestamp::now(),
+        );
+        let lost = store.compare_and_set_from(v1, &state, Arc::new(b)).await;
+        assert!(
+            matches!(lost, Err(multiagents::store::StoreError::Conflict { .. })),
+            "{lost:?}"
+        );
+        // A caller whose `before` is not what is stored at its version (not
+        // made from it) gets a whole write, and the result reads back right.
+        let mut c = a.clone();
+        saga::apply(
+            &def,
+            &mut c,
+            succeeded("s1", big_output(1, 10)),
+            Timestamp::now(),
+        );
+        store
+            .compare_and_set_from(v2, &state, Arc::new(c.clone()))
+            .await
+            .expect("write");
+        let back = store.get(tx).await.expect("get").expect("stored");
+        assert_eq!(*back.state, c);
+    }
+}
