@@ -145,7 +145,7 @@ async fn publish(approval: Approval, ctx: WorkerContext) -> Result<Value, Worker
             WorkerError::fatal(format!("rejected by {}", approval.by)).with_kind("rejected")
         );
     }
-    let draft: Value = ctx.output("draft")?;
+    let draft: Value = ctx.output("draft").await?;
     note(format!("published {}", draft["draft"]));
     Ok(
         json!({"url": draft["draft"].as_str().map(|d| d.replace("drafts/", "https://example.com/"))}),

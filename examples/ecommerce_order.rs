@@ -205,12 +205,16 @@ impl Worker for Warehouse {
 
     async fn run(&self, input: Payload, ctx: WorkerContext) -> Result<Payload, WorkerError> {
         let order: Order = multiagents::worker::decode_input(self.name(), &input)?;
+        // Read before taking the lock: no lock is held across an await.
+        let reservation: Option<Reservation> = match self.compensate {
+            true => Some(ctx.output("inventory").await?),
+            false => None,
+        };
         let mut stock = self
             .stock
             .lock()
             .map_err(|_| WorkerError::retry("stock lock poisoned"))?;
-        let out = if self.compensate {
-            let r: Reservation = ctx.output("inventory")?;
+        let out = if let Some(r) = reservation {
             let mut released = self
                 .reservations
                 .lock()
@@ -273,7 +277,7 @@ async fn refund_payment(
     order: Order,
     ctx: WorkerContext,
 ) -> Result<serde_json::Value, WorkerError> {
-    let charge: serde_json::Value = ctx.output("payment")?;
+    let charge: serde_json::Value = ctx.output("payment").await?;
     Ok(serde_json::json!({"refunded": charge["charge_id"], "amount_cents": order.amount_cents}))
 }
 
@@ -282,7 +286,7 @@ async fn generate_confirmation(
     order: Order,
     ctx: WorkerContext,
 ) -> Result<serde_json::Value, WorkerError> {
-    let charge: serde_json::Value = ctx.output("payment")?;
+    let charge: serde_json::Value = ctx.output("payment").await?;
     Ok(
         serde_json::json!({"confirmation": format!("CONF-{:05}", order.order_id), "charge_id": charge["charge_id"]}),
     )
@@ -301,7 +305,7 @@ async fn notify_customer(
     order: Order,
     ctx: WorkerContext,
 ) -> Result<serde_json::Value, WorkerError> {
-    let confirmation: serde_json::Value = ctx.output("confirmation")?;
+    let confirmation: serde_json::Value = ctx.output("confirmation").await?;
     Ok(serde_json::json!({"emailed": order.customer, "confirmation": confirmation["confirmation"]}))
 }
 

@@ -83,7 +83,7 @@ static CASES: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
 #[worker("open_case")]
 async fn open_case(t: Ticket, ctx: WorkerContext) -> Result<Value, WorkerError> {
-    let triage: Value = ctx.output("triage")?;
+    let triage: Value = ctx.output("triage").await?;
     let case = format!(
         "CASE-{}-{}",
         t.id,
@@ -97,7 +97,7 @@ async fn open_case(t: Ticket, ctx: WorkerContext) -> Result<Value, WorkerError> 
 
 #[worker("close_case")]
 async fn close_case(_t: Ticket, ctx: WorkerContext) -> Result<Value, WorkerError> {
-    let case: Value = ctx.output("open_case")?;
+    let case: Value = ctx.output("open_case").await?;
     if let Ok(mut c) = CASES.lock() {
         c.push(format!("closed {}", case["case"].as_str().unwrap_or("?")));
     }
@@ -112,7 +112,7 @@ async fn send_reply(t: Ticket, ctx: WorkerContext) -> Result<Value, WorkerError>
                 .with_kind("blocked_address"),
         );
     }
-    let triage: Value = ctx.output("triage")?;
+    let triage: Value = ctx.output("triage").await?;
     Ok(json!({"sent_to": t.email, "chars": triage["reply"].as_str().map_or(0, str::len)}))
 }
 

@@ -179,7 +179,11 @@ impl Worker for LlmWorker {
                     .with_kind("invalid_input"));
             }
         };
-        let before = used_so_far(&ctx.outputs());
+        // Only a budget needs every earlier step's usage (a read of the state).
+        let before = match self.budget {
+            Some(_) => used_so_far(&ctx.outputs().await?),
+            None => 0,
+        };
         if let Some(budget) = self.budget
             && before >= budget
         {

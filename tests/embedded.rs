@@ -57,7 +57,7 @@ fn with_workers(builder: RuntimeBuilder, effects: &Effects) -> RuntimeBuilder {
     let builder = builder.worker(from_fn("release_inventory", move |_o: Order, ctx| {
         let e = e.clone();
         async move {
-            let reservation: serde_json::Value = ctx.output("reserve")?;
+            let reservation: serde_json::Value = ctx.output("reserve").await?;
             e.record(&format!(
                 "{} {}",
                 ctx.idempotency_key(),

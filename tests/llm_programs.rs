@@ -296,7 +296,7 @@ async fn an_llm_step_sits_in_a_saga_with_retries_and_compensation() {
         .worker(from_fn(
             "open_case",
             |_i: Value, ctx: WorkerContext| async move {
-                let c: Value = ctx.output("classify")?;
+                let c: Value = ctx.output("classify").await?;
                 Ok::<_, WorkerError>(
                     json!({"case": format!("CASE-{}", c["category"].as_str().unwrap_or("?"))}),
                 )
@@ -307,7 +307,7 @@ async fn an_llm_step_sits_in_a_saga_with_retries_and_compensation() {
             move |_i: Value, ctx: WorkerContext| {
                 let u = u.clone();
                 async move {
-                    let case: Value = ctx.output("open_case")?;
+                    let case: Value = ctx.output("open_case").await?;
                     u.lock().expect("lock").push(case["case"].to_string());
                     Ok::<_, WorkerError>(json!(null))
                 }
@@ -316,7 +316,7 @@ async fn an_llm_step_sits_in_a_saga_with_retries_and_compensation() {
         .worker(from_fn(
             "page_on_call",
             |_i: Value, ctx: WorkerContext| async move {
-                let c: Value = ctx.output("classify")?;
+                let c: Value = ctx.output("classify").await?;
                 if c["urgent"] == true {
                     return Err(WorkerError::fatal("nobody is on call"));
                 }

@@ -209,6 +209,107 @@ async fn on_the_file_store_a_before_that_is_not_the_stored_state_is_written_whol
     assert_eq!(*back.state, c);
 }
 
+fn chain_reading_back() -> WorkflowDefinition {
+    WorkflowBuilder::new("reads_back")
+        .step("first", "first")
+        .step("second", "second")
+        .step("third", "third")
+        .build()
+        .expect("valid")
+}
+
+fn chain_workers() -> Vec<Arc<dyn multiagents::worker::Worker>> {
+    vec![
+        Arc::new(from_fn("first", |_: serde_json::Value, _ctx| async move {
+            Ok::<_, WorkerError>(serde_json::json!({ "n": 1 }))
+        })),
+        Arc::new(from_fn(
+            "second",
+            |_: serde_json::Value, ctx: WorkerContext| async move {
+                let first: serde_json::Value = ctx.output("first").await?;
+                Ok::<_, WorkerError>(
+                    serde_json::json!({ "n": first["n"].as_i64().unwrap_or(0) + 1 }),
+                )
+            },
+        )),
+        Arc::new(from_fn(
+            "third",
+            |_: serde_json::Value, ctx: WorkerContext| async move {
+                // `first` is not a step `third` comes after: read from the store.
+                let first: serde_json::Value = ctx.output("first").await?;
+                let second: serde_json::Value = ctx.output("second").await?;
+                Ok::<_, WorkerError>(serde_json::json!({ "first": first, "second": second }))
+            },
+        )),
+    ]
+}
+
+#[tokio::test]
+async fn a_worker_reads_an_output_its_command_does_not_carry_from_the_store() {
+    let mut builder = Runtime::builder().workflow(chain_reading_back());
+    for w in chain_workers() {
+        builder = builder.worker_with_arc(w, Default::default());
+    }
+    let rt = builder.start().await.expect("start");
+    let client = rt.client();
+    let tx = client
+        .start("reads_back", &serde_json::json!({}))
+        .await
+        .expect("started");
+    let state = client
+        .wait(tx, Duration::from_secs(10))
+        .await
+        .expect("ends");
+    assert_eq!(
+        state.status,
+        WorkflowStatus::Completed,
+        "{:?}",
+        state.failure
+    );
+    assert_eq!(
+        state.output("third").map(|p| p.as_str().to_string()),
+        Some(r#"{"first":{"n":1},"second":{"n":2}}"#.to_string())
+    );
+    rt.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_worker_manager_without_a_store_says_how_to_read_an_output_not_carried() {
+    let bus = multiagents::bus::MemoryBus::new();
+    let rt = Runtime::builder()
+        .bus(bus.clone())
+        .workflow(chain_reading_back())
+        .external_workers()
+        .start()
+        .await
+        .expect("start");
+    let mut manager = multiagents::worker::WorkerManager::new(bus);
+    for w in chain_workers() {
+        manager = manager.register_arc(w, Default::default());
+    }
+    let workers = manager.start().await.expect("workers");
+    let client = rt.client();
+    let tx = client
+        .start("reads_back", &serde_json::json!({}))
+        .await
+        .expect("started");
+    let state = client
+        .wait(tx, Duration::from_secs(10))
+        .await
+        .expect("ends");
+    assert_eq!(state.status, WorkflowStatus::Failed);
+    let error = format!("{:?}", state.failure);
+    assert!(error.contains("`first`"), "{error}");
+    assert!(error.contains("WorkerManager::store"), "{error}");
+    // `second` read `first` from its command: it completed.
+    assert_eq!(
+        state.output("second").map(|p| p.as_str().to_string()),
+        Some(r#"{"n":2}"#.to_string())
+    );
+    workers.shutdown().await;
+    rt.shutdown().await;
+}
+
 #[cfg(feature = "redis")]
 mod on_redis {
     use super::*;
@@ -240,6 +341,12 @@ mod on_redis {
         let back = store.get(tx).await.expect("get").expect("stored");
         assert_eq!(back.state.status, WorkflowStatus::Completed);
         assert_eq!(back.state.output("s42"), Some(&big_output(42, 50_000)));
+        // One output is one field: what a worker reads on demand.
+        assert_eq!(
+            store.step_output(tx, "s42").await.expect("read"),
+            Some(big_output(42, 50_000))
+        );
+        assert_eq!(store.step_output(tx, "nope").await.expect("read"), None);
         // The outputs live in their own fields, the history in its list.
         let client = redis::Client::open(url.as_str()).expect("url");
         let mut conn = client
@@ -249,7 +356,7 @@ mod on_redis {
         let key = format!("{{{prefix}:wf:{tx}}}");
         let fields: Vec<String> = conn.hkeys(&key).await.expect("hkeys");
         assert!(fields.contains(&"h".to_string()), "{fields:?}");
-        assert!(fields.contains(&"s:99".to_string()), "{fields:?}");
+        assert!(fields.contains(&"s:s99".to_string()), "{fields:?}");
         assert!(!fields.contains(&"s".to_string()), "{fields:?}");
         let history: usize = conn.llen(format!("{key}:h")).await.expect("llen");
         assert_eq!(history, back.state.history.len());
@@ -303,6 +410,11 @@ mod on_redis {
             .expect("hset");
         let old = store.get(tx).await.expect("get").expect("stored");
         assert_eq!(old.version, 4);
+        assert_eq!(
+            store.step_output(tx, "s0").await.expect("read"),
+            Some(big_output(0, 100)),
+            "an output of the old layout"
+        );
         assert_eq!(*old.state, state);
         // The next transition, written over what was read, rewrites it as parts.
         let mut next = state.clone();

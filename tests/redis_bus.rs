@@ -269,7 +269,7 @@ async fn sagas_run_and_compensate_over_redis_streams() {
             Ok::<_, WorkerError>("r-1")
         }))
         .worker(from_fn("release", |_: bool, ctx| async move {
-            let r: String = ctx.output("reserve")?;
+            let r: String = ctx.output("reserve").await?;
             Ok::<_, WorkerError>(format!("released {r}"))
         }))
         .worker(from_fn("charge", |decline: bool, _| async move {

@@ -46,7 +46,7 @@ async fn sagas_retry_compensate_and_list_on_a_cluster() {
             Ok::<_, WorkerError>("r-1")
         }))
         .worker(from_fn("release", |_: bool, ctx| async move {
-            let r: String = ctx.output("reserve")?;
+            let r: String = ctx.output("reserve").await?;
             Ok::<_, WorkerError>(format!("released {r}"))
         }))
         .worker(from_fn("flaky", move |_: bool, _| {

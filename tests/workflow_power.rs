@@ -73,9 +73,9 @@ async fn a_group_a_condition_and_a_fan_out_run_and_join() {
         let c = c.clone();
         async move {
             // The join sees every branch; the fan-out's output is in item order.
-            let fraud: Value = ctx.output("fraud")?;
-            let address: Value = ctx.output("address")?;
-            let packed: Value = ctx.output("pack")?;
+            let fraud: Value = ctx.output("fraud").await?;
+            let address: Value = ctx.output("address").await?;
+            let packed: Value = ctx.output("pack").await?;
             c.push("ship".to_string());
             Ok::<_, WorkerError>(json!({"fraud": fraud, "address": address, "packed": packed}))
         }
@@ -360,7 +360,7 @@ async fn a_sub_workflow_runs_under_the_parents_correlation_and_is_compensated_wi
     let notify = from_fn("notify", move |_i: Value, ctx: WorkerContext| {
         let f = f.clone();
         async move {
-            let shipped: Value = ctx.output("ship")?;
+            let shipped: Value = ctx.output("ship").await?;
             if f.load(Ordering::SeqCst) {
                 return Err(WorkerError::fatal("mail server gone"));
             }

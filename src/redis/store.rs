@@ -265,13 +265,9 @@ impl RedisStateStore {
             if field.starts_with("s:") {
                 let p: StepPart = serde_json::from_str(value).map_err(|e| bad(field, &e))?;
                 steps.push(p);
-            } else if let Some(rest) = field.strip_prefix("i:") {
-                let (i, k) = rest
-                    .split_once(':')
-                    .and_then(|(i, k)| Some((i.parse().ok()?, k.parse().ok()?)))
-                    .ok_or_else(|| self.corrupt(format!("workflow {tx}: a field `{field}`")))?;
-                let s = serde_json::from_str(value).map_err(|e| bad(field, &e))?;
-                items.push(ItemPart { i, k, s });
+            } else if field.starts_with("i:") {
+                let p: ItemPart = serde_json::from_str(value).map_err(|e| bad(field, &e))?;
+                items.push(p);
             }
         }
         steps.sort_by_key(|p| p.i);
@@ -357,13 +353,14 @@ impl RedisStateStore {
         if let Some(input) = input {
             fields.push(("in".into(), input.as_str().to_string()));
         }
+        // By name, so that one output is one HGET (`step_output`).
         for p in &delta.steps {
             let text = serde_json::to_string(p).map_err(|e| Refused::Store(self.corrupt(e)))?;
-            fields.push((format!("s:{}", p.i), text));
+            fields.push((format!("s:{}", p.s.name), text));
         }
         for p in &delta.items {
-            let text = serde_json::to_string(&p.s).map_err(|e| Refused::Store(self.corrupt(e)))?;
-            fields.push((format!("i:{}:{}", p.i, p.k), text));
+            let text = serde_json::to_string(p).map_err(|e| Refused::Store(self.corrupt(e)))?;
+            fields.push((format!("i:{}", p.s.name), text));
         }
         let mut history = Vec::with_capacity(delta.history.len());
         for e in &delta.history {
@@ -592,6 +589,46 @@ impl WorkflowStates for RedisStateStore {
         state: Arc<WorkflowState>,
     ) -> Result<Version, StoreError> {
         self.write(Some(expected), Some(before), state).await
+    }
+
+    async fn step_output(
+        &self,
+        transaction_id: TransactionId,
+        step: &str,
+    ) -> Result<Option<crate::core::Payload>, StoreError> {
+        #[derive(serde::Deserialize)]
+        struct Part {
+            s: crate::core::saga::StepState,
+        }
+        let field = match step.ends_with(']') {
+            true => format!("i:{step}"),
+            false => format!("s:{step}"),
+        };
+        let mut conn = self.inner.conn.get();
+        let (part, head): (Option<String>, bool) = redis::pipe()
+            .cmd("HGET")
+            .arg(self.key(transaction_id))
+            .arg(&field)
+            .cmd("HEXISTS")
+            .arg(self.key(transaction_id))
+            .arg("h")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.io(e))?;
+        match (part, head) {
+            (Some(text), _) => {
+                let part: Part = serde_json::from_str(&text).map_err(|e| {
+                    self.corrupt(format!("workflow {transaction_id}: {field}: {e}"))
+                })?;
+                Ok(part.s.output)
+            }
+            (None, true) => Ok(None),
+            // The layout before parts: read the whole state.
+            (None, false) => Ok(self
+                .get(transaction_id)
+                .await?
+                .and_then(|v| v.state.output(step).cloned())),
+        }
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<WorkflowSummary>, StoreError> {

@@ -223,6 +223,20 @@ pub trait WorkflowStates: Send + Sync + 'static {
         self.compare_and_set(expected, state).await
     }
 
+    /// The output of one completed step (or fan-out branch, `step[i]`):
+    /// what a worker reads when its command does not carry it. The default
+    /// reads the whole state; stores that keep parts read one.
+    async fn step_output(
+        &self,
+        transaction_id: TransactionId,
+        step: &str,
+    ) -> Result<Option<crate::core::Payload>, StoreError> {
+        Ok(self
+            .get(transaction_id)
+            .await?
+            .and_then(|v| v.state.output(step).cloned()))
+    }
+
     /// Lists workflows, most recently started first.
     async fn list(&self, query: &ListQuery) -> Result<Vec<WorkflowSummary>, StoreError>;
 

@@ -35,7 +35,7 @@ use crate::core::{
 };
 
 /// What a worker gets besides its input.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct WorkerContext {
     /// The workflow instance.
     pub transaction_id: TransactionId,
@@ -59,6 +59,23 @@ pub struct WorkerContext {
     attempt_key: std::sync::OnceLock<Arc<str>>,
     /// The command document, `{"input": …, "steps": {…}}`.
     steps: Option<Payload>,
+    /// Where outputs the command does not carry are read from.
+    source: Option<Arc<dyn crate::store::WorkflowStates>>,
+}
+
+impl std::fmt::Debug for WorkerContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerContext")
+            .field("transaction_id", &self.transaction_id)
+            .field("correlation_id", &self.correlation_id)
+            .field("workflow", &self.workflow)
+            .field("step", &self.step)
+            .field("phase", &self.phase)
+            .field("attempt", &self.attempt)
+            .field("deadline", &self.deadline)
+            .field("has_store", &self.source.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl WorkerContext {
@@ -78,6 +95,7 @@ impl WorkerContext {
             idempotency_key: std::sync::OnceLock::new(),
             attempt_key: std::sync::OnceLock::new(),
             steps: None,
+            source: None,
         }
     }
 
@@ -85,6 +103,7 @@ impl WorkerContext {
         event: &crate::core::Event,
         steps: Option<Payload>,
         cancellation: CancellationToken,
+        source: Option<Arc<dyn crate::store::WorkflowStates>>,
     ) -> Self {
         Self {
             transaction_id: event.transaction_id,
@@ -98,6 +117,7 @@ impl WorkerContext {
             idempotency_key: std::sync::OnceLock::new(),
             attempt_key: std::sync::OnceLock::new(),
             steps,
+            source,
         }
     }
 
@@ -139,8 +159,27 @@ impl WorkerContext {
     }
 
     /// The output of an earlier, completed step, decoded.
-    pub fn output<T: DeserializeOwned>(&self, step: &str) -> Result<T, WorkerError> {
-        let raw = self.output_raw(step)?;
+    ///
+    /// A command carries the outputs of the steps its step comes after (and
+    /// of its `input_from` step, and its own when undoing it); any other is
+    /// read from the store when asked for, so that a command does not grow
+    /// with the steps before it.
+    ///
+    /// ```
+    /// use multiagents::WorkerContext;
+    /// use multiagents::core::Payload;
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().build().expect("runtime").block_on(async {
+    /// let carried = Payload::from_json_str(r#"{"reserve":{"id":7}}"#).expect("json");
+    /// let ctx = WorkerContext::new("orders", "charge").with_outputs(carried);
+    /// let reservation: serde_json::Value = ctx.output("reserve").await.expect("carried");
+    /// assert_eq!(reservation["id"], 7);
+    /// // Not carried, and no store to read it from:
+    /// assert!(ctx.output::<serde_json::Value>("ship").await.is_err());
+    /// # });
+    /// ```
+    pub async fn output<T: DeserializeOwned>(&self, step: &str) -> Result<T, WorkerError> {
+        let raw = self.output_raw(step).await?;
         serde_json::from_str(raw.get()).map_err(|e| {
             WorkerError::fatal(format!(
                 "the output of step `{step}` does not decode as the expected type: {e}"
@@ -149,40 +188,82 @@ impl WorkerContext {
         })
     }
 
-    /// Every earlier step's output, by step name (empty when there is none).
-    pub fn outputs(&self) -> serde_json::Map<String, serde_json::Value> {
-        #[derive(serde::Deserialize)]
-        struct Doc {
-            #[serde(default)]
-            steps: serde_json::Map<String, serde_json::Value>,
-        }
-        self.steps
-            .as_ref()
-            .and_then(|d| serde_json::from_str::<Doc>(d.as_str()).ok())
-            .map(|d| d.steps)
-            .unwrap_or_default()
-    }
-
-    /// The output of an earlier step as raw JSON.
-    pub fn output_raw(&self, step: &str) -> Result<Box<RawValue>, WorkerError> {
-        let missing = || {
-            WorkerError::fatal(format!(
-                "step `{step}` has no output here (it has not completed before this step)"
-            ))
-            .with_kind("invalid_input")
-        };
+    /// The outputs this command carries, by step name.
+    fn carried(&self) -> Result<std::collections::HashMap<&str, &RawValue>, WorkerError> {
         #[derive(serde::Deserialize)]
         struct Doc<'a> {
             #[serde(borrow, default)]
             steps: std::collections::HashMap<&'a str, &'a RawValue>,
         }
-        let doc = self.steps.as_ref().ok_or_else(missing)?;
-        let doc: Doc<'_> = serde_json::from_str(doc.as_str())
-            .map_err(|e| WorkerError::fatal(format!("malformed step outputs: {e}")))?;
-        doc.steps
-            .get(step)
-            .map(|r| (*r).to_owned())
-            .ok_or_else(missing)
+        match &self.steps {
+            None => Ok(Default::default()),
+            Some(doc) => serde_json::from_str::<Doc<'_>>(doc.as_str())
+                .map(|d| d.steps)
+                .map_err(|e| WorkerError::fatal(format!("malformed step outputs: {e}"))),
+        }
+    }
+
+    /// Every earlier step's output, by step name (empty when there is
+    /// none). With a store this reads the whole workflow state: prefer
+    /// [`output`](Self::output) of the steps you need.
+    pub async fn outputs(&self) -> Result<serde_json::Map<String, serde_json::Value>, WorkerError> {
+        let mut out = serde_json::Map::new();
+        if let Some(states) = &self.source {
+            let state = states
+                .get(self.transaction_id)
+                .await
+                .map_err(|e| store_failed("the outputs of earlier steps", e))?;
+            for step in state.iter().flat_map(|v| v.state.steps.iter()) {
+                if let Some(o) = &step.output
+                    && step.name != self.step
+                {
+                    out.insert(step.name.to_string(), o.parse().unwrap_or_default());
+                }
+            }
+        }
+        for (name, raw) in self.carried()? {
+            out.entry(name.to_string())
+                .or_insert_with(|| serde_json::from_str(raw.get()).unwrap_or_default());
+        }
+        Ok(out)
+    }
+
+    /// The output of an earlier step as raw JSON (see [`output`](Self::output)).
+    pub async fn output_raw(&self, step: &str) -> Result<Box<RawValue>, WorkerError> {
+        if let Some(raw) = self.carried()?.get(step) {
+            return Ok((*raw).to_owned());
+        }
+        let missing = || {
+            WorkerError::fatal(format!(
+                "step `{step}` has no output (it has not completed before this step)"
+            ))
+            .with_kind("invalid_input")
+        };
+        let Some(states) = &self.source else {
+            return Err(if self.steps.is_some() {
+                WorkerError::fatal(format!(
+                    "step `{step}` has no output in this command, which carries the outputs of the steps this one comes after, and this worker has no store to read others from: give its worker manager the store (`WorkerManager::store`)"
+                ))
+                .with_kind("invalid_input")
+            } else {
+                missing()
+            });
+        };
+        let found = states
+            .step_output(self.transaction_id, step)
+            .await
+            .map_err(|e| store_failed(&format!("the output of step `{step}`"), e))?;
+        match found {
+            Some(p) => Ok(p.as_raw().to_owned()),
+            None => Err(missing()),
+        }
+    }
+
+    /// Reads outputs the command does not carry from `states` (hand-made
+    /// calls; a worker manager given a store does this itself).
+    pub fn with_store(mut self, states: Arc<dyn crate::store::WorkflowStates>) -> Self {
+        self.source = Some(states);
+        self
     }
 
     /// Sets the outputs of earlier steps (tests): `outputs` is a JSON object
@@ -339,6 +420,11 @@ pub trait Worker: Send + Sync + 'static {
 
     /// Runs one call. `input` is the step's input (see [`crate::core::workflow`]).
     async fn run(&self, input: Payload, ctx: WorkerContext) -> Result<Payload, WorkerError>;
+}
+
+/// A store read that failed: retryable, the store may be back soon.
+fn store_failed(what: &str, e: crate::store::StoreError) -> WorkerError {
+    WorkerError::retry(format!("reading {what} from the store failed: {e}")).with_kind("store")
 }
 
 /// Decodes a typed input, failing for good (no retry can fix bad input).

@@ -208,6 +208,13 @@ class Client:
         """A run's state: its steps and history."""
         return self.request("GET", f"/v1/runs/{run_id}").json()
 
+    def output(self, run_id: str, step: str) -> Any:
+        """One completed step's output (raises ``ApiError`` 404 when the step
+        has not completed)."""
+        from urllib.parse import quote
+
+        return self.request("GET", f"/v1/runs/{run_id}/outputs/{quote(step, safe='')}").json()
+
     def result(self, run_id: str, wait: Optional[float] = None) -> Run:
         """The outcome, or the run still running when ``wait`` ran out."""
         r = self.request(

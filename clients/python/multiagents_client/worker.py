@@ -76,9 +76,10 @@ class Task:
     input: Any
     steps: Dict[str, Any] = field(default_factory=dict)
     delivery_count: int = 1
+    client: Optional[Any] = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def of(cls, t: Mapping[str, Any]) -> "Task":
+    def of(cls, t: Mapping[str, Any], client: Optional[Any] = None) -> "Task":
         return cls(
             token=t["token"],
             worker=t["worker"],
@@ -94,11 +95,22 @@ class Task:
             input=t.get("input"),
             steps=t.get("steps") or {},
             delivery_count=t.get("delivery_count", 1),
+            client=client,
         )
 
     def output(self, step: str) -> Any:
-        """The output of an earlier step."""
-        return self.steps.get(step)
+        """The output of an earlier step.
+
+        A task carries the outputs of the steps its step comes after (and of
+        its ``input_from`` step, and its own when undoing it); any other is
+        read from the service (``GET /v1/runs/{id}/outputs/{step}``)."""
+        if step in self.steps:
+            return self.steps[step]
+        if self.client is None:
+            return None
+        value = self.client.output(self.transaction_id, step)
+        self.steps[step] = value
+        return value
 
 
 @dataclass
@@ -252,7 +264,7 @@ def run_workers(
                 stop.wait(pause)
                 pause = min(pause * 2, 2.0)
                 continue
-            tasks = [Task.of(t) for t in body["tasks"]]
+            tasks = [Task.of(t, client) for t in body["tasks"]]
             for _ in range(room - len(tasks)):
                 slots.release()
             for task in tasks:

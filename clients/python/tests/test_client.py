@@ -87,6 +87,46 @@ def test_worker_errors_carry_retry_advice(client):
     assert "the bank is on fire" in done.failure["error"]["message"]
 
 
+CHAIN = """\
+name: chain
+version: 1
+steps:
+  - {name: first, worker: first}
+  - {name: second, worker: second}
+  - {name: third, worker: third}
+"""
+
+
+def test_an_output_the_task_does_not_carry_is_read_from_the_service(client):
+    client.deploy(CHAIN)
+    seen = {}
+
+    @worker("first")
+    def first(_, task):
+        return {"n": 1}
+
+    @worker("second")
+    def second(_, task):
+        return {"n": task.output("first")["n"] + 1}
+
+    @worker("third")
+    def third(_, task):
+        # The task carries `second` (the step it comes after), not `first`.
+        seen["carried"] = sorted(task.steps)
+        return {"sum": task.output("first")["n"] + task.output("second")["n"]}
+
+    run = client.start("chain", {})
+    with working(client, [first, second, third]):
+        done = client.wait(run.id, timeout=30)
+    assert done.status == "completed", done
+    assert seen["carried"] == ["second"]
+    assert done.output["third"] == {"sum": 3}
+    assert client.output(run.id, "first") == {"n": 1}
+    with pytest.raises(ApiError) as e:
+        client.output(run.id, "nope")
+    assert e.value.status == 404 and "no step `nope`" in e.value.detail
+
+
 def test_signals_cancellation_and_the_problems_the_service_answers(client):
     client.deploy("name: approvals\nversion: 1\nsteps:\n  - {name: approval, signal: approve}\n")
     run = client.start("approvals", {})

@@ -226,6 +226,11 @@ pub(crate) fn operations() -> Vec<Op> {
             .answers(202, "still running", schema("RunRef"))
             .problem(400, "not a run id, or a malformed wait")
             .problem(404, "no such run"),
+        Op::new("get", "/v1/runs/{id}/outputs/{step}", get(runs::output), "getRunOutput", "runs", "One completed step's output, as the step returned it")
+            .describe("A task carries the outputs of the steps its step comes after (and of its `input_from` step, and its own when undoing it). An HTTP worker reads any other earlier output here. `step` may be a fan-out branch, `step[i]`.")
+            .answers(200, "the output (any JSON)", json!({}))
+            .problem(400, "not a run id")
+            .problem(404, "no such run, no such step, or the step has not completed"),
         Op::new("get", "/v1/runs/{id}/timeline", get(timeline::route), "getRunTimeline", "runs", "A run as a timeline: a lane per step, a bar per attempt, wait, sub-workflow and compensation")
             .describe("Each lane has the step's kind, status, input, output, token use (LLM steps) and bars; each bar its kind (attempt, wait, workflow, compensation, skipped), phase, attempt, start and end (ms since the epoch), outcome, error and, once answered, the worker process and its pickup, start and finish times.")
             .answers(200, "the timeline", schema("Timeline"))

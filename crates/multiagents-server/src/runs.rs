@@ -219,6 +219,40 @@ pub(crate) async fn get(
     }
 }
 
+/// `GET /v1/runs/{id}/outputs/{step}`: one completed step's output (or a
+/// fan-out branch's, `step[i]`), as the step returned it: what an HTTP
+/// worker reads when its task does not carry it.
+pub(crate) async fn output(
+    State(service): State<Service>,
+    Path((id, step)): Path<(String, String)>,
+) -> Result<Response, Problem> {
+    let id = run_id(&id)?;
+    let states = &service.store().states;
+    let found = states
+        .step_output(id, &step)
+        .await
+        .map_err(multiagents::Error::from)?;
+    match found {
+        Some(p) => Ok((
+            [(header::CONTENT_TYPE, "application/json")],
+            p.as_str().to_string(),
+        )
+            .into_response()),
+        None => match service.client().status(id).await? {
+            None => Err(Problem::not_found(format!(
+                "no run {id} (it may have expired)"
+            ))),
+            Some(state) if state.step(&step).is_none() => Err(Problem::not_found(format!(
+                "run {id} has no step `{step}` (workflow `{}` version {})",
+                state.workflow, state.version
+            ))),
+            Some(_) => Err(Problem::not_found(format!(
+                "step `{step}` of run {id} has no output: it has not completed"
+            ))),
+        },
+    }
+}
+
 #[derive(Deserialize)]
 pub(crate) struct WaitQuery {
     wait: Option<String>,

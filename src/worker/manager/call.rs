@@ -98,7 +98,7 @@ impl Runner {
         };
         let steps = Some(event.payload.clone());
         let token = self.hard_stop.child_token();
-        let ctx = WorkerContext::from_parts(event, steps, token.clone());
+        let ctx = WorkerContext::from_parts(event, steps, token.clone(), self.states.clone());
         self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
         if let Some(m) = &self.metrics {
             m.in_flight.increment(1.0);

@@ -561,20 +561,48 @@ impl Transition<'_> {
         }
     }
 
-    /// The document a step's (or branch's) worker receives.
+    /// The document a step's (or branch's) worker receives: its input, and
+    /// the outputs of the steps it comes after (through skipped ones), of its
+    /// `input_from` step and (to undo it) its own. Any other earlier output a worker asks for is
+    /// read from the store then, so a command does not grow with the steps
+    /// before it.
     fn payload_for(&self, slot: Slot) -> Payload {
         #[derive(Serialize)]
         struct Doc<'a> {
             input: &'a serde_json::value::RawValue,
-            steps: Outputs<'a>,
+            steps: Carried<'a>,
         }
         let input = match slot.item {
             Some(_) => self.slot(slot).input.as_ref().unwrap_or(&self.state.input),
             None => self.step_input(slot.step),
         };
+        let def = &self.def.steps()[slot.step];
+        // The steps it comes after; a skipped one stands for those it came after.
+        let mut carried = Vec::new();
+        let mut todo: Vec<usize> = self.def.dependencies(slot.step).to_vec();
+        while let Some(d) = todo.pop() {
+            if carried.contains(&d) {
+                continue;
+            }
+            carried.push(d);
+            if self.state.steps[d].status == StepStatus::Skipped {
+                todo.extend_from_slice(self.def.dependencies(d));
+            }
+        }
+        carried.extend(
+            def.input_from
+                .as_ref()
+                .and_then(|s| self.def.step_index(s.as_str())),
+        );
+        carried.push(slot.step);
+        carried.sort_unstable();
+        carried.dedup();
         let doc = Doc {
             input: input.as_raw(),
-            steps: Outputs(&self.state.steps),
+            steps: Carried {
+                steps: &self.state.steps,
+                which: &carried,
+            },
         };
         // Serializing raw values and string keys cannot fail.
         Payload::to_json(&doc).unwrap_or_else(|_| Payload::null())
@@ -634,6 +662,27 @@ pub fn parent_outcome(state: &WorkflowState) -> Option<ChildOutcome> {
 
 /// Step outputs as a JSON object by step name.
 struct Outputs<'a>(&'a Chunked<StepState>);
+
+/// The outputs of some steps, by name.
+struct Carried<'a> {
+    steps: &'a Chunked<StepState>,
+    which: &'a [usize],
+}
+
+impl Serialize for Carried<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        for &i in self.which {
+            if let Some(step) = self.steps.get(i)
+                && let Some(out) = &step.output
+            {
+                m.serialize_entry(step.name.as_str(), out.as_raw())?;
+            }
+        }
+        m.end()
+    }
+}
 
 impl Serialize for Outputs<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {

@@ -17,12 +17,14 @@
 //! * `input` is the workflow's input, or — when the step says
 //!   `input_from("reserve")` — the output of that earlier step. A typed
 //!   worker (`#[worker]`) receives this value, decoded into its input type.
-//! * `steps` holds the output of every step completed so far, by step name.
-//!   A worker reads one with `ctx.output::<T>("reserve")`.
+//! * `steps` holds the outputs of the steps it comes after (through skipped
+//!   ones) and of its `input_from` step, by step name. A worker reads one
+//!   with `ctx.output::<T>("reserve").await`, which reads any other earlier
+//!   output from the store.
 //!
 //! A compensation receives the same document: the workflow input (or its
-//! step's `input_from`) as `input`, and every completed output — including
-//! the output of the step it undoes — under `steps`.
+//! step's `input_from`) as `input`, and the same outputs plus the output of
+//! the step it undoes under `steps`.
 
 mod builder;
 pub mod diagram;
@@ -57,6 +59,8 @@ pub struct WorkflowDefinition {
     deps: Vec<Vec<usize>>,
     /// `dependents[i]`: indexes of the steps that come after step `i`.
     dependents: Vec<Vec<usize>>,
+    /// Step indexes by name.
+    by_name: std::collections::HashMap<String, usize>,
 }
 
 /// One step of a workflow.
@@ -247,7 +251,7 @@ impl WorkflowDefinition {
 
     /// The index of a step by name.
     pub fn step_index(&self, name: &str) -> Option<usize> {
-        self.steps.iter().position(|s| s.name.as_str() == name)
+        self.by_name.get(name).copied()
     }
 
     /// Indexes of the steps that step `index` comes after.
@@ -1005,7 +1009,12 @@ pub(crate) fn validate(
             current = g;
         }
     }
-    let index_of = |n: &StepName| steps.iter().position(|s| &s.name == n);
+    let by_name: std::collections::HashMap<String, usize> = steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.name.to_string(), i))
+        .collect();
+    let index_of = |n: &StepName| by_name.get(n.as_str()).copied();
     let mut deps = Vec::with_capacity(steps.len());
     for s in &steps {
         let mut d = Vec::with_capacity(s.after.len());
@@ -1069,21 +1078,19 @@ pub(crate) fn validate(
                     Reference::Other(var) => format!(
                         "unknown variable `{var}`; an expression reads `input` (the workflow input) and `steps` (the outputs of earlier steps)"
                     ),
-                    Reference::Step(other) => {
-                        match steps.iter().position(|x| x.name.as_str() == other) {
-                            None => format!(
-                                "`steps.{other}`: there is no step `{other}` in this workflow"
-                            ),
-                            Some(j) if j == i => format!(
-                                "`steps.{other}` is this step's own output, which does not exist yet"
-                            ),
-                            Some(j) if !is_ancestor(&deps, j, i) => format!(
-                                "`steps.{other}`: step `{other}` does not always finish before `{}` (add it to `after`)",
-                                s.name
-                            ),
-                            Some(_) => continue,
+                    Reference::Step(other) => match by_name.get(other.as_str()).copied() {
+                        None => {
+                            format!("`steps.{other}`: there is no step `{other}` in this workflow")
                         }
-                    }
+                        Some(j) if j == i => format!(
+                            "`steps.{other}` is this step's own output, which does not exist yet"
+                        ),
+                        Some(j) if !is_ancestor(&deps, j, i) => format!(
+                            "`steps.{other}`: step `{other}` does not always finish before `{}` (add it to `after`)",
+                            s.name
+                        ),
+                        Some(_) => continue,
+                    },
                 };
                 return Err(DefinitionError::Expression(Box::new(ExpressionProblem {
                     workflow,
@@ -1105,6 +1112,7 @@ pub(crate) fn validate(
         steps,
         deps,
         dependents,
+        by_name,
     })
 }
 
