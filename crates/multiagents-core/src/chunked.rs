@@ -22,7 +22,7 @@
 
 use std::fmt;
 use std::ops::{Index, IndexMut, Range};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde::de::{SeqAccess, Visitor};
 use serde::ser::SerializeSeq;
@@ -33,13 +33,41 @@ pub const CHUNK: usize = 64;
 
 /// A list in shared chunks of [`CHUNK`] elements.
 pub struct Chunked<T> {
-    chunks: Vec<Arc<Vec<T>>>,
+    chunks: Vec<Arc<Chunk<T>>>,
     len: usize,
+}
+
+/// How many summaries a chunk keeps ([`Chunked::summaries`]).
+pub const SUMMARIES: usize = 4;
+
+/// Up to [`CHUNK`] elements, with summaries of them computed once (see
+/// [`Chunked::summaries`]) and forgotten when they change.
+struct Chunk<T> {
+    items: Vec<T>,
+    summary: [OnceLock<u64>; SUMMARIES],
+}
+
+impl<T: Clone> Clone for Chunk<T> {
+    /// A copy to change: its summary is computed again.
+    fn clone(&self) -> Self {
+        Self {
+            items: self.items.clone(),
+            summary: Default::default(),
+        }
+    }
+}
+
+/// The elements of a chunk, to change: copied first if shared, and the
+/// summary forgotten.
+fn items_mut<T: Clone>(chunk: &mut Arc<Chunk<T>>) -> &mut Vec<T> {
+    let chunk = Arc::make_mut(chunk);
+    chunk.summary = Default::default();
+    &mut chunk.items
 }
 
 /// The elements of a [`Chunked`], in order.
 pub struct Iter<'a, T> {
-    chunks: std::slice::Iter<'a, Arc<Vec<T>>>,
+    chunks: std::slice::Iter<'a, Arc<Chunk<T>>>,
     front: std::slice::Iter<'a, T>,
     back: std::slice::Iter<'a, T>,
 }
@@ -53,7 +81,7 @@ impl<'a, T> Iterator for Iter<'a, T> {
                 return Some(v);
             }
             match self.chunks.next() {
-                Some(c) => self.front = c.iter(),
+                Some(c) => self.front = c.items.iter(),
                 None => return self.back.next(),
             }
         }
@@ -67,7 +95,7 @@ impl<T> DoubleEndedIterator for Iter<'_, T> {
                 return Some(v);
             }
             match self.chunks.next_back() {
-                Some(c) => self.back = c.iter(),
+                Some(c) => self.back = c.items.iter(),
                 None => return self.front.next_back(),
             }
         }
@@ -95,7 +123,7 @@ impl<T> Chunked<T> {
 
     /// The element at `i`.
     pub fn get(&self, i: usize) -> Option<&T> {
-        self.chunks.get(i / CHUNK)?.get(i % CHUNK)
+        self.chunks.get(i / CHUNK)?.items.get(i % CHUNK)
     }
 
     /// The first element.
@@ -105,7 +133,7 @@ impl<T> Chunked<T> {
 
     /// The last element.
     pub fn last(&self) -> Option<&T> {
-        self.chunks.last()?.last()
+        self.chunks.last()?.items.last()
     }
 
     /// The elements in order.
@@ -125,7 +153,9 @@ impl<T> Chunked<T> {
             .iter()
             .skip(first)
             .enumerate()
-            .flat_map(move |(k, c)| c[if k == 0 { skip.min(c.len()) } else { 0 }..].iter())
+            .flat_map(move |(k, c)| {
+                c.items[if k == 0 { skip.min(c.items.len()) } else { 0 }..].iter()
+            })
     }
 
     /// The index ranges whose chunks are not shared with `earlier` (an
@@ -138,8 +168,30 @@ impl<T> Chunked<T> {
     ) -> impl Iterator<Item = Range<usize>> + 'a {
         self.chunks.iter().enumerate().filter_map(move |(k, c)| {
             let same = earlier.chunks.get(k).is_some_and(|e| Arc::ptr_eq(e, c));
-            (!same).then(|| k * CHUNK..k * CHUNK + c.len())
+            (!same).then(|| k * CHUNK..k * CHUNK + c.items.len())
         })
+    }
+}
+
+impl<T> Chunked<T> {
+    /// Summary number `slot` (below [`SUMMARIES`]) of each chunk, in order:
+    /// `summary` of its elements, computed once and kept with the chunk
+    /// until it changes. A transition that changes one step recomputes one
+    /// chunk's, not the whole list's. `summary` must be the same function at
+    /// every call with a given slot on a list (what is kept is its value).
+    pub fn summaries<'a>(
+        &'a self,
+        slot: usize,
+        summary: impl Fn(&[T]) -> u64 + 'a,
+    ) -> impl Iterator<Item = u64> + 'a {
+        self.chunks
+            .iter()
+            .map(move |c| *c.summary[slot].get_or_init(|| summary(&c.items)))
+    }
+
+    /// The least of summary `slot` over the chunks (`u64::MAX` when empty).
+    pub fn min_summary(&self, slot: usize, summary: impl Fn(&[T]) -> u64) -> u64 {
+        self.summaries(slot, summary).min().unwrap_or(u64::MAX)
     }
 }
 
@@ -147,20 +199,23 @@ impl<T: Clone> Chunked<T> {
     /// The element at `i`, to change (its chunk is copied first if shared).
     pub fn get_mut(&mut self, i: usize) -> Option<&mut T> {
         let chunk = self.chunks.get_mut(i / CHUNK)?;
-        if i % CHUNK >= chunk.len() {
+        if i % CHUNK >= chunk.items.len() {
             return None;
         }
-        Arc::make_mut(chunk).get_mut(i % CHUNK)
+        items_mut(chunk).get_mut(i % CHUNK)
     }
 
     /// Appends an element.
     pub fn push(&mut self, value: T) {
         match self.chunks.last_mut() {
-            Some(last) if last.len() < CHUNK => Arc::make_mut(last).push(value),
+            Some(last) if last.items.len() < CHUNK => items_mut(last).push(value),
             _ => {
-                let mut chunk = Vec::with_capacity(CHUNK);
-                chunk.push(value);
-                self.chunks.push(Arc::new(chunk));
+                let mut items = Vec::with_capacity(CHUNK);
+                items.push(value);
+                self.chunks.push(Arc::new(Chunk {
+                    items,
+                    summary: Default::default(),
+                }));
             }
         }
         self.len += 1;
@@ -168,9 +223,7 @@ impl<T: Clone> Chunked<T> {
 
     /// Every element, to change (every shared chunk is copied).
     pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut T> {
-        self.chunks
-            .iter_mut()
-            .flat_map(|c| Arc::make_mut(c).iter_mut())
+        self.chunks.iter_mut().flat_map(|c| items_mut(c).iter_mut())
     }
 
     /// The elements as one `Vec`.
@@ -208,7 +261,7 @@ impl<T: PartialEq> PartialEq for Chunked<T> {
                 .chunks
                 .iter()
                 .zip(&other.chunks)
-                .all(|(a, b)| Arc::ptr_eq(a, b) || a == b)
+                .all(|(a, b)| Arc::ptr_eq(a, b) || a.items == b.items)
     }
 }
 
@@ -326,6 +379,31 @@ mod tests {
         assert_eq!(a.iter_from(500).count(), 0);
         assert_ne!(a, b);
         assert_eq!(b, b.clone());
+    }
+
+    #[test]
+    fn a_summary_is_kept_per_chunk_until_the_chunk_changes() {
+        let calls = std::cell::Cell::new(0);
+        let least = |c: &[u64]| {
+            calls.set(calls.get() + 1);
+            c.iter().copied().min().unwrap_or(u64::MAX)
+        };
+        let mut a: Chunked<u64> = (100..300).collect();
+        assert_eq!(a.min_summary(0, least), 100);
+        assert_eq!(calls.get(), 4);
+        assert_eq!(a.min_summary(0, least), 100);
+        assert_eq!(calls.get(), 4, "kept");
+        let b = a.clone();
+        a[150] = 7;
+        assert_eq!(a.min_summary(0, least), 7);
+        assert_eq!(calls.get(), 5, "only the changed chunk again");
+        assert_eq!(b.min_summary(0, least), 100, "the clone keeps its own");
+        a.push(1);
+        assert_eq!(a.min_summary(0, least), 1);
+        // Another slot is another summary.
+        let sum: u64 = a.summaries(1, |c| c.len() as u64).sum();
+        assert_eq!(sum, 201);
+        assert_eq!(Chunked::<u64>::new().min_summary(0, least), u64::MAX);
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Fan-out: one branch per item, as many at once as the bound allows, and
 //! the step completed with every branch's output once all have.
 
+use super::state::{ACTIVE, FIRST_PENDING, UNFINISHED};
 use super::{HistoryEvent, Slot, StepState, StepStatus, Transition};
+use crate::chunked::CHUNK;
 use crate::payload::Payload;
 
 impl Transition<'_> {
@@ -37,15 +39,32 @@ impl Transition<'_> {
             .for_each
             .as_ref()
             .map_or(1, |f| f.max_concurrency) as usize;
+        // Counted per chunk of branches and kept until the chunk changes: a
+        // branch's answer recounts its own chunk, not every branch.
         let items = &self.state.steps[i].items;
-        let running = items.iter().filter(|b| is_active(&b.status)).count();
-        let pending: Vec<usize> = items
-            .iter()
+        let running: u64 = items
+            .summaries(ACTIVE, |c| {
+                c.iter().filter(|b| is_active(&b.status)).count() as u64
+            })
+            .sum();
+        let first = items
+            .summaries(FIRST_PENDING, |c| {
+                c.iter()
+                    .position(|b| b.status == StepStatus::Pending)
+                    .map_or(u64::MAX, |k| k as u64)
+            })
             .enumerate()
-            .filter(|(_, b)| b.status == StepStatus::Pending)
-            .map(|(k, _)| k)
-            .collect();
-        for k in pending.into_iter().take(limit.saturating_sub(running)) {
+            .find(|(_, k)| *k != u64::MAX)
+            .map(|(c, k)| c * CHUNK + k as usize);
+        let room = limit.saturating_sub(running as usize);
+        let pending: Vec<usize> = match first {
+            Some(first) if room > 0 => (first..items.len())
+                .filter(|&k| items[k].status == StepStatus::Pending)
+                .take(room)
+                .collect(),
+            _ => Vec::new(),
+        };
+        for k in pending {
             self.dispatch_slot(
                 Slot {
                     step: i,
@@ -54,10 +73,15 @@ impl Transition<'_> {
                 1,
             );
         }
-        let done = self.state.steps[i]
+        let unfinished: u64 = self.state.steps[i]
             .items
-            .iter()
-            .all(|b| b.status == StepStatus::Completed);
+            .summaries(UNFINISHED, |c| {
+                c.iter()
+                    .filter(|b| b.status != StepStatus::Completed)
+                    .count() as u64
+            })
+            .sum();
+        let done = unfinished == 0;
         if done {
             let mut list = String::from("[");
             for (k, b) in self.state.steps[i].items.iter().enumerate() {

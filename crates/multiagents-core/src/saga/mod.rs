@@ -317,7 +317,7 @@ pub fn start_child(
     };
     t.record(None, 0, HistoryEvent::Started);
     t.actions.push(Action::Status(StatusUpdate::Started));
-    t.advance();
+    t.advance(None);
     let actions = t.actions;
     (state, actions)
 }
@@ -347,6 +347,9 @@ pub fn apply(
             return Outcome::default();
         }
     }
+    // The steps before the input: cheap to keep (shared chunks), and what
+    // tells `advance` which steps the input changed.
+    let before = state.steps.clone();
     let mut t = Transition {
         def,
         state,
@@ -391,7 +394,7 @@ pub fn apply(
     if !changed {
         return Outcome::default();
     }
-    t.advance();
+    t.advance(Some(before));
     t.state.updated_at = now;
     Outcome {
         changed: true,
@@ -491,33 +494,69 @@ impl Transition<'_> {
         });
     }
 
-    /// Moves the workflow as far as it can go without new input.
-    fn advance(&mut self) {
+    /// Moves the workflow as far as it can go without new input. `since`:
+    /// the steps as they were before this transition's input (`None` for a
+    /// new state): only steps changed since, and the steps after them, can
+    /// have become ready, so a long workflow's other steps are not looked at.
+    fn advance(&mut self, since: Option<Chunked<StepState>>) {
         if self.state.status == WorkflowStatus::Running {
             // Starting steps may complete or fail some (a condition, a kept
             // signal, an empty fan-out), which may make others ready.
+            let mut since = since;
             for _ in 0..=self.state.steps.len() {
                 if self.state.failure.is_some() {
                     break;
                 }
-                if !self.dispatch_ready_steps() {
+                let among = since.as_ref().map(|b| self.changed_and_after(b));
+                let before = self.state.steps.clone();
+                if !self.dispatch_ready_steps(among.as_deref()) {
                     break;
                 }
+                since = Some(before);
             }
             if self.state.failure.is_some() {
                 self.begin_compensation();
-            } else if self
-                .state
-                .steps
-                .iter()
-                .all(|s| matches!(s.status, StepStatus::Completed | StepStatus::Skipped))
-            {
+            } else if self.all_settled() {
                 self.finish(WorkflowStatus::Completed);
             }
         }
         if self.state.status == WorkflowStatus::Compensating {
             self.compensate_ready_steps();
         }
+    }
+
+    /// Steps whose status or branches differ from `before`, and the steps
+    /// that come after them, in order.
+    fn changed_and_after(&self, before: &Chunked<StepState>) -> Vec<usize> {
+        let mut out = Vec::new();
+        for range in self.state.steps.changed_since(before) {
+            for i in range {
+                let now = &self.state.steps[i];
+                let differs = before
+                    .get(i)
+                    .is_none_or(|b| b.status != now.status || b.items != now.items);
+                if differs {
+                    out.push(i);
+                    out.extend_from_slice(self.def.dependents(i));
+                }
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// True when every step completed or was skipped. The steps nothing
+    /// comes after are looked at first: until they have finished, some step
+    /// has not, and a long workflow is not scanned at every transition.
+    fn all_settled(&self) -> bool {
+        let settled =
+            |s: &StepState| matches!(s.status, StepStatus::Completed | StepStatus::Skipped);
+        self.def
+            .sinks()
+            .iter()
+            .all(|&i| self.state.steps.get(i).is_some_and(settled))
+            && self.state.steps.iter().all(settled)
     }
 
     fn finish(&mut self, status: WorkflowStatus) {

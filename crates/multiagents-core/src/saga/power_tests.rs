@@ -871,6 +871,30 @@ mod properties {
                     "an input that changed nothing changed the state"
                 );
             }
+            // Looking only at the steps an input changed (and those after
+            // them) misses nothing: no step is left waiting that could run.
+            if self.state.status == WorkflowStatus::Running {
+                let settled =
+                    |s: &StepState| matches!(s.status, StepStatus::Completed | StepStatus::Skipped);
+                for (i, s) in self.state.steps.iter().enumerate() {
+                    if s.status == StepStatus::Pending {
+                        let ready = self
+                            .def
+                            .dependencies(i)
+                            .iter()
+                            .all(|&d| settled(&self.state.steps[d]));
+                        assert!(
+                            !ready,
+                            "step {} could run but was left pending after {input:?}",
+                            s.name
+                        );
+                    }
+                }
+                assert!(
+                    !self.state.steps.iter().all(settled),
+                    "every step finished but the workflow runs on"
+                );
+            }
             if self.terminal_seen {
                 assert_eq!(out, Outcome::default(), "a terminal workflow changed");
             }

@@ -223,7 +223,7 @@ pub fn retry(
         },
     );
     t.actions.push(Action::Status(StatusUpdate::Started));
-    t.advance();
+    t.advance(None);
     let actions = t.actions;
     Ok((state, actions))
 }

@@ -530,15 +530,15 @@ impl WorkflowState {
         if self.status.is_terminal() {
             return None;
         }
-        let steps = self
-            .steps
-            .iter()
-            .flat_map(|s| std::iter::once(s).chain(s.items.iter()))
-            .filter_map(|s| s.status.wakeup());
+        // Each chunk of steps (and of a fan-out's branches) keeps its least
+        // wakeup until it changes: a transition recomputes the chunks it
+        // touched, not every step of a long workflow.
+        let steps = self.steps.min_summary(WAKEUP, chunk_wakeup);
+        let steps = (steps != u64::MAX).then_some(Timestamp(steps));
         let deadline = self
             .deadline
             .filter(|_| self.status == WorkflowStatus::Running);
-        steps.chain(deadline).min()
+        steps.into_iter().chain(deadline).min()
     }
 
     /// True when the workflow still waits for an answer from `attempt` of
@@ -576,6 +576,35 @@ impl WorkflowState {
     pub fn is_terminal(&self) -> bool {
         self.status.is_terminal()
     }
+}
+
+/// The summaries kept per chunk of steps or branches (see
+/// [`Chunked::summaries`]): the least wakeup (ms); for branches also how
+/// many hold a place, how many have not completed, and the first pending.
+pub(crate) const WAKEUP: usize = 0;
+pub(crate) const ACTIVE: usize = 1;
+pub(crate) const UNFINISHED: usize = 2;
+pub(crate) const FIRST_PENDING: usize = 3;
+
+/// The least wakeup of some steps and their branches, in ms (`u64::MAX`
+/// for none): the summary [`WorkflowState::next_wakeup`] keeps per chunk.
+fn chunk_wakeup(steps: &[StepState]) -> u64 {
+    fn branch_wakeup(items: &[StepState]) -> u64 {
+        items
+            .iter()
+            .filter_map(|s| s.status.wakeup())
+            .map(|t| t.0)
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+    steps
+        .iter()
+        .map(|s| {
+            let own = s.status.wakeup().map_or(u64::MAX, |t| t.0);
+            own.min(s.items.min_summary(WAKEUP, branch_wakeup))
+        })
+        .min()
+        .unwrap_or(u64::MAX)
 }
 
 /// `"step[3]"` → `("step", 3)`.

@@ -19,9 +19,20 @@ impl Transition<'_> {
     /// were skipped), and tops up running fan-outs. Returns true if a step
     /// finished on the spot (skipped, a kept signal, an empty fan-out), so
     /// that others may now be ready.
-    pub(super) fn dispatch_ready_steps(&mut self) -> bool {
+    ///
+    /// `among`: the only steps that can have become ready (those that
+    /// changed and the steps after them), in order; `None` looks at all.
+    pub(super) fn dispatch_ready_steps(&mut self, among: Option<&[usize]>) -> bool {
         let mut settled_now = false;
-        for i in 0..self.state.steps.len() {
+        let all: Vec<usize>;
+        let among = match among {
+            Some(a) => a,
+            None => {
+                all = (0..self.state.steps.len()).collect();
+                &all
+            }
+        };
+        for &i in among {
             match self.state.steps[i].status {
                 StepStatus::Pending => {}
                 StepStatus::Branching => {

@@ -61,6 +61,8 @@ pub struct WorkflowDefinition {
     dependents: Vec<Vec<usize>>,
     /// Step indexes by name.
     by_name: std::collections::HashMap<String, usize>,
+    /// The steps no step comes after.
+    sinks: Vec<usize>,
 }
 
 /// One step of a workflow.
@@ -262,6 +264,12 @@ impl WorkflowDefinition {
     /// Indexes of the steps that come after step `index`.
     pub fn dependents(&self, index: usize) -> &[usize] {
         &self.dependents[index]
+    }
+
+    /// Indexes of the steps that no step comes after: the workflow has
+    /// completed once these have (every other step finished before them).
+    pub fn sinks(&self) -> &[usize] {
+        &self.sinks
     }
 
     /// Every worker name the definition uses (steps and compensations).
@@ -1110,6 +1118,9 @@ pub(crate) fn validate(
         description,
         deadline,
         steps,
+        sinks: (0..dependents.len())
+            .filter(|&i| dependents[i].is_empty())
+            .collect(),
         deps,
         dependents,
         by_name,
