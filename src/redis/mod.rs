@@ -21,8 +21,7 @@
 //! | `{ma:limits:<worker>}held`, `…starts`, `…seq` | sorted sets, counter | shared places: leases, recent starts, lease numbers |
 //! | `ma:status` | Pub/Sub channel | status broadcasts (only with `broadcast_status`) |
 //! | `ma:interrupts` | Pub/Sub channel | interrupts for steps in flight (best effort) |
-//! | `{ma:wf:<transaction>}` | hash | `v` version, `h` head, `in` input, `s:<i>` step, `i:<i>:<k>` branch ([parts](crate::core::saga::parts)); `st` status, `wf` workflow, `sa` started, `up` updated (ms), `co` correlation; `s` the whole state JSON in the layout before parts |
-//! | `{ma:wf:<transaction>}:h` | list | the history, appended to, one JSON entry each |
+//! | `{ma:wf:<transaction>}` | hash | `v` version, `h` head, `in` input, `s:<step>` step, `i:<step>[k]` branch, `h:<n>` history entries from *n*, `hn` their count ([parts](crate::core::saga::parts)); `st` status, `wf` workflow, `sa` started, `up` updated (ms), `co` correlation; `s` the whole state JSON in the layout before parts |
 //! | `{ma:timers}` | sorted set | transaction ids scored by next wakeup (ms) |
 //! | `{ma:workers}` | hash | `worker@instance` → the latest heartbeat (JSON); stale ones are dropped when read |
 //! | `{ma:index}` | sorted set | transaction ids scored by start (ms), for listing; `expire` drops those whose hash has expired |

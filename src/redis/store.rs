@@ -77,50 +77,48 @@ impl RedisStoreConfig {
     }
 }
 
-/// Writes a state as parts: `h` the head, `s:<i>` a step, `i:<i>:<k>` a
-/// branch, and the history appended to a list beside the hash. A full write
-/// (a new workflow, a state not made from the stored one, or one stored in
-/// the old single-field layout `s`) replaces what was there.
+/// Writes a state as parts of its hash: `h` the head, `in` the input,
+/// `s:<step>` a step, `i:<step>[k]` a branch, `hn` how many history
+/// entries, and `h:<n>` the history entries one write added (a JSON array,
+/// `n` the index of its first). A full write (a new workflow, a state not
+/// made from the stored one, or one stored in the old single-field layout
+/// `s`) replaces what was there.
 ///
-/// KEYS: hash, history list, [unpublished]. ARGV: expected ('0' = create),
-/// new version, head, status, workflow, started, updated, ttl, channel, tx,
-/// now, note, correlation, history_from, full, field-value pair count, then
-/// the pairs, then the history entries. Returns {1, v}; {0, found} on a
-/// version conflict; {-1, 0} when missing; {-2, v} when a delta meets the
-/// old layout (write it whole); {-3, length} when the stored history is not
-/// the length the delta expects.
+/// KEYS: hash, [unpublished]. ARGV: expected ('0' = create), new version,
+/// head, status, workflow, started, updated, ttl, channel, tx, now, note,
+/// correlation, history_from, full, field-value pair count, the new history
+/// count, then the pairs. Returns {1, v}; {0, found} on a version conflict;
+/// {-1, 0} when missing; {-2, v} when a delta meets the old layout (write it
+/// whole); {-3, count} when the stored history is not the length the delta
+/// expects.
 const CAS: &str = r"
-local cur = redis.call('HGET', KEYS[1], 'v')
+local cur = redis.call('HMGET', KEYS[1], 'v', 'hn')
 local full = ARGV[15] == '1'
 if ARGV[1] == '0' then
-  if cur then return {0, tonumber(cur)} end
+  if cur[1] then return {0, tonumber(cur[1])} end
 else
-  if not cur then return {-1, 0} end
-  if cur ~= ARGV[1] then return {0, tonumber(cur)} end
+  if not cur[1] then return {-1, 0} end
+  if cur[1] ~= ARGV[1] then return {0, tonumber(cur[1])} end
   if not full then
-    if redis.call('HEXISTS', KEYS[1], 'h') == 0 then return {-2, tonumber(cur)} end
-    local len = redis.call('LLEN', KEYS[2])
-    if len ~= tonumber(ARGV[14]) then return {-3, len} end
+    if not cur[2] then return {-2, tonumber(cur[1])} end
+    if cur[2] ~= ARGV[14] then return {-3, tonumber(cur[2])} end
   end
 end
-if full and cur then
+if full and cur[1] then
   local co = redis.call('HGET', KEYS[1], 'co')
-  redis.call('DEL', KEYS[1], KEYS[2])
+  redis.call('DEL', KEYS[1])
   if co then redis.call('HSET', KEYS[1], 'co', co) end
 end
-redis.call('HSET', KEYS[1], 'v', ARGV[2], 'h', ARGV[3], 'st', ARGV[4], 'wf', ARGV[5], 'sa', ARGV[6], 'up', ARGV[7])
-if ARGV[1] == '0' then redis.call('HSET', KEYS[1], 'co', ARGV[13]) end
-local pairs_end = 16 + 2 * tonumber(ARGV[16])
-for j = 17, pairs_end, 1000 do
+local pairs_end = 17 + 2 * tonumber(ARGV[16])
+local first_end = math.min(pairs_end, 1017)
+redis.call('HSET', KEYS[1], 'v', ARGV[2], 'h', ARGV[3], 'st', ARGV[4], 'wf', ARGV[5], 'sa', ARGV[6], 'up', ARGV[7], 'hn', ARGV[17], unpack(ARGV, 18, first_end))
+for j = first_end + 1, pairs_end, 1000 do
   redis.call('HSET', KEYS[1], unpack(ARGV, j, math.min(j + 999, pairs_end)))
 end
-for j = pairs_end + 1, #ARGV, 1000 do
-  redis.call('RPUSH', KEYS[2], unpack(ARGV, j, math.min(j + 999, #ARGV)))
-end
-if KEYS[3] then redis.call('ZADD', KEYS[3], ARGV[11], ARGV[12]) end
+if ARGV[1] == '0' then redis.call('HSET', KEYS[1], 'co', ARGV[13]) end
+if KEYS[2] then redis.call('ZADD', KEYS[2], ARGV[11], ARGV[12]) end
 if ARGV[8] ~= '0' then
   redis.call('PEXPIRE', KEYS[1], ARGV[8])
-  redis.call('PEXPIRE', KEYS[2], ARGV[8])
   redis.call('PUBLISH', ARGV[9], ARGV[10])
 end
 return {1, tonumber(ARGV[2])}
@@ -243,7 +241,6 @@ impl RedisStateStore {
         &self,
         tx: TransactionId,
         fields: &HashMap<String, String>,
-        history: &[String],
     ) -> Result<WorkflowState, StoreError> {
         let bad = |what: &str, e: &dyn std::fmt::Display| {
             self.corrupt(format!("workflow {tx}: {what}: {e}"))
@@ -275,9 +272,35 @@ impl RedisStateStore {
         // Branches beyond a step's count are left from an earlier fan-out.
         let counts: HashMap<usize, usize> = steps.iter().map(|p| (p.i, p.n)).collect();
         items.retain(|p| counts.get(&p.i).is_some_and(|n| p.k < *n));
-        let mut entries = Vec::with_capacity(history.len());
-        for e in history {
-            entries.push(serde_json::from_str(e).map_err(|e| bad("its history", &e))?);
+        // The history, write by write, each from where the one before ended.
+        let mut batches: Vec<(usize, &String)> = Vec::new();
+        for (field, value) in fields {
+            if let Some(from) = field.strip_prefix("h:") {
+                let from = from
+                    .parse()
+                    .map_err(|_| self.corrupt(format!("workflow {tx}: a field `{field}`")))?;
+                batches.push((from, value));
+            }
+        }
+        batches.sort_by_key(|(from, _)| *from);
+        let mut entries = Vec::new();
+        for (from, batch) in batches {
+            if from != entries.len() {
+                return Err(self.corrupt(format!(
+                    "workflow {tx}: history entries from {from} follow {} entries",
+                    entries.len()
+                )));
+            }
+            let mut added: Vec<crate::core::saga::HistoryEntry> =
+                serde_json::from_str(batch).map_err(|e| bad("its history", &e))?;
+            entries.append(&mut added);
+        }
+        let counted = fields.get("hn").and_then(|n| n.parse::<usize>().ok());
+        if counted != Some(entries.len()) {
+            return Err(self.corrupt(format!(
+                "workflow {tx}: its history has {} entries where {counted:?} were written",
+                entries.len()
+            )));
         }
         Delta {
             full: true,
@@ -289,10 +312,6 @@ impl RedisStateStore {
         }
         .apply(None)
         .map_err(|e| self.corrupt(e))
-    }
-
-    fn history_key(&self, tx: TransactionId) -> String {
-        format!("{{{}:wf:{tx}}}:h", self.inner.config.prefix)
     }
 
     async fn write(
@@ -362,9 +381,11 @@ impl RedisStateStore {
             let text = serde_json::to_string(p).map_err(|e| Refused::Store(self.corrupt(e)))?;
             fields.push((format!("i:{}", p.s.name), text));
         }
-        let mut history = Vec::with_capacity(delta.history.len());
-        for e in &delta.history {
-            history.push(serde_json::to_string(e).map_err(|e| Refused::Store(self.corrupt(e)))?);
+        // The entries this write adds: one field.
+        if !delta.history.is_empty() {
+            let text = serde_json::to_string(&delta.history)
+                .map_err(|e| Refused::Store(self.corrupt(e)))?;
+            fields.push((format!("h:{}", delta.history_from), text));
         }
         let expected_arg = expected.unwrap_or(0);
         let ttl = if state.is_terminal() {
@@ -414,7 +435,6 @@ impl RedisStateStore {
         let channel = self.finished_channel();
         let sent = json.len()
             + fields.iter().map(|(f, v)| f.len() + v.len()).sum::<usize>()
-            + history.iter().map(String::len).sum::<usize>()
             + state.status.as_str().len()
             + state.workflow.as_str().len()
             + channel.len()
@@ -426,7 +446,6 @@ impl RedisStateStore {
             .written
             .fetch_add(sent as u64, std::sync::atomic::Ordering::Relaxed);
         let mut invocation = self.inner.cas.key(self.key(tx));
-        invocation.key(self.history_key(tx));
         if !cluster && noted {
             invocation.key(self.unpublished_key());
         }
@@ -446,12 +465,10 @@ impl RedisStateStore {
             .arg(correlation)
             .arg(delta.history_from)
             .arg(if delta.full { "1" } else { "0" })
-            .arg(fields.len());
+            .arg(fields.len())
+            .arg(delta.history_from + delta.history.len());
         for (f, v) in &fields {
             invocation.arg(f).arg(v);
-        }
-        for e in &history {
-            invocation.arg(e);
         }
         // Scripts are sent by hash; load once so a pipeline can use EVALSHA.
         let mut conn = self.inner.conn.get();
@@ -548,22 +565,17 @@ impl WorkflowStates for RedisStateStore {
 
     async fn get(&self, transaction_id: TransactionId) -> Result<Option<Versioned>, StoreError> {
         let mut conn = self.inner.conn.get();
-        // One MULTI: the hash and the history as of the same write.
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("HGETALL")
+        // One command: the state as of one write.
+        let fields: HashMap<String, String> = redis::cmd("HGETALL")
             .arg(self.key(transaction_id))
-            .cmd("LRANGE")
-            .arg(self.history_key(transaction_id))
-            .arg(0)
-            .arg(-1);
-        let (fields, history): (HashMap<String, String>, Vec<String>) =
-            pipe.query_async(&mut conn).await.map_err(|e| self.io(e))?;
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.io(e))?;
         let Some(version) = fields.get("v").and_then(|v| v.parse::<u64>().ok()) else {
             return Ok(None);
         };
         let state = match (fields.get("h"), fields.get("s")) {
-            (Some(_), _) => self.assemble(transaction_id, &fields, &history)?,
+            (Some(_), _) => self.assemble(transaction_id, &fields)?,
             // Written before states were kept as parts: one JSON document.
             (None, Some(json)) => serde_json::from_str(json).map_err(|e| self.corrupt(e))?,
             (None, None) => return Ok(None),
@@ -848,9 +860,18 @@ impl WorkflowStates for RedisStateStore {
             if let Ok(mut w) = self.inner.waiters.lock() {
                 w.entry(transaction_id).or_default().push(tx);
             }
-            let current = self.get(transaction_id).await?;
-            let done = current.as_ref().is_none_or(|v| v.state.is_terminal());
+            // The status field first (one small read): the whole state is
+            // read once, when it is the one to return.
+            let mut conn = self.inner.conn.get();
+            let status: Option<String> = redis::cmd("HGET")
+                .arg(self.key(transaction_id))
+                .arg("st")
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.io(e))?;
+            let done = status.is_none_or(|s| status_of(&s).is_none_or(|s| s.is_terminal()));
             if done || tokio::time::Instant::now() >= until {
+                let current = self.get(transaction_id).await?;
                 if let Ok(mut w) = self.inner.waiters.lock()
                     && let Some(list) = w.get_mut(&transaction_id)
                 {

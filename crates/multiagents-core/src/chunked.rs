@@ -22,7 +22,8 @@
 
 use std::fmt;
 use std::ops::{Index, IndexMut, Range};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::de::{SeqAccess, Visitor};
 use serde::ser::SerializeSeq;
@@ -44,24 +45,39 @@ pub const SUMMARIES: usize = 4;
 /// [`Chunked::summaries`]) and forgotten when they change.
 struct Chunk<T> {
     items: Vec<T>,
-    summary: [OnceLock<u64>; SUMMARIES],
+    /// [`UNSET`] until computed. Computing one twice at once is harmless:
+    /// both compute the same value.
+    summary: [AtomicU64; SUMMARIES],
 }
 
-impl<T: Clone> Clone for Chunk<T> {
-    /// A copy to change: its summary is computed again.
-    fn clone(&self) -> Self {
+/// A summary not computed yet.
+const UNSET: u64 = u64::MAX - 1;
+
+fn unset() -> [AtomicU64; SUMMARIES] {
+    std::array::from_fn(|_| AtomicU64::new(UNSET))
+}
+
+impl<T> Chunk<T> {
+    fn new(items: Vec<T>) -> Self {
         Self {
-            items: self.items.clone(),
-            summary: Default::default(),
+            items,
+            summary: unset(),
         }
     }
 }
 
-/// The elements of a chunk, to change: copied first if shared, and the
-/// summary forgotten.
-fn items_mut<T: Clone>(chunk: &mut Arc<Chunk<T>>) -> &mut Vec<T> {
-    let chunk = Arc::make_mut(chunk);
-    chunk.summary = Default::default();
+/// The elements of a chunk, to change: copied first if shared (with room
+/// for `room` more), and the summaries forgotten.
+fn items_mut<T: Clone>(chunk: &mut Arc<Chunk<T>>, room: usize) -> &mut Vec<T> {
+    if Arc::get_mut(chunk).is_none() {
+        let mut items = Vec::with_capacity(chunk.items.len() + room);
+        items.extend_from_slice(&chunk.items);
+        *chunk = Arc::new(Chunk::new(items));
+    }
+    let chunk = Arc::get_mut(chunk).expect("unique after the copy");
+    for s in &chunk.summary {
+        s.store(UNSET, Ordering::Relaxed);
+    }
     &mut chunk.items
 }
 
@@ -184,9 +200,18 @@ impl<T> Chunked<T> {
         slot: usize,
         summary: impl Fn(&[T]) -> u64 + 'a,
     ) -> impl Iterator<Item = u64> + 'a {
-        self.chunks
-            .iter()
-            .map(move |c| *c.summary[slot].get_or_init(|| summary(&c.items)))
+        self.chunks.iter().map(move |c| {
+            let kept = c.summary[slot].load(Ordering::Relaxed);
+            if kept != UNSET {
+                return kept;
+            }
+            let v = summary(&c.items);
+            // The one value that cannot be kept is computed each time.
+            if v != UNSET {
+                c.summary[slot].store(v, Ordering::Relaxed);
+            }
+            v
+        })
     }
 
     /// The least of summary `slot` over the chunks (`u64::MAX` when empty).
@@ -202,20 +227,21 @@ impl<T: Clone> Chunked<T> {
         if i % CHUNK >= chunk.items.len() {
             return None;
         }
-        items_mut(chunk).get_mut(i % CHUNK)
+        items_mut(chunk, 0).get_mut(i % CHUNK)
     }
 
     /// Appends an element.
     pub fn push(&mut self, value: T) {
         match self.chunks.last_mut() {
-            Some(last) if last.items.len() < CHUNK => items_mut(last).push(value),
+            // A shared last chunk is copied with room for a few more
+            // (the history of a transition is a few entries).
+            Some(last) if last.items.len() < CHUNK => items_mut(last, 4).push(value),
             _ => {
-                let mut items = Vec::with_capacity(CHUNK);
+                // Grown as needed: most lists (a short workflow's steps and
+                // history) never fill a chunk.
+                let mut items = Vec::with_capacity(4);
                 items.push(value);
-                self.chunks.push(Arc::new(Chunk {
-                    items,
-                    summary: Default::default(),
-                }));
+                self.chunks.push(Arc::new(Chunk::new(items)));
             }
         }
         self.len += 1;
@@ -223,7 +249,9 @@ impl<T: Clone> Chunked<T> {
 
     /// Every element, to change (every shared chunk is copied).
     pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut T> {
-        self.chunks.iter_mut().flat_map(|c| items_mut(c).iter_mut())
+        self.chunks
+            .iter_mut()
+            .flat_map(|c| items_mut(c, 0).iter_mut())
     }
 
     /// The elements as one `Vec`.
@@ -289,8 +317,19 @@ impl<T: Clone> IndexMut<usize> for Chunked<T> {
 impl<T: Clone> FromIterator<T> for Chunked<T> {
     fn from_iter<I: IntoIterator<Item = T>>(iter: I) -> Self {
         let mut out = Self::new();
-        out.extend(iter);
-        out
+        let mut iter = iter.into_iter();
+        loop {
+            let items: Vec<T> = iter.by_ref().take(CHUNK).collect();
+            if items.is_empty() {
+                return out;
+            }
+            out.len += items.len();
+            let full = items.len() == CHUNK;
+            out.chunks.push(Arc::new(Chunk::new(items)));
+            if !full {
+                return out;
+            }
+        }
     }
 }
 

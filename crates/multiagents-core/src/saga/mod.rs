@@ -348,8 +348,9 @@ pub fn apply(
         }
     }
     // The steps before the input: cheap to keep (shared chunks), and what
-    // tells `advance` which steps the input changed.
-    let before = state.steps.clone();
+    // tells `advance` which steps the input changed. A workflow of one chunk
+    // of steps is simply looked at whole.
+    let before = (state.steps.len() > LOOK_AT_ALL_UP_TO).then(|| state.steps.clone());
     let mut t = Transition {
         def,
         state,
@@ -394,13 +395,18 @@ pub fn apply(
     if !changed {
         return Outcome::default();
     }
-    t.advance(Some(before));
+    t.advance(before);
     t.state.updated_at = now;
     Outcome {
         changed: true,
         actions: t.actions,
     }
 }
+
+/// Workflows of up to this many steps have every step looked at by each
+/// transition (cheaper than finding the changed ones). In this crate's tests
+/// none, so that the property tests check the search.
+const LOOK_AT_ALL_UP_TO: usize = if cfg!(test) { 0 } else { crate::chunked::CHUNK };
 
 /// One transition in progress.
 struct Transition<'a> {
@@ -508,11 +514,11 @@ impl Transition<'_> {
                     break;
                 }
                 let among = since.as_ref().map(|b| self.changed_and_after(b));
-                let before = self.state.steps.clone();
+                let before = since.is_some().then(|| self.state.steps.clone());
                 if !self.dispatch_ready_steps(among.as_deref()) {
                     break;
                 }
-                since = Some(before);
+                since = before;
             }
             if self.state.failure.is_some() {
                 self.begin_compensation();
