@@ -19,7 +19,7 @@ use redis::Script;
 use tokio::sync::oneshot;
 
 use super::conn::{Pool, RedisConnection, follow_channel, open, query_all, redacted, run_all};
-use crate::core::saga::parts::{Delta, Head, ItemPart, StepPart};
+use crate::core::saga::parts::{Changes, Delta, Head, ItemPart, StepPart};
 use crate::core::{
     CorrelationId, Timestamp, TransactionId, WorkflowDefinition, WorkflowName, WorkflowState,
     WorkflowStatus,
@@ -321,8 +321,8 @@ impl RedisStateStore {
         state: Arc<WorkflowState>,
     ) -> Result<Version, StoreError> {
         let delta = match before {
-            Some(b) => Delta::between(b, &state),
-            None => Delta::full(&state),
+            Some(b) => Changes::between(b, &state),
+            None => Changes::full(&state),
         };
         match self.write_parts(expected, &delta, &state).await {
             // Stored in the old layout, or not as the caller read it: whole.
@@ -330,7 +330,7 @@ impl RedisStateStore {
                 if let Refused::History(len) = r {
                     tracing::debug!(transaction_id = %state.transaction_id, stored = len, expected = delta.history_from, "the stored history is not the one read: writing the state whole");
                 }
-                let whole = Delta::full(&state);
+                let whole = Changes::full(&state);
                 match self.write_parts(expected, &whole, &state).await {
                     Ok(v) => Ok(v),
                     Err(r) => Err(self.refused(r, state.transaction_id, expected)),
@@ -360,32 +360,37 @@ impl RedisStateStore {
     async fn write_parts(
         &self,
         expected: Option<Version>,
-        delta: &Delta,
+        delta: &Changes<'_>,
         state: &WorkflowState,
     ) -> Result<Version, Refused> {
         let tx = state.transaction_id;
-        let mut head = delta.head.clone();
-        let input = head.input.take();
-        let json = serde_json::to_string(&head).map_err(|e| Refused::Store(self.corrupt(e)))?;
+        let encode =
+            |v: &dyn erased::Encode| v.encode().map_err(|e| Refused::Store(self.corrupt(e)));
+        let json = encode(&delta.head(false))?;
         let mut fields: Vec<(String, String)> =
-            Vec::with_capacity(delta.steps.len() + delta.items.len() + 1);
-        if let Some(input) = input {
-            fields.push(("in".into(), input.as_str().to_string()));
+            Vec::with_capacity(delta.steps.len() + delta.items.len() + 2);
+        if delta.input {
+            fields.push(("in".into(), state.input.as_str().to_string()));
         }
         // By name, so that one output is one HGET (`step_output`).
-        for p in &delta.steps {
-            let text = serde_json::to_string(p).map_err(|e| Refused::Store(self.corrupt(e)))?;
-            fields.push((format!("s:{}", p.s.name), text));
+        for &i in &delta.steps {
+            fields.push((
+                format!("s:{}", delta.name(i, None)),
+                encode(&delta.step(i))?,
+            ));
         }
-        for p in &delta.items {
-            let text = serde_json::to_string(p).map_err(|e| Refused::Store(self.corrupt(e)))?;
-            fields.push((format!("i:{}", p.s.name), text));
+        for &(i, k) in &delta.items {
+            fields.push((
+                format!("i:{}", delta.name(i, Some(k))),
+                encode(&delta.item(i, k))?,
+            ));
         }
         // The entries this write adds: one field.
-        if !delta.history.is_empty() {
-            let text = serde_json::to_string(&delta.history)
-                .map_err(|e| Refused::Store(self.corrupt(e)))?;
-            fields.push((format!("h:{}", delta.history_from), text));
+        if delta.history_added() > 0 {
+            fields.push((
+                format!("h:{}", delta.history_from),
+                encode(&delta.history())?,
+            ));
         }
         let expected_arg = expected.unwrap_or(0);
         let ttl = if state.is_terminal() {
@@ -466,7 +471,7 @@ impl RedisStateStore {
             .arg(delta.history_from)
             .arg(if delta.full { "1" } else { "0" })
             .arg(fields.len())
-            .arg(delta.history_from + delta.history.len());
+            .arg(delta.history_from + delta.history_added());
         for (f, v) in &fields {
             invocation.arg(f).arg(v);
         }
@@ -538,6 +543,19 @@ impl RedisStateStore {
             },
         )
         .await
+    }
+}
+
+/// JSON of a borrowed part, whatever its type.
+mod erased {
+    pub(super) trait Encode {
+        fn encode(&self) -> Result<String, serde_json::Error>;
+    }
+
+    impl<T: serde::Serialize> Encode for T {
+        fn encode(&self) -> Result<String, serde_json::Error> {
+            serde_json::to_string(self)
+        }
     }
 }
 

@@ -26,7 +26,7 @@ use super::{
     Definitions, HealthRecords, ListQuery, MemoryStore, StoreError, TimerIndex, Version, Versioned,
     WorkflowStates, WorkflowSummary, same_definition,
 };
-use crate::core::saga::parts::Delta;
+use crate::core::saga::parts::{Changes, Delta};
 use crate::core::{Timestamp, TransactionId, WorkflowDefinition, WorkflowState};
 
 /// When the file is flushed to the disk.
@@ -104,7 +104,19 @@ enum Record {
     },
 }
 
-fn frame(record: &Record) -> Vec<u8> {
+/// A change record as written: borrowed from the state, read back as a
+/// [`Record::Delta`].
+#[derive(Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Written<'a> {
+    Delta {
+        tx: TransactionId,
+        v: Version,
+        d: &'a Changes<'a>,
+    },
+}
+
+fn frame(record: &impl Serialize) -> Vec<u8> {
     let body = serde_json::to_vec(record).unwrap_or_default();
     let mut out = Vec::with_capacity(body.len() + 8);
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
@@ -221,13 +233,13 @@ impl FileStore {
                 .is_some_and(|c| Some(c.version) == expected && std::ptr::eq(*b, &*c.state))
         });
         let delta = before
-            .map(|b| Delta::between(b, &state))
+            .map(|b| Changes::between(b, &state))
             .filter(|d| !d.full);
         let mut record = match delta {
-            Some(d) => frame(&Record::Delta {
+            Some(d) => frame(&Written::Delta {
                 tx: state.transaction_id,
                 v: guess,
-                d: Box::new(d),
+                d: &d,
             }),
             None => frame(&Record::Put {
                 v: guess,

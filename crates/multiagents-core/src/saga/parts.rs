@@ -135,6 +135,298 @@ pub struct DeltaError {
     pub reason: String,
 }
 
+/// What one write stores, borrowed from the new state: a [`Delta`]
+/// without a copy of any step or history entry. It serializes as the
+/// `Delta` it stands for ([`Changes::to_delta`]), and its parts one by one
+/// for stores that keep them apart.
+#[derive(Clone, Debug)]
+pub struct Changes<'a> {
+    /// The whole state (see [`Delta::full`]).
+    pub full: bool,
+    /// The new state.
+    pub state: &'a WorkflowState,
+    /// True when the input is written.
+    pub input: bool,
+    /// Indexes of the steps whose own fields are written.
+    pub steps: Vec<usize>,
+    /// (step, branch) of the branches written.
+    pub items: Vec<(usize, usize)>,
+    /// How many history entries the stored state has; the new ones follow.
+    pub history_from: usize,
+}
+
+impl<'a> Changes<'a> {
+    /// The whole of `state`.
+    pub fn full(state: &'a WorkflowState) -> Self {
+        let items = state
+            .steps
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| (0..s.items.len()).map(move |k| (i, k)))
+            .collect();
+        Self {
+            full: true,
+            state,
+            input: true,
+            steps: (0..state.steps.len()).collect(),
+            items,
+            history_from: 0,
+        }
+    }
+
+    /// What writing `after` over `before` stores (see [`Delta::between`]).
+    pub fn between(before: &WorkflowState, after: &'a WorkflowState) -> Self {
+        if before.transaction_id != after.transaction_id
+            || !extends(&after.history, &before.history)
+        {
+            return Self::full(after);
+        }
+        let mut steps = Vec::new();
+        let mut items = Vec::new();
+        for range in after.steps.changed_since(&before.steps) {
+            for i in range {
+                let a = &after.steps[i];
+                let Some(b) = before.steps.get(i) else {
+                    steps.push(i);
+                    items.extend((0..a.items.len()).map(|k| (i, k)));
+                    continue;
+                };
+                if !same_fields(a, b) {
+                    steps.push(i);
+                }
+                for r in a.items.changed_since(&b.items) {
+                    for k in r {
+                        if b.items.get(k) != a.items.get(k) {
+                            items.push((i, k));
+                        }
+                    }
+                }
+            }
+        }
+        Self {
+            full: false,
+            state: after,
+            input: before.input != after.input,
+            steps,
+            items,
+            history_from: before.history.len(),
+        }
+    }
+
+    /// The head; with the input when it is written and `with_input`.
+    pub fn head(&self, with_input: bool) -> impl Serialize + 'a {
+        let s = self.state;
+        HeadRef {
+            transaction_id: s.transaction_id,
+            correlation_id: s.correlation_id,
+            workflow: &s.workflow,
+            version: s.version,
+            status: s.status,
+            input: (with_input && self.input).then_some(&s.input),
+            steps: s.steps.len(),
+            deadline: s.deadline,
+            signals: &s.signals,
+            parent: s.parent.as_ref(),
+            priority: s.priority,
+            failure: s.failure.as_ref(),
+            started_at: s.started_at,
+            updated_at: s.updated_at,
+            finished_at: s.finished_at,
+        }
+    }
+
+    /// Step `i`'s part (as a [`StepPart`]).
+    pub fn step(&self, i: usize) -> impl Serialize + 'a {
+        let s = &self.state.steps[i];
+        StepPartRef {
+            i,
+            n: s.items.len(),
+            s: BareStep {
+                name: &s.name,
+                status: &s.status,
+                attempts: s.attempts,
+                compensation_attempts: s.compensation_attempts,
+                output: s.output.as_ref(),
+                last_error: s.last_error.as_deref(),
+                input: s.input.as_ref(),
+            },
+        }
+    }
+
+    /// Branch `k` of step `i` (as an [`ItemPart`]).
+    pub fn item(&self, i: usize, k: usize) -> impl Serialize + 'a {
+        ItemPartRef {
+            i,
+            k,
+            s: &self.state.steps[i].items[k],
+        }
+    }
+
+    /// The history entries added (a JSON array).
+    pub fn history(&self) -> impl Serialize + 'a {
+        Entries(self.state, self.history_from)
+    }
+
+    /// How many history entries are added.
+    pub fn history_added(&self) -> usize {
+        self.state.history.len().saturating_sub(self.history_from)
+    }
+
+    /// The name of step `i` (or branch `k` of it): what stores key parts by.
+    pub fn name(&self, i: usize, k: Option<usize>) -> &'a str {
+        let step = &self.state.steps[i];
+        match k {
+            None => step.name.as_str(),
+            Some(k) => step.items[k].name.as_str(),
+        }
+    }
+
+    /// The same, owned.
+    pub fn to_delta(&self) -> Delta {
+        let s = self.state;
+        Delta {
+            full: self.full,
+            head: head(s, self.input.then(|| s.input.clone())),
+            steps: self
+                .steps
+                .iter()
+                .map(|&i| StepPart {
+                    i,
+                    n: s.steps[i].items.len(),
+                    s: bare(&s.steps[i]),
+                })
+                .collect(),
+            items: self
+                .items
+                .iter()
+                .map(|&(i, k)| ItemPart {
+                    i,
+                    k,
+                    s: s.steps[i].items[k].clone(),
+                })
+                .collect(),
+            history_from: self.history_from,
+            history: s.history.iter_from(self.history_from).cloned().collect(),
+        }
+    }
+}
+
+impl Serialize for Changes<'_> {
+    /// As the [`Delta`] it stands for.
+    fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeSeq};
+        struct Steps<'b, 'a>(&'b Changes<'a>);
+        impl Serialize for Steps<'_, '_> {
+            fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+                let mut seq = ser.serialize_seq(Some(self.0.steps.len()))?;
+                for &i in &self.0.steps {
+                    seq.serialize_element(&self.0.step(i))?;
+                }
+                seq.end()
+            }
+        }
+        struct Items<'b, 'a>(&'b Changes<'a>);
+        impl Serialize for Items<'_, '_> {
+            fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+                let mut seq = ser.serialize_seq(Some(self.0.items.len()))?;
+                for &(i, k) in &self.0.items {
+                    seq.serialize_element(&self.0.item(i, k))?;
+                }
+                seq.end()
+            }
+        }
+        let mut m = ser.serialize_map(None)?;
+        if self.full {
+            m.serialize_entry("full", &true)?;
+        }
+        m.serialize_entry("head", &self.head(true))?;
+        if !self.steps.is_empty() {
+            m.serialize_entry("steps", &Steps(self))?;
+        }
+        if !self.items.is_empty() {
+            m.serialize_entry("items", &Items(self))?;
+        }
+        m.serialize_entry("history_from", &self.history_from)?;
+        if self.history_added() > 0 {
+            m.serialize_entry("history", &self.history())?;
+        }
+        m.end()
+    }
+}
+
+/// [`Head`], borrowed.
+#[derive(Serialize)]
+struct HeadRef<'a> {
+    transaction_id: TransactionId,
+    correlation_id: CorrelationId,
+    workflow: &'a WorkflowName,
+    version: u32,
+    status: WorkflowStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    input: Option<&'a Payload>,
+    steps: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deadline: Option<Timestamp>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    signals: &'a [PendingSignal],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parent: Option<&'a ParentLink>,
+    #[serde(skip_serializing_if = "Priority::is_normal")]
+    priority: Priority,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failure: Option<&'a Failure>,
+    started_at: Timestamp,
+    updated_at: Timestamp,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    finished_at: Option<Timestamp>,
+}
+
+/// A [`StepState`] without its branches, borrowed: serializes as one.
+#[derive(Serialize)]
+struct BareStep<'a> {
+    name: &'a crate::ids::StepName,
+    status: &'a super::state::StepStatus,
+    attempts: u32,
+    compensation_attempts: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    output: Option<&'a Payload>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_error: Option<&'a crate::event::StepError>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    input: Option<&'a Payload>,
+}
+
+/// [`StepPart`], borrowed.
+#[derive(Serialize)]
+struct StepPartRef<'a> {
+    i: usize,
+    #[serde(skip_serializing_if = "is_zero")]
+    n: usize,
+    s: BareStep<'a>,
+}
+
+/// [`ItemPart`], borrowed.
+#[derive(Serialize)]
+struct ItemPartRef<'a> {
+    i: usize,
+    k: usize,
+    s: &'a StepState,
+}
+
+/// History entries from an index on, as a JSON array.
+struct Entries<'a>(&'a WorkflowState, usize);
+
+impl Serialize for Entries<'_> {
+    fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = ser.serialize_seq(None)?;
+        for e in self.0.history.iter_from(self.1) {
+            seq.serialize_element(e)?;
+        }
+        seq.end()
+    }
+}
+
 /// A step without its branches.
 fn bare(step: &StepState) -> StepState {
     StepState {
@@ -178,91 +470,14 @@ fn head(state: &WorkflowState, input: Option<Payload>) -> Head {
 impl Delta {
     /// The whole of `state`.
     pub fn full(state: &WorkflowState) -> Self {
-        let mut steps = Vec::with_capacity(state.steps.len());
-        let mut items = Vec::new();
-        for (i, s) in state.steps.iter().enumerate() {
-            steps.push(StepPart {
-                i,
-                n: s.items.len(),
-                s: bare(s),
-            });
-            items.extend(
-                s.items
-                    .iter()
-                    .enumerate()
-                    .map(|(k, b)| ItemPart { i, k, s: b.clone() }),
-            );
-        }
-        Self {
-            full: true,
-            head: head(state, Some(state.input.clone())),
-            steps,
-            items,
-            history_from: 0,
-            history: state.history.iter().cloned().collect(),
-        }
+        Changes::full(state).to_delta()
     }
 
     /// What writing `after` over `before` stores. `after` is normally
     /// `before` with one transition applied; a state that is not (its
     /// history is not an extension of `before`'s) gives a full delta.
     pub fn between(before: &WorkflowState, after: &WorkflowState) -> Self {
-        if before.transaction_id != after.transaction_id
-            || !extends(&after.history, &before.history)
-        {
-            return Self::full(after);
-        }
-        let mut steps = Vec::new();
-        let mut items = Vec::new();
-        for range in after.steps.changed_since(&before.steps) {
-            for i in range {
-                let a = &after.steps[i];
-                let Some(b) = before.steps.get(i) else {
-                    steps.push(StepPart {
-                        i,
-                        n: a.items.len(),
-                        s: bare(a),
-                    });
-                    items.extend(a.items.iter().enumerate().map(|(k, s)| ItemPart {
-                        i,
-                        k,
-                        s: s.clone(),
-                    }));
-                    continue;
-                };
-                if !same_fields(a, b) {
-                    steps.push(StepPart {
-                        i,
-                        n: a.items.len(),
-                        s: bare(a),
-                    });
-                }
-                for r in a.items.changed_since(&b.items) {
-                    for k in r {
-                        if b.items.get(k) != a.items.get(k) {
-                            items.push(ItemPart {
-                                i,
-                                k,
-                                s: a.items[k].clone(),
-                            });
-                        }
-                    }
-                }
-            }
-        }
-        let input = (before.input != after.input).then(|| after.input.clone());
-        Self {
-            full: false,
-            head: head(after, input),
-            steps,
-            items,
-            history_from: before.history.len(),
-            history: after
-                .history
-                .iter_from(before.history.len())
-                .cloned()
-                .collect(),
-        }
+        Changes::between(before, after).to_delta()
     }
 
     /// The state this delta makes of `base` (the stored state it was
@@ -485,6 +700,64 @@ mod tests {
             );
             stored = round_trip(&delta).apply(Some(stored)).expect("applies");
             assert_eq!(stored, state, "after branch {k}");
+        }
+        assert!(state.is_terminal());
+    }
+
+    #[test]
+    fn changes_serialize_as_the_delta_they_stand_for() {
+        let def = WorkflowBuilder::new("wide")
+            .step("first", "w")
+            .step("each", "w")
+            .for_each("input.items")
+            .max_concurrency(2)
+            .build()
+            .expect("valid");
+        let input = Payload::to_json(&serde_json::json!({"items": [1, 2, 3]})).expect("json");
+        let (mut state, _) = start(
+            &def,
+            TransactionId::new(),
+            CorrelationId::new(),
+            input,
+            Timestamp(1),
+        );
+        let full = Changes::full(&state);
+        let text = serde_json::to_string(&full).expect("encode");
+        assert_eq!(
+            serde_json::from_str::<Delta>(&text).expect("decode"),
+            full.to_delta()
+        );
+        for (n, step) in ["first", "each[0]", "each[1]", "each[2]"]
+            .iter()
+            .enumerate()
+        {
+            let before = state.clone();
+            apply(
+                &def,
+                &mut state,
+                ok(step, serde_json::json!(n)),
+                Timestamp(2 + n as u64),
+            );
+            let c = Changes::between(&before, &state);
+            let text = serde_json::to_string(&c).expect("encode");
+            assert_eq!(
+                serde_json::from_str::<Delta>(&text).expect("decode"),
+                c.to_delta(),
+                "{step}"
+            );
+            for &i in &c.steps {
+                let part: StepPart =
+                    serde_json::from_str(&serde_json::to_string(&c.step(i)).expect("encode"))
+                        .expect("decode");
+                assert_eq!(
+                    part,
+                    c.to_delta()
+                        .steps
+                        .into_iter()
+                        .find(|p| p.i == i)
+                        .expect("part")
+                );
+            }
         }
         assert!(state.is_terminal());
     }

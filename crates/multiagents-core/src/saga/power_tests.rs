@@ -856,7 +856,15 @@ mod properties {
             let out = apply(self.def, &mut self.state, input.clone(), self.now);
             if out.changed {
                 // The persisted form, read back, is the state in memory.
-                let delta = through_json(&crate::saga::parts::Delta::between(&before, &self.state));
+                let delta = {
+                    // Written as a store writes it (borrowed), read as a delta.
+                    let changes = crate::saga::parts::Changes::between(&before, &self.state);
+                    let text = serde_json::to_string(&changes).expect("changes encode");
+                    let read: crate::saga::parts::Delta =
+                        serde_json::from_str(&text).expect("changes decode as a delta");
+                    assert_eq!(read, changes.to_delta());
+                    read
+                };
                 assert!(!delta.full, "a transition wrote the whole state");
                 self.stored = delta
                     .apply(Some(self.stored.clone()))
