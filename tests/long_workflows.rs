@@ -520,3 +520,58 @@ mod on_redis {
         assert_eq!(*back.state, c);
     }
 }
+
+#[tokio::test]
+async fn an_output_over_the_limit_fails_its_step_for_good_and_the_saga_compensates() {
+    let def = WorkflowBuilder::new("too_big")
+        .step("reserve", "reserve")
+        .compensate_with("release")
+        .step("report", "report")
+        .build()
+        .expect("valid");
+    let released = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let r = released.clone();
+    let rt = Runtime::builder()
+        .workflow(def)
+        .worker_config(multiagents::worker::WorkerManagerConfig {
+            max_output_bytes: 10_000,
+            ..Default::default()
+        })
+        .worker(from_fn(
+            "reserve",
+            |_: serde_json::Value, _ctx| async move {
+                Ok::<_, WorkerError>(serde_json::json!({ "id": 1 }))
+            },
+        ))
+        .worker(from_fn("release", move |_: serde_json::Value, _ctx| {
+            let r = r.clone();
+            async move {
+                r.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok::<_, WorkerError>(serde_json::json!({}))
+            }
+        }))
+        .worker(from_fn("report", |_: serde_json::Value, _ctx| async move {
+            Ok::<_, WorkerError>(serde_json::json!({ "text": "x".repeat(20_000) }))
+        }))
+        .start()
+        .await
+        .expect("start");
+    let client = rt.client();
+    let tx = client
+        .start("too_big", &serde_json::json!({}))
+        .await
+        .expect("started");
+    let state = client
+        .wait(tx, Duration::from_secs(10))
+        .await
+        .expect("ends");
+    assert_eq!(state.status, WorkflowStatus::Compensated);
+    let error = format!("{:?}", state.failure);
+    assert!(error.contains("`report`"), "{error}");
+    assert!(error.contains("20011 bytes"), "{error}");
+    assert!(error.contains("output_too_large"), "{error}");
+    // Failed for good: one attempt, not retried.
+    assert_eq!(state.step("report").map(|s| s.attempts), Some(1));
+    assert_eq!(released.load(std::sync::atomic::Ordering::SeqCst), 1);
+    rt.shutdown().await;
+}

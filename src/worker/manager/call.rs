@@ -173,6 +173,18 @@ impl Runner {
             tracing::info!(worker = name, transaction_id = %event.transaction_id, "call cancelled by shutdown; its command will be redelivered");
             return Handled::Nothing;
         }
+        // An output the bus could not carry fails the step for good, saying
+        // so, instead of an answer that is never delivered.
+        let outcome = match outcome {
+            Ok(output) if output.len() > self.max_output_bytes => Err(WorkerError::fatal(format!(
+                "step `{}` returned {} bytes of output, over the limit of {} bytes; keep large data elsewhere and return a reference to it",
+                event.step.as_ref().map_or("", |s| s.as_str()),
+                output.len(),
+                self.max_output_bytes
+            ))
+            .with_kind("output_too_large")),
+            other => other,
+        };
         let (kind, payload) = match outcome {
             Ok(output) => {
                 self.counters.succeeded.fetch_add(1, Ordering::Relaxed);

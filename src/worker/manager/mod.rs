@@ -172,6 +172,7 @@ impl WorkerManager {
                 metrics: RunnerMetrics::new(worker.name()),
                 instance: Arc::from(self.config.instance.as_str()),
                 record_timing: self.config.record_timing,
+                max_output_bytes: self.config.max_output_bytes,
                 worker,
                 consumers,
                 limit: Arc::new(Semaphore::new(options.concurrency)),

@@ -89,6 +89,12 @@ pub struct WorkerManagerConfig {
     /// Keep call durations and errors by kind for the worker monitor
     /// (`worker_monitoring.enabled`).
     pub monitor: bool,
+    /// The largest output a step may return, in bytes of JSON. A bigger one
+    /// fails the step for good (kind `output_too_large`, naming the step
+    /// and the size), so that its workflow compensates rather than stalls
+    /// on an answer the bus cannot carry. Default: the event size limit
+    /// less 16 KiB for the envelope.
+    pub max_output_bytes: usize,
 }
 
 impl Default for WorkerManagerConfig {
@@ -100,6 +106,7 @@ impl Default for WorkerManagerConfig {
             batch_size: 64,
             record_timing: true,
             monitor: true,
+            max_output_bytes: crate::core::event::DEFAULT_MAX_EVENT_BYTES - 16 * 1024,
         }
     }
 }

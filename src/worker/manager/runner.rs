@@ -48,6 +48,7 @@ pub(super) struct Runner {
     /// This process's name, on every answer's timing.
     pub(super) instance: Arc<str>,
     pub(super) record_timing: bool,
+    pub(super) max_output_bytes: usize,
     pub(super) worker: Arc<dyn Worker>,
     /// The command topics' consumers, by priority, highest first.
     pub(super) consumers: Vec<Arc<dyn Consumer>>,
