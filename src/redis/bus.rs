@@ -114,6 +114,21 @@ pub(super) struct Inner {
 }
 
 impl RedisStreamsBus {
+    /// With `broadcast_status`: starts the status subscription and waits
+    /// until it is active (at most `timeout`), so that a replica serving
+    /// `/v1/events` sees the changes other replicas make from the first one
+    /// on (Pub/Sub keeps nothing for a subscriber not there yet). True when
+    /// it is active, or when status is not broadcast.
+    pub async fn status_subscribed(&self, timeout: std::time::Duration) -> bool {
+        match &self.inner.pubsub {
+            Some(pubsub) => {
+                drop(pubsub.subscribe());
+                pubsub.subscribed(timeout).await
+            }
+            None => true,
+        }
+    }
+
     /// Connects; fails with the server's address if it cannot be reached.
     pub async fn connect(config: RedisBusConfig) -> Result<Self, BusError> {
         let address = redacted(&config.url);

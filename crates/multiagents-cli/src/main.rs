@@ -256,6 +256,13 @@ async fn serve(
             // streams (`/v1/events`), whichever orchestrator made them.
             bus_config.broadcast_status = !args.local_status;
             let bus = RedisStreamsBus::connect(bus_config).await?;
+            // Listening only once other replicas' status changes arrive.
+            if !bus
+                .status_subscribed(std::time::Duration::from_secs(10))
+                .await
+            {
+                tracing::warn!(address = %redis.address(), "the status subscription is not up yet; this replica's /v1/events may miss other replicas' changes until it is");
+            }
             let mut store_config = redis.store_config();
             store_config.timer_lease = args.visibility_timeout;
             let store = RedisStateStore::connect(store_config).await?;
