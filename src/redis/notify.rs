@@ -194,7 +194,8 @@ impl RedisPubSubBus {
             &inner.channel,
             &inner.address,
             |up| {
-                let _ = inner.subscribed.send(up);
+                // Kept even with no one waiting yet (`send` would drop it).
+                inner.subscribed.send_replace(up);
             },
             |payload| match inner.codec.decode(payload) {
                 Ok(event) => {
