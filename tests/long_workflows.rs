@@ -41,13 +41,20 @@ fn big_output(i: usize, bytes: usize) -> Payload {
     Payload::to_json(&serde_json::json!({ "step": i, "text": text })).expect("json")
 }
 
-/// Drives a `steps`-step chain through `store` with outputs of `bytes`,
-/// as an orchestrator does (compare-and-set over the state read); returns
-/// the bytes written by each step.
+/// The same output of about `bytes` bytes at every step (a system prompt
+/// repeated).
+fn same_output(bytes: usize) -> Payload {
+    let text: String = std::iter::repeat_n('p', bytes.saturating_sub(20)).collect();
+    Payload::to_json(&serde_json::json!({ "prompt": text })).expect("json")
+}
+
+/// Drives a `steps`-step chain through `store` with `output(i)` the output
+/// of step `i`, as an orchestrator does (compare-and-set over the state
+/// read); returns the bytes written by each step.
 async fn drive(
     store: &dyn WorkflowStates,
     steps: usize,
-    bytes: usize,
+    output: impl Fn(usize) -> Payload,
 ) -> (TransactionId, Vec<u64>) {
     let def = chain(steps);
     let (state, _) = saga::start(
@@ -67,7 +74,7 @@ async fn drive(
         let out = saga::apply(
             &def,
             &mut next,
-            succeeded(&format!("s{i}"), big_output(i, bytes)),
+            succeeded(&format!("s{i}"), output(i)),
             Timestamp::now(),
         );
         assert!(out.changed);
@@ -88,7 +95,7 @@ async fn on_the_file_store_a_step_writes_what_it_changed_and_the_file_reads_back
     let steps = 300;
     let expected = {
         let store = FileStore::open(&path).expect("open");
-        let (tx, per_step) = drive(&store, steps, 2_000).await;
+        let (tx, per_step) = drive(&store, steps, |i| big_output(i, 2_000)).await;
         // Each step writes about its own output: not more as the chain grows.
         let first: u64 = per_step[..50].iter().sum();
         let last: u64 = per_step[steps - 50..].iter().sum();
@@ -111,6 +118,68 @@ async fn on_the_file_store_a_step_writes_what_it_changed_and_the_file_reads_back
     assert_eq!(back.version, expected.version);
     assert_eq!(*back.state, *expected.state);
     assert_eq!(back.state.status, WorkflowStatus::Completed);
+}
+
+#[tokio::test]
+async fn on_the_file_store_a_payload_repeated_at_every_step_is_written_once_and_goes_with_its_workflow()
+ {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("apart.db");
+    // Compacting only when asked to.
+    let config = |compact_min_bytes| multiagents::store::FileStoreConfig {
+        compact_min_bytes,
+        ..Default::default()
+    };
+    let steps = 200;
+    let prompt = same_output(20_000);
+    let (tx, expected) = {
+        let store = FileStore::open_with(&path, config(u64::MAX)).expect("open");
+        let (tx, per_step) = drive(&store, steps, |_| prompt.clone()).await;
+        // The first step writes the payload; the others name it.
+        assert!(per_step[0] > 20_000, "{per_step:?}");
+        assert!(
+            per_step[1..].iter().all(|b| *b < 2_000),
+            "a step wrote the payload again: {per_step:?}"
+        );
+        (tx, store.get(tx).await.expect("get").expect("stored"))
+    };
+    let text = String::from_utf8_lossy(&std::fs::read(&path).expect("read")).into_owned();
+    assert_eq!(
+        text.matches(prompt.as_str()).count(),
+        1,
+        "the payload is in the file once"
+    );
+    // Read back whole, every step holding it (and sharing one copy).
+    let reopened = FileStore::open_with(&path, config(u64::MAX)).expect("reopen");
+    let back = reopened.get(tx).await.expect("get").expect("stored");
+    assert_eq!(*back.state, *expected.state);
+    let first = back.state.output("s0").expect("output");
+    let last = back
+        .state
+        .output(&format!("s{}", steps - 1))
+        .expect("output");
+    assert_eq!(first, &prompt);
+    assert!(first.same(last), "one copy in memory");
+    // A second workflow writing it again keeps the file holding it once.
+    let (tx2, _) = drive(&reopened, 3, |_| prompt.clone()).await;
+    // Expired, its storage goes with it: the next compaction drops the
+    // payload once no workflow names it.
+    let removed = reopened
+        .expire(Timestamp::now().plus(Duration::from_secs(1)))
+        .await
+        .expect("expire");
+    assert_eq!(removed, 2);
+    reopened.compact().await.expect("compacts");
+    drop(reopened);
+    let bytes = std::fs::read(&path).expect("read");
+    assert!(
+        bytes.len() < 20_000,
+        "the file still holds {} bytes after its workflows expired",
+        bytes.len()
+    );
+    let reopened = FileStore::open_with(&path, config(u64::MAX)).expect("reopen");
+    assert!(reopened.get(tx).await.expect("get").is_none());
+    assert!(reopened.get(tx2).await.expect("get").is_none());
 }
 
 #[tokio::test]
@@ -330,7 +399,7 @@ mod on_redis {
         let Some((store, url, prefix)) = store("long-50kb").await else {
             return;
         };
-        let (tx, per_step) = drive(&store, 100, 50_000).await;
+        let (tx, per_step) = drive(&store, 100, |i| big_output(i, 50_000)).await;
         // Each step sends its own output and a constant: not the outputs before it.
         for (i, b) in per_step.iter().enumerate() {
             assert!(
@@ -363,6 +432,66 @@ mod on_redis {
         assert_eq!(writes, 101, "the create and a write per step");
         let counted: usize = conn.hget(&key, "hn").await.expect("hget");
         assert_eq!(counted, back.state.history.len());
+        // Each output is kept apart, by digest; its step's part names it.
+        let apart = fields.iter().filter(|f| f.starts_with("p:")).count();
+        assert_eq!(apart, 100, "{fields:?}");
+        let part: String = conn.hget(&key, "s:s42").await.expect("hget");
+        assert!(part.len() < 1_000, "{part}");
+        let digest = big_output(42, 50_000).digest();
+        assert!(part.contains(&digest), "{part}");
+        let kept: String = conn.hget(&key, format!("p:{digest}")).await.expect("hget");
+        assert_eq!(kept, big_output(42, 50_000).as_str());
+    }
+
+    #[tokio::test]
+    async fn a_payload_repeated_at_every_step_is_stored_once_and_expires_with_its_workflow() {
+        let Some((store, url, prefix)) = store("long-same").await else {
+            return;
+        };
+        let prompt = same_output(30_000);
+        let (tx, _) = drive(&store, 50, |_| prompt.clone()).await;
+        let client = redis::Client::open(url.as_str()).expect("url");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        let key = format!("{{{prefix}:wf:{tx}}}");
+        let fields: Vec<String> = conn.hkeys(&key).await.expect("hkeys");
+        let apart: Vec<&String> = fields.iter().filter(|f| f.starts_with("p:")).collect();
+        assert_eq!(apart, vec![&format!("p:{}", prompt.digest())]);
+        // The hash holds the payload once and little else.
+        let mut stored = 0usize;
+        for f in &fields {
+            let n: usize = redis::cmd("HSTRLEN")
+                .arg(&key)
+                .arg(f)
+                .query_async(&mut conn)
+                .await
+                .expect("hstrlen");
+            stored += n;
+        }
+        assert!(
+            (30_000..30_000 + 50 * 1_500).contains(&stored),
+            "{stored} bytes stored"
+        );
+        let back = store.get(tx).await.expect("get").expect("stored");
+        assert_eq!(back.state.status, WorkflowStatus::Completed);
+        assert!(
+            back.state
+                .steps
+                .iter()
+                .all(|s| s.output.as_ref() == Some(&prompt))
+        );
+        assert_eq!(
+            store.step_output(tx, "s7").await.expect("read"),
+            Some(prompt.clone())
+        );
+        // Finished: the hash, payloads and all, expires as one key.
+        let ttl: i64 = conn.pttl(&key).await.expect("pttl");
+        assert!(ttl > 0, "the finished workflow's hash has no TTL ({ttl})");
+        let _: () = conn.del(&key).await.expect("del");
+        assert!(store.get(tx).await.expect("get").is_none());
+        assert_eq!(store.step_output(tx, "s7").await.expect("read"), None);
     }
 
     #[tokio::test]

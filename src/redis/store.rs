@@ -43,6 +43,12 @@ pub struct RedisStoreConfig {
     pub finished_ttl: Duration,
     /// How long a due timer is leased to the replica that took it.
     pub timer_lease: Duration,
+    /// Outputs and fan-out items of this many bytes or more are stored
+    /// apart from their step, once, under their SHA-256 (`p:<digest>` in the
+    /// workflow's hash): a step's part is then small however often it is
+    /// rewritten, and identical payloads are stored once. Default
+    /// [`crate::store::LARGE_PAYLOAD_BYTES`].
+    pub large_payload_bytes: usize,
 }
 
 impl RedisStoreConfig {
@@ -54,7 +60,14 @@ impl RedisStoreConfig {
             prefix: "ma".into(),
             finished_ttl: Duration::from_secs(7 * 24 * 3600),
             timer_lease: Duration::from_secs(30),
+            large_payload_bytes: crate::store::LARGE_PAYLOAD_BYTES,
         }
+    }
+
+    /// Sets the size from which payloads are stored apart, by digest.
+    pub fn large_payload_bytes(mut self, bytes: usize) -> Self {
+        self.large_payload_bytes = bytes;
+        self
     }
 
     /// Sets the key prefix.
@@ -79,15 +92,16 @@ impl RedisStoreConfig {
 
 /// Writes a state as parts of its hash: `h` the head, `in` the input,
 /// `s:<step>` a step, `i:<step>[k]` a branch, `hn` how many history
-/// entries, and `h:<n>` the history entries one write added (a JSON array,
-/// `n` the index of its first). A full write (a new workflow, a state not
+/// entries, `h:<n>` the history entries one write added (a JSON array,
+/// `n` the index of its first), and `p:<sha256>` a large payload that parts
+/// name by digest (written once: HSETNX). A full write (a new workflow, a state not
 /// made from the stored one, or one stored in the old single-field layout
 /// `s`) replaces what was there.
 ///
 /// KEYS: hash, [unpublished]. ARGV: expected ('0' = create), new version,
 /// head, status, workflow, started, updated, ttl, channel, tx, now, note,
 /// correlation, history_from, full, field-value pair count, the new history
-/// count, then the pairs. Returns {1, v}; {0, found} on a version conflict;
+/// count, then the pairs, then the payloads' pairs. Returns {1, v}; {0, found} on a version conflict;
 /// {-1, 0} when missing; {-2, v} when a delta meets the old layout (write it
 /// whole); {-3, count} when the stored history is not the length the delta
 /// expects.
@@ -114,6 +128,9 @@ local first_end = math.min(pairs_end, 1017)
 redis.call('HSET', KEYS[1], 'v', ARGV[2], 'h', ARGV[3], 'st', ARGV[4], 'wf', ARGV[5], 'sa', ARGV[6], 'up', ARGV[7], 'hn', ARGV[17], unpack(ARGV, 18, first_end))
 for j = first_end + 1, pairs_end, 1000 do
   redis.call('HSET', KEYS[1], unpack(ARGV, j, math.min(j + 999, pairs_end)))
+end
+for j = pairs_end + 1, #ARGV, 2 do
+  redis.call('HSETNX', KEYS[1], ARGV[j], ARGV[j + 1])
 end
 if ARGV[1] == '0' then redis.call('HSET', KEYS[1], 'co', ARGV[13]) end
 if KEYS[2] then redis.call('ZADD', KEYS[2], ARGV[11], ARGV[12]) end
@@ -258,12 +275,30 @@ impl RedisStateStore {
         };
         let mut steps = Vec::with_capacity(head.steps);
         let mut items = Vec::new();
+        // A payload kept apart is read once, and shared by every part naming it.
+        let mut found: HashMap<&str, crate::core::Payload> = HashMap::new();
+        let mut find = |digest: &str| -> Option<crate::core::Payload> {
+            if let Some(p) = found.get(digest) {
+                return Some(p.clone());
+            }
+            let (key, text) = fields.get_key_value(&format!("p:{digest}"))?;
+            let p = crate::core::Payload::from_json_str(text.as_str()).ok()?;
+            found.insert(&key[2..], p.clone());
+            Some(p)
+        };
+        let lost = |field: &str, digest: String| {
+            self.corrupt(format!(
+                "workflow {tx}: `{field}` names a payload `p:{digest}` that is not stored (or is not JSON)"
+            ))
+        };
         for (field, value) in fields {
             if field.starts_with("s:") {
-                let p: StepPart = serde_json::from_str(value).map_err(|e| bad(field, &e))?;
+                let mut p: StepPart = serde_json::from_str(value).map_err(|e| bad(field, &e))?;
+                p.resolve(&mut find).map_err(|d| lost(field, d))?;
                 steps.push(p);
             } else if field.starts_with("i:") {
-                let p: ItemPart = serde_json::from_str(value).map_err(|e| bad(field, &e))?;
+                let mut p: ItemPart = serde_json::from_str(value).map_err(|e| bad(field, &e))?;
+                p.resolve(&mut find).map_err(|d| lost(field, d))?;
                 items.push(p);
             }
         }
@@ -320,17 +355,19 @@ impl RedisStateStore {
         before: Option<&WorkflowState>,
         state: Arc<WorkflowState>,
     ) -> Result<Version, StoreError> {
+        let apart = self.inner.config.large_payload_bytes;
         let delta = match before {
             Some(b) => Changes::between(b, &state),
             None => Changes::full(&state),
-        };
+        }
+        .keep_apart(apart);
         match self.write_parts(expected, &delta, &state).await {
             // Stored in the old layout, or not as the caller read it: whole.
             Err(r @ (Refused::Layout | Refused::History(_))) if !delta.full => {
                 if let Refused::History(len) = r {
                     tracing::debug!(transaction_id = %state.transaction_id, stored = len, expected = delta.history_from, "the stored history is not the one read: writing the state whole");
                 }
-                let whole = Changes::full(&state);
+                let whole = Changes::full(&state).keep_apart(apart);
                 match self.write_parts(expected, &whole, &state).await {
                     Ok(v) => Ok(v),
                     Err(r) => Err(self.refused(r, state.transaction_id, expected)),
@@ -438,8 +475,17 @@ impl RedisStateStore {
             String::new()
         };
         let channel = self.finished_channel();
+        let payloads: Vec<(String, &str)> = delta
+            .apart
+            .payloads()
+            .map(|(d, p)| (format!("p:{d}"), p.as_str()))
+            .collect();
         let sent = json.len()
             + fields.iter().map(|(f, v)| f.len() + v.len()).sum::<usize>()
+            + payloads
+                .iter()
+                .map(|(f, v)| f.len() + v.len())
+                .sum::<usize>()
             + state.status.as_str().len()
             + state.workflow.as_str().len()
             + channel.len()
@@ -473,6 +519,9 @@ impl RedisStateStore {
             .arg(fields.len())
             .arg(delta.history_from + delta.history_added());
         for (f, v) in &fields {
+            invocation.arg(f).arg(v);
+        }
+        for (f, v) in &payloads {
             invocation.arg(f).arg(v);
         }
         // Scripts are sent by hash; load once so a pipeline can use EVALSHA.
@@ -629,6 +678,8 @@ impl WorkflowStates for RedisStateStore {
         #[derive(serde::Deserialize)]
         struct Part {
             s: crate::core::saga::StepState,
+            #[serde(default)]
+            output_at: Option<String>,
         }
         let field = match step.ends_with(']') {
             true => format!("i:{step}"),
@@ -650,7 +701,25 @@ impl WorkflowStates for RedisStateStore {
                 let part: Part = serde_json::from_str(&text).map_err(|e| {
                     self.corrupt(format!("workflow {transaction_id}: {field}: {e}"))
                 })?;
-                Ok(part.s.output)
+                let Some(digest) = part.output_at else {
+                    return Ok(part.s.output);
+                };
+                // Kept apart: one more read.
+                let text: Option<String> = redis::cmd("HGET")
+                    .arg(self.key(transaction_id))
+                    .arg(format!("p:{digest}"))
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| self.io(e))?;
+                let lost = |why: String| {
+                    self.corrupt(format!(
+                        "workflow {transaction_id}: {field} names a payload p:{digest} that {why}"
+                    ))
+                };
+                let text = text.ok_or_else(|| lost("is not stored".into()))?;
+                crate::core::Payload::from_json_str(text)
+                    .map(Some)
+                    .map_err(|e| lost(format!("is not JSON: {e}")))
             }
             (None, true) => Ok(None),
             // The layout before parts: read the whole state.

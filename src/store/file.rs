@@ -48,6 +48,12 @@ pub struct FileStoreConfig {
     pub sync: Sync,
     /// Compact when the file is larger than this and than 4× the live data.
     pub compact_min_bytes: u64,
+    /// Outputs and fan-out items of this many bytes or more are written
+    /// apart from their step, once per file, under their SHA-256: a step
+    /// rewritten (retried, undone) does not write its output again, and
+    /// identical payloads are written once. Default
+    /// [`LARGE_PAYLOAD_BYTES`](super::LARGE_PAYLOAD_BYTES).
+    pub large_payload_bytes: usize,
 }
 
 impl Default for FileStoreConfig {
@@ -55,6 +61,7 @@ impl Default for FileStoreConfig {
         Self {
             sync: Sync::Os,
             compact_min_bytes: 64 * 1024 * 1024,
+            large_payload_bytes: super::LARGE_PAYLOAD_BYTES,
         }
     }
 }
@@ -73,11 +80,18 @@ struct Shared {
     commit: Mutex<mpsc::Sender<Request>>,
     /// Bytes written to the file, compactions included.
     written: Arc<std::sync::atomic::AtomicU64>,
+    /// See [`FileStoreConfig::large_payload_bytes`].
+    large_payload_bytes: usize,
     _lock: File,
 }
 
 struct Request {
+    /// The payloads `frame` names by digest, each as its own record: the
+    /// writer appends those the file does not hold yet, before `frame`.
+    payloads: Vec<(String, Vec<u8>)>,
     frame: Vec<u8>,
+    /// Compact the file after this batch, however large it is.
+    compact: bool,
     done: oneshot::Sender<Result<(), String>>,
 }
 
@@ -102,6 +116,11 @@ enum Record {
     Definition {
         d: WorkflowDefinition,
     },
+    /// A large payload that later records name by its digest `d`.
+    Payload {
+        d: String,
+        p: crate::core::Payload,
+    },
 }
 
 /// A change record as written: borrowed from the state, read back as a
@@ -114,6 +133,24 @@ enum Written<'a> {
         v: Version,
         d: &'a Changes<'a>,
     },
+    Payload {
+        d: &'a str,
+        p: &'a crate::core::Payload,
+    },
+}
+
+/// A state's change record, and the records of the payloads it keeps apart.
+fn change_frames(
+    tx: TransactionId,
+    v: Version,
+    changes: &Changes<'_>,
+) -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
+    let payloads = changes
+        .apart
+        .payloads()
+        .map(|(d, p)| (d.to_string(), frame(&Written::Payload { d, p })))
+        .collect();
+    (frame(&Written::Delta { tx, v, d: changes }), payloads)
 }
 
 fn frame(record: &impl Serialize) -> Vec<u8> {
@@ -155,12 +192,13 @@ impl FileStore {
             io_err(&path, "the store is open in another process (its lock file is held); stop that process or use another path")
         })?;
         let index = MemoryStore::new();
-        let live = load(&path, &index)?;
+        let (live, known) = load(&path, &index)?;
         let file = OpenOptions::new()
             .append(true)
             .open(&path)
             .map_err(|e| io_err(&path, e))?;
         let (tx, rx) = mpsc::channel();
+        let config_apart = config.large_payload_bytes;
         let counted = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let writer = Writer {
             counted: counted.clone(),
@@ -170,6 +208,7 @@ impl FileStore {
             index: index.clone(),
             live_bytes: live,
             written: 0,
+            known,
         };
         std::thread::Builder::new()
             .name("multiagents-file-store".into())
@@ -181,6 +220,7 @@ impl FileStore {
                 path,
                 commit: Mutex::new(tx),
                 written: counted,
+                large_payload_bytes: config_apart,
                 _lock: lock,
             }),
         })
@@ -191,6 +231,37 @@ impl FileStore {
         &self.shared.path
     }
 
+    /// Rewrites the file now with what is live (each workflow, definition
+    /// and payload once), as happens by itself once the file has grown to
+    /// four times that: the storage of expired workflows is given back.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().build().expect("runtime").block_on(async {
+    /// let dir = tempfile::tempdir().expect("dir");
+    /// let store = multiagents::store::FileStore::open(dir.path().join("s.db")).expect("open");
+    /// store.compact().await.expect("compacted");
+    /// # });
+    /// ```
+    pub async fn compact(&self) -> Result<(), StoreError> {
+        let (done, wait) = oneshot::channel();
+        {
+            let sender = self.shared.commit.lock().unwrap_or_else(|e| e.into_inner());
+            sender
+                .send(Request {
+                    payloads: Vec::new(),
+                    frame: Vec::new(),
+                    compact: true,
+                    done,
+                })
+                .map_err(|_| io_err(&self.shared.path, "the writer thread stopped"))?;
+        }
+        match wait.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(message)) => Err(io_err(&self.shared.path, message)),
+            Err(_) => Err(io_err(&self.shared.path, "the writer thread stopped")),
+        }
+    }
+
     /// Appends a record and waits until it is in the file. `update` runs
     /// under the commit lock, so the index and the file see writes in the
     /// same order.
@@ -199,12 +270,27 @@ impl FileStore {
         frame: Vec<u8>,
         update: impl FnOnce() -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
+        self.commit_with(Vec::new(), frame, update).await
+    }
+
+    /// [`commit`](Self::commit), after the payloads `frame` names.
+    async fn commit_with<T>(
+        &self,
+        payloads: Vec<(String, Vec<u8>)>,
+        frame: Vec<u8>,
+        update: impl FnOnce() -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let (done, wait) = oneshot::channel();
         let value = {
             let sender = self.shared.commit.lock().unwrap_or_else(|e| e.into_inner());
             let value = update()?;
             sender
-                .send(Request { frame, done })
+                .send(Request {
+                    payloads,
+                    frame,
+                    compact: false,
+                    done,
+                })
                 .map_err(|_| io_err(&self.shared.path, "the writer thread stopped"))?;
             value
         };
@@ -232,22 +318,15 @@ impl FileStore {
                 .current(state.transaction_id)
                 .is_some_and(|c| Some(c.version) == expected && std::ptr::eq(*b, &*c.state))
         });
-        let delta = before
-            .map(|b| Changes::between(b, &state))
-            .filter(|d| !d.full);
-        let mut record = match delta {
-            Some(d) => frame(&Written::Delta {
-                tx: state.transaction_id,
-                v: guess,
-                d: &d,
-            }),
-            None => frame(&Record::Put {
-                v: guess,
-                s: state.clone(),
-            }),
-        };
+        let changes = match before.map(|b| Changes::between(b, &state)) {
+            Some(d) if !d.full => d,
+            _ => Changes::full(&state),
+        }
+        .keep_apart(self.shared.large_payload_bytes);
+        let (record, payloads) = change_frames(state.transaction_id, guess, &changes);
+        drop(changes);
         let version = self
-            .commit(std::mem::take(&mut record), || {
+            .commit_with(payloads, record, || {
                 let version = self.index.check(expected, &state)?;
                 self.index.put_unchecked(version, state.clone());
                 Ok(version)
@@ -265,8 +344,12 @@ impl FileStore {
     }
 }
 
-/// Replays the file into `index`; returns the live size. Cuts a torn tail.
-fn load(path: &Path, index: &MemoryStore) -> Result<u64, StoreError> {
+/// Replays the file into `index`; returns the live size and the digests of
+/// the payloads the file holds. Cuts a torn tail.
+fn load(
+    path: &Path,
+    index: &MemoryStore,
+) -> Result<(u64, std::collections::HashSet<String>), StoreError> {
     let mut file = match OpenOptions::new()
         .read(true)
         .write(true)
@@ -281,6 +364,9 @@ fn load(path: &Path, index: &MemoryStore) -> Result<u64, StoreError> {
     file.read_to_end(&mut bytes).map_err(|e| io_err(path, e))?;
     let mut pos = 0usize;
     let mut good = 0usize;
+    // One payload in memory however many states name it.
+    let mut payloads: std::collections::HashMap<String, crate::core::Payload> =
+        std::collections::HashMap::new();
     while pos + 8 <= bytes.len() {
         let len = u32::from_le_bytes([bytes[pos], bytes[pos + 1], bytes[pos + 2], bytes[pos + 3]])
             as usize;
@@ -302,28 +388,41 @@ fn load(path: &Path, index: &MemoryStore) -> Result<u64, StoreError> {
         })?;
         match record {
             Record::Put { v, s } => index.put_unchecked(v, s),
-            Record::Delta { tx, v, d } => {
+            Record::Delta { tx, v, mut d } => {
                 let corrupt = |message: String| StoreError::Corrupt {
                     location: path.display().to_string(),
                     message: format!("record at byte {pos}: {message}"),
                 };
-                let base = index.current(tx).ok_or_else(|| {
-                    corrupt(format!("a change to workflow {tx}, which is not stored"))
-                })?;
+                let base = index.current(tx);
+                if base.is_none() && !d.full {
+                    return Err(corrupt(format!(
+                        "a change to workflow {tx}, which is not stored"
+                    )));
+                }
                 // A compaction may have snapshotted the index past records
                 // still queued behind it: those are in the snapshot already.
-                if base.version < v {
-                    if base.version + 1 != v {
+                let stored = base.as_ref().map_or(0, |b| b.version);
+                if stored < v {
+                    if !d.full && stored + 1 != v {
                         return Err(corrupt(format!(
-                            "version {v} of workflow {tx} follows version {}",
-                            base.version
+                            "version {v} of workflow {tx} follows version {stored}"
                         )));
                     }
+                    d.resolve(&mut |digest| payloads.get(digest).cloned())
+                        .map_err(|digest| {
+                            corrupt(format!(
+                                "workflow {tx} names a payload {digest} that no earlier record holds"
+                            ))
+                        })?;
+                    let base = base.filter(|_| !d.full);
                     let state = d
-                        .apply(Some(WorkflowState::clone(&base.state)))
+                        .apply(base.map(|b| WorkflowState::clone(&b.state)))
                         .map_err(|e| corrupt(e.to_string()))?;
                     index.put_unchecked(v, Arc::new(state));
                 }
+            }
+            Record::Payload { d, p } => {
+                payloads.insert(d, p);
             }
             Record::Delete { tx } => index.remove_unchecked(tx),
             Record::Definition { d } => {
@@ -339,7 +438,7 @@ fn load(path: &Path, index: &MemoryStore) -> Result<u64, StoreError> {
         file.set_len(good as u64).map_err(|e| io_err(path, e))?;
         file.seek(SeekFrom::End(0)).map_err(|e| io_err(path, e))?;
     }
-    Ok(good as u64)
+    Ok((good as u64, payloads.into_keys().collect()))
 }
 
 struct Writer {
@@ -350,6 +449,8 @@ struct Writer {
     live_bytes: u64,
     written: u64,
     counted: Arc<std::sync::atomic::AtomicU64>,
+    /// Digests of the payloads the file holds.
+    known: std::collections::HashSet<String>,
 }
 
 impl Writer {
@@ -364,33 +465,57 @@ impl Writer {
                 }
             }
             let result = self.append(&batch);
+            // Writes are answered first; a compaction asked for, after it.
+            let mut asked = Vec::new();
             for r in batch.drain(..) {
-                let _ = r.done.send(result.clone());
+                match r.compact {
+                    true => asked.push(r.done),
+                    false => drop(r.done.send(result.clone())),
+                }
             }
-            if result.is_ok()
-                && self.should_compact()
-                && let Err(e) = self.compact()
-            {
-                tracing::error!(path = %self.path.display(), error = %e, "compacting the store file failed; it keeps growing");
-                self.live_bytes = self.written;
+            let compacted = match result.is_ok() && (!asked.is_empty() || self.should_compact()) {
+                true => self.compact().inspect_err(|e| {
+                    tracing::error!(path = %self.path.display(), error = %e, "compacting the store file failed; it keeps growing");
+                    self.live_bytes = self.written;
+                }),
+                false => result,
+            };
+            for done in asked {
+                let _ = done.send(compacted.clone());
             }
         }
         let _ = self.file.flush();
     }
 
     fn append(&mut self, batch: &[Request]) -> Result<(), String> {
-        for r in batch {
-            self.file.write_all(&r.frame).map_err(|e| e.to_string())?;
-            self.written += r.frame.len() as u64;
-        }
-        let appended: usize = batch.iter().map(|r| r.frame.len()).sum();
+        let appended = self.write_batch(batch).inspect_err(|_| {
+            // What reached the file is unknown: write every payload again.
+            self.known.clear();
+        })?;
         self.counted
-            .fetch_add(appended as u64, std::sync::atomic::Ordering::Relaxed);
+            .fetch_add(appended, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn write_batch(&mut self, batch: &[Request]) -> Result<u64, String> {
+        let mut appended = 0u64;
+        for r in batch {
+            for (digest, f) in &r.payloads {
+                if !self.known.contains(digest) {
+                    self.file.write_all(f).map_err(|e| e.to_string())?;
+                    appended += f.len() as u64;
+                    self.known.insert(digest.clone());
+                }
+            }
+            self.file.write_all(&r.frame).map_err(|e| e.to_string())?;
+            appended += r.frame.len() as u64;
+        }
+        self.written += appended;
         self.file.flush().map_err(|e| e.to_string())?;
         if self.config.sync == Sync::Always {
             self.file.get_ref().sync_data().map_err(|e| e.to_string())?;
         }
-        Ok(())
+        Ok(appended)
     }
 
     fn should_compact(&self) -> bool {
@@ -411,13 +536,20 @@ impl Writer {
             size += f.len() as u64;
             out.write_all(&f).map_err(|e| e.to_string())?;
         }
+        // Each live state whole, after the payloads it names that this
+        // file does not hold yet: a finished workflow's payloads go with it.
+        let mut known = std::collections::HashSet::new();
         for v in self.index.all() {
-            let f = frame(&Record::Put {
-                v: v.version,
-                s: v.state,
-            });
-            size += f.len() as u64;
-            out.write_all(&f).map_err(|e| e.to_string())?;
+            let changes = Changes::full(&v.state).keep_apart(self.config.large_payload_bytes);
+            let (record, payloads) = change_frames(v.state.transaction_id, v.version, &changes);
+            for (digest, f) in payloads {
+                if known.insert(digest) {
+                    size += f.len() as u64;
+                    out.write_all(&f).map_err(|e| e.to_string())?;
+                }
+            }
+            size += record.len() as u64;
+            out.write_all(&record).map_err(|e| e.to_string())?;
         }
         out.flush().map_err(|e| e.to_string())?;
         out.get_ref().sync_all().map_err(|e| e.to_string())?;
@@ -428,6 +560,7 @@ impl Writer {
             .open(&self.path)
             .map_err(|e| e.to_string())?;
         self.file = BufWriter::with_capacity(1 << 20, file);
+        self.known = known;
         self.live_bytes = size;
         self.written = 0;
         self.counted
@@ -762,6 +895,7 @@ mod tests {
         let config = FileStoreConfig {
             sync: Sync::Always,
             compact_min_bytes: 16 * 1024,
+            ..Default::default()
         };
         let mut ids = Vec::new();
         {

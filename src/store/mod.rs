@@ -44,6 +44,12 @@ pub use crate::redis::{RedisStateStore, RedisStoreConfig};
 pub use file::{FileStore, FileStoreConfig, Sync as FileSync};
 pub use memory::MemoryStore;
 
+/// The size from which stores that write parts (the file store, Redis) keep
+/// a step's output or a fan-out item apart from its step, once, under its
+/// SHA-256: 4 KiB. Smaller payloads stay in their step's part, where
+/// reading them costs nothing more.
+pub const LARGE_PAYLOAD_BYTES: usize = 4 * 1024;
+
 /// A state version: 1 when created, +1 on every write.
 pub type Version = u64;
 

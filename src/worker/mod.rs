@@ -161,9 +161,10 @@ impl WorkerContext {
     /// The output of an earlier, completed step, decoded.
     ///
     /// A command carries the outputs of the steps its step comes after (and
-    /// of its `input_from` step, and its own when undoing it); any other is
-    /// read from the store when asked for, so that a command does not grow
-    /// with the steps before it.
+    /// of its `input_from` step, and its own when undoing it), up to
+    /// [`CARRIED_BYTES`](crate::core::saga::CARRIED_BYTES) together, smallest
+    /// first; any other is read from the store when asked for, so that a
+    /// command does not grow with the steps before it.
     ///
     /// ```
     /// use multiagents::WorkerContext;

@@ -5,7 +5,8 @@
 //! workflows of one step fanned out over N items, one workflow at a time,
 //! until at least `--min-steps` steps have run. Every step is a worker that
 //! returns about `--output-bytes` bytes (distinct per step, so that nothing
-//! is stored once for several). The report gives, per size: the time per
+//! is stored once for several; the same at every step with `--same-output`).
+//! The report gives, per size: the time per
 //! step, the bytes the store wrote per step, on Redis the bytes the server
 //! received per step (bus and store), and the peak RSS. Several sizes
 //! (`--steps 10,100,1000`) run each in its own process, so that each peak RSS
@@ -53,6 +54,10 @@ pub struct ShapeArgs {
     /// About how many bytes each step returns.
     #[arg(long, default_value_t = 100)]
     output_bytes: usize,
+    /// Every step returns the same output (a system prompt repeated), which
+    /// stores of parts keep once; without it, each output is distinct.
+    #[arg(long)]
+    same_output: bool,
     /// Workflows run one after another until at least this many steps ran.
     #[arg(long, default_value_t = 2_000)]
     min_steps: u64,
@@ -186,6 +191,7 @@ async fn run(shape: Shape, sizes: Vec<u64>, args: ShapeArgs) -> Result<ExitCode>
         cmd.args(["--backend", args.backend.name()])
             .args(["--output-bytes", &args.output_bytes.to_string()])
             .args(["--min-steps", &args.min_steps.to_string()])
+            .args(args.same_output.then_some("--same-output"))
             .args(["--redis-url", &args.redis_url])
             .args(["--prefix", &args.prefix])
             .arg("--json")
@@ -326,12 +332,16 @@ async fn one(shape: Shape, n: u64, args: &ShapeArgs) -> Result<Value> {
     );
     let pad = args.output_bytes.saturating_sub(40);
     let counter = progress.clone();
+    let same = args.same_output;
     let noop = from_fn(
         "noop",
         move |_input: serde::de::IgnoredAny, ctx: WorkerContext| {
             let counter = counter.clone();
             async move {
                 counter.inc(1);
+                if same {
+                    return Ok(json!({ "prompt": "x".repeat(pad) }));
+                }
                 // Distinct per step and run: nothing is stored once for two.
                 let head = format!("{}/{}", ctx.transaction_id, ctx.step);
                 let fill = pad.saturating_sub(head.len());
@@ -401,6 +411,7 @@ async fn one(shape: Shape, n: u64, args: &ShapeArgs) -> Result<Value> {
         "runs": runs,
         "steps": total,
         "output_bytes": args.output_bytes,
+        "same_output": args.same_output,
         "seconds": (seconds * 1000.0).round() / 1000.0,
         "per_step_us": (seconds * 1e6 / total as f64 * 10.0).round() / 10.0,
         "store_bytes_per_step": per_step(written),

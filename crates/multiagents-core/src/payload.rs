@@ -57,6 +57,39 @@ impl Payload {
         self.0.get().len()
     }
 
+    /// The SHA-256 of the JSON text, in lowercase hex: what a store keeps a
+    /// large payload under, once however many steps hold it.
+    ///
+    /// ```
+    /// use multiagents_core::Payload;
+    ///
+    /// let a = Payload::from_json_str(r#"{"a":1}"#).expect("json");
+    /// let b = Payload::from_json_str(r#"{"a":1}"#).expect("json");
+    /// assert_eq!(a.digest(), b.digest());
+    /// assert_eq!(a.digest().len(), 64);
+    /// ```
+    pub fn digest(&self) -> String {
+        use sha2::Digest as _;
+        let hash = sha2::Sha256::digest(self.as_str().as_bytes());
+        let mut hex = String::with_capacity(64);
+        for b in hash {
+            use fmt::Write as _;
+            let _ = write!(hex, "{b:02x}");
+        }
+        hex
+    }
+
+    /// True when both are the very same text in memory (a clone), without
+    /// comparing it.
+    pub fn same(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
+    /// Where the text lives: equal for clones of one payload.
+    pub fn address(&self) -> usize {
+        Arc::as_ptr(&self.0) as *const u8 as usize
+    }
+
     /// True for an empty text (never the case for a valid payload).
     pub fn is_empty(&self) -> bool {
         self.0.get().is_empty()

@@ -267,6 +267,13 @@ pub struct Outcome {
     pub actions: Vec<Action>,
 }
 
+/// How many bytes of outputs a command carries at most: those of the
+/// steps its step comes after (through skipped ones), of its `input_from`
+/// step and its own (when undoing it), smallest first. A worker reads any
+/// other from the store when it asks for it, so a command stays small
+/// however large and many the outputs before it are.
+pub const CARRIED_BYTES: usize = 64 * 1024;
+
 /// Creates the state of a new workflow instance and the first commands.
 pub fn start(
     def: &WorkflowDefinition,
@@ -608,7 +615,7 @@ impl Transition<'_> {
 
     /// The document a step's (or branch's) worker receives: its input, and
     /// the outputs of the steps it comes after (through skipped ones), of its
-    /// `input_from` step and (to undo it) its own. Any other earlier output a worker asks for is
+    /// `input_from` step and (to undo it) its own, up to [`CARRIED_BYTES`]. Any other earlier output a worker asks for is
     /// read from the store then, so a command does not grow with the steps
     /// before it.
     fn payload_for(&self, slot: Slot) -> Payload {
@@ -642,6 +649,17 @@ impl Transition<'_> {
         carried.push(slot.step);
         carried.sort_unstable();
         carried.dedup();
+        // Within the budget, smallest first; the rest are read on demand.
+        let size = |i: &usize| self.state.steps[*i].output.as_ref().map_or(0, Payload::len);
+        if carried.iter().map(size).sum::<usize>() > CARRIED_BYTES {
+            carried.sort_by_key(size);
+            let mut total = 0;
+            carried.retain(|i| {
+                total += size(i);
+                total <= CARRIED_BYTES
+            });
+            carried.sort_unstable();
+        }
         let doc = Doc {
             input: input.as_raw(),
             steps: Carried {

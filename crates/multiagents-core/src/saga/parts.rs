@@ -85,6 +85,45 @@ pub struct StepPart {
     pub n: usize,
     /// The step, with no branches.
     pub s: StepState,
+    /// Where its output is when kept apart: its digest (see
+    /// [`Changes::keep_apart`]); [`StepPart::resolve`] puts it back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_at: Option<String>,
+    /// Where its input is when kept apart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_at: Option<String>,
+}
+
+impl StepPart {
+    /// Puts back the payloads kept apart, found by digest with `find`;
+    /// `Err` names the digest that was not found.
+    pub fn resolve(&mut self, find: &mut dyn FnMut(&str) -> Option<Payload>) -> Result<(), String> {
+        resolve(&mut self.s, &mut self.output_at, &mut self.input_at, find)
+    }
+}
+
+impl ItemPart {
+    /// Puts back the payloads kept apart (see [`StepPart::resolve`]).
+    pub fn resolve(&mut self, find: &mut dyn FnMut(&str) -> Option<Payload>) -> Result<(), String> {
+        resolve(&mut self.s, &mut self.output_at, &mut self.input_at, find)
+    }
+}
+
+fn resolve(
+    s: &mut StepState,
+    output_at: &mut Option<String>,
+    input_at: &mut Option<String>,
+    find: &mut dyn FnMut(&str) -> Option<Payload>,
+) -> Result<(), String> {
+    for (at, slot) in [(output_at, &mut s.output), (input_at, &mut s.input)] {
+        if let Some(digest) = at.take() {
+            match find(&digest) {
+                Some(p) => *slot = Some(p),
+                None => return Err(digest),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// One branch of a fan-out step.
@@ -96,6 +135,12 @@ pub struct ItemPart {
     pub k: usize,
     /// The branch.
     pub s: StepState,
+    /// Where its output is when kept apart (see [`StepPart::output_at`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_at: Option<String>,
+    /// Where its item is when kept apart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_at: Option<String>,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -153,6 +198,53 @@ pub struct Changes<'a> {
     pub items: Vec<(usize, usize)>,
     /// How many history entries the stored state has; the new ones follow.
     pub history_from: usize,
+    /// The payloads the parts name by digest (see [`Changes::keep_apart`]).
+    pub apart: Apart<'a>,
+}
+
+/// The large payloads of one write, which a store keeps apart from the
+/// parts that hold them, each under its digest ([`Payload::digest`]): a
+/// part then names its output (or item) by digest, a payload is written
+/// once however often its step's part is, and identical payloads are
+/// stored once.
+#[derive(Clone, Debug, Default)]
+pub struct Apart<'a> {
+    by_address: std::collections::HashMap<usize, usize>,
+    list: Vec<(String, &'a Payload)>,
+}
+
+impl<'a> Apart<'a> {
+    fn add(&mut self, p: &'a Payload) {
+        if self.by_address.contains_key(&p.address()) {
+            return;
+        }
+        let digest = p.digest();
+        let at = match self.list.iter().position(|(d, _)| *d == digest) {
+            Some(at) => at,
+            None => {
+                self.list.push((digest, p));
+                self.list.len() - 1
+            }
+        };
+        self.by_address.insert(p.address(), at);
+    }
+
+    /// The digest `p` is kept under, when it is kept apart.
+    pub fn digest_of(&self, p: &Payload) -> Option<&str> {
+        self.by_address
+            .get(&p.address())
+            .map(|&at| self.list[at].0.as_str())
+    }
+
+    /// Each payload kept apart once, with its digest.
+    pub fn payloads(&self) -> impl Iterator<Item = (&str, &'a Payload)> + '_ {
+        self.list.iter().map(|(d, p)| (d.as_str(), *p))
+    }
+
+    /// True when nothing is kept apart.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
 }
 
 impl<'a> Changes<'a> {
@@ -171,6 +263,7 @@ impl<'a> Changes<'a> {
             steps: (0..state.steps.len()).collect(),
             items,
             history_from: 0,
+            apart: Apart::default(),
         }
     }
 
@@ -210,7 +303,31 @@ impl<'a> Changes<'a> {
             steps,
             items,
             history_from: before.history.len(),
+            apart: Apart::default(),
         }
+    }
+
+    /// Keeps the outputs and items of `from` bytes or more that this write
+    /// stores apart (see [`Apart`]): the parts name them by digest, and the
+    /// store writes [`Changes::apart`]'s payloads beside them.
+    pub fn keep_apart(mut self, from: usize) -> Self {
+        let mut apart = Apart::default();
+        let state = self.state;
+        let mut look = |s: &'a StepState| {
+            for p in [&s.output, &s.input].into_iter().flatten() {
+                if p.len() >= from {
+                    apart.add(p);
+                }
+            }
+        };
+        for &i in &self.steps {
+            look(&state.steps[i]);
+        }
+        for &(i, k) in &self.items {
+            look(&state.steps[i].items[k]);
+        }
+        self.apart = apart;
+        self
     }
 
     /// The head; with the input when it is written and `with_input`.
@@ -238,28 +355,46 @@ impl<'a> Changes<'a> {
     /// Step `i`'s part (as a [`StepPart`]).
     pub fn step(&self, i: usize) -> impl Serialize + 'a {
         let s = &self.state.steps[i];
+        let (s, output_at, input_at) = self.own_fields(s);
         StepPartRef {
             i,
-            n: s.items.len(),
-            s: BareStep {
-                name: &s.name,
-                status: &s.status,
-                attempts: s.attempts,
-                compensation_attempts: s.compensation_attempts,
-                output: s.output.as_ref(),
-                last_error: s.last_error.as_deref(),
-                input: s.input.as_ref(),
-            },
+            n: self.state.steps[i].items.len(),
+            s,
+            output_at,
+            input_at,
         }
     }
 
     /// Branch `k` of step `i` (as an [`ItemPart`]).
     pub fn item(&self, i: usize, k: usize) -> impl Serialize + 'a {
+        let (s, output_at, input_at) = self.own_fields(&self.state.steps[i].items[k]);
         ItemPartRef {
             i,
             k,
-            s: &self.state.steps[i].items[k],
+            s,
+            output_at,
+            input_at,
         }
+    }
+
+    /// A step's own fields, borrowed, its payloads kept apart named by digest.
+    fn own_fields(&self, s: &'a StepState) -> (BareStep<'a>, Option<String>, Option<String>) {
+        let placed = |p: Option<&'a Payload>| match p.and_then(|p| self.apart.digest_of(p)) {
+            Some(d) => (None, Some(d.to_string())),
+            None => (p, None),
+        };
+        let (output, output_at) = placed(s.output.as_ref());
+        let (input, input_at) = placed(s.input.as_ref());
+        let bare = BareStep {
+            name: &s.name,
+            status: &s.status,
+            attempts: s.attempts,
+            compensation_attempts: s.compensation_attempts,
+            output,
+            last_error: s.last_error.as_deref(),
+            input,
+        };
+        (bare, output_at, input_at)
     }
 
     /// The history entries added (a JSON array).
@@ -294,6 +429,8 @@ impl<'a> Changes<'a> {
                     i,
                     n: s.steps[i].items.len(),
                     s: bare(&s.steps[i]),
+                    output_at: None,
+                    input_at: None,
                 })
                 .collect(),
             items: self
@@ -303,6 +440,8 @@ impl<'a> Changes<'a> {
                     i,
                     k,
                     s: s.steps[i].items[k].clone(),
+                    output_at: None,
+                    input_at: None,
                 })
                 .collect(),
             history_from: self.history_from,
@@ -403,14 +542,22 @@ struct StepPartRef<'a> {
     #[serde(skip_serializing_if = "is_zero")]
     n: usize,
     s: BareStep<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    output_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    input_at: Option<String>,
 }
 
-/// [`ItemPart`], borrowed.
+/// [`ItemPart`], borrowed (a branch has no branches: its bare step is it).
 #[derive(Serialize)]
 struct ItemPartRef<'a> {
     i: usize,
     k: usize,
-    s: &'a StepState,
+    s: BareStep<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    output_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    input_at: Option<String>,
 }
 
 /// History entries from an index on, as a JSON array.
@@ -468,6 +615,18 @@ fn head(state: &WorkflowState, input: Option<Payload>) -> Head {
 }
 
 impl Delta {
+    /// Puts back every payload its parts name by digest (see
+    /// [`StepPart::resolve`]); `Err` names the digest not found.
+    pub fn resolve(&mut self, find: &mut dyn FnMut(&str) -> Option<Payload>) -> Result<(), String> {
+        for p in &mut self.steps {
+            p.resolve(find)?;
+        }
+        for p in &mut self.items {
+            p.resolve(find)?;
+        }
+        Ok(())
+    }
+
     /// The whole of `state`.
     pub fn full(state: &WorkflowState) -> Self {
         Changes::full(state).to_delta()
@@ -523,6 +682,27 @@ impl Delta {
             )));
         }
         history.extend(self.history);
+        let unresolved = |at: &Option<String>, a: &Option<String>| at.is_some() || a.is_some();
+        if let Some(p) = self
+            .steps
+            .iter()
+            .find(|p| unresolved(&p.output_at, &p.input_at))
+        {
+            return Err(err(format!(
+                "step {} names a payload kept apart that was not put back",
+                p.i
+            )));
+        }
+        if let Some(p) = self
+            .items
+            .iter()
+            .find(|p| unresolved(&p.output_at, &p.input_at))
+        {
+            return Err(err(format!(
+                "branch {} of step {} names a payload kept apart that was not put back",
+                p.k, p.i
+            )));
+        }
         for part in self.steps {
             let mut s = part.s;
             let len = steps.len();
@@ -661,6 +841,65 @@ mod tests {
             sizes[10],
             sizes[150]
         );
+    }
+
+    #[test]
+    fn large_payloads_are_kept_apart_once_by_digest_and_put_back() {
+        let def = WorkflowBuilder::new("apart")
+            .step("a", "w")
+            .step("b", "w")
+            .step("c", "w")
+            .build()
+            .expect("valid");
+        let (mut state, _) = start(
+            &def,
+            TransactionId::new(),
+            CorrelationId::new(),
+            Payload::null(),
+            Timestamp(1),
+        );
+        let prompt = serde_json::json!({"prompt": "p".repeat(5_000)});
+        let stored = Delta::full(&state).apply(None).expect("applies");
+        let before = state.clone();
+        apply(&def, &mut state, ok("a", prompt.clone()), Timestamp(2));
+        apply(&def, &mut state, ok("b", prompt.clone()), Timestamp(3));
+        apply(
+            &def,
+            &mut state,
+            ok("c", serde_json::json!("small")),
+            Timestamp(4),
+        );
+        let changes = Changes::between(&before, &state).keep_apart(4096);
+        // Two steps hold the same text (two copies in memory): kept once.
+        let kept: Vec<(&str, &Payload)> = changes.apart.payloads().collect();
+        assert_eq!(kept.len(), 1);
+        let digest = state.output("a").expect("output").digest();
+        assert_eq!(kept[0].0, digest);
+        let text = serde_json::to_string(&changes).expect("encode");
+        assert_eq!(
+            text.matches("ppppp").count(),
+            0,
+            "no copy in the parts: {text}"
+        );
+        assert_eq!(text.matches(&digest).count(), 2, "{text}");
+        assert!(text.contains("small"), "a small output stays in its part");
+        // Read back: refused until the payloads are put back.
+        let mut delta: Delta = serde_json::from_str(&text).expect("decode");
+        let err = delta
+            .clone()
+            .apply(Some(stored.clone()))
+            .expect_err("unresolved");
+        assert!(err.reason.contains("kept apart"), "{err}");
+        let missing = delta.clone().resolve(&mut |_| None).expect_err("not found");
+        assert_eq!(missing, digest);
+        let payload = kept[0].1.clone();
+        delta
+            .resolve(&mut |d| (d == digest).then(|| payload.clone()))
+            .expect("found");
+        let back = delta.apply(Some(stored)).expect("applies");
+        assert_eq!(back, state);
+        // Below the size, nothing is kept apart.
+        assert!(Changes::full(&state).keep_apart(10_000).apart.is_empty());
     }
 
     #[test]

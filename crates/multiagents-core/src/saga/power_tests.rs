@@ -863,6 +863,20 @@ mod properties {
                     let read: crate::saga::parts::Delta =
                         serde_json::from_str(&text).expect("changes decode as a delta");
                     assert_eq!(read, changes.to_delta());
+                    // With payloads kept apart (even small ones) and put
+                    // back by digest: the same.
+                    let apart = changes.clone().keep_apart(8);
+                    let text = serde_json::to_string(&apart).expect("changes encode");
+                    let mut kept: crate::saga::parts::Delta =
+                        serde_json::from_str(&text).expect("changes decode as a delta");
+                    let found: std::collections::HashMap<String, Payload> = apart
+                        .apart
+                        .payloads()
+                        .map(|(d, p)| (d.to_string(), p.clone()))
+                        .collect();
+                    kept.resolve(&mut |d| found.get(d).cloned())
+                        .expect("every payload kept apart is found");
+                    assert_eq!(kept, read);
                     read
                 };
                 assert!(!delta.full, "a transition wrote the whole state");

@@ -720,3 +720,47 @@ fn history_tells_the_whole_story() {
     assert_eq!(kinds["finished"], 1);
     assert_eq!(s.status, WorkflowStatus::Compensated);
 }
+
+#[test]
+fn a_command_carries_the_outputs_it_comes_after_up_to_the_budget_smallest_first() {
+    let def = WorkflowBuilder::new("fan-in")
+        .step("a", "x")
+        .step("b", "x")
+        .after(Vec::<String>::new())
+        .step("c", "x")
+        .after(Vec::<String>::new())
+        .step("join", "y")
+        .after(["a", "b", "c"])
+        .build()
+        .expect("valid");
+    let (mut s, actions) = begin(&def);
+    assert_eq!(dispatches(&actions).len(), 3, "a, b and c start together");
+    let big = |n: usize| Payload::to_json(&"x".repeat(n)).expect("json");
+    let outputs = [("a", big(40_000)), ("b", big(100)), ("c", big(30_000))];
+    let mut last = Vec::new();
+    for (i, (step, output)) in outputs.iter().enumerate() {
+        let input = Input::Succeeded {
+            step: StepName::new(*step),
+            phase: Phase::Forward,
+            attempt: 1,
+            output: output.clone(),
+        };
+        last = apply(&def, &mut s, input, at(1 + i as u64)).actions;
+    }
+    let d = last
+        .iter()
+        .find_map(|a| match a {
+            Action::Dispatch(d) => Some(d),
+            _ => None,
+        })
+        .expect("join is dispatched");
+    assert_eq!(d.step, "join");
+    let doc: serde_json::Value = d.payload.parse().expect("json");
+    let carried = doc["steps"].as_object().expect("map");
+    // 70 KB of outputs do not fit 64 KiB: the smallest that do are carried,
+    // and `a` is read from the store when asked for.
+    let mut names: Vec<&str> = carried.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["b", "c"], "{carried:?}");
+    assert!(d.payload.len() <= CARRIED_BYTES + 1_000);
+}
