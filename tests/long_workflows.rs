@@ -449,7 +449,10 @@ mod on_redis {
             return;
         };
         let prompt = same_output(30_000);
-        let (tx, _) = drive(&store, 50, |_| prompt.clone()).await;
+        let (tx, per_step) = drive(&store, 50, |_| prompt.clone()).await;
+        // Sent once: later steps name it.
+        assert!(per_step[0] > 30_000, "{per_step:?}");
+        assert!(per_step[1..].iter().all(|b| *b < 3_000), "{per_step:?}");
         let client = redis::Client::open(url.as_str()).expect("url");
         let mut conn = client
             .get_multiplexed_async_connection()
@@ -492,6 +495,68 @@ mod on_redis {
         let _: () = conn.del(&key).await.expect("del");
         assert!(store.get(tx).await.expect("get").is_none());
         assert_eq!(store.step_output(tx, "s7").await.expect("read"), None);
+    }
+
+    #[tokio::test]
+    async fn a_payload_named_but_gone_since_another_replica_rewrote_the_state_is_sent_again() {
+        let Some((a, url, prefix)) = store("long-named").await else {
+            return;
+        };
+        let b = RedisStateStore::connect(RedisStoreConfig::new(&url).prefix(&prefix))
+            .await
+            .expect("connects");
+        let def = chain(3);
+        let (state, _) = saga::start(
+            &def,
+            TransactionId::new(),
+            CorrelationId::new(),
+            Payload::null(),
+            Timestamp::now(),
+        );
+        let tx = state.transaction_id;
+        let (p, q) = (same_output(10_000), big_output(0, 10_000));
+        let v1 = a.create(Arc::new(state.clone())).await.expect("create");
+        // A writes s0 = P, and remembers having stored P.
+        let mut with_p = state.clone();
+        saga::apply(
+            &def,
+            &mut with_p,
+            succeeded("s0", p.clone()),
+            Timestamp::now(),
+        );
+        let v2 = a
+            .compare_and_set_from(v1, &state, Arc::new(with_p))
+            .await
+            .expect("write");
+        // B writes the state whole with s0 = Q: P is no longer stored.
+        let mut with_q = state.clone();
+        saga::apply(
+            &def,
+            &mut with_q,
+            succeeded("s0", q.clone()),
+            Timestamp::now(),
+        );
+        let v3 = b
+            .compare_and_set(v2, Arc::new(with_q))
+            .await
+            .expect("write whole");
+        // A writes s1 = P over what B wrote: naming P finds it gone, sends it.
+        let read = a.get(tx).await.expect("get").expect("stored");
+        assert_eq!(read.version, v3);
+        let mut next = multiagents::core::WorkflowState::clone(&read.state);
+        saga::apply(
+            &def,
+            &mut next,
+            succeeded("s1", p.clone()),
+            Timestamp::now(),
+        );
+        a.compare_and_set_from(v3, &read.state, Arc::new(next.clone()))
+            .await
+            .expect("write");
+        let back = b.get(tx).await.expect("get").expect("stored");
+        assert_eq!(*back.state, next);
+        assert_eq!(back.state.output("s0"), Some(&q));
+        assert_eq!(back.state.output("s1"), Some(&p));
     }
 
     #[tokio::test]

@@ -101,10 +101,13 @@ impl RedisStoreConfig {
 /// KEYS: hash, [unpublished]. ARGV: expected ('0' = create), new version,
 /// head, status, workflow, started, updated, ttl, channel, tx, now, note,
 /// correlation, history_from, full, field-value pair count, the new history
-/// count, then the pairs, then the payloads' pairs. Returns {1, v}; {0, found} on a version conflict;
-/// {-1, 0} when missing; {-2, v} when a delta meets the old layout (write it
-/// whole); {-3, count} when the stored history is not the length the delta
-/// expects.
+/// count, then the pairs, then how many payload fields are named without
+/// their value (ones this client wrote before: they must exist), those
+/// names, then the payloads' pairs. Returns {1, v}; {0, found} on a version
+/// conflict; {-1, 0} when missing; {-2, v} when a delta meets the old layout
+/// (write it whole); {-3, count} when the stored history is not the length
+/// the delta expects; {-4, 0} when a payload named without its value is not
+/// there (send it).
 const CAS: &str = r"
 local cur = redis.call('HMGET', KEYS[1], 'v', 'hn')
 local full = ARGV[15] == '1'
@@ -118,18 +121,22 @@ else
     if cur[2] ~= ARGV[14] then return {-3, tonumber(cur[2])} end
   end
 end
+local pairs_end = 17 + 2 * tonumber(ARGV[16])
+local named_end = pairs_end + 1 + tonumber(ARGV[pairs_end + 1])
+for j = pairs_end + 2, named_end do
+  if redis.call('HEXISTS', KEYS[1], ARGV[j]) == 0 then return {-4, 0} end
+end
 if full and cur[1] then
   local co = redis.call('HGET', KEYS[1], 'co')
   redis.call('DEL', KEYS[1])
   if co then redis.call('HSET', KEYS[1], 'co', co) end
 end
-local pairs_end = 17 + 2 * tonumber(ARGV[16])
 local first_end = math.min(pairs_end, 1017)
 redis.call('HSET', KEYS[1], 'v', ARGV[2], 'h', ARGV[3], 'st', ARGV[4], 'wf', ARGV[5], 'sa', ARGV[6], 'up', ARGV[7], 'hn', ARGV[17], unpack(ARGV, 18, first_end))
 for j = first_end + 1, pairs_end, 1000 do
   redis.call('HSET', KEYS[1], unpack(ARGV, j, math.min(j + 999, pairs_end)))
 end
-for j = pairs_end + 1, #ARGV, 2 do
+for j = named_end + 1, #ARGV, 2 do
   redis.call('HSETNX', KEYS[1], ARGV[j], ARGV[j + 1])
 end
 if ARGV[1] == '0' then redis.call('HSET', KEYS[1], 'co', ARGV[13]) end
@@ -180,7 +187,14 @@ struct Inner {
     /// Bytes of state records sent (the state and the script's other
     /// arguments; not the index updates beside it).
     written: std::sync::atomic::AtomicU64,
+    /// Payloads this instance stored, by workflow and digest: a later write
+    /// names them without sending them again (the script checks that they
+    /// are still there). Bounded: forgotten all at once when full.
+    stored: Mutex<std::collections::HashSet<(TransactionId, String)>>,
 }
+
+/// How many (workflow, payload) pairs a store remembers having written.
+const REMEMBERED_PAYLOADS: usize = 16 * 1024;
 
 impl RedisStateStore {
     /// Connects; fails with the server's address if it cannot be reached.
@@ -206,6 +220,7 @@ impl RedisStateStore {
                 waiters: Mutex::default(),
                 listener: std::sync::Once::new(),
                 written: std::sync::atomic::AtomicU64::new(0),
+                stored: Mutex::default(),
             }),
         })
     }
@@ -361,14 +376,19 @@ impl RedisStateStore {
             None => Changes::full(&state),
         }
         .keep_apart(apart);
-        match self.write_parts(expected, &delta, &state).await {
+        let written = match self.write_parts(expected, &delta, &state, true).await {
+            // A payload named was gone (the hash rewritten meanwhile): send all.
+            Err(Refused::Named) => self.write_parts(expected, &delta, &state, false).await,
+            other => other,
+        };
+        match written {
             // Stored in the old layout, or not as the caller read it: whole.
             Err(r @ (Refused::Layout | Refused::History(_))) if !delta.full => {
                 if let Refused::History(len) = r {
                     tracing::debug!(transaction_id = %state.transaction_id, stored = len, expected = delta.history_from, "the stored history is not the one read: writing the state whole");
                 }
                 let whole = Changes::full(&state).keep_apart(apart);
-                match self.write_parts(expected, &whole, &state).await {
+                match self.write_parts(expected, &whole, &state, false).await {
                     Ok(v) => Ok(v),
                     Err(r) => Err(self.refused(r, state.transaction_id, expected)),
                 }
@@ -388,17 +408,21 @@ impl RedisStateStore {
                 found,
             },
             Refused::Missing => StoreError::NotFound(tx),
-            Refused::Layout | Refused::History(_) => self.corrupt(format!(
+            Refused::Layout | Refused::History(_) | Refused::Named => self.corrupt(format!(
                 "workflow {tx} could not be written whole over its stored parts"
             )),
         }
     }
 
+    /// One write of `delta`; with `name_stored`, the payloads this store
+    /// wrote before are named, not sent (never for a full write, which
+    /// deletes what was there first).
     async fn write_parts(
         &self,
         expected: Option<Version>,
         delta: &Changes<'_>,
         state: &WorkflowState,
+        name_stored: bool,
     ) -> Result<Version, Refused> {
         let tx = state.transaction_id;
         let encode =
@@ -475,17 +499,25 @@ impl RedisStateStore {
             String::new()
         };
         let channel = self.finished_channel();
-        let payloads: Vec<(String, &str)> = delta
-            .apart
-            .payloads()
-            .map(|(d, p)| (format!("p:{d}"), p.as_str()))
-            .collect();
+        let mut named: Vec<String> = Vec::new();
+        let mut payloads: Vec<(String, &str)> = Vec::new();
+        {
+            let stored = self.inner.stored.lock().unwrap_or_else(|e| e.into_inner());
+            for (d, p) in delta.apart.payloads() {
+                let field = format!("p:{d}");
+                match name_stored && !delta.full && stored.contains(&(tx, d.to_string())) {
+                    true => named.push(field),
+                    false => payloads.push((field, p.as_str())),
+                }
+            }
+        }
         let sent = json.len()
             + fields.iter().map(|(f, v)| f.len() + v.len()).sum::<usize>()
             + payloads
                 .iter()
                 .map(|(f, v)| f.len() + v.len())
                 .sum::<usize>()
+            + named.iter().map(String::len).sum::<usize>()
             + state.status.as_str().len()
             + state.workflow.as_str().len()
             + channel.len()
@@ -521,6 +553,10 @@ impl RedisStateStore {
         for (f, v) in &fields {
             invocation.arg(f).arg(v);
         }
+        invocation.arg(named.len());
+        for f in &named {
+            invocation.arg(f);
+        }
         for (f, v) in &payloads {
             invocation.arg(f).arg(v);
         }
@@ -548,12 +584,22 @@ impl RedisStateStore {
                 Err(e) => return Err(Refused::Store(self.io(e))),
             }
         };
+        if reply.0 == 1 && !delta.apart.is_empty() {
+            let mut stored = self.inner.stored.lock().unwrap_or_else(|e| e.into_inner());
+            if stored.len() + delta.apart.payloads().count() > REMEMBERED_PAYLOADS {
+                stored.clear();
+            }
+            for (d, _) in delta.apart.payloads() {
+                stored.insert((tx, d.to_string()));
+            }
+        }
         match reply {
             (1, v) => Ok(v),
             (0, _) if expected.is_none() => Err(Refused::Exists),
             (0, found) => Err(Refused::Conflict(found)),
             (-2, _) => Err(Refused::Layout),
             (-3, len) => Err(Refused::History(len)),
+            (-4, _) => Err(Refused::Named),
             _ => Err(Refused::Missing),
         }
     }
@@ -618,6 +664,8 @@ enum Refused {
     Layout,
     /// The stored history has this many entries, not what the delta expects.
     History(u64),
+    /// A payload named without its value is not stored.
+    Named,
 }
 
 fn status_of(text: &str) -> Option<WorkflowStatus> {
