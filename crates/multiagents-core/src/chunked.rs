@@ -34,7 +34,8 @@ pub const CHUNK: usize = 64;
 
 /// A list in shared chunks of [`CHUNK`] elements.
 pub struct Chunked<T> {
-    chunks: Vec<Arc<Chunk<T>>>,
+    // One chunk inline: cloning a short list allocates nothing.
+    chunks: smallvec::SmallVec<[Arc<Chunk<T>>; 1]>,
     len: usize,
 }
 
@@ -122,7 +123,7 @@ impl<T> Chunked<T> {
     /// An empty list.
     pub const fn new() -> Self {
         Self {
-            chunks: Vec::new(),
+            chunks: smallvec::SmallVec::new_const(),
             len: 0,
         }
     }

@@ -630,8 +630,9 @@ impl Transition<'_> {
         };
         let def = &self.def.steps()[slot.step];
         // The steps it comes after; a skipped one stands for those it came after.
-        let mut carried = Vec::new();
-        let mut todo: Vec<usize> = self.def.dependencies(slot.step).to_vec();
+        let mut carried: smallvec::SmallVec<[usize; 8]> = smallvec::SmallVec::new();
+        let mut todo: smallvec::SmallVec<[usize; 8]> =
+            smallvec::SmallVec::from_slice(self.def.dependencies(slot.step));
         while let Some(d) = todo.pop() {
             if carried.contains(&d) {
                 continue;
