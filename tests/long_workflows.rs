@@ -22,6 +22,18 @@ fn chain(n: usize) -> WorkflowDefinition {
     b.build().expect("valid")
 }
 
+/// A new instance of `def` with a `null` input.
+fn started(def: &WorkflowDefinition) -> multiagents::core::WorkflowState {
+    saga::start(
+        def,
+        TransactionId::new(),
+        CorrelationId::new(),
+        Payload::null(),
+        Timestamp::now(),
+    )
+    .0
+}
+
 fn succeeded(step: &str, output: Payload) -> Input {
     Input::Succeeded {
         step: StepName::new(step),
@@ -57,13 +69,7 @@ async fn drive(
     output: impl Fn(usize) -> Payload,
 ) -> (TransactionId, Vec<u64>) {
     let def = chain(steps);
-    let (state, _) = saga::start(
-        &def,
-        TransactionId::new(),
-        CorrelationId::new(),
-        Payload::null(),
-        Timestamp::now(),
-    );
+    let state = started(&def);
     let tx = state.transaction_id;
     let mut version = store.create(Arc::new(state)).await.expect("create");
     let mut per_step = Vec::new();
@@ -232,13 +238,7 @@ async fn on_the_file_store_a_before_that_is_not_the_stored_state_is_written_whol
     let dir = tempfile::tempdir().expect("dir");
     let path = dir.path().join("stale.db");
     let def = chain(4);
-    let (state, _) = saga::start(
-        &def,
-        TransactionId::new(),
-        CorrelationId::new(),
-        Payload::null(),
-        Timestamp::now(),
-    );
+    let state = started(&def);
     let tx = state.transaction_id;
     let c = {
         let store = FileStore::open(&path).expect("open");
@@ -506,13 +506,7 @@ mod on_redis {
             .await
             .expect("connects");
         let def = chain(3);
-        let (state, _) = saga::start(
-            &def,
-            TransactionId::new(),
-            CorrelationId::new(),
-            Payload::null(),
-            Timestamp::now(),
-        );
+        let state = started(&def);
         let tx = state.transaction_id;
         let (p, q) = (same_output(10_000), big_output(0, 10_000));
         let v1 = a.create(Arc::new(state.clone())).await.expect("create");
@@ -664,13 +658,7 @@ mod on_redis {
             return;
         };
         let def = chain(4);
-        let (state, _) = saga::start(
-            &def,
-            TransactionId::new(),
-            CorrelationId::new(),
-            Payload::null(),
-            Timestamp::now(),
-        );
+        let state = started(&def);
         let tx = state.transaction_id;
         let v1 = store.create(Arc::new(state.clone())).await.expect("create");
         let mut a = state.clone();

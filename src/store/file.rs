@@ -243,23 +243,8 @@ impl FileStore {
     /// # });
     /// ```
     pub async fn compact(&self) -> Result<(), StoreError> {
-        let (done, wait) = oneshot::channel();
-        {
-            let sender = self.shared.commit.lock().unwrap_or_else(|e| e.into_inner());
-            sender
-                .send(Request {
-                    payloads: Vec::new(),
-                    frame: Vec::new(),
-                    compact: true,
-                    done,
-                })
-                .map_err(|_| io_err(&self.shared.path, "the writer thread stopped"))?;
-        }
-        match wait.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(message)) => Err(io_err(&self.shared.path, message)),
-            Err(_) => Err(io_err(&self.shared.path, "the writer thread stopped")),
-        }
+        self.commit_with(Vec::new(), Vec::new(), true, || Ok(()))
+            .await
     }
 
     /// Appends a record and waits until it is in the file. `update` runs
@@ -270,14 +255,16 @@ impl FileStore {
         frame: Vec<u8>,
         update: impl FnOnce() -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        self.commit_with(Vec::new(), frame, update).await
+        self.commit_with(Vec::new(), frame, false, update).await
     }
 
-    /// [`commit`](Self::commit), after the payloads `frame` names.
+    /// [`commit`](Self::commit), after the payloads `frame` names; with
+    /// `compact`, answered once the file is compacted after it.
     async fn commit_with<T>(
         &self,
         payloads: Vec<(String, Vec<u8>)>,
         frame: Vec<u8>,
+        compact: bool,
         update: impl FnOnce() -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let (done, wait) = oneshot::channel();
@@ -288,7 +275,7 @@ impl FileStore {
                 .send(Request {
                     payloads,
                     frame,
-                    compact: false,
+                    compact,
                     done,
                 })
                 .map_err(|_| io_err(&self.shared.path, "the writer thread stopped"))?;
@@ -326,7 +313,7 @@ impl FileStore {
         let (record, payloads) = change_frames(state.transaction_id, guess, &changes);
         drop(changes);
         let version = self
-            .commit_with(payloads, record, || {
+            .commit_with(payloads, record, false, || {
                 let version = self.index.check(expected, &state)?;
                 self.index.put_unchecked(version, state.clone());
                 Ok(version)

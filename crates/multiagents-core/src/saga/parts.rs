@@ -793,6 +793,18 @@ mod tests {
         }
     }
 
+    /// A new instance of `def` with a `null` input, at time 1.
+    fn started(def: &crate::workflow::WorkflowDefinition) -> WorkflowState {
+        start(
+            def,
+            TransactionId::new(),
+            CorrelationId::new(),
+            Payload::null(),
+            Timestamp(1),
+        )
+        .0
+    }
+
     fn round_trip(delta: &Delta) -> Delta {
         serde_json::from_str(&serde_json::to_string(delta).expect("encode")).expect("decode")
     }
@@ -851,13 +863,7 @@ mod tests {
             .step("c", "w")
             .build()
             .expect("valid");
-        let (mut state, _) = start(
-            &def,
-            TransactionId::new(),
-            CorrelationId::new(),
-            Payload::null(),
-            Timestamp(1),
-        );
+        let mut state = started(&def);
         let prompt = serde_json::json!({"prompt": "p".repeat(5_000)});
         let stored = Delta::full(&state).apply(None).expect("applies");
         let before = state.clone();
@@ -1008,13 +1014,7 @@ mod tests {
             .step("b", "w")
             .build()
             .expect("valid");
-        let (mut state, _) = start(
-            &def,
-            TransactionId::new(),
-            CorrelationId::new(),
-            Payload::null(),
-            Timestamp(1),
-        );
+        let mut state = started(&def);
         let before = state.clone();
         apply(
             &def,
