@@ -499,8 +499,10 @@ pub struct WorkflowState {
 }
 
 impl Clone for WorkflowState {
-    /// Cheap for any length: steps and history are shared chunks, copied
-    /// only where the clone is then changed.
+    /// Cheap for any length: the full chunks of steps and history are
+    /// shared, copied only where the clone is then changed; their tails
+    /// (all the steps of a short workflow, the last history entries) are
+    /// copied, the history's with room for what a transition appends.
     fn clone(&self) -> Self {
         Self {
             transaction_id: self.transaction_id,
@@ -518,7 +520,7 @@ impl Clone for WorkflowState {
             started_at: self.started_at,
             updated_at: self.updated_at,
             finished_at: self.finished_at,
-            history: self.history.clone(),
+            history: self.history.clone_with_room(4),
         }
     }
 }

@@ -24,15 +24,9 @@ impl Transition<'_> {
     /// changed and the steps after them), in order; `None` looks at all.
     pub(super) fn dispatch_ready_steps(&mut self, among: Option<&[usize]>) -> bool {
         let mut settled_now = false;
-        let all: Vec<usize>;
-        let among = match among {
-            Some(a) => a,
-            None => {
-                all = (0..self.state.steps.len()).collect();
-                &all
-            }
-        };
-        for &i in among {
+        let count = among.map_or(self.state.steps.len(), <[usize]>::len);
+        for k in 0..count {
+            let i = among.map_or(k, |a| a[k]);
             match self.state.steps[i].status {
                 StepStatus::Pending => {}
                 StepStatus::Branching => {
