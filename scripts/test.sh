@@ -11,7 +11,11 @@ cd "$(dirname "$0")/.."
 
 work=$(mktemp -d -t multiagents-test.XXXXXX)
 pids=()
+stops=()
 cleanup() {
+  for stop in "${stops[@]:-}"; do
+    [ -n "$stop" ] && eval "$stop" >/dev/null 2>&1 || true
+  done
   for pid in "${pids[@]:-}"; do
     [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
   done
@@ -113,8 +117,64 @@ start_redis_cluster() {
   return 1
 }
 
+# PostgreSQL's server binaries: on PATH, or where Debian puts them.
+pg_bin() {
+  if command -v initdb >/dev/null 2>&1; then
+    dirname "$(command -v initdb)"
+    return 0
+  fi
+  local dir
+  for dir in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V -r); do
+    [ -x "$dir/initdb" ] && { echo "$dir"; return 0; }
+  done
+  return 1
+}
+
+# A throw-away PostgreSQL cluster: initdb into the work directory, on a free
+# port, trust authentication on loopback, stopped (fast) afterwards. As root
+# the server runs as the `postgres` user, as PostgreSQL insists.
+start_postgres() {
+  [ -n "${DATABASE_URL:-}" ] && return 0
+  local bin
+  if ! bin=$(pg_bin); then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      echo "installing postgresql for the integration tests" >&2
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql) >&2
+    fi
+    if ! bin=$(pg_bin); then
+      echo "warning: PostgreSQL is not installed; PostgreSQL tests will be skipped" >&2
+      return 0
+    fi
+  fi
+  local dir="$work/postgres" port; port=$(free_port)
+  mkdir -p "$dir"
+  local as=()
+  if [ "$(id -u)" = 0 ]; then
+    chmod 755 "$work"
+    chown postgres "$dir"
+    as=(runuser -u postgres --)
+  fi
+  "${as[@]}" "$bin/initdb" -D "$dir/data" -A trust -U postgres --no-sync >"$work/initdb.log" 2>&1 || {
+    echo "error: initdb failed; its log:" >&2
+    cat "$work/initdb.log" >&2
+    return 1
+  }
+  # Tests are not benchmarks: no fsync. Enough connections for the
+  # pools of tests running side by side.
+  "${as[@]}" "$bin/pg_ctl" -D "$dir/data" -l "$dir/log" -w -t 60 start -o \
+    "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=400" >&2 || {
+    echo "error: PostgreSQL did not start; its log:" >&2
+    cat "$dir/log" >&2
+    return 1
+  }
+  stops+=("${as[*]} $bin/pg_ctl -D $dir/data -m fast -w stop")
+  export DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
+  echo "throw-away PostgreSQL at $DATABASE_URL" >&2
+}
+
 start_redis
 start_redis_cluster
+start_postgres
 
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --all-targets --no-fail-fast

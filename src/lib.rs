@@ -9,6 +9,8 @@ mod error;
 #[cfg(feature = "llm")]
 pub mod llm;
 pub mod monitoring;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod runtime;

@@ -136,3 +136,17 @@ async fn the_redis_store_lists_pages_and_filters() {
     .expect("connects");
     contract(&store).await;
 }
+
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn the_postgres_store_lists_pages_and_filters() {
+    let Some(url) = common::database_url() else {
+        return;
+    };
+    let store = multiagents::store::PostgresStateStore::connect(
+        multiagents::store::PostgresStoreConfig::new(&url).schema(common::unique_schema("listing")),
+    )
+    .await
+    .expect("connects");
+    contract(&store).await;
+}

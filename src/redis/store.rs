@@ -19,7 +19,7 @@ use redis::Script;
 use tokio::sync::oneshot;
 
 use super::conn::{Pool, RedisConnection, follow_channel, open, query_all, redacted, run_all};
-use crate::core::saga::parts::{Changes, Delta, Head, ItemPart, StepPart};
+use crate::core::saga::parts::Changes;
 use crate::core::{
     CorrelationId, Timestamp, TransactionId, WorkflowDefinition, WorkflowName, WorkflowState,
     WorkflowStatus,
@@ -274,94 +274,8 @@ impl RedisStateStore {
         tx: TransactionId,
         fields: &HashMap<String, String>,
     ) -> Result<WorkflowState, StoreError> {
-        let bad = |what: &str, e: &dyn std::fmt::Display| {
-            self.corrupt(format!("workflow {tx}: {what}: {e}"))
-        };
-        let mut head: Head = match fields.get("h") {
-            Some(h) => serde_json::from_str(h).map_err(|e| bad("its head", &e))?,
-            None => return Err(self.corrupt(format!("workflow {tx} has no head"))),
-        };
-        head.input = match fields.get("in") {
-            Some(text) => Some(
-                crate::core::Payload::from_json_str(text.as_str())
-                    .map_err(|e| bad("its input", &e))?,
-            ),
-            None => return Err(self.corrupt(format!("workflow {tx} has no input"))),
-        };
-        let mut steps = Vec::with_capacity(head.steps);
-        let mut items = Vec::new();
-        // A payload kept apart is read once, and shared by every part naming it.
-        let mut found: HashMap<&str, crate::core::Payload> = HashMap::new();
-        let mut find = |digest: &str| -> Option<crate::core::Payload> {
-            if let Some(p) = found.get(digest) {
-                return Some(p.clone());
-            }
-            let (key, text) = fields.get_key_value(&format!("p:{digest}"))?;
-            let p = crate::core::Payload::from_json_str(text.as_str()).ok()?;
-            found.insert(&key[2..], p.clone());
-            Some(p)
-        };
-        let lost = |field: &str, digest: String| {
-            self.corrupt(format!(
-                "workflow {tx}: `{field}` names a payload `p:{digest}` that is not stored (or is not JSON)"
-            ))
-        };
-        for (field, value) in fields {
-            if field.starts_with("s:") {
-                let mut p: StepPart = serde_json::from_str(value).map_err(|e| bad(field, &e))?;
-                p.resolve(&mut find).map_err(|d| lost(field, d))?;
-                steps.push(p);
-            } else if field.starts_with("i:") {
-                let mut p: ItemPart = serde_json::from_str(value).map_err(|e| bad(field, &e))?;
-                p.resolve(&mut find).map_err(|d| lost(field, d))?;
-                items.push(p);
-            }
-        }
-        steps.sort_by_key(|p| p.i);
-        items.sort_by_key(|p| (p.i, p.k));
-        // Branches beyond a step's count are left from an earlier fan-out.
-        let counts: HashMap<usize, usize> = steps.iter().map(|p| (p.i, p.n)).collect();
-        items.retain(|p| counts.get(&p.i).is_some_and(|n| p.k < *n));
-        // The history, write by write, each from where the one before ended.
-        let mut batches: Vec<(usize, &String)> = Vec::new();
-        for (field, value) in fields {
-            if let Some(from) = field.strip_prefix("h:") {
-                let from = from
-                    .parse()
-                    .map_err(|_| self.corrupt(format!("workflow {tx}: a field `{field}`")))?;
-                batches.push((from, value));
-            }
-        }
-        batches.sort_by_key(|(from, _)| *from);
-        let mut entries = Vec::new();
-        for (from, batch) in batches {
-            if from != entries.len() {
-                return Err(self.corrupt(format!(
-                    "workflow {tx}: history entries from {from} follow {} entries",
-                    entries.len()
-                )));
-            }
-            let mut added: Vec<crate::core::saga::HistoryEntry> =
-                serde_json::from_str(batch).map_err(|e| bad("its history", &e))?;
-            entries.append(&mut added);
-        }
-        let counted = fields.get("hn").and_then(|n| n.parse::<usize>().ok());
-        if counted != Some(entries.len()) {
-            return Err(self.corrupt(format!(
-                "workflow {tx}: its history has {} entries where {counted:?} were written",
-                entries.len()
-            )));
-        }
-        Delta {
-            full: true,
-            head,
-            steps,
-            items,
-            history_from: 0,
-            history: entries,
-        }
-        .apply(None)
-        .map_err(|e| self.corrupt(e))
+        let written = fields.get("hn").and_then(|n| n.parse::<usize>().ok());
+        crate::store::fields::assemble(tx, fields, written, &|e| self.corrupt(e))
     }
 
     async fn write(
@@ -425,34 +339,8 @@ impl RedisStateStore {
         name_stored: bool,
     ) -> Result<Version, Refused> {
         let tx = state.transaction_id;
-        let encode =
-            |v: &dyn erased::Encode| v.encode().map_err(|e| Refused::Store(self.corrupt(e)));
-        let json = encode(&delta.head(false))?;
-        let mut fields: Vec<(String, String)> =
-            Vec::with_capacity(delta.steps.len() + delta.items.len() + 2);
-        if delta.input {
-            fields.push(("in".into(), state.input.as_str().to_string()));
-        }
-        // By name, so that one output is one HGET (`step_output`).
-        for &i in &delta.steps {
-            fields.push((
-                format!("s:{}", delta.name(i, None)),
-                encode(&delta.step(i))?,
-            ));
-        }
-        for &(i, k) in &delta.items {
-            fields.push((
-                format!("i:{}", delta.name(i, Some(k))),
-                encode(&delta.item(i, k))?,
-            ));
-        }
-        // The entries this write adds: one field.
-        if delta.history_added() > 0 {
-            fields.push((
-                format!("h:{}", delta.history_from),
-                encode(&delta.history())?,
-            ));
-        }
+        let (json, fields) = crate::store::fields::write_fields(delta, state)
+            .map_err(|e| Refused::Store(self.corrupt(e)))?;
         let expected_arg = expected.unwrap_or(0);
         let ttl = if state.is_terminal() {
             self.inner.config.finished_ttl.as_millis().max(1) as u64
@@ -642,18 +530,6 @@ impl RedisStateStore {
 }
 
 /// JSON of a borrowed part, whatever its type.
-mod erased {
-    pub(super) trait Encode {
-        fn encode(&self) -> Result<String, serde_json::Error>;
-    }
-
-    impl<T: serde::Serialize> Encode for T {
-        fn encode(&self) -> Result<String, serde_json::Error> {
-            serde_json::to_string(self)
-        }
-    }
-}
-
 /// Why a write of parts did not happen.
 enum Refused {
     Store(StoreError),
@@ -723,16 +599,7 @@ impl WorkflowStates for RedisStateStore {
         transaction_id: TransactionId,
         step: &str,
     ) -> Result<Option<crate::core::Payload>, StoreError> {
-        #[derive(serde::Deserialize)]
-        struct Part {
-            s: crate::core::saga::StepState,
-            #[serde(default)]
-            output_at: Option<String>,
-        }
-        let field = match step.ends_with(']') {
-            true => format!("i:{step}"),
-            false => format!("s:{step}"),
-        };
+        let field = crate::store::fields::part_field(step);
         let mut conn = self.inner.conn.get();
         let (part, head): (Option<String>, bool) = redis::pipe()
             .cmd("HGET")
@@ -746,11 +613,11 @@ impl WorkflowStates for RedisStateStore {
             .map_err(|e| self.io(e))?;
         match (part, head) {
             (Some(text), _) => {
-                let part: Part = serde_json::from_str(&text).map_err(|e| {
+                let (output, apart) = crate::store::fields::part_output(&text).map_err(|e| {
                     self.corrupt(format!("workflow {transaction_id}: {field}: {e}"))
                 })?;
-                let Some(digest) = part.output_at else {
-                    return Ok(part.s.output);
+                let Some(digest) = apart else {
+                    return Ok(output);
                 };
                 // Kept apart: one more read.
                 let text: Option<String> = redis::cmd("HGET")

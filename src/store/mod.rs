@@ -26,6 +26,9 @@ pub mod memory;
 #[cfg(feature = "embedded")]
 pub mod file;
 
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) mod fields;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +41,8 @@ use crate::core::{
     WorkflowStatus,
 };
 
+#[cfg(feature = "postgres")]
+pub use crate::postgres::{PostgresStateStore, PostgresStoreConfig};
 #[cfg(feature = "redis")]
 pub use crate::redis::{RedisStateStore, RedisStoreConfig};
 #[cfg(feature = "embedded")]

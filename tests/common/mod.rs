@@ -90,6 +90,29 @@ pub fn redis_cluster_url() -> Option<String> {
     }
 }
 
+/// The PostgreSQL to test against: `DATABASE_URL` (set by scripts/test.sh,
+/// which starts a throw-away cluster). Without it a PostgreSQL test is
+/// skipped with a note, except in CI, where it fails.
+pub fn database_url() -> Option<String> {
+    match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("CI").is_ok() => {
+            panic!("DATABASE_URL is not set; run the tests through ./scripts/test.sh")
+        }
+        _ => {
+            eprintln!(
+                "skipped: DATABASE_URL is not set (./scripts/test.sh starts a throw-away PostgreSQL)"
+            );
+            None
+        }
+    }
+}
+
+/// A PostgreSQL schema name no other test run uses.
+pub fn unique_schema(name: &str) -> String {
+    format!("t{}_{name}", uuid_like()).to_lowercase()
+}
+
 /// A key prefix no other test run uses.
 pub fn unique_prefix(name: &str) -> String {
     format!("t{}-{name}", uuid_like())

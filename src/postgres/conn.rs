@@ -1,0 +1,197 @@
+//! Connections: a pool for statements, and single connections of their own
+//! for `LISTEN`, over TCP, a Unix socket or TLS (rustls on ring).
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Socket};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+/// How to reach one server: its parsed settings and TLS, if any.
+#[derive(Clone)]
+pub(crate) struct Connector {
+    config: Config,
+    tls: Option<MakeRustlsConnect>,
+    /// Where, for messages: `postgres://user@host:port/db`, no password.
+    pub(crate) address: String,
+}
+
+impl Connector {
+    /// From a `postgres://` URL (or `key=value` settings). TLS is used
+    /// unless `sslmode=disable`; with `sslmode=prefer` (the default) a
+    /// server without TLS is reached in plain text.
+    pub(crate) fn new(url: &str, ca_file: Option<&std::path::Path>) -> Result<Self, String> {
+        let mut config = Config::from_str(url).map_err(|e| {
+            format!(
+                "the database URL {} is not valid: {e}",
+                super::redacted(url)
+            )
+        })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("multiagents");
+        }
+        let address = address_of(&config);
+        let tls = match config.get_ssl_mode() {
+            tokio_postgres::config::SslMode::Disable => None,
+            _ => Some(MakeRustlsConnect::new(client_config(ca_file)?)),
+        };
+        Ok(Self {
+            config,
+            tls,
+            address,
+        })
+    }
+
+    /// A pool of up to `size` connections, opened as needed.
+    pub(crate) fn pool(&self, size: usize) -> Result<deadpool_postgres::Pool, String> {
+        let manager_config = deadpool_postgres::ManagerConfig {
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        };
+        let manager = match &self.tls {
+            Some(tls) => deadpool_postgres::Manager::from_config(
+                self.config.clone(),
+                tls.clone(),
+                manager_config,
+            ),
+            None => {
+                deadpool_postgres::Manager::from_config(self.config.clone(), NoTls, manager_config)
+            }
+        };
+        deadpool_postgres::Pool::builder(manager)
+            .max_size(size.max(1))
+            .build()
+            .map_err(|e| e.to_string())
+    }
+
+    /// A connection of its own whose notifications (`LISTEN`) arrive on the
+    /// receiver, which closes when the connection is lost.
+    pub(crate) async fn listener(
+        &self,
+    ) -> Result<
+        (
+            Client,
+            mpsc::UnboundedReceiver<tokio_postgres::Notification>,
+        ),
+        String,
+    > {
+        match &self.tls {
+            Some(tls) => listen_with(&self.config, tls.clone()).await,
+            None => listen_with(&self.config, NoTls).await,
+        }
+        .map_err(|e| describe(&e))
+    }
+}
+
+async fn listen_with<T>(
+    config: &Config,
+    tls: T,
+) -> Result<
+    (
+        Client,
+        mpsc::UnboundedReceiver<tokio_postgres::Notification>,
+    ),
+    tokio_postgres::Error,
+>
+where
+    T: MakeTlsConnect<Socket>,
+    T::Stream: Send + 'static,
+{
+    let (client, mut connection) = config.connect(tls).await?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(n))) => {
+                    if tx.send(n).is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "a PostgreSQL listening connection ended");
+                    return;
+                }
+                None => return,
+            }
+        }
+    });
+    Ok((client, rx))
+}
+
+/// `postgres://user@host:port/db` of a config, without its password.
+fn address_of(config: &Config) -> String {
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        #[cfg(unix)]
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let user = config
+        .get_user()
+        .map(|u| format!("{u}@"))
+        .unwrap_or_default();
+    let db = config.get_dbname().unwrap_or("");
+    format!("postgres://{user}{host}:{port}/{db}")
+}
+
+/// TLS settings: the system's roots and those of `ca_file`.
+fn client_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        // A system certificate rustls cannot use is skipped, as curl does.
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path)
+            .map_err(|e| format!("cannot read the CA file {}: {e}", path.display()))?;
+        let mut found = 0;
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert =
+                cert.map_err(|e| format!("the CA file {} is not valid PEM: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("the CA file {}: {e}", path.display()))?;
+            found += 1;
+        }
+        if found == 0 {
+            return Err(format!(
+                "the CA file {} holds no certificate",
+                path.display()
+            ));
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// What went wrong, with the server's own message when it sent one.
+pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{} ({})", db.message(), db.code().code());
+    }
+    match std::error::Error::source(e) {
+        Some(source) => format!("{e}: {source}"),
+        None => e.to_string(),
+    }
+}
+
+/// What went wrong getting a pooled connection.
+pub(crate) fn describe_pool(e: &deadpool_postgres::PoolError) -> String {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => describe(e),
+        other => other.to_string(),
+    }
+}

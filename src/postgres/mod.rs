@@ -1,0 +1,40 @@
+//! PostgreSQL (feature `postgres`): a state store for teams that run only
+//! PostgreSQL, or PostgreSQL beside Redis.
+//!
+//! | module | what | implements |
+//! | --- | --- | --- |
+//! | `conn` | a pool (deadpool-postgres) over TCP, a Unix socket or TLS (rustls on ring); connections of their own for `LISTEN` | — |
+//! | `schema` | the tables, created and migrated by the store under an advisory lock | — |
+//! | `store` | [`PostgresStateStore`]: states, timers, definitions, heartbeats | the four [store](crate::store) traits |
+//!
+//! Tables, in the configured schema (`multiagents` by default):
+//!
+//! | table | holds |
+//! | --- | --- |
+//! | `workflows` | one row per workflow: `version` (compare-and-set), `workflow`, `def_version`, `status`, `correlation_id`, `started_at`, `updated_at`, `finished_at` (ms), `wakeup` (the timer index), `timer_lease`, `history_len`; indexed for the API's listings |
+//! | `parts` | `(tx, field) → value`: the head, steps, branches, history batches and payloads kept apart, named as in the [fields layout](crate::store) shared with Redis |
+//! | `unpublished` | `(tx, version, at)`: writes whose commands were not yet marked published (the recovery sweep's list) |
+//! | `definitions` | `(name, version) → body` (JSON) |
+//! | `workers` | unlogged: `worker@instance → (at, body)`, the latest heartbeat |
+//! | `migrations` | the migrations applied, by version |
+//!
+//! Waiting clients are woken by `NOTIFY <schema>_finished` with the ids of
+//! workflows that finished, sent after their write committed.
+
+mod conn;
+mod schema;
+mod store;
+
+pub use store::{PostgresStateStore, PostgresStoreConfig};
+
+/// A URL with its password hidden, for messages.
+pub(crate) fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}://{user}:***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}

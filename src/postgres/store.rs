@@ -1,0 +1,1227 @@
+//! The PostgreSQL state store: workflow states with compare-and-set, timers
+//! any orchestrator replica can fire (exactly one does), definitions by
+//! version, worker heartbeats, retention by batched deletes.
+//!
+//! Its tables are in the [module table](super). A write is one statement:
+//! an `UPDATE … WHERE tx = $1 AND version = $2` of the workflow's row, with
+//! the parts it changed upserted, and the write noted unpublished, in
+//! data-modifying `WITH` clauses of the same statement, so that all happen
+//! or none. Waiting clients are woken by one `NOTIFY` per finished batch,
+//! sent after the write commits, never inside it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::types::ToSql;
+
+use super::conn::{Connector, describe, describe_pool};
+use crate::core::saga::parts::Changes;
+use crate::core::{
+    Timestamp, TransactionId, WorkflowDefinition, WorkflowName, WorkflowState, WorkflowStatus,
+};
+use crate::store::fields::{assemble, part_field, part_output, write_fields};
+use crate::store::{
+    Definitions, HealthRecords, ListQuery, StoreError, TimerIndex, Version, Versioned,
+    WorkflowStates, WorkflowSummary, same_definition,
+};
+
+/// Settings of a [`PostgresStateStore`].
+#[derive(Clone, Debug)]
+pub struct PostgresStoreConfig {
+    /// `postgres://[user[:password]@]host[:port]/database[?sslmode=…]`, or
+    /// `key=value` settings (`host=/run/postgresql dbname=app`).
+    pub url: String,
+    /// A PEM file of CA certificates to trust, besides the system's, for a
+    /// server reached over TLS.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// The schema holding the tables, created if missing.
+    pub schema: String,
+    /// Connections in the pool.
+    pub pool_size: usize,
+    /// How long a due timer is leased to the replica that took it.
+    pub timer_lease: Duration,
+    /// Outputs and fan-out items of this many bytes or more are stored
+    /// apart from their step, once, under their SHA-256 (a `p:<digest>`
+    /// part). Default [`crate::store::LARGE_PAYLOAD_BYTES`].
+    pub large_payload_bytes: usize,
+}
+
+impl PostgresStoreConfig {
+    /// Defaults for a server at `url`: schema `multiagents`, 16
+    /// connections, 30 s timer lease.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            ca_file: None,
+            schema: "multiagents".into(),
+            pool_size: 16,
+            timer_lease: Duration::from_secs(30),
+            large_payload_bytes: crate::store::LARGE_PAYLOAD_BYTES,
+        }
+    }
+
+    /// The schema holding the tables (lowercase letters, digits, `_`).
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// A PEM file of CA certificates to trust.
+    pub fn ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.ca_file = Some(path.into());
+        self
+    }
+
+    /// Connections in the pool.
+    pub fn pool_size(mut self, size: usize) -> Self {
+        self.pool_size = size;
+        self
+    }
+
+    /// The size from which payloads are kept apart.
+    pub fn large_payload_bytes(mut self, bytes: usize) -> Self {
+        self.large_payload_bytes = bytes;
+        self
+    }
+}
+
+/// A store on PostgreSQL: states, timers, definitions and worker health.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), multiagents::store::StoreError> {
+/// use multiagents::store::{PostgresStateStore, PostgresStoreConfig, Store};
+///
+/// let pg = PostgresStateStore::connect(PostgresStoreConfig::new(
+///     "postgres://app@localhost/app",
+/// ))
+/// .await?;
+/// let store: Store = pg.into();
+/// # let _ = store;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct PostgresStateStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: PostgresStoreConfig,
+    connector: Connector,
+    pool: deadpool_postgres::Pool,
+    sql: Sql,
+    /// Lease deadlines of the timers this instance took, by transaction.
+    leases: Mutex<crate::core::hash::IdMap<TransactionId, i64>>,
+    waiters: Mutex<crate::core::hash::IdMap<TransactionId, Vec<oneshot::Sender<()>>>>,
+    listener: std::sync::Once,
+    /// Finished workflows to announce, sent after their write committed.
+    finished: mpsc::UnboundedSender<TransactionId>,
+    /// Bytes of state records sent.
+    written: std::sync::atomic::AtomicU64,
+    /// Payloads this instance stored, by workflow and digest: a later write
+    /// names them without sending them again (the statement checks that
+    /// they are still there). Bounded: forgotten all at once when full.
+    stored: Mutex<std::collections::HashSet<(TransactionId, String)>>,
+}
+
+/// How many (workflow, payload) pairs a store remembers having written.
+const REMEMBERED_PAYLOADS: usize = 16 * 1024;
+
+/// Workflows deleted per statement by `expire`.
+const EXPIRE_BATCH: i64 = 1000;
+
+/// The longest `NOTIFY` payload sent (the server allows 8000 bytes).
+const NOTIFY_BYTES: usize = 7800;
+
+/// The statements, with the schema written in.
+struct Sql {
+    create: String,
+    update: String,
+    lock: String,
+    delete_parts: String,
+    get: String,
+    part: String,
+    status: String,
+    expire: String,
+    published: String,
+    unpublished: String,
+    due: String,
+    rearm: String,
+    put_definition: String,
+    get_definition: String,
+    latest_definition: String,
+    definition_versions: String,
+    record_health: String,
+    read_health: String,
+    drop_health: String,
+    notify: String,
+    channel: String,
+    schema: String,
+}
+
+impl Sql {
+    fn new(s: &str) -> Self {
+        // The columns every write sets, then the parts and the note.
+        let create = format!(
+            "WITH w AS (
+               INSERT INTO {s}.workflows (tx, version, workflow, def_version, status, correlation_id,
+                   started_at, updated_at, finished_at, wakeup, history_len)
+               VALUES ($1, 1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+               ON CONFLICT (tx) DO NOTHING RETURNING tx
+             ), p AS (
+               INSERT INTO {s}.parts (tx, field, value)
+               SELECT w.tx, f.field, f.value FROM w, unnest($11::text[], $12::bytea[]) AS f(field, value)
+               ON CONFLICT (tx, field) DO UPDATE SET value = excluded.value
+             ), u AS (
+               INSERT INTO {s}.unpublished (tx, version, at) SELECT w.tx, 1, $13 FROM w WHERE $14
+             )
+             SELECT count(*) FROM w"
+        );
+        // `cur` reads the row as it was: the version and history length a
+        // refused write reports.
+        let update = format!(
+            "WITH cur AS (
+               SELECT version, history_len FROM {s}.workflows WHERE tx = $1
+             ), w AS (
+               UPDATE {s}.workflows SET version = $2 + 1, status = $3, updated_at = $4,
+                   finished_at = $5, wakeup = $6, history_len = $7
+               WHERE tx = $1 AND version = $2 AND ($8::bigint IS NULL OR history_len = $8)
+                 AND (SELECT count(*) FROM {s}.parts WHERE tx = $1 AND field = ANY($9::text[]))
+                     = cardinality($9::text[])
+               RETURNING tx
+             ), p AS (
+               INSERT INTO {s}.parts (tx, field, value)
+               SELECT w.tx, f.field, f.value FROM w, unnest($10::text[], $11::bytea[]) AS f(field, value)
+               ON CONFLICT (tx, field) DO UPDATE SET value = excluded.value
+                 WHERE left({s}.parts.field, 2) <> 'p:'
+             ), u AS (
+               INSERT INTO {s}.unpublished (tx, version, at) SELECT w.tx, $2 + 1, $12 FROM w WHERE $13
+             )
+             SELECT (SELECT count(*) FROM w), cur.version, cur.history_len FROM cur"
+        );
+        Self {
+            create,
+            update,
+            lock: format!("SELECT version FROM {s}.workflows WHERE tx = $1 FOR UPDATE"),
+            delete_parts: format!("DELETE FROM {s}.parts WHERE tx = $1"),
+            get: format!(
+                "SELECT w.version, w.history_len, p.field, p.value
+                 FROM {s}.workflows w LEFT JOIN {s}.parts p ON p.tx = w.tx WHERE w.tx = $1"
+            ),
+            part: format!("SELECT value FROM {s}.parts WHERE tx = $1 AND field = $2"),
+            status: format!("SELECT status FROM {s}.workflows WHERE tx = $1"),
+            expire: format!(
+                "WITH d AS (
+                   DELETE FROM {s}.workflows WHERE tx IN (
+                     SELECT tx FROM {s}.workflows WHERE finished_at < $1 LIMIT $2
+                   ) RETURNING tx
+                 ), p AS (
+                   DELETE FROM {s}.parts WHERE tx IN (SELECT tx FROM d)
+                 ), u AS (
+                   DELETE FROM {s}.unpublished WHERE tx IN (SELECT tx FROM d)
+                 )
+                 SELECT count(*) FROM d"
+            ),
+            published: format!(
+                "DELETE FROM {s}.unpublished u
+                 USING unnest($1::uuid[], $2::bigint[]) AS x(tx, version)
+                 WHERE u.tx = x.tx AND u.version = x.version"
+            ),
+            unpublished: format!(
+                "UPDATE {s}.unpublished u SET at = $2
+                 FROM (SELECT tx, version FROM {s}.unpublished WHERE at <= $1
+                       ORDER BY at LIMIT $3 FOR UPDATE SKIP LOCKED) x
+                 WHERE u.tx = x.tx AND u.version = x.version
+                 RETURNING u.tx, u.version"
+            ),
+            due: format!(
+                "UPDATE {s}.workflows w SET timer_lease = $2
+                 FROM (SELECT tx FROM {s}.workflows WHERE wakeup <= $1 AND timer_lease <= $1
+                       ORDER BY wakeup LIMIT $3 FOR UPDATE SKIP LOCKED) x
+                 WHERE w.tx = x.tx
+                 RETURNING w.tx"
+            ),
+            rearm: format!(
+                "UPDATE {s}.workflows SET timer_lease = 0 WHERE tx = $1 AND timer_lease = $2"
+            ),
+            put_definition: format!(
+                "INSERT INTO {s}.definitions (name, version, body) VALUES ($1, $2, $3)
+                 ON CONFLICT (name, version) DO NOTHING"
+            ),
+            get_definition: format!(
+                "SELECT body FROM {s}.definitions WHERE name = $1 AND version = $2"
+            ),
+            latest_definition: format!(
+                "SELECT body FROM {s}.definitions WHERE name = $1 ORDER BY version DESC LIMIT 1"
+            ),
+            definition_versions: format!(
+                "SELECT name, version FROM {s}.definitions ORDER BY name, version"
+            ),
+            record_health: format!(
+                "INSERT INTO {s}.workers (key, at, body)
+                 SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[])
+                 ON CONFLICT (key) DO UPDATE SET at = excluded.at, body = excluded.body"
+            ),
+            read_health: format!("SELECT body FROM {s}.workers WHERE at >= $1"),
+            drop_health: format!("DELETE FROM {s}.workers WHERE at < $1"),
+            notify: "SELECT pg_notify($1, $2)".into(),
+            channel: format!("{s}_finished"),
+            schema: s.to_string(),
+        }
+    }
+}
+
+/// Why a write did not happen.
+enum Refused {
+    Store(StoreError),
+    Exists,
+    Conflict(Version),
+    Missing,
+    /// The stored history has this many entries, not what the delta expects.
+    History(i64),
+    /// A payload named without its value is not stored.
+    Named,
+}
+
+fn millis(t: Timestamp) -> i64 {
+    i64::try_from(t.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl PostgresStateStore {
+    /// Connects, and creates or migrates the tables; fails with the
+    /// server's address if it cannot be reached.
+    pub async fn connect(config: PostgresStoreConfig) -> Result<Self, StoreError> {
+        super::schema::valid_schema(&config.schema).map_err(|message| StoreError::Io {
+            location: super::redacted(&config.url),
+            message,
+        })?;
+        let connector =
+            Connector::new(&config.url, config.ca_file.as_deref()).map_err(|message| {
+                StoreError::Io {
+                    location: super::redacted(&config.url),
+                    message,
+                }
+            })?;
+        let io = |message: String| StoreError::Io {
+            location: connector.address.clone(),
+            message,
+        };
+        let pool = connector.pool(config.pool_size).map_err(io)?;
+        {
+            let mut client = pool.get().await.map_err(|e| {
+                io(format!(
+                    "cannot connect: {}; is PostgreSQL running there, and is the URL right?",
+                    describe_pool(&e)
+                ))
+            })?;
+            let applied = super::schema::migrate(&mut client, &config.schema)
+                .await
+                .map_err(|e| {
+                    io(format!(
+                        "cannot create or migrate the tables: {}",
+                        describe(&e)
+                    ))
+                })?;
+            if !applied.is_empty() {
+                tracing::info!(schema = %config.schema, migrations = ?applied, "PostgreSQL tables migrated");
+            }
+        }
+        let (finished, announcements) = mpsc::unbounded_channel();
+        let store = Self {
+            inner: Arc::new(Inner {
+                sql: Sql::new(&config.schema),
+                config,
+                connector,
+                pool,
+                leases: Mutex::default(),
+                waiters: Mutex::default(),
+                listener: std::sync::Once::new(),
+                finished,
+                written: std::sync::atomic::AtomicU64::new(0),
+                stored: Mutex::default(),
+            }),
+        };
+        tokio::spawn(announce(Arc::downgrade(&store.inner), announcements));
+        Ok(store)
+    }
+
+    /// The settings it was opened with.
+    pub fn config(&self) -> &PostgresStoreConfig {
+        &self.inner.config
+    }
+
+    fn io(&self, message: impl std::fmt::Display) -> StoreError {
+        StoreError::Io {
+            location: self.inner.connector.address.clone(),
+            message: message.to_string(),
+        }
+    }
+
+    fn corrupt(&self, message: impl std::fmt::Display) -> StoreError {
+        StoreError::Corrupt {
+            location: self.inner.connector.address.clone(),
+            message: message.to_string(),
+        }
+    }
+
+    fn pg(&self, e: tokio_postgres::Error) -> StoreError {
+        self.io(describe(&e))
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.inner
+            .pool
+            .get()
+            .await
+            .map_err(|e| self.io(describe_pool(&e)))
+    }
+
+    async fn write(
+        &self,
+        expected: Option<Version>,
+        before: Option<&WorkflowState>,
+        state: Arc<WorkflowState>,
+    ) -> Result<Version, StoreError> {
+        let apart = self.inner.config.large_payload_bytes;
+        let delta = match (expected, before) {
+            (Some(_), Some(b)) => Changes::between(b, &state),
+            _ => Changes::full(&state),
+        }
+        .keep_apart(apart);
+        let written = match self.write_parts(expected, &delta, &state, true).await {
+            // A payload named was gone (the parts rewritten meanwhile): send all.
+            Err(Refused::Named) => self.write_parts(expected, &delta, &state, false).await,
+            other => other,
+        };
+        let written = match written {
+            // Not stored as the caller read it: whole.
+            Err(Refused::History(len)) if !delta.full => {
+                tracing::debug!(transaction_id = %state.transaction_id, stored = len, expected = delta.history_from, "the stored history is not the one read: writing the state whole");
+                let whole = Changes::full(&state).keep_apart(apart);
+                self.write_parts(expected, &whole, &state, false).await
+            }
+            other => other,
+        };
+        match written {
+            Ok(v) => {
+                if state.is_terminal() {
+                    let _ = self.inner.finished.send(state.transaction_id);
+                }
+                Ok(v)
+            }
+            Err(r) => Err(self.refused(r, state.transaction_id, expected)),
+        }
+    }
+
+    fn refused(&self, r: Refused, tx: TransactionId, expected: Option<Version>) -> StoreError {
+        match r {
+            Refused::Store(e) => e,
+            Refused::Exists => StoreError::AlreadyExists(tx),
+            Refused::Conflict(found) => StoreError::Conflict {
+                transaction_id: tx,
+                expected: expected.unwrap_or(0),
+                found,
+            },
+            Refused::Missing => StoreError::NotFound(tx),
+            Refused::History(_) | Refused::Named => self.corrupt(format!(
+                "workflow {tx} could not be written whole over its stored parts"
+            )),
+        }
+    }
+
+    /// One write of `delta`; with `name_stored`, the payloads this store
+    /// wrote before are named, not sent (never for a full write, which
+    /// deletes what was there first).
+    async fn write_parts(
+        &self,
+        expected: Option<Version>,
+        delta: &Changes<'_>,
+        state: &WorkflowState,
+        name_stored: bool,
+    ) -> Result<Version, Refused> {
+        let tx = state.transaction_id;
+        let (head, mut fields) =
+            write_fields(delta, state).map_err(|e| Refused::Store(self.corrupt(e)))?;
+        fields.push(("h".into(), head));
+        let mut named: Vec<String> = Vec::new();
+        let mut payloads: Vec<(String, &str)> = Vec::new();
+        {
+            let stored = self.inner.stored.lock().unwrap_or_else(|e| e.into_inner());
+            for (d, p) in delta.apart.payloads() {
+                let field = format!("p:{d}");
+                match name_stored && !delta.full && stored.contains(&(tx, d.to_string())) {
+                    true => named.push(field),
+                    false => payloads.push((field, p.as_str())),
+                }
+            }
+        }
+        let mut names: Vec<&str> = fields.iter().map(|(f, _)| f.as_str()).collect();
+        let mut values: Vec<&[u8]> = fields.iter().map(|(_, v)| v.as_bytes()).collect();
+        for (f, p) in &payloads {
+            names.push(f);
+            values.push(p.as_bytes());
+        }
+        let sent = names.iter().map(|n| n.len()).sum::<usize>()
+            + values.iter().map(|v| v.len()).sum::<usize>()
+            + named.iter().map(String::len).sum::<usize>()
+            + state.status.as_str().len()
+            + state.workflow.as_str().len()
+            + 16 * 2
+            + 8 * 8;
+        self.inner
+            .written
+            .fetch_add(sent as u64, std::sync::atomic::Ordering::Relaxed);
+        // A finished top-level workflow has nothing left that must arrive
+        // (only status broadcasts): no note.
+        let noted = !(state.is_terminal() && state.parent.is_none());
+        let now = millis(Timestamp::now());
+        let status = state.status.as_str();
+        let updated = millis(state.updated_at);
+        let finished = state.finished_at.map(millis);
+        let wakeup = state.next_wakeup().map(millis);
+        let history_len = state.history.len() as i64;
+        let mut client = self.client().await.map_err(Refused::Store)?;
+        let sql = &self.inner.sql;
+        let pg = |e: tokio_postgres::Error| Refused::Store(self.pg(e));
+        let version = match expected {
+            None => {
+                let statement = client.prepare_cached(&sql.create).await.map_err(pg)?;
+                let row = client
+                    .query_one(
+                        &statement,
+                        &[
+                            &tx.0,
+                            &state.workflow.as_str(),
+                            &(state.version as i32),
+                            &status,
+                            &state.correlation_id.0,
+                            &millis(state.started_at),
+                            &updated,
+                            &finished,
+                            &wakeup,
+                            &history_len,
+                            &names,
+                            &values,
+                            &now,
+                            &noted,
+                        ],
+                    )
+                    .await
+                    .map_err(pg)?;
+                match row.get::<_, i64>(0) {
+                    1 => 1,
+                    _ => return Err(Refused::Exists),
+                }
+            }
+            Some(expected) if delta.full => {
+                // Over whatever is stored: in one transaction, the row
+                // locked, its parts deleted, then written.
+                let t = client.transaction().await.map_err(pg)?;
+                let lock = t.prepare_cached(&sql.lock).await.map_err(pg)?;
+                let Some(row) = t.query_opt(&lock, &[&tx.0]).await.map_err(pg)? else {
+                    return Err(Refused::Missing);
+                };
+                let found = row.get::<_, i64>(0) as u64;
+                if found != expected {
+                    return Err(Refused::Conflict(found));
+                }
+                let delete = t.prepare_cached(&sql.delete_parts).await.map_err(pg)?;
+                t.execute(&delete, &[&tx.0]).await.map_err(pg)?;
+                let update = t.prepare_cached(&sql.update).await.map_err(pg)?;
+                let no_names: Vec<&str> = Vec::new();
+                let row = t
+                    .query_one(
+                        &update,
+                        &[
+                            &tx.0,
+                            &(expected as i64),
+                            &status,
+                            &updated,
+                            &finished,
+                            &wakeup,
+                            &history_len,
+                            &None::<i64>,
+                            &no_names,
+                            &names,
+                            &values,
+                            &now,
+                            &noted,
+                        ],
+                    )
+                    .await
+                    .map_err(pg)?;
+                if row.get::<_, i64>(0) != 1 {
+                    return Err(Refused::Store(
+                        self.corrupt(format!("workflow {tx}: a locked row was not updated")),
+                    ));
+                }
+                t.commit().await.map_err(pg)?;
+                expected + 1
+            }
+            Some(expected) => {
+                let update = client.prepare_cached(&sql.update).await.map_err(pg)?;
+                let named: Vec<&str> = named.iter().map(String::as_str).collect();
+                let row = client
+                    .query_opt(
+                        &update,
+                        &[
+                            &tx.0,
+                            &(expected as i64),
+                            &status,
+                            &updated,
+                            &finished,
+                            &wakeup,
+                            &history_len,
+                            &Some(delta.history_from as i64),
+                            &named,
+                            &names,
+                            &values,
+                            &now,
+                            &noted,
+                        ],
+                    )
+                    .await
+                    .map_err(pg)?;
+                let Some(row) = row else {
+                    return Err(Refused::Missing);
+                };
+                let done: i64 = row.get(0);
+                let found = row.get::<_, i64>(1) as u64;
+                let found_history: i64 = row.get(2);
+                if done == 1 {
+                    expected + 1
+                } else if found != expected {
+                    return Err(Refused::Conflict(found));
+                } else if found_history != delta.history_from as i64 {
+                    return Err(Refused::History(found_history));
+                } else {
+                    return Err(Refused::Named);
+                }
+            }
+        };
+        if !delta.apart.is_empty() {
+            let mut stored = self.inner.stored.lock().unwrap_or_else(|e| e.into_inner());
+            if stored.len() + delta.apart.payloads().count() > REMEMBERED_PAYLOADS {
+                stored.clear();
+            }
+            for (d, _) in delta.apart.payloads() {
+                stored.insert((tx, d.to_string()));
+            }
+        }
+        Ok(version)
+    }
+
+    /// Starts the listener that wakes local waiters when workflows finish.
+    fn ensure_listener(&self) {
+        let inner = Arc::downgrade(&self.inner);
+        self.inner.listener.call_once(|| {
+            tokio::spawn(listen(inner));
+        });
+    }
+
+    fn wake(inner: &Inner, tx: Option<TransactionId>) {
+        let mut waiters = inner.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        match tx {
+            Some(tx) => {
+                for w in waiters.remove(&tx).unwrap_or_default() {
+                    let _ = w.send(());
+                }
+            }
+            // Reconnected: everyone re-reads (an announcement may be lost).
+            None => {
+                for (_, list) in waiters.drain() {
+                    for w in list {
+                        let _ = w.send(());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Announces finished workflows: whatever is queued goes out in one
+/// `NOTIFY` (or a few, if long), after the writes committed.
+async fn announce(inner: std::sync::Weak<Inner>, mut rx: mpsc::UnboundedReceiver<TransactionId>) {
+    let mut batch: Vec<TransactionId> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while let Ok(tx) = rx.try_recv() {
+            batch.push(tx);
+        }
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let mut payloads = vec![String::new()];
+        for tx in batch.drain(..) {
+            let last = payloads.last_mut().expect("one");
+            if last.len() + 37 > NOTIFY_BYTES {
+                payloads.push(String::new());
+            }
+            let last = payloads.last_mut().expect("one");
+            if !last.is_empty() {
+                last.push(',');
+            }
+            last.push_str(&tx.to_string());
+        }
+        match inner.pool.get().await {
+            Ok(client) => {
+                for p in &payloads {
+                    if let Err(e) = client
+                        .execute(inner.sql.notify.as_str(), &[&inner.sql.channel, p])
+                        .await
+                    {
+                        tracing::debug!(error = %describe(&e), "announcing finished workflows failed; waiters re-read by themselves");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %describe_pool(&e), "announcing finished workflows failed; waiters re-read by themselves");
+            }
+        }
+    }
+}
+
+/// Follows the finish announcements, reconnecting when the connection is
+/// lost; stops when the store is dropped.
+async fn listen(inner: std::sync::Weak<Inner>) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        let connector = strong.connector.clone();
+        let channel = strong.sql.channel.clone();
+        drop(strong);
+        match connector.listener().await {
+            Ok((client, mut notes)) => {
+                if let Err(e) = client.batch_execute(&format!("LISTEN \"{channel}\"")).await {
+                    tracing::debug!(error = %describe(&e), "LISTEN failed");
+                } else {
+                    delay = Duration::from_millis(100);
+                    if let Some(strong) = inner.upgrade() {
+                        PostgresStateStore::wake(&strong, None);
+                    }
+                    while let Some(n) = notes.recv().await {
+                        let Some(strong) = inner.upgrade() else {
+                            return;
+                        };
+                        for id in n.payload().split(',') {
+                            if let Ok(tx) = id.parse::<TransactionId>() {
+                                PostgresStateStore::wake(&strong, Some(tx));
+                            }
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(address = %connector.address, error = %e, "the PostgreSQL listener cannot connect; retrying");
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+fn status_of(text: &str) -> Option<WorkflowStatus> {
+    text.parse().ok()
+}
+
+#[async_trait]
+impl WorkflowStates for PostgresStateStore {
+    async fn create(&self, state: Arc<WorkflowState>) -> Result<Version, StoreError> {
+        self.write(None, None, state).await
+    }
+
+    async fn get(&self, transaction_id: TransactionId) -> Result<Option<Versioned>, StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&self.inner.sql.get)
+            .await
+            .map_err(|e| self.pg(e))?;
+        // One statement: the state as of one write.
+        let rows = client
+            .query(&statement, &[&transaction_id.0])
+            .await
+            .map_err(|e| self.pg(e))?;
+        let Some(first) = rows.first() else {
+            return Ok(None);
+        };
+        let version = first.get::<_, i64>(0) as u64;
+        let history_len = first.get::<_, i64>(1) as usize;
+        let mut fields = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let (Some(field), Some(value)) = (
+                row.get::<_, Option<String>>(2),
+                row.get::<_, Option<Vec<u8>>>(3),
+            ) else {
+                continue;
+            };
+            let value = String::from_utf8(value).map_err(|_| {
+                self.corrupt(format!("workflow {transaction_id}: `{field}` is not UTF-8"))
+            })?;
+            fields.insert(field, value);
+        }
+        let state = assemble(transaction_id, &fields, Some(history_len), &|m| {
+            self.corrupt(m)
+        })?;
+        Ok(Some(Versioned {
+            version,
+            state: Arc::new(state),
+        }))
+    }
+
+    async fn compare_and_set(
+        &self,
+        expected: Version,
+        state: Arc<WorkflowState>,
+    ) -> Result<Version, StoreError> {
+        self.write(Some(expected), None, state).await
+    }
+
+    async fn compare_and_set_from(
+        &self,
+        expected: Version,
+        before: &WorkflowState,
+        state: Arc<WorkflowState>,
+    ) -> Result<Version, StoreError> {
+        self.write(Some(expected), Some(before), state).await
+    }
+
+    async fn step_output(
+        &self,
+        transaction_id: TransactionId,
+        step: &str,
+    ) -> Result<Option<crate::core::Payload>, StoreError> {
+        let field = part_field(step);
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&self.inner.sql.part)
+            .await
+            .map_err(|e| self.pg(e))?;
+        let read = |row: Option<tokio_postgres::Row>, field: &str| {
+            row.map(|r| {
+                String::from_utf8(r.get::<_, Vec<u8>>(0)).map_err(|_| {
+                    self.corrupt(format!("workflow {transaction_id}: `{field}` is not UTF-8"))
+                })
+            })
+            .transpose()
+        };
+        let row = client
+            .query_opt(&statement, &[&transaction_id.0, &field])
+            .await
+            .map_err(|e| self.pg(e))?;
+        let Some(text) = read(row, &field)? else {
+            return Ok(None);
+        };
+        let (output, digest) = part_output(&text)
+            .map_err(|e| self.corrupt(format!("workflow {transaction_id}: {field}: {e}")))?;
+        let Some(digest) = digest else {
+            return Ok(output);
+        };
+        // Kept apart: one more read.
+        let at = format!("p:{digest}");
+        let row = client
+            .query_opt(&statement, &[&transaction_id.0, &at])
+            .await
+            .map_err(|e| self.pg(e))?;
+        let lost = |why: String| {
+            self.corrupt(format!(
+                "workflow {transaction_id}: {field} names a payload {at} that {why}"
+            ))
+        };
+        let text = read(row, &at)?.ok_or_else(|| lost("is not stored".into()))?;
+        crate::core::Payload::from_json_str(text)
+            .map(Some)
+            .map_err(|e| lost(format!("is not JSON: {e}")))
+    }
+
+    async fn list(&self, query: &ListQuery) -> Result<Vec<WorkflowSummary>, StoreError> {
+        let s = &self.inner.sql.schema;
+        let mut sql = format!(
+            "SELECT tx, workflow, def_version, status, started_at, updated_at FROM {s}.workflows WHERE true"
+        );
+        let status = query.status.map(|st| st.as_str());
+        let workflow = query.workflow.as_ref().map(|w| w.as_str());
+        let updated_before = query.updated_before.map(millis);
+        let updated_after = query.updated_after.map(millis);
+        let correlation = query.correlation_id.map(|c| c.0);
+        let started_after = query.started_after.map(millis);
+        let started_before = query.started_before.map(millis);
+        let after = query.after.map(|(t, tx)| (millis(t), tx.0));
+        let limit = (query.limit > 0).then_some(query.limit as i64);
+        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
+        fn and<'a>(
+            (sql, params): (&mut String, &mut Vec<&'a (dyn ToSql + Sync)>),
+            clause: &str,
+            p: &'a (dyn ToSql + Sync),
+        ) {
+            params.push(p);
+            sql.push_str(&clause.replace('?', &format!("${}", params.len())));
+        }
+        if let Some(v) = &status {
+            and((&mut sql, &mut params), " AND status = ?", v);
+        }
+        if let Some(v) = &workflow {
+            and((&mut sql, &mut params), " AND workflow = ?", v);
+        }
+        if let Some(v) = &updated_before {
+            and((&mut sql, &mut params), " AND updated_at <= ?", v);
+        }
+        if let Some(v) = &updated_after {
+            and((&mut sql, &mut params), " AND updated_at >= ?", v);
+        }
+        if let Some(v) = &correlation {
+            and((&mut sql, &mut params), " AND correlation_id = ?", v);
+        }
+        if let Some(v) = &started_after {
+            and((&mut sql, &mut params), " AND started_at >= ?", v);
+        }
+        if let Some(v) = &started_before {
+            and((&mut sql, &mut params), " AND started_at < ?", v);
+        }
+        if let Some((t, tx)) = &after {
+            and((&mut sql, &mut params), " AND (started_at, tx) < (?", t);
+            and((&mut sql, &mut params), ", ?)", tx);
+        }
+        sql.push_str(" ORDER BY started_at DESC, tx DESC");
+        if let Some(v) = &limit {
+            and((&mut sql, &mut params), " LIMIT ?", v);
+        }
+        let client = self.client().await?;
+        let rows = client.query(&sql, &params).await.map_err(|e| self.pg(e))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let text: String = row.get(3);
+            let Some(status) = status_of(&text) else {
+                return Err(self.corrupt(format!("a workflow in status `{text}`")));
+            };
+            out.push(WorkflowSummary {
+                transaction_id: TransactionId(row.get(0)),
+                workflow: WorkflowName::from(row.get::<_, String>(1)),
+                version: row.get::<_, i32>(2) as u32,
+                status,
+                started_at: Timestamp(row.get::<_, i64>(4) as u64),
+                updated_at: Timestamp(row.get::<_, i64>(5) as u64),
+            });
+        }
+        Ok(out)
+    }
+
+    async fn expire(&self, finished_before: Timestamp) -> Result<usize, StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&self.inner.sql.expire)
+            .await
+            .map_err(|e| self.pg(e))?;
+        let mut removed = 0;
+        // A batch at a time: no statement holds many rows locked for long.
+        loop {
+            let row = client
+                .query_one(&statement, &[&millis(finished_before), &EXPIRE_BATCH])
+                .await
+                .map_err(|e| self.pg(e))?;
+            let n: i64 = row.get(0);
+            removed += n as usize;
+            if n < EXPIRE_BATCH {
+                return Ok(removed);
+            }
+        }
+    }
+
+    async fn published(&self, writes: &[(TransactionId, Version)]) -> Result<(), StoreError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<uuid::Uuid> = writes.iter().map(|(tx, _)| tx.0).collect();
+        let versions: Vec<i64> = writes.iter().map(|(_, v)| *v as i64).collect();
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&self.inner.sql.published)
+            .await
+            .map_err(|e| self.pg(e))?;
+        client
+            .execute(&statement, &[&ids, &versions])
+            .await
+            .map(|_| ())
+            .map_err(|e| self.pg(e))
+    }
+
+    async fn unpublished(
+        &self,
+        written_before: Timestamp,
+        lease_until: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<(TransactionId, Version)>, StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&self.inner.sql.unpublished)
+            .await
+            .map_err(|e| self.pg(e))?;
+        let rows = client
+            .query(
+                &statement,
+                &[
+                    &millis(written_before),
+                    &millis(lease_until),
+                    &(limit.max(1) as i64),
+                ],
+            )
+            .await
+            .map_err(|e| self.pg(e))?;
+        Ok(rows
+            .iter()
+            .map(|r| (TransactionId(r.get(0)), r.get::<_, i64>(1) as u64))
+            .collect())
+    }
+
+    fn tracks_unpublished(&self) -> bool {
+        true
+    }
+
+    fn bytes_written(&self) -> Option<u64> {
+        Some(
+            self.inner
+                .written
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    fn is_remote(&self) -> bool {
+        true
+    }
+
+    async fn wait_terminal(
+        &self,
+        transaction_id: TransactionId,
+        timeout: Duration,
+    ) -> Result<Option<Versioned>, StoreError> {
+        self.ensure_listener();
+        let until = tokio::time::Instant::now() + timeout;
+        loop {
+            let (tx, rx) = oneshot::channel();
+            if let Ok(mut w) = self.inner.waiters.lock() {
+                w.entry(transaction_id).or_default().push(tx);
+            }
+            // The status column first (one small read): the whole state is
+            // read once, when it is the one to return.
+            let status: Option<String> = {
+                let client = self.client().await?;
+                let statement = client
+                    .prepare_cached(&self.inner.sql.status)
+                    .await
+                    .map_err(|e| self.pg(e))?;
+                client
+                    .query_opt(&statement, &[&transaction_id.0])
+                    .await
+                    .map_err(|e| self.pg(e))?
+                    .map(|r| r.get(0))
+            };
+            let done = status.is_none_or(|s| status_of(&s).is_none_or(|s| s.is_terminal()));
+            if done || tokio::time::Instant::now() >= until {
+                let current = self.get(transaction_id).await?;
+                if let Ok(mut w) = self.inner.waiters.lock()
+                    && let Some(list) = w.get_mut(&transaction_id)
+                {
+                    list.retain(|s| !s.is_closed());
+                    if list.is_empty() {
+                        w.remove(&transaction_id);
+                    }
+                }
+                return Ok(current);
+            }
+            // Woken by the finish announcement; re-read now and then in case
+            // it was missed (nothing is kept while the listener reconnects).
+            let nap = (until - tokio::time::Instant::now()).min(Duration::from_secs(1));
+            let _ = tokio::time::timeout(nap, rx).await;
+        }
+    }
+}
+
+#[async_trait]
+impl TimerIndex for PostgresStateStore {
+    async fn due(&self, now: Timestamp, limit: usize) -> Result<Vec<TransactionId>, StoreError> {
+        let lease = millis(now.plus(self.inner.config.timer_lease));
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&self.inner.sql.due)
+            .await
+            .map_err(|e| self.pg(e))?;
+        let rows = client
+            .query(&statement, &[&millis(now), &lease, &(limit.max(1) as i64)])
+            .await
+            .map_err(|e| self.pg(e))?;
+        let ids: Vec<TransactionId> = rows.iter().map(|r| TransactionId(r.get(0))).collect();
+        if let Ok(mut leases) = self.inner.leases.lock() {
+            for id in &ids {
+                leases.insert(*id, lease);
+            }
+        }
+        Ok(ids)
+    }
+
+    async fn timer_handled(&self, transaction_id: TransactionId) -> Result<(), StoreError> {
+        let Some(lease) = self
+            .inner
+            .leases
+            .lock()
+            .ok()
+            .and_then(|mut l| l.remove(&transaction_id))
+        else {
+            return Ok(());
+        };
+        // Every write sets the row's wakeup from its state: giving the lease
+        // back is all that is left.
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&self.inner.sql.rearm)
+            .await
+            .map_err(|e| self.pg(e))?;
+        client
+            .execute(&statement, &[&transaction_id.0, &lease])
+            .await
+            .map(|_| ())
+            .map_err(|e| self.pg(e))
+    }
+}
+
+#[async_trait]
+impl Definitions for PostgresStateStore {
+    async fn put_definition(&self, definition: &WorkflowDefinition) -> Result<(), StoreError> {
+        let json = serde_json::to_string(definition).map_err(|e| self.corrupt(e))?;
+        let client = self.client().await?;
+        let added = client
+            .execute(
+                self.inner.sql.put_definition.as_str(),
+                &[
+                    &definition.name().as_str(),
+                    &(definition.version() as i32),
+                    &json,
+                ],
+            )
+            .await
+            .map_err(|e| self.pg(e))?;
+        if added == 1 {
+            return Ok(());
+        }
+        match self
+            .get_definition(definition.name().as_str(), definition.version())
+            .await?
+        {
+            Some(stored) => same_definition(&stored, definition),
+            None => Ok(()),
+        }
+    }
+
+    async fn get_definition(
+        &self,
+        name: &str,
+        version: u32,
+    ) -> Result<Option<WorkflowDefinition>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                self.inner.sql.get_definition.as_str(),
+                &[&name, &(version as i32)],
+            )
+            .await
+            .map_err(|e| self.pg(e))?;
+        row.map(|r| {
+            WorkflowDefinition::from_json(&r.get::<_, String>(0)).map_err(|e| self.corrupt(e))
+        })
+        .transpose()
+    }
+
+    async fn latest_definition(
+        &self,
+        name: &str,
+    ) -> Result<Option<WorkflowDefinition>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(self.inner.sql.latest_definition.as_str(), &[&name])
+            .await
+            .map_err(|e| self.pg(e))?;
+        row.map(|r| {
+            WorkflowDefinition::from_json(&r.get::<_, String>(0)).map_err(|e| self.corrupt(e))
+        })
+        .transpose()
+    }
+
+    async fn definition_versions(&self) -> Result<Vec<(String, u32)>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(self.inner.sql.definition_versions.as_str(), &[])
+            .await
+            .map_err(|e| self.pg(e))?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, i32>(1) as u32))
+            .collect())
+    }
+}
+
+#[async_trait]
+impl HealthRecords for PostgresStateStore {
+    async fn record_worker_health(
+        &self,
+        beats: &[crate::core::health::WorkerHealth],
+    ) -> Result<(), StoreError> {
+        if beats.is_empty() {
+            return Ok(());
+        }
+        // One row per (worker, instance): the last beat of each in this batch.
+        let mut latest: HashMap<String, &crate::core::health::WorkerHealth> = HashMap::new();
+        for b in beats {
+            latest.insert(format!("{}@{}", b.worker, b.instance), b);
+        }
+        let mut keys = Vec::with_capacity(latest.len());
+        let mut ats = Vec::with_capacity(latest.len());
+        let mut bodies = Vec::with_capacity(latest.len());
+        for (key, b) in latest {
+            keys.push(key);
+            ats.push(millis(b.at));
+            bodies.push(serde_json::to_string(b).map_err(|e| self.corrupt(e))?);
+        }
+        let client = self.client().await?;
+        client
+            .execute(
+                self.inner.sql.record_health.as_str(),
+                &[&keys, &ats, &bodies],
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| self.pg(e))
+    }
+
+    async fn worker_health(
+        &self,
+        max_age: Duration,
+    ) -> Result<Vec<crate::core::health::WorkerHealth>, StoreError> {
+        let since = millis(Timestamp(
+            Timestamp::now()
+                .as_millis()
+                .saturating_sub(max_age.as_millis() as u64),
+        ));
+        let client = self.client().await?;
+        let rows = client
+            .query(self.inner.sql.read_health.as_str(), &[&since])
+            .await
+            .map_err(|e| self.pg(e))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            if let Ok(b) =
+                serde_json::from_str::<crate::core::health::WorkerHealth>(&r.get::<_, String>(0))
+            {
+                out.push(b);
+            }
+        }
+        // Stale ones are dropped when read.
+        let _ = client
+            .execute(self.inner.sql.drop_health.as_str(), &[&since])
+            .await;
+        out.sort_by(|a, b| (&a.worker, &a.instance).cmp(&(&b.worker, &b.instance)));
+        Ok(out)
+    }
+}
