@@ -209,6 +209,17 @@ async fn compare_and_set_lists_timers_and_definitions() {
         .expect("count")
         .get(0);
     assert_eq!(left, 0, "its parts went with it");
+    for table in ["timers", "unpublished"] {
+        let left: i64 = client
+            .query_one(
+                &format!("SELECT count(*) FROM {schema}.{table} WHERE tx = $1"),
+                &[&tx.0],
+            )
+            .await
+            .expect("count")
+            .get(0);
+        assert_eq!(left, 0, "nothing of it is left in {table}");
+    }
 
     // Writing a workflow that does not exist is refused.
     let (ghost, _) = saga::start(
@@ -589,4 +600,118 @@ async fn the_runtime_runs_and_undoes_orders_on_postgres() {
         );
     }
     rt.shutdown().await;
+}
+
+/// Concurrent transitions share commits: 300 workflows created and moved
+/// on at once by one writer take far fewer commits than writes; racing
+/// compare-and-sets of one workflow in the same batches let exactly one
+/// win; and a write the server refuses fails alone, the others of its
+/// batch still written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_share_commits_and_a_bad_one_fails_alone() {
+    let Some((_, url, schema)) = store("batches").await else {
+        return;
+    };
+    let store =
+        PostgresStateStore::connect(PostgresStoreConfig::new(&url).schema(&schema).writers(1))
+            .await
+            .expect("connects");
+    let d = def();
+    let started: Vec<Arc<multiagents::core::WorkflowState>> = (0..300)
+        .map(|_| {
+            Arc::new(
+                saga::start(
+                    &d,
+                    TransactionId::new(),
+                    CorrelationId::new(),
+                    Payload::null(),
+                    Timestamp::now(),
+                )
+                .0,
+            )
+        })
+        .collect();
+    // One that PostgreSQL refuses: text may not hold a NUL.
+    let mut bad = (*started[0]).clone();
+    bad.transaction_id = TransactionId::new();
+    bad.workflow = multiagents::core::WorkflowName::from("orders\0");
+    let bad = Arc::new(bad);
+    let mut creates = tokio::task::JoinSet::new();
+    for s in started.iter().cloned().chain([bad.clone()]) {
+        let store = store.clone();
+        creates.spawn(async move { (s.transaction_id, store.create(s).await) });
+    }
+    let mut refused = Vec::new();
+    while let Some(joined) = creates.join_next().await {
+        let (tx, created) = joined.expect("joined");
+        match created {
+            Ok(v) => assert_eq!(v, 1),
+            Err(e) => refused.push((tx, e)),
+        }
+    }
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].0, bad.transaction_id);
+    assert!(
+        matches!(&refused[0].1, StoreError::Io { message, .. } if message.contains("0x00")),
+        "the server's reason is given: {:?}",
+        refused[0].1
+    );
+    assert!(store.get(bad.transaction_id).await.expect("get").is_none());
+
+    // Each workflow moved on by four racers at once: one wins.
+    let mut moves = tokio::task::JoinSet::new();
+    for s in &started {
+        let mut next = (**s).clone();
+        saga::apply(
+            &d,
+            &mut next,
+            succeeded("reserve", Payload::null()),
+            Timestamp::now(),
+        );
+        let next = Arc::new(next);
+        for _ in 0..4 {
+            let (store, s, next) = (store.clone(), s.clone(), next.clone());
+            moves.spawn(async move {
+                (
+                    s.transaction_id,
+                    store.compare_and_set_from(1, &s, next).await,
+                )
+            });
+        }
+    }
+    let mut won: std::collections::HashMap<TransactionId, usize> = Default::default();
+    while let Some(joined) = moves.join_next().await {
+        let (tx, moved) = joined.expect("joined");
+        match moved {
+            Ok(v) => {
+                assert_eq!(v, 2);
+                *won.entry(tx).or_default() += 1;
+            }
+            Err(StoreError::Conflict { found, .. }) => assert_eq!(found, 2),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(won.len(), started.len());
+    assert!(won.values().all(|n| *n == 1), "exactly one racer wins each");
+    for s in started.iter().step_by(37) {
+        let stored = store
+            .get(s.transaction_id)
+            .await
+            .expect("get")
+            .expect("stored");
+        assert_eq!(stored.version, 2);
+        assert_eq!(
+            stored.state.step("reserve").expect("step").status,
+            multiagents::core::StepStatus::Completed
+        );
+    }
+    let stats = store.write_stats();
+    assert!(
+        stats.writes >= 300 + 1200,
+        "every create and race was run: {stats:?}"
+    );
+    assert!(
+        stats.commits * 4 < stats.writes,
+        "concurrent writes shared commits: {stats:?}"
+    );
 }

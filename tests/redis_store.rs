@@ -271,11 +271,22 @@ async fn two_orchestrators_and_two_worker_pools_share_one_redis() {
         ids.push((n, client.start("orders", &n).await.expect("start")));
     }
     let client = runtimes[0].client();
+    let reader = RedisStateStore::connect(store_config.clone())
+        .await
+        .expect("store");
     for (n, tx) in ids {
         let state = client
             .wait(tx, Duration::from_secs(20))
             .await
             .expect("finishes");
+        // Whichever orchestrator finished it (this process's, handing the
+        // state to its waiter, or the other's, announcing it), the state
+        // waited for is the one stored.
+        let stored = reader.get(tx).await.expect("get").expect("stored");
+        assert_eq!(
+            *stored.state, *state,
+            "the stored state is the one waited for"
+        );
         let expected = if n % 10 == 0 {
             WorkflowStatus::Compensated
         } else {

@@ -11,7 +11,8 @@
 //!
 //! | table | holds |
 //! | --- | --- |
-//! | `workflows` | one row per workflow: `version` (compare-and-set), `workflow`, `def_version`, `status`, `correlation_id`, `started_at`, `updated_at`, `finished_at` (ms), `wakeup` (the timer index), `timer_lease`, `history_len`; indexed for the API's listings |
+//! | `workflows` | one row per workflow: `version` (compare-and-set), `workflow`, `def_version`, `status`, `correlation_id`, `started_at`, `updated_at`, `finished_at` (ms), `history_len`; indexed for the API's listings; fillfactor 70, so that most writes are HOT updates |
+//! | `timers` | `tx → (wakeup, lease)`: the workflow's next timer and the lease of the orchestrator firing it |
 //! | `parts` | `(tx, field) → value`: the head, steps, branches, history batches and payloads kept apart, named as in the [fields layout](crate::store) shared with Redis |
 //! | `unpublished` | `(tx, version, at)`: writes whose commands were not yet marked published (the recovery sweep's list) |
 //! | `definitions` | `(name, version) → body` (JSON) |
@@ -25,7 +26,7 @@ mod conn;
 mod schema;
 mod store;
 
-pub use store::{PostgresStateStore, PostgresStoreConfig};
+pub use store::{PostgresStateStore, PostgresStoreConfig, WriteStats};
 
 /// A URL with its password hidden, for messages.
 pub(crate) fn redacted(url: &str) -> String {

@@ -20,15 +20,12 @@ CREATE TABLE {s}.workflows (
     started_at bigint NOT NULL,
     updated_at bigint NOT NULL,
     finished_at bigint,
-    wakeup bigint,
-    timer_lease bigint NOT NULL DEFAULT 0,
     history_len bigint NOT NULL
-);
+) WITH (fillfactor = 70);
 CREATE INDEX workflows_started ON {s}.workflows (started_at DESC, tx DESC);
 CREATE INDEX workflows_status ON {s}.workflows (status, started_at DESC, tx DESC);
 CREATE INDEX workflows_workflow ON {s}.workflows (workflow, started_at DESC, tx DESC);
 CREATE INDEX workflows_correlation ON {s}.workflows (correlation_id);
-CREATE INDEX workflows_wakeup ON {s}.workflows (wakeup) WHERE wakeup IS NOT NULL;
 CREATE INDEX workflows_finished ON {s}.workflows (finished_at) WHERE finished_at IS NOT NULL;
 CREATE TABLE {s}.parts (
     tx uuid NOT NULL,
@@ -36,12 +33,18 @@ CREATE TABLE {s}.parts (
     value bytea NOT NULL,
     PRIMARY KEY (tx, field)
 );
+CREATE TABLE {s}.timers (
+    tx uuid PRIMARY KEY,
+    wakeup bigint NOT NULL,
+    lease bigint NOT NULL DEFAULT 0
+) WITH (fillfactor = 70, autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000);
+CREATE INDEX timers_wakeup ON {s}.timers (wakeup);
 CREATE TABLE {s}.unpublished (
     tx uuid NOT NULL,
     version bigint NOT NULL,
     at bigint NOT NULL,
     PRIMARY KEY (tx, version)
-);
+) WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000);
 CREATE INDEX unpublished_at ON {s}.unpublished (at);
 CREATE TABLE {s}.definitions (
     name text NOT NULL,

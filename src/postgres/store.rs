@@ -47,11 +47,19 @@ pub struct PostgresStoreConfig {
     /// apart from their step, once, under their SHA-256 (a `p:<digest>`
     /// part). Default [`crate::store::LARGE_PAYLOAD_BYTES`].
     pub large_payload_bytes: usize,
+    /// Writer tasks. Each takes the transitions waiting to be written and
+    /// writes them in one transaction (one commit for all), so that many
+    /// concurrent transitions share a commit; a lone transition is written
+    /// at once, by itself.
+    pub writers: usize,
+    /// The most transitions one writer puts in one transaction.
+    pub batch: usize,
 }
 
 impl PostgresStoreConfig {
     /// Defaults for a server at `url`: schema `multiagents`, 16
-    /// connections, 30 s timer lease.
+    /// connections, 30 s timer lease, 4 writers of up to 128 transitions
+    /// per transaction.
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
@@ -60,6 +68,8 @@ impl PostgresStoreConfig {
             pool_size: 16,
             timer_lease: Duration::from_secs(30),
             large_payload_bytes: crate::store::LARGE_PAYLOAD_BYTES,
+            writers: 4,
+            batch: 128,
         }
     }
 
@@ -78,6 +88,12 @@ impl PostgresStoreConfig {
     /// Connections in the pool.
     pub fn pool_size(mut self, size: usize) -> Self {
         self.pool_size = size;
+        self
+    }
+
+    /// Writer tasks, each committing a batch of transitions at a time.
+    pub fn writers(mut self, writers: usize) -> Self {
+        self.writers = writers;
         self
     }
 
@@ -112,13 +128,21 @@ struct Inner {
     config: PostgresStoreConfig,
     connector: Connector,
     pool: deadpool_postgres::Pool,
-    sql: Sql,
+    sql: Arc<Sql>,
     /// Lease deadlines of the timers this instance took, by transaction.
     leases: Mutex<crate::core::hash::IdMap<TransactionId, i64>>,
-    waiters: Mutex<crate::core::hash::IdMap<TransactionId, Vec<oneshot::Sender<()>>>>,
+    /// Waiters of this process, by workflow: woken with the state when this
+    /// process wrote it finished, or with nothing (read it) when another
+    /// process announced it.
+    waiters:
+        Mutex<crate::core::hash::IdMap<TransactionId, Vec<oneshot::Sender<Option<Versioned>>>>>,
     listener: std::sync::Once,
     /// Finished workflows to announce, sent after their write committed.
     finished: mpsc::UnboundedSender<TransactionId>,
+    /// Transitions for the writers.
+    writes: mpsc::Sender<Write>,
+    /// What the writers did.
+    counts: Arc<WriteCounts>,
     /// Bytes of state records sent.
     written: std::sync::atomic::AtomicU64,
     /// Payloads this instance stored, by workflow and digest: a later write
@@ -168,9 +192,11 @@ impl Sql {
         let create = format!(
             "WITH w AS (
                INSERT INTO {s}.workflows (tx, version, workflow, def_version, status, correlation_id,
-                   started_at, updated_at, finished_at, wakeup, history_len)
-               VALUES ($1, 1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                   started_at, updated_at, finished_at, history_len)
+               VALUES ($1, 1, $2, $3, $4, $5, $6, $7, $8, $10)
                ON CONFLICT (tx) DO NOTHING RETURNING tx
+             ), t AS (
+               INSERT INTO {s}.timers (tx, wakeup) SELECT w.tx, $9 FROM w WHERE $9::bigint IS NOT NULL
              ), p AS (
                INSERT INTO {s}.parts (tx, field, value)
                SELECT w.tx, f.field, f.value FROM w, unnest($11::text[], $12::bytea[]) AS f(field, value)
@@ -187,7 +213,7 @@ impl Sql {
                SELECT version, history_len FROM {s}.workflows WHERE tx = $1
              ), w AS (
                UPDATE {s}.workflows SET version = $2 + 1, status = $3, updated_at = $4,
-                   finished_at = $5, wakeup = $6, history_len = $7
+                   finished_at = $5, history_len = $7
                WHERE tx = $1 AND version = $2 AND ($8::bigint IS NULL OR history_len = $8)
                  AND (SELECT count(*) FROM {s}.parts WHERE tx = $1 AND field = ANY($9::text[]))
                      = cardinality($9::text[])
@@ -197,6 +223,12 @@ impl Sql {
                SELECT w.tx, f.field, f.value FROM w, unnest($10::text[], $11::bytea[]) AS f(field, value)
                ON CONFLICT (tx, field) DO UPDATE SET value = excluded.value
                  WHERE left({s}.parts.field, 2) <> 'p:'
+             ), t AS (
+               INSERT INTO {s}.timers (tx, wakeup) SELECT w.tx, $6 FROM w WHERE $6::bigint IS NOT NULL
+               ON CONFLICT (tx) DO UPDATE SET wakeup = excluded.wakeup
+                 WHERE {s}.timers.wakeup <> excluded.wakeup
+             ), td AS (
+               DELETE FROM {s}.timers WHERE $6::bigint IS NULL AND tx IN (SELECT tx FROM w)
              ), u AS (
                INSERT INTO {s}.unpublished (tx, version, at) SELECT w.tx, $2 + 1, $12 FROM w WHERE $13
              )
@@ -222,6 +254,8 @@ impl Sql {
                    DELETE FROM {s}.parts WHERE tx IN (SELECT tx FROM d)
                  ), u AS (
                    DELETE FROM {s}.unpublished WHERE tx IN (SELECT tx FROM d)
+                 ), t AS (
+                   DELETE FROM {s}.timers WHERE tx IN (SELECT tx FROM d)
                  )
                  SELECT count(*) FROM d"
             ),
@@ -238,15 +272,13 @@ impl Sql {
                  RETURNING u.tx, u.version"
             ),
             due: format!(
-                "UPDATE {s}.workflows w SET timer_lease = $2
-                 FROM (SELECT tx FROM {s}.workflows WHERE wakeup <= $1 AND timer_lease <= $1
+                "UPDATE {s}.timers t SET lease = $2
+                 FROM (SELECT tx FROM {s}.timers WHERE wakeup <= $1 AND lease <= $1
                        ORDER BY wakeup LIMIT $3 FOR UPDATE SKIP LOCKED) x
-                 WHERE w.tx = x.tx
-                 RETURNING w.tx"
+                 WHERE t.tx = x.tx
+                 RETURNING t.tx"
             ),
-            rearm: format!(
-                "UPDATE {s}.workflows SET timer_lease = 0 WHERE tx = $1 AND timer_lease = $2"
-            ),
+            rearm: format!("UPDATE {s}.timers SET lease = 0 WHERE tx = $1 AND lease = $2"),
             put_definition: format!(
                 "INSERT INTO {s}.definitions (name, version, body) VALUES ($1, $2, $3)
                  ON CONFLICT (name, version) DO NOTHING"
@@ -330,9 +362,22 @@ impl PostgresStateStore {
             }
         }
         let (finished, announcements) = mpsc::unbounded_channel();
+        let sql = Arc::new(Sql::new(&config.schema));
+        let (writes, queue) = mpsc::channel(config.batch.max(1) * config.writers.max(1) * 4);
+        let queue = Arc::new(tokio::sync::Mutex::new(queue));
+        let counts = Arc::new(WriteCounts::default());
+        for _ in 0..config.writers.max(1) {
+            tokio::spawn(writer(
+                pool.clone(),
+                sql.clone(),
+                queue.clone(),
+                config.batch.max(1),
+                counts.clone(),
+            ));
+        }
         let store = Self {
             inner: Arc::new(Inner {
-                sql: Sql::new(&config.schema),
+                sql,
                 config,
                 connector,
                 pool,
@@ -340,6 +385,8 @@ impl PostgresStateStore {
                 waiters: Mutex::default(),
                 listener: std::sync::Once::new(),
                 finished,
+                writes,
+                counts,
                 written: std::sync::atomic::AtomicU64::new(0),
                 stored: Mutex::default(),
             }),
@@ -351,6 +398,16 @@ impl PostgresStateStore {
     /// The settings it was opened with.
     pub fn config(&self) -> &PostgresStoreConfig {
         &self.inner.config
+    }
+
+    /// What the writers did so far: transitions written and the commits
+    /// they took (fewer commits than writes: batches shared them).
+    pub fn write_stats(&self) -> WriteStats {
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        WriteStats {
+            writes: load(&self.inner.counts.writes),
+            commits: load(&self.inner.counts.commits),
+        }
     }
 
     fn io(&self, message: impl std::fmt::Display) -> StoreError {
@@ -409,6 +466,19 @@ impl PostgresStateStore {
             Ok(v) => {
                 if state.is_terminal() {
                     let _ = self.inner.finished.send(state.transaction_id);
+                    // This process's waiters get the state itself.
+                    let waiters = self
+                        .inner
+                        .waiters
+                        .lock()
+                        .map(|mut w| w.remove(&state.transaction_id))
+                        .unwrap_or_default();
+                    for w in waiters.into_iter().flatten() {
+                        let _ = w.send(Some(Versioned {
+                            version: v,
+                            state: state.clone(),
+                        }));
+                    }
                 }
                 Ok(v)
             }
@@ -429,6 +499,30 @@ impl PostgresStateStore {
             Refused::History(_) | Refused::Named => self.corrupt(format!(
                 "workflow {tx} could not be written whole over its stored parts"
             )),
+        }
+    }
+
+    /// Hands a write to the writers and waits for its row.
+    async fn submit(
+        &self,
+        statement: Statement,
+        params: Vec<Param>,
+    ) -> Result<Option<tokio_postgres::Row>, Refused> {
+        let (reply, answer) = oneshot::channel();
+        let gone = || Refused::Store(self.io("the store's writers have stopped"));
+        self.inner
+            .writes
+            .send(Write {
+                statement,
+                params,
+                reply,
+            })
+            .await
+            .map_err(|_| gone())?;
+        match answer.await.map_err(|_| gone())? {
+            Ok(row) => Ok(row),
+            Err(WriteError::Pg(e)) => Err(Refused::Store(self.pg(e))),
+            Err(WriteError::Pool(message)) => Err(Refused::Store(self.io(message))),
         }
     }
 
@@ -458,11 +552,15 @@ impl PostgresStateStore {
                 }
             }
         }
-        let mut names: Vec<&str> = fields.iter().map(|(f, _)| f.as_str()).collect();
-        let mut values: Vec<&[u8]> = fields.iter().map(|(_, v)| v.as_bytes()).collect();
-        for (f, p) in &payloads {
+        let mut names: Vec<String> = Vec::with_capacity(fields.len() + payloads.len());
+        let mut values: Vec<Vec<u8>> = Vec::with_capacity(fields.len() + payloads.len());
+        for (f, v) in fields {
             names.push(f);
-            values.push(p.as_bytes());
+            values.push(v.into_bytes());
+        }
+        for (f, p) in payloads {
+            names.push(f);
+            values.push(p.as_bytes().to_vec());
         }
         let sent = names.iter().map(|n| n.len()).sum::<usize>()
             + values.iter().map(|v| v.len()).sum::<usize>()
@@ -483,42 +581,36 @@ impl PostgresStateStore {
         let finished = state.finished_at.map(millis);
         let wakeup = state.next_wakeup().map(millis);
         let history_len = state.history.len() as i64;
-        let mut client = self.client().await.map_err(Refused::Store)?;
         let sql = &self.inner.sql;
         let pg = |e: tokio_postgres::Error| Refused::Store(self.pg(e));
         let version = match expected {
             None => {
-                let statement = client.prepare_cached(&sql.create).await.map_err(pg)?;
-                let row = client
-                    .query_one(
-                        &statement,
-                        &[
-                            &tx.0,
-                            &state.workflow.as_str(),
-                            &(state.version as i32),
-                            &status,
-                            &state.correlation_id.0,
-                            &millis(state.started_at),
-                            &updated,
-                            &finished,
-                            &wakeup,
-                            &history_len,
-                            &names,
-                            &values,
-                            &now,
-                            &noted,
-                        ],
-                    )
-                    .await
-                    .map_err(pg)?;
-                match row.get::<_, i64>(0) {
-                    1 => 1,
+                let params: Vec<Param> = vec![
+                    Box::new(tx.0),
+                    Box::new(state.workflow.as_str().to_string()),
+                    Box::new(state.version as i32),
+                    Box::new(status),
+                    Box::new(state.correlation_id.0),
+                    Box::new(millis(state.started_at)),
+                    Box::new(updated),
+                    Box::new(finished),
+                    Box::new(wakeup),
+                    Box::new(history_len),
+                    Box::new(names),
+                    Box::new(values),
+                    Box::new(now),
+                    Box::new(noted),
+                ];
+                let row = self.submit(Statement::Create, params).await?;
+                match row.map(|r| r.get::<_, i64>(0)) {
+                    Some(1) => 1,
                     _ => return Err(Refused::Exists),
                 }
             }
             Some(expected) if delta.full => {
                 // Over whatever is stored: in one transaction, the row
                 // locked, its parts deleted, then written.
+                let mut client = self.client().await.map_err(Refused::Store)?;
                 let t = client.transaction().await.map_err(pg)?;
                 let lock = t.prepare_cached(&sql.lock).await.map_err(pg)?;
                 let Some(row) = t.query_opt(&lock, &[&tx.0]).await.map_err(pg)? else {
@@ -562,29 +654,22 @@ impl PostgresStateStore {
                 expected + 1
             }
             Some(expected) => {
-                let update = client.prepare_cached(&sql.update).await.map_err(pg)?;
-                let named: Vec<&str> = named.iter().map(String::as_str).collect();
-                let row = client
-                    .query_opt(
-                        &update,
-                        &[
-                            &tx.0,
-                            &(expected as i64),
-                            &status,
-                            &updated,
-                            &finished,
-                            &wakeup,
-                            &history_len,
-                            &Some(delta.history_from as i64),
-                            &named,
-                            &names,
-                            &values,
-                            &now,
-                            &noted,
-                        ],
-                    )
-                    .await
-                    .map_err(pg)?;
+                let params: Vec<Param> = vec![
+                    Box::new(tx.0),
+                    Box::new(expected as i64),
+                    Box::new(status),
+                    Box::new(updated),
+                    Box::new(finished),
+                    Box::new(wakeup),
+                    Box::new(history_len),
+                    Box::new(Some(delta.history_from as i64)),
+                    Box::new(named),
+                    Box::new(names),
+                    Box::new(values),
+                    Box::new(now),
+                    Box::new(noted),
+                ];
+                let row = self.submit(Statement::Update, params).await?;
                 let Some(row) = row else {
                     return Err(Refused::Missing);
                 };
@@ -627,19 +712,191 @@ impl PostgresStateStore {
         match tx {
             Some(tx) => {
                 for w in waiters.remove(&tx).unwrap_or_default() {
-                    let _ = w.send(());
+                    let _ = w.send(None);
                 }
             }
             // Reconnected: everyone re-reads (an announcement may be lost).
             None => {
                 for (_, list) in waiters.drain() {
                     for w in list {
-                        let _ = w.send(());
+                        let _ = w.send(None);
                     }
                 }
             }
         }
     }
+}
+
+/// Transitions written by a [`PostgresStateStore`]'s writers, and the
+/// commits they took.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    /// Creates and compare-and-sets run by the writers.
+    pub writes: u64,
+    /// Transactions committed for them: one per batch, or per lone write.
+    pub commits: u64,
+}
+
+#[derive(Default)]
+struct WriteCounts {
+    writes: std::sync::atomic::AtomicU64,
+    commits: std::sync::atomic::AtomicU64,
+}
+
+impl WriteCounts {
+    fn add(&self, writes: usize, commits: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.writes.fetch_add(writes as u64, Relaxed);
+        self.commits.fetch_add(commits as u64, Relaxed);
+    }
+}
+
+/// A statement parameter, owned, so that a writer task can send it.
+type Param = Box<dyn ToSql + Sync + Send>;
+
+/// Which statement a write runs.
+#[derive(Clone, Copy)]
+enum Statement {
+    Create,
+    Update,
+}
+
+/// One transition for the writers: its statement, and where its row goes.
+struct Write {
+    statement: Statement,
+    params: Vec<Param>,
+    reply: oneshot::Sender<Result<Option<tokio_postgres::Row>, WriteError>>,
+}
+
+enum WriteError {
+    Pg(tokio_postgres::Error),
+    Pool(String),
+}
+
+impl Write {
+    fn sql(&self, sql: &Sql) -> String {
+        match self.statement {
+            Statement::Create => sql.create.clone(),
+            Statement::Update => sql.update.clone(),
+        }
+    }
+
+    fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        self.params
+            .iter()
+            .map(|p| &**p as &(dyn ToSql + Sync))
+            .collect()
+    }
+}
+
+/// A writer: takes the writes waiting (up to `batch`) and runs them in one
+/// transaction, pipelined, with one commit. One write alone runs by itself.
+/// If any statement of a batch fails, the batch is rolled back and each
+/// write runs by itself, so that one bad write fails alone. Stops when the
+/// store is dropped.
+async fn writer(
+    pool: deadpool_postgres::Pool,
+    sql: Arc<Sql>,
+    queue: Arc<tokio::sync::Mutex<mpsc::Receiver<Write>>>,
+    batch: usize,
+    counts: Arc<WriteCounts>,
+) {
+    let mut writes: Vec<Write> = Vec::with_capacity(batch);
+    loop {
+        {
+            let mut queue = queue.lock().await;
+            if queue.recv_many(&mut writes, batch).await == 0 {
+                return;
+            }
+        }
+        let mut client = match pool.get().await {
+            Ok(c) => c,
+            Err(e) => {
+                let message = describe_pool(&e);
+                for w in writes.drain(..) {
+                    let _ = w.reply.send(Err(WriteError::Pool(message.clone())));
+                }
+                continue;
+            }
+        };
+        if writes.len() > 1 {
+            match in_one_transaction(&mut client, &sql, &writes).await {
+                Ok(rows) => {
+                    counts.add(writes.len(), 1);
+                    for (w, row) in writes.drain(..).zip(rows) {
+                        let _ = w.reply.send(Ok(row));
+                    }
+                    continue;
+                }
+                // Not committed: each by itself, below.
+                Err(Batch::Statement) => {}
+                // The commit's outcome is unknown: the writers' callers
+                // read the state again, as after any failed write.
+                Err(Batch::Commit(e)) => {
+                    let message = describe(&e);
+                    for w in writes.drain(..) {
+                        let _ = w.reply.send(Err(WriteError::Pool(format!(
+                            "the commit of a batch of writes failed: {message}"
+                        ))));
+                    }
+                    continue;
+                }
+            }
+        }
+        for w in writes.drain(..) {
+            let row = match client.prepare_cached(&w.sql(&sql)).await {
+                Ok(statement) => client.query_opt(&statement, &w.params()).await,
+                Err(e) => Err(e),
+            };
+            if row.is_ok() {
+                counts.add(1, 1);
+            }
+            let _ = w.reply.send(row.map_err(WriteError::Pg));
+        }
+    }
+}
+
+enum Batch {
+    Statement,
+    Commit(tokio_postgres::Error),
+}
+
+async fn in_one_transaction(
+    client: &mut deadpool_postgres::Object,
+    sql: &Sql,
+    writes: &[Write],
+) -> Result<Vec<Option<tokio_postgres::Row>>, Batch> {
+    let t = client.transaction().await.map_err(|_| Batch::Statement)?;
+    let create = t
+        .prepare_cached(&sql.create)
+        .await
+        .map_err(|_| Batch::Statement)?;
+    let update = t
+        .prepare_cached(&sql.update)
+        .await
+        .map_err(|_| Batch::Statement)?;
+    let params: Vec<Vec<&(dyn ToSql + Sync)>> = writes.iter().map(Write::params).collect();
+    // Sent together: the server runs them in order, one round trip.
+    let rows = futures_util::future::join_all(writes.iter().zip(&params).map(|(w, p)| {
+        let statement = match w.statement {
+            Statement::Create => &create,
+            Statement::Update => &update,
+        };
+        t.query_opt(statement, p)
+    }))
+    .await;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        match row {
+            Ok(row) => out.push(row),
+            Err(e) => {
+                tracing::debug!(error = %describe(&e), "a write of a batch failed: each is written by itself");
+                return Err(Batch::Statement);
+            }
+        }
+    }
+    t.commit().await.map_err(Batch::Commit)?;
+    Ok(out)
 }
 
 /// Announces finished workflows: whatever is queued goes out in one
@@ -1035,7 +1292,10 @@ impl WorkflowStates for PostgresStateStore {
             // Woken by the finish announcement; re-read now and then in case
             // it was missed (nothing is kept while the listener reconnects).
             let nap = (until - tokio::time::Instant::now()).min(Duration::from_secs(1));
-            let _ = tokio::time::timeout(nap, rx).await;
+            if let Ok(Ok(Some(written))) = tokio::time::timeout(nap, rx).await {
+                // Written finished by this process: the state itself.
+                return Ok(Some(written));
+            }
         }
     }
 }

@@ -94,7 +94,8 @@ impl RedisStoreConfig {
 /// `s:<step>` a step, `i:<step>[k]` a branch, `hn` how many history
 /// entries, `h:<n>` the history entries one write added (a JSON array,
 /// `n` the index of its first), and `p:<sha256>` a large payload that parts
-/// name by digest (written once: HSETNX). A full write (a new workflow, a state not
+/// name by digest (written once: HSETNX). The workflow's name (`wf`) and
+/// start (`sa`) never change: only a full write sets them. A full write (a new workflow, a state not
 /// made from the stored one, or one stored in the old single-field layout
 /// `s`) replaces what was there.
 ///
@@ -132,14 +133,18 @@ if full and cur[1] then
   if co then redis.call('HSET', KEYS[1], 'co', co) end
 end
 local first_end = math.min(pairs_end, 1017)
-redis.call('HSET', KEYS[1], 'v', ARGV[2], 'h', ARGV[3], 'st', ARGV[4], 'wf', ARGV[5], 'sa', ARGV[6], 'up', ARGV[7], 'hn', ARGV[17], unpack(ARGV, 18, first_end))
+if ARGV[1] == '0' then
+  redis.call('HSET', KEYS[1], 'wf', ARGV[5], 'sa', ARGV[6], 'co', ARGV[13])
+elseif full then
+  redis.call('HSET', KEYS[1], 'wf', ARGV[5], 'sa', ARGV[6])
+end
+redis.call('HSET', KEYS[1], 'v', ARGV[2], 'h', ARGV[3], 'st', ARGV[4], 'up', ARGV[7], 'hn', ARGV[17], unpack(ARGV, 18, first_end))
 for j = first_end + 1, pairs_end, 1000 do
   redis.call('HSET', KEYS[1], unpack(ARGV, j, math.min(j + 999, pairs_end)))
 end
 for j = named_end + 1, #ARGV, 2 do
   redis.call('HSETNX', KEYS[1], ARGV[j], ARGV[j + 1])
 end
-if ARGV[1] == '0' then redis.call('HSET', KEYS[1], 'co', ARGV[13]) end
 if KEYS[2] then redis.call('ZADD', KEYS[2], ARGV[11], ARGV[12]) end
 if ARGV[8] ~= '0' then
   redis.call('PEXPIRE', KEYS[1], ARGV[8])
@@ -182,7 +187,11 @@ struct Inner {
     rearm: Script,
     /// Lease scores of the timers this instance took, by transaction.
     leases: Mutex<crate::core::hash::IdMap<TransactionId, u64>>,
-    waiters: Mutex<crate::core::hash::IdMap<TransactionId, Vec<oneshot::Sender<()>>>>,
+    /// Waiters of this process, by workflow: woken with the state when this
+    /// process wrote it finished, or with nothing (read it) when another
+    /// process announced it.
+    waiters:
+        Mutex<crate::core::hash::IdMap<TransactionId, Vec<oneshot::Sender<Option<Versioned>>>>>,
     listener: std::sync::Once,
     /// Bytes of state records sent (the state and the script's other
     /// arguments; not the index updates beside it).
@@ -290,9 +299,40 @@ impl RedisStateStore {
             None => Changes::full(&state),
         }
         .keep_apart(apart);
-        let written = match self.write_parts(expected, &delta, &state, true).await {
+        let written = self.write_with(expected, &delta, &state).await;
+        if let (Ok(version), true) = (&written, state.is_terminal()) {
+            self.hand_over(*version, &state);
+        }
+        written
+    }
+
+    /// Wakes this process's waiters of a workflow it just wrote finished
+    /// with the state itself: what was committed, without reading it back.
+    fn hand_over(&self, version: Version, state: &Arc<WorkflowState>) {
+        let waiters = self
+            .inner
+            .waiters
+            .lock()
+            .map(|mut w| w.remove(&state.transaction_id))
+            .unwrap_or_default();
+        for w in waiters.into_iter().flatten() {
+            let _ = w.send(Some(Versioned {
+                version,
+                state: state.clone(),
+            }));
+        }
+    }
+
+    async fn write_with(
+        &self,
+        expected: Option<Version>,
+        delta: &Changes<'_>,
+        state: &Arc<WorkflowState>,
+    ) -> Result<Version, StoreError> {
+        let apart = self.inner.config.large_payload_bytes;
+        let written = match self.write_parts(expected, delta, state, true).await {
             // A payload named was gone (the hash rewritten meanwhile): send all.
-            Err(Refused::Named) => self.write_parts(expected, &delta, &state, false).await,
+            Err(Refused::Named) => self.write_parts(expected, delta, state, false).await,
             other => other,
         };
         match written {
@@ -301,8 +341,8 @@ impl RedisStateStore {
                 if let Refused::History(len) = r {
                     tracing::debug!(transaction_id = %state.transaction_id, stored = len, expected = delta.history_from, "the stored history is not the one read: writing the state whole");
                 }
-                let whole = Changes::full(&state).keep_apart(apart);
-                match self.write_parts(expected, &whole, &state, false).await {
+                let whole = Changes::full(state).keep_apart(apart);
+                match self.write_parts(expected, &whole, state, false).await {
                     Ok(v) => Ok(v),
                     Err(r) => Err(self.refused(r, state.transaction_id, expected)),
                 }
@@ -521,7 +561,7 @@ impl RedisStateStore {
                     .map(|mut w| w.remove(&tx))
                     .unwrap_or_default();
                 for w in waiters.into_iter().flatten() {
-                    let _ = w.send(());
+                    let _ = w.send(None);
                 }
             },
         )
@@ -529,7 +569,6 @@ impl RedisStateStore {
     }
 }
 
-/// JSON of a borrowed part, whatever its type.
 /// Why a write of parts did not happen.
 enum Refused {
     Store(StoreError),
@@ -887,7 +926,10 @@ impl WorkflowStates for RedisStateStore {
             // Woken by the finish announcement; re-read now and then in case
             // it was missed (Pub/Sub keeps nothing while reconnecting).
             let nap = (until - tokio::time::Instant::now()).min(Duration::from_millis(250));
-            let _ = tokio::time::timeout(nap, rx).await;
+            if let Ok(Ok(Some(written))) = tokio::time::timeout(nap, rx).await {
+                // Written finished by this process: the state itself.
+                return Ok(Some(written));
+            }
         }
     }
 }

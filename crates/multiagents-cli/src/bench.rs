@@ -22,7 +22,10 @@ use clap::{Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use multiagents::bus::{Bus, MemoryBus, RedisBusConfig, RedisStreamsBus};
 use multiagents::core::{Phase, StepName, TransactionId};
-use multiagents::store::{FileStore, MemoryStore, RedisStateStore, RedisStoreConfig, Store};
+use multiagents::store::{
+    FileStore, MemoryStore, PostgresStateStore, PostgresStoreConfig, RedisStateStore,
+    RedisStoreConfig, Store,
+};
 use multiagents::worker::{Worker, WorkerError, WorkerManager, WorkerManagerConfig, from_fn};
 use multiagents::{
     Client, Error, OrchestratorConfig, RetryPolicy, Runtime, WorkerContext, WorkflowBuilder,
@@ -61,7 +64,7 @@ pub struct OrdersArgs {
     /// Where bus and state live.
     #[arg(long, value_enum, default_value_t = Backend::Memory)]
     backend: Backend,
-    /// Which part of the system this process runs (redis backend only for
+    /// Which part of the system this process runs (redis and postgres backends only for
     /// anything but `all`). `orchestrator` and `workers` run until SIGINT or
     /// SIGTERM, draining on the way out.
     #[arg(long, value_enum, default_value_t = Role::All)]
@@ -78,11 +81,20 @@ pub struct OrdersArgs {
     /// running (metrics are only recorded when this is set).
     #[arg(long, value_name = "ADDR")]
     http: Option<String>,
-    /// Key prefix in Redis, so runs do not share state.
+    /// PostgreSQL for `--backend postgres`:
+    /// `postgres://[user[:password]@]host[:port]/database`.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    database_url: String,
+    /// Key prefix in Redis (and the schema in PostgreSQL), so runs do not
+    /// share state.
     #[arg(long, default_value = "bench")]
     prefix: String,
     /// How long a command or result may go without being acked or extended
-    /// before another process takes it over (redis backend); also the timer
+    /// before another process takes it over (redis and postgres backends); also the timer
     /// lease.
     #[arg(long, default_value = "1500ms", value_parser = parse_duration)]
     visibility_timeout: Duration,
@@ -90,7 +102,7 @@ pub struct OrdersArgs {
     /// published again (`--role orchestrator`).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     redispatch_after: Duration,
-    /// Result consumers per orchestrator (redis backend).
+    /// Result consumers per orchestrator (redis and postgres backends).
     #[arg(long, default_value_t = 16)]
     consumers: usize,
     /// Workflows to run.
@@ -128,14 +140,22 @@ enum Backend {
     Embedded,
     /// Redis Streams bus and Redis state store.
     Redis,
+    /// Redis Streams bus, PostgreSQL state store (`--database-url`).
+    Postgres,
 }
 
 impl Backend {
+    /// Whether other processes can reach its bus and store.
+    fn shared(self) -> bool {
+        matches!(self, Backend::Redis | Backend::Postgres)
+    }
+
     fn name(self) -> &'static str {
         match self {
             Backend::Memory => "memory",
             Backend::Embedded => "embedded",
             Backend::Redis => "redis",
+            Backend::Postgres => "postgres",
         }
     }
 }
@@ -771,7 +791,7 @@ async fn backend(args: &OrdersArgs) -> Result<(Bus, Store, Effects, Option<PathB
                 temp,
             ))
         }
-        Backend::Redis => {
+        Backend::Redis | Backend::Postgres => {
             let mut bus_config = RedisBusConfig::new(&args.redis_url)
                 .prefix(&args.prefix)
                 .visibility_timeout(args.visibility_timeout);
@@ -780,13 +800,21 @@ async fn backend(args: &OrdersArgs) -> Result<(Bus, Store, Effects, Option<PathB
             let mut store_config = RedisStoreConfig::new(&args.redis_url).prefix(&args.prefix);
             store_config.timer_lease = args.visibility_timeout;
             store_config.ca_file = args.redis_ca_file.clone();
-            let store = RedisStateStore::connect(store_config).await?;
+            let store: Store = match args.backend {
+                Backend::Postgres => {
+                    let mut config = PostgresStoreConfig::new(&args.database_url)
+                        .schema(args.prefix.replace('-', "_"));
+                    config.timer_lease = args.visibility_timeout;
+                    PostgresStateStore::connect(config).await?.into()
+                }
+                _ => RedisStateStore::connect(store_config).await?.into(),
+            };
             let conn =
                 multiagents::redis::connect_with(&args.redis_url, args.redis_ca_file.as_deref())
                     .await?;
             Ok((
                 bus.into(),
-                store.into(),
+                store,
                 Effects::Redis {
                     conn,
                     prefix: args.prefix.clone(),
@@ -819,11 +847,11 @@ async fn orders(
             "must be at least 1",
         ));
     }
-    if args.role != Role::All && args.backend != Backend::Redis {
+    if args.role != Role::All && !args.backend.shared() {
         return Err(CliError::usage(
             "--role",
             format!(
-                "{:?} needs a backend other processes can reach: use --backend redis",
+                "{:?} needs a backend other processes can reach: use --backend redis or postgres",
                 args.role
             ),
         ));
@@ -848,9 +876,9 @@ async fn orders(
     };
     let orchestrator_config = OrchestratorConfig {
         // The in-process bus loses what it held with the process; Redis does not.
-        redispatch_on_start: args.backend != Backend::Redis,
+        redispatch_on_start: !args.backend.shared(),
         // Each result costs a few Redis round trips: keep many in flight.
-        consumers: if args.backend == Backend::Redis {
+        consumers: if args.backend.shared() {
             args.consumers
         } else {
             2
