@@ -714,4 +714,71 @@ async fn concurrent_writes_share_commits_and_a_bad_one_fails_alone() {
         stats.commits * 4 < stats.writes,
         "concurrent writes shared commits: {stats:?}"
     );
+    assert!(
+        stats.statements < stats.writes,
+        "the updates of a batch went as few statements: {stats:?}"
+    );
+}
+
+/// A payload this store wrote before is named, not sent again; if it is
+/// gone meanwhile (deleted here by hand, as a rewrite by another replica
+/// would), the write is refused for it and sent again with it, and the
+/// state reads back whole.
+#[tokio::test]
+async fn a_named_payload_that_is_gone_is_sent_again() {
+    let Some((store, url, schema)) = store("named").await else {
+        return;
+    };
+    let d = WorkflowBuilder::new("pair")
+        .step("a", "noop")
+        .step("b", "noop")
+        .step("c", "noop")
+        .build()
+        .expect("valid");
+    let (state, _) = saga::start(
+        &d,
+        TransactionId::new(),
+        CorrelationId::new(),
+        Payload::null(),
+        Timestamp::now(),
+    );
+    let tx = state.transaction_id;
+    let mut current = Arc::new(state);
+    let mut version = store.create(current.clone()).await.expect("create");
+    let prompt: String = std::iter::repeat_n('q', 20_000).collect();
+    let same = Payload::to_json(&serde_json::json!({ "prompt": prompt })).expect("json");
+    let client = raw(&url).await;
+    for (i, step) in ["a", "b", "c"].into_iter().enumerate() {
+        if i == 2 {
+            let gone = client
+                .execute(
+                    &format!("DELETE FROM {schema}.parts WHERE tx = $1 AND field LIKE 'p:%'"),
+                    &[&tx.0],
+                )
+                .await
+                .expect("delete");
+            assert_eq!(gone, 1, "one payload, stored once");
+        }
+        let mut next = (*current).clone();
+        saga::apply(
+            &d,
+            &mut next,
+            succeeded(step, same.clone()),
+            Timestamp::now(),
+        );
+        let next = Arc::new(next);
+        let before = store.bytes_written().expect("counted");
+        version = store
+            .compare_and_set_from(version, &current, next.clone())
+            .await
+            .expect("write");
+        let sent = store.bytes_written().expect("counted") - before;
+        match i {
+            1 => assert!(sent < 5_000, "named, not sent: {sent} bytes"),
+            _ => assert!(sent > 20_000, "sent: {sent} bytes"),
+        }
+        current = next;
+    }
+    let back = store.get(tx).await.expect("get").expect("stored");
+    assert_eq!(*back.state, *current, "reads back whole");
 }

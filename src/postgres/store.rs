@@ -2,11 +2,13 @@
 //! any orchestrator replica can fire (exactly one does), definitions by
 //! version, worker heartbeats, retention by batched deletes.
 //!
-//! Its tables are in the [module table](super). A write is one statement:
-//! an `UPDATE … WHERE tx = $1 AND version = $2` of the workflow's row, with
-//! the parts it changed upserted, and the write noted unpublished, in
-//! data-modifying `WITH` clauses of the same statement, so that all happen
-//! or none. Waiting clients are woken by one `NOTIFY` per finished batch,
+//! Its tables are in the [module table](super). Writes go through writer
+//! tasks that commit concurrent transitions together: the compare-and-sets
+//! of a batch are one statement over `unnest` arrays, an `UPDATE … FROM`
+//! of the workflows' rows where the version is the one read, with the
+//! parts they changed upserted, their timers set, and the writes noted
+//! unpublished, in data-modifying `WITH` clauses of the same statement, so
+//! that each write happens whole or not at all. Waiting clients are woken by one `NOTIFY` per finished batch,
 //! sent after the write commits, never inside it.
 
 use std::collections::HashMap;
@@ -206,33 +208,50 @@ impl Sql {
              )
              SELECT count(*) FROM w"
         );
-        // `cur` reads the row as it was: the version and history length a
-        // refused write reports.
+        // Any number of compare-and-sets, each workflow once: `r` the rows,
+        // `named` the payload parts they name without sending (they must be
+        // stored), `f` the parts they write. The final `SELECT` reads the
+        // rows as they were before the statement: the version and history
+        // length a refused write reports.
         let update = format!(
-            "WITH cur AS (
-               SELECT version, history_len FROM {s}.workflows WHERE tx = $1
+            "WITH r AS (
+               SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::bigint[],
+                   $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bool[])
+               AS r(tx, expected, status, updated_at, finished_at, wakeup, history_len,
+                   history_from, at, noted)
+             ), named AS (
+               SELECT * FROM unnest($11::uuid[], $12::text[]) AS n(tx, field)
              ), w AS (
-               UPDATE {s}.workflows SET version = $2 + 1, status = $3, updated_at = $4,
-                   finished_at = $5, history_len = $7
-               WHERE tx = $1 AND version = $2 AND ($8::bigint IS NULL OR history_len = $8)
-                 AND (SELECT count(*) FROM {s}.parts WHERE tx = $1 AND field = ANY($9::text[]))
-                     = cardinality($9::text[])
-               RETURNING tx
+               UPDATE {s}.workflows w SET version = r.expected + 1, status = r.status,
+                   updated_at = r.updated_at, finished_at = r.finished_at, history_len = r.history_len
+               FROM r
+               WHERE w.tx = r.tx AND w.version = r.expected
+                 AND (r.history_from IS NULL OR w.history_len = r.history_from)
+                 AND NOT EXISTS (
+                   SELECT 1 FROM named n WHERE n.tx = r.tx AND NOT EXISTS (
+                     SELECT 1 FROM {s}.parts p WHERE p.tx = n.tx AND p.field = n.field))
+               RETURNING w.tx
+             ), f AS (
+               SELECT * FROM unnest($13::uuid[], $14::text[], $15::bytea[]) AS f(tx, field, value)
              ), p AS (
                INSERT INTO {s}.parts (tx, field, value)
-               SELECT w.tx, f.field, f.value FROM w, unnest($10::text[], $11::bytea[]) AS f(field, value)
+               SELECT f.tx, f.field, f.value FROM f JOIN w ON w.tx = f.tx
                ON CONFLICT (tx, field) DO UPDATE SET value = excluded.value
                  WHERE left({s}.parts.field, 2) <> 'p:'
              ), t AS (
-               INSERT INTO {s}.timers (tx, wakeup) SELECT w.tx, $6 FROM w WHERE $6::bigint IS NOT NULL
+               INSERT INTO {s}.timers (tx, wakeup)
+               SELECT r.tx, r.wakeup FROM r JOIN w ON w.tx = r.tx WHERE r.wakeup IS NOT NULL
                ON CONFLICT (tx) DO UPDATE SET wakeup = excluded.wakeup
                  WHERE {s}.timers.wakeup <> excluded.wakeup
              ), td AS (
-               DELETE FROM {s}.timers WHERE $6::bigint IS NULL AND tx IN (SELECT tx FROM w)
+               DELETE FROM {s}.timers x USING r JOIN w ON w.tx = r.tx
+               WHERE x.tx = r.tx AND r.wakeup IS NULL
              ), u AS (
-               INSERT INTO {s}.unpublished (tx, version, at) SELECT w.tx, $2 + 1, $12 FROM w WHERE $13
+               INSERT INTO {s}.unpublished (tx, version, at)
+               SELECT r.tx, r.expected + 1, r.at FROM r JOIN w ON w.tx = r.tx WHERE r.noted
              )
-             SELECT (SELECT count(*) FROM w), cur.version, cur.history_len FROM cur"
+             SELECT r.tx, w.tx IS NOT NULL, c.version, c.history_len
+             FROM r LEFT JOIN w ON w.tx = r.tx LEFT JOIN {s}.workflows c ON c.tx = r.tx"
         );
         Self {
             create,
@@ -407,6 +426,7 @@ impl PostgresStateStore {
         WriteStats {
             writes: load(&self.inner.counts.writes),
             commits: load(&self.inner.counts.commits),
+            statements: load(&self.inner.counts.statements),
         }
     }
 
@@ -502,25 +522,17 @@ impl PostgresStateStore {
         }
     }
 
-    /// Hands a write to the writers and waits for its row.
-    async fn submit(
-        &self,
-        statement: Statement,
-        params: Vec<Param>,
-    ) -> Result<Option<tokio_postgres::Row>, Refused> {
+    /// Hands a write to the writers and waits for its answer.
+    async fn submit(&self, job: Job) -> Result<Answer, Refused> {
         let (reply, answer) = oneshot::channel();
         let gone = || Refused::Store(self.io("the store's writers have stopped"));
         self.inner
             .writes
-            .send(Write {
-                statement,
-                params,
-                reply,
-            })
+            .send(Write { job, reply })
             .await
             .map_err(|_| gone())?;
         match answer.await.map_err(|_| gone())? {
-            Ok(row) => Ok(row),
+            Ok(answer) => Ok(answer),
             Err(WriteError::Pg(e)) => Err(Refused::Store(self.pg(e))),
             Err(WriteError::Pool(message)) => Err(Refused::Store(self.io(message))),
         }
@@ -601,9 +613,8 @@ impl PostgresStateStore {
                     Box::new(now),
                     Box::new(noted),
                 ];
-                let row = self.submit(Statement::Create, params).await?;
-                match row.map(|r| r.get::<_, i64>(0)) {
-                    Some(1) => 1,
+                match self.submit(Job::Create(params)).await? {
+                    Answer::Created(true) => 1,
                     _ => return Err(Refused::Exists),
                 }
             }
@@ -622,30 +633,23 @@ impl PostgresStateStore {
                 }
                 let delete = t.prepare_cached(&sql.delete_parts).await.map_err(pg)?;
                 t.execute(&delete, &[&tx.0]).await.map_err(pg)?;
-                let update = t.prepare_cached(&sql.update).await.map_err(pg)?;
-                let no_names: Vec<&str> = Vec::new();
-                let row = t
-                    .query_one(
-                        &update,
-                        &[
-                            &tx.0,
-                            &(expected as i64),
-                            &status,
-                            &updated,
-                            &finished,
-                            &wakeup,
-                            &history_len,
-                            &None::<i64>,
-                            &no_names,
-                            &names,
-                            &values,
-                            &now,
-                            &noted,
-                        ],
-                    )
-                    .await
-                    .map_err(pg)?;
-                if row.get::<_, i64>(0) != 1 {
+                let whole = Update {
+                    tx: tx.0,
+                    expected: expected as i64,
+                    status,
+                    updated,
+                    finished,
+                    wakeup,
+                    history_len,
+                    history_from: None,
+                    at: now,
+                    noted,
+                    named: Vec::new(),
+                    names,
+                    values,
+                };
+                let found = update(&t, sql, &[&whole]).await.map_err(pg)?;
+                if !matches!(found.get(&tx.0), Some(Some((true, _, _)))) {
                     return Err(Refused::Store(
                         self.corrupt(format!("workflow {tx}: a locked row was not updated")),
                     ));
@@ -654,28 +658,30 @@ impl PostgresStateStore {
                 expected + 1
             }
             Some(expected) => {
-                let params: Vec<Param> = vec![
-                    Box::new(tx.0),
-                    Box::new(expected as i64),
-                    Box::new(status),
-                    Box::new(updated),
-                    Box::new(finished),
-                    Box::new(wakeup),
-                    Box::new(history_len),
-                    Box::new(Some(delta.history_from as i64)),
-                    Box::new(named),
-                    Box::new(names),
-                    Box::new(values),
-                    Box::new(now),
-                    Box::new(noted),
-                ];
-                let row = self.submit(Statement::Update, params).await?;
-                let Some(row) = row else {
+                let update = Update {
+                    tx: tx.0,
+                    expected: expected as i64,
+                    status,
+                    updated,
+                    finished,
+                    wakeup,
+                    history_len,
+                    history_from: Some(delta.history_from as i64),
+                    at: now,
+                    noted,
+                    named,
+                    names,
+                    values,
+                };
+                let Answer::Updated(row) = self.submit(Job::Update(update)).await? else {
+                    unreachable!("an update is answered as one");
+                };
+                let Some((done, found, found_history)) = row else {
                     return Err(Refused::Missing);
                 };
-                let done: i64 = row.get(0);
-                let found = row.get::<_, i64>(1) as u64;
-                let found_history: i64 = row.get(2);
+                let done = i64::from(done);
+                let found = found as u64;
+
                 if done == 1 {
                     expected + 1
                 } else if found != expected {
@@ -735,37 +741,72 @@ pub struct WriteStats {
     pub writes: u64,
     /// Transactions committed for them: one per batch, or per lone write.
     pub commits: u64,
+    /// Statements the writers sent for them, `BEGIN` and `COMMIT`
+    /// included: one per lone write; per batch, one for its creates each,
+    /// one per round of updates (each workflow once a round), and two.
+    pub statements: u64,
 }
 
 #[derive(Default)]
 struct WriteCounts {
     writes: std::sync::atomic::AtomicU64,
     commits: std::sync::atomic::AtomicU64,
+    statements: std::sync::atomic::AtomicU64,
 }
 
 impl WriteCounts {
-    fn add(&self, writes: usize, commits: usize) {
+    fn add(&self, writes: usize, commits: usize, statements: usize) {
         use std::sync::atomic::Ordering::Relaxed;
         self.writes.fetch_add(writes as u64, Relaxed);
         self.commits.fetch_add(commits as u64, Relaxed);
+        self.statements.fetch_add(statements as u64, Relaxed);
     }
 }
 
 /// A statement parameter, owned, so that a writer task can send it.
 type Param = Box<dyn ToSql + Sync + Send>;
 
-/// Which statement a write runs.
-#[derive(Clone, Copy)]
-enum Statement {
-    Create,
-    Update,
+/// One transition for the writers.
+enum Job {
+    /// A new workflow: the parameters of [`Sql::create`].
+    Create(Vec<Param>),
+    /// A compare-and-set, a row of [`Sql::update`].
+    Update(Update),
 }
 
-/// One transition for the writers: its statement, and where its row goes.
+/// A compare-and-set of one workflow: one row of the batch statement.
+struct Update {
+    tx: uuid::Uuid,
+    expected: i64,
+    status: &'static str,
+    updated: i64,
+    finished: Option<i64>,
+    wakeup: Option<i64>,
+    history_len: i64,
+    /// The history length the writer read (None: any).
+    history_from: Option<i64>,
+    /// When it was written (the unpublished note's time).
+    at: i64,
+    noted: bool,
+    /// Payload parts named without their value: they must be stored.
+    named: Vec<String>,
+    names: Vec<String>,
+    values: Vec<Vec<u8>>,
+}
+
+/// What a write found.
+enum Answer {
+    /// Whether the workflow was created (false: it existed).
+    Created(bool),
+    /// Whether the update was done, and the version and history length
+    /// stored before it; None when the workflow does not exist.
+    Updated(Option<(bool, i64, i64)>),
+}
+
+/// A transition and where its answer goes.
 struct Write {
-    statement: Statement,
-    params: Vec<Param>,
-    reply: oneshot::Sender<Result<Option<tokio_postgres::Row>, WriteError>>,
+    job: Job,
+    reply: oneshot::Sender<Result<Answer, WriteError>>,
 }
 
 enum WriteError {
@@ -773,27 +814,12 @@ enum WriteError {
     Pool(String),
 }
 
-impl Write {
-    fn sql(&self, sql: &Sql) -> String {
-        match self.statement {
-            Statement::Create => sql.create.clone(),
-            Statement::Update => sql.update.clone(),
-        }
-    }
-
-    fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
-        self.params
-            .iter()
-            .map(|p| &**p as &(dyn ToSql + Sync))
-            .collect()
-    }
-}
-
 /// A writer: takes the writes waiting (up to `batch`) and runs them in one
-/// transaction, pipelined, with one commit. One write alone runs by itself.
-/// If any statement of a batch fails, the batch is rolled back and each
-/// write runs by itself, so that one bad write fails alone. Stops when the
-/// store is dropped.
+/// transaction with one commit: the updates as one `UNNEST` statement per
+/// round (a round holds each workflow once), the creates beside them, all
+/// sent together. One write alone runs by itself. If any statement of a
+/// batch fails, the batch is rolled back and each write runs by itself, so
+/// that one bad write fails alone. Stops when the store is dropped.
 async fn writer(
     pool: deadpool_postgres::Pool,
     sql: Arc<Sql>,
@@ -821,10 +847,10 @@ async fn writer(
         };
         if writes.len() > 1 {
             match in_one_transaction(&mut client, &sql, &writes).await {
-                Ok(rows) => {
-                    counts.add(writes.len(), 1);
-                    for (w, row) in writes.drain(..).zip(rows) {
-                        let _ = w.reply.send(Ok(row));
+                Ok((answers, statements)) => {
+                    counts.add(writes.len(), 1, statements + 2);
+                    for (w, answer) in writes.drain(..).zip(answers) {
+                        let _ = w.reply.send(Ok(answer));
                     }
                     continue;
                 }
@@ -844,14 +870,16 @@ async fn writer(
             }
         }
         for w in writes.drain(..) {
-            let row = match client.prepare_cached(&w.sql(&sql)).await {
-                Ok(statement) => client.query_opt(&statement, &w.params()).await,
-                Err(e) => Err(e),
+            let answer = match &w.job {
+                Job::Create(params) => create(&client, &sql, params).await,
+                Job::Update(u) => update(&client, &sql, &[u])
+                    .await
+                    .map(|mut found| Answer::Updated(found.remove(&u.tx).flatten())),
             };
-            if row.is_ok() {
-                counts.add(1, 1);
+            if answer.is_ok() {
+                counts.add(1, 1, 1);
             }
-            let _ = w.reply.send(row.map_err(WriteError::Pg));
+            let _ = w.reply.send(answer.map_err(WriteError::Pg));
         }
     }
 }
@@ -861,42 +889,140 @@ enum Batch {
     Commit(tokio_postgres::Error),
 }
 
+fn params(params: &[Param]) -> Vec<&(dyn ToSql + Sync)> {
+    params.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect()
+}
+
+async fn create(
+    client: &impl deadpool_postgres::GenericClient,
+    sql: &Sql,
+    p: &[Param],
+) -> Result<Answer, tokio_postgres::Error> {
+    let statement = client.prepare_cached(&sql.create).await?;
+    let row = client.query_one(&statement, &params(p)).await?;
+    Ok(Answer::Created(row.get::<_, i64>(0) == 1))
+}
+
+/// Runs the updates (each workflow at most once) as one statement; for
+/// each workflow, whether it was updated and what was stored before.
+async fn update(
+    client: &impl deadpool_postgres::GenericClient,
+    sql: &Sql,
+    updates: &[&Update],
+) -> Result<std::collections::HashMap<uuid::Uuid, Option<(bool, i64, i64)>>, tokio_postgres::Error>
+{
+    let statement = client.prepare_cached(&sql.update).await?;
+    let column = |f: &dyn Fn(&Update) -> i64| updates.iter().map(|u| f(u)).collect::<Vec<i64>>();
+    let txs: Vec<uuid::Uuid> = updates.iter().map(|u| u.tx).collect();
+    let expected = column(&|u| u.expected);
+    let status: Vec<&str> = updates.iter().map(|u| u.status).collect();
+    let updated = column(&|u| u.updated);
+    let finished: Vec<Option<i64>> = updates.iter().map(|u| u.finished).collect();
+    let wakeup: Vec<Option<i64>> = updates.iter().map(|u| u.wakeup).collect();
+    let history_len = column(&|u| u.history_len);
+    let history_from: Vec<Option<i64>> = updates.iter().map(|u| u.history_from).collect();
+    let at = column(&|u| u.at);
+    let noted: Vec<bool> = updates.iter().map(|u| u.noted).collect();
+    let (mut named_tx, mut named) = (Vec::new(), Vec::new());
+    let (mut part_tx, mut names, mut values) = (Vec::new(), Vec::new(), Vec::new());
+    for u in updates {
+        for n in &u.named {
+            named_tx.push(u.tx);
+            named.push(n.as_str());
+        }
+        for (n, v) in u.names.iter().zip(&u.values) {
+            part_tx.push(u.tx);
+            names.push(n.as_str());
+            values.push(v.as_slice());
+        }
+    }
+    let rows = client
+        .query(
+            &statement,
+            &[
+                &txs,
+                &expected,
+                &status,
+                &updated,
+                &finished,
+                &wakeup,
+                &history_len,
+                &history_from,
+                &at,
+                &noted,
+                &named_tx,
+                &named,
+                &part_tx,
+                &names,
+                &values,
+            ],
+        )
+        .await?;
+    let mut found = std::collections::HashMap::with_capacity(rows.len());
+    for row in rows {
+        let tx: uuid::Uuid = row.get(0);
+        let done: bool = row.get(1);
+        let version: Option<i64> = row.get(2);
+        let history: Option<i64> = row.get(3);
+        found.insert(tx, version.zip(history).map(|(v, h)| (done, v, h)));
+    }
+    Ok(found)
+}
+
 async fn in_one_transaction(
     client: &mut deadpool_postgres::Object,
     sql: &Sql,
     writes: &[Write],
-) -> Result<Vec<Option<tokio_postgres::Row>>, Batch> {
+) -> Result<(Vec<Answer>, usize), Batch> {
     let t = client.transaction().await.map_err(|_| Batch::Statement)?;
-    let create = t
-        .prepare_cached(&sql.create)
-        .await
-        .map_err(|_| Batch::Statement)?;
-    let update = t
-        .prepare_cached(&sql.update)
-        .await
-        .map_err(|_| Batch::Statement)?;
-    let params: Vec<Vec<&(dyn ToSql + Sync)>> = writes.iter().map(Write::params).collect();
-    // Sent together: the server runs them in order, one round trip.
-    let rows = futures_util::future::join_all(writes.iter().zip(&params).map(|(w, p)| {
-        let statement = match w.statement {
-            Statement::Create => &create,
-            Statement::Update => &update,
-        };
-        t.query_opt(statement, p)
-    }))
-    .await;
-    let mut out = Vec::with_capacity(rows.len());
-    for row in rows {
-        match row {
-            Ok(row) => out.push(row),
-            Err(e) => {
-                tracing::debug!(error = %describe(&e), "a write of a batch failed: each is written by itself");
-                return Err(Batch::Statement);
-            }
+    // Rounds in which each workflow is updated at most once (racing
+    // writers of one workflow go in later rounds, and see the earlier).
+    let mut rounds: Vec<(std::collections::HashSet<uuid::Uuid>, Vec<&Update>)> = Vec::new();
+    let mut creates: Vec<&[Param]> = Vec::new();
+    for w in writes {
+        match &w.job {
+            Job::Create(p) => creates.push(p),
+            Job::Update(u) => match rounds.iter_mut().find(|(txs, _)| !txs.contains(&u.tx)) {
+                Some((txs, round)) => {
+                    txs.insert(u.tx);
+                    round.push(u);
+                }
+                None => rounds.push(([u.tx].into(), vec![u])),
+            },
         }
     }
+    let statements = creates.len() + rounds.len();
+    // Sent together: one round trip for all.
+    let (created, updated) = tokio::join!(
+        futures_util::future::join_all(creates.iter().map(|p| create(&t, sql, p))),
+        futures_util::future::join_all(rounds.iter().map(|(_, r)| update(&t, sql, r))),
+    );
+    let failed = |e: &tokio_postgres::Error| {
+        tracing::debug!(error = %describe(e), "a statement of a batch of writes failed: each is written by itself");
+        Batch::Statement
+    };
+    let mut created = created.into_iter();
+    let mut found = Vec::with_capacity(updated.len());
+    for r in updated {
+        found.push(r.map_err(|e| failed(&e))?);
+    }
+    let mut answers = Vec::with_capacity(writes.len());
+    for w in writes {
+        answers.push(match &w.job {
+            Job::Create(_) => created
+                .next()
+                .expect("one answer per create")
+                .map_err(|e| failed(&e))?,
+            // The round that held this update is the first whose answers
+            // have it and not yet taken.
+            Job::Update(u) => {
+                let answer = found.iter_mut().find_map(|f| f.remove(&u.tx)).flatten();
+                Answer::Updated(answer)
+            }
+        });
+    }
     t.commit().await.map_err(Batch::Commit)?;
-    Ok(out)
+    Ok((answers, statements))
 }
 
 /// Announces finished workflows: whatever is queued goes out in one
