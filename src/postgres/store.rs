@@ -143,6 +143,8 @@ struct Inner {
     finished: mpsc::UnboundedSender<TransactionId>,
     /// Transitions for the writers.
     writes: mpsc::Sender<Write>,
+    /// Writes published, whose notes are to be deleted.
+    published: mpsc::UnboundedSender<(uuid::Uuid, i64)>,
     /// What the writers did.
     counts: Arc<WriteCounts>,
     /// Bytes of state records sent.
@@ -384,6 +386,8 @@ impl PostgresStateStore {
         let sql = Arc::new(Sql::new(&config.schema));
         let (writes, queue) = mpsc::channel(config.batch.max(1) * config.writers.max(1) * 4);
         let queue = Arc::new(tokio::sync::Mutex::new(queue));
+        let (published, notes) = mpsc::unbounded_channel();
+        tokio::spawn(forget_published(pool.clone(), sql.clone(), notes));
         let counts = Arc::new(WriteCounts::default());
         for _ in 0..config.writers.max(1) {
             tokio::spawn(writer(
@@ -405,6 +409,7 @@ impl PostgresStateStore {
                 listener: std::sync::Once::new(),
                 finished,
                 writes,
+                published,
                 counts,
                 written: std::sync::atomic::AtomicU64::new(0),
                 stored: Mutex::default(),
@@ -1025,6 +1030,33 @@ async fn in_one_transaction(
     Ok((answers, statements))
 }
 
+/// Deletes the notes of published writes: all that are waiting, in one
+/// statement, while more gather for the next. Stops when the store is
+/// dropped.
+async fn forget_published(
+    pool: deadpool_postgres::Pool,
+    sql: Arc<Sql>,
+    mut notes: mpsc::UnboundedReceiver<(uuid::Uuid, i64)>,
+) {
+    let mut batch = Vec::new();
+    while notes.recv_many(&mut batch, 10_000).await > 0 {
+        let (ids, versions): (Vec<uuid::Uuid>, Vec<i64>) = batch.drain(..).unzip();
+        let deleted = match pool.get().await {
+            Ok(client) => match client.prepare_cached(&sql.published).await {
+                Ok(statement) => client
+                    .execute(&statement, &[&ids, &versions])
+                    .await
+                    .map_err(|e| describe(&e)),
+                Err(e) => Err(describe(&e)),
+            },
+            Err(e) => Err(describe_pool(&e)),
+        };
+        if let Err(e) = deleted {
+            tracing::debug!(error = %e, writes = ids.len(), "forgetting published writes failed; the recovery sweep will publish them again");
+        }
+    }
+}
+
 /// Announces finished workflows: whatever is queued goes out in one
 /// `NOTIFY` (or a few, if long), after the writes committed.
 async fn announce(inner: std::sync::Weak<Inner>, mut rx: mpsc::UnboundedReceiver<TransactionId>) {
@@ -1318,18 +1350,13 @@ impl WorkflowStates for PostgresStateStore {
         if writes.is_empty() {
             return Ok(());
         }
-        let ids: Vec<uuid::Uuid> = writes.iter().map(|(tx, _)| tx.0).collect();
-        let versions: Vec<i64> = writes.iter().map(|(_, v)| *v as i64).collect();
-        let client = self.client().await?;
-        let statement = client
-            .prepare_cached(&self.inner.sql.published)
-            .await
-            .map_err(|e| self.pg(e))?;
-        client
-            .execute(&statement, &[&ids, &versions])
-            .await
-            .map(|_| ())
-            .map_err(|e| self.pg(e))
+        // Forgotten in the background, many at once: a note left behind
+        // (the process died first) costs only a publication again by the
+        // recovery sweep, which waits far longer than this takes.
+        for (tx, v) in writes {
+            let _ = self.inner.published.send((tx.0, *v as i64));
+        }
+        Ok(())
     }
 
     async fn unpublished(
