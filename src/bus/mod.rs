@@ -46,6 +46,8 @@ use tokio::sync::broadcast;
 
 use crate::core::{Event, Timestamp, WorkerName};
 
+#[cfg(feature = "postgres")]
+pub use crate::postgres::{PostgresBus, PostgresBusConfig};
 #[cfg(feature = "redis")]
 pub use crate::redis::{RedisBusConfig, RedisPubSubBus, RedisStreamsBus};
 pub use local::{LocalLimits, LocalNotifier};

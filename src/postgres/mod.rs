@@ -22,10 +22,12 @@
 //! Waiting clients are woken by `NOTIFY <schema>_finished` with the ids of
 //! workflows that finished, sent after their write committed.
 
+mod bus;
 mod conn;
 mod schema;
 mod store;
 
+pub use bus::{PostgresBus, PostgresBusConfig};
 pub use store::{PostgresStateStore, PostgresStoreConfig, WriteStats};
 
 /// A URL with its password hidden, for messages.

@@ -7,9 +7,10 @@ use tokio_postgres::Client;
 
 /// The migrations, in order; `{s}` stands for the schema. Never edit one
 /// that has shipped: add the next.
-pub(crate) const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    r"
+pub(crate) const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        r"
 CREATE TABLE {s}.workflows (
     tx uuid PRIMARY KEY,
     version bigint NOT NULL,
@@ -58,7 +59,51 @@ CREATE UNLOGGED TABLE {s}.workers (
     body text NOT NULL
 );
 ",
-)];
+    ),
+    (
+        2,
+        r"
+CREATE TABLE {s}.bus_groups (
+    topic text NOT NULL,
+    grp text NOT NULL,
+    PRIMARY KEY (topic, grp)
+);
+CREATE TABLE {s}.messages (
+    id bigserial PRIMARY KEY,
+    topic text NOT NULL,
+    grp text NOT NULL,
+    body bytea NOT NULL,
+    visible_at timestamptz NOT NULL DEFAULT now(),
+    deliveries integer NOT NULL DEFAULT 0,
+    holder text NOT NULL DEFAULT ''
+) WITH (fillfactor = 70, autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000);
+CREATE INDEX messages_ready ON {s}.messages (topic, grp, visible_at);
+CREATE TABLE {s}.dead_letters (
+    id bigserial PRIMARY KEY,
+    topic text NOT NULL,
+    grp text,
+    reason text NOT NULL,
+    deliveries integer NOT NULL,
+    at bigint NOT NULL,
+    body bytea NOT NULL
+);
+CREATE TABLE {s}.dead_letter_audit (
+    id bigserial PRIMARY KEY,
+    letter_id bigint NOT NULL,
+    topic text NOT NULL,
+    grp text,
+    reason text NOT NULL,
+    deliveries integer NOT NULL,
+    at bigint NOT NULL,
+    body bytea NOT NULL,
+    action text NOT NULL,
+    by text NOT NULL,
+    note text NOT NULL,
+    settled_at bigint NOT NULL
+);
+",
+    ),
+];
 
 /// Checks that `schema` can be written into SQL as it is.
 pub(crate) fn valid_schema(schema: &str) -> Result<(), String> {

@@ -1,0 +1,978 @@
+//! The PostgreSQL topics: commands and results as rows of one table,
+//! claimed with `FOR UPDATE SKIP LOCKED` under a visibility lease, so that
+//! a deployment needs nothing but PostgreSQL.
+//!
+//! * **Publish** is one `INSERT` of every event of a batch, a row per
+//!   consumer group of its topic (or one row for no group yet, which the
+//!   first group to join adopts).
+//! * **Claim** is one statement: the oldest visible rows of the topic and
+//!   group, locked with `SKIP LOCKED` so that consumers never wait on each
+//!   other, are made invisible for the visibility timeout (`visible_at`),
+//!   counted as delivered and named after their holder. A row whose lease
+//!   runs out without an ack or an extension becomes visible again: that is
+//!   redelivery, and takeover of a dead process's work.
+//! * **Ack** deletes the rows; **publish then ack** inserts and deletes in
+//!   one statement, so that a worker's result and the end of its command
+//!   commit together.
+//! * **Wake-ups**: a consumer with nothing to do waits. It is woken at once
+//!   by a publish of its own process, by `NOTIFY <schema>_bus` (the topics,
+//!   sent by a task of the publishing process after its insert committed,
+//!   never inside it), and by one poll per process that looks, for every
+//!   topic and group a consumer here waits on, when the next row becomes
+//!   visible: every `poll_interval` when nothing is held, or sooner when a
+//!   lease is due to run out. An idle process costs one query per
+//!   `poll_interval`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{Notify, mpsc};
+
+use super::conn::{Connector, describe, describe_pool};
+use crate::bus::{
+    AuditedLetter, BusError, Consumer, DeadLetter, Delivery, DeliveryId, SettleAction, Settlement,
+    Topics,
+};
+use crate::core::event::DEFAULT_MAX_EVENT_BYTES;
+use crate::core::{Event, EventCodec, Timestamp};
+
+/// Settings of a [`PostgresBus`].
+#[derive(Clone, Debug)]
+pub struct PostgresBusConfig {
+    /// `postgres://[user[:password]@]host[:port]/database[?sslmode=…]`, or
+    /// `key=value` settings.
+    pub url: String,
+    /// A PEM file of CA certificates to trust, besides the system's, for a
+    /// server reached over TLS.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// The schema holding the tables (shared with a
+    /// [`PostgresStateStore`](super::PostgresStateStore) of the same
+    /// schema), created if missing.
+    pub schema: String,
+    /// Connections in the pool.
+    pub pool_size: usize,
+    /// How long a delivery may go without being acked or extended before
+    /// another consumer takes it over. Holders extend every five eighths of
+    /// it ([`Consumer::extend_every`]).
+    pub visibility_timeout: Duration,
+    /// Deliveries after which an event is dead-lettered.
+    pub max_deliveries: u32,
+    /// Largest event accepted, in bytes, on publish and on consume.
+    pub max_event_bytes: usize,
+    /// The longest a waiting consumer goes without a look at the table when
+    /// no `NOTIFY` comes (a lost notification, a lease that ran out in a
+    /// process that died): what an idle process costs the database, one
+    /// query per interval.
+    pub poll_interval: Duration,
+}
+
+impl PostgresBusConfig {
+    /// Defaults for a server at `url`: schema `multiagents`, 16
+    /// connections, a 1.5 s visibility timeout, 5 deliveries, a poll every
+    /// second.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            ca_file: None,
+            schema: "multiagents".into(),
+            pool_size: 16,
+            visibility_timeout: Duration::from_millis(1500),
+            max_deliveries: 5,
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+            poll_interval: Duration::from_secs(1),
+        }
+    }
+
+    /// The schema holding the tables (lowercase letters, digits, `_`).
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// A PEM file of CA certificates to trust.
+    pub fn ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.ca_file = Some(path.into());
+        self
+    }
+
+    /// Connections in the pool.
+    pub fn pool_size(mut self, size: usize) -> Self {
+        self.pool_size = size;
+        self
+    }
+
+    /// Sets the visibility timeout.
+    pub fn visibility_timeout(mut self, d: Duration) -> Self {
+        self.visibility_timeout = d;
+        self
+    }
+
+    /// Sets the deliveries before dead-lettering.
+    pub fn max_deliveries(mut self, n: u32) -> Self {
+        self.max_deliveries = n.max(1);
+        self
+    }
+
+    /// Sets the size limit.
+    pub fn max_event_bytes(mut self, n: usize) -> Self {
+        self.max_event_bytes = n;
+        self
+    }
+
+    /// Sets the longest wait without a look at the table.
+    pub fn poll_interval(mut self, d: Duration) -> Self {
+        self.poll_interval = d.max(Duration::from_millis(5));
+        self
+    }
+}
+
+/// A bus on PostgreSQL: topics as rows claimed with `SKIP LOCKED`. It has
+/// topics only; [`Bus::new`](crate::bus::Bus::new) gives it an in-process
+/// notifier and limits.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), multiagents::bus::BusError> {
+/// use multiagents::bus::{Bus, PostgresBus, PostgresBusConfig};
+///
+/// let pg = PostgresBus::connect(PostgresBusConfig::new("postgres://app@localhost/app")).await?;
+/// let bus = Bus::new(pg);
+/// # let _ = bus;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct PostgresBus {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: PostgresBusConfig,
+    connector: Connector,
+    pool: deadpool_postgres::Pool,
+    codec: EventCodec,
+    sql: Sql,
+    /// The topics and groups consumers of this process wait on.
+    waits: Mutex<HashMap<(String, String), Arc<Wake>>>,
+    /// Nudges the poller when a topic and group is first waited on.
+    joined: Arc<Notify>,
+    /// Topics published to, to announce with `NOTIFY`.
+    announce: mpsc::UnboundedSender<String>,
+    /// Started with the first consumer: the listener and the poller.
+    started: std::sync::Once,
+}
+
+/// What wakes the consumers of one topic and group in this process: a
+/// count of the times something may have come, and a notify.
+#[derive(Default)]
+struct Wake {
+    generation: AtomicU64,
+    notify: Notify,
+}
+
+impl Wake {
+    fn bump(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.notify.notify_waiters();
+    }
+}
+
+/// The statements, with the schema written in.
+struct Sql {
+    publish: String,
+    publish_then_ack: String,
+    claim: String,
+    ack: String,
+    extend: String,
+    bury: String,
+    join: String,
+    adopt: String,
+    poll: String,
+    dead_letter: String,
+    dead_letters: String,
+    dead_letter_by_id: String,
+    settle: String,
+    trim_audit: String,
+    audit: String,
+    lag: String,
+    notify: String,
+    channel: String,
+}
+
+/// Rows of every group of the event's topic (or one without a group), in
+/// the order given. `$1` topics, `$2` bodies.
+const INSERT: &str = "INSERT INTO {s}.messages (topic, grp, body)
+     SELECT u.topic, coalesce(g.grp, ''), u.body
+     FROM unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS u(topic, body, n)
+     LEFT JOIN {s}.bus_groups g ON g.topic = u.topic
+     ORDER BY u.n, g.grp";
+
+impl Sql {
+    fn new(s: &str) -> Self {
+        let q = |sql: &str| sql.replace("{s}", s);
+        Self {
+            publish: q(INSERT),
+            publish_then_ack: q(&format!(
+                "WITH acked AS (DELETE FROM {{s}}.messages WHERE id = ANY($3::bigint[])) {INSERT}"
+            )),
+            claim: q("WITH c AS (
+                 SELECT id FROM {s}.messages
+                 WHERE topic = $1 AND grp = $2 AND visible_at <= now()
+                 ORDER BY visible_at LIMIT $3
+                 FOR UPDATE SKIP LOCKED)
+             UPDATE {s}.messages m
+             SET visible_at = now() + $4::bigint * interval '1 millisecond',
+                 deliveries = m.deliveries + 1, holder = $5
+             FROM c WHERE m.id = c.id
+             RETURNING m.id, m.body, m.deliveries"),
+            ack: q("DELETE FROM {s}.messages WHERE id = ANY($1::bigint[])"),
+            extend: q(
+                "UPDATE {s}.messages SET visible_at = now() + $3::bigint * interval '1 millisecond'
+                 WHERE id = ANY($1::bigint[]) AND holder = $2",
+            ),
+            bury: q("WITH gone AS (
+                 DELETE FROM {s}.messages m
+                 USING unnest($1::bigint[], $2::text[], $3::integer[]) AS u(id, reason, deliveries)
+                 WHERE m.id = u.id
+                 RETURNING m.topic, m.grp, u.reason, u.deliveries, m.body)
+             INSERT INTO {s}.dead_letters (topic, grp, reason, deliveries, at, body)
+             SELECT topic, nullif(grp, ''), reason, deliveries, $4, body FROM gone"),
+            join: q("INSERT INTO {s}.bus_groups (topic, grp) VALUES ($1, $2) ON CONFLICT DO NOTHING"),
+            adopt: q("WITH orphans AS (
+                 DELETE FROM {s}.messages WHERE topic = $1 AND grp = '' RETURNING id, body)
+             INSERT INTO {s}.messages (topic, grp, body)
+             SELECT $1, g.grp, o.body FROM orphans o
+             JOIN {s}.bus_groups g ON g.topic = $1
+             ORDER BY o.id, g.grp"),
+            poll: q("SELECT u.topic, u.grp,
+                 (SELECT extract(epoch FROM min(m.visible_at) - now()) * 1000
+                  FROM {s}.messages m WHERE m.topic = u.topic AND m.grp = u.grp)::float8,
+                 EXISTS (SELECT 1 FROM {s}.messages m WHERE m.topic = u.topic AND m.grp = '')
+             FROM unnest($1::text[], $2::text[]) AS u(topic, grp)"),
+            dead_letter: q(
+                "INSERT INTO {s}.dead_letters (topic, grp, reason, deliveries, at, body)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            ),
+            dead_letters: q(
+                "SELECT id, topic, grp, reason, deliveries, at, body FROM {s}.dead_letters
+                 ORDER BY id DESC LIMIT $1",
+            ),
+            dead_letter_by_id: q(
+                "SELECT id, topic, grp, reason, deliveries, at, body FROM {s}.dead_letters
+                 WHERE id = $1",
+            ),
+            settle: q("WITH d AS (DELETE FROM {s}.dead_letters WHERE id = $1
+                 RETURNING id, topic, grp, reason, deliveries, at, body),
+             logged AS (INSERT INTO {s}.dead_letter_audit
+                 (letter_id, topic, grp, reason, deliveries, at, body, action, by, note, settled_at)
+                 SELECT id, topic, grp, reason, deliveries, at, body, $2, $3, $4, $5 FROM d)
+             SELECT id, topic, grp, reason, deliveries, at, body FROM d"),
+            trim_audit: q("DELETE FROM {s}.dead_letter_audit
+                 WHERE id <= (SELECT max(id) FROM {s}.dead_letter_audit) - $1"),
+            audit: q(
+                "SELECT letter_id, topic, grp, reason, deliveries, at, body, action, by, note, settled_at
+                 FROM {s}.dead_letter_audit ORDER BY id DESC LIMIT $1",
+            ),
+            lag: q(
+                "SELECT count(*) FROM {s}.messages WHERE topic = $1 AND grp = $2 AND deliveries = 0",
+            ),
+            notify: "SELECT pg_notify($1, $2)".into(),
+            channel: format!("{s}_bus"),
+        }
+    }
+}
+
+impl PostgresBus {
+    /// Connects, and creates or migrates the tables; fails with the
+    /// server's address if it cannot be reached.
+    pub async fn connect(config: PostgresBusConfig) -> Result<Self, BusError> {
+        let backend = |address: String, message: String| BusError::Backend { address, message };
+        super::schema::valid_schema(&config.schema)
+            .map_err(|m| backend(super::redacted(&config.url), m))?;
+        let connector = Connector::new(&config.url, config.ca_file.as_deref())
+            .map_err(|m| backend(super::redacted(&config.url), m))?;
+        let address = connector.address.clone();
+        let pool = connector
+            .pool(config.pool_size)
+            .map_err(|m| backend(address.clone(), m))?;
+        {
+            let mut client = pool.get().await.map_err(|e| {
+                backend(
+                    address.clone(),
+                    format!(
+                        "cannot connect: {}; is PostgreSQL running there, and is the URL right?",
+                        describe_pool(&e)
+                    ),
+                )
+            })?;
+            super::schema::migrate(&mut client, &config.schema)
+                .await
+                .map_err(|e| {
+                    backend(
+                        address.clone(),
+                        format!("cannot create or migrate the tables: {}", describe(&e)),
+                    )
+                })?;
+        }
+        let (announce, topics) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            codec: EventCodec::with_limit(config.max_event_bytes),
+            sql: Sql::new(&config.schema),
+            config,
+            connector,
+            pool,
+            waits: Mutex::default(),
+            joined: Arc::default(),
+            announce,
+            started: std::sync::Once::new(),
+        });
+        tokio::spawn(announce_loop(Arc::downgrade(&inner), topics));
+        Ok(Self { inner })
+    }
+
+    /// The settings it was opened with.
+    pub fn config(&self) -> &PostgresBusConfig {
+        &self.inner.config
+    }
+
+    fn err(&self, message: impl std::fmt::Display) -> BusError {
+        BusError::Backend {
+            address: self.inner.connector.address.clone(),
+            message: message.to_string(),
+        }
+    }
+
+    fn pg(&self, e: tokio_postgres::Error) -> BusError {
+        self.err(describe(&e))
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, BusError> {
+        self.inner
+            .pool
+            .get()
+            .await
+            .map_err(|e| self.err(describe_pool(&e)))
+    }
+
+    /// The topics and bodies of `events`, each checked against the size limit.
+    fn encode<'e>(
+        &self,
+        events: &'e [(String, Event)],
+    ) -> Result<(Vec<&'e str>, Vec<Vec<u8>>), BusError> {
+        let mut topics = Vec::with_capacity(events.len());
+        let mut bodies = Vec::with_capacity(events.len());
+        for (topic, event) in events {
+            let body = self.inner.codec.encode(event).map_err(|e| match e {
+                crate::core::EventError::TooLarge { size, limit } => BusError::TooLarge {
+                    topic: topic.clone(),
+                    size,
+                    limit,
+                },
+                other => self.err(other),
+            })?;
+            topics.push(topic.as_str());
+            bodies.push(body);
+        }
+        Ok((topics, bodies))
+    }
+
+    /// After a publish committed: wakes this process's consumers of the
+    /// topics at once, and announces the topics to the others.
+    fn published(&self, topics: &[&str]) {
+        let mut announced: Vec<&str> = Vec::new();
+        for topic in topics {
+            if announced.contains(topic) {
+                continue;
+            }
+            announced.push(topic);
+            self.wake_topic(topic);
+            let _ = self.inner.announce.send(topic.to_string());
+        }
+    }
+
+    fn wake_topic(&self, topic: &str) {
+        Inner::wake_topic(&self.inner, topic);
+    }
+
+    /// The wake of a topic and group waited on here.
+    fn wake(&self, topic: &str, group: &str) -> Arc<Wake> {
+        let mut waits = self.inner.waits.lock().unwrap_or_else(|e| e.into_inner());
+        let wake = waits
+            .entry((topic.to_string(), group.to_string()))
+            .or_default()
+            .clone();
+        drop(waits);
+        self.inner.joined.notify_one();
+        wake
+    }
+}
+
+impl Inner {
+    fn wake_topic(inner: &Inner, topic: &str) {
+        let waits = inner.waits.lock().unwrap_or_else(|e| e.into_inner());
+        for ((t, _), wake) in waits.iter() {
+            if t == topic {
+                wake.bump();
+            }
+        }
+    }
+
+    fn wake_all(inner: &Inner) {
+        let waits = inner.waits.lock().unwrap_or_else(|e| e.into_inner());
+        for wake in waits.values() {
+            wake.bump();
+        }
+    }
+}
+
+#[async_trait]
+impl Topics for PostgresBus {
+    async fn publish(&self, topic: &str, event: Event) -> Result<(), BusError> {
+        self.publish_many(vec![(topic.to_string(), event)]).await
+    }
+
+    async fn publish_many(&self, events: Vec<(String, Event)>) -> Result<(), BusError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let (topics, bodies) = self.encode(&events)?;
+        let client = self.client().await?;
+        client
+            .execute(self.inner.sql.publish.as_str(), &[&topics, &bodies])
+            .await
+            .map_err(|e| self.pg(e))?;
+        drop(client);
+        self.published(&topics);
+        Ok(())
+    }
+
+    async fn consumer(
+        &self,
+        topic: &str,
+        group: &str,
+        consumer: &str,
+    ) -> Result<Arc<dyn Consumer>, BusError> {
+        if group.is_empty() {
+            return Err(self.err("a consumer group needs a name"));
+        }
+        {
+            let client = self.client().await?;
+            client
+                .execute(self.inner.sql.join.as_str(), &[&topic, &group])
+                .await
+                .map_err(|e| self.pg(e))?;
+            client
+                .execute(self.inner.sql.adopt.as_str(), &[&topic])
+                .await
+                .map_err(|e| self.pg(e))?;
+        }
+        let inner = Arc::downgrade(&self.inner);
+        self.inner.started.call_once(|| {
+            tokio::spawn(listen(inner.clone()));
+            tokio::spawn(poll(inner));
+        });
+        Ok(Arc::new(PostgresConsumer {
+            wake: self.wake(topic, group),
+            bus: self.clone(),
+            topic: topic.to_string(),
+            group: group.to_string(),
+            name: consumer.to_string(),
+            seen: AtomicU64::new(u64::MAX),
+        }))
+    }
+
+    async fn dead_letter(&self, letter: DeadLetter) -> Result<(), BusError> {
+        tracing::warn!(topic = %letter.topic, reason = %letter.reason, "event dead-lettered");
+        metrics::counter!(crate::monitoring::metrics::DEAD_LETTERS, "topic" => letter.topic.clone())
+            .increment(1);
+        let client = self.client().await?;
+        client
+            .execute(
+                self.inner.sql.dead_letter.as_str(),
+                &[
+                    &letter.topic,
+                    &letter.group,
+                    &letter.reason,
+                    &(letter.delivery_count as i32),
+                    &millis(letter.at),
+                    &letter.body.as_bytes(),
+                ],
+            )
+            .await
+            .map_err(|e| self.pg(e))?;
+        Ok(())
+    }
+
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BusError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(self.inner.sql.dead_letters.as_str(), &[&(limit as i64)])
+            .await
+            .map_err(|e| self.pg(e))?;
+        let mut out: Vec<DeadLetter> = rows.iter().map(letter_of).collect();
+        out.reverse();
+        Ok(out)
+    }
+
+    async fn dead_letter_by_id(&self, id: &str) -> Result<Option<DeadLetter>, BusError> {
+        let Ok(id) = id.parse::<i64>() else {
+            return Ok(None);
+        };
+        let client = self.client().await?;
+        let row = client
+            .query_opt(self.inner.sql.dead_letter_by_id.as_str(), &[&id])
+            .await
+            .map_err(|e| self.pg(e))?;
+        Ok(row.as_ref().map(letter_of))
+    }
+
+    async fn settle_dead_letter(
+        &self,
+        id: &str,
+        settlement: &Settlement,
+    ) -> Result<Option<DeadLetter>, BusError> {
+        let Ok(id) = id.parse::<i64>() else {
+            return Ok(None);
+        };
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                self.inner.sql.settle.as_str(),
+                &[
+                    &id,
+                    &settlement.action.as_str(),
+                    &settlement.by,
+                    &settlement.note,
+                    &millis(settlement.at),
+                ],
+            )
+            .await
+            .map_err(|e| self.pg(e))?;
+        if row.is_some() {
+            client
+                .execute(
+                    self.inner.sql.trim_audit.as_str(),
+                    &[&(crate::bus::AUDIT_CAPACITY as i64)],
+                )
+                .await
+                .map_err(|e| self.pg(e))?;
+        }
+        Ok(row.as_ref().map(letter_of))
+    }
+
+    async fn dead_letter_audit(&self, limit: usize) -> Result<Vec<AuditedLetter>, BusError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(self.inner.sql.audit.as_str(), &[&(limit as i64)])
+            .await
+            .map_err(|e| self.pg(e))?;
+        let mut out: Vec<AuditedLetter> = rows
+            .iter()
+            .map(|row| AuditedLetter {
+                letter: letter_of(row),
+                settlement: Settlement {
+                    action: if row.get::<_, &str>(7) == "discarded" {
+                        SettleAction::Discarded
+                    } else {
+                        SettleAction::Redriven
+                    },
+                    by: row.get(8),
+                    note: row.get(9),
+                    at: Timestamp(row.get::<_, i64>(10).max(0) as u64),
+                },
+            })
+            .collect();
+        out.reverse();
+        Ok(out)
+    }
+
+    async fn lag(&self, topic: &str, group: &str) -> Result<Option<u64>, BusError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(self.inner.sql.lag.as_str(), &[&topic, &group])
+            .await
+            .map_err(|e| self.pg(e))?;
+        Ok(Some(row.get::<_, i64>(0).max(0) as u64))
+    }
+}
+
+fn millis(t: Timestamp) -> i64 {
+    i64::try_from(t.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// A dead-letter row (`id, topic, grp, reason, deliveries, at, body`).
+fn letter_of(row: &tokio_postgres::Row) -> DeadLetter {
+    DeadLetter {
+        id: row.get::<_, i64>(0).to_string(),
+        topic: row.get(1),
+        group: row.get::<_, Option<String>>(2).filter(|g| !g.is_empty()),
+        reason: row.get(3),
+        delivery_count: row.get::<_, i32>(4).max(0) as u32,
+        at: Timestamp(row.get::<_, i64>(5).max(0) as u64),
+        body: String::from_utf8_lossy(row.get::<_, &[u8]>(6)).into_owned(),
+    }
+}
+
+/// A consumer of one topic and group.
+struct PostgresConsumer {
+    bus: PostgresBus,
+    topic: String,
+    group: String,
+    name: String,
+    wake: Arc<Wake>,
+    /// The wake generation at this consumer's last claim that left rows
+    /// behind it unseen: none (`u64::MAX`) at first, so that the first call
+    /// looks.
+    seen: AtomicU64,
+}
+
+fn ids_of(ids: &[DeliveryId]) -> Vec<i64> {
+    ids.iter()
+        .filter_map(|id| match id {
+            DeliveryId::Seq(n) => i64::try_from(*n).ok(),
+            _ => None,
+        })
+        .collect()
+}
+
+impl PostgresConsumer {
+    fn lease_ms(&self) -> i64 {
+        self.bus.inner.config.visibility_timeout.as_millis().max(1) as i64
+    }
+
+    /// Claims up to `max` rows; returns the deliveries and how many rows were
+    /// claimed (poison and exhausted rows among them go to the dead letters).
+    async fn claim(&self, max: usize) -> Result<(Vec<Delivery>, usize), BusError> {
+        let inner = &self.bus.inner;
+        let client = self.bus.client().await?;
+        let rows = client
+            .query(
+                inner.sql.claim.as_str(),
+                &[
+                    &self.topic,
+                    &self.group,
+                    &(max as i64),
+                    &self.lease_ms(),
+                    &self.name,
+                ],
+            )
+            .await
+            .map_err(|e| self.bus.pg(e))?;
+        let claimed = rows.len();
+        let mut rows: Vec<(i64, &[u8], i32)> = rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        rows.sort_unstable_by_key(|r| r.0);
+        let max_deliveries = inner.config.max_deliveries;
+        let mut out = Vec::with_capacity(rows.len());
+        let mut buried: (Vec<i64>, Vec<String>, Vec<i32>) = Default::default();
+        for (id, body, deliveries) in rows {
+            let count = deliveries.max(1) as u32;
+            let reason = if count > max_deliveries {
+                format!("not acked after {max_deliveries} deliveries")
+            } else {
+                match inner.codec.decode(body) {
+                    Ok(event) => {
+                        out.push(Delivery {
+                            id: DeliveryId::Seq(id as u64),
+                            event: Arc::new(event),
+                            delivery_count: count,
+                        });
+                        continue;
+                    }
+                    Err(e) => e.to_string(),
+                }
+            };
+            tracing::warn!(topic = %self.topic, id, reason = %reason, "event dead-lettered");
+            metrics::counter!(crate::monitoring::metrics::DEAD_LETTERS, "topic" => self.topic.clone())
+                .increment(1);
+            buried.0.push(id);
+            buried.1.push(reason);
+            buried.2.push(count.min(max_deliveries) as i32);
+        }
+        if !buried.0.is_empty() {
+            client
+                .execute(
+                    inner.sql.bury.as_str(),
+                    &[&buried.0, &buried.1, &buried.2, &millis(Timestamp::now())],
+                )
+                .await
+                .map_err(|e| self.bus.pg(e))?;
+        }
+        Ok((out, claimed))
+    }
+}
+
+#[async_trait]
+impl Consumer for PostgresConsumer {
+    async fn next_batch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, BusError> {
+        let max = max.max(1);
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.wake.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let generation = self.wake.generation.load(Ordering::Acquire);
+            if self.seen.load(Ordering::Acquire) != generation {
+                let (got, claimed) = self.claim(max).await?;
+                if claimed < max {
+                    // Nothing left as of `generation`: wait for news.
+                    self.seen.store(generation, Ordering::Release);
+                }
+                if !got.is_empty() {
+                    return Ok(got);
+                }
+                if claimed > 0 {
+                    continue;
+                }
+            }
+            let now = tokio::time::Instant::now();
+            if now >= until {
+                return Ok(Vec::new());
+            }
+            if tokio::time::timeout(until - now, notified).await.is_err() {
+                return Ok(Vec::new());
+            }
+        }
+    }
+
+    async fn ack(&self, ids: &[DeliveryId]) -> Result<(), BusError> {
+        let ids = ids_of(ids);
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let client = self.bus.client().await?;
+        client
+            .execute(self.bus.inner.sql.ack.as_str(), &[&ids])
+            .await
+            .map_err(|e| self.bus.pg(e))?;
+        Ok(())
+    }
+
+    async fn extend(&self, ids: &[DeliveryId]) -> Result<(), BusError> {
+        let ids = ids_of(ids);
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let client = self.bus.client().await?;
+        client
+            .execute(
+                self.bus.inner.sql.extend.as_str(),
+                &[&ids, &self.name, &self.lease_ms()],
+            )
+            .await
+            .map_err(|e| self.bus.pg(e))?;
+        Ok(())
+    }
+
+    fn visibility_timeout(&self) -> Duration {
+        self.bus.inner.config.visibility_timeout
+    }
+
+    async fn reject(&self, delivery: &Delivery, reason: &str) -> Result<(), BusError> {
+        let Some(id) = ids_of(std::slice::from_ref(&delivery.id)).pop() else {
+            return Ok(());
+        };
+        tracing::warn!(topic = %self.topic, id, reason = %reason, "event dead-lettered");
+        metrics::counter!(crate::monitoring::metrics::DEAD_LETTERS, "topic" => self.topic.clone())
+            .increment(1);
+        let client = self.bus.client().await?;
+        client
+            .execute(
+                self.bus.inner.sql.bury.as_str(),
+                &[
+                    &vec![id],
+                    &vec![reason.to_string()],
+                    &vec![delivery.delivery_count as i32],
+                    &millis(Timestamp::now()),
+                ],
+            )
+            .await
+            .map_err(|e| self.bus.pg(e))?;
+        Ok(())
+    }
+
+    async fn publish_then_ack(
+        &self,
+        events: &[(String, Event)],
+        ids: &[DeliveryId],
+    ) -> Result<(), BusError> {
+        if events.is_empty() {
+            return self.ack(ids).await;
+        }
+        let (topics, bodies) = self.bus.encode(events)?;
+        let ids = ids_of(ids);
+        let client = self.bus.client().await?;
+        client
+            .execute(
+                self.bus.inner.sql.publish_then_ack.as_str(),
+                &[&topics, &bodies, &ids],
+            )
+            .await
+            .map_err(|e| self.bus.pg(e))?;
+        drop(client);
+        self.bus.published(&topics);
+        Ok(())
+    }
+}
+
+/// Announces the topics published to: whatever is queued goes out in one
+/// `NOTIFY` per topic, after the inserts committed.
+async fn announce_loop(inner: std::sync::Weak<Inner>, mut rx: mpsc::UnboundedReceiver<String>) {
+    let mut batch: Vec<String> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while let Ok(topic) = rx.try_recv() {
+            if !batch.contains(&topic) {
+                batch.push(topic);
+            }
+        }
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let payload = batch.join(",");
+        batch.clear();
+        match inner.pool.get().await {
+            Ok(client) => {
+                if let Err(e) = client
+                    .execute(inner.sql.notify.as_str(), &[&inner.sql.channel, &payload])
+                    .await
+                {
+                    tracing::debug!(error = %describe(&e), "announcing published topics failed; consumers elsewhere find them by polling");
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %describe_pool(&e), "announcing published topics failed; consumers elsewhere find them by polling");
+            }
+        }
+    }
+}
+
+/// Follows the announcements of other processes, reconnecting when the
+/// connection is lost (every consumer here looks again then, in case one
+/// was missed); stops when the bus is dropped.
+async fn listen(inner: std::sync::Weak<Inner>) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        let connector = strong.connector.clone();
+        let channel = strong.sql.channel.clone();
+        drop(strong);
+        match connector.listener().await {
+            Ok((client, mut notes)) => {
+                if let Err(e) = client.batch_execute(&format!("LISTEN \"{channel}\"")).await {
+                    tracing::debug!(error = %describe(&e), "LISTEN failed");
+                } else {
+                    delay = Duration::from_millis(100);
+                    if let Some(strong) = inner.upgrade() {
+                        Inner::wake_all(&strong);
+                    }
+                    while let Some(n) = notes.recv().await {
+                        let Some(strong) = inner.upgrade() else {
+                            return;
+                        };
+                        for topic in n.payload().split(',') {
+                            Inner::wake_topic(&strong, topic);
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(address = %connector.address, error = %e, "the PostgreSQL bus listener cannot connect; retrying");
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Looks, for every topic and group waited on here, when its next row
+/// becomes visible: wakes those with a visible row, adopts rows published
+/// before their topic had a group, and sleeps until the next lease runs
+/// out, at most `poll_interval`. Stops when the bus is dropped.
+async fn poll(inner: std::sync::Weak<Inner>) {
+    let Some(joined) = inner.upgrade().map(|i| i.joined.clone()) else {
+        return;
+    };
+    loop {
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        let every = strong.config.poll_interval;
+        let pairs: Vec<(String, String)> = strong
+            .waits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        let mut next = every;
+        if !pairs.is_empty() {
+            match poll_once(&strong, &pairs).await {
+                Ok(soonest) => next = soonest.map_or(every, |s| s.min(every)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "polling the PostgreSQL bus failed; trying again");
+                    Inner::wake_all(&strong);
+                }
+            }
+        }
+        drop(strong);
+        tokio::select! {
+            _ = tokio::time::sleep(next) => {}
+            _ = joined.notified() => {}
+        }
+    }
+}
+
+/// One look; returns how long until the soonest lease runs out.
+async fn poll_once(inner: &Inner, pairs: &[(String, String)]) -> Result<Option<Duration>, String> {
+    let client = inner.pool.get().await.map_err(|e| describe_pool(&e))?;
+    let topics: Vec<&str> = pairs.iter().map(|(t, _)| t.as_str()).collect();
+    let groups: Vec<&str> = pairs.iter().map(|(_, g)| g.as_str()).collect();
+    let rows = client
+        .query(inner.sql.poll.as_str(), &[&topics, &groups])
+        .await
+        .map_err(|e| describe(&e))?;
+    let mut soonest: Option<Duration> = None;
+    let mut orphaned: Vec<String> = Vec::new();
+    let waits: Vec<(String, String, Option<f64>, bool)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    for (topic, group, until, orphans) in waits {
+        if orphans && !orphaned.contains(&topic) {
+            orphaned.push(topic.clone());
+        }
+        match until {
+            Some(ms) if ms <= 0.0 => {
+                let wake = inner
+                    .waits
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&(topic, group))
+                    .cloned();
+                if let Some(w) = wake {
+                    w.bump();
+                }
+            }
+            Some(ms) => {
+                let d = Duration::from_micros((ms * 1000.0) as u64 + 1000);
+                soonest = Some(soonest.map_or(d, |s| s.min(d)));
+            }
+            None => {}
+        }
+    }
+    for topic in orphaned {
+        client
+            .execute(inner.sql.adopt.as_str(), &[&topic])
+            .await
+            .map_err(|e| describe(&e))?;
+        Inner::wake_topic(inner, &topic);
+    }
+    Ok(soonest)
+}
