@@ -168,6 +168,7 @@ start_postgres() {
     return 1
   }
   stops+=("${as[*]} $bin/pg_ctl -D $dir/data -m fast -w stop")
+  export PG_BIN="$bin"
   export DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
   echo "throw-away PostgreSQL at $DATABASE_URL" >&2
 }

@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::{Notify, mpsc};
+use tokio_postgres::types::ToSql;
 
 use super::conn::{Connector, describe, describe_pool};
 use crate::bus::{
@@ -151,7 +152,15 @@ pub struct PostgresBus {
 struct Inner {
     config: PostgresBusConfig,
     connector: Connector,
+    /// For publishes and the dead letters: commits wait for the flush.
     pool: deadpool_postgres::Pool,
+    /// For claims, extensions, acks and the poll: commits do not wait for
+    /// the flush (`synchronous_commit = off`). One lost in a crash of the
+    /// server only means a delivery made again: a claim or an extension
+    /// undone lets the row be claimed again, an ack undone delivers it
+    /// again, and the orchestrator and the workers take duplicates in their
+    /// stride. The next synchronous commit flushes them anyway.
+    leases: deadpool_postgres::Pool,
     codec: EventCodec,
     sql: Sql,
     /// The topics and groups consumers of this process wait on.
@@ -165,7 +174,10 @@ struct Inner {
 }
 
 /// What wakes the consumers of one topic and group in this process: a
-/// count of the times something may have come, and a notify.
+/// count of the times something may have come, and a notify that wakes one
+/// waiting consumer, not all of them (sixteen result consumers woken for
+/// every result would claim sixteen times for one row). A consumer whose
+/// claim came back full passes the wake on to the next.
 #[derive(Default)]
 struct Wake {
     generation: AtomicU64,
@@ -175,7 +187,7 @@ struct Wake {
 impl Wake {
     fn bump(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
-        self.notify.notify_waiters();
+        self.notify.notify_one();
     }
 }
 
@@ -297,6 +309,9 @@ impl PostgresBus {
         let pool = connector
             .pool(config.pool_size)
             .map_err(|m| backend(address.clone(), m))?;
+        let leases = connector
+            .lazy_pool(config.pool_size)
+            .map_err(|m| backend(address.clone(), m))?;
         {
             let mut client = pool.get().await.map_err(|e| {
                 backend(
@@ -323,6 +338,7 @@ impl PostgresBus {
             config,
             connector,
             pool,
+            leases,
             waits: Mutex::default(),
             joined: Arc::default(),
             announce,
@@ -354,6 +370,43 @@ impl PostgresBus {
             .get()
             .await
             .map_err(|e| self.err(describe_pool(&e)))
+    }
+
+    /// A connection whose commits do not wait for the flush.
+    async fn lazy_client(&self) -> Result<deadpool_postgres::Object, BusError> {
+        self.inner
+            .leases
+            .get()
+            .await
+            .map_err(|e| self.err(describe_pool(&e)))
+    }
+
+    /// Runs a statement, prepared once per connection.
+    async fn execute(
+        &self,
+        client: &deadpool_postgres::Object,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, BusError> {
+        let statement = client.prepare_cached(sql).await.map_err(|e| self.pg(e))?;
+        client
+            .execute(&statement, params)
+            .await
+            .map_err(|e| self.pg(e))
+    }
+
+    /// Runs a query, prepared once per connection.
+    async fn query(
+        &self,
+        client: &deadpool_postgres::Object,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, BusError> {
+        let statement = client.prepare_cached(sql).await.map_err(|e| self.pg(e))?;
+        client
+            .query(&statement, params)
+            .await
+            .map_err(|e| self.pg(e))
     }
 
     /// The topics and bodies of `events`, each checked against the size limit.
@@ -439,10 +492,8 @@ impl Topics for PostgresBus {
         }
         let (topics, bodies) = self.encode(&events)?;
         let client = self.client().await?;
-        client
-            .execute(self.inner.sql.publish.as_str(), &[&topics, &bodies])
-            .await
-            .map_err(|e| self.pg(e))?;
+        self.execute(&client, &self.inner.sql.publish, &[&topics, &bodies])
+            .await?;
         drop(client);
         self.published(&topics);
         Ok(())
@@ -646,10 +697,12 @@ impl PostgresConsumer {
     /// claimed (poison and exhausted rows among them go to the dead letters).
     async fn claim(&self, max: usize) -> Result<(Vec<Delivery>, usize), BusError> {
         let inner = &self.bus.inner;
-        let client = self.bus.client().await?;
-        let rows = client
+        let client = self.bus.lazy_client().await?;
+        let rows = self
+            .bus
             .query(
-                inner.sql.claim.as_str(),
+                &client,
+                &inner.sql.claim,
                 &[
                     &self.topic,
                     &self.group,
@@ -658,8 +711,7 @@ impl PostgresConsumer {
                     &self.name,
                 ],
             )
-            .await
-            .map_err(|e| self.bus.pg(e))?;
+            .await?;
         let claimed = rows.len();
         let mut rows: Vec<(i64, &[u8], i32)> = rows
             .iter()
@@ -694,13 +746,13 @@ impl PostgresConsumer {
             buried.2.push(count.min(max_deliveries) as i32);
         }
         if !buried.0.is_empty() {
-            client
+            self.bus
                 .execute(
-                    inner.sql.bury.as_str(),
+                    &client,
+                    &inner.sql.bury,
                     &[&buried.0, &buried.1, &buried.2, &millis(Timestamp::now())],
                 )
-                .await
-                .map_err(|e| self.bus.pg(e))?;
+                .await?;
         }
         Ok((out, claimed))
     }
@@ -721,6 +773,9 @@ impl Consumer for PostgresConsumer {
                 if claimed < max {
                     // Nothing left as of `generation`: wait for news.
                     self.seen.store(generation, Ordering::Release);
+                } else {
+                    // There may be more: another consumer here looks too.
+                    self.wake.notify.notify_one();
                 }
                 if !got.is_empty() {
                     return Ok(got);
@@ -744,11 +799,10 @@ impl Consumer for PostgresConsumer {
         if ids.is_empty() {
             return Ok(());
         }
-        let client = self.bus.client().await?;
-        client
-            .execute(self.bus.inner.sql.ack.as_str(), &[&ids])
-            .await
-            .map_err(|e| self.bus.pg(e))?;
+        let client = self.bus.lazy_client().await?;
+        self.bus
+            .execute(&client, &self.bus.inner.sql.ack, &[&ids])
+            .await?;
         Ok(())
     }
 
@@ -757,14 +811,14 @@ impl Consumer for PostgresConsumer {
         if ids.is_empty() {
             return Ok(());
         }
-        let client = self.bus.client().await?;
-        client
+        let client = self.bus.lazy_client().await?;
+        self.bus
             .execute(
-                self.bus.inner.sql.extend.as_str(),
+                &client,
+                &self.bus.inner.sql.extend,
                 &[&ids, &self.name, &self.lease_ms()],
             )
-            .await
-            .map_err(|e| self.bus.pg(e))?;
+            .await?;
         Ok(())
     }
 
@@ -779,10 +833,11 @@ impl Consumer for PostgresConsumer {
         tracing::warn!(topic = %self.topic, id, reason = %reason, "event dead-lettered");
         metrics::counter!(crate::monitoring::metrics::DEAD_LETTERS, "topic" => self.topic.clone())
             .increment(1);
-        let client = self.bus.client().await?;
-        client
+        let client = self.bus.lazy_client().await?;
+        self.bus
             .execute(
-                self.bus.inner.sql.bury.as_str(),
+                &client,
+                &self.bus.inner.sql.bury,
                 &[
                     &vec![id],
                     &vec![reason.to_string()],
@@ -790,8 +845,7 @@ impl Consumer for PostgresConsumer {
                     &millis(Timestamp::now()),
                 ],
             )
-            .await
-            .map_err(|e| self.bus.pg(e))?;
+            .await?;
         Ok(())
     }
 
@@ -806,13 +860,13 @@ impl Consumer for PostgresConsumer {
         let (topics, bodies) = self.bus.encode(events)?;
         let ids = ids_of(ids);
         let client = self.bus.client().await?;
-        client
+        self.bus
             .execute(
-                self.bus.inner.sql.publish_then_ack.as_str(),
+                &client,
+                &self.bus.inner.sql.publish_then_ack,
                 &[&topics, &bodies, &ids],
             )
-            .await
-            .map_err(|e| self.bus.pg(e))?;
+            .await?;
         drop(client);
         self.bus.published(&topics);
         Ok(())
@@ -835,12 +889,16 @@ async fn announce_loop(inner: std::sync::Weak<Inner>, mut rx: mpsc::UnboundedRec
         };
         let payload = batch.join(",");
         batch.clear();
-        match inner.pool.get().await {
+        match inner.leases.get().await {
             Ok(client) => {
-                if let Err(e) = client
-                    .execute(inner.sql.notify.as_str(), &[&inner.sql.channel, &payload])
-                    .await
-                {
+                let sent = match client.prepare_cached(&inner.sql.notify).await {
+                    Ok(statement) => client
+                        .execute(&statement, &[&inner.sql.channel, &payload])
+                        .await
+                        .map(|_| ()),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = sent {
                     tracing::debug!(error = %describe(&e), "announcing published topics failed; consumers elsewhere find them by polling");
                 }
             }
@@ -931,11 +989,15 @@ async fn poll(inner: std::sync::Weak<Inner>) {
 
 /// One look; returns how long until the soonest lease runs out.
 async fn poll_once(inner: &Inner, pairs: &[(String, String)]) -> Result<Option<Duration>, String> {
-    let client = inner.pool.get().await.map_err(|e| describe_pool(&e))?;
+    let client = inner.leases.get().await.map_err(|e| describe_pool(&e))?;
     let topics: Vec<&str> = pairs.iter().map(|(t, _)| t.as_str()).collect();
     let groups: Vec<&str> = pairs.iter().map(|(_, g)| g.as_str()).collect();
+    let statement = client
+        .prepare_cached(&inner.sql.poll)
+        .await
+        .map_err(|e| describe(&e))?;
     let rows = client
-        .query(inner.sql.poll.as_str(), &[&topics, &groups])
+        .query(&statement, &[&topics, &groups])
         .await
         .map_err(|e| describe(&e))?;
     let mut soonest: Option<Duration> = None;

@@ -49,18 +49,32 @@ impl Connector {
 
     /// A pool of up to `size` connections, opened as needed.
     pub(crate) fn pool(&self, size: usize) -> Result<deadpool_postgres::Pool, String> {
+        self.pool_of(self.config.clone(), size)
+    }
+
+    /// A pool whose transactions commit without waiting for the WAL flush
+    /// (`synchronous_commit = off`), for writes whose loss in a crash of the
+    /// server only means doing something again: a lease taken or extended,
+    /// an ack, a note deleted. A later synchronous commit flushes them too.
+    pub(crate) fn lazy_pool(&self, size: usize) -> Result<deadpool_postgres::Pool, String> {
+        let mut config = self.config.clone();
+        let options = match config.get_options() {
+            Some(o) if !o.is_empty() => format!("{o} -c synchronous_commit=off"),
+            _ => "-c synchronous_commit=off".to_string(),
+        };
+        config.options(&options);
+        self.pool_of(config, size)
+    }
+
+    fn pool_of(&self, config: Config, size: usize) -> Result<deadpool_postgres::Pool, String> {
         let manager_config = deadpool_postgres::ManagerConfig {
             recycling_method: deadpool_postgres::RecyclingMethod::Fast,
         };
         let manager = match &self.tls {
-            Some(tls) => deadpool_postgres::Manager::from_config(
-                self.config.clone(),
-                tls.clone(),
-                manager_config,
-            ),
-            None => {
-                deadpool_postgres::Manager::from_config(self.config.clone(), NoTls, manager_config)
+            Some(tls) => {
+                deadpool_postgres::Manager::from_config(config, tls.clone(), manager_config)
             }
+            None => deadpool_postgres::Manager::from_config(config, NoTls, manager_config),
         };
         deadpool_postgres::Pool::builder(manager)
             .max_size(size.max(1))

@@ -31,7 +31,7 @@ pub use bus::{PostgresBus, PostgresBusConfig};
 pub use store::{PostgresStateStore, PostgresStoreConfig, WriteStats};
 
 /// A URL with its password hidden, for messages.
-pub(crate) fn redacted(url: &str) -> String {
+pub fn redacted(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let userinfo = &url[scheme + 3..at];

@@ -178,7 +178,55 @@ pub(crate) struct Engine {
     /// command in flight of its workflows, and the copies would slow the
     /// next batches down until they too looked cut short.
     pending: Option<Arc<Pending>>,
+    /// The nearest timer this process wrote, for the timer loop.
+    pub(crate) timers: TimerHint,
     metrics: super::metrics::EngineMetrics,
+}
+
+/// The nearest wakeup (retry, deadline, sleep) among the states this
+/// process wrote, so that the timer loop asks the store when one is due
+/// rather than every few milliseconds. Timers other processes wrote are
+/// found by the loop's slower regular look.
+#[derive(Default)]
+pub(crate) struct TimerHint {
+    next: Mutex<Option<Timestamp>>,
+    pub(crate) nearer: tokio::sync::Notify,
+}
+
+impl TimerHint {
+    /// Notes the next wakeup of a state just written.
+    fn note(&self, state: &WorkflowState) {
+        let Some(at) = state.next_wakeup() else {
+            return;
+        };
+        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        if next.is_none_or(|n| at < n) {
+            *next = Some(at);
+            drop(next);
+            self.nearer.notify_one();
+        }
+    }
+
+    /// How long until the nearest noted wakeup, at most `longest`.
+    pub(crate) fn wait(&self, now: Timestamp, longest: std::time::Duration) -> std::time::Duration {
+        let next = *self.next.lock().unwrap_or_else(|e| e.into_inner());
+        match next {
+            Some(at) if at.as_millis() <= now.as_millis() => std::time::Duration::ZERO,
+            Some(at) => {
+                std::time::Duration::from_millis(at.as_millis() - now.as_millis() + 1).min(longest)
+            }
+            None => longest,
+        }
+    }
+
+    /// Forgets the noted wakeup if it is due by `now` (the store is about
+    /// to be asked for it).
+    pub(crate) fn take_due(&self, now: Timestamp) {
+        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        if next.is_some_and(|at| at.as_millis() <= now.as_millis()) {
+            *next = None;
+        }
+    }
 }
 
 /// Writes still being published by this process, with when each was
@@ -224,6 +272,7 @@ impl Engine {
             pending: (store.states.is_remote() && store.states.tracks_unpublished())
                 .then(Arc::default),
             locks: WorkflowLocks::default(),
+            timers: TimerHint::default(),
             marks: std::sync::OnceLock::new(),
             metrics: super::metrics::EngineMetrics::new(),
             bus,
@@ -376,6 +425,7 @@ impl Engine {
                 if let Some(cache) = &self.cache {
                     cache.put(version, state.clone());
                 }
+                self.timers.note(&state);
                 self.wrote(&mut outbox, tx, version);
             }
             // Starting with a transaction id that exists is idempotent.
@@ -453,7 +503,10 @@ impl Engine {
             let state = Arc::new(state);
             let mut outbox = Outbox::new();
             match self.store.states.create(state.clone()).await {
-                Ok(version) => self.wrote(&mut outbox, new, version),
+                Ok(version) => {
+                    self.timers.note(&state);
+                    self.wrote(&mut outbox, new, version);
+                }
                 // The other of two calls at once made it.
                 Err(StoreError::AlreadyExists(_)) => return Ok(new),
                 Err(e) => return Err(e.into()),
@@ -532,6 +585,7 @@ impl Engine {
                         cache.put(version, state.clone());
                     }
                     drop(guard);
+                    self.timers.note(&state);
                     self.wrote(outbox, tx, version);
                     self.metrics.result(&current.state, input, now);
                     if !matches!(input, Input::Redispatch { .. }) {

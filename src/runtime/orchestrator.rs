@@ -27,7 +27,12 @@ pub struct OrchestratorConfig {
     /// Worth it when the store is remote (Redis); in-process stores are
     /// faster without the extra tasks.
     pub parallel_results: bool,
-    /// How often the store is asked for due timers.
+    /// How often the store is asked for due timers at the least. A timer
+    /// this process wrote (a retry's back-off, a step deadline, a durable
+    /// sleep) is asked for when it is due; this look finds those that other
+    /// processes wrote and did not fire (they died), so it bounds how late
+    /// such a timer fires, and it is most of what an idle orchestrator
+    /// costs its store.
     pub tick_interval: Duration,
     /// Republish the commands of every in-flight step at start. Right for the
     /// in-memory bus, which loses everything with the process.
@@ -39,7 +44,8 @@ pub struct OrchestratorConfig {
     /// was made is taken to have been cut short by a crash, and its
     /// workflow's commands are published again (with a store that tracks
     /// unpublished writes: every store here does). The sweep looks every
-    /// eighth of this.
+    /// half of this (one query per look: most of what an idle orchestrator
+    /// costs its store, with the timer look).
     pub unpublished_after: Duration,
     /// How long finished workflows are kept.
     pub retention: Duration,
@@ -52,7 +58,7 @@ impl Default for OrchestratorConfig {
             consumers: 2,
             batch_size: 256,
             parallel_results: false,
-            tick_interval: Duration::from_millis(10),
+            tick_interval: Duration::from_secs(1),
             redispatch_on_start: true,
             redispatch_after: None,
             unpublished_after: Duration::from_secs(2),
@@ -357,20 +363,31 @@ async fn handle_result(engine: &Engine, event: &Event, outbox: &mut Outbox) -> V
 }
 
 async fn timer_loop(engine: Arc<Engine>, every: Duration, stop: CancellationToken) {
-    let mut ticker = tokio::time::interval(every);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut full = false;
     loop {
+        let wait = if full {
+            Duration::ZERO
+        } else {
+            engine.timers.wait(Timestamp::now(), every)
+        };
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = ticker.tick() => {}
+            _ = tokio::time::sleep(wait) => {}
+            // A nearer timer was written: work out the wait again.
+            _ = engine.timers.nearer.notified(), if !wait.is_zero() => continue,
         }
-        let due = match engine.store.timers.due(Timestamp::now(), 1024).await {
+        let now = Timestamp::now();
+        engine.timers.take_due(now);
+        let due = match engine.store.timers.due(now, 1024).await {
             Ok(d) => d,
             Err(e) => {
                 tracing::warn!(error = %e, "reading due timers failed");
+                full = false;
+                tokio::time::sleep(every.min(Duration::from_millis(200))).await;
                 continue;
             }
         };
+        full = due.len() >= 1024;
         for tx in due {
             if let Err(e) = engine.drive(tx, &Input::Tick, None).await {
                 tracing::warn!(transaction_id = %tx, error = %e, "firing a timer failed; it stays due");
@@ -413,7 +430,7 @@ async fn redispatch(
 /// The recovery sweep: publishes again what writes cut short by a crash
 /// never published.
 async fn unpublished_loop(engine: Arc<Engine>, after: Duration, stop: CancellationToken) {
-    let mut ticker = tokio::time::interval((after / 8).max(Duration::from_millis(10)));
+    let mut ticker = tokio::time::interval((after / 2).max(Duration::from_millis(10)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

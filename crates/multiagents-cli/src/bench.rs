@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use clap::{Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use multiagents::bus::{Bus, MemoryBus, RedisBusConfig, RedisStreamsBus};
+use multiagents::bus::{
+    Bus, MemoryBus, PostgresBus, PostgresBusConfig, RedisBusConfig, RedisStreamsBus,
+};
 use multiagents::core::{Phase, StepName, TransactionId};
 use multiagents::store::{
     FileStore, MemoryStore, PostgresStateStore, PostgresStoreConfig, RedisStateStore,
@@ -142,12 +144,17 @@ enum Backend {
     Redis,
     /// Redis Streams bus, PostgreSQL state store (`--database-url`).
     Postgres,
+    /// PostgreSQL alone: its bus and its state store (`--database-url`).
+    PostgresOnly,
 }
 
 impl Backend {
     /// Whether other processes can reach its bus and store.
     fn shared(self) -> bool {
-        matches!(self, Backend::Redis | Backend::Postgres)
+        matches!(
+            self,
+            Backend::Redis | Backend::Postgres | Backend::PostgresOnly
+        )
     }
 
     fn name(self) -> &'static str {
@@ -156,6 +163,7 @@ impl Backend {
             Backend::Embedded => "embedded",
             Backend::Redis => "redis",
             Backend::Postgres => "postgres",
+            Backend::PostgresOnly => "postgres-only",
         }
     }
 }
@@ -256,7 +264,10 @@ pub fn definition() -> Result<WorkflowDefinition, multiagents::core::DefinitionE
 /// it presents and by its own attempt (`transaction/step/phase/attempt`, from
 /// the call itself, not from the key), so the report can tell effects
 /// applied under more than one key, redeliveries, and runs of attempts the
-/// orchestrator had given up on. One `HINCRBY` a run on Redis.
+/// orchestrator had given up on. One `HINCRBY` a run on Redis; one upsert
+/// into an unlogged table on PostgreSQL alone (a ledger for the report, not
+/// part of what is measured, so it writes no WAL; it survives a clean
+/// restart of the server).
 #[derive(Clone)]
 enum Effects {
     Local(Arc<LocalEffects>),
@@ -266,6 +277,61 @@ enum Effects {
         /// The server, for errors.
         address: String,
     },
+    Postgres {
+        pool: deadpool_postgres::Pool,
+        /// `<schema>.effects`.
+        table: String,
+        /// The server, for errors.
+        address: String,
+    },
+}
+
+/// A failed call to the PostgreSQL holding the effect records: transient,
+/// so the client tries again.
+fn pg_effects_error(address: &str, what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Bus(multiagents::bus::BusError::Backend {
+        address: address.to_string(),
+        message: format!("{what}: {e}"),
+    })
+}
+
+impl Effects {
+    /// Effect records in `<schema>.effects` of the server at `url`.
+    async fn postgres(url: &str, schema: &str) -> Result<Self, Error> {
+        let address = multiagents::postgres::redacted(url);
+        let config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| pg_effects_error(&address, "the database URL", e))?;
+        let manager = deadpool_postgres::Manager::from_config(
+            config,
+            tokio_postgres::NoTls,
+            deadpool_postgres::ManagerConfig {
+                recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+            },
+        );
+        let pool = deadpool_postgres::Pool::builder(manager)
+            .max_size(8)
+            .build()
+            .map_err(|e| pg_effects_error(&address, "the effects pool", e))?;
+        let table = format!("{schema}.effects");
+        let client = pool
+            .get()
+            .await
+            .map_err(|e| pg_effects_error(&address, "connecting for the effect counts", e))?;
+        client
+            .batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {schema};
+                 CREATE UNLOGGED TABLE IF NOT EXISTS {table} (field text PRIMARY KEY, n bigint NOT NULL)"
+            ))
+            .await
+            .map_err(|e| pg_effects_error(&address, "creating the effects table", e))?;
+        drop(client);
+        Ok(Effects::Postgres {
+            pool,
+            table,
+            address,
+        })
+    }
 }
 
 /// A failed call to the Redis holding the effect records: transient, so the
@@ -530,6 +596,20 @@ impl Effects {
                     .map_err(WorkerError::retry)?;
                 Ok(())
             }
+            Effects::Postgres { pool, table, .. } => {
+                let client = pool.get().await.map_err(WorkerError::retry)?;
+                client
+                    .execute(
+                        &format!(
+                            "INSERT INTO {table} (field, n) VALUES ($1, 1)
+                             ON CONFLICT (field) DO UPDATE SET n = {table}.n + 1"
+                        ),
+                        &[&run_field(ctx)],
+                    )
+                    .await
+                    .map_err(WorkerError::retry)?;
+                Ok(())
+            }
         }
     }
 
@@ -554,6 +634,27 @@ impl Effects {
             } => Ok(Records {
                 shards: vec![hscan(conn, address, &Self::key(prefix)).await?],
             }),
+            Effects::Postgres {
+                pool,
+                table,
+                address,
+            } => {
+                let read = |e: &dyn std::fmt::Display| {
+                    pg_effects_error(address, "reading the effect counts", e)
+                };
+                let client = pool.get().await.map_err(|e| read(&e))?;
+                let rows = client
+                    .query(&format!("SELECT field, n FROM {table}"), &[])
+                    .await
+                    .map_err(|e| read(&e))?;
+                let mut effects = EffectMap::default();
+                for row in rows {
+                    add_field(&mut effects, row.get(0), row.get::<_, i64>(1).max(0) as u64);
+                }
+                Ok(Records {
+                    shards: vec![effects],
+                })
+            }
         }
     }
 
@@ -571,6 +672,21 @@ impl Effects {
                 .query_async(&mut conn)
                 .await
                 .map_err(|e| effects_error(address, "clearing the effect counts", e))?;
+        }
+        if let Effects::Postgres {
+            pool,
+            table,
+            address,
+        } = self
+        {
+            let clear = |e: &dyn std::fmt::Display| {
+                pg_effects_error(address, "clearing the effect counts", e)
+            };
+            let client = pool.get().await.map_err(|e| clear(&e))?;
+            client
+                .batch_execute(&format!("TRUNCATE {table}"))
+                .await
+                .map_err(|e| clear(&e))?;
         }
         Ok(())
     }
@@ -791,6 +907,24 @@ async fn backend(args: &OrdersArgs) -> Result<(Bus, Store, Effects, Option<PathB
                 temp,
             ))
         }
+        Backend::PostgresOnly => {
+            let schema = args.prefix.replace('-', "_");
+            let bus = PostgresBus::connect(
+                PostgresBusConfig::new(&args.database_url)
+                    .schema(&schema)
+                    .visibility_timeout(args.visibility_timeout),
+            )
+            .await?;
+            let mut config = PostgresStoreConfig::new(&args.database_url).schema(&schema);
+            config.timer_lease = args.visibility_timeout;
+            let store = PostgresStateStore::connect(config).await?;
+            Ok((
+                Bus::new(bus),
+                store.into(),
+                Effects::postgres(&args.database_url, &schema).await?,
+                None,
+            ))
+        }
         Backend::Redis | Backend::Postgres => {
             let mut bus_config = RedisBusConfig::new(&args.redis_url)
                 .prefix(&args.prefix)
@@ -851,7 +985,7 @@ async fn orders(
         return Err(CliError::usage(
             "--role",
             format!(
-                "{:?} needs a backend other processes can reach: use --backend redis or postgres",
+                "{:?} needs a backend other processes can reach: use --backend redis, postgres or postgres-only",
                 args.role
             ),
         ));

@@ -90,7 +90,10 @@ type HttpClient = hyper_util::client::legacy::Client<
 /// benchmarks of the service use them.
 pub async fn on_redis(url: &str, prefix: &str) -> Result<(Bus, Store)> {
     let redis = crate::workflow::RedisArgs {
-        redis_url: url.to_string(),
+        redis_url: Some(url.to_string()),
+        database_url: None,
+        database_ca_file: None,
+        schema: String::new(),
         redis_ca_file: None,
         prefix: prefix.to_string(),
     };

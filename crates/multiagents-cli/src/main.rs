@@ -145,7 +145,7 @@ struct ServeArgs {
     /// answer; then its command goes back to the bus for another worker.
     #[arg(long, default_value = "30s", value_parser = multiagents::core::time::parse_duration)]
     task_lease: std::time::Duration,
-    /// Embedded mode (no `--redis-url`): the file holding the state.
+    /// Embedded mode (no `--redis-url` or `--database-url`): the file holding the state.
     #[arg(long, default_value = ".multiagents/store.db", value_name = "PATH")]
     store: std::path::PathBuf,
     /// Run on Redis instead of embedded: `redis://[user:password@]host:port/db`,
@@ -158,6 +158,19 @@ struct ServeArgs {
     /// Key prefix in Redis.
     #[arg(long, default_value = "ma")]
     prefix: String,
+    /// Run on PostgreSQL instead of embedded:
+    /// `postgres://[user[:password]@]host[:port]/database`. Alone, it is
+    /// the bus and the store, and the service needs nothing else; with
+    /// `--redis-url`, Redis is the bus and PostgreSQL the store. Several
+    /// replicas share the work.
+    #[arg(long, value_name = "URL")]
+    database_url: Option<String>,
+    /// A PEM file of CA certificates to trust, for PostgreSQL over TLS.
+    #[arg(long, value_name = "PEM")]
+    database_ca_file: Option<std::path::PathBuf>,
+    /// The PostgreSQL schema holding the tables, created if missing.
+    #[arg(long, default_value = "multiagents")]
+    schema: String,
     /// Result consumers in this process.
     #[arg(long, default_value_t = 16)]
     consumers: usize,
@@ -242,13 +255,29 @@ async fn serve(
             None
         }
     };
-    let (bus, store, place): (Bus, Store, String) = match &args.redis_url {
-        Some(url) => {
-            let redis = workflow::RedisArgs {
-                redis_url: url.clone(),
-                redis_ca_file: args.redis_ca_file.clone(),
-                prefix: args.prefix.clone(),
-            };
+    let shared = workflow::RedisArgs {
+        redis_url: args.redis_url.clone(),
+        redis_ca_file: args.redis_ca_file.clone(),
+        prefix: args.prefix.clone(),
+        database_url: args.database_url.clone(),
+        database_ca_file: args.database_ca_file.clone(),
+        schema: args.schema.clone(),
+    };
+    let (bus, store, place): (Bus, Store, String) = match (&args.redis_url, &args.database_url) {
+        (None, Some(_)) => {
+            let bus = multiagents::bus::PostgresBus::connect(
+                shared
+                    .postgres_bus_config()
+                    .visibility_timeout(args.visibility_timeout),
+            )
+            .await?;
+            let mut store_config = shared.postgres_config();
+            store_config.timer_lease = args.visibility_timeout;
+            let store = multiagents::store::PostgresStateStore::connect(store_config).await?;
+            (Bus::new(bus), store.into(), shared.place())
+        }
+        (Some(_), _) => {
+            let redis = shared;
             let mut bus_config = redis
                 .bus_config()
                 .visibility_timeout(args.visibility_timeout);
@@ -263,16 +292,29 @@ async fn serve(
             {
                 tracing::warn!(address = %redis.address(), "the status subscription is not up yet; this replica's /v1/events may miss other replicas' changes until it is");
             }
-            let mut store_config = redis.store_config();
-            store_config.timer_lease = args.visibility_timeout;
-            let store = RedisStateStore::connect(store_config).await?;
-            (
-                bus.into(),
-                store.into(),
-                format!("{} (prefix {})", redis.address(), args.prefix),
-            )
+            let store: Store = if args.database_url.is_some() {
+                let mut store_config = redis.postgres_config();
+                store_config.timer_lease = args.visibility_timeout;
+                multiagents::store::PostgresStateStore::connect(store_config)
+                    .await?
+                    .into()
+            } else {
+                let mut store_config = redis.store_config();
+                store_config.timer_lease = args.visibility_timeout;
+                RedisStateStore::connect(store_config).await?.into()
+            };
+            let place = match &args.database_url {
+                Some(_) => format!(
+                    "{} (prefix {}), state in {}",
+                    redis.address(),
+                    args.prefix,
+                    redis.place()
+                ),
+                None => redis.place(),
+            };
+            (bus.into(), store, place)
         }
-        None => {
+        (None, None) => {
             if let Some(dir) = args.store.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).map_err(|source| error::CliError::Read {
                     path: dir.to_path_buf(),
@@ -294,7 +336,7 @@ async fn serve(
     let mut config = multiagents::OrchestratorConfig {
         consumers: args.consumers,
         parallel_results: true,
-        redispatch_on_start: args.redis_url.is_none(),
+        redispatch_on_start: args.redis_url.is_none() && args.database_url.is_none(),
         redispatch_after: Some(args.redispatch_after),
         ..Default::default()
     };

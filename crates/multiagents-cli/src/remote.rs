@@ -40,7 +40,7 @@ pub struct TargetArgs {
 pub enum Target {
     /// A service, over HTTP.
     Server(Box<Http>),
-    /// Redis, with a client of its own.
+    /// Redis or PostgreSQL, with a client of its own.
     Redis(multiagents::Client),
 }
 
@@ -53,20 +53,17 @@ impl TargetArgs {
         }
     }
 
-    /// The service when one is named, else Redis.
+    /// The service when one is named, else Redis or PostgreSQL.
     pub async fn connect(&self) -> Result<Target> {
         match &self.server.server {
             Some(url) => Ok(Target::Server(Box::new(Http::new(
                 url,
                 self.server.api_key.clone(),
             )?))),
-            None => {
-                let bus =
-                    multiagents::bus::RedisStreamsBus::connect(self.redis.bus_config()).await?;
-                let store =
-                    multiagents::store::RedisStateStore::connect(self.redis.store_config()).await?;
-                Ok(Target::Redis(multiagents::Client::new(bus, store)))
-            }
+            None => Ok(Target::Redis(multiagents::Client::new(
+                self.redis.bus().await?,
+                self.redis.store().await?,
+            ))),
         }
     }
 }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use multiagents::store::{Definitions, RedisStateStore, RedisStoreConfig, Store};
+use multiagents::store::{RedisStateStore, RedisStoreConfig, Store};
 use multiagents::{Error, WorkflowDefinition};
 
 use crate::error::{CliError, Result};
@@ -13,8 +13,10 @@ use crate::error::{CliError, Result};
 pub struct RedisArgs {
     /// The Redis server (or any node of a Redis Cluster) holding the state:
     /// `redis://[user:password@]host:port/db`, or `rediss://…` for TLS.
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
-    pub redis_url: String,
+    /// Default `redis://127.0.0.1:6379/` unless `--database-url` is given;
+    /// with both, Redis is the bus and PostgreSQL the store.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
     /// A PEM file of CA certificates to trust, besides the system's, for a
     /// `rediss://` server.
     #[arg(long, env = "REDIS_CA_FILE", value_name = "PEM")]
@@ -22,16 +24,58 @@ pub struct RedisArgs {
     /// Key prefix in Redis.
     #[arg(long, default_value = "ma")]
     pub prefix: String,
+    /// PostgreSQL holding the state (and, without `--redis-url`, the bus
+    /// too): `postgres://[user[:password]@]host[:port]/database`.
+    #[arg(long, value_name = "URL")]
+    pub database_url: Option<String>,
+    /// A PEM file of CA certificates to trust, for PostgreSQL over TLS.
+    #[arg(long, value_name = "PEM")]
+    pub database_ca_file: Option<PathBuf>,
+    /// The PostgreSQL schema holding the tables.
+    #[arg(long, default_value = "multiagents")]
+    pub schema: String,
 }
 
+/// Where Redis is when nothing says.
+const DEFAULT_REDIS: &str = "redis://127.0.0.1:6379/";
+
 impl RedisArgs {
-    async fn store(&self) -> Result<RedisStateStore, Error> {
-        Ok(RedisStateStore::connect(self.store_config()).await?)
+    /// The Redis to use: the one named, or the default when no PostgreSQL
+    /// is named either; `None` for PostgreSQL alone.
+    pub fn redis(&self) -> Option<&str> {
+        match (&self.redis_url, &self.database_url) {
+            (Some(url), _) => Some(url),
+            (None, None) => Some(DEFAULT_REDIS),
+            (None, Some(_)) => None,
+        }
+    }
+
+    /// The store: PostgreSQL when named, else Redis.
+    pub async fn store(&self) -> Result<Store, Error> {
+        Ok(match &self.database_url {
+            Some(_) => multiagents::store::PostgresStateStore::connect(self.postgres_config())
+                .await?
+                .into(),
+            None => RedisStateStore::connect(self.store_config()).await?.into(),
+        })
+    }
+
+    /// The bus: Redis when named (or nothing else is), else PostgreSQL.
+    pub async fn bus(&self) -> Result<multiagents::bus::Bus, Error> {
+        Ok(match self.redis() {
+            Some(_) => multiagents::bus::RedisStreamsBus::connect(self.bus_config())
+                .await?
+                .into(),
+            None => multiagents::bus::Bus::new(
+                multiagents::bus::PostgresBus::connect(self.postgres_bus_config()).await?,
+            ),
+        })
     }
 
     /// The store's configuration for this Redis.
     pub fn store_config(&self) -> RedisStoreConfig {
-        let config = RedisStoreConfig::new(&self.redis_url).prefix(&self.prefix);
+        let config =
+            RedisStoreConfig::new(self.redis().unwrap_or(DEFAULT_REDIS)).prefix(&self.prefix);
         match &self.redis_ca_file {
             Some(path) => config.ca_file(path),
             None => config,
@@ -40,16 +84,53 @@ impl RedisArgs {
 
     /// The bus's configuration for this Redis.
     pub fn bus_config(&self) -> multiagents::bus::RedisBusConfig {
-        let config = multiagents::bus::RedisBusConfig::new(&self.redis_url).prefix(&self.prefix);
+        let config = multiagents::bus::RedisBusConfig::new(self.redis().unwrap_or(DEFAULT_REDIS))
+            .prefix(&self.prefix);
         match &self.redis_ca_file {
             Some(path) => config.ca_file(path),
             None => config,
         }
     }
 
-    /// The server's address without the password, for messages.
+    /// The PostgreSQL store's configuration.
+    pub fn postgres_config(&self) -> multiagents::store::PostgresStoreConfig {
+        let config = multiagents::store::PostgresStoreConfig::new(
+            self.database_url.as_deref().unwrap_or(""),
+        )
+        .schema(&self.schema);
+        match &self.database_ca_file {
+            Some(path) => config.ca_file(path),
+            None => config,
+        }
+    }
+
+    /// The PostgreSQL bus's configuration.
+    pub fn postgres_bus_config(&self) -> multiagents::bus::PostgresBusConfig {
+        let config =
+            multiagents::bus::PostgresBusConfig::new(self.database_url.as_deref().unwrap_or(""))
+                .schema(&self.schema);
+        match &self.database_ca_file {
+            Some(path) => config.ca_file(path),
+            None => config,
+        }
+    }
+
+    /// The store's server and its prefix or schema, without the password,
+    /// for messages: `redis://host:6379/ (prefix ma)`.
+    pub fn place(&self) -> String {
+        match &self.database_url {
+            Some(url) => format!(
+                "{} (schema {})",
+                multiagents::postgres::redacted(url),
+                self.schema
+            ),
+            None => format!("{} (prefix {})", self.address(), self.prefix),
+        }
+    }
+
+    /// The Redis server's address without the password, for messages.
     pub fn address(&self) -> String {
-        multiagents::redis::redacted(&self.redis_url)
+        multiagents::redis::redacted(self.redis().unwrap_or(DEFAULT_REDIS))
     }
 }
 
@@ -225,7 +306,7 @@ async fn deploy(args: DeployArgs) -> Result<ExitCode> {
         if known.iter().any(|d| d.name().as_str() == name) {
             continue;
         }
-        if let Some(def) = store.latest_definition(&name).await? {
+        if let Some(def) = store.definitions.latest_definition(&name).await? {
             queue.extend(def.children().map(|c| c.workflow.to_string()));
             known.push(def);
         }
@@ -237,7 +318,7 @@ async fn deploy(args: DeployArgs) -> Result<ExitCode> {
         )));
     }
     for def in &definitions {
-        store.put_definition(def).await?;
+        store.definitions.put_definition(def).await?;
         println!("deployed {}@{}", def.name(), def.version());
     }
     Ok(ExitCode::SUCCESS)
@@ -251,12 +332,11 @@ async fn status(args: StatusArgs) -> Result<ExitCode> {
             format!("`{}` is not a transaction id: {e}", args.id),
         )
     })?;
-    let store: Store = args.redis.store().await?.into();
+    let store: Store = args.redis.store().await?;
     let Some(current) = store.states.get(tx).await? else {
         eprintln!(
-            "no workflow {tx} in {} (prefix {}); it may have expired",
-            args.redis.address(),
-            args.redis.prefix
+            "no workflow {tx} in {}; it may have expired",
+            args.redis.place()
         );
         return Ok(ExitCode::FAILURE);
     };
@@ -325,9 +405,8 @@ pub async fn workers(
     }
     if report.is_empty() {
         println!(
-            "no worker heartbeats in {} (prefix {}) within the retention",
-            args.redis.address(),
-            args.redis.prefix
+            "no worker heartbeats in {} within the retention",
+            args.redis.place()
         );
         return Ok(ExitCode::SUCCESS);
     }
@@ -396,15 +475,24 @@ async fn diagram(args: DiagramArgs) -> Result<ExitCode> {
     } else {
         let store = args.redis.store().await?;
         let found = match args.version {
-            Some(v) => store.get_definition(&args.definition, v).await?,
-            None => store.latest_definition(&args.definition).await?,
+            Some(v) => {
+                store
+                    .definitions
+                    .get_definition(&args.definition, v)
+                    .await?
+            }
+            None => {
+                store
+                    .definitions
+                    .latest_definition(&args.definition)
+                    .await?
+            }
         };
         found.ok_or_else(|| {
             CliError::NotFound(format!(
-                "`{}` is neither a file nor a definition registered in {} (prefix {}){}",
+                "`{}` is neither a file nor a definition registered in {}{}",
                 args.definition,
-                args.redis.address(),
-                args.redis.prefix,
+                args.redis.place(),
                 args.version
                     .map(|v| format!(" at version {v}"))
                     .unwrap_or_default()
@@ -427,12 +515,12 @@ fn transaction_id(id: &str) -> Result<multiagents::TransactionId> {
 }
 
 impl RedisArgs {
-    /// A client on this Redis.
+    /// A client on this bus and store.
     async fn client(&self) -> Result<multiagents::Client, Error> {
-        use multiagents::bus::RedisStreamsBus;
-        let bus = RedisStreamsBus::connect(self.bus_config()).await?;
-        let store = self.store().await?;
-        Ok(multiagents::Client::new(bus, store))
+        Ok(multiagents::Client::new(
+            self.bus().await?,
+            self.store().await?,
+        ))
     }
 }
 
@@ -512,9 +600,12 @@ fn server(args: &crate::remote::ServerArgs) -> Result<Option<crate::remote::Http
     let target = crate::remote::TargetArgs {
         server: args.clone(),
         redis: RedisArgs {
-            redis_url: String::new(),
+            redis_url: None,
             redis_ca_file: None,
             prefix: String::new(),
+            database_url: None,
+            database_ca_file: None,
+            schema: String::new(),
         },
     };
     target.http()

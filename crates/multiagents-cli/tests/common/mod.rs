@@ -30,3 +30,182 @@ pub fn cli(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// The PostgreSQL to test against, from `DATABASE_URL` (set by
+/// `scripts/test.sh`). Without it the test is skipped, except in CI.
+pub fn database_url() -> Option<String> {
+    match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("CI").is_ok() => {
+            panic!("DATABASE_URL is not set; run the tests through ./scripts/test.sh")
+        }
+        _ => {
+            eprintln!(
+                "skipped: DATABASE_URL is not set (./scripts/test.sh starts a throw-away PostgreSQL)"
+            );
+            None
+        }
+    }
+}
+
+/// A PostgreSQL cluster of the test's own, which it may stop and start
+/// (the shared one serves other tests meanwhile): initdb into a temporary
+/// directory, on a free port, as the `postgres` user when run as root.
+/// Stopped when dropped.
+pub struct PgCluster {
+    _dir: tempfile::TempDir,
+    bin: std::path::PathBuf,
+    data: std::path::PathBuf,
+    log: std::path::PathBuf,
+    port: u16,
+    as_postgres: bool,
+}
+
+/// PostgreSQL's server binaries: `PG_BIN`, on PATH, or where Debian puts them.
+fn pg_bin() -> Option<std::path::PathBuf> {
+    if let Ok(dir) = std::env::var("PG_BIN") {
+        return Some(dir.into());
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            if dir.join("initdb").is_file() {
+                return Some(dir);
+            }
+        }
+    }
+    let mut found: Vec<std::path::PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|d| d.join("initdb").is_file())
+        .collect();
+    found.sort_by_key(|d| {
+        d.parent()
+            .and_then(|v| v.file_name())
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    found.pop()
+}
+
+impl PgCluster {
+    /// A new cluster, started; `None` (the test is skipped) when
+    /// PostgreSQL is not installed, except in CI.
+    pub fn start() -> Option<Self> {
+        let Some(bin) = pg_bin() else {
+            assert!(
+                std::env::var("CI").is_err(),
+                "PostgreSQL's initdb is needed"
+            );
+            eprintln!("skipped: PostgreSQL is not installed");
+            return None;
+        };
+        let dir = tempfile::tempdir().expect("temp dir");
+        let as_postgres = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false);
+        if as_postgres {
+            let status = std::process::Command::new("chown")
+                .args(["postgres"])
+                .arg(dir.path())
+                .status()
+                .expect("chown");
+            assert!(status.success(), "chown postgres");
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("a free port")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let cluster = Self {
+            data: dir.path().join("data"),
+            log: dir.path().join("log"),
+            _dir: dir,
+            bin,
+            port,
+            as_postgres,
+        };
+        let out = cluster
+            .command("initdb")
+            .arg("-D")
+            .arg(&cluster.data)
+            .args(["-A", "trust", "-U", "postgres", "--no-sync"])
+            .output()
+            .expect("initdb runs");
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster.start_again();
+        Some(cluster)
+    }
+
+    fn command(&self, program: &str) -> std::process::Command {
+        let path = self.bin.join(program);
+        if self.as_postgres {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(path);
+            c
+        } else {
+            std::process::Command::new(path)
+        }
+    }
+
+    /// `postgres://postgres@127.0.0.1:PORT/postgres`.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Starts the server (again), waiting until it accepts connections.
+    pub fn start_again(&self) {
+        let socket_dir = self.data.parent().expect("dir").to_path_buf();
+        let status = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .arg("-l")
+            .arg(&self.log)
+            .args(["-w", "-t", "60", "start", "-o"])
+            .arg(format!(
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200",
+                self.port,
+                socket_dir.display()
+            ))
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("pg_ctl runs");
+        assert!(
+            status.success(),
+            "PostgreSQL did not start: {}",
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+    }
+
+    /// Stops the server the way an operator restarting it would: fast
+    /// shutdown (open transactions are rolled back, everything committed
+    /// is kept).
+    pub fn stop(&self) {
+        let _ = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "fast", "-w", "stop"])
+            .stdout(std::process::Stdio::null())
+            .status();
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let _ = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "-w", "stop"])
+            .stdout(std::process::Stdio::null())
+            .status();
+    }
+}

@@ -1,0 +1,189 @@
+//! Separate processes on PostgreSQL: two orchestrators and two worker
+//! processes, one of each killed with SIGKILL mid-run and restarted, three
+//! times over, on PostgreSQL alone and on PostgreSQL beside a Redis bus;
+//! and PostgreSQL itself restarted mid-run, twice. The client's own report
+//! must show every order finished, none stuck, every declined order
+//! compensated once, and no side effect applied twice.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Fleet {
+    backend: &'static str,
+    database_url: String,
+    redis_url: Option<String>,
+    prefix: String,
+}
+
+impl Fleet {
+    fn spawn(&self, role: &str, extra: &[&str]) -> Child {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_multiagents"));
+        c.args(["bench", "orders", "--backend", self.backend])
+            .args(["--database-url", &self.database_url])
+            .args(["--prefix", &self.prefix]);
+        if let Some(url) = &self.redis_url {
+            c.args(["--redis-url", url]);
+        }
+        c.args(["--role", role, "--visibility-timeout", "1s"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the multiagents binary starts")
+    }
+
+    fn client(&self, workflows: u32) -> Child {
+        self.spawn(
+            "client",
+            &[
+                "--workflows",
+                &workflows.to_string(),
+                "--concurrency",
+                "100",
+                "--fail-rate",
+                "0.1",
+                "--json",
+                "--stuck-after",
+                "60s",
+            ],
+        )
+    }
+}
+
+fn kill9(child: &mut Child) {
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reaped");
+}
+
+fn terminate(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if child.try_wait().expect("wait").is_some() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    kill9(child);
+}
+
+/// The client's report, checked: every order finished once, none stuck,
+/// each declined one compensated, no effect applied twice.
+fn judge(client: Child, workflows: u64) {
+    let output = client.wait_with_output().expect("the client finishes");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or("{}"))
+        .expect("the client prints a JSON report");
+    eprintln!("{report}");
+    assert!(
+        output.status.success(),
+        "the client judged the run incorrect: {report}"
+    );
+    assert_eq!(
+        report["completed"].as_u64().unwrap_or(0) + report["compensated"].as_u64().unwrap_or(0),
+        workflows
+    );
+    assert_eq!(report["stuck"], 0);
+    assert_eq!(report["duplicate_effects"], 0);
+    assert_eq!(report["compensations"], report["declined"]);
+}
+
+fn kill_and_restart_three_times(fleet: &Fleet) {
+    let mut orchestrators = vec![
+        fleet.spawn("orchestrator", &[]),
+        fleet.spawn("orchestrator", &[]),
+    ];
+    let mut workers = vec![fleet.spawn("workers", &[]), fleet.spawn("workers", &[])];
+    std::thread::sleep(Duration::from_millis(500));
+    let mut client = fleet.client(2000);
+    for round in 0..3 {
+        std::thread::sleep(Duration::from_millis(700));
+        if client.try_wait().expect("wait").is_some() {
+            break;
+        }
+        let i = round % 2;
+        kill9(&mut orchestrators[i]);
+        kill9(&mut workers[i]);
+        std::thread::sleep(Duration::from_millis(300));
+        orchestrators[i] = fleet.spawn("orchestrator", &[]);
+        workers[i] = fleet.spawn("workers", &[]);
+    }
+    judge(client, 2000);
+    for mut c in orchestrators.into_iter().chain(workers) {
+        terminate(&mut c);
+    }
+}
+
+#[test]
+fn killing_orchestrators_and_workers_again_and_again_loses_nothing_on_postgres_alone() {
+    let Some(database_url) = common::database_url() else {
+        return;
+    };
+    kill_and_restart_three_times(&Fleet {
+        backend: "postgres-only",
+        database_url,
+        redis_url: None,
+        prefix: format!("pgkill{}", std::process::id()),
+    });
+}
+
+#[test]
+fn killing_orchestrators_and_workers_again_and_again_loses_nothing_on_postgres_with_a_redis_bus() {
+    let (Some(database_url), Some(redis_url)) = (common::database_url(), common::redis_url())
+    else {
+        return;
+    };
+    kill_and_restart_three_times(&Fleet {
+        backend: "postgres",
+        database_url,
+        redis_url: Some(redis_url),
+        prefix: format!("pgrkill{}", std::process::id()),
+    });
+}
+
+#[test]
+fn restarting_postgres_mid_run_loses_nothing_and_every_process_reconnects() {
+    let Some(cluster) = common::PgCluster::start() else {
+        return;
+    };
+    let fleet = Fleet {
+        backend: "postgres-only",
+        database_url: cluster.url(),
+        redis_url: None,
+        prefix: "restart".into(),
+    };
+    let mut orchestrators = vec![
+        fleet.spawn("orchestrator", &[]),
+        fleet.spawn("orchestrator", &[]),
+    ];
+    let mut workers = vec![fleet.spawn("workers", &[]), fleet.spawn("workers", &[])];
+    std::thread::sleep(Duration::from_millis(500));
+    let mut client = fleet.client(1500);
+    let mut restarts = 0;
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_millis(800));
+        if client.try_wait().expect("wait").is_some() {
+            break;
+        }
+        cluster.stop();
+        std::thread::sleep(Duration::from_millis(500));
+        cluster.start_again();
+        restarts += 1;
+    }
+    assert_eq!(restarts, 2, "both restarts fell mid-run");
+    judge(client, 1500);
+    for c in orchestrators.iter_mut().chain(workers.iter_mut()) {
+        assert!(
+            c.try_wait().expect("wait").is_none(),
+            "every process lived through the restarts"
+        );
+    }
+    for mut c in orchestrators.into_iter().chain(workers) {
+        terminate(&mut c);
+    }
+}
