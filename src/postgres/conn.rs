@@ -66,7 +66,18 @@ impl Connector {
         self.pool_of(config, size)
     }
 
-    fn pool_of(&self, config: Config, size: usize) -> Result<deadpool_postgres::Pool, String> {
+    /// Every statement here finds its rows through an index, and each is
+    /// prepared once per connection: a plan made while the tables were
+    /// new and small (a sequential scan of `workflows` for a batch of
+    /// compare-and-sets) would be kept for the connection's life and grow
+    /// slower with the table, so sequential scans are priced out
+    /// (`enable_seqscan = off`; still used where nothing else can serve).
+    fn pool_of(&self, mut config: Config, size: usize) -> Result<deadpool_postgres::Pool, String> {
+        let options = match config.get_options() {
+            Some(o) if !o.is_empty() => format!("{o} -c enable_seqscan=off"),
+            _ => "-c enable_seqscan=off".to_string(),
+        };
+        config.options(&options);
         let manager_config = deadpool_postgres::ManagerConfig {
             recycling_method: deadpool_postgres::RecyclingMethod::Fast,
         };

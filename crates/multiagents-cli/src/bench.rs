@@ -105,8 +105,10 @@ pub struct OrdersArgs {
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     redispatch_after: Duration,
     /// Result consumers per orchestrator (redis and postgres backends).
-    #[arg(long, default_value_t = 16)]
-    consumers: usize,
+    /// Default 16 on Redis, 64 with a PostgreSQL store, whose commits take
+    /// longer: more batches in flight share them.
+    #[arg(long)]
+    consumers: Option<usize>,
     /// Workflows to run.
     #[arg(long, default_value_t = 20_000)]
     workflows: u64,
@@ -1012,10 +1014,10 @@ async fn orders(
         // The in-process bus loses what it held with the process; Redis does not.
         redispatch_on_start: !args.backend.shared(),
         // Each result costs a few Redis round trips: keep many in flight.
-        consumers: if args.backend.shared() {
-            args.consumers
-        } else {
-            2
+        consumers: match args.backend {
+            Backend::Memory | Backend::Embedded => 2,
+            Backend::Redis => args.consumers.unwrap_or(16),
+            Backend::Postgres | Backend::PostgresOnly => args.consumers.unwrap_or(64),
         },
         ..Default::default()
     };

@@ -171,9 +171,11 @@ struct ServeArgs {
     /// The PostgreSQL schema holding the tables, created if missing.
     #[arg(long, default_value = "multiagents")]
     schema: String,
-    /// Result consumers in this process.
-    #[arg(long, default_value_t = 16)]
-    consumers: usize,
+    /// Result consumers in this process: default 16, or 64 with
+    /// `--database-url` (a PostgreSQL commit takes longer than a Redis
+    /// write: more batches in flight share the commits).
+    #[arg(long)]
+    consumers: Option<usize>,
     /// This process's name among the orchestrators.
     #[arg(long)]
     instance: Option<String>,
@@ -334,7 +336,9 @@ async fn serve(
         }
     };
     let mut config = multiagents::OrchestratorConfig {
-        consumers: args.consumers,
+        consumers: args
+            .consumers
+            .unwrap_or(if args.database_url.is_some() { 64 } else { 16 }),
         parallel_results: true,
         redispatch_on_start: args.redis_url.is_none() && args.database_url.is_none(),
         redispatch_after: Some(args.redispatch_after),
