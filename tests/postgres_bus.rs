@@ -600,3 +600,104 @@ async fn results_for_unknown_transactions_written_into_the_table_are_dead_letter
     );
     rt.shutdown().await;
 }
+
+/// With the store carrying the bus's events, a transition's commands are
+/// inserted by the very transaction that writes its state: every command
+/// row shares its transaction id with a write of a workflow row.
+#[tokio::test]
+async fn a_transitions_commands_commit_in_the_transaction_of_its_state() {
+    use multiagents::store::{PostgresStateStore, PostgresStoreConfig};
+    use multiagents::worker::{WorkerError, from_fn};
+    use multiagents::{Runtime, WorkflowBuilder, WorkflowStatus};
+    let Some((bus, url, schema)) = bus("pgb_carry", |c| c).await else {
+        return;
+    };
+    let store = PostgresStateStore::connect(PostgresStoreConfig::new(&url).schema(&schema))
+        .await
+        .expect("store");
+    // A bus of another schema cannot share a transaction with it.
+    let elsewhere = PostgresBus::connect(
+        PostgresBusConfig::new(&url).schema(common::unique_schema("pgb_carry_other")),
+    )
+    .await
+    .expect("bus");
+    let refused = store.carry_events_of(&elsewhere).expect_err("refused");
+    assert!(refused.to_string().contains("schema"), "{refused}");
+    store.carry_events_of(&bus).expect("same server and schema");
+
+    let client = raw(&url).await;
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {schema}.seen (what text, topic text, xid bigint);
+             CREATE FUNCTION {schema}.note_message() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN INSERT INTO {schema}.seen VALUES ('message', NEW.topic, txid_current()); RETURN NEW; END $$;
+             CREATE FUNCTION {schema}.note_workflow() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN INSERT INTO {schema}.seen VALUES ('workflow', '', txid_current()); RETURN NEW; END $$;
+             CREATE TRIGGER note AFTER INSERT ON {schema}.messages
+               FOR EACH ROW EXECUTE FUNCTION {schema}.note_message();
+             CREATE TRIGGER note AFTER INSERT OR UPDATE ON {schema}.workflows
+               FOR EACH ROW EXECUTE FUNCTION {schema}.note_workflow();"
+        ))
+        .await
+        .expect("triggers");
+    let rt = Runtime::builder()
+        .bus(multiagents::bus::Bus::new(bus.clone()))
+        .store(store)
+        .workflow(
+            WorkflowBuilder::new("three")
+                .step("a", "ok")
+                .step("b", "ok")
+                .step("c", "ok")
+                .build()
+                .expect("valid"),
+        )
+        .worker(from_fn("ok", |_: serde_json::Value, _| async {
+            Ok::<_, WorkerError>(1)
+        }))
+        .start()
+        .await
+        .expect("starts");
+    let runs: Vec<TransactionId> = {
+        let mut v = Vec::new();
+        for n in 0..5 {
+            v.push(rt.client().start("three", &n).await.expect("start"));
+        }
+        v
+    };
+    for tx in runs {
+        let state = rt
+            .client()
+            .wait(tx, Duration::from_secs(10))
+            .await
+            .expect("ends");
+        assert_eq!(state.status, WorkflowStatus::Completed);
+    }
+    rt.shutdown().await;
+    let apart: i64 = client
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM {schema}.seen m WHERE m.what = 'message'
+                   AND m.topic LIKE 'commands.%'
+                   AND NOT EXISTS (SELECT 1 FROM {schema}.seen w
+                                   WHERE w.what = 'workflow' AND w.xid = m.xid)"
+            ),
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    let commands: i64 = client
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM {schema}.seen WHERE what = 'message' AND topic LIKE 'commands.%'"
+            ),
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(commands, 15, "three commands for each of five runs");
+    // The first command of each run is published after its create (a
+    // create carries nothing yet); every later one went with its state.
+    assert_eq!(apart, 5, "only the first command of each run came apart");
+}

@@ -173,21 +173,37 @@ struct Inner {
     started: std::sync::Once,
 }
 
-/// What wakes the consumers of one topic and group in this process: a
-/// count of the times something may have come, and a notify that wakes one
-/// waiting consumer, not all of them (sixteen result consumers woken for
-/// every result would claim sixteen times for one row). A consumer whose
-/// claim came back full passes the wake on to the next.
+/// What wakes the consumers of one topic and group in this process: how
+/// many rows may be waiting for them (hints), and a notify that wakes one
+/// waiting consumer, not all of them. A consumer claims only when it can
+/// take hints, as many as it claims rows: sixty-four result consumers
+/// coming back for every result published would otherwise claim
+/// sixty-four times for one row. A publish here adds a hint per row; a
+/// notification from another process or the poll adds one, and a claim
+/// that comes back full puts one back (there may be more). A hint whose
+/// row another process took costs one short claim.
 #[derive(Default)]
 struct Wake {
-    generation: AtomicU64,
+    hints: AtomicU64,
     notify: Notify,
 }
 
 impl Wake {
-    fn bump(&self) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
+    fn hint(&self, rows: u64) {
+        self.hints.fetch_add(rows, Ordering::AcqRel);
         self.notify.notify_one();
+    }
+
+    /// Takes up to `max` hints; how many were taken.
+    fn take(&self, max: u64) -> u64 {
+        match self
+            .hints
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
+                (h > 0).then(|| h - h.min(max))
+            }) {
+            Ok(before) => before.min(max),
+            Err(_) => 0,
+        }
     }
 }
 
@@ -434,19 +450,17 @@ impl PostgresBus {
     /// After a publish committed: wakes this process's consumers of the
     /// topics at once, and announces the topics to the others.
     fn published(&self, topics: &[&str]) {
-        let mut announced: Vec<&str> = Vec::new();
+        let mut counted: Vec<(&str, u64)> = Vec::new();
         for topic in topics {
-            if announced.contains(topic) {
-                continue;
+            match counted.iter_mut().find(|(t, _)| t == topic) {
+                Some((_, n)) => *n += 1,
+                None => counted.push((topic, 1)),
             }
-            announced.push(topic);
-            self.wake_topic(topic);
+        }
+        for (topic, rows) in counted {
+            Inner::wake_topic(&self.inner, topic, rows);
             let _ = self.inner.announce.send(topic.to_string());
         }
-    }
-
-    fn wake_topic(&self, topic: &str) {
-        Inner::wake_topic(&self.inner, topic);
     }
 
     /// The wake of a topic and group waited on here.
@@ -462,12 +476,56 @@ impl PostgresBus {
     }
 }
 
+/// What a [`PostgresStateStore`](super::PostgresStateStore) that writes
+/// events with its states needs of the bus: its encoding and size limit,
+/// and the wake-ups after a commit.
+#[derive(Clone)]
+pub(crate) struct Carrier {
+    inner: std::sync::Weak<Inner>,
+    codec: EventCodec,
+    address: String,
+}
+
+impl PostgresBus {
+    pub(crate) fn carrier(&self) -> Carrier {
+        Carrier {
+            inner: Arc::downgrade(&self.inner),
+            codec: self.inner.codec,
+            address: self.inner.connector.address.clone(),
+        }
+    }
+}
+
+impl Carrier {
+    /// The server, as the store names its own.
+    pub(crate) fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The events encoded, or `None` when one is over the size limit (then
+    /// the write goes without them, and publishing reports it).
+    pub(crate) fn encode(&self, events: &[(String, Event)]) -> Option<super::store::Events> {
+        events
+            .iter()
+            .map(|(topic, e)| Some((topic.clone(), self.codec.encode(e).ok()?)))
+            .collect()
+    }
+
+    /// After a write carrying events to `topics` committed.
+    pub(crate) fn published<'a>(&self, topics: impl Iterator<Item = &'a str>) {
+        if let Some(inner) = self.inner.upgrade() {
+            let topics: Vec<&str> = topics.collect();
+            PostgresBus { inner }.published(&topics);
+        }
+    }
+}
+
 impl Inner {
-    fn wake_topic(inner: &Inner, topic: &str) {
+    fn wake_topic(inner: &Inner, topic: &str, rows: u64) {
         let waits = inner.waits.lock().unwrap_or_else(|e| e.into_inner());
         for ((t, _), wake) in waits.iter() {
             if t == topic {
-                wake.bump();
+                wake.hint(rows);
             }
         }
     }
@@ -475,7 +533,7 @@ impl Inner {
     fn wake_all(inner: &Inner) {
         let waits = inner.waits.lock().unwrap_or_else(|e| e.into_inner());
         for wake in waits.values() {
-            wake.bump();
+            wake.hint(1);
         }
     }
 }
@@ -530,7 +588,7 @@ impl Topics for PostgresBus {
             topic: topic.to_string(),
             group: group.to_string(),
             name: consumer.to_string(),
-            seen: AtomicU64::new(u64::MAX),
+            looked: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -673,10 +731,9 @@ struct PostgresConsumer {
     group: String,
     name: String,
     wake: Arc<Wake>,
-    /// The wake generation at this consumer's last claim that left rows
-    /// behind it unseen: none (`u64::MAX`) at first, so that the first call
-    /// looks.
-    seen: AtomicU64,
+    /// Whether this consumer has looked at the table at all: its first call
+    /// claims without a hint, for what was there before it.
+    looked: std::sync::atomic::AtomicBool,
 }
 
 fn ids_of(ids: &[DeliveryId]) -> Vec<i64> {
@@ -767,14 +824,14 @@ impl Consumer for PostgresConsumer {
             let notified = self.wake.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let generation = self.wake.generation.load(Ordering::Acquire);
-            if self.seen.load(Ordering::Acquire) != generation {
+            let first = !self.looked.swap(true, Ordering::AcqRel);
+            if first || self.wake.take(max as u64) > 0 {
                 let (got, claimed) = self.claim(max).await?;
-                if claimed < max {
-                    // Nothing left as of `generation`: wait for news.
-                    self.seen.store(generation, Ordering::Release);
-                } else {
-                    // There may be more: another consumer here looks too.
+                if claimed == max {
+                    // There may be more.
+                    self.wake.hint(1);
+                } else if self.wake.hints.load(Ordering::Acquire) > 0 {
+                    // Hints left for another consumer here.
                     self.wake.notify.notify_one();
                 }
                 if !got.is_empty() {
@@ -935,7 +992,7 @@ async fn listen(inner: std::sync::Weak<Inner>) {
                             return;
                         };
                         for topic in n.payload().split(',') {
-                            Inner::wake_topic(&strong, topic);
+                            Inner::wake_topic(&strong, topic, 1);
                         }
                     }
                 }
@@ -1019,7 +1076,7 @@ async fn poll_once(inner: &Inner, pairs: &[(String, String)]) -> Result<Option<D
                     .get(&(topic, group))
                     .cloned();
                 if let Some(w) = wake {
-                    w.bump();
+                    w.hint(1);
                 }
             }
             Some(ms) => {
@@ -1034,7 +1091,7 @@ async fn poll_once(inner: &Inner, pairs: &[(String, String)]) -> Result<Option<D
             .execute(inner.sql.adopt.as_str(), &[&topic])
             .await
             .map_err(|e| describe(&e))?;
-        Inner::wake_topic(inner, &topic);
+        Inner::wake_topic(inner, &topic, 1);
     }
     Ok(soonest)
 }

@@ -1,11 +1,12 @@
-//! PostgreSQL (feature `postgres`): a state store for teams that run only
-//! PostgreSQL, or PostgreSQL beside Redis.
+//! PostgreSQL (feature `postgres`): a state store and a bus for teams that
+//! run only PostgreSQL, or the store beside a Redis bus.
 //!
 //! | module | what | implements |
 //! | --- | --- | --- |
 //! | `conn` | a pool (deadpool-postgres) over TCP, a Unix socket or TLS (rustls on ring); connections of their own for `LISTEN` | — |
 //! | `schema` | the tables, created and migrated by the store under an advisory lock | — |
-//! | `store` | [`PostgresStateStore`]: states, timers, definitions, heartbeats | the four [store](crate::store) traits |
+//! | `store` | [`PostgresStateStore`]: states, timers, definitions, heartbeats; with [`PostgresStateStore::carry_events_of`], a transition's events in its state's transaction | the four [store](crate::store) traits |
+//! | `bus` | [`PostgresBus`]: topics as rows claimed with `SKIP LOCKED` under a lease | [`Topics`](crate::bus::Topics) |
 //!
 //! Tables, in the configured schema (`multiagents` by default):
 //!
@@ -17,10 +18,14 @@
 //! | `unpublished` | `(tx, version, at)`: writes whose commands were not yet marked published (the recovery sweep's list) |
 //! | `definitions` | `(name, version) → body` (JSON) |
 //! | `workers` | unlogged: `worker@instance → (at, body)`, the latest heartbeat |
+//! | `messages` | the bus: `topic`, `grp`, `body`, `visible_at` (the lease), `deliveries`, `holder` |
+//! | `bus_groups` | the consumer groups of each topic |
+//! | `dead_letters`, `dead_letter_audit` | what could not be processed, and how it was settled |
 //! | `migrations` | the migrations applied, by version |
 //!
 //! Waiting clients are woken by `NOTIFY <schema>_finished` with the ids of
-//! workflows that finished, sent after their write committed.
+//! workflows that finished, and waiting consumers by `NOTIFY <schema>_bus`
+//! with the topics published to, both sent after the write committed.
 
 mod bus;
 mod conn;

@@ -136,8 +136,7 @@ struct Inner {
     /// Waiters of this process, by workflow: woken with the state when this
     /// process wrote it finished, or with nothing (read it) when another
     /// process announced it.
-    waiters:
-        Mutex<crate::core::hash::IdMap<TransactionId, Vec<oneshot::Sender<Option<Versioned>>>>>,
+    waiters: crate::store::waiters::Waiters,
     listener: std::sync::Once,
     /// Finished workflows to announce, sent after their write committed.
     finished: mpsc::UnboundedSender<TransactionId>,
@@ -149,6 +148,8 @@ struct Inner {
     counts: Arc<WriteCounts>,
     /// Bytes of state records sent.
     written: std::sync::atomic::AtomicU64,
+    /// The bus of this database whose events writes carry, once set.
+    carrier: std::sync::OnceLock<super::bus::Carrier>,
     /// Payloads this instance stored, by workflow and digest: a later write
     /// names them without sending them again (the statement checks that
     /// they are still there). Bounded: forgotten all at once when full.
@@ -251,6 +252,14 @@ impl Sql {
              ), u AS (
                INSERT INTO {s}.unpublished (tx, version, at)
                SELECT r.tx, r.expected + 1, r.at FROM r JOIN w ON w.tx = r.tx WHERE r.noted
+             ), e AS (
+               SELECT * FROM unnest($16::uuid[], $17::text[], $18::bytea[]) WITH ORDINALITY
+                 AS e(tx, topic, body, n)
+             ), m AS (
+               INSERT INTO {s}.messages (topic, grp, body)
+               SELECT e.topic, coalesce(g.grp, ''), e.body
+               FROM e JOIN w ON w.tx = e.tx LEFT JOIN {s}.bus_groups g ON g.topic = e.topic
+               ORDER BY e.n, g.grp
              )
              SELECT r.tx, w.tx IS NOT NULL, c.version, c.history_len
              FROM r LEFT JOIN w ON w.tx = r.tx LEFT JOIN {s}.workflows c ON c.tx = r.tx"
@@ -405,13 +414,14 @@ impl PostgresStateStore {
                 connector,
                 pool,
                 leases: Mutex::default(),
-                waiters: Mutex::default(),
+                waiters: Default::default(),
                 listener: std::sync::Once::new(),
                 finished,
                 writes,
                 published,
                 counts,
                 written: std::sync::atomic::AtomicU64::new(0),
+                carrier: std::sync::OnceLock::new(),
                 stored: Mutex::default(),
             }),
         };
@@ -422,6 +432,43 @@ impl PostgresStateStore {
     /// The settings it was opened with.
     pub fn config(&self) -> &PostgresStoreConfig {
         &self.inner.config
+    }
+
+    /// Publishes the events of each transition on `bus` in the same
+    /// transaction as its state, from now on (PostgreSQL alone). The
+    /// commands of a step are then written exactly when its state is: no
+    /// publish after the write, no note of unpublished writes, nothing for
+    /// the recovery sweep to heal. `bus` must be on the same server and
+    /// schema, or it is refused, naming both.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// use multiagents::bus::{Bus, PostgresBus, PostgresBusConfig};
+    /// use multiagents::store::{PostgresStateStore, PostgresStoreConfig};
+    ///
+    /// let url = "postgres://app@localhost/app";
+    /// let store = PostgresStateStore::connect(PostgresStoreConfig::new(url)).await?;
+    /// let bus = PostgresBus::connect(PostgresBusConfig::new(url)).await?;
+    /// store.carry_events_of(&bus)?;
+    /// let runtime = multiagents::Runtime::builder()
+    ///     .store(store)
+    ///     .bus(Bus::new(bus));
+    /// # let _ = runtime;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn carry_events_of(&self, bus: &super::PostgresBus) -> Result<(), StoreError> {
+        let carrier = bus.carrier();
+        let here = (&self.inner.connector.address, &self.inner.config.schema);
+        let there = (carrier.address(), &bus.config().schema);
+        if here.0 != there.0 || here.1 != there.1 {
+            return Err(self.io(format!(
+                "the bus is at {} (schema {}), the store at {} (schema {}): a transaction cannot span them",
+                there.0, there.1, here.0, here.1
+            )));
+        }
+        let _ = self.inner.carrier.set(carrier);
+        Ok(())
     }
 
     /// What the writers did so far: transitions written and the commits
@@ -466,6 +513,7 @@ impl PostgresStateStore {
         expected: Option<Version>,
         before: Option<&WorkflowState>,
         state: Arc<WorkflowState>,
+        events: Option<&Events>,
     ) -> Result<Version, StoreError> {
         let apart = self.inner.config.large_payload_bytes;
         let delta = match (expected, before) {
@@ -473,9 +521,15 @@ impl PostgresStateStore {
             _ => Changes::full(&state),
         }
         .keep_apart(apart);
-        let written = match self.write_parts(expected, &delta, &state, true).await {
+        let written = match self
+            .write_parts(expected, &delta, &state, true, events)
+            .await
+        {
             // A payload named was gone (the parts rewritten meanwhile): send all.
-            Err(Refused::Named) => self.write_parts(expected, &delta, &state, false).await,
+            Err(Refused::Named) => {
+                self.write_parts(expected, &delta, &state, false, events)
+                    .await
+            }
             other => other,
         };
         let written = match written {
@@ -483,7 +537,8 @@ impl PostgresStateStore {
             Err(Refused::History(len)) if !delta.full => {
                 tracing::debug!(transaction_id = %state.transaction_id, stored = len, expected = delta.history_from, "the stored history is not the one read: writing the state whole");
                 let whole = Changes::full(&state).keep_apart(apart);
-                self.write_parts(expected, &whole, &state, false).await
+                self.write_parts(expected, &whole, &state, false, events)
+                    .await
             }
             other => other,
         };
@@ -492,18 +547,7 @@ impl PostgresStateStore {
                 if state.is_terminal() {
                     let _ = self.inner.finished.send(state.transaction_id);
                     // This process's waiters get the state itself.
-                    let waiters = self
-                        .inner
-                        .waiters
-                        .lock()
-                        .map(|mut w| w.remove(&state.transaction_id))
-                        .unwrap_or_default();
-                    for w in waiters.into_iter().flatten() {
-                        let _ = w.send(Some(Versioned {
-                            version: v,
-                            state: state.clone(),
-                        }));
-                    }
+                    self.inner.waiters.hand_over(v, &state);
                 }
                 Ok(v)
             }
@@ -552,6 +596,7 @@ impl PostgresStateStore {
         delta: &Changes<'_>,
         state: &WorkflowState,
         name_stored: bool,
+        events: Option<&Events>,
     ) -> Result<Version, Refused> {
         let tx = state.transaction_id;
         let (head, mut fields) =
@@ -591,7 +636,9 @@ impl PostgresStateStore {
             .fetch_add(sent as u64, std::sync::atomic::Ordering::Relaxed);
         // A finished top-level workflow has nothing left that must arrive
         // (only status broadcasts): no note.
-        let noted = !(state.is_terminal() && state.parent.is_none());
+        // Nor when its events go with it.
+        let noted = events.is_none() && !(state.is_terminal() && state.parent.is_none());
+        let events = events.cloned().unwrap_or_default();
         let now = millis(Timestamp::now());
         let status = state.status.as_str();
         let updated = millis(state.updated_at);
@@ -652,6 +699,7 @@ impl PostgresStateStore {
                     named: Vec::new(),
                     names,
                     values,
+                    events,
                 };
                 let found = update(&t, sql, &[&whole]).await.map_err(pg)?;
                 if !matches!(found.get(&tx.0), Some(Some((true, _, _)))) {
@@ -677,6 +725,7 @@ impl PostgresStateStore {
                     named,
                     names,
                     values,
+                    events,
                 };
                 let Answer::Updated(row) = self.submit(Job::Update(update)).await? else {
                     unreachable!("an update is answered as one");
@@ -716,25 +765,6 @@ impl PostgresStateStore {
         self.inner.listener.call_once(|| {
             tokio::spawn(listen(inner));
         });
-    }
-
-    fn wake(inner: &Inner, tx: Option<TransactionId>) {
-        let mut waiters = inner.waiters.lock().unwrap_or_else(|e| e.into_inner());
-        match tx {
-            Some(tx) => {
-                for w in waiters.remove(&tx).unwrap_or_default() {
-                    let _ = w.send(None);
-                }
-            }
-            // Reconnected: everyone re-reads (an announcement may be lost).
-            None => {
-                for (_, list) in waiters.drain() {
-                    for w in list {
-                        let _ = w.send(None);
-                    }
-                }
-            }
-        }
     }
 }
 
@@ -797,7 +827,12 @@ struct Update {
     named: Vec<String>,
     names: Vec<String>,
     values: Vec<Vec<u8>>,
+    /// Events published with the write (topics and bodies).
+    events: Events,
 }
+
+/// Events a write carries onto the bus: their topics and encoded bodies.
+pub(super) type Events = Vec<(String, Vec<u8>)>;
 
 /// What a write found.
 enum Answer {
@@ -930,7 +965,13 @@ async fn update(
     let noted: Vec<bool> = updates.iter().map(|u| u.noted).collect();
     let (mut named_tx, mut named) = (Vec::new(), Vec::new());
     let (mut part_tx, mut names, mut values) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut event_tx, mut topics, mut bodies) = (Vec::new(), Vec::new(), Vec::new());
     for u in updates {
+        for (topic, body) in &u.events {
+            event_tx.push(u.tx);
+            topics.push(topic.as_str());
+            bodies.push(body.as_slice());
+        }
         for n in &u.named {
             named_tx.push(u.tx);
             named.push(n.as_str());
@@ -960,6 +1001,9 @@ async fn update(
                 &part_tx,
                 &names,
                 &values,
+                &event_tx,
+                &topics,
+                &bodies,
             ],
         )
         .await?;
@@ -1117,7 +1161,7 @@ async fn listen(inner: std::sync::Weak<Inner>) {
                 } else {
                     delay = Duration::from_millis(100);
                     if let Some(strong) = inner.upgrade() {
-                        PostgresStateStore::wake(&strong, None);
+                        strong.waiters.wake_all();
                     }
                     while let Some(n) = notes.recv().await {
                         let Some(strong) = inner.upgrade() else {
@@ -1125,7 +1169,7 @@ async fn listen(inner: std::sync::Weak<Inner>) {
                         };
                         for id in n.payload().split(',') {
                             if let Ok(tx) = id.parse::<TransactionId>() {
-                                PostgresStateStore::wake(&strong, Some(tx));
+                                strong.waiters.wake(tx);
                             }
                         }
                     }
@@ -1147,7 +1191,7 @@ fn status_of(text: &str) -> Option<WorkflowStatus> {
 #[async_trait]
 impl WorkflowStates for PostgresStateStore {
     async fn create(&self, state: Arc<WorkflowState>) -> Result<Version, StoreError> {
-        self.write(None, None, state).await
+        self.write(None, None, state, None).await
     }
 
     async fn get(&self, transaction_id: TransactionId) -> Result<Option<Versioned>, StoreError> {
@@ -1193,7 +1237,7 @@ impl WorkflowStates for PostgresStateStore {
         expected: Version,
         state: Arc<WorkflowState>,
     ) -> Result<Version, StoreError> {
-        self.write(Some(expected), None, state).await
+        self.write(Some(expected), None, state, None).await
     }
 
     async fn compare_and_set_from(
@@ -1202,7 +1246,7 @@ impl WorkflowStates for PostgresStateStore {
         before: &WorkflowState,
         state: Arc<WorkflowState>,
     ) -> Result<Version, StoreError> {
-        self.write(Some(expected), Some(before), state).await
+        self.write(Some(expected), Some(before), state, None).await
     }
 
     async fn step_output(
@@ -1399,6 +1443,30 @@ impl WorkflowStates for PostgresStateStore {
         )
     }
 
+    fn carries_events(&self) -> bool {
+        self.inner.carrier.get().is_some()
+    }
+
+    async fn compare_and_set_carrying(
+        &self,
+        expected: Version,
+        before: &WorkflowState,
+        state: Arc<WorkflowState>,
+        events: &[(String, crate::core::Event)],
+    ) -> Result<Option<Version>, StoreError> {
+        let Some(carrier) = self.inner.carrier.get() else {
+            return Ok(None);
+        };
+        let Some(encoded) = carrier.encode(events) else {
+            return Ok(None);
+        };
+        let version = self
+            .write(Some(expected), Some(before), state, Some(&encoded))
+            .await?;
+        carrier.published(encoded.iter().map(|(t, _)| t.as_str()));
+        Ok(Some(version))
+    }
+
     fn is_remote(&self) -> bool {
         true
     }
@@ -1409,47 +1477,31 @@ impl WorkflowStates for PostgresStateStore {
         timeout: Duration,
     ) -> Result<Option<Versioned>, StoreError> {
         self.ensure_listener();
-        let until = tokio::time::Instant::now() + timeout;
-        loop {
-            let (tx, rx) = oneshot::channel();
-            if let Ok(mut w) = self.inner.waiters.lock() {
-                w.entry(transaction_id).or_default().push(tx);
-            }
-            // The status column first (one small read): the whole state is
-            // read once, when it is the one to return.
-            let status: Option<String> = {
-                let client = self.client().await?;
-                let statement = client
-                    .prepare_cached(&self.inner.sql.status)
-                    .await
-                    .map_err(|e| self.pg(e))?;
-                client
-                    .query_opt(&statement, &[&transaction_id.0])
-                    .await
-                    .map_err(|e| self.pg(e))?
-                    .map(|r| r.get(0))
-            };
-            let done = status.is_none_or(|s| status_of(&s).is_none_or(|s| s.is_terminal()));
-            if done || tokio::time::Instant::now() >= until {
-                let current = self.get(transaction_id).await?;
-                if let Ok(mut w) = self.inner.waiters.lock()
-                    && let Some(list) = w.get_mut(&transaction_id)
-                {
-                    list.retain(|s| !s.is_closed());
-                    if list.is_empty() {
-                        w.remove(&transaction_id);
-                    }
-                }
-                return Ok(current);
-            }
-            // Woken by the finish announcement; re-read now and then in case
-            // it was missed (nothing is kept while the listener reconnects).
-            let nap = (until - tokio::time::Instant::now()).min(Duration::from_secs(1));
-            if let Ok(Ok(Some(written))) = tokio::time::timeout(nap, rx).await {
-                // Written finished by this process: the state itself.
-                return Ok(Some(written));
-            }
-        }
+        // Re-read every second in case an announcement was missed (nothing
+        // is kept while the listener reconnects).
+        self.inner
+            .waiters
+            .wait(
+                transaction_id,
+                timeout,
+                Duration::from_secs(1),
+                move || async move {
+                    // The status column (one small read).
+                    let client = self.client().await?;
+                    let statement = client
+                        .prepare_cached(&self.inner.sql.status)
+                        .await
+                        .map_err(|e| self.pg(e))?;
+                    let status: Option<String> = client
+                        .query_opt(&statement, &[&transaction_id.0])
+                        .await
+                        .map_err(|e| self.pg(e))?
+                        .map(|r| r.get(0));
+                    Ok(status.is_none_or(|s| status_of(&s).is_none_or(|s| s.is_terminal())))
+                },
+                move || self.get(transaction_id),
+            )
+            .await
     }
 }
 

@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::Script;
-use tokio::sync::oneshot;
 
 use super::conn::{Pool, RedisConnection, follow_channel, open, query_all, redacted, run_all};
 use crate::core::saga::parts::Changes;
@@ -190,8 +189,7 @@ struct Inner {
     /// Waiters of this process, by workflow: woken with the state when this
     /// process wrote it finished, or with nothing (read it) when another
     /// process announced it.
-    waiters:
-        Mutex<crate::core::hash::IdMap<TransactionId, Vec<oneshot::Sender<Option<Versioned>>>>>,
+    waiters: crate::store::waiters::Waiters,
     listener: std::sync::Once,
     /// Bytes of state records sent (the state and the script's other
     /// arguments; not the index updates beside it).
@@ -226,7 +224,7 @@ impl RedisStateStore {
                 lease_due: Script::new(LEASE_DUE),
                 rearm: Script::new(REARM),
                 leases: Mutex::default(),
-                waiters: Mutex::default(),
+                waiters: Default::default(),
                 listener: std::sync::Once::new(),
                 written: std::sync::atomic::AtomicU64::new(0),
                 stored: Mutex::default(),
@@ -309,18 +307,7 @@ impl RedisStateStore {
     /// Wakes this process's waiters of a workflow it just wrote finished
     /// with the state itself: what was committed, without reading it back.
     fn hand_over(&self, version: Version, state: &Arc<WorkflowState>) {
-        let waiters = self
-            .inner
-            .waiters
-            .lock()
-            .map(|mut w| w.remove(&state.transaction_id))
-            .unwrap_or_default();
-        for w in waiters.into_iter().flatten() {
-            let _ = w.send(Some(Versioned {
-                version,
-                state: state.clone(),
-            }));
-        }
+        self.inner.waiters.hand_over(version, state);
     }
 
     async fn write_with(
@@ -555,14 +542,7 @@ impl RedisStateStore {
                 else {
                     return;
                 };
-                let waiters = inner
-                    .waiters
-                    .lock()
-                    .map(|mut w| w.remove(&tx))
-                    .unwrap_or_default();
-                for w in waiters.into_iter().flatten() {
-                    let _ = w.send(None);
-                }
+                inner.waiters.wake(tx);
             },
         )
         .await
@@ -895,42 +875,28 @@ impl WorkflowStates for RedisStateStore {
         timeout: Duration,
     ) -> Result<Option<Versioned>, StoreError> {
         self.ensure_listener();
-        let until = tokio::time::Instant::now() + timeout;
-        loop {
-            let (tx, rx) = oneshot::channel();
-            if let Ok(mut w) = self.inner.waiters.lock() {
-                w.entry(transaction_id).or_default().push(tx);
-            }
-            // The status field first (one small read): the whole state is
-            // read once, when it is the one to return.
-            let mut conn = self.inner.conn.get();
-            let status: Option<String> = redis::cmd("HGET")
-                .arg(self.key(transaction_id))
-                .arg("st")
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| self.io(e))?;
-            let done = status.is_none_or(|s| status_of(&s).is_none_or(|s| s.is_terminal()));
-            if done || tokio::time::Instant::now() >= until {
-                let current = self.get(transaction_id).await?;
-                if let Ok(mut w) = self.inner.waiters.lock()
-                    && let Some(list) = w.get_mut(&transaction_id)
-                {
-                    list.retain(|s| !s.is_closed());
-                    if list.is_empty() {
-                        w.remove(&transaction_id);
-                    }
-                }
-                return Ok(current);
-            }
-            // Woken by the finish announcement; re-read now and then in case
-            // it was missed (Pub/Sub keeps nothing while reconnecting).
-            let nap = (until - tokio::time::Instant::now()).min(Duration::from_millis(250));
-            if let Ok(Ok(Some(written))) = tokio::time::timeout(nap, rx).await {
-                // Written finished by this process: the state itself.
-                return Ok(Some(written));
-            }
-        }
+        // Re-read every 250 ms in case an announcement was missed (Pub/Sub
+        // keeps nothing while reconnecting).
+        self.inner
+            .waiters
+            .wait(
+                transaction_id,
+                timeout,
+                Duration::from_millis(250),
+                move || async move {
+                    // The status field (one small read).
+                    let mut conn = self.inner.conn.get();
+                    let status: Option<String> = redis::cmd("HGET")
+                        .arg(self.key(transaction_id))
+                        .arg("st")
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(|e| self.io(e))?;
+                    Ok(status.is_none_or(|s| status_of(&s).is_none_or(|s| s.is_terminal())))
+                },
+                move || self.get(transaction_id),
+            )
+            .await
     }
 }
 

@@ -149,6 +149,17 @@ impl Drop for WorkflowGuard<'_> {
     }
 }
 
+/// A transition's actions, while its state is written: to be carried out
+/// after the write, or already turned into events (which the write may
+/// carry) and the actions left.
+enum Plan {
+    Later(Vec<Action>),
+    Built {
+        events: Vec<(String, Event)>,
+        rest: Vec<Action>,
+    },
+}
+
 /// What [`Engine::drive`] did.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Driven {
@@ -574,36 +585,89 @@ impl Engine {
                 annotate(&mut state, current.state.history.len(), input, timing);
             }
             let state = Arc::new(state);
-            match self
-                .store
-                .states
-                .compare_and_set_from(current.version, &current.state, state.clone())
-                .await
-            {
-                Ok(version) => {
+            let traceparent = cause.and_then(|c| c.traceparent.clone());
+            let (plan, written) = if self.store.states.carries_events() {
+                // The events go with the state, in its transaction.
+                let mut events = Vec::new();
+                let rest = self.commands(
+                    &state,
+                    outcome.actions,
+                    cause,
+                    traceparent.as_deref(),
+                    &mut events,
+                );
+                let written = match self
+                    .store
+                    .states
+                    .compare_and_set_carrying(
+                        current.version,
+                        &current.state,
+                        state.clone(),
+                        &events,
+                    )
+                    .await
+                {
+                    Ok(Some(version)) => Ok((version, true)),
+                    // Not carried (an event over the bus's limit): as usual.
+                    Ok(None) => self
+                        .store
+                        .states
+                        .compare_and_set_from(current.version, &current.state, state.clone())
+                        .await
+                        .map(|v| (v, false)),
+                    Err(e) => Err(e),
+                };
+                (Plan::Built { events, rest }, written)
+            } else {
+                let written = self
+                    .store
+                    .states
+                    .compare_and_set_from(current.version, &current.state, state.clone())
+                    .await
+                    .map(|v| (v, false));
+                (Plan::Later(outcome.actions), written)
+            };
+            match written {
+                Ok((version, carried)) => {
                     if let Some(cache) = &self.cache {
                         cache.put(version, state.clone());
                     }
                     drop(guard);
                     self.timers.note(&state);
-                    self.wrote(outbox, tx, version);
                     self.metrics.result(&current.state, input, now);
-                    if !matches!(input, Input::Redispatch { .. }) {
-                        for action in &outcome.actions {
-                            if let Action::Dispatch(d) = action {
-                                self.metrics.dispatch(&state, &d.step, d.phase, d.attempt);
+                    let counted = !matches!(input, Input::Redispatch { .. });
+                    match plan {
+                        Plan::Later(actions) => {
+                            self.wrote(outbox, tx, version);
+                            if counted {
+                                for action in &actions {
+                                    if let Action::Dispatch(d) = action {
+                                        self.metrics.dispatch(&state, &d.step, d.phase, d.attempt);
+                                    }
+                                }
                             }
+                            self.execute(&state, actions, cause, traceparent.as_deref(), outbox)
+                                .await?;
+                        }
+                        Plan::Built { events, rest } => {
+                            if counted {
+                                for (_, e) in &events {
+                                    if let (
+                                        EventKind::Command | EventKind::Compensation,
+                                        Some(step),
+                                    ) = (e.kind, &e.step)
+                                    {
+                                        self.metrics.dispatch(&state, step, e.phase, e.attempt);
+                                    }
+                                }
+                            }
+                            if !carried {
+                                self.wrote(outbox, tx, version);
+                                outbox.events.extend(events);
+                            }
+                            self.effects(&state, rest, cause).await?;
                         }
                     }
-                    let traceparent = cause.and_then(|c| c.traceparent.clone());
-                    self.execute(
-                        &state,
-                        outcome.actions,
-                        cause,
-                        traceparent.as_deref(),
-                        outbox,
-                    )
-                    .await?;
                     return Ok(Driven::Applied);
                 }
                 Err(StoreError::Conflict { .. }) => {
@@ -725,7 +789,24 @@ impl Engine {
         traceparent: Option<&str>,
         outbox: &mut Outbox,
     ) -> Result<(), Error> {
+        let rest = self.commands(state, actions, cause, traceparent, &mut outbox.events);
+        self.effects(state, rest, cause).await
+    }
+
+    /// The events a transition's actions send (commands, compensations,
+    /// messages to sub-workflows and parents), put in `events`; the other
+    /// actions (status, interrupts, dead letters) are returned, to be
+    /// carried out by [`Engine::effects`] once the state is written.
+    fn commands(
+        &self,
+        state: &WorkflowState,
+        actions: Vec<Action>,
+        cause: Option<&Event>,
+        traceparent: Option<&str>,
+        events: &mut Vec<(String, Event)>,
+    ) -> Vec<Action> {
         let traceparent: Option<Arc<str>> = traceparent.map(Arc::from);
+        let mut rest = Vec::new();
         for action in actions {
             match action {
                 Action::Dispatch(d) => {
@@ -764,8 +845,54 @@ impl Engine {
                     e.deadline = Some(d.deadline);
                     e.causation_id = cause.map(|c| c.id);
                     e.traceparent = span.map(Arc::from).or_else(|| traceparent.clone());
-                    outbox.push((String::from(&*self.topic(&d.worker, state.priority)), e));
+                    events.push((String::from(&*self.topic(&d.worker, state.priority)), e));
                 }
+                // A child is driven by a message, handled like a result:
+                // with its own compare-and-set and ack, never inline.
+                Action::StartChild(start) => {
+                    let start = *start;
+                    let control = ChildControl::Start {
+                        parent: start.parent,
+                        workflow: start.workflow,
+                        version: start.version,
+                        input: start.input,
+                        priority: state.priority,
+                    };
+                    events.push(control_message(state, start.transaction_id, &control));
+                }
+                Action::CancelChild {
+                    transaction_id,
+                    reason,
+                } => {
+                    let control = ChildControl::Cancel { reason };
+                    events.push(control_message(state, transaction_id, &control));
+                }
+                Action::UndoChild {
+                    parent,
+                    transaction_id,
+                } => {
+                    let control = ChildControl::Undo { parent: *parent };
+                    events.push(control_message(state, transaction_id, &control));
+                }
+                Action::NotifyParent(outcome) => {
+                    events.push(notify_parent(state.correlation_id, *outcome));
+                }
+                other => rest.push(other),
+            }
+        }
+        rest
+    }
+
+    /// Carries out what [`Engine::commands`] left: broadcasts status
+    /// changes, interrupts steps in flight, records dead letters.
+    async fn effects(
+        &self,
+        state: &WorkflowState,
+        actions: Vec<Action>,
+        cause: Option<&Event>,
+    ) -> Result<(), Error> {
+        for action in actions {
+            match action {
                 Action::Status(update) => {
                     log_status(state, &update);
                     self.metrics.status(state, &update);
@@ -800,36 +927,6 @@ impl Engine {
                         tracing::warn!(transaction_id = %state.transaction_id, error = %e, "interrupting a step failed; it settles when it answers or times out");
                     }
                 }
-                // A child is driven by a message, handled like a result:
-                // with its own compare-and-set and ack, never inline.
-                Action::StartChild(start) => {
-                    let start = *start;
-                    let control = ChildControl::Start {
-                        parent: start.parent,
-                        workflow: start.workflow,
-                        version: start.version,
-                        input: start.input,
-                        priority: state.priority,
-                    };
-                    outbox.push(control_message(state, start.transaction_id, &control));
-                }
-                Action::CancelChild {
-                    transaction_id,
-                    reason,
-                } => {
-                    let control = ChildControl::Cancel { reason };
-                    outbox.push(control_message(state, transaction_id, &control));
-                }
-                Action::UndoChild {
-                    parent,
-                    transaction_id,
-                } => {
-                    let control = ChildControl::Undo { parent: *parent };
-                    outbox.push(control_message(state, transaction_id, &control));
-                }
-                Action::NotifyParent(outcome) => {
-                    outbox.push(notify_parent(state.correlation_id, *outcome));
-                }
                 Action::DeadLetter { step, reason } => {
                     tracing::error!(
                         transaction_id = %state.transaction_id,
@@ -856,6 +953,12 @@ impl Engine {
                         })
                         .await?;
                 }
+                // Turned into events by `commands`.
+                Action::Dispatch(_)
+                | Action::StartChild(_)
+                | Action::CancelChild { .. }
+                | Action::UndoChild { .. }
+                | Action::NotifyParent(_) => {}
             }
         }
         Ok(())

@@ -28,6 +28,8 @@ pub mod file;
 
 #[cfg(any(feature = "redis", feature = "postgres"))]
 pub(crate) mod fields;
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) mod waiters;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -232,6 +234,33 @@ pub trait WorkflowStates: Send + Sync + 'static {
     ) -> Result<Version, StoreError> {
         let _ = before;
         self.compare_and_set(expected, state).await
+    }
+
+    /// True when this store can write a transition's events (commands,
+    /// messages to other workflows) in the same transaction as its state,
+    /// onto the bus that shares its database
+    /// ([`WorkflowStates::compare_and_set_carrying`]). Then nothing is
+    /// published after the write, no unpublished note is kept, and a crash
+    /// cannot fall between the two.
+    fn carries_events(&self) -> bool {
+        false
+    }
+
+    /// Like [`WorkflowStates::compare_and_set_from`], and in the same
+    /// transaction publishes `events` (by topic) on the bus this store
+    /// carries for ([`WorkflowStates::carries_events`]): both happen or
+    /// neither. `Ok(None)` when the events cannot be carried (one is over
+    /// the bus's size limit, say) and nothing was written: the caller
+    /// writes and publishes as usual. The default carries nothing.
+    async fn compare_and_set_carrying(
+        &self,
+        expected: Version,
+        before: &WorkflowState,
+        state: Arc<WorkflowState>,
+        events: &[(String, crate::core::Event)],
+    ) -> Result<Option<Version>, StoreError> {
+        let _ = (expected, before, state, events);
+        Ok(None)
     }
 
     /// The output of one completed step (or fan-out branch, `step[i]`):

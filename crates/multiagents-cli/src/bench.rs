@@ -920,6 +920,7 @@ async fn backend(args: &OrdersArgs) -> Result<(Bus, Store, Effects, Option<PathB
             let mut config = PostgresStoreConfig::new(&args.database_url).schema(&schema);
             config.timer_lease = args.visibility_timeout;
             let store = PostgresStateStore::connect(config).await?;
+            store.carry_events_of(&bus)?;
             Ok((
                 Bus::new(bus),
                 store.into(),

@@ -276,6 +276,8 @@ async fn serve(
             let mut store_config = shared.postgres_config();
             store_config.timer_lease = args.visibility_timeout;
             let store = multiagents::store::PostgresStateStore::connect(store_config).await?;
+            // A transition's commands commit with its state.
+            store.carry_events_of(&bus)?;
             (Bus::new(bus), store.into(), shared.place())
         }
         (Some(_), _) => {
