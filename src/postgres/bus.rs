@@ -63,17 +63,18 @@ pub struct PostgresBusConfig {
     pub max_deliveries: u32,
     /// Largest event accepted, in bytes, on publish and on consume.
     pub max_event_bytes: usize,
-    /// The longest a waiting consumer goes without a look at the table when
-    /// no `NOTIFY` comes (a lost notification, a lease that ran out in a
-    /// process that died): what an idle process costs the database, one
-    /// query per interval.
+    /// The longest a waiting consumer goes without a look at the table. A
+    /// lease due to run out is looked at when it does, and a publish wakes
+    /// consumers by `NOTIFY`; this look is for a notification lost while
+    /// the listener reconnected, and is what an idle process costs the
+    /// database: one query per interval.
     pub poll_interval: Duration,
 }
 
 impl PostgresBusConfig {
     /// Defaults for a server at `url`: schema `multiagents`, 16
     /// connections, a 1.5 s visibility timeout, 5 deliveries, a poll every
-    /// second.
+    /// 2 s at most.
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
@@ -83,7 +84,7 @@ impl PostgresBusConfig {
             visibility_timeout: Duration::from_millis(1500),
             max_deliveries: 5,
             max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
-            poll_interval: Duration::from_secs(1),
+            poll_interval: Duration::from_secs(2),
         }
     }
 
@@ -154,10 +155,11 @@ struct Inner {
     connector: Connector,
     /// For publishes and the dead letters: commits wait for the flush.
     pool: deadpool_postgres::Pool,
-    /// For claims, extensions, acks and the poll: commits do not wait for
-    /// the flush (`synchronous_commit = off`). One lost in a crash of the
-    /// server only means a delivery made again: a claim or an extension
-    /// undone lets the row be claimed again, an ack undone delivers it
+    /// For claims, extensions, acks, answers published with the ack of
+    /// what they answer, and the poll: commits do not wait for the flush
+    /// (`synchronous_commit = off`). One lost in a crash of the server only
+    /// means a delivery made again: a claim or an extension undone lets the
+    /// row be claimed again, an ack (with its answer) undone delivers it
     /// again, and the orchestrator and the workers take duplicates in their
     /// stride. The next synchronous commit flushes them anyway.
     leases: deadpool_postgres::Pool,
@@ -916,7 +918,15 @@ impl Consumer for PostgresConsumer {
         }
         let (topics, bodies) = self.bus.encode(events)?;
         let ids = ids_of(ids);
-        let client = self.bus.client().await?;
+        // Answers to deliveries commit without waiting for the flush: if
+        // a crash of the server undid them, the deliveries would come
+        // again and be answered again (a worker's idempotency key holds).
+        // Events acking nothing would be lost: they wait.
+        let client = if ids.is_empty() {
+            self.bus.client().await?
+        } else {
+            self.bus.lazy_client().await?
+        };
         self.bus
             .execute(
                 &client,

@@ -43,9 +43,9 @@ pub struct OrchestratorConfig {
     /// A write whose actions are not marked published this long after it
     /// was made is taken to have been cut short by a crash, and its
     /// workflow's commands are published again (with a store that tracks
-    /// unpublished writes: every store here does). The sweep looks every
-    /// half of this (one query per look: most of what an idle orchestrator
-    /// costs its store, with the timer look).
+    /// unpublished writes: every store here does). The sweep looks this
+    /// often (one query per look: most of what an idle orchestrator costs
+    /// its store, with the timer look).
     pub unpublished_after: Duration,
     /// How long finished workflows are kept.
     pub retention: Duration,
@@ -58,7 +58,7 @@ impl Default for OrchestratorConfig {
             consumers: 2,
             batch_size: 256,
             parallel_results: false,
-            tick_interval: Duration::from_secs(1),
+            tick_interval: Duration::from_secs(2),
             redispatch_on_start: true,
             redispatch_after: None,
             unpublished_after: Duration::from_secs(2),
@@ -430,7 +430,7 @@ async fn redispatch(
 /// The recovery sweep: publishes again what writes cut short by a crash
 /// never published.
 async fn unpublished_loop(engine: Arc<Engine>, after: Duration, stop: CancellationToken) {
-    let mut ticker = tokio::time::interval((after / 2).max(Duration::from_millis(10)));
+    let mut ticker = tokio::time::interval(after.max(Duration::from_millis(10)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
