@@ -208,6 +208,12 @@ impl Sql {
                ON CONFLICT (tx, field) DO UPDATE SET value = excluded.value
              ), u AS (
                INSERT INTO {s}.unpublished (tx, version, at) SELECT w.tx, 1, $13 FROM w WHERE $14
+             ), m AS (
+               INSERT INTO {s}.messages (topic, grp, body)
+               SELECT e.topic, coalesce(g.grp, ''), e.body
+               FROM w CROSS JOIN unnest($15::text[], $16::bytea[]) WITH ORDINALITY AS e(topic, body, n)
+               LEFT JOIN {s}.bus_groups g ON g.topic = e.topic
+               ORDER BY e.n, g.grp
              )
              SELECT count(*) FROM w"
         );
@@ -638,7 +644,7 @@ impl PostgresStateStore {
         // (only status broadcasts): no note.
         // Nor when its events go with it.
         let noted = events.is_none() && !(state.is_terminal() && state.parent.is_none());
-        let events = events.cloned().unwrap_or_default();
+        let mut events = events.cloned().unwrap_or_default();
         let now = millis(Timestamp::now());
         let status = state.status.as_str();
         let updated = millis(state.updated_at);
@@ -649,7 +655,7 @@ impl PostgresStateStore {
         let pg = |e: tokio_postgres::Error| Refused::Store(self.pg(e));
         let version = match expected {
             None => {
-                let params: Vec<Param> = vec![
+                let mut params: Vec<Param> = vec![
                     Box::new(tx.0),
                     Box::new(state.workflow.as_str().to_string()),
                     Box::new(state.version as i32),
@@ -665,6 +671,10 @@ impl PostgresStateStore {
                     Box::new(now),
                     Box::new(noted),
                 ];
+                let (topics, bodies): (Vec<String>, Vec<Vec<u8>>) =
+                    std::mem::take(&mut events).into_iter().unzip();
+                params.push(Box::new(topics));
+                params.push(Box::new(bodies));
                 match self.submit(Job::Create(params)).await? {
                     Answer::Created(true) => 1,
                     _ => return Err(Refused::Exists),
@@ -1445,6 +1455,22 @@ impl WorkflowStates for PostgresStateStore {
 
     fn carries_events(&self) -> bool {
         self.inner.carrier.get().is_some()
+    }
+
+    async fn create_carrying(
+        &self,
+        state: Arc<WorkflowState>,
+        events: &[(String, crate::core::Event)],
+    ) -> Result<Option<Version>, StoreError> {
+        let Some(carrier) = self.inner.carrier.get() else {
+            return Ok(None);
+        };
+        let Some(encoded) = carrier.encode(events) else {
+            return Ok(None);
+        };
+        let version = self.write(None, None, state, Some(&encoded)).await?;
+        carrier.published(encoded.iter().map(|(t, _)| t.as_str()));
+        Ok(Some(version))
     }
 
     async fn compare_and_set_carrying(

@@ -431,6 +431,53 @@ impl Engine {
         state.priority = options.priority;
         let state = Arc::new(state);
         let mut outbox = Outbox::new();
+        if self.store.states.carries_events() {
+            // The first commands go with the new state, in its transaction.
+            let mut events = Vec::new();
+            let rest = self.commands(
+                &state,
+                actions,
+                None,
+                options.traceparent.as_deref(),
+                &mut events,
+            );
+            let created = match self
+                .store
+                .states
+                .create_carrying(state.clone(), &events)
+                .await
+            {
+                Ok(Some(version)) => Ok((version, true)),
+                // Not carried (an event over the bus's limit): as usual.
+                Ok(None) => self
+                    .store
+                    .states
+                    .create(state.clone())
+                    .await
+                    .map(|v| (v, false)),
+                Err(e) => Err(e),
+            };
+            match created {
+                Ok((version, carried)) => {
+                    if let Some(cache) = &self.cache {
+                        cache.put(version, state.clone());
+                    }
+                    self.timers.note(&state);
+                    if !carried {
+                        self.wrote(&mut outbox, tx, version);
+                        outbox.events.extend(events);
+                    }
+                }
+                // Starting with a transaction id that exists is idempotent.
+                Err(StoreError::AlreadyExists(_)) if options.transaction_id.is_some() => {
+                    return Ok(tx);
+                }
+                Err(e) => return Err(e.into()),
+            }
+            self.effects(&state, rest, None).await?;
+            self.publish(outbox).await?;
+            return Ok(tx);
+        }
         match self.store.states.create(state.clone()).await {
             Ok(version) => {
                 if let Some(cache) = &self.cache {

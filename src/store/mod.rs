@@ -263,6 +263,19 @@ pub trait WorkflowStates: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// Like [`WorkflowStates::create`], and in the same transaction
+    /// publishes `events` (a new workflow's first commands) on the bus this
+    /// store carries for. `Ok(None)` when they cannot be carried and
+    /// nothing was written. The default carries nothing.
+    async fn create_carrying(
+        &self,
+        state: Arc<WorkflowState>,
+        events: &[(String, crate::core::Event)],
+    ) -> Result<Option<Version>, StoreError> {
+        let _ = (state, events);
+        Ok(None)
+    }
+
     /// The output of one completed step (or fan-out branch, `step[i]`):
     /// what a worker reads when its command does not carry it. The default
     /// reads the whole state; stores that keep parts read one.

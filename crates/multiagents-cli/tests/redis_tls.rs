@@ -108,18 +108,30 @@ impl Drop for TlsRedis {
 }
 
 /// A child process killed when dropped, so that a failing test leaves none
-/// behind.
-struct Reaped(Child);
+/// behind. Its stdout and stderr are read as it writes them (a debug log
+/// left in a full pipe would stall it), into `out`.
+struct Reaped {
+    child: Child,
+    out: std::sync::Arc<std::sync::Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
 
 impl Drop for Reaped {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Reaped {
+    fn output(&self) -> String {
+        self.out.lock().expect("lock").clone()
     }
 }
 
 fn serve(url: &str, ca: &Path, prefix: &str) -> Reaped {
-    let child = Command::new(env!("CARGO_BIN_EXE_multiagents"))
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_multiagents"))
         .args(["serve", "--redis-url", url, "--prefix", prefix])
         .args(["--listen", "127.0.0.1:0"])
         .arg("--redis-ca-file")
@@ -130,7 +142,28 @@ fn serve(url: &str, ca: &Path, prefix: &str) -> Reaped {
         .stderr(Stdio::piped())
         .spawn()
         .expect("the multiagents binary starts");
-    Reaped(child)
+    let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let mut readers = Vec::new();
+    let pipes: [Box<dyn std::io::Read + Send>; 2] = [
+        Box::new(child.stdout.take().expect("stdout")),
+        Box::new(child.stderr.take().expect("stderr")),
+    ];
+    for pipe in pipes {
+        let out = out.clone();
+        readers.push(std::thread::spawn(move || {
+            for line in std::io::BufReader::new(pipe).lines() {
+                let Ok(line) = line else { return };
+                let mut out = out.lock().expect("lock");
+                out.push_str(&line);
+                out.push('\n');
+            }
+        }));
+    }
+    Reaped {
+        child,
+        out,
+        readers,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,12 +249,17 @@ async fn workflows_run_over_tls_as_an_acl_user_limited_to_its_prefix() {
     assert!(err.to_string().contains("NoPerm"), "{err}");
 
     workers.shutdown().await;
+    // Up and saying where it serves (it ran the workflows, so it is), then
     // SIGTERM, so that the orchestrator drains and logs its way out.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !orchestrator.output().contains("serving http://") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     Command::new("kill")
-        .args(["-TERM", &orchestrator.0.id().to_string()])
+        .args(["-TERM", &orchestrator.child.id().to_string()])
         .status()
         .expect("kill");
-    let out = wait_output(&mut orchestrator.0);
+    let out = wait_output(&mut orchestrator);
     assert!(
         !out.contains(PASSWORD),
         "the password is in the log:\n{out}"
@@ -232,28 +270,19 @@ async fn workflows_run_over_tls_as_an_acl_user_limited_to_its_prefix() {
     );
 }
 
-fn wait_output(child: &mut Child) -> String {
-    use std::io::Read;
+fn wait_output(served: &mut Reaped) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().expect("wait").is_none() {
+    while served.child.try_wait().expect("wait").is_none() {
         if Instant::now() > deadline {
-            let _ = child.kill();
+            let _ = served.child.kill();
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let mut out = String::new();
-    for pipe in [
-        child.stdout.take().map(|p| Box::new(p) as Box<dyn Read>),
-        child.stderr.take().map(|p| Box::new(p) as Box<dyn Read>),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        let mut pipe = pipe;
-        pipe.read_to_string(&mut out).expect("read");
+    for reader in served.readers.drain(..) {
+        let _ = reader.join();
     }
-    out
+    served.output()
 }
 
 /// The error of connecting the bus to `url`.
