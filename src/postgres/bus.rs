@@ -980,40 +980,29 @@ async fn announce_loop(inner: std::sync::Weak<Inner>, mut rx: mpsc::UnboundedRec
 /// connection is lost (every consumer here looks again then, in case one
 /// was missed); stops when the bus is dropped.
 async fn listen(inner: std::sync::Weak<Inner>) {
-    let mut delay = Duration::from_millis(100);
-    loop {
-        let Some(strong) = inner.upgrade() else {
-            return;
-        };
-        let connector = strong.connector.clone();
-        let channel = strong.sql.channel.clone();
-        drop(strong);
-        match connector.listener().await {
-            Ok((client, mut notes)) => {
-                if let Err(e) = client.batch_execute(&format!("LISTEN \"{channel}\"")).await {
-                    tracing::debug!(error = %describe(&e), "LISTEN failed");
-                } else {
-                    delay = Duration::from_millis(100);
-                    if let Some(strong) = inner.upgrade() {
-                        Inner::wake_all(&strong);
-                    }
-                    while let Some(n) = notes.recv().await {
-                        let Some(strong) = inner.upgrade() else {
-                            return;
-                        };
-                        for topic in n.payload().split(',') {
-                            Inner::wake_topic(&strong, topic, 1);
-                        }
-                    }
-                }
+    let Some((connector, channel)) = inner
+        .upgrade()
+        .map(|i| (i.connector.clone(), i.sql.channel.clone()))
+    else {
+        return;
+    };
+    let on_payload = inner.clone();
+    super::conn::follow(
+        connector,
+        channel,
+        "bus",
+        || inner.upgrade().map(|i| Inner::wake_all(&i)).is_some(),
+        |payload| {
+            let Some(strong) = on_payload.upgrade() else {
+                return false;
+            };
+            for topic in payload.split(',') {
+                Inner::wake_topic(&strong, topic, 1);
             }
-            Err(e) => {
-                tracing::debug!(address = %connector.address, error = %e, "the PostgreSQL bus listener cannot connect; retrying");
-            }
-        }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(2));
-    }
+            true
+        },
+    )
+    .await
 }
 
 /// Looks, for every topic and group waited on here, when its next row

@@ -220,3 +220,42 @@ pub(crate) fn describe_pool(e: &deadpool_postgres::PoolError) -> String {
         other => other.to_string(),
     }
 }
+
+/// Follows `LISTEN channel` on a connection of its own, reconnecting when
+/// it is lost (after 100 ms, doubling up to 2 s): `connected` runs after
+/// each (re)connection (a notification may have been missed meanwhile),
+/// `payload` for each notification. Stops when either returns false (its
+/// owner is gone).
+pub(crate) async fn follow(
+    connector: Connector,
+    channel: String,
+    what: &'static str,
+    mut connected: impl FnMut() -> bool,
+    mut payload: impl FnMut(&str) -> bool,
+) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match connector.listener().await {
+            Ok((client, mut notes)) => {
+                if let Err(e) = client.batch_execute(&format!("LISTEN \"{channel}\"")).await {
+                    tracing::debug!(error = %describe(&e), "LISTEN failed");
+                } else {
+                    delay = Duration::from_millis(100);
+                    if !connected() {
+                        return;
+                    }
+                    while let Some(n) = notes.recv().await {
+                        if !payload(n.payload()) {
+                            return;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(address = %connector.address, error = %e, "the PostgreSQL {what} listener cannot connect; retrying");
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}

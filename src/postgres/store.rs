@@ -1156,42 +1156,31 @@ async fn announce(inner: std::sync::Weak<Inner>, mut rx: mpsc::UnboundedReceiver
 /// Follows the finish announcements, reconnecting when the connection is
 /// lost; stops when the store is dropped.
 async fn listen(inner: std::sync::Weak<Inner>) {
-    let mut delay = Duration::from_millis(100);
-    loop {
-        let Some(strong) = inner.upgrade() else {
-            return;
-        };
-        let connector = strong.connector.clone();
-        let channel = strong.sql.channel.clone();
-        drop(strong);
-        match connector.listener().await {
-            Ok((client, mut notes)) => {
-                if let Err(e) = client.batch_execute(&format!("LISTEN \"{channel}\"")).await {
-                    tracing::debug!(error = %describe(&e), "LISTEN failed");
-                } else {
-                    delay = Duration::from_millis(100);
-                    if let Some(strong) = inner.upgrade() {
-                        strong.waiters.wake_all();
-                    }
-                    while let Some(n) = notes.recv().await {
-                        let Some(strong) = inner.upgrade() else {
-                            return;
-                        };
-                        for id in n.payload().split(',') {
-                            if let Ok(tx) = id.parse::<TransactionId>() {
-                                strong.waiters.wake(tx);
-                            }
-                        }
-                    }
+    let Some((connector, channel)) = inner
+        .upgrade()
+        .map(|i| (i.connector.clone(), i.sql.channel.clone()))
+    else {
+        return;
+    };
+    let on_payload = inner.clone();
+    super::conn::follow(
+        connector,
+        channel,
+        "store",
+        || inner.upgrade().map(|i| i.waiters.wake_all()).is_some(),
+        |payload| {
+            let Some(strong) = on_payload.upgrade() else {
+                return false;
+            };
+            for id in payload.split(',') {
+                if let Ok(tx) = id.parse::<TransactionId>() {
+                    strong.waiters.wake(tx);
                 }
             }
-            Err(e) => {
-                tracing::debug!(address = %connector.address, error = %e, "the PostgreSQL listener cannot connect; retrying");
-            }
-        }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(2));
-    }
+            true
+        },
+    )
+    .await
 }
 
 fn status_of(text: &str) -> Option<WorkflowStatus> {
