@@ -297,17 +297,18 @@ impl RedisStateStore {
             None => Changes::full(&state),
         }
         .keep_apart(apart);
+        if !state.is_terminal() {
+            return self.write_with(expected, &delta, &state).await;
+        }
+        // The script announces it; the announcement can come back before
+        // the reply. This process's waiters get the state itself, as
+        // committed, without reading it back.
+        let writing = self.inner.waiters.writing(state.transaction_id);
         let written = self.write_with(expected, &delta, &state).await;
-        if let (Ok(version), true) = (&written, state.is_terminal()) {
-            self.hand_over(*version, &state);
+        if let Ok(version) = &written {
+            writing.hand_over(*version, &state);
         }
         written
-    }
-
-    /// Wakes this process's waiters of a workflow it just wrote finished
-    /// with the state itself: what was committed, without reading it back.
-    fn hand_over(&self, version: Version, state: &Arc<WorkflowState>) {
-        self.inner.waiters.hand_over(version, state);
     }
 
     async fn write_with(

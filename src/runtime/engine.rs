@@ -631,6 +631,11 @@ impl Engine {
             if let Some(timing) = cause.and_then(|c| c.timing.as_ref()) {
                 annotate(&mut state, current.state.history.len(), input, timing);
             }
+            if state.is_terminal() {
+                // Kept as it is from now on (by the memory store, a cache,
+                // waiters): without the room left for later transitions.
+                state.shrink_to_fit();
+            }
             let state = Arc::new(state);
             let traceparent = cause.and_then(|c| c.traceparent.clone());
             let (plan, written) = if self.store.states.carries_events() {
@@ -1352,6 +1357,6 @@ fn annotate(state: &mut WorkflowState, before: usize, input: &Input, timing: &cr
         e.step.as_ref() == Some(step) && e.attempt == attempt
     });
     if let Some(i) = hit {
-        state.history[i].timing = Some(timing.clone());
+        state.history[i].timing = Some(Arc::new(timing.clone()));
     }
 }

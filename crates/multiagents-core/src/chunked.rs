@@ -369,6 +369,17 @@ impl<T: Clone> Chunked<T> {
         self.iter().cloned().collect()
     }
 
+    /// Gives back the room the tail has beyond its elements (for a list
+    /// kept long and no longer appended to). A copy, not a `realloc`, which
+    /// an allocator may answer in place without freeing anything.
+    pub fn shrink_to_fit(&mut self) {
+        if self.tail.capacity() > self.tail.len() {
+            let mut tail = Vec::with_capacity(self.tail.len());
+            tail.append(&mut self.tail);
+            self.tail = tail;
+        }
+    }
+
     /// A clone whose tail has room for `room` more elements before it
     /// grows (a state's history, to which a transition appends).
     pub fn clone_with_room(&self, room: usize) -> Self {
@@ -544,6 +555,29 @@ mod tests {
         assert_eq!(a.iter_from(500).count(), 0);
         assert_ne!(a, b);
         assert_eq!(b, b.clone());
+    }
+
+    #[test]
+    fn shrinking_gives_back_the_room_of_the_tail_and_keeps_every_element() {
+        let a: Chunked<u32> = (0..70).collect();
+        let mut b = a.clone_with_room(4);
+        b.push(70);
+        assert!(b.tail.capacity() > b.tail.len(), "room left by the clone");
+        b.shrink_to_fit();
+        assert_eq!(b.tail.capacity(), b.tail.len());
+        assert_eq!(
+            b.iter().copied().collect::<Vec<_>>(),
+            (0..71).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            b.changed_since(&a).count(),
+            1,
+            "the tail, changed by the push"
+        );
+        let mut short: Chunked<u32> = Chunked::new();
+        short.push(1);
+        short.shrink_to_fit();
+        assert_eq!(short.iter().copied().collect::<Vec<_>>(), vec![1]);
     }
 
     #[test]

@@ -112,8 +112,8 @@ fn bars(state: &WorkflowState) -> Vec<(StepName, Vec<Bar>)> {
                 bar.end = Some(entry.at);
                 bar.outcome = outcome;
                 bar.error = error.map(str::to_string);
-                if entry.timing.is_some() {
-                    bar.timing.clone_from(&entry.timing);
+                if let Some(t) = &entry.timing {
+                    bar.timing = Some(multiagents::core::event::Timing::clone(t));
                 }
             }
         };

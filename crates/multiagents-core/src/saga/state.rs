@@ -351,8 +351,10 @@ pub struct HistoryEntry {
     pub event: HistoryEvent,
     /// For the outcome of an attempt: how the worker handled it (added by
     /// the runtime from the result event; the state machine leaves it empty).
+    /// Behind a pointer: most entries have none, a finished workflow's
+    /// history is kept, and a transition's copy of the history shares it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timing: Option<crate::event::Timing>,
+    pub timing: Option<std::sync::Arc<crate::event::Timing>>,
 }
 
 /// What happened.
@@ -526,6 +528,13 @@ impl Clone for WorkflowState {
 }
 
 impl WorkflowState {
+    /// Gives back the room transitions left in its lists: for a state kept
+    /// long, such as a finished one in a store's memory.
+    pub fn shrink_to_fit(&mut self) {
+        self.steps.shrink_to_fit();
+        self.history.shrink_to_fit();
+    }
+
     /// The earliest time something is due (a deadline or a retry), if any.
     /// Stores index workflows by this so timers fire from the store.
     pub fn next_wakeup(&self) -> Option<Timestamp> {
