@@ -940,8 +940,9 @@ impl Consumer for PostgresConsumer {
     }
 }
 
-/// Announces the topics published to: whatever is queued goes out in one
-/// `NOTIFY` per topic, after the inserts committed.
+/// Announces the topics published to: whatever is queued goes out, each
+/// topic once, in one `NOTIFY` (or a few, if long), after the inserts
+/// committed.
 async fn announce_loop(inner: std::sync::Weak<Inner>, mut rx: mpsc::UnboundedReceiver<String>) {
     let mut batch: Vec<String> = Vec::new();
     while let Some(first) = rx.recv().await {
@@ -954,19 +955,22 @@ async fn announce_loop(inner: std::sync::Weak<Inner>, mut rx: mpsc::UnboundedRec
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        let payload = batch.join(",");
-        batch.clear();
+        // Hundreds of worker types publishing at once still fit: as many
+        // `NOTIFY`s as it takes.
+        let payloads = super::conn::notify_payloads(batch.drain(..));
         match inner.leases.get().await {
             Ok(client) => {
-                let sent = match client.prepare_cached(&inner.sql.notify).await {
-                    Ok(statement) => client
-                        .execute(&statement, &[&inner.sql.channel, &payload])
-                        .await
-                        .map(|_| ()),
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = sent {
-                    tracing::debug!(error = %describe(&e), "announcing published topics failed; consumers elsewhere find them by polling");
+                for payload in &payloads {
+                    let sent = match client.prepare_cached(&inner.sql.notify).await {
+                        Ok(statement) => client
+                            .execute(&statement, &[&inner.sql.channel, payload])
+                            .await
+                            .map(|_| ()),
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = sent {
+                        tracing::debug!(error = %describe(&e), "announcing published topics failed; consumers elsewhere find them by polling");
+                    }
                 }
             }
             Err(e) => {

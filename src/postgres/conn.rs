@@ -259,3 +259,65 @@ pub(crate) async fn follow(
         delay = (delay * 2).min(Duration::from_secs(2));
     }
 }
+
+/// The longest `NOTIFY` payload sent (the server refuses 8000 bytes or
+/// more).
+pub(crate) const NOTIFY_BYTES: usize = 7800;
+
+/// `items` joined by commas into as few payloads as fit [`NOTIFY_BYTES`]
+/// each, in order. An item too long for any payload is left out: nobody is
+/// told of it, and whoever waits for it finds it by polling.
+pub(crate) fn notify_payloads<I, S>(items: I) -> Vec<String>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<str>,
+{
+    let mut payloads: Vec<String> = Vec::new();
+    for item in items {
+        let item = item.as_ref();
+        if item.len() > NOTIFY_BYTES {
+            tracing::debug!(bytes = item.len(), "too long to announce; found by polling");
+            continue;
+        }
+        match payloads.last_mut() {
+            Some(last) if last.len() + 1 + item.len() <= NOTIFY_BYTES => {
+                last.push(',');
+                last.push_str(item);
+            }
+            _ => payloads.push(item.to_string()),
+        }
+    }
+    payloads
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn announcements_are_split_to_fit_a_notify_and_keep_every_item_in_order() {
+        let items: Vec<String> = (0..900)
+            .map(|i| format!("topic-{i:04}-{}", "x".repeat(i % 40)))
+            .collect();
+        let payloads = notify_payloads(&items);
+        assert!(
+            payloads.len() > 1,
+            "{} bytes in one payload",
+            payloads[0].len()
+        );
+        assert!(
+            payloads
+                .iter()
+                .all(|p| !p.is_empty() && p.len() <= NOTIFY_BYTES)
+        );
+        let back: Vec<&str> = payloads.iter().flat_map(|p| p.split(',')).collect();
+        assert_eq!(back, items.iter().map(String::as_str).collect::<Vec<_>>());
+
+        let long = "y".repeat(NOTIFY_BYTES + 1);
+        assert_eq!(
+            notify_payloads(["a", long.as_str(), "b"]),
+            vec!["a,b".to_string()]
+        );
+        assert!(notify_payloads(Vec::<String>::new()).is_empty());
+    }
+}

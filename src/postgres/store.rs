@@ -162,9 +162,6 @@ const REMEMBERED_PAYLOADS: usize = 16 * 1024;
 /// Workflows deleted per statement by `expire`.
 const EXPIRE_BATCH: i64 = 1000;
 
-/// The longest `NOTIFY` payload sent (the server allows 8000 bytes).
-const NOTIFY_BYTES: usize = 7800;
-
 /// The statements, with the schema written in.
 struct Sql {
     create: String,
@@ -527,6 +524,11 @@ impl PostgresStateStore {
             _ => Changes::full(&state),
         }
         .keep_apart(apart);
+        // This process's waiters get a finished state itself, whenever its
+        // announcement comes back.
+        let writing = state
+            .is_terminal()
+            .then(|| self.inner.waiters.writing(state.transaction_id));
         let written = match self
             .write_parts(expected, &delta, &state, true, events)
             .await
@@ -550,10 +552,9 @@ impl PostgresStateStore {
         };
         match written {
             Ok(v) => {
-                if state.is_terminal() {
+                if let Some(writing) = writing {
                     let _ = self.inner.finished.send(state.transaction_id);
-                    // This process's waiters get the state itself.
-                    self.inner.waiters.hand_over(v, &state);
+                    writing.hand_over(v, &state);
                 }
                 Ok(v)
             }
@@ -1123,18 +1124,7 @@ async fn announce(inner: std::sync::Weak<Inner>, mut rx: mpsc::UnboundedReceiver
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        let mut payloads = vec![String::new()];
-        for tx in batch.drain(..) {
-            let last = payloads.last_mut().expect("one");
-            if last.len() + 37 > NOTIFY_BYTES {
-                payloads.push(String::new());
-            }
-            let last = payloads.last_mut().expect("one");
-            if !last.is_empty() {
-                last.push(',');
-            }
-            last.push_str(&tx.to_string());
-        }
+        let payloads = super::conn::notify_payloads(batch.drain(..).map(|tx| tx.to_string()));
         match inner.pool.get().await {
             Ok(client) => {
                 for p in &payloads {

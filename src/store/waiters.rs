@@ -100,18 +100,6 @@ impl Waiters {
         }
     }
 
-    /// This process wrote `state` finished: its waiters get it, as
-    /// committed, without reading it back.
-    pub(crate) fn hand_over(&self, version: super::Version, state: &Arc<WorkflowState>) {
-        let waiting = self.lock().waiting.remove(&state.transaction_id);
-        for w in waiting.into_iter().flatten() {
-            let _ = w.send(Some(Versioned {
-                version,
-                state: state.clone(),
-            }));
-        }
-    }
-
     /// An announcement that `tx` finished: its waiters read it, unless this
     /// process is writing it finished (they are handed the state then).
     pub(crate) fn wake(&self, tx: TransactionId) {
