@@ -171,6 +171,9 @@ struct Inner {
     joined: Arc<Notify>,
     /// Topics published to, to announce with `NOTIFY`.
     announce: mpsc::UnboundedSender<String>,
+    /// Names this bus in its announcements, so that it does not wake its
+    /// own consumers twice (they were woken when the publish committed).
+    instance: String,
     /// Started with the first consumer: the listener and the poller.
     started: std::sync::Once,
 }
@@ -360,6 +363,7 @@ impl PostgresBus {
             waits: Mutex::default(),
             joined: Arc::default(),
             announce,
+            instance: uuid::Uuid::new_v4().simple().to_string(),
             started: std::sync::Once::new(),
         });
         tokio::spawn(announce_loop(Arc::downgrade(&inner), topics));
@@ -940,6 +944,21 @@ impl Consumer for PostgresConsumer {
     }
 }
 
+/// Ends the name of the announcing bus in a `NOTIFY` payload, before the
+/// topics (the unit separator, which no topic name has).
+const FROM: char = '\u{1f}';
+
+/// The topics an announcement names, unless it is `own` (its consumers
+/// were woken when the publish committed). Payloads without a sender (of
+/// earlier versions) name topics only.
+fn announced<'a>(payload: &'a str, own: &str) -> Option<&'a str> {
+    match payload.split_once(FROM) {
+        Some((from, _)) if from == own => None,
+        Some((_, topics)) => Some(topics),
+        None => Some(payload),
+    }
+}
+
 /// Announces the topics published to: whatever is queued goes out, each
 /// topic once, in one `NOTIFY` (or a few, if long), after the inserts
 /// committed.
@@ -957,7 +976,8 @@ async fn announce_loop(inner: std::sync::Weak<Inner>, mut rx: mpsc::UnboundedRec
         };
         // Hundreds of worker types publishing at once still fit: as many
         // `NOTIFY`s as it takes.
-        let payloads = super::conn::notify_payloads(batch.drain(..));
+        let payloads =
+            super::conn::notify_payloads(&format!("{}{FROM}", inner.instance), batch.drain(..));
         match inner.leases.get().await {
             Ok(client) => {
                 for payload in &payloads {
@@ -1000,7 +1020,10 @@ async fn listen(inner: std::sync::Weak<Inner>) {
             let Some(strong) = on_payload.upgrade() else {
                 return false;
             };
-            for topic in payload.split(',') {
+            let Some(topics) = announced(payload, &strong.instance) else {
+                return true;
+            };
+            for topic in topics.split(',') {
                 Inner::wake_topic(&strong, topic, 1);
             }
             true
@@ -1097,4 +1120,19 @@ async fn poll_once(inner: &Inner, pairs: &[(String, String)]) -> Result<Option<D
         Inner::wake_topic(inner, &topic, 1);
     }
     Ok(soonest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bus_skips_its_own_announcements_and_reads_every_other() {
+        let own = "a1";
+        let payloads = super::super::conn::notify_payloads(&format!("{own}{FROM}"), ["t1", "t2"]);
+        assert_eq!(payloads.len(), 1);
+        assert_eq!(announced(&payloads[0], own), None, "its own");
+        assert_eq!(announced(&payloads[0], "b2"), Some("t1,t2"), "another's");
+        assert_eq!(announced("t1,t2", own), Some("t1,t2"), "a sender of before");
+    }
 }

@@ -264,10 +264,11 @@ pub(crate) async fn follow(
 /// more).
 pub(crate) const NOTIFY_BYTES: usize = 7800;
 
-/// `items` joined by commas into as few payloads as fit [`NOTIFY_BYTES`]
-/// each, in order. An item too long for any payload is left out: nobody is
-/// told of it, and whoever waits for it finds it by polling.
-pub(crate) fn notify_payloads<I, S>(items: I) -> Vec<String>
+/// `items` joined by commas after `prefix` into as few payloads as fit
+/// [`NOTIFY_BYTES`] each, in order. An item too long for any payload is
+/// left out: nobody is told of it, and whoever waits for it finds it by
+/// polling.
+pub(crate) fn notify_payloads<I, S>(prefix: &str, items: I) -> Vec<String>
 where
     I: IntoIterator<Item = S>,
     S: AsRef<str>,
@@ -275,7 +276,7 @@ where
     let mut payloads: Vec<String> = Vec::new();
     for item in items {
         let item = item.as_ref();
-        if item.len() > NOTIFY_BYTES {
+        if prefix.len() + item.len() > NOTIFY_BYTES {
             tracing::debug!(bytes = item.len(), "too long to announce; found by polling");
             continue;
         }
@@ -284,7 +285,7 @@ where
                 last.push(',');
                 last.push_str(item);
             }
-            _ => payloads.push(item.to_string()),
+            _ => payloads.push(format!("{prefix}{item}")),
         }
     }
     payloads
@@ -299,7 +300,7 @@ mod tests {
         let items: Vec<String> = (0..900)
             .map(|i| format!("topic-{i:04}-{}", "x".repeat(i % 40)))
             .collect();
-        let payloads = notify_payloads(&items);
+        let payloads = notify_payloads("me;", &items);
         assert!(
             payloads.len() > 1,
             "{} bytes in one payload",
@@ -308,16 +309,23 @@ mod tests {
         assert!(
             payloads
                 .iter()
-                .all(|p| !p.is_empty() && p.len() <= NOTIFY_BYTES)
+                .all(|p| p.len() <= NOTIFY_BYTES && p.len() > 3)
         );
-        let back: Vec<&str> = payloads.iter().flat_map(|p| p.split(',')).collect();
+        let back: Vec<&str> = payloads
+            .iter()
+            .flat_map(|p| p.strip_prefix("me;").expect("prefixed").split(','))
+            .collect();
         assert_eq!(back, items.iter().map(String::as_str).collect::<Vec<_>>());
 
-        let long = "y".repeat(NOTIFY_BYTES + 1);
+        let long = "y".repeat(NOTIFY_BYTES);
         assert_eq!(
-            notify_payloads(["a", long.as_str(), "b"]),
-            vec!["a,b".to_string()]
+            notify_payloads("", ["a", long.as_str(), "b"]),
+            vec!["a".to_string(), long.clone(), "b".to_string()]
         );
-        assert!(notify_payloads(Vec::<String>::new()).is_empty());
+        assert_eq!(
+            notify_payloads("p", ["a", long.as_str(), "b"]),
+            vec!["pa,b".to_string()]
+        );
+        assert!(notify_payloads("", Vec::<String>::new()).is_empty());
     }
 }

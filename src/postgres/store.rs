@@ -1124,7 +1124,7 @@ async fn announce(inner: std::sync::Weak<Inner>, mut rx: mpsc::UnboundedReceiver
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        let payloads = super::conn::notify_payloads(batch.drain(..).map(|tx| tx.to_string()));
+        let payloads = super::conn::notify_payloads("", batch.drain(..).map(|tx| tx.to_string()));
         match inner.pool.get().await {
             Ok(client) => {
                 for p in &payloads {
