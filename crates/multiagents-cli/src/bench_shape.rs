@@ -18,6 +18,9 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use multiagents::bus::{Bus, MemoryBus};
+use multiagents::postgres::{
+    PostgresBus, PostgresBusConfig, PostgresStateStore, PostgresStoreConfig,
+};
 use multiagents::store::{FileStore, MemoryStore, Store};
 use multiagents::worker::from_fn;
 use multiagents::{Runtime, WorkerContext, WorkerError, WorkflowBuilder, WorkflowStatus};
@@ -34,6 +37,10 @@ pub enum ShapeBackend {
     Embedded,
     /// Redis Streams bus and Redis state store.
     Redis,
+    /// Redis Streams bus, PostgreSQL state store (`--database-url`).
+    Postgres,
+    /// PostgreSQL alone: its bus and its state store (`--database-url`).
+    PostgresOnly,
 }
 
 impl ShapeBackend {
@@ -42,6 +49,8 @@ impl ShapeBackend {
             ShapeBackend::Memory => "memory",
             ShapeBackend::Embedded => "embedded",
             ShapeBackend::Redis => "redis",
+            ShapeBackend::Postgres => "postgres",
+            ShapeBackend::PostgresOnly => "postgres-only",
         }
     }
 }
@@ -64,8 +73,15 @@ pub struct ShapeArgs {
     /// Redis server for `--backend redis`.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
     redis_url: String,
-    /// Key prefix in Redis (the process id is appended; the keys are
-    /// deleted afterwards).
+    /// PostgreSQL server for `--backend postgres` and `postgres-only`.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    database_url: String,
+    /// Key prefix in Redis, and schema in PostgreSQL (the process id is
+    /// appended; the keys and the schema are deleted afterwards).
     #[arg(long, default_value = "bench-shape")]
     prefix: String,
     /// Store file for `--backend embedded` (default: a temporary file,
@@ -193,6 +209,7 @@ async fn run(shape: Shape, sizes: Vec<u64>, args: ShapeArgs) -> Result<ExitCode>
             .args(["--min-steps", &args.min_steps.to_string()])
             .args(args.same_output.then_some("--same-output"))
             .args(["--redis-url", &args.redis_url])
+            .args(["--database-url", &args.database_url])
             .args(["--prefix", &args.prefix])
             .arg("--json")
             .stderr(std::process::Stdio::inherit());
@@ -319,6 +336,22 @@ async fn one(shape: Shape, n: u64, args: &ShapeArgs) -> Result<Value> {
             redis = Some(multiagents::redis::connect_with(&args.redis_url, None).await?);
             crate::bench_http::on_redis(&args.redis_url, &prefix).await?
         }
+        ShapeBackend::Postgres => {
+            redis = Some(multiagents::redis::connect_with(&args.redis_url, None).await?);
+            let (bus, _) = crate::bench_http::on_redis(&args.redis_url, &prefix).await?;
+            let config = PostgresStoreConfig::new(&args.database_url).schema(schema(&prefix));
+            (bus, PostgresStateStore::connect(config).await?.into())
+        }
+        ShapeBackend::PostgresOnly => {
+            let bus = PostgresBus::connect(
+                PostgresBusConfig::new(&args.database_url).schema(schema(&prefix)),
+            )
+            .await?;
+            let config = PostgresStoreConfig::new(&args.database_url).schema(schema(&prefix));
+            let store = PostgresStateStore::connect(config).await?;
+            store.carry_events_of(&bus)?;
+            (Bus::new(bus), store.into())
+        }
     };
     let runs = args.min_steps.div_ceil(n).max(1);
     let total = runs * n;
@@ -403,6 +436,12 @@ async fn one(shape: Shape, n: u64, args: &ShapeArgs) -> Result<Value> {
     if let Some(c) = redis.as_mut() {
         clear_prefix(c, &prefix).await;
     }
+    if matches!(
+        args.backend,
+        ShapeBackend::Postgres | ShapeBackend::PostgresOnly
+    ) {
+        drop_schema(&args.database_url, &schema(&prefix)).await;
+    }
     let per_step = |b: Option<u64>| b.map(|b| (b as f64 / total as f64).round());
     Ok(json!({
         "workload": shape.name(),
@@ -419,4 +458,27 @@ async fn one(shape: Shape, n: u64, args: &ShapeArgs) -> Result<Value> {
         "state_bytes": state_bytes,
         "peak_rss_mb": (crate::bench::peak_rss_mb() * 10.0).round() / 10.0,
     }))
+}
+
+/// The PostgreSQL schema of a run with key prefix `prefix`.
+fn schema(prefix: &str) -> String {
+    prefix.replace('-', "_")
+}
+
+/// Deletes a run's schema, with everything the bus and store kept there; a
+/// failure is only reported (the run's figures stand).
+async fn drop_schema(url: &str, schema: &str) {
+    let dropped = async {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        client
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+            .await
+    };
+    if let Err(e) = dropped.await {
+        eprintln!(
+            "could not drop the schema {schema} on {}: {e}",
+            multiagents::postgres::redacted(url)
+        );
+    }
 }
