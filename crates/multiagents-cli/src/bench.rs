@@ -346,21 +346,21 @@ fn effects_error(address: &str, what: &str, e: redis::RedisError) -> Error {
 }
 
 /// In-process effect records, in sharded maps so that recording costs the
-/// trivial bench workers little: per effect, the hash of the key it ran
-/// under and its runs by attempt, no strings.
+/// trivial bench workers little: per workflow one record of its effects'
+/// runs, by step and phase, no strings.
 #[derive(Default)]
 struct LocalEffects {
-    shards: [Mutex<EffectMap>; 16],
+    shards: [Mutex<Ledger>; 16],
 }
 
 impl LocalEffects {
-    /// Records sized for `workflows` orders of five steps, so that no
-    /// shard grows (and holds two tables at once) mid-run.
+    /// Records sized for `workflows` orders, so that no shard grows (and
+    /// holds two tables at once) mid-run.
     fn sized(workflows: u64) -> Effects {
-        let per_shard = (workflows as usize * 5).div_ceil(16);
+        let per_shard = (workflows as usize).div_ceil(16);
         Effects::Local(Arc::new(Self {
             shards: std::array::from_fn(|_| {
-                Mutex::new(EffectMap::with_capacity_and_hasher(
+                Mutex::new(Ledger::with_capacity_and_hasher(
                     per_shard,
                     Default::default(),
                 ))
@@ -384,15 +384,6 @@ struct Attempt {
 }
 
 impl Attempt {
-    fn of(ctx: &WorkerContext) -> Self {
-        Self {
-            tx: ctx.transaction_id,
-            step: ctx.step.clone(),
-            phase: ctx.phase,
-            attempt: ctx.attempt,
-        }
-    }
-
     /// From `tx/step/phase/attempt`.
     fn parse(text: &str) -> Option<Self> {
         let mut parts = text.rsplitn(4, '/');
@@ -424,125 +415,201 @@ fn run_field(ctx: &WorkerContext) -> String {
 }
 
 /// An effect: one step of one workflow, in one phase.
+#[cfg(test)]
 type Effect = (TransactionId, StepName, Phase);
 
-/// The runs of one effect. Nearly always one key and one attempt, kept
-/// inline; anything more goes to `more`.
-#[derive(Debug)]
-struct EffectRuns {
-    /// The hash of the first key it ran under.
+/// The steps of [`definition`], in order: a run record keeps the runs of
+/// each step's effects at the step's index here.
+const STEPS: [&str; 5] = ["validate", "reserve", "charge", "invoice", "notify"];
+
+/// Where a step's effect in a phase is kept in a [`RunRecord`], when the
+/// step is one of [`STEPS`].
+fn slot_of(step: &str, phase: Phase) -> Option<usize> {
+    let index = STEPS.iter().position(|s| *s == step)?;
+    Some(2 * index + usize::from(phase == Phase::Compensate))
+}
+
+/// The first key and attempt an effect ran under, and the runs of that
+/// attempt under that key; `attempt` 0 (attempts count from 1): none yet.
+#[derive(Clone, Copy, Debug, Default)]
+struct Slot {
     key: u64,
-    /// The first attempt that ran, and its runs.
+    attempt: u32,
+    runs: u32,
+}
+
+/// Runs that are not a slot's first key and attempt (other keys, other
+/// attempts), and runs of steps that are not in [`STEPS`].
+#[derive(Debug)]
+struct Extra {
+    step: StepName,
+    phase: Phase,
+    key: u64,
     attempt: u32,
     runs: u64,
-    more: Option<Box<MoreRuns>>,
 }
 
-/// Other keys an effect ran under, and runs of its other attempts.
+/// The runs of one workflow's effects, and the attempts it settled its
+/// steps with once it finished. Nearly always every run is in `slots`: a
+/// fixed record of 192 bytes a workflow, with no allocation but its own.
 #[derive(Debug, Default)]
-struct MoreRuns {
-    keys: Vec<u64>,
-    runs: Vec<(u32, u64)>,
+struct RunRecord {
+    /// By [`slot_of`].
+    slots: [Slot; 2 * STEPS.len()],
+    // A thin pointer (8 bytes, where a `Vec` or a boxed slice takes 24 or
+    // 16) in every record, for what is nearly always absent.
+    #[allow(clippy::box_collection)]
+    more: Option<Box<Vec<Extra>>>,
+    /// (forward attempts, compensation attempts) by step index, once the
+    /// workflow finished.
+    settled: Option<[(u16, u16); STEPS.len()]>,
 }
 
-impl EffectRuns {
-    fn add(&mut self, key: u64, attempt: u32, n: u64) {
-        if key != self.key {
-            let more = self.more.get_or_insert_default();
-            if !more.keys.contains(&key) {
-                more.keys.push(key);
+const _: () = assert!(std::mem::size_of::<RunRecord>() <= 192);
+
+impl RunRecord {
+    /// Counts `n` runs of `attempt` under the key hashed to `key`.
+    fn add(&mut self, key: u64, step: &StepName, phase: Phase, attempt: u32, n: u64) {
+        if let Some(slot) = slot_of(step.as_str(), phase).map(|i| &mut self.slots[i]) {
+            if slot.attempt == 0 {
+                *slot = Slot {
+                    key,
+                    attempt,
+                    runs: 0,
+                };
+            }
+            if slot.key == key
+                && slot.attempt == attempt
+                && let Some(runs) = u32::try_from(n).ok().and_then(|n| slot.runs.checked_add(n))
+            {
+                slot.runs = runs;
+                return;
             }
         }
-        if attempt == self.attempt {
-            self.runs += n;
+        let more = self.more.get_or_insert_default();
+        if let Some(extra) = more
+            .iter_mut()
+            .find(|e| e.key == key && e.attempt == attempt && e.phase == phase && e.step == *step)
+        {
+            extra.runs += n;
             return;
         }
-        let more = self.more.get_or_insert_default();
-        match more.runs.iter_mut().find(|(a, _)| *a == attempt) {
-            Some((_, runs)) => *runs += n,
-            None => more.runs.push((attempt, n)),
+        more.push(Extra {
+            step: step.clone(),
+            phase,
+            key,
+            attempt,
+            runs: n,
+        });
+    }
+
+    /// Every effect with runs: its step, phase, and runs.
+    fn effects(&self) -> Vec<(StepName, Phase, Runs)> {
+        let mut effects: Vec<(StepName, Phase, Runs)> = Vec::new();
+        for (i, slot) in self.slots.iter().enumerate() {
+            if slot.attempt != 0 {
+                let phase = if i % 2 == 1 {
+                    Phase::Compensate
+                } else {
+                    Phase::Forward
+                };
+                effects.push((
+                    StepName::from(STEPS[i / 2]),
+                    phase,
+                    vec![(slot.key, slot.attempt, u64::from(slot.runs))],
+                ));
+            }
         }
-    }
-
-    /// How many times the effect was applied: the distinct keys it ran
-    /// under.
-    fn applied(&self) -> u64 {
-        1 + self.more.as_ref().map_or(0, |m| m.keys.len() as u64)
-    }
-
-    /// (attempt, runs) for every attempt that ran.
-    fn by_attempt(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
-        std::iter::once((self.attempt, self.runs))
-            .chain(self.more.iter().flat_map(|m| m.runs.iter().copied()))
+        for extra in self.more.iter().flat_map(|m| m.iter()) {
+            let run = (extra.key, extra.attempt, extra.runs);
+            match effects
+                .iter_mut()
+                .find(|(step, phase, _)| *phase == extra.phase && *step == extra.step)
+            {
+                Some((_, _, runs)) => runs.push(run),
+                None => effects.push((extra.step.clone(), extra.phase, vec![run])),
+            }
+        }
+        effects
     }
 }
 
-/// Runs by effect.
-type EffectMap = multiagents::core::hash::IdMap<Effect, EffectRuns>;
+/// The runs of one effect: (hash of the key, attempt, runs).
+type Runs = Vec<(u64, u32, u64)>;
+
+/// Run records by workflow.
+type Ledger = multiagents::core::hash::IdMap<TransactionId, Box<RunRecord>>;
 
 /// Counts `n` runs of `attempt` under the key hashed to `key`.
-fn add_runs(effects: &mut EffectMap, key: u64, attempt: Attempt, n: u64) {
-    let Attempt {
-        tx,
-        step,
-        phase,
-        attempt,
-    } = attempt;
-    match effects.entry((tx, step, phase)) {
-        std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().add(key, attempt, n),
-        std::collections::hash_map::Entry::Vacant(e) => {
-            e.insert(EffectRuns {
-                key,
-                attempt,
-                runs: n,
-                more: None,
-            });
-        }
-    }
+fn add_runs(ledger: &mut Ledger, key: u64, attempt: &Attempt, n: u64) {
+    ledger.entry(attempt.tx).or_default().add(
+        key,
+        &attempt.step,
+        attempt.phase,
+        attempt.attempt,
+        n,
+    );
 }
 
-/// The records of every run, by effect: in the shards they were recorded
-/// in, never merged (an effect is in one shard only), so reading them at
+/// The records of every run, by workflow: in the shards they were recorded
+/// in, never merged (a workflow is in one shard only), so reading them at
 /// the end copies and rehashes nothing.
 #[derive(Debug, Default)]
 struct Records {
-    shards: Vec<EffectMap>,
+    shards: Vec<Ledger>,
 }
 
 impl Records {
-    /// Every effect and its runs.
-    fn effects(&self) -> impl Iterator<Item = (&Effect, &EffectRuns)> {
-        self.shards.iter().flatten()
+    /// Notes the attempts a finished workflow settled its steps with; a
+    /// workflow no step body ran for has nothing to judge.
+    fn settle(&mut self, tx: TransactionId, attempts: [(u16, u16); STEPS.len()]) {
+        if let Some(record) = self.shards.iter_mut().find_map(|s| s.get_mut(&tx)) {
+            record.settled = Some(attempts);
+        }
     }
 
-    /// The runs of one effect.
+    /// How many times an effect was applied: the distinct keys it ran
+    /// under.
     #[cfg(test)]
-    fn get(&self, effect: &Effect) -> Option<&EffectRuns> {
-        self.shards.iter().find_map(|s| s.get(effect))
+    fn applied(&self, (tx, step, phase): &Effect) -> Option<u64> {
+        let record = self.shards.iter().find_map(|s| s.get(tx))?;
+        let (_, _, runs) = record
+            .effects()
+            .into_iter()
+            .find(|(s, p, _)| s == step && p == phase)?;
+        Some(distinct_keys(&runs))
     }
 
     /// From the Redis counters by `<key> <tx/step/phase/attempt>`; fields
     /// that do not read so are left out.
     #[cfg(test)]
     fn from_fields(counters: std::collections::HashMap<String, u64>) -> Self {
-        let mut effects = EffectMap::default();
+        let mut ledger = Ledger::default();
         for (field, n) in counters {
-            add_field(&mut effects, &field, n);
+            add_field(&mut ledger, &field, n);
         }
         Self {
-            shards: vec![effects],
+            shards: vec![ledger],
         }
     }
 }
 
+/// The distinct keys among an effect's runs.
+fn distinct_keys(runs: &[(u64, u32, u64)]) -> u64 {
+    let mut keys: Vec<u64> = runs.iter().map(|(key, _, _)| *key).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys.len() as u64
+}
+
 /// Counts one Redis counter, `<key> <tx/step/phase/attempt>`; a field that
 /// does not read so is left out.
-fn add_field(effects: &mut EffectMap, field: &str, n: u64) {
+fn add_field(ledger: &mut Ledger, field: &str, n: u64) {
     let Some((key, attempt)) = field.split_once(' ') else {
         return;
     };
     if let Some(attempt) = Attempt::parse(attempt) {
-        add_runs(effects, hash64(key), attempt, n);
+        add_runs(ledger, hash64(key), &attempt, n);
     }
 }
 
@@ -555,16 +622,17 @@ struct Totals {
     redelivered_runs: u64,
 }
 
-/// The attempts each finished workflow settled its steps with, by
-/// transaction id and step: (forward attempts, compensation attempts).
-type Settled = multiagents::core::hash::IdMap<TransactionId, Vec<(StepName, (u32, u32))>>;
-
-fn settled_attempts(state: &multiagents::core::WorkflowState) -> Vec<(StepName, (u32, u32))> {
-    state
-        .steps
-        .iter()
-        .map(|s| (s.name.clone(), (s.attempts, s.compensation_attempts)))
-        .collect()
+/// The attempts a finished workflow settled its steps with, by step index
+/// in [`STEPS`]: (forward attempts, compensation attempts).
+fn settled_attempts(state: &multiagents::core::WorkflowState) -> [(u16, u16); STEPS.len()] {
+    let mut attempts = [(0, 0); STEPS.len()];
+    for step in state.steps.iter() {
+        if let Some(i) = STEPS.iter().position(|s| *s == step.name.as_str()) {
+            let narrow = |n: u32| u16::try_from(n).unwrap_or(u16::MAX);
+            attempts[i] = (narrow(step.attempts), narrow(step.compensation_attempts));
+        }
+    }
+    attempts
 }
 
 impl Effects {
@@ -577,14 +645,12 @@ impl Effects {
             Effects::Local(local) => {
                 let key = hash64(ctx.idempotency_key());
                 let shard = (ctx.transaction_id.0.as_u128() % 16) as usize;
-                add_runs(
-                    &mut local.shards[shard]
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner()),
-                    key,
-                    Attempt::of(ctx),
-                    1,
-                );
+                local.shards[shard]
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(ctx.transaction_id)
+                    .or_default()
+                    .add(key, &ctx.step, ctx.phase, ctx.attempt, 1);
                 Ok(())
             }
             Effects::Redis { conn, prefix, .. } => {
@@ -649,12 +715,12 @@ impl Effects {
                     .query(&format!("SELECT field, n FROM {table}"), &[])
                     .await
                     .map_err(|e| read(&e))?;
-                let mut effects = EffectMap::default();
+                let mut ledger = Ledger::default();
                 for row in rows {
-                    add_field(&mut effects, row.get(0), row.get::<_, i64>(1).max(0) as u64);
+                    add_field(&mut ledger, row.get(0), row.get::<_, i64>(1).max(0) as u64);
                 }
                 Ok(Records {
-                    shards: vec![effects],
+                    shards: vec![ledger],
                 })
             }
         }
@@ -701,9 +767,9 @@ async fn hscan(
     conn: &multiagents::redis::RedisConnection,
     address: &str,
     key: &str,
-) -> Result<EffectMap, Error> {
+) -> Result<Ledger, Error> {
     let mut conn = conn.clone();
-    let mut effects = EffectMap::default();
+    let mut ledger = Ledger::default();
     let mut seen = multiagents::core::hash::IdSet::default();
     let mut cursor = 0u64;
     loop {
@@ -717,48 +783,58 @@ async fn hscan(
             .map_err(|e| effects_error(address, "reading the effect counts", e))?;
         for (field, n) in page {
             if seen.insert(hash64(&field)) {
-                add_field(&mut effects, &field, n);
+                add_field(&mut ledger, &field, n);
             }
         }
         cursor = next;
         if cursor == 0 {
-            return Ok(effects);
+            return Ok(ledger);
         }
     }
 }
 
-/// The counts from the records and the attempts each workflow settled with:
-/// executions are all runs; an effect applied more than once (under more
-/// than one key) is a duplicate; a run of an attempt other than the one its
-/// step settled with is stale (the orchestrator had given up on it or moved
-/// past it); a run of the settling attempt beyond its first is a redelivery.
-fn totals(records: &Records, settled: &Settled) -> Totals {
+/// The counts from the records and the attempts each workflow settled
+/// with: executions are all runs; an effect applied more than once (under
+/// more than one key) is a duplicate; a run of an attempt other than the one
+/// its step settled with is stale (the orchestrator had given up on it or
+/// moved past it); a run of the settling attempt beyond its first is a
+/// redelivery.
+fn totals(records: &Records) -> Totals {
     let mut totals = Totals::default();
-    for ((tx, step, phase), runs) in records.effects() {
-        totals.executions += runs.by_attempt().map(|(_, n)| n).sum::<u64>();
-        if runs.applied() > 1 {
-            totals.duplicates += 1;
-        }
-        if step.as_str() == "reserve" && *phase == Phase::Compensate {
-            totals.releases += 1;
-        }
-        let Some(&(forward, undo)) = settled
-            .get(tx)
-            .and_then(|s| s.iter().find(|(name, _)| name == step).map(|(_, a)| a))
-        else {
-            // A workflow that did not finish in time (counted as stuck).
-            continue;
-        };
-        let settling = if *phase == Phase::Compensate {
-            undo
-        } else {
-            forward
-        };
-        for (attempt, n) in runs.by_attempt() {
-            if attempt == settling {
-                totals.redelivered_runs += n - 1;
+    for record in records.shards.iter().flat_map(|s| s.values()) {
+        for (step, phase, runs) in record.effects() {
+            totals.executions += runs.iter().map(|(_, _, n)| n).sum::<u64>();
+            if distinct_keys(&runs) > 1 {
+                totals.duplicates += 1;
+            }
+            if step.as_str() == "reserve" && phase == Phase::Compensate {
+                totals.releases += 1;
+            }
+            let Some((forward, undo)) = record.settled.and_then(|settled| {
+                let i = STEPS.iter().position(|s| *s == step.as_str())?;
+                Some(settled[i])
+            }) else {
+                // A workflow that did not finish in time (counted as stuck).
+                continue;
+            };
+            let settling = u32::from(if phase == Phase::Compensate {
+                undo
             } else {
-                totals.stale_runs += n;
+                forward
+            });
+            let mut by_attempt: Vec<(u32, u64)> = Vec::new();
+            for (_, attempt, n) in runs {
+                match by_attempt.iter_mut().find(|(a, _)| *a == attempt) {
+                    Some((_, runs)) => *runs += n,
+                    None => by_attempt.push((attempt, n)),
+                }
+            }
+            for (attempt, n) in by_attempt {
+                if attempt == settling {
+                    totals.redelivered_runs += n - 1;
+                } else {
+                    totals.stale_runs += n;
+                }
             }
         }
     }
@@ -1140,8 +1216,7 @@ async fn orders(
         });
     }
     let mut outcomes = Vec::with_capacity(args.workflows as usize);
-    let mut settled =
-        Settled::with_capacity_and_hasher(args.workflows as usize, Default::default());
+    let mut settled = Vec::with_capacity(args.workflows as usize);
     while let Some(joined) = tasks.join_next().await {
         match joined {
             Ok(Ok((o, s))) => {
@@ -1156,8 +1231,11 @@ async fn orders(
     progress.finish_and_clear();
     // Every effect, compensations included, is recorded before its workflow
     // finishes, so the counts are complete once the last wait returns.
-    let records = retrying(Duration::from_secs(60), || effects.records()).await?;
-    let totals = totals(&records, &settled);
+    let mut records = retrying(Duration::from_secs(60), || effects.records()).await?;
+    for (tx, attempts) in settled {
+        records.settle(tx, attempts);
+    }
+    let totals = totals(&records);
     if let Some(rt) = runtime {
         rt.shutdown().await;
     }
@@ -1269,30 +1347,21 @@ mod tests {
         let effect = |step: &str, phase| (t1, StepName::from(step), phase);
         assert_eq!(
             records
-                .get(&effect("reserve", Phase::Forward))
-                .expect("recorded")
-                .applied(),
+                .applied(&effect("reserve", Phase::Forward))
+                .expect("recorded"),
             1
         );
         assert_eq!(
             records
-                .get(&effect("charge", Phase::Forward))
-                .expect("recorded")
-                .applied(),
+                .applied(&effect("charge", Phase::Forward))
+                .expect("recorded"),
             2
         );
-        let settled: Settled = [(
-            t1,
-            vec![
-                (StepName::from("validate"), (1, 0)),
-                (StepName::from("reserve"), (1, 1)),
-                (StepName::from("charge"), (2, 0)),
-            ],
-        )]
-        .into_iter()
-        .collect();
+        let mut records = records;
+        // By step index: validate, reserve, charge (invoice and notify did not run).
+        records.settle(t1, [(1, 0), (1, 1), (2, 0), (0, 0), (0, 0)]);
         assert_eq!(
-            totals(&records, &settled),
+            totals(&records),
             Totals {
                 executions: 9,
                 duplicates: 1,
@@ -1301,5 +1370,25 @@ mod tests {
                 redelivered_runs: 1,
             }
         );
+    }
+
+    #[test]
+    fn runs_of_a_step_the_bench_does_not_have_are_counted_not_left_out() {
+        let t = TransactionId::new();
+        let records = Records::from_fields(
+            [
+                (format!("k1 {t}/audit/forward/1"), 2),
+                (format!("k2 {t}/audit/forward/1"), 1),
+                (format!("k3 {t}/validate/forward/1"), 1),
+            ]
+            .into_iter()
+            .collect(),
+        );
+        assert_eq!(
+            records.applied(&(t, StepName::from("audit"), Phase::Forward)),
+            Some(2)
+        );
+        let totals = totals(&records);
+        assert_eq!((totals.executions, totals.duplicates), (4, 1));
     }
 }
