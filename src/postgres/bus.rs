@@ -43,11 +43,14 @@ use crate::core::{Event, EventCodec, Timestamp};
 /// Settings of a [`PostgresBus`].
 #[derive(Clone, Debug)]
 pub struct PostgresBusConfig {
-    /// `postgres://[user[:password]@]host[:port]/database[?sslmode=…]`, or
+    /// `postgres://[user[:password]@]host[:port]/database[?sslmode=…]`
+    /// (`sslmode` as libpq reads it: `disable`, `prefer`, `require`,
+    /// `verify-ca`, `verify-full`), or
     /// `key=value` settings.
     pub url: String,
     /// A PEM file of CA certificates to trust, besides the system's, for a
-    /// server reached over TLS.
+    /// server reached over TLS; with it, `sslmode=prefer` and `require`
+    /// check the server's chain as `verify-ca` does.
     pub ca_file: Option<std::path::PathBuf>,
     /// The schema holding the tables (shared with a
     /// [`PostgresStateStore`](super::PostgresStateStore) of the same

@@ -19,10 +19,16 @@ pub(crate) struct Connector {
 }
 
 impl Connector {
-    /// From a `postgres://` URL (or `key=value` settings). TLS is used
-    /// unless `sslmode=disable`; with `sslmode=prefer` (the default) a
-    /// server without TLS is reached in plain text.
+    /// From a `postgres://` URL (or `key=value` settings). `sslmode` means
+    /// what it means to libpq (and `psql`): `disable`, plain text; `prefer`
+    /// (the default), TLS when the server has it; `require`, TLS or no
+    /// connection; neither checks the server's certificate, unless a CA
+    /// file is given, which makes them check its chain as `verify-ca` does;
+    /// `verify-ca`, a chain to a trusted root (the system's and the CA
+    /// file's); `verify-full`, that and the host name.
     pub(crate) fn new(url: &str, ca_file: Option<&std::path::Path>) -> Result<Self, String> {
+        let (url, verify) = verify_mode(url);
+        let url = url.as_str();
         let mut config = Config::from_str(url).map_err(|e| {
             format!(
                 "the database URL {} is not valid: {e}",
@@ -36,10 +42,14 @@ impl Connector {
             config.application_name("multiagents");
         }
         let address = address_of(&config);
-        let tls = match config.get_ssl_mode() {
-            tokio_postgres::config::SslMode::Disable => None,
-            _ => Some(MakeRustlsConnect::new(client_config(ca_file)?)),
-        };
+        let tls = match (config.get_ssl_mode(), verify) {
+            (tokio_postgres::config::SslMode::Disable, _) => None,
+            (_, Some(verify)) => Some(verify),
+            (_, None) if ca_file.is_some() => Some(Verify::Chain),
+            (_, None) => Some(Verify::Nothing),
+        }
+        .map(|verify| client_config(ca_file, verify).map(MakeRustlsConnect::new))
+        .transpose()?;
         Ok(Self {
             config,
             tls,
@@ -165,11 +175,55 @@ fn address_of(config: &Config) -> String {
     format!("postgres://{user}{host}:{port}/{db}")
 }
 
-/// TLS settings: the system's roots and those of `ca_file`.
-fn client_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
+/// How much of the server's certificate a TLS connection checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verify {
+    /// Nothing (libpq's `prefer` and `require`): encrypted, but a server
+    /// with any certificate is taken for the one meant.
+    Nothing,
+    /// A chain to a trusted root, whatever host it names (`verify-ca`).
+    Chain,
+    /// A chain to a trusted root, for the host connected to
+    /// (`verify-full`).
+    Full,
+}
+
+/// libpq's `sslmode=verify-ca` and `verify-full`, which tokio-postgres
+/// does not read: the URL with them said as `require` (TLS or no
+/// connection), and what they ask to check.
+fn verify_mode(url: &str) -> (String, Option<Verify>) {
+    for (mode, verify) in [
+        ("sslmode=verify-full", Verify::Full),
+        ("sslmode=verify-ca", Verify::Chain),
+    ] {
+        if url.contains(mode) {
+            return (url.replace(mode, "sslmode=require"), Some(verify));
+        }
+    }
+    (url.to_string(), None)
+}
+
+/// TLS settings: the system's roots and those of `ca_file`, checked as
+/// `verify` says.
+fn client_config(
+    ca_file: Option<&std::path::Path>,
+    verify: Verify,
+) -> Result<rustls::ClientConfig, String> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
 
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    if verify == Verify::Nothing {
+        return Ok(builder
+            .dangerous()
+            .with_custom_certificate_verifier(std::sync::Arc::new(Unverified {
+                algorithms: provider.signature_verification_algorithms,
+            }))
+            .with_no_client_auth());
+    }
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_native_certs::load_native_certs().certs {
         // A system certificate rustls cannot use is skipped, as curl does.
@@ -194,12 +248,112 @@ fn client_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConf
             ));
         }
     }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
+    if verify == Verify::Full {
+        return Ok(builder.with_root_certificates(roots).with_no_client_auth());
+    }
+    let chain = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        provider,
+    )
+    .build()
+    .map_err(|e| e.to_string())?;
+    Ok(builder
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(ChainOnly(chain)))
         .with_no_client_auth())
+}
+
+/// Takes any certificate (libpq's `prefer` and `require`); the handshake's
+/// signatures are still checked, so the server holds the key of the
+/// certificate it shows.
+#[derive(Debug)]
+struct Unverified {
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl rustls::client::danger::ServerCertVerifier for Unverified {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// Checks the chain to a trusted root, not the host name (`verify-ca`):
+/// webpki checks the chain before the name, so a certificate refused only
+/// for its name has a trusted chain.
+#[derive(Debug)]
+struct ChainOnly(std::sync::Arc<rustls::client::WebPkiServerVerifier>);
+
+impl rustls::client::danger::ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                NotValidForName | NotValidForNameContext { .. },
+            )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
 }
 
 /// What went wrong, with the server's own message when it sent one.
@@ -293,6 +447,28 @@ where
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn verify_modes_are_read_from_urls_and_settings_and_said_as_require() {
+        assert_eq!(
+            verify_mode("postgres://u@h/db?sslmode=verify-full&application_name=x"),
+            (
+                "postgres://u@h/db?sslmode=require&application_name=x".to_string(),
+                Some(Verify::Full)
+            )
+        );
+        assert_eq!(
+            verify_mode("host=h sslmode=verify-ca dbname=db"),
+            (
+                "host=h sslmode=require dbname=db".to_string(),
+                Some(Verify::Chain)
+            )
+        );
+        assert_eq!(
+            verify_mode("postgres://u@h/db?sslmode=require"),
+            ("postgres://u@h/db?sslmode=require".to_string(), None)
+        );
+    }
     use super::*;
 
     #[test]

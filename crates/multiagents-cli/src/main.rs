@@ -165,7 +165,8 @@ struct ServeArgs {
     /// replicas share the work.
     #[arg(long, value_name = "URL")]
     database_url: Option<String>,
-    /// A PEM file of CA certificates to trust, for PostgreSQL over TLS.
+    /// A PEM file of CA certificates to trust, for PostgreSQL over TLS; with it,
+    /// `sslmode=prefer` and `require` check the server's chain as `verify-ca` does.
     #[arg(long, value_name = "PEM")]
     database_ca_file: Option<std::path::PathBuf>,
     /// The PostgreSQL schema holding the tables, created if missing.

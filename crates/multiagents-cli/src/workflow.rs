@@ -28,7 +28,8 @@ pub struct RedisArgs {
     /// too): `postgres://[user[:password]@]host[:port]/database`.
     #[arg(long, value_name = "URL")]
     pub database_url: Option<String>,
-    /// A PEM file of CA certificates to trust, for PostgreSQL over TLS.
+    /// A PEM file of CA certificates to trust, for PostgreSQL over TLS; with it,
+    /// `sslmode=prefer` and `require` check the server's chain as `verify-ca` does.
     #[arg(long, value_name = "PEM")]
     pub database_ca_file: Option<PathBuf>,
     /// The PostgreSQL schema holding the tables.

@@ -59,6 +59,8 @@ pub struct PgCluster {
     log: std::path::PathBuf,
     port: u16,
     as_postgres: bool,
+    /// Server settings given on every start (`-c name=value ...`).
+    settings: String,
 }
 
 /// PostgreSQL's server binaries: `PG_BIN`, on PATH, or where Debian puts them.
@@ -92,6 +94,17 @@ impl PgCluster {
     /// A new cluster, started; `None` (the test is skipped) when
     /// PostgreSQL is not installed, except in CI.
     pub fn start() -> Option<Self> {
+        Self::start_with(None)
+    }
+
+    /// A new cluster that speaks TLS with this certificate and key (PEM)
+    /// and takes TCP connections over TLS only (`hostssl` in `pg_hba.conf`;
+    /// its Unix socket stays open), started.
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Option<Self> {
+        Self::start_with(Some((cert_pem, key_pem)))
+    }
+
+    fn start_with(tls: Option<(&str, &str)>) -> Option<Self> {
         let Some(bin) = pg_bin() else {
             assert!(
                 std::env::var("CI").is_err(),
@@ -126,6 +139,11 @@ impl PgCluster {
             bin,
             port,
             as_postgres,
+            settings: if tls.is_some() {
+                "-c ssl=on".to_string()
+            } else {
+                String::new()
+            },
         };
         let out = cluster
             .command("initdb")
@@ -139,6 +157,30 @@ impl PgCluster {
             "initdb: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        if let Some((cert, key)) = tls {
+            let write = |name: &str, text: &str, mode: u32| {
+                use std::os::unix::fs::PermissionsExt;
+                let path = cluster.data.join(name);
+                std::fs::write(&path, text).expect("write");
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+                    .expect("chmod");
+                if cluster.as_postgres {
+                    let status = std::process::Command::new("chown")
+                        .arg("postgres")
+                        .arg(&path)
+                        .status()
+                        .expect("chown");
+                    assert!(status.success(), "chown postgres");
+                }
+            };
+            write("server.crt", cert, 0o644);
+            write("server.key", key, 0o600);
+            write(
+                "pg_hba.conf",
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+                0o600,
+            );
+        }
         cluster.start_again();
         Some(cluster)
     }
@@ -159,6 +201,11 @@ impl PgCluster {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
+    /// The port it listens on (127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// Starts the server (again), waiting until it accepts connections.
     pub fn start_again(&self) {
         let socket_dir = self.data.parent().expect("dir").to_path_buf();
@@ -170,9 +217,10 @@ impl PgCluster {
             .arg(&self.log)
             .args(["-w", "-t", "60", "start", "-o"])
             .arg(format!(
-                "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200",
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200 {}",
                 self.port,
-                socket_dir.display()
+                socket_dir.display(),
+                self.settings
             ))
             .stdout(std::process::Stdio::null())
             .status()
