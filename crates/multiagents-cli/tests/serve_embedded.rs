@@ -24,11 +24,17 @@ fn serve(store: &Path) -> Served {
 }
 
 fn serve_with(store: &Path, extra: &[&str]) -> Served {
+    serve_with_env(store, extra, &[])
+}
+
+fn serve_with_env(store: &Path, extra: &[&str], env: &[(&str, &str)]) -> Served {
     let mut child = Command::new(env!("CARGO_BIN_EXE_multiagents"))
         .args(["serve", "--listen", "127.0.0.1:0", "--store"])
         .arg(store)
         .args(extra)
         .env_remove("REDIS_URL")
+        .env_remove("MIMALLOC_ALLOW_THP")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -276,4 +282,30 @@ fn keys_made_by_keys_new_are_required_by_serve() {
         .expect("runs");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown scope `write`"));
+}
+
+/// Whether a running process may get transparent huge pages
+/// (`THP_enabled` in `/proc/PID/status`), when the kernel says.
+fn thp_enabled(pid: u32) -> Option<bool> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("THP_enabled:"))?;
+    Some(line.split_whitespace().nth(1)? == "1")
+}
+
+#[test]
+fn the_service_does_without_transparent_huge_pages_unless_mimalloc_is_told_otherwise() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let served = serve(&dir.path().join("thp.db"));
+    let Some(enabled) = thp_enabled(served.child.id()) else {
+        eprintln!("skipped: this kernel does not say whether a process may get huge pages");
+        return;
+    };
+    assert!(!enabled, "the service may get transparent huge pages");
+    drop(served);
+    let served = serve_with_env(
+        &dir.path().join("thp.db"),
+        &[],
+        &[("MIMALLOC_ALLOW_THP", "1")],
+    );
+    assert_eq!(thp_enabled(served.child.id()), Some(true));
 }
