@@ -219,7 +219,8 @@ fn client_config(
     if verify == Verify::Nothing {
         return Ok(builder
             .dangerous()
-            .with_custom_certificate_verifier(std::sync::Arc::new(Unverified {
+            .with_custom_certificate_verifier(std::sync::Arc::new(Lenient {
+                chain: None,
                 algorithms: provider.signature_verification_algorithms,
             }))
             .with_no_client_auth());
@@ -251,6 +252,7 @@ fn client_config(
     if verify == Verify::Full {
         return Ok(builder.with_root_certificates(roots).with_no_client_auth());
     }
+    let algorithms = provider.signature_verification_algorithms;
     let chain = rustls::client::WebPkiServerVerifier::builder_with_provider(
         std::sync::Arc::new(roots),
         provider,
@@ -259,28 +261,44 @@ fn client_config(
     .map_err(|e| e.to_string())?;
     Ok(builder
         .dangerous()
-        .with_custom_certificate_verifier(std::sync::Arc::new(ChainOnly(chain)))
+        .with_custom_certificate_verifier(std::sync::Arc::new(Lenient {
+            chain: Some(chain),
+            algorithms,
+        }))
         .with_no_client_auth())
 }
 
-/// Takes any certificate (libpq's `prefer` and `require`); the handshake's
-/// signatures are still checked, so the server holds the key of the
-/// certificate it shows.
+/// Checks less of the server's certificate than rustls does by default:
+/// nothing (`chain: None`, libpq's `prefer` and `require`), or its chain to
+/// a trusted root but not the host name (`verify-ca`; webpki checks the
+/// chain before the name, so a certificate refused only for its name has a
+/// trusted chain). The handshake's signatures are always checked, so the
+/// server holds the key of the certificate it shows.
 #[derive(Debug)]
-struct Unverified {
+struct Lenient {
+    chain: Option<std::sync::Arc<rustls::client::WebPkiServerVerifier>>,
     algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
 }
 
-impl rustls::client::danger::ServerCertVerifier for Unverified {
+impl rustls::client::danger::ServerCertVerifier for Lenient {
     fn verify_server_cert(
         &self,
-        _end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls::pki_types::UnixTime,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
+        use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
+        let Some(chain) = &self.chain else {
+            return Ok(rustls::client::danger::ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+            Err(rustls::Error::InvalidCertificate(
+                NotValidForName | NotValidForNameContext { .. },
+            )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+            other => other,
+        }
     }
 
     fn verify_tls12_signature(
@@ -303,56 +321,6 @@ impl rustls::client::danger::ServerCertVerifier for Unverified {
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.algorithms.supported_schemes()
-    }
-}
-
-/// Checks the chain to a trusted root, not the host name (`verify-ca`):
-/// webpki checks the chain before the name, so a certificate refused only
-/// for its name has a trusted chain.
-#[derive(Debug)]
-struct ChainOnly(std::sync::Arc<rustls::client::WebPkiServerVerifier>);
-
-impl rustls::client::danger::ServerCertVerifier for ChainOnly {
-    fn verify_server_cert(
-        &self,
-        end_entity: &rustls::pki_types::CertificateDer<'_>,
-        intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        server_name: &rustls::pki_types::ServerName<'_>,
-        ocsp_response: &[u8],
-        now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
-            Err(rustls::Error::InvalidCertificate(
-                NotValidForName | NotValidForNameContext { .. },
-            )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
-            other => other,
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.supported_verify_schemes()
     }
 }
 

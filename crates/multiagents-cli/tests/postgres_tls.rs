@@ -18,24 +18,13 @@ struct Certificates {
 
 impl Certificates {
     fn new() -> Self {
-        let ca_key = rcgen::KeyPair::generate().expect("key");
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "multiagents test CA");
-        let ca = ca_params.self_signed(&ca_key).expect("CA");
-        let server_key = rcgen::KeyPair::generate().expect("key");
-        let server = rcgen::CertificateParams::new(vec!["localhost".to_string()])
-            .expect("params")
-            .signed_by(&server_key, &ca, &ca_key)
-            .expect("server certificate");
+        let (ca, server_pem, server_key) = common::ca_and_server_certificate(&["localhost"]);
         let dir = tempfile::tempdir().expect("temp dir");
-        std::fs::write(dir.path().join("ca.pem"), ca.pem()).expect("write");
+        std::fs::write(dir.path().join("ca.pem"), ca).expect("write");
         Self {
             dir,
-            server_pem: server.pem(),
-            server_key: server_key.serialize_pem(),
+            server_pem,
+            server_key,
         }
     }
 

@@ -39,24 +39,13 @@ impl TlsRedis {
             return None;
         }
         let dir = tempfile::tempdir().expect("temp dir");
-        let ca_key = rcgen::KeyPair::generate().expect("key");
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "multiagents test CA");
-        let ca = ca_params.self_signed(&ca_key).expect("CA");
-        let server_key = rcgen::KeyPair::generate().expect("key");
-        let server =
-            rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-                .expect("params")
-                .signed_by(&server_key, &ca, &ca_key)
-                .expect("server certificate");
+        let (ca, server, server_key) =
+            common::ca_and_server_certificate(&["localhost", "127.0.0.1"]);
         let write =
             |name: &str, text: String| std::fs::write(dir.path().join(name), text).expect("write");
-        write("ca.pem", ca.pem());
-        write("server.pem", server.pem());
-        write("server.key", server_key.serialize_pem());
+        write("ca.pem", ca);
+        write("server.pem", server);
+        write("server.key", server_key);
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")

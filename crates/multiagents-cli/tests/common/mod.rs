@@ -257,3 +257,22 @@ impl Drop for PgCluster {
             .status();
     }
 }
+
+/// A test CA, and a server certificate it signed for `names`: the CA's
+/// PEM, the server's certificate PEM and its key PEM.
+pub fn ca_and_server_certificate(names: &[&str]) -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "multiagents test CA");
+    let ca = ca_params.self_signed(&ca_key).expect("CA");
+    let server_key = rcgen::KeyPair::generate().expect("key");
+    let server =
+        rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .expect("params")
+            .signed_by(&server_key, &ca, &ca_key)
+            .expect("server certificate");
+    (ca.pem(), server.pem(), server_key.serialize_pem())
+}
