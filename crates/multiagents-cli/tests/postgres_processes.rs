@@ -94,11 +94,14 @@ fn judge(client: Child, workflows: u64) {
 }
 
 fn kill_and_restart_three_times(fleet: &Fleet) {
-    let mut orchestrators = vec![
+    let mut orchestrators = common::KillOnDrop(vec![
         fleet.spawn("orchestrator", &[]),
         fleet.spawn("orchestrator", &[]),
-    ];
-    let mut workers = vec![fleet.spawn("workers", &[]), fleet.spawn("workers", &[])];
+    ]);
+    let mut workers = common::KillOnDrop(vec![
+        fleet.spawn("workers", &[]),
+        fleet.spawn("workers", &[]),
+    ]);
     std::thread::sleep(Duration::from_millis(500));
     let mut client = fleet.client(2000);
     for round in 0..3 {
@@ -114,8 +117,8 @@ fn kill_and_restart_three_times(fleet: &Fleet) {
         workers[i] = fleet.spawn("workers", &[]);
     }
     judge(client, 2000);
-    for mut c in orchestrators.into_iter().chain(workers) {
-        terminate(&mut c);
+    for c in orchestrators.iter_mut().chain(workers.iter_mut()) {
+        terminate(c);
     }
 }
 
@@ -157,11 +160,14 @@ fn restarting_postgres_mid_run_loses_nothing_and_every_process_reconnects() {
         redis_url: None,
         prefix: "restart".into(),
     };
-    let mut orchestrators = vec![
+    let mut orchestrators = common::KillOnDrop(vec![
         fleet.spawn("orchestrator", &[]),
         fleet.spawn("orchestrator", &[]),
-    ];
-    let mut workers = vec![fleet.spawn("workers", &[]), fleet.spawn("workers", &[])];
+    ]);
+    let mut workers = common::KillOnDrop(vec![
+        fleet.spawn("workers", &[]),
+        fleet.spawn("workers", &[]),
+    ]);
     std::thread::sleep(Duration::from_millis(500));
     let mut client = fleet.client(1500);
     let mut restarts = 0;
@@ -183,7 +189,7 @@ fn restarting_postgres_mid_run_loses_nothing_and_every_process_reconnects() {
             "every process lived through the restarts"
         );
     }
-    for mut c in orchestrators.into_iter().chain(workers) {
-        terminate(&mut c);
+    for c in orchestrators.iter_mut().chain(workers.iter_mut()) {
+        terminate(c);
     }
 }

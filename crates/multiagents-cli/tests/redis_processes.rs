@@ -62,11 +62,14 @@ fn killing_an_orchestrator_and_a_worker_mid_run_loses_nothing() {
     };
     let prefix = format!("kill{}", std::process::id());
     let fleet = Fleet { url, prefix };
-    let mut orchestrators = vec![
+    let mut orchestrators = common::KillOnDrop(vec![
         fleet.spawn("orchestrator", &[]),
         fleet.spawn("orchestrator", &[]),
-    ];
-    let mut workers = vec![fleet.spawn("workers", &[]), fleet.spawn("workers", &[])];
+    ]);
+    let mut workers = common::KillOnDrop(vec![
+        fleet.spawn("workers", &[]),
+        fleet.spawn("workers", &[]),
+    ]);
     std::thread::sleep(Duration::from_millis(500));
     let client = fleet.spawn(
         "client",
@@ -91,8 +94,8 @@ fn killing_an_orchestrator_and_a_worker_mid_run_loses_nothing() {
     workers[0] = fleet.spawn("workers", &[]);
 
     let output = client.wait_with_output().expect("the client finishes");
-    for mut c in orchestrators.into_iter().chain(workers) {
-        terminate(&mut c);
+    for c in orchestrators.iter_mut().chain(workers.iter_mut()) {
+        terminate(c);
     }
     let stdout = String::from_utf8_lossy(&output.stdout);
     let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or("{}"))

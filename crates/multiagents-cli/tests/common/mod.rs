@@ -276,3 +276,32 @@ pub fn ca_and_server_certificate(names: &[&str]) -> (String, String, String) {
             .expect("server certificate");
     (ca.pem(), server.pem(), server_key.serialize_pem())
 }
+
+/// Processes killed (SIGKILL) and reaped when dropped, unless they ended
+/// before: a test that fails part-way leaves none of them running (an
+/// orchestrator or worker process waits for a signal that would never come).
+pub struct KillOnDrop(pub Vec<std::process::Child>);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Vec<std::process::Child>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            if let Ok(None) = child.try_wait() {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+    }
+}
