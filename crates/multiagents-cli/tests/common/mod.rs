@@ -139,10 +139,17 @@ impl PgCluster {
             bin,
             port,
             as_postgres,
+            // Tests are not benchmarks: no fsync, as in scripts/test.sh, so
+            // that a fast shutdown's checkpoint does not wait on a busy disk
+            // (with fsync, a restart here once took about a minute beside
+            // three other process tests, longer than the client's
+            // --stuck-after). What a test checks across a restart (nothing
+            // committed is lost) still holds: the server writes out all it
+            // has before it stops.
             settings: if tls.is_some() {
-                "-c ssl=on".to_string()
+                "-c fsync=off -c ssl=on".to_string()
             } else {
-                String::new()
+                "-c fsync=off".to_string()
             },
         };
         let out = cluster
