@@ -288,6 +288,15 @@ enum Effects {
     },
 }
 
+/// What PostgreSQL said of a failed statement, with its code (a
+/// `tokio_postgres::Error` says only "db error").
+fn pg_said(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
 /// A failed call to the PostgreSQL holding the effect records: transient,
 /// so the client tries again.
 fn pg_effects_error(address: &str, what: &str, e: impl std::fmt::Display) -> Error {
@@ -320,13 +329,16 @@ impl Effects {
             .get()
             .await
             .map_err(|e| pg_effects_error(&address, "connecting for the effect counts", e))?;
+        // One transaction, under a lock: processes starting together would
+        // otherwise race to create the schema and the table.
         client
             .batch_execute(&format!(
-                "CREATE SCHEMA IF NOT EXISTS {schema};
+                "SELECT pg_advisory_xact_lock(hashtext('{table}'));
+                 CREATE SCHEMA IF NOT EXISTS {schema};
                  CREATE UNLOGGED TABLE IF NOT EXISTS {table} (field text PRIMARY KEY, n bigint NOT NULL)"
             ))
             .await
-            .map_err(|e| pg_effects_error(&address, "creating the effects table", e))?;
+            .map_err(|e| pg_effects_error(&address, "creating the effects table", pg_said(&e)))?;
         drop(client);
         Ok(Effects::Postgres {
             pool,
@@ -718,7 +730,7 @@ impl Effects {
                 let rows = client
                     .query(&format!("SELECT field, n FROM {table}"), &[])
                     .await
-                    .map_err(|e| read(&e))?;
+                    .map_err(|e| read(&pg_said(&e)))?;
                 let mut ledger = Ledger::default();
                 for row in rows {
                     add_field(&mut ledger, row.get(0), row.get::<_, i64>(1).max(0) as u64);
@@ -758,7 +770,7 @@ impl Effects {
             client
                 .batch_execute(&format!("TRUNCATE {table}"))
                 .await
-                .map_err(|e| clear(&e))?;
+                .map_err(|e| clear(&pg_said(&e)))?;
         }
         Ok(())
     }
