@@ -402,7 +402,7 @@ async fn serve(
 
 /// Transparent huge pages back a sparse heap (many small states, kept for
 /// their retention time) with 2 MiB pages: 20,000 finished orders in memory
-/// peak 17 MB higher with them (docs/benchmarks.md). This process does
+/// peak at 104 MiB with them and 90 without (docs/benchmarks.md). This process does
 /// without them, unless `MIMALLOC_ALLOW_THP` (mimalloc's own switch) says
 /// otherwise.
 fn without_huge_pages() {

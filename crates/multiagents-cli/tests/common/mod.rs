@@ -146,11 +146,10 @@ impl PgCluster {
             // --stuck-after). What a test checks across a restart (nothing
             // committed is lost) still holds: the server writes out all it
             // has before it stops.
-            settings: if tls.is_some() {
-                "-c fsync=off -c ssl=on".to_string()
-            } else {
-                "-c fsync=off".to_string()
-            },
+            settings: format!(
+                "-c fsync=off{}",
+                if tls.is_some() { " -c ssl=on" } else { "" }
+            ),
         };
         let out = cluster
             .command("initdb")
