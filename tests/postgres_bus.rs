@@ -129,6 +129,130 @@ async fn an_unacked_event_goes_to_another_consumer_then_to_the_dead_letters() {
     );
 }
 
+/// Rows published for a topic and group this process consumes are leased
+/// to it in the insert and handed over in memory: one delivery counted, no
+/// claim, and a handoff kept too long is taken over in the table first.
+#[tokio::test]
+async fn rows_for_a_consumer_here_are_leased_in_the_insert_and_handed_over() {
+    let Some((bus, url, schema)) = bus("pgb_handoff", |c| {
+        c.visibility_timeout(Duration::from_millis(400))
+    })
+    .await
+    else {
+        return;
+    };
+    let c = bus.consumer("t", "g", "c").await.expect("consumer");
+    bus.publish_many((0..3).map(|n| ("t".to_string(), event(n))).collect())
+        .await
+        .expect("publish");
+    let pg = raw(&url).await;
+    let held = |schema: &str| {
+        format!("SELECT holder, deliveries, visible_at > now() FROM {schema}.messages ORDER BY id")
+    };
+    let rows: Vec<(String, i32, bool)> = pg
+        .query(&held(&schema), &[])
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    for (holder, deliveries, leased) in &rows {
+        assert!(
+            !holder.is_empty(),
+            "leased to this process at the insert: {rows:?}"
+        );
+        assert_eq!(*deliveries, 1, "{rows:?}");
+        assert!(leased, "invisible to other processes: {rows:?}");
+    }
+    assert_eq!(
+        bus.lag("t", "g").await.expect("lag"),
+        Some(3),
+        "waiting to be handed over"
+    );
+    let first = c.next_batch(2, WAIT).await.expect("batch");
+    assert_eq!(
+        first.iter().map(|d| d.event.attempt).collect::<Vec<_>>(),
+        [0, 1],
+        "in order, from memory"
+    );
+    assert!(first.iter().all(|d| d.delivery_count == 1));
+    c.ack(&[first[0].id.clone(), first[1].id.clone()])
+        .await
+        .expect("ack");
+    // The third waits past a quarter of its lease: taken over in the table
+    // (the consumer's own name, a whole lease) before it is delivered.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let third = c.next_batch(2, WAIT).await.expect("batch");
+    assert_eq!(third.len(), 1);
+    assert_eq!(third[0].event.attempt, 2);
+    let rows: Vec<(String, i32, bool)> = pg
+        .query(&held(&schema), &[])
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        rows,
+        [("c".to_string(), 1, true)],
+        "taken over by its consumer"
+    );
+    // Extended by its holder, it stays; acked, it is gone.
+    c.extend(&[third[0].id.clone()]).await.expect("extend");
+    c.ack(&[third[0].id.clone()]).await.expect("ack");
+    assert!(c.next_batch(2, WAIT).await.expect("batch").is_empty());
+    assert_eq!(bus.lag("t", "g").await.expect("lag"), Some(0));
+}
+
+/// A process that dies holding rows leased to it at their insert (here: a
+/// bus dropped with its consumer before taking them) loses nothing: when
+/// the leases run out, another process claims them, as their second
+/// delivery.
+#[tokio::test]
+async fn rows_leased_to_a_process_that_dies_go_to_another_when_the_lease_runs_out() {
+    let Some((dying, url, schema)) = bus("pgb_handoff_dies", |c| {
+        c.visibility_timeout(Duration::from_millis(200))
+    })
+    .await
+    else {
+        return;
+    };
+    let config = PostgresBusConfig::new(&url)
+        .schema(&schema)
+        .poll_interval(Duration::from_millis(50))
+        .visibility_timeout(Duration::from_millis(200));
+    let other = PostgresBus::connect(config).await.expect("connects");
+    let there = other.consumer("t", "g", "there").await.expect("consumer");
+    let here = dying.consumer("t", "g", "here").await.expect("consumer");
+    dying
+        .publish_many((0..2).map(|n| ("t".to_string(), event(n))).collect())
+        .await
+        .expect("publish");
+    assert!(
+        there
+            .next_batch(2, Duration::from_millis(50))
+            .await
+            .expect("batch")
+            .is_empty(),
+        "leased to the publishing process"
+    );
+    drop(here);
+    drop(dying);
+    let mut got = Vec::new();
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while got.len() < 2 && std::time::Instant::now() < until {
+        got.extend(there.next_batch(2, WAIT).await.expect("batch"));
+    }
+    let mut attempts: Vec<u32> = got.iter().map(|d| d.event.attempt).collect();
+    attempts.sort_unstable();
+    assert_eq!(attempts, [0, 1], "both, once each");
+    assert!(
+        got.iter().all(|d| d.delivery_count == 2),
+        "their second delivery"
+    );
+}
+
 #[tokio::test]
 async fn an_extended_entry_stays_with_its_holder_and_a_taken_over_one_is_not_taken_back() {
     let Some((bus, url, schema)) = bus("pgb_extend", |c| {

@@ -11,6 +11,9 @@
 //!   counted as delivered and named after their holder. A row whose lease
 //!   runs out without an ack or an extension becomes visible again: that is
 //!   redelivery, and takeover of a dead process's work.
+//! * **Handoff**: rows for a topic and group that the publishing process
+//!   consumes itself are leased to it in the insert and handed to its
+//!   consumer in memory, without a claim (see [`Wake`]).
 //! * **Ack** deletes the rows; **publish then ack** inserts and deletes in
 //!   one statement, so that a worker's result and the end of its command
 //!   commit together.
@@ -190,16 +193,53 @@ struct Inner {
 /// notification from another process or the poll adds one, and a claim
 /// that comes back full puts one back (there may be more). A hint whose
 /// row another process took costs one short claim.
+///
+/// Rows this process published for a topic and group it consumes are
+/// leased to it in the insert itself (`holder` and `visible_at` set, one
+/// delivery counted) and handed over here in memory, without a claim: the
+/// claims were two of the four statements on a step's path. While the
+/// process lives it delivers them; if it dies, their leases run out and
+/// another process claims them, as any lapsed claim.
 #[derive(Default)]
 struct Wake {
     hints: AtomicU64,
     notify: Notify,
+    /// Rows leased to this process at their insert, waiting for a consumer.
+    handed: Mutex<std::collections::VecDeque<Handed>>,
+    /// Consumers of this topic and group alive in this process: rows are
+    /// leased here only while there is one.
+    consumers: AtomicU64,
 }
+
+/// A row leased to this process when it was published, and its event.
+struct Handed {
+    id: i64,
+    event: Arc<Event>,
+    at: std::time::Instant,
+}
+
+/// The most rows waiting in a [`Wake`] to be handed over: beyond, rows are
+/// published visible to all.
+const HANDED_CAP: usize = 1024;
 
 impl Wake {
     fn hint(&self, rows: u64) {
         self.hints.fetch_add(rows, Ordering::AcqRel);
         self.notify.notify_one();
+    }
+
+    fn hand(&self, handed: Handed) {
+        self.handed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(handed);
+        self.notify.notify_one();
+    }
+
+    /// Whether rows may be leased to this process's consumers.
+    fn takes_handoffs(&self) -> bool {
+        self.consumers.load(Ordering::Acquire) > 0
+            && self.handed.lock().unwrap_or_else(|e| e.into_inner()).len() < HANDED_CAP
     }
 
     /// Takes up to `max` hints; how many were taken.
@@ -222,6 +262,7 @@ struct Sql {
     claim: String,
     ack: String,
     extend: String,
+    take_over: String,
     bury: String,
     join: String,
     adopt: String,
@@ -237,22 +278,76 @@ struct Sql {
     channel: String,
 }
 
-/// Rows of every group of the event's topic (or one without a group), in
-/// the order given. `$1` topics, `$2` bodies.
-const INSERT: &str = "INSERT INTO {s}.messages (topic, grp, body)
-     SELECT u.topic, coalesce(g.grp, ''), u.body
-     FROM unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS u(topic, body, n)
-     LEFT JOIN {s}.bus_groups g ON g.topic = u.topic
-     ORDER BY u.n, g.grp";
+/// Inserts the rows of the events `e(topic, body, n)` of `source`: one per
+/// group of the event's topic (or one without a group), in order, each
+/// tagged with its event's `n`. Those of a topic and group consumed in the
+/// publishing process (the arrays `$p`, `$p+1`) are leased to it (holder
+/// `$p+2`, for `$p+3` ms) to be handed over in memory ([`Local`]). Returns
+/// each row's `id, grp, tag, leased`.
+pub(crate) fn insert_messages(s: &str, source: &str, p: usize) -> String {
+    let (lt, lg, holder, lease) = (p, p + 1, p + 2, p + 3);
+    format!(
+        "INSERT INTO {s}.messages (topic, grp, body, visible_at, deliveries, holder, tag)
+         SELECT e.topic, coalesce(g.grp, ''), e.body,
+             CASE WHEN l.grp IS NULL THEN now()
+                  ELSE now() + ${lease}::bigint * interval '1 millisecond' END,
+             CASE WHEN l.grp IS NULL THEN 0 ELSE 1 END,
+             CASE WHEN l.grp IS NULL THEN '' ELSE ${holder}::text END,
+             e.n
+         FROM {source}
+         LEFT JOIN {s}.bus_groups g ON g.topic = e.topic
+         LEFT JOIN unnest(${lt}::text[], ${lg}::text[]) AS l(topic, grp)
+           ON l.topic = e.topic AND l.grp = g.grp
+         ORDER BY e.n, g.grp
+         RETURNING id, grp, tag, holder <> '' AS leased"
+    )
+}
+
+/// The events of a publish: `$1` topics, `$2` bodies.
+const EVENTS: &str = "unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS e(topic, body, n)";
+
+/// The topics and groups of the publishing process's consumers, to whom
+/// rows are leased as they are inserted ([`insert_messages`]).
+#[derive(Default)]
+pub(crate) struct Local {
+    pub(crate) topics: Vec<String>,
+    pub(crate) groups: Vec<String>,
+    pub(crate) holder: String,
+    pub(crate) lease_ms: i64,
+}
+
+/// A row a publish inserted (one row of [`insert_messages`]): its id, its
+/// group, its event's index among those published (from 0), and whether
+/// it was leased to this process.
+pub(crate) struct Inserted {
+    pub(crate) id: i64,
+    pub(crate) group: String,
+    pub(crate) event: usize,
+    pub(crate) leased: bool,
+}
+
+impl Inserted {
+    /// The row of [`insert_messages`]' `RETURNING`, from column `at` on;
+    /// `first` is the `n` of the statement's first event of this publish.
+    pub(crate) fn of(row: &tokio_postgres::Row, at: usize, first: i64) -> Option<Self> {
+        Some(Self {
+            id: row.get::<_, Option<i64>>(at)?,
+            group: row.get::<_, Option<String>>(at + 1)?,
+            event: usize::try_from(row.get::<_, Option<i64>>(at + 2)? - first).ok()?,
+            leased: row.get::<_, Option<bool>>(at + 3)?,
+        })
+    }
+}
 
 impl Sql {
     fn new(s: &str) -> Self {
         let q = |sql: &str| sql.replace("{s}", s);
         Self {
-            publish: q(INSERT),
-            publish_then_ack: q(&format!(
-                "WITH acked AS (DELETE FROM {{s}}.messages WHERE id = ANY($3::bigint[])) {INSERT}"
-            )),
+            publish: insert_messages(s, EVENTS, 3),
+            publish_then_ack: format!(
+                "WITH acked AS (DELETE FROM {s}.messages WHERE id = ANY($3::bigint[])) {}",
+                insert_messages(s, EVENTS, 4)
+            ),
             claim: q("WITH c AS (
                  SELECT id FROM {s}.messages
                  WHERE topic = $1 AND grp = $2 AND visible_at <= now()
@@ -266,7 +361,13 @@ impl Sql {
             ack: q("DELETE FROM {s}.messages WHERE id = ANY($1::bigint[])"),
             extend: q(
                 "UPDATE {s}.messages SET visible_at = now() + $3::bigint * interval '1 millisecond'
-                 WHERE id = ANY($1::bigint[]) AND holder = $2",
+                 WHERE id = ANY($1::bigint[]) AND holder IN ($2, $4)",
+            ),
+            take_over: q(
+                "UPDATE {s}.messages SET visible_at = now() + $3::bigint * interval '1 millisecond',
+                     holder = $2
+                 WHERE id = ANY($1::bigint[]) AND holder = $4
+                 RETURNING id",
             ),
             bury: q("WITH gone AS (
                  DELETE FROM {s}.messages m
@@ -456,22 +557,6 @@ impl PostgresBus {
         Ok((topics, bodies))
     }
 
-    /// After a publish committed: wakes this process's consumers of the
-    /// topics at once, and announces the topics to the others.
-    fn published(&self, topics: &[&str]) {
-        let mut counted: Vec<(&str, u64)> = Vec::new();
-        for topic in topics {
-            match counted.iter_mut().find(|(t, _)| t == topic) {
-                Some((_, n)) => *n += 1,
-                None => counted.push((topic, 1)),
-            }
-        }
-        for (topic, rows) in counted {
-            Inner::wake_topic(&self.inner, topic, rows);
-            let _ = self.inner.announce.send(topic.to_string());
-        }
-    }
-
     /// The wake of a topic and group waited on here.
     fn wake(&self, topic: &str, group: &str) -> Arc<Wake> {
         let mut waits = self.inner.waits.lock().unwrap_or_else(|e| e.into_inner());
@@ -520,16 +605,80 @@ impl Carrier {
             .collect()
     }
 
-    /// After a write carrying events to `topics` committed.
-    pub(crate) fn published<'a>(&self, topics: impl Iterator<Item = &'a str>) {
+    /// The topics and groups to lease the rows of a write to.
+    pub(crate) fn local(&self) -> Local {
+        self.inner
+            .upgrade()
+            .map(|inner| inner.local())
+            .unwrap_or_default()
+    }
+
+    /// After a write carrying `events` committed, with the rows it
+    /// inserted for them.
+    pub(crate) fn settle(&self, events: &[(String, Event)], inserted: &[Inserted]) {
         if let Some(inner) = self.inner.upgrade() {
-            let topics: Vec<&str> = topics.collect();
-            PostgresBus { inner }.published(&topics);
+            inner.settle(events, inserted);
         }
     }
 }
 
 impl Inner {
+    /// The topics and groups to lease rows to as they are inserted: those
+    /// with a consumer here and room to hand rows over.
+    fn local(&self) -> Local {
+        let waits = self.waits.lock().unwrap_or_else(|e| e.into_inner());
+        let mut local = Local {
+            holder: self.instance.clone(),
+            lease_ms: self.config.visibility_timeout.as_millis().max(1) as i64,
+            ..Local::default()
+        };
+        for ((topic, group), wake) in waits.iter() {
+            if wake.takes_handoffs() {
+                local.topics.push(topic.clone());
+                local.groups.push(group.clone());
+            }
+        }
+        local
+    }
+
+    /// After a publish of `events` committed, with the rows it inserted:
+    /// hands the rows leased here to this process's consumers, wakes them
+    /// for the others, and announces those to the other processes.
+    fn settle(&self, events: &[(String, Event)], inserted: &[Inserted]) {
+        let mut counted: Vec<(&str, u64)> = Vec::new();
+        let mut arcs: Vec<Option<Arc<Event>>> = vec![None; events.len()];
+        for row in inserted {
+            let Some((topic, event)) = events.get(row.event) else {
+                continue;
+            };
+            if row.leased {
+                let wake = self
+                    .waits
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&(topic.clone(), row.group.clone()))
+                    .cloned();
+                if let Some(wake) = wake {
+                    let event = arcs[row.event].get_or_insert_with(|| Arc::new(event.clone()));
+                    wake.hand(Handed {
+                        id: row.id,
+                        event: event.clone(),
+                        at: std::time::Instant::now(),
+                    });
+                }
+                continue;
+            }
+            match counted.iter_mut().find(|(t, _)| *t == topic) {
+                Some((_, n)) => *n += 1,
+                None => counted.push((topic, 1)),
+            }
+        }
+        for (topic, rows) in counted {
+            Inner::wake_topic(self, topic, rows);
+            let _ = self.announce.send(topic.to_string());
+        }
+    }
+
     fn wake_topic(inner: &Inner, topic: &str, rows: u64) {
         let waits = inner.waits.lock().unwrap_or_else(|e| e.into_inner());
         for ((t, _), wake) in waits.iter() {
@@ -558,11 +707,25 @@ impl Topics for PostgresBus {
             return Ok(());
         }
         let (topics, bodies) = self.encode(&events)?;
+        let local = self.inner.local();
         let client = self.client().await?;
-        self.execute(&client, &self.inner.sql.publish, &[&topics, &bodies])
+        let rows = self
+            .query(
+                &client,
+                &self.inner.sql.publish,
+                &[
+                    &topics,
+                    &bodies,
+                    &local.topics,
+                    &local.groups,
+                    &local.holder,
+                    &local.lease_ms,
+                ],
+            )
             .await?;
         drop(client);
-        self.published(&topics);
+        let inserted: Vec<Inserted> = rows.iter().filter_map(|r| Inserted::of(r, 0, 1)).collect();
+        self.inner.settle(&events, &inserted);
         Ok(())
     }
 
@@ -591,8 +754,10 @@ impl Topics for PostgresBus {
             tokio::spawn(listen(inner.clone()));
             tokio::spawn(poll(inner));
         });
+        let wake = self.wake(topic, group);
+        wake.consumers.fetch_add(1, Ordering::AcqRel);
         Ok(Arc::new(PostgresConsumer {
-            wake: self.wake(topic, group),
+            wake,
             bus: self.clone(),
             topic: topic.to_string(),
             group: group.to_string(),
@@ -712,7 +877,18 @@ impl Topics for PostgresBus {
             .query_one(self.inner.sql.lag.as_str(), &[&topic, &group])
             .await
             .map_err(|e| self.pg(e))?;
-        Ok(Some(row.get::<_, i64>(0).max(0) as u64))
+        // Rows leased to this process at their insert and not yet taken by
+        // a consumer wait too (another process's such rows are not seen).
+        let handed = self
+            .inner
+            .waits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(topic.to_string(), group.to_string()))
+            .map_or(0, |w| {
+                w.handed.lock().unwrap_or_else(|e| e.into_inner()).len()
+            });
+        Ok(Some(row.get::<_, i64>(0).max(0) as u64 + handed as u64))
     }
 }
 
@@ -745,6 +921,12 @@ struct PostgresConsumer {
     looked: std::sync::atomic::AtomicBool,
 }
 
+impl Drop for PostgresConsumer {
+    fn drop(&mut self) {
+        self.wake.consumers.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 fn ids_of(ids: &[DeliveryId]) -> Vec<i64> {
     ids.iter()
         .filter_map(|id| match id {
@@ -757,6 +939,52 @@ fn ids_of(ids: &[DeliveryId]) -> Vec<i64> {
 impl PostgresConsumer {
     fn lease_ms(&self) -> i64 {
         self.bus.inner.config.visibility_timeout.as_millis().max(1) as i64
+    }
+
+    /// Takes up to `max` rows handed over in memory. Those handed over a
+    /// while ago (a quarter of the lease) are taken over in the table first,
+    /// so that the lease this consumer extends from now on is whole; one
+    /// whose lease ran out and that another consumer claimed is dropped.
+    async fn take_handed(&self, max: usize) -> Result<Vec<Delivery>, BusError> {
+        let taken: Vec<Handed> = {
+            let mut handed = self.wake.handed.lock().unwrap_or_else(|e| e.into_inner());
+            let n = handed.len().min(max);
+            let taken = handed.drain(..n).collect();
+            if !handed.is_empty() {
+                // More for another consumer here.
+                self.wake.notify.notify_one();
+            }
+            taken
+        };
+        if taken.is_empty() {
+            return Ok(Vec::new());
+        }
+        let fresh = self.bus.inner.config.visibility_timeout / 4;
+        let (mut out, stale): (Vec<Handed>, Vec<Handed>) =
+            taken.into_iter().partition(|h| h.at.elapsed() < fresh);
+        if !stale.is_empty() {
+            let ids: Vec<i64> = stale.iter().map(|h| h.id).collect();
+            let client = self.bus.lazy_client().await?;
+            let rows = self
+                .bus
+                .query(
+                    &client,
+                    &self.bus.inner.sql.take_over,
+                    &[&ids, &self.name, &self.lease_ms(), &self.bus.inner.instance],
+                )
+                .await?;
+            let kept: std::collections::HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
+            out.extend(stale.into_iter().filter(|h| kept.contains(&h.id)));
+            out.sort_unstable_by_key(|h| h.id);
+        }
+        Ok(out
+            .into_iter()
+            .map(|h| Delivery {
+                id: DeliveryId::Seq(h.id as u64),
+                event: h.event,
+                delivery_count: 1,
+            })
+            .collect())
     }
 
     /// Claims up to `max` rows; returns the deliveries and how many rows were
@@ -833,6 +1061,10 @@ impl Consumer for PostgresConsumer {
             let notified = self.wake.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            let handed = self.take_handed(max).await?;
+            if !handed.is_empty() {
+                return Ok(handed);
+            }
             let first = !self.looked.swap(true, Ordering::AcqRel);
             if first || self.wake.take(max as u64) > 0 {
                 let (got, claimed) = self.claim(max).await?;
@@ -882,7 +1114,7 @@ impl Consumer for PostgresConsumer {
             .execute(
                 &client,
                 &self.bus.inner.sql.extend,
-                &[&ids, &self.name, &self.lease_ms()],
+                &[&ids, &self.name, &self.lease_ms(), &self.bus.inner.instance],
             )
             .await?;
         Ok(())
@@ -929,20 +1161,31 @@ impl Consumer for PostgresConsumer {
         // a crash of the server undid them, the deliveries would come
         // again and be answered again (a worker's idempotency key holds).
         // Events acking nothing would be lost: they wait.
+        let local = self.bus.inner.local();
         let client = if ids.is_empty() {
             self.bus.client().await?
         } else {
             self.bus.lazy_client().await?
         };
-        self.bus
-            .execute(
+        let rows = self
+            .bus
+            .query(
                 &client,
                 &self.bus.inner.sql.publish_then_ack,
-                &[&topics, &bodies, &ids],
+                &[
+                    &topics,
+                    &bodies,
+                    &ids,
+                    &local.topics,
+                    &local.groups,
+                    &local.holder,
+                    &local.lease_ms,
+                ],
             )
             .await?;
         drop(client);
-        self.bus.published(&topics);
+        let inserted: Vec<Inserted> = rows.iter().filter_map(|r| Inserted::of(r, 0, 1)).collect();
+        self.bus.inner.settle(events, &inserted);
         Ok(())
     }
 }

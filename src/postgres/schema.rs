@@ -103,6 +103,12 @@ CREATE TABLE {s}.dead_letter_audit (
 );
 ",
     ),
+    (
+        3,
+        r"
+ALTER TABLE {s}.messages ADD COLUMN tag bigint;
+",
+    ),
 ];
 
 /// Checks that `schema` can be written into SQL as it is.

@@ -19,6 +19,7 @@ use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::types::ToSql;
 
+use super::bus::{Inserted, Local};
 use super::conn::{Connector, describe, describe_pool};
 use crate::core::saga::parts::Changes;
 use crate::core::{
@@ -152,7 +153,7 @@ struct Inner {
     /// Bytes of state records sent.
     written: std::sync::atomic::AtomicU64,
     /// The bus of this database whose events writes carry, once set.
-    carrier: std::sync::OnceLock<super::bus::Carrier>,
+    carrier: Arc<std::sync::OnceLock<super::bus::Carrier>>,
     /// Payloads this instance stored, by workflow and digest: a later write
     /// names them without sending them again (the statement checks that
     /// they are still there). Bounded: forgotten all at once when full.
@@ -208,14 +209,14 @@ impl Sql {
                ON CONFLICT (tx, field) DO UPDATE SET value = excluded.value
              ), u AS (
                INSERT INTO {s}.unpublished (tx, version, at) SELECT w.tx, 1, $13 FROM w WHERE $14
-             ), m AS (
-               INSERT INTO {s}.messages (topic, grp, body)
-               SELECT e.topic, coalesce(g.grp, ''), e.body
-               FROM w CROSS JOIN unnest($15::text[], $16::bytea[]) WITH ORDINALITY AS e(topic, body, n)
-               LEFT JOIN {s}.bus_groups g ON g.topic = e.topic
-               ORDER BY e.n, g.grp
-             )
-             SELECT count(*) FROM w"
+             ), m AS ({})
+             SELECT (SELECT count(*) FROM w), NULL::bigint, NULL::text, NULL::bigint, NULL::bool
+             UNION ALL SELECT NULL, m.id, m.grp, m.tag, m.leased FROM m",
+            super::bus::insert_messages(
+                s,
+                "w CROSS JOIN unnest($15::text[], $16::bytea[]) WITH ORDINALITY AS e(topic, body, n)",
+                17
+            )
         );
         // Any number of compare-and-sets, each workflow once: `r` the rows,
         // `named` the payload parts they name without sending (they must be
@@ -261,14 +262,12 @@ impl Sql {
              ), e AS (
                SELECT * FROM unnest($16::uuid[], $17::text[], $18::bytea[]) WITH ORDINALITY
                  AS e(tx, topic, body, n)
-             ), m AS (
-               INSERT INTO {s}.messages (topic, grp, body)
-               SELECT e.topic, coalesce(g.grp, ''), e.body
-               FROM e JOIN w ON w.tx = e.tx LEFT JOIN {s}.bus_groups g ON g.topic = e.topic
-               ORDER BY e.n, g.grp
-             )
-             SELECT r.tx, w.tx IS NOT NULL, c.version, c.history_len
-             FROM r LEFT JOIN w ON w.tx = r.tx LEFT JOIN {s}.workflows c ON c.tx = r.tx"
+             ), m AS ({})
+             SELECT r.tx, w.tx IS NOT NULL, c.version, c.history_len,
+                 NULL::bigint, NULL::text, NULL::bigint, NULL::bool
+             FROM r LEFT JOIN w ON w.tx = r.tx LEFT JOIN {s}.workflows c ON c.tx = r.tx
+             UNION ALL SELECT NULL, NULL, NULL, NULL, m.id, m.grp, m.tag, m.leased FROM m",
+            super::bus::insert_messages(s, "e JOIN w ON w.tx = e.tx", 19)
         );
         Self {
             create,
@@ -404,6 +403,7 @@ impl PostgresStateStore {
         let (published, notes) = mpsc::unbounded_channel();
         tokio::spawn(forget_published(pool.clone(), sql.clone(), notes));
         let counts = Arc::new(WriteCounts::default());
+        let carrier: Arc<std::sync::OnceLock<super::bus::Carrier>> = Arc::default();
         for _ in 0..config.writers.max(1) {
             tokio::spawn(writer(
                 pool.clone(),
@@ -411,6 +411,7 @@ impl PostgresStateStore {
                 queue.clone(),
                 config.batch.max(1),
                 counts.clone(),
+                carrier.clone(),
             ));
         }
         let store = Self {
@@ -427,7 +428,7 @@ impl PostgresStateStore {
                 published,
                 counts,
                 written: std::sync::atomic::AtomicU64::new(0),
-                carrier: std::sync::OnceLock::new(),
+                carrier,
                 stored: Mutex::default(),
             }),
         };
@@ -520,7 +521,7 @@ impl PostgresStateStore {
         before: Option<&WorkflowState>,
         state: Arc<WorkflowState>,
         events: Option<&Events>,
-    ) -> Result<Version, StoreError> {
+    ) -> Result<(Version, Vec<Inserted>), StoreError> {
         let apart = self.inner.config.large_payload_bytes;
         let delta = match (expected, before) {
             (Some(_), Some(b)) => Changes::between(b, &state),
@@ -554,12 +555,12 @@ impl PostgresStateStore {
             other => other,
         };
         match written {
-            Ok(v) => {
+            Ok((v, inserted)) => {
                 if let Some(writing) = writing {
                     let _ = self.inner.finished.send(state.transaction_id);
                     writing.hand_over(v, &state);
                 }
-                Ok(v)
+                Ok((v, inserted))
             }
             Err(r) => Err(self.refused(r, state.transaction_id, expected)),
         }
@@ -607,7 +608,7 @@ impl PostgresStateStore {
         state: &WorkflowState,
         name_stored: bool,
         events: Option<&Events>,
-    ) -> Result<Version, Refused> {
+    ) -> Result<(Version, Vec<Inserted>), Refused> {
         let tx = state.transaction_id;
         let (head, mut fields) =
             write_fields(delta, state).map_err(|e| Refused::Store(self.corrupt(e)))?;
@@ -657,7 +658,7 @@ impl PostgresStateStore {
         let history_len = state.history.len() as i64;
         let sql = &self.inner.sql;
         let pg = |e: tokio_postgres::Error| Refused::Store(self.pg(e));
-        let version = match expected {
+        let (version, inserted) = match expected {
             None => {
                 let mut params: Vec<Param> = vec![
                     Box::new(tx.0),
@@ -680,7 +681,7 @@ impl PostgresStateStore {
                 params.push(Box::new(topics));
                 params.push(Box::new(bodies));
                 match self.submit(Job::Create(params)).await? {
-                    Answer::Created(true) => 1,
+                    Answer::Created(true, inserted) => (1, inserted),
                     _ => return Err(Refused::Exists),
                 }
             }
@@ -715,14 +716,20 @@ impl PostgresStateStore {
                     values,
                     events,
                 };
-                let found = update(&t, sql, &[&whole]).await.map_err(pg)?;
-                if !matches!(found.get(&tx.0), Some(Some((true, _, _)))) {
+                let local = self
+                    .inner
+                    .carrier
+                    .get()
+                    .map(|c| c.local())
+                    .unwrap_or_default();
+                let mut found = update(&t, sql, &[&whole], &local).await.map_err(pg)?;
+                let Some((Some((true, _, _)), inserted)) = found.remove(&tx.0) else {
                     return Err(Refused::Store(
                         self.corrupt(format!("workflow {tx}: a locked row was not updated")),
                     ));
-                }
+                };
                 t.commit().await.map_err(pg)?;
-                expected + 1
+                (expected + 1, inserted)
             }
             Some(expected) => {
                 let update = Update {
@@ -741,7 +748,7 @@ impl PostgresStateStore {
                     values,
                     events,
                 };
-                let Answer::Updated(row) = self.submit(Job::Update(update)).await? else {
+                let Answer::Updated(row, inserted) = self.submit(Job::Update(update)).await? else {
                     unreachable!("an update is answered as one");
                 };
                 let Some((done, found, found_history)) = row else {
@@ -751,7 +758,7 @@ impl PostgresStateStore {
                 let found = found as u64;
 
                 if done == 1 {
-                    expected + 1
+                    (expected + 1, inserted)
                 } else if found != expected {
                     return Err(Refused::Conflict(found));
                 } else if found_history != delta.history_from as i64 {
@@ -770,7 +777,7 @@ impl PostgresStateStore {
                 stored.insert((tx, d.to_string()));
             }
         }
-        Ok(version)
+        Ok((version, inserted))
     }
 
     /// Starts the listener that wakes local waiters when workflows finish.
@@ -850,12 +857,17 @@ pub(super) type Events = Vec<(String, Vec<u8>)>;
 
 /// What a write found.
 enum Answer {
-    /// Whether the workflow was created (false: it existed).
-    Created(bool),
+    /// Whether the workflow was created (false: it existed), and the bus
+    /// rows of its events.
+    Created(bool, Vec<Inserted>),
     /// Whether the update was done, and the version and history length
-    /// stored before it; None when the workflow does not exist.
-    Updated(Option<(bool, i64, i64)>),
+    /// stored before it (None when the workflow does not exist); the bus
+    /// rows of its events.
+    Updated(Option<(bool, i64, i64)>, Vec<Inserted>),
 }
+
+/// The bus rows of each update of a statement, and what it found.
+type Found = std::collections::HashMap<uuid::Uuid, (Option<(bool, i64, i64)>, Vec<Inserted>)>;
 
 /// A transition and where its answer goes.
 struct Write {
@@ -880,6 +892,7 @@ async fn writer(
     queue: Arc<tokio::sync::Mutex<mpsc::Receiver<Write>>>,
     batch: usize,
     counts: Arc<WriteCounts>,
+    carrier: Arc<std::sync::OnceLock<super::bus::Carrier>>,
 ) {
     let mut writes: Vec<Write> = Vec::with_capacity(batch);
     loop {
@@ -899,8 +912,9 @@ async fn writer(
                 continue;
             }
         };
+        let local = carrier.get().map(|c| c.local()).unwrap_or_default();
         if writes.len() > 1 {
-            match in_one_transaction(&mut client, &sql, &writes).await {
+            match in_one_transaction(&mut client, &sql, &writes, &local).await {
                 Ok((answers, statements)) => {
                     counts.add(writes.len(), 1, statements + 2);
                     for (w, answer) in writes.drain(..).zip(answers) {
@@ -925,10 +939,11 @@ async fn writer(
         }
         for w in writes.drain(..) {
             let answer = match &w.job {
-                Job::Create(params) => create(&client, &sql, params).await,
-                Job::Update(u) => update(&client, &sql, &[u])
-                    .await
-                    .map(|mut found| Answer::Updated(found.remove(&u.tx).flatten())),
+                Job::Create(params) => create(&client, &sql, params, &local).await,
+                Job::Update(u) => update(&client, &sql, &[u], &local).await.map(|mut found| {
+                    let (row, inserted) = found.remove(&u.tx).unwrap_or_default();
+                    Answer::Updated(row, inserted)
+                }),
             };
             if answer.is_ok() {
                 counts.add(1, 1, 1);
@@ -951,10 +966,26 @@ async fn create(
     client: &impl deadpool_postgres::GenericClient,
     sql: &Sql,
     p: &[Param],
+    local: &Local,
 ) -> Result<Answer, tokio_postgres::Error> {
     let statement = client.prepare_cached(&sql.create).await?;
-    let row = client.query_one(&statement, &params(p)).await?;
-    Ok(Answer::Created(row.get::<_, i64>(0) == 1))
+    let mut all = params(p);
+    all.extend([
+        &local.topics as &(dyn ToSql + Sync),
+        &local.groups,
+        &local.holder,
+        &local.lease_ms,
+    ]);
+    let rows = client.query(&statement, &all).await?;
+    let mut created = false;
+    let mut inserted = Vec::new();
+    for row in &rows {
+        match row.get::<_, Option<i64>>(0) {
+            Some(n) => created = n == 1,
+            None => inserted.extend(Inserted::of(row, 1, 1)),
+        }
+    }
+    Ok(Answer::Created(created, inserted))
 }
 
 /// Runs the updates (each workflow at most once) as one statement; for
@@ -963,8 +994,8 @@ async fn update(
     client: &impl deadpool_postgres::GenericClient,
     sql: &Sql,
     updates: &[&Update],
-) -> Result<std::collections::HashMap<uuid::Uuid, Option<(bool, i64, i64)>>, tokio_postgres::Error>
-{
+    local: &Local,
+) -> Result<Found, tokio_postgres::Error> {
     let statement = client.prepare_cached(&sql.update).await?;
     let column = |f: &dyn Fn(&Update) -> i64| updates.iter().map(|u| f(u)).collect::<Vec<i64>>();
     let txs: Vec<uuid::Uuid> = updates.iter().map(|u| u.tx).collect();
@@ -1018,16 +1049,39 @@ async fn update(
                 &event_tx,
                 &topics,
                 &bodies,
+                &local.topics,
+                &local.groups,
+                &local.holder,
+                &local.lease_ms,
             ],
         )
         .await?;
-    let mut found = std::collections::HashMap::with_capacity(rows.len());
-    for row in rows {
-        let tx: uuid::Uuid = row.get(0);
-        let done: bool = row.get(1);
-        let version: Option<i64> = row.get(2);
-        let history: Option<i64> = row.get(3);
-        found.insert(tx, version.zip(history).map(|(v, h)| (done, v, h)));
+    let mut found: Found = std::collections::HashMap::with_capacity(updates.len());
+    let mut inserted = Vec::new();
+    for row in &rows {
+        match row.get::<_, Option<uuid::Uuid>>(0) {
+            Some(tx) => {
+                let done: bool = row.get(1);
+                let version: Option<i64> = row.get(2);
+                let history: Option<i64> = row.get(3);
+                found.entry(tx).or_default().0 = version.zip(history).map(|(v, h)| (done, v, h));
+            }
+            None => inserted.extend(Inserted::of(row, 4, 1)),
+        }
+    }
+    // Each row to its update: the events went in update by update.
+    if !inserted.is_empty() {
+        let mut starts = Vec::with_capacity(updates.len());
+        let mut n = 0;
+        for u in updates {
+            starts.push(n);
+            n += u.events.len();
+        }
+        for mut row in inserted {
+            let k = starts.partition_point(|&s| s <= row.event) - 1;
+            row.event -= starts[k];
+            found.entry(updates[k].tx).or_default().1.push(row);
+        }
     }
     Ok(found)
 }
@@ -1036,6 +1090,7 @@ async fn in_one_transaction(
     client: &mut deadpool_postgres::Object,
     sql: &Sql,
     writes: &[Write],
+    local: &Local,
 ) -> Result<(Vec<Answer>, usize), Batch> {
     let t = client.transaction().await.map_err(|_| Batch::Statement)?;
     // Rounds in which each workflow is updated at most once (racing
@@ -1057,8 +1112,8 @@ async fn in_one_transaction(
     let statements = creates.len() + rounds.len();
     // Sent together: one round trip for all.
     let (created, updated) = tokio::join!(
-        futures_util::future::join_all(creates.iter().map(|p| create(&t, sql, p))),
-        futures_util::future::join_all(rounds.iter().map(|(_, r)| update(&t, sql, r))),
+        futures_util::future::join_all(creates.iter().map(|p| create(&t, sql, p, local))),
+        futures_util::future::join_all(rounds.iter().map(|(_, r)| update(&t, sql, r, local))),
     );
     let failed = |e: &tokio_postgres::Error| {
         tracing::debug!(error = %describe(e), "a statement of a batch of writes failed: each is written by itself");
@@ -1079,8 +1134,11 @@ async fn in_one_transaction(
             // The round that held this update is the first whose answers
             // have it and not yet taken.
             Job::Update(u) => {
-                let answer = found.iter_mut().find_map(|f| f.remove(&u.tx)).flatten();
-                Answer::Updated(answer)
+                let (row, inserted) = found
+                    .iter_mut()
+                    .find_map(|f| f.remove(&u.tx))
+                    .unwrap_or_default();
+                Answer::Updated(row, inserted)
             }
         });
     }
@@ -1183,7 +1241,7 @@ fn status_of(text: &str) -> Option<WorkflowStatus> {
 #[async_trait]
 impl WorkflowStates for PostgresStateStore {
     async fn create(&self, state: Arc<WorkflowState>) -> Result<Version, StoreError> {
-        self.write(None, None, state, None).await
+        self.write(None, None, state, None).await.map(|(v, _)| v)
     }
 
     async fn get(&self, transaction_id: TransactionId) -> Result<Option<Versioned>, StoreError> {
@@ -1229,7 +1287,9 @@ impl WorkflowStates for PostgresStateStore {
         expected: Version,
         state: Arc<WorkflowState>,
     ) -> Result<Version, StoreError> {
-        self.write(Some(expected), None, state, None).await
+        self.write(Some(expected), None, state, None)
+            .await
+            .map(|(v, _)| v)
     }
 
     async fn compare_and_set_from(
@@ -1238,7 +1298,9 @@ impl WorkflowStates for PostgresStateStore {
         before: &WorkflowState,
         state: Arc<WorkflowState>,
     ) -> Result<Version, StoreError> {
-        self.write(Some(expected), Some(before), state, None).await
+        self.write(Some(expected), Some(before), state, None)
+            .await
+            .map(|(v, _)| v)
     }
 
     async fn step_output(
@@ -1450,8 +1512,8 @@ impl WorkflowStates for PostgresStateStore {
         let Some(encoded) = carrier.encode(events) else {
             return Ok(None);
         };
-        let version = self.write(None, None, state, Some(&encoded)).await?;
-        carrier.published(encoded.iter().map(|(t, _)| t.as_str()));
+        let (version, inserted) = self.write(None, None, state, Some(&encoded)).await?;
+        carrier.settle(events, &inserted);
         Ok(Some(version))
     }
 
@@ -1468,10 +1530,10 @@ impl WorkflowStates for PostgresStateStore {
         let Some(encoded) = carrier.encode(events) else {
             return Ok(None);
         };
-        let version = self
+        let (version, inserted) = self
             .write(Some(expected), Some(before), state, Some(&encoded))
             .await?;
-        carrier.published(encoded.iter().map(|(t, _)| t.as_str()));
+        carrier.settle(events, &inserted);
         Ok(Some(version))
     }
 
