@@ -725,6 +725,51 @@ async fn concurrent_writes_share_commits_and_a_bad_one_fails_alone() {
         stats.statements < stats.writes,
         "the updates of a batch went as few statements: {stats:?}"
     );
+
+    // New workflows, each created by three racers at once: one creates it,
+    // the others are told it exists, and the creates shared statements.
+    let before = store.write_stats();
+    let fresh: Vec<Arc<multiagents::core::WorkflowState>> = (0..100)
+        .map(|_| {
+            let (state, _) = saga::start(
+                &d,
+                TransactionId::new(),
+                CorrelationId::new(),
+                Payload::null(),
+                Timestamp::now(),
+            );
+            Arc::new(state)
+        })
+        .collect();
+    let mut racers = tokio::task::JoinSet::new();
+    for s in &fresh {
+        for _ in 0..3 {
+            let (store, s) = (store.clone(), s.clone());
+            racers.spawn(async move { (s.transaction_id, store.create(s).await) });
+        }
+    }
+    let mut made: std::collections::HashMap<TransactionId, usize> = Default::default();
+    while let Some(joined) = racers.join_next().await {
+        let (tx, created) = joined.expect("joined");
+        match created {
+            Ok(v) => {
+                assert_eq!(v, 1);
+                *made.entry(tx).or_default() += 1;
+            }
+            Err(StoreError::AlreadyExists(t)) => assert_eq!(t, tx),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(made.len(), fresh.len());
+    assert!(
+        made.values().all(|n| *n == 1),
+        "exactly one racer creates each"
+    );
+    let after = store.write_stats();
+    assert!(
+        after.statements - before.statements < after.writes - before.writes,
+        "the creates of a batch went as few statements: {before:?} -> {after:?}"
+    );
 }
 
 /// A payload this store wrote before is named, not sent again; if it is

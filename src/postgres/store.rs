@@ -195,28 +195,42 @@ struct Sql {
 impl Sql {
     fn new(s: &str) -> Self {
         // The columns every write sets, then the parts and the note.
+        // Any number of creates, each workflow once: `c` the rows, `f`
+        // their parts, `e` their events; the final `SELECT` says which were
+        // created (the others existed), then the bus rows of their events.
         let create = format!(
-            "WITH w AS (
+            "WITH c AS (
+               SELECT * FROM unnest($1::uuid[], $2::text[], $3::integer[], $4::text[], $5::uuid[],
+                   $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[],
+                   $11::bigint[], $12::bool[])
+               AS c(tx, workflow, def_version, status, correlation_id, started_at, updated_at,
+                   finished_at, wakeup, history_len, at, noted)
+             ), w AS (
                INSERT INTO {s}.workflows (tx, version, workflow, def_version, status, correlation_id,
                    started_at, updated_at, finished_at, history_len)
-               VALUES ($1, 1, $2, $3, $4, $5, $6, $7, $8, $10)
+               SELECT tx, 1, workflow, def_version, status, correlation_id, started_at, updated_at,
+                   finished_at, history_len FROM c
                ON CONFLICT (tx) DO NOTHING RETURNING tx
              ), t AS (
-               INSERT INTO {s}.timers (tx, wakeup) SELECT w.tx, $9 FROM w WHERE $9::bigint IS NOT NULL
+               INSERT INTO {s}.timers (tx, wakeup)
+               SELECT c.tx, c.wakeup FROM c JOIN w ON w.tx = c.tx WHERE c.wakeup IS NOT NULL
+             ), f AS (
+               SELECT * FROM unnest($13::uuid[], $14::text[], $15::bytea[]) AS f(tx, field, value)
              ), p AS (
                INSERT INTO {s}.parts (tx, field, value)
-               SELECT w.tx, f.field, f.value FROM w, unnest($11::text[], $12::bytea[]) AS f(field, value)
+               SELECT f.tx, f.field, f.value FROM f JOIN w ON w.tx = f.tx
                ON CONFLICT (tx, field) DO UPDATE SET value = excluded.value
              ), u AS (
-               INSERT INTO {s}.unpublished (tx, version, at) SELECT w.tx, 1, $13 FROM w WHERE $14
+               INSERT INTO {s}.unpublished (tx, version, at)
+               SELECT c.tx, 1, c.at FROM c JOIN w ON w.tx = c.tx WHERE c.noted
+             ), e AS (
+               SELECT * FROM unnest($16::uuid[], $17::text[], $18::bytea[]) WITH ORDINALITY
+                 AS e(tx, topic, body, n)
              ), m AS ({})
-             SELECT (SELECT count(*) FROM w), NULL::bigint, NULL::text, NULL::bigint, NULL::bool
-             UNION ALL SELECT NULL, m.id, m.grp, m.tag, m.leased FROM m",
-            super::bus::insert_messages(
-                s,
-                "w CROSS JOIN unnest($15::text[], $16::bytea[]) WITH ORDINALITY AS e(topic, body, n)",
-                17
-            )
+             SELECT c.tx, w.tx IS NOT NULL, NULL::bigint, NULL::text, NULL::bigint, NULL::bool
+             FROM c LEFT JOIN w ON w.tx = c.tx
+             UNION ALL SELECT NULL, NULL, m.id, m.grp, m.tag, m.leased FROM m",
+            super::bus::insert_messages(s, "e JOIN w ON w.tx = e.tx", 19)
         );
         // Any number of compare-and-sets, each workflow once: `r` the rows,
         // `named` the payload parts they name without sending (they must be
@@ -660,27 +674,24 @@ impl PostgresStateStore {
         let pg = |e: tokio_postgres::Error| Refused::Store(self.pg(e));
         let (version, inserted) = match expected {
             None => {
-                let mut params: Vec<Param> = vec![
-                    Box::new(tx.0),
-                    Box::new(state.workflow.as_str().to_string()),
-                    Box::new(state.version as i32),
-                    Box::new(status),
-                    Box::new(state.correlation_id.0),
-                    Box::new(millis(state.started_at)),
-                    Box::new(updated),
-                    Box::new(finished),
-                    Box::new(wakeup),
-                    Box::new(history_len),
-                    Box::new(names),
-                    Box::new(values),
-                    Box::new(now),
-                    Box::new(noted),
-                ];
-                let (topics, bodies): (Vec<String>, Vec<Vec<u8>>) =
-                    std::mem::take(&mut events).into_iter().unzip();
-                params.push(Box::new(topics));
-                params.push(Box::new(bodies));
-                match self.submit(Job::Create(params)).await? {
+                let create = Create {
+                    tx: tx.0,
+                    workflow: state.workflow.as_str().to_string(),
+                    def_version: state.version as i32,
+                    status,
+                    correlation_id: state.correlation_id.0,
+                    started_at: millis(state.started_at),
+                    updated,
+                    finished,
+                    wakeup,
+                    history_len,
+                    at: now,
+                    noted,
+                    names,
+                    values,
+                    events: std::mem::take(&mut events),
+                };
+                match self.submit(Job::Create(create)).await? {
                     Answer::Created(true, inserted) => (1, inserted),
                     _ => return Err(Refused::Exists),
                 }
@@ -798,8 +809,8 @@ pub struct WriteStats {
     /// Transactions committed for them: one per batch, or per lone write.
     pub commits: u64,
     /// Statements the writers sent for them, `BEGIN` and `COMMIT`
-    /// included: one per lone write; per batch, one for its creates each,
-    /// one per round of updates (each workflow once a round), and two.
+    /// included: one per lone write; per batch, one per round of creates
+    /// and one per round of updates (each workflow once a round), and two.
     pub statements: u64,
 }
 
@@ -819,15 +830,33 @@ impl WriteCounts {
     }
 }
 
-/// A statement parameter, owned, so that a writer task can send it.
-type Param = Box<dyn ToSql + Sync + Send>;
-
 /// One transition for the writers.
 enum Job {
-    /// A new workflow: the parameters of [`Sql::create`].
-    Create(Vec<Param>),
+    /// A new workflow: a row of [`Sql::create`].
+    Create(Create),
     /// A compare-and-set, a row of [`Sql::update`].
     Update(Update),
+}
+
+/// A new workflow: one row of the batch statement.
+struct Create {
+    tx: uuid::Uuid,
+    workflow: String,
+    def_version: i32,
+    status: &'static str,
+    correlation_id: uuid::Uuid,
+    started_at: i64,
+    updated: i64,
+    finished: Option<i64>,
+    wakeup: Option<i64>,
+    history_len: i64,
+    /// When it was written (the unpublished note's time).
+    at: i64,
+    noted: bool,
+    names: Vec<String>,
+    values: Vec<Vec<u8>>,
+    /// Events published with the write (topics and bodies).
+    events: Events,
 }
 
 /// A compare-and-set of one workflow: one row of the batch statement.
@@ -882,8 +911,8 @@ enum WriteError {
 
 /// A writer: takes the writes waiting (up to `batch`) and runs them in one
 /// transaction with one commit: the updates as one `UNNEST` statement per
-/// round (a round holds each workflow once), the creates beside them, all
-/// sent together. One write alone runs by itself. If any statement of a
+/// round (a round holds each workflow once), the creates likewise beside
+/// them, all sent together. One write alone runs by itself. If any statement of a
 /// batch fails, the batch is rolled back and each write runs by itself, so
 /// that one bad write fails alone. Stops when the store is dropped.
 async fn writer(
@@ -939,7 +968,10 @@ async fn writer(
         }
         for w in writes.drain(..) {
             let answer = match &w.job {
-                Job::Create(params) => create(&client, &sql, params, &local).await,
+                Job::Create(c) => create(&client, &sql, &[c], &local).await.map(|mut found| {
+                    let (row, inserted) = found.remove(&c.tx).unwrap_or_default();
+                    Answer::Created(row.is_some_and(|(done, _, _)| done), inserted)
+                }),
                 Job::Update(u) => update(&client, &sql, &[u], &local).await.map(|mut found| {
                     let (row, inserted) = found.remove(&u.tx).unwrap_or_default();
                     Answer::Updated(row, inserted)
@@ -958,34 +990,113 @@ enum Batch {
     Commit(tokio_postgres::Error),
 }
 
-fn params(params: &[Param]) -> Vec<&(dyn ToSql + Sync)> {
-    params.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect()
-}
-
+/// Runs the creates (each workflow at most once) as one statement; for
+/// each workflow, whether it was created (as `(created, 0, 0)`), and the
+/// bus rows of its events.
 async fn create(
     client: &impl deadpool_postgres::GenericClient,
     sql: &Sql,
-    p: &[Param],
+    creates: &[&Create],
     local: &Local,
-) -> Result<Answer, tokio_postgres::Error> {
+) -> Result<Found, tokio_postgres::Error> {
     let statement = client.prepare_cached(&sql.create).await?;
-    let mut all = params(p);
-    all.extend([
-        &local.topics as &(dyn ToSql + Sync),
-        &local.groups,
-        &local.holder,
-        &local.lease_ms,
-    ]);
-    let rows = client.query(&statement, &all).await?;
-    let mut created = false;
-    let mut inserted = Vec::new();
-    for row in &rows {
-        match row.get::<_, Option<i64>>(0) {
-            Some(n) => created = n == 1,
-            None => inserted.extend(Inserted::of(row, 1, 1)),
+    let column = |f: &dyn Fn(&Create) -> i64| creates.iter().map(|c| f(c)).collect::<Vec<i64>>();
+    let txs: Vec<uuid::Uuid> = creates.iter().map(|c| c.tx).collect();
+    let workflows: Vec<&str> = creates.iter().map(|c| c.workflow.as_str()).collect();
+    let def_versions: Vec<i32> = creates.iter().map(|c| c.def_version).collect();
+    let status: Vec<&str> = creates.iter().map(|c| c.status).collect();
+    let correlations: Vec<uuid::Uuid> = creates.iter().map(|c| c.correlation_id).collect();
+    let started = column(&|c| c.started_at);
+    let updated = column(&|c| c.updated);
+    let finished: Vec<Option<i64>> = creates.iter().map(|c| c.finished).collect();
+    let wakeup: Vec<Option<i64>> = creates.iter().map(|c| c.wakeup).collect();
+    let history_len = column(&|c| c.history_len);
+    let at = column(&|c| c.at);
+    let noted: Vec<bool> = creates.iter().map(|c| c.noted).collect();
+    let (mut part_tx, mut names, mut values) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut event_tx, mut topics, mut bodies) = (Vec::new(), Vec::new(), Vec::new());
+    for c in creates {
+        for (n, v) in c.names.iter().zip(&c.values) {
+            part_tx.push(c.tx);
+            names.push(n.as_str());
+            values.push(v.as_slice());
+        }
+        for (topic, body) in &c.events {
+            event_tx.push(c.tx);
+            topics.push(topic.as_str());
+            bodies.push(body.as_slice());
         }
     }
-    Ok(Answer::Created(created, inserted))
+    let rows = client
+        .query(
+            &statement,
+            &[
+                &txs,
+                &workflows,
+                &def_versions,
+                &status,
+                &correlations,
+                &started,
+                &updated,
+                &finished,
+                &wakeup,
+                &history_len,
+                &at,
+                &noted,
+                &part_tx,
+                &names,
+                &values,
+                &event_tx,
+                &topics,
+                &bodies,
+                &local.topics,
+                &local.groups,
+                &local.holder,
+                &local.lease_ms,
+            ],
+        )
+        .await?;
+    let mut found: Found = std::collections::HashMap::with_capacity(creates.len());
+    let mut inserted = Vec::new();
+    for row in &rows {
+        match row.get::<_, Option<uuid::Uuid>>(0) {
+            Some(tx) => found.entry(tx).or_default().0 = Some((row.get(1), 0, 0)),
+            None => inserted.extend(Inserted::of(row, 2, 1)),
+        }
+    }
+    to_their_writes(
+        &mut found,
+        inserted,
+        creates.iter().map(|c| (c.tx, c.events.len())),
+    );
+    Ok(found)
+}
+
+/// Gives each bus row of a statement to the write whose event it is: the
+/// events went in write by write (`writes`: each one's workflow and how
+/// many events it had).
+fn to_their_writes(
+    found: &mut Found,
+    inserted: Vec<Inserted>,
+    writes: impl Iterator<Item = (uuid::Uuid, usize)>,
+) {
+    if inserted.is_empty() {
+        return;
+    }
+    let mut starts = Vec::new();
+    let mut n = 0;
+    for (tx, events) in writes {
+        starts.push((n, tx));
+        n += events;
+    }
+    for mut row in inserted {
+        let k = starts.partition_point(|&(s, _)| s <= row.event);
+        let Some(&(start, tx)) = k.checked_sub(1).and_then(|k| starts.get(k)) else {
+            continue;
+        };
+        row.event -= start;
+        found.entry(tx).or_default().1.push(row);
+    }
 }
 
 /// Runs the updates (each workflow at most once) as one statement; for
@@ -1069,20 +1180,11 @@ async fn update(
             None => inserted.extend(Inserted::of(row, 4, 1)),
         }
     }
-    // Each row to its update: the events went in update by update.
-    if !inserted.is_empty() {
-        let mut starts = Vec::with_capacity(updates.len());
-        let mut n = 0;
-        for u in updates {
-            starts.push(n);
-            n += u.events.len();
-        }
-        for mut row in inserted {
-            let k = starts.partition_point(|&s| s <= row.event) - 1;
-            row.event -= starts[k];
-            found.entry(updates[k].tx).or_default().1.push(row);
-        }
-    }
+    to_their_writes(
+        &mut found,
+        inserted,
+        updates.iter().map(|u| (u.tx, u.events.len())),
+    );
     Ok(found)
 }
 
@@ -1093,33 +1195,44 @@ async fn in_one_transaction(
     local: &Local,
 ) -> Result<(Vec<Answer>, usize), Batch> {
     let t = client.transaction().await.map_err(|_| Batch::Statement)?;
-    // Rounds in which each workflow is updated at most once (racing
-    // writers of one workflow go in later rounds, and see the earlier).
+    // Rounds in which each workflow is created, or updated, at most once
+    // (racing writers of one workflow go in later rounds, and see the
+    // earlier).
+    fn round_of<'w, T>(
+        rounds: &mut Vec<(std::collections::HashSet<uuid::Uuid>, Vec<&'w T>)>,
+        tx: uuid::Uuid,
+        write: &'w T,
+    ) {
+        match rounds.iter_mut().find(|(txs, _)| !txs.contains(&tx)) {
+            Some((txs, round)) => {
+                txs.insert(tx);
+                round.push(write);
+            }
+            None => rounds.push(([tx].into(), vec![write])),
+        }
+    }
     let mut rounds: Vec<(std::collections::HashSet<uuid::Uuid>, Vec<&Update>)> = Vec::new();
-    let mut creates: Vec<&[Param]> = Vec::new();
+    let mut creates: Vec<(std::collections::HashSet<uuid::Uuid>, Vec<&Create>)> = Vec::new();
     for w in writes {
         match &w.job {
-            Job::Create(p) => creates.push(p),
-            Job::Update(u) => match rounds.iter_mut().find(|(txs, _)| !txs.contains(&u.tx)) {
-                Some((txs, round)) => {
-                    txs.insert(u.tx);
-                    round.push(u);
-                }
-                None => rounds.push(([u.tx].into(), vec![u])),
-            },
+            Job::Create(c) => round_of(&mut creates, c.tx, c),
+            Job::Update(u) => round_of(&mut rounds, u.tx, u),
         }
     }
     let statements = creates.len() + rounds.len();
     // Sent together: one round trip for all.
     let (created, updated) = tokio::join!(
-        futures_util::future::join_all(creates.iter().map(|p| create(&t, sql, p, local))),
+        futures_util::future::join_all(creates.iter().map(|(_, c)| create(&t, sql, c, local))),
         futures_util::future::join_all(rounds.iter().map(|(_, r)| update(&t, sql, r, local))),
     );
     let failed = |e: &tokio_postgres::Error| {
         tracing::debug!(error = %describe(e), "a statement of a batch of writes failed: each is written by itself");
         Batch::Statement
     };
-    let mut created = created.into_iter();
+    let mut made = Vec::with_capacity(created.len());
+    for r in created {
+        made.push(r.map_err(|e| failed(&e))?);
+    }
     let mut found = Vec::with_capacity(updated.len());
     for r in updated {
         found.push(r.map_err(|e| failed(&e))?);
@@ -1127,10 +1240,13 @@ async fn in_one_transaction(
     let mut answers = Vec::with_capacity(writes.len());
     for w in writes {
         answers.push(match &w.job {
-            Job::Create(_) => created
-                .next()
-                .expect("one answer per create")
-                .map_err(|e| failed(&e))?,
+            Job::Create(c) => {
+                let (row, inserted) = made
+                    .iter_mut()
+                    .find_map(|f| f.remove(&c.tx))
+                    .unwrap_or_default();
+                Answer::Created(row.is_some_and(|(done, _, _)| done), inserted)
+            }
             // The round that held this update is the first whose answers
             // have it and not yet taken.
             Job::Update(u) => {
