@@ -772,6 +772,102 @@ async fn concurrent_writes_share_commits_and_a_bad_one_fails_alone() {
     );
 }
 
+/// Writes only bring a timer forward: a transition that moves the next
+/// deadline later leaves the row alone, so the timer fires early once and is
+/// set back to the workflow's real wakeup by the orchestrator that took it;
+/// a write while it is leased is not lost.
+#[tokio::test]
+async fn a_timer_is_only_brought_forward_by_writes_and_set_back_when_it_fires_early() {
+    let Some((store, url, schema)) = store("lazy_timers").await else {
+        return;
+    };
+    let d = def();
+    let t0 = Timestamp::now();
+    let at = |s: u64| t0.plus(Duration::from_secs(s));
+    let (state, _) = saga::start(
+        &d,
+        TransactionId::new(),
+        CorrelationId::new(),
+        Payload::null(),
+        t0,
+    );
+    let tx = state.transaction_id;
+    let state = Arc::new(state);
+    store.create(state.clone()).await.expect("create");
+    let wakeup = |pg: tokio_postgres::Client| {
+        let schema = schema.clone();
+        async move {
+            pg.query_one(
+                &format!("SELECT wakeup FROM {schema}.timers WHERE tx = $1"),
+                &[&tx.0],
+            )
+            .await
+            .expect("timer")
+            .get::<_, i64>(0)
+        }
+    };
+    let first = wakeup(raw(&url).await).await;
+    assert_eq!(
+        Some(first as u64),
+        state.next_wakeup().map(|t| t.as_millis())
+    );
+    // `reserve` done 20 s on: `charge` runs with its deadline 50 s on.
+    let mut next = (*state).clone();
+    assert!(saga::apply(&d, &mut next, succeeded("reserve", Payload::null()), at(20)).changed);
+    let later_deadline = next.next_wakeup().expect("a deadline");
+    assert!(later_deadline > at(40));
+    let next = Arc::new(next);
+    store
+        .compare_and_set_from(1, &state, next.clone())
+        .await
+        .expect("cas");
+    assert_eq!(
+        wakeup(raw(&url).await).await,
+        first,
+        "not moved later by the write"
+    );
+    // It fires early, once, and is set back to the real wakeup.
+    assert_eq!(store.due(at(31), 10).await.expect("due"), vec![tx]);
+    store.timer_handled(tx).await.expect("rearm");
+    assert_eq!(
+        wakeup(raw(&url).await).await as u64,
+        later_deadline.as_millis(),
+        "set back to the real wakeup"
+    );
+    assert!(store.due(at(31), 10).await.expect("due").is_empty());
+    assert_eq!(store.due(at(60), 10).await.expect("due"), vec![tx]);
+    // Leased now; a write while it is leased (a retry due sooner) is kept:
+    // the re-arm reads it.
+    let mut failed = (*next).clone();
+    assert!(
+        saga::apply(
+            &d,
+            &mut failed,
+            saga::Input::Failed {
+                step: StepName::new("charge"),
+                phase: Phase::Forward,
+                attempt: 1,
+                error: multiagents::core::StepError::retryable("declined"),
+            },
+            at(59),
+        )
+        .changed
+    );
+    let retry_at = failed.next_wakeup().expect("a retry");
+    assert!(retry_at < at(60));
+    store
+        .compare_and_set_from(2, &next, Arc::new(failed))
+        .await
+        .expect("cas");
+    store.timer_handled(tx).await.expect("rearm");
+    assert_eq!(
+        wakeup(raw(&url).await).await as u64,
+        retry_at.as_millis(),
+        "the write made while leased decides"
+    );
+    assert_eq!(store.due(at(60), 10).await.expect("due"), vec![tx]);
+}
+
 /// A payload this store wrote before is named, not sent again; if it is
 /// gone meanwhile (deleted here by hand, as a rewrite by another replica
 /// would), the write is refused for it and sent again with it, and the

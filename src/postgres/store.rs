@@ -180,6 +180,7 @@ struct Sql {
     unpublished: String,
     due: String,
     rearm: String,
+    give_back: String,
     put_definition: String,
     get_definition: String,
     latest_definition: String,
@@ -266,7 +267,7 @@ impl Sql {
                INSERT INTO {s}.timers (tx, wakeup)
                SELECT r.tx, r.wakeup FROM r JOIN w ON w.tx = r.tx WHERE r.wakeup IS NOT NULL
                ON CONFLICT (tx) DO UPDATE SET wakeup = excluded.wakeup
-                 WHERE {s}.timers.wakeup <> excluded.wakeup
+                 WHERE excluded.wakeup < {s}.timers.wakeup
              ), td AS (
                DELETE FROM {s}.timers x USING r JOIN w ON w.tx = r.tx
                WHERE x.tx = r.tx AND r.wakeup IS NULL
@@ -327,7 +328,12 @@ impl Sql {
                  WHERE t.tx = x.tx
                  RETURNING t.tx"
             ),
-            rearm: format!("UPDATE {s}.timers SET lease = 0 WHERE tx = $1 AND lease = $2"),
+            rearm: format!(
+                "UPDATE {s}.timers SET lease = 0, wakeup = $3
+                 WHERE tx = $1 AND lease = $2
+                   AND EXISTS (SELECT 1 FROM {s}.workflows w WHERE w.tx = $1 AND w.version = $4)"
+            ),
+            give_back: format!("UPDATE {s}.timers SET lease = 0 WHERE tx = $1 AND lease = $2"),
             put_definition: format!(
                 "INSERT INTO {s}.definitions (name, version, body) VALUES ($1, $2, $3)
                  ON CONFLICT (name, version) DO NOTHING"
@@ -1723,11 +1729,42 @@ impl TimerIndex for PostgresStateStore {
         else {
             return Ok(());
         };
-        // Every write sets the row's wakeup from its state: giving the lease
-        // back is all that is left.
+        // Writes only ever bring a timer forward (most transitions move the
+        // next deadline later, and skipping those writes is what keeps the
+        // timer's row and index quiet): the timer is set back to the
+        // workflow's real next wakeup here, as of the version read. A write
+        // between the read and the re-arm (its wakeup not written, the row's
+        // being in the past) makes the re-arm read again.
+        let sql = &self.inner.sql;
+        for _ in 0..3 {
+            let Some(read) = self.get(transaction_id).await? else {
+                break;
+            };
+            let next = read
+                .state
+                .next_wakeup()
+                .map_or(i64::MAX, |t| millis(t).min(i64::MAX - 1));
+            let client = self.client().await?;
+            let statement = client
+                .prepare_cached(&sql.rearm)
+                .await
+                .map_err(|e| self.pg(e))?;
+            let rearmed = client
+                .execute(
+                    &statement,
+                    &[&transaction_id.0, &lease, &next, &(read.version as i64)],
+                )
+                .await
+                .map_err(|e| self.pg(e))?;
+            if rearmed == 1 {
+                return Ok(());
+            }
+        }
+        // Written over and over meanwhile, or gone: the lease is given back
+        // and the timer, still in the past, is looked at again at once.
         let client = self.client().await?;
         let statement = client
-            .prepare_cached(&self.inner.sql.rearm)
+            .prepare_cached(&sql.give_back)
             .await
             .map_err(|e| self.pg(e))?;
         client
