@@ -761,7 +761,11 @@ async fn a_transitions_commands_commit_in_the_transaction_of_its_state() {
              CREATE TRIGGER note AFTER INSERT ON {schema}.messages
                FOR EACH ROW EXECUTE FUNCTION {schema}.note_message();
              CREATE TRIGGER note AFTER INSERT OR UPDATE ON {schema}.workflows
-               FOR EACH ROW EXECUTE FUNCTION {schema}.note_workflow();"
+               FOR EACH ROW EXECUTE FUNCTION {schema}.note_workflow();
+             CREATE FUNCTION {schema}.note_gone() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN INSERT INTO {schema}.seen VALUES ('gone', OLD.topic, txid_current()); RETURN OLD; END $$;
+             CREATE TRIGGER gone AFTER DELETE ON {schema}.messages
+               FOR EACH ROW EXECUTE FUNCTION {schema}.note_gone();"
         ))
         .await
         .expect("triggers");
@@ -830,4 +834,32 @@ async fn a_transitions_commands_commit_in_the_transaction_of_its_state() {
         .expect("count")
         .get(0);
     assert_eq!(notes, 0, "nothing was left to publish after a write");
+    // The orchestrator's acks of the results it applied: deleted with a
+    // later write, or by themselves after a short wait; none left behind.
+    let results =
+        format!("SELECT count(*) FROM {schema}.messages WHERE topic NOT LIKE 'commands.%'");
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    let mut left: i64 = 1;
+    while left > 0 && std::time::Instant::now() < until {
+        left = client.query_one(&results, &[]).await.expect("count").get(0);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(left, 0, "every result acked");
+    let with_writes: i64 = client
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM {schema}.seen g WHERE g.what = 'gone'
+                   AND g.topic NOT LIKE 'commands.%'
+                   AND EXISTS (SELECT 1 FROM {schema}.seen w
+                               WHERE w.what = 'workflow' AND w.xid = g.xid)"
+            ),
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert!(
+        with_writes > 0,
+        "acks went with the writes that followed them"
+    );
 }

@@ -182,7 +182,20 @@ struct Inner {
     instance: String,
     /// Started with the first consumer: the listener and the poller.
     started: std::sync::Once,
+    /// Set once a store writes this bus's events with its states: from
+    /// then on acks wait (a little) to go with the store's next write.
+    carried: std::sync::atomic::AtomicBool,
+    /// Acks waiting for the store's next write, or for the flusher.
+    acks: Mutex<Vec<i64>>,
+    /// Wakes the flusher of the acks.
+    acked: Arc<Notify>,
+    /// Started with the first ack that waits.
+    flusher: std::sync::Once,
 }
+
+/// How long an ack waits for a store's write to go with before it is sent
+/// by itself: far below any visibility timeout.
+const ACK_WAIT: Duration = Duration::from_millis(20);
 
 /// What wakes the consumers of one topic and group in this process: how
 /// many rows may be waiting for them (hints), and a notify that wakes one
@@ -469,6 +482,10 @@ impl PostgresBus {
             announce,
             instance: uuid::Uuid::new_v4().simple().to_string(),
             started: std::sync::Once::new(),
+            carried: std::sync::atomic::AtomicBool::new(false),
+            acks: Mutex::default(),
+            acked: Arc::default(),
+            flusher: std::sync::Once::new(),
         });
         tokio::spawn(announce_loop(Arc::downgrade(&inner), topics));
         Ok(Self { inner })
@@ -582,6 +599,7 @@ pub(crate) struct Carrier {
 
 impl PostgresBus {
     pub(crate) fn carrier(&self) -> Carrier {
+        self.inner.carried.store(true, Ordering::Release);
         Carrier {
             inner: Arc::downgrade(&self.inner),
             codec: self.inner.codec,
@@ -611,6 +629,29 @@ impl Carrier {
             .upgrade()
             .map(|inner| inner.local())
             .unwrap_or_default()
+    }
+
+    /// The acks waiting, for a write to delete in its transaction; given
+    /// back with [`Carrier::give_back_acks`] if the write fails.
+    pub(crate) fn take_acks(&self) -> Vec<i64> {
+        self.inner.upgrade().map_or_else(Vec::new, |inner| {
+            std::mem::take(&mut *inner.acks.lock().unwrap_or_else(|e| e.into_inner()))
+        })
+    }
+
+    /// Acks a failed write took: they wait again.
+    pub(crate) fn give_back_acks(&self, ids: Vec<i64>) {
+        if ids.is_empty() {
+            return;
+        }
+        if let Some(inner) = self.inner.upgrade() {
+            inner
+                .acks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(ids);
+            inner.acked.notify_one();
+        }
     }
 
     /// After a write carrying `events` committed, with the rows it
@@ -1097,6 +1138,25 @@ impl Consumer for PostgresConsumer {
         if ids.is_empty() {
             return Ok(());
         }
+        let inner = &self.bus.inner;
+        if inner.carried.load(Ordering::Acquire) {
+            // The orchestrator acks the results it applied right after their
+            // writes, and the next write comes soon: the acks go with it (in
+            // its transaction), or after `ACK_WAIT` by themselves. An ack
+            // lost in a crash meanwhile only means a result delivered again,
+            // which changes nothing, as with any lost ack.
+            inner
+                .acks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(ids);
+            let weak = Arc::downgrade(inner);
+            inner.flusher.call_once(|| {
+                tokio::spawn(flush_acks(weak));
+            });
+            inner.acked.notify_one();
+            return Ok(());
+        }
         let client = self.bus.lazy_client().await?;
         self.bus
             .execute(&client, &self.bus.inner.sql.ack, &[&ids])
@@ -1187,6 +1247,45 @@ impl Consumer for PostgresConsumer {
         let inserted: Vec<Inserted> = rows.iter().filter_map(|r| Inserted::of(r, 0, 1)).collect();
         self.bus.inner.settle(events, &inserted);
         Ok(())
+    }
+}
+
+/// Sends the acks that waited `ACK_WAIT` for a store's write without one
+/// taking them; stops when the bus is dropped.
+async fn flush_acks(inner: std::sync::Weak<Inner>) {
+    let Some(acked) = inner.upgrade().map(|i| i.acked.clone()) else {
+        return;
+    };
+    loop {
+        acked.notified().await;
+        tokio::time::sleep(ACK_WAIT).await;
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        let ids = std::mem::take(&mut *strong.acks.lock().unwrap_or_else(|e| e.into_inner()));
+        if ids.is_empty() {
+            continue;
+        }
+        let deleted = match strong.leases.get().await {
+            Ok(client) => match client.prepare_cached(&strong.sql.ack).await {
+                Ok(statement) => client
+                    .execute(&statement, &[&ids])
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| describe(&e)),
+                Err(e) => Err(describe(&e)),
+            },
+            Err(e) => Err(describe_pool(&e)),
+        };
+        if let Err(e) = deleted {
+            tracing::debug!(error = %e, acks = ids.len(), "acking failed; trying again");
+            strong
+                .acks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(ids);
+            strong.acked.notify_one();
+        }
     }
 }
 

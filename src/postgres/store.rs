@@ -227,6 +227,8 @@ impl Sql {
              ), e AS (
                SELECT * FROM unnest($16::uuid[], $17::text[], $18::bytea[]) WITH ORDINALITY
                  AS e(tx, topic, body, n)
+             ), a AS (
+               DELETE FROM {s}.messages WHERE id = ANY($23::bigint[])
              ), m AS ({})
              SELECT c.tx, w.tx IS NOT NULL, NULL::bigint, NULL::text, NULL::bigint, NULL::bool
              FROM c LEFT JOIN w ON w.tx = c.tx
@@ -277,6 +279,8 @@ impl Sql {
              ), e AS (
                SELECT * FROM unnest($16::uuid[], $17::text[], $18::bytea[]) WITH ORDINALITY
                  AS e(tx, topic, body, n)
+             ), a AS (
+               DELETE FROM {s}.messages WHERE id = ANY($23::bigint[])
              ), m AS ({})
              SELECT r.tx, w.tx IS NOT NULL, c.version, c.history_len,
                  NULL::bigint, NULL::text, NULL::bigint, NULL::bool
@@ -739,7 +743,7 @@ impl PostgresStateStore {
                     .get()
                     .map(|c| c.local())
                     .unwrap_or_default();
-                let mut found = update(&t, sql, &[&whole], &local).await.map_err(pg)?;
+                let mut found = update(&t, sql, &[&whole], &local, &[]).await.map_err(pg)?;
                 let Some((Some((true, _, _)), inserted)) = found.remove(&tx.0) else {
                     return Err(Refused::Store(
                         self.corrupt(format!("workflow {tx}: a locked row was not updated")),
@@ -948,8 +952,16 @@ async fn writer(
             }
         };
         let local = carrier.get().map(|c| c.local()).unwrap_or_default();
+        // The orchestrator's acks of the results it applied, deleted in the
+        // transaction of these writes (given back to wait if it fails).
+        let mut acks = carrier.get().map(|c| c.take_acks()).unwrap_or_default();
+        let give_back = |acks: Vec<i64>| {
+            if let Some(c) = carrier.get() {
+                c.give_back_acks(acks);
+            }
+        };
         if writes.len() > 1 {
-            match in_one_transaction(&mut client, &sql, &writes, &local).await {
+            match in_one_transaction(&mut client, &sql, &writes, &local, &acks).await {
                 Ok((answers, statements)) => {
                     counts.add(writes.len(), 1, statements + 2);
                     for (w, answer) in writes.drain(..).zip(answers) {
@@ -958,10 +970,11 @@ async fn writer(
                     continue;
                 }
                 // Not committed: each by itself, below.
-                Err(Batch::Statement) => {}
+                Err(Batch::Statement) => give_back(std::mem::take(&mut acks)),
                 // The commit's outcome is unknown: the writers' callers
                 // read the state again, as after any failed write.
                 Err(Batch::Commit(e)) => {
+                    give_back(std::mem::take(&mut acks));
                     let message = describe(&e);
                     for w in writes.drain(..) {
                         let _ = w.reply.send(Err(WriteError::Pool(format!(
@@ -972,19 +985,36 @@ async fn writer(
                 }
             }
         }
+        // A lone write takes the acks; after a failed batch, each write by
+        // itself takes none.
+        if writes.len() > 1 {
+            acks.clear();
+        }
         for w in writes.drain(..) {
             let answer = match &w.job {
-                Job::Create(c) => create(&client, &sql, &[c], &local).await.map(|mut found| {
-                    let (row, inserted) = found.remove(&c.tx).unwrap_or_default();
-                    Answer::Created(row.is_some_and(|(done, _, _)| done), inserted)
-                }),
-                Job::Update(u) => update(&client, &sql, &[u], &local).await.map(|mut found| {
-                    let (row, inserted) = found.remove(&u.tx).unwrap_or_default();
-                    Answer::Updated(row, inserted)
-                }),
+                Job::Create(c) => {
+                    create(&client, &sql, &[c], &local, &acks)
+                        .await
+                        .map(|mut found| {
+                            let (row, inserted) = found.remove(&c.tx).unwrap_or_default();
+                            Answer::Created(row.is_some_and(|(done, _, _)| done), inserted)
+                        })
+                }
+                Job::Update(u) => {
+                    update(&client, &sql, &[u], &local, &acks)
+                        .await
+                        .map(|mut found| {
+                            let (row, inserted) = found.remove(&u.tx).unwrap_or_default();
+                            Answer::Updated(row, inserted)
+                        })
+                }
             };
-            if answer.is_ok() {
-                counts.add(1, 1, 1);
+            match answer.is_ok() {
+                true => {
+                    counts.add(1, 1, 1);
+                    acks.clear();
+                }
+                false => give_back(std::mem::take(&mut acks)),
             }
             let _ = w.reply.send(answer.map_err(WriteError::Pg));
         }
@@ -1004,6 +1034,7 @@ async fn create(
     sql: &Sql,
     creates: &[&Create],
     local: &Local,
+    acks: &[i64],
 ) -> Result<Found, tokio_postgres::Error> {
     let statement = client.prepare_cached(&sql.create).await?;
     let column = |f: &dyn Fn(&Create) -> i64| creates.iter().map(|c| f(c)).collect::<Vec<i64>>();
@@ -1059,6 +1090,7 @@ async fn create(
                 &local.groups,
                 &local.holder,
                 &local.lease_ms,
+                &acks,
             ],
         )
         .await?;
@@ -1112,6 +1144,7 @@ async fn update(
     sql: &Sql,
     updates: &[&Update],
     local: &Local,
+    acks: &[i64],
 ) -> Result<Found, tokio_postgres::Error> {
     let statement = client.prepare_cached(&sql.update).await?;
     let column = |f: &dyn Fn(&Update) -> i64| updates.iter().map(|u| f(u)).collect::<Vec<i64>>();
@@ -1170,6 +1203,7 @@ async fn update(
                 &local.groups,
                 &local.holder,
                 &local.lease_ms,
+                &acks,
             ],
         )
         .await?;
@@ -1199,6 +1233,7 @@ async fn in_one_transaction(
     sql: &Sql,
     writes: &[Write],
     local: &Local,
+    acks: &[i64],
 ) -> Result<(Vec<Answer>, usize), Batch> {
     let t = client.transaction().await.map_err(|_| Batch::Statement)?;
     // Rounds in which each workflow is created, or updated, at most once
@@ -1226,10 +1261,23 @@ async fn in_one_transaction(
         }
     }
     let statements = creates.len() + rounds.len();
-    // Sent together: one round trip for all.
+    // The acks go with the first statement.
+    let acks_of = |first: bool| if first { acks } else { &[][..] };
     let (created, updated) = tokio::join!(
-        futures_util::future::join_all(creates.iter().map(|(_, c)| create(&t, sql, c, local))),
-        futures_util::future::join_all(rounds.iter().map(|(_, r)| update(&t, sql, r, local))),
+        futures_util::future::join_all(creates.iter().enumerate().map(|(i, (_, c))| create(
+            &t,
+            sql,
+            c,
+            local,
+            acks_of(i == 0)
+        ))),
+        futures_util::future::join_all(rounds.iter().enumerate().map(|(i, (_, r))| update(
+            &t,
+            sql,
+            r,
+            local,
+            acks_of(i == 0 && creates.is_empty())
+        ))),
     );
     let failed = |e: &tokio_postgres::Error| {
         tracing::debug!(error = %describe(e), "a statement of a batch of writes failed: each is written by itself");
