@@ -67,8 +67,8 @@ pub struct OrdersArgs {
     #[arg(long, value_enum, default_value_t = Backend::Memory)]
     backend: Backend,
     /// Which part of the system this process runs (redis and postgres backends only for
-    /// anything but `all`). `orchestrator` and `workers` run until SIGINT or
-    /// SIGTERM, draining on the way out.
+    /// anything but `all`). `orchestrator`, `workers` and `node` (both of
+    /// them) run until SIGINT or SIGTERM, draining on the way out.
     #[arg(long, value_enum, default_value_t = Role::All)]
     role: Role,
     /// Redis server for `--backend redis`:
@@ -178,6 +178,9 @@ enum Role {
     Orchestrator,
     /// Only the workers.
     Workers,
+    /// The orchestrator and the workers, as the embedded service runs them:
+    /// no client.
+    Node,
     /// Only the client: submit, wait, report.
     Client,
 }
@@ -1115,23 +1118,37 @@ async fn orders(
         ..Default::default()
     };
     match args.role {
-        Role::Orchestrator => {
+        Role::Orchestrator | Role::Node => {
             let config = OrchestratorConfig {
                 redispatch_after: Some(args.redispatch_after),
                 ..orchestrator_config
             };
+            let node = args.role == Role::Node;
             let rt = retrying(Duration::from_secs(60), || {
-                let builder = Runtime::builder()
+                let mut builder = Runtime::builder()
                     .bus(bus.clone())
                     .store(store.clone())
-                    .external_workers()
                     .orchestrator_config(config.clone());
+                builder = match node {
+                    true => {
+                        builder = builder.worker_config(worker_config.clone());
+                        for w in workers(&effects) {
+                            builder = builder.worker_with_arc(w, Default::default());
+                        }
+                        builder
+                    }
+                    false => builder.external_workers(),
+                };
                 async move { builder.workflow(definition()?).start().await }
             })
             .await?;
             eprintln!(
-                "orchestrator running on {} (prefix {}); stop with Ctrl-C or SIGTERM",
-                multiagents::redis::redacted(&args.redis_url),
+                "{} running (prefix {}); stop with Ctrl-C or SIGTERM",
+                if node {
+                    "orchestrator and workers"
+                } else {
+                    "orchestrator"
+                },
                 args.prefix
             );
             stopped().await;

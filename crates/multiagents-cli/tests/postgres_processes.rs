@@ -1,7 +1,9 @@
 //! Separate processes on PostgreSQL: two orchestrators and two worker
 //! processes, one of each killed with SIGKILL mid-run and restarted, three
 //! times over, on PostgreSQL alone and on PostgreSQL beside a Redis bus;
-//! and PostgreSQL itself restarted mid-run, twice. The client's own report
+//! two processes each running an orchestrator and the workers (whose rows
+//! are handed over in memory, and whose acks wait for a write), killed in
+//! turn; and PostgreSQL itself restarted mid-run, twice. The client's own report
 //! must show every order finished, none stuck, every declined order
 //! compensated once, and no side effect applied twice.
 
@@ -147,6 +149,41 @@ fn killing_orchestrators_and_workers_again_and_again_loses_nothing_on_postgres_w
         redis_url: Some(redis_url),
         prefix: format!("pgrkill{}", std::process::id()),
     });
+}
+
+/// Processes that run an orchestrator and the workers together lease the
+/// rows they publish for themselves and hand them over in memory, and their
+/// acks wait for the next write: killed with rows handed over and acks
+/// waiting, they lose nothing (the leases run out, the other process
+/// claims the rows; results acked too late are applied once).
+#[test]
+fn killing_processes_that_hand_rows_to_themselves_loses_nothing_on_postgres_alone() {
+    let Some(database_url) = common::database_url() else {
+        return;
+    };
+    let fleet = Fleet {
+        backend: "postgres-only",
+        database_url,
+        redis_url: None,
+        prefix: format!("pgnode{}", std::process::id()),
+    };
+    let mut nodes = common::KillOnDrop(vec![fleet.spawn("node", &[]), fleet.spawn("node", &[])]);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut client = fleet.client(2000);
+    for round in 0..4 {
+        std::thread::sleep(Duration::from_millis(600));
+        if client.try_wait().expect("wait").is_some() {
+            break;
+        }
+        let i = round % 2;
+        kill9(&mut nodes[i]);
+        std::thread::sleep(Duration::from_millis(300));
+        nodes[i] = fleet.spawn("node", &[]);
+    }
+    judge(client, 2000);
+    for c in nodes.iter_mut() {
+        terminate(c);
+    }
 }
 
 #[test]
