@@ -129,6 +129,21 @@ async fn an_unacked_event_goes_to_another_consumer_then_to_the_dead_letters() {
     );
 }
 
+/// Each row's holder, deliveries and whether it is leased, in order.
+async fn held(pg: &tokio_postgres::Client, schema: &str) -> Vec<(String, i32, bool)> {
+    pg.query(
+        &format!(
+            "SELECT holder, deliveries, visible_at > now() FROM {schema}.messages ORDER BY id"
+        ),
+        &[],
+    )
+    .await
+    .expect("rows")
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
+    .collect()
+}
+
 /// Rows published for a topic and group this process consumes are leased
 /// to it in the insert and handed over in memory: one delivery counted, no
 /// claim, and a handoff kept too long is taken over in the table first.
@@ -146,16 +161,7 @@ async fn rows_for_a_consumer_here_are_leased_in_the_insert_and_handed_over() {
         .await
         .expect("publish");
     let pg = raw(&url).await;
-    let held = |schema: &str| {
-        format!("SELECT holder, deliveries, visible_at > now() FROM {schema}.messages ORDER BY id")
-    };
-    let rows: Vec<(String, i32, bool)> = pg
-        .query(&held(&schema), &[])
-        .await
-        .expect("rows")
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
+    let rows = held(&pg, &schema).await;
     assert_eq!(rows.len(), 3, "{rows:?}");
     for (holder, deliveries, leased) in &rows {
         assert!(
@@ -186,13 +192,7 @@ async fn rows_for_a_consumer_here_are_leased_in_the_insert_and_handed_over() {
     let third = c.next_batch(2, WAIT).await.expect("batch");
     assert_eq!(third.len(), 1);
     assert_eq!(third[0].event.attempt, 2);
-    let rows: Vec<(String, i32, bool)> = pg
-        .query(&held(&schema), &[])
-        .await
-        .expect("rows")
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
+    let rows = held(&pg, &schema).await;
     assert_eq!(
         rows,
         [("c".to_string(), 1, true)],

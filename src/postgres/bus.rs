@@ -323,10 +323,17 @@ const EVENTS: &str = "unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS e(topic
 /// rows are leased as they are inserted ([`insert_messages`]).
 #[derive(Default)]
 pub(crate) struct Local {
-    pub(crate) topics: Vec<String>,
-    pub(crate) groups: Vec<String>,
-    pub(crate) holder: String,
-    pub(crate) lease_ms: i64,
+    topics: Vec<String>,
+    groups: Vec<String>,
+    holder: String,
+    lease_ms: i64,
+}
+
+impl Local {
+    /// The four parameters of [`insert_messages`], in order.
+    pub(crate) fn params(&self) -> [&(dyn ToSql + Sync); 4] {
+        [&self.topics, &self.groups, &self.holder, &self.lease_ms]
+    }
 }
 
 /// A row a publish inserted (one row of [`insert_messages`]): its id, its
@@ -340,13 +347,13 @@ pub(crate) struct Inserted {
 }
 
 impl Inserted {
-    /// The row of [`insert_messages`]' `RETURNING`, from column `at` on;
-    /// `first` is the `n` of the statement's first event of this publish.
-    pub(crate) fn of(row: &tokio_postgres::Row, at: usize, first: i64) -> Option<Self> {
+    /// The row of [`insert_messages`]' `RETURNING`, from column `at` on
+    /// (the statement's events numbered from 1).
+    pub(crate) fn of(row: &tokio_postgres::Row, at: usize) -> Option<Self> {
         Some(Self {
             id: row.get::<_, Option<i64>>(at)?,
             group: row.get::<_, Option<String>>(at + 1)?,
-            event: usize::try_from(row.get::<_, Option<i64>>(at + 2)? - first).ok()?,
+            event: usize::try_from(row.get::<_, Option<i64>>(at + 2)? - 1).ok()?,
             leased: row.get::<_, Option<bool>>(at + 3)?,
         })
     }
@@ -645,12 +652,7 @@ impl Carrier {
             return;
         }
         if let Some(inner) = self.inner.upgrade() {
-            inner
-                .acks
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .extend(ids);
-            inner.acked.notify_one();
+            inner.wait_acks(ids);
         }
     }
 
@@ -664,6 +666,15 @@ impl Carrier {
 }
 
 impl Inner {
+    /// Acks to wait for a store's write (or the flusher, `ACK_WAIT` on).
+    fn wait_acks(&self, ids: Vec<i64>) {
+        self.acks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(ids);
+        self.acked.notify_one();
+    }
+
     /// The topics and groups to lease rows to as they are inserted: those
     /// with a consumer here and room to hand rows over.
     fn local(&self) -> Local {
@@ -688,18 +699,13 @@ impl Inner {
     fn settle(&self, events: &[(String, Event)], inserted: &[Inserted]) {
         let mut counted: Vec<(&str, u64)> = Vec::new();
         let mut arcs: Vec<Option<Arc<Event>>> = vec![None; events.len()];
+        let waits = self.waits.lock().unwrap_or_else(|e| e.into_inner());
         for row in inserted {
             let Some((topic, event)) = events.get(row.event) else {
                 continue;
             };
             if row.leased {
-                let wake = self
-                    .waits
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(&(topic.clone(), row.group.clone()))
-                    .cloned();
-                if let Some(wake) = wake {
+                if let Some(wake) = waits.get(&(topic.clone(), row.group.clone())) {
                     let event = arcs[row.event].get_or_insert_with(|| Arc::new(event.clone()));
                     wake.hand(Handed {
                         id: row.id,
@@ -714,6 +720,7 @@ impl Inner {
                 None => counted.push((topic, 1)),
             }
         }
+        drop(waits);
         for (topic, rows) in counted {
             Inner::wake_topic(self, topic, rows);
             let _ = self.announce.send(topic.to_string());
@@ -750,22 +757,13 @@ impl Topics for PostgresBus {
         let (topics, bodies) = self.encode(&events)?;
         let local = self.inner.local();
         let client = self.client().await?;
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&topics, &bodies];
+        params.extend(local.params());
         let rows = self
-            .query(
-                &client,
-                &self.inner.sql.publish,
-                &[
-                    &topics,
-                    &bodies,
-                    &local.topics,
-                    &local.groups,
-                    &local.holder,
-                    &local.lease_ms,
-                ],
-            )
+            .query(&client, &self.inner.sql.publish, &params)
             .await?;
         drop(client);
-        let inserted: Vec<Inserted> = rows.iter().filter_map(|r| Inserted::of(r, 0, 1)).collect();
+        let inserted: Vec<Inserted> = rows.iter().filter_map(|r| Inserted::of(r, 0)).collect();
         self.inner.settle(&events, &inserted);
         Ok(())
     }
@@ -1145,16 +1143,11 @@ impl Consumer for PostgresConsumer {
             // its transaction), or after `ACK_WAIT` by themselves. An ack
             // lost in a crash meanwhile only means a result delivered again,
             // which changes nothing, as with any lost ack.
-            inner
-                .acks
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .extend(ids);
             let weak = Arc::downgrade(inner);
             inner.flusher.call_once(|| {
                 tokio::spawn(flush_acks(weak));
             });
-            inner.acked.notify_one();
+            inner.wait_acks(ids);
             return Ok(());
         }
         let client = self.bus.lazy_client().await?;
@@ -1227,24 +1220,14 @@ impl Consumer for PostgresConsumer {
         } else {
             self.bus.lazy_client().await?
         };
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&topics, &bodies, &ids];
+        params.extend(local.params());
         let rows = self
             .bus
-            .query(
-                &client,
-                &self.bus.inner.sql.publish_then_ack,
-                &[
-                    &topics,
-                    &bodies,
-                    &ids,
-                    &local.topics,
-                    &local.groups,
-                    &local.holder,
-                    &local.lease_ms,
-                ],
-            )
+            .query(&client, &self.bus.inner.sql.publish_then_ack, &params)
             .await?;
         drop(client);
-        let inserted: Vec<Inserted> = rows.iter().filter_map(|r| Inserted::of(r, 0, 1)).collect();
+        let inserted: Vec<Inserted> = rows.iter().filter_map(|r| Inserted::of(r, 0)).collect();
         self.bus.inner.settle(events, &inserted);
         Ok(())
     }
@@ -1279,12 +1262,7 @@ async fn flush_acks(inner: std::sync::Weak<Inner>) {
         };
         if let Err(e) = deleted {
             tracing::debug!(error = %e, acks = ids.len(), "acking failed; trying again");
-            strong
-                .acks
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .extend(ids);
-            strong.acked.notify_one();
+            strong.wait_acks(ids);
         }
     }
 }

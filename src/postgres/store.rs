@@ -985,11 +985,8 @@ async fn writer(
                 }
             }
         }
-        // A lone write takes the acks; after a failed batch, each write by
-        // itself takes none.
-        if writes.len() > 1 {
-            acks.clear();
-        }
+        // A lone write takes the acks; after a failed batch they were given
+        // back, and each write by itself takes none.
         for w in writes.drain(..) {
             let answer = match &w.job {
                 Job::Create(c) => {
@@ -1050,64 +1047,102 @@ async fn create(
     let history_len = column(&|c| c.history_len);
     let at = column(&|c| c.at);
     let noted: Vec<bool> = creates.iter().map(|c| c.noted).collect();
-    let (mut part_tx, mut names, mut values) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut event_tx, mut topics, mut bodies) = (Vec::new(), Vec::new(), Vec::new());
+    let mut flat = Flat::default();
     for c in creates {
-        for (n, v) in c.names.iter().zip(&c.values) {
-            part_tx.push(c.tx);
-            names.push(n.as_str());
-            values.push(v.as_slice());
-        }
-        for (topic, body) in &c.events {
-            event_tx.push(c.tx);
-            topics.push(topic.as_str());
-            bodies.push(body.as_slice());
-        }
+        flat.add(c.tx, &c.names, &c.values, &c.events);
     }
-    let rows = client
-        .query(
-            &statement,
-            &[
-                &txs,
-                &workflows,
-                &def_versions,
-                &status,
-                &correlations,
-                &started,
-                &updated,
-                &finished,
-                &wakeup,
-                &history_len,
-                &at,
-                &noted,
-                &part_tx,
-                &names,
-                &values,
-                &event_tx,
-                &topics,
-                &bodies,
-                &local.topics,
-                &local.groups,
-                &local.holder,
-                &local.lease_ms,
-                &acks,
-            ],
-        )
-        .await?;
-    let mut found: Found = std::collections::HashMap::with_capacity(creates.len());
-    let mut inserted = Vec::new();
-    for row in &rows {
-        match row.get::<_, Option<uuid::Uuid>>(0) {
-            Some(tx) => found.entry(tx).or_default().0 = Some((row.get(1), 0, 0)),
-            None => inserted.extend(Inserted::of(row, 2, 1)),
-        }
-    }
-    to_their_writes(
-        &mut found,
-        inserted,
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+        &txs,
+        &workflows,
+        &def_versions,
+        &status,
+        &correlations,
+        &started,
+        &updated,
+        &finished,
+        &wakeup,
+        &history_len,
+        &at,
+        &noted,
+    ];
+    params.extend(flat.params());
+    params.extend(local.params());
+    params.push(&acks);
+    let rows = client.query(&statement, &params).await?;
+    Ok(found(
+        &rows,
+        2,
         creates.iter().map(|c| (c.tx, c.events.len())),
-    );
-    Ok(found)
+        |row| Some((row.get(1), 0, 0)),
+    ))
+}
+
+/// The parts and the events of a statement's writes, as its columns: each
+/// part and event beside its workflow.
+#[derive(Default)]
+struct Flat<'a> {
+    part_tx: Vec<uuid::Uuid>,
+    names: Vec<&'a str>,
+    values: Vec<&'a [u8]>,
+    event_tx: Vec<uuid::Uuid>,
+    topics: Vec<&'a str>,
+    bodies: Vec<&'a [u8]>,
+}
+
+impl<'a> Flat<'a> {
+    fn add(
+        &mut self,
+        tx: uuid::Uuid,
+        names: &'a [String],
+        values: &'a [Vec<u8>],
+        events: &'a Events,
+    ) {
+        for (n, v) in names.iter().zip(values) {
+            self.part_tx.push(tx);
+            self.names.push(n);
+            self.values.push(v);
+        }
+        for (topic, body) in events {
+            self.event_tx.push(tx);
+            self.topics.push(topic);
+            self.bodies.push(body);
+        }
+    }
+
+    /// The parts, then the events (six parameters).
+    fn params(&self) -> [&(dyn ToSql + Sync); 6] {
+        [
+            &self.part_tx,
+            &self.names,
+            &self.values,
+            &self.event_tx,
+            &self.topics,
+            &self.bodies,
+        ]
+    }
+}
+
+/// What a statement of writes found, by workflow: the rows whose first
+/// column names a workflow (read by `row_of`), and the bus rows (from
+/// column `at` on), each given to the write whose event it is; `writes`
+/// are each write's workflow and how many events it had, in statement
+/// order.
+fn found(
+    rows: &[tokio_postgres::Row],
+    at: usize,
+    writes: impl Iterator<Item = (uuid::Uuid, usize)>,
+    row_of: impl Fn(&tokio_postgres::Row) -> Option<(bool, i64, i64)>,
+) -> Found {
+    let mut found: Found = std::collections::HashMap::with_capacity(rows.len());
+    let mut inserted = Vec::new();
+    for row in rows {
+        match row.get::<_, Option<uuid::Uuid>>(0) {
+            Some(tx) => found.entry(tx).or_default().0 = row_of(row),
+            None => inserted.extend(Inserted::of(row, at)),
+        }
+    }
+    to_their_writes(&mut found, inserted, writes);
+    found
 }
 
 /// Gives each bus row of a statement to the write whose event it is: the
@@ -1159,73 +1194,43 @@ async fn update(
     let at = column(&|u| u.at);
     let noted: Vec<bool> = updates.iter().map(|u| u.noted).collect();
     let (mut named_tx, mut named) = (Vec::new(), Vec::new());
-    let (mut part_tx, mut names, mut values) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut event_tx, mut topics, mut bodies) = (Vec::new(), Vec::new(), Vec::new());
+    let mut flat = Flat::default();
     for u in updates {
-        for (topic, body) in &u.events {
-            event_tx.push(u.tx);
-            topics.push(topic.as_str());
-            bodies.push(body.as_slice());
-        }
         for n in &u.named {
             named_tx.push(u.tx);
             named.push(n.as_str());
         }
-        for (n, v) in u.names.iter().zip(&u.values) {
-            part_tx.push(u.tx);
-            names.push(n.as_str());
-            values.push(v.as_slice());
-        }
+        flat.add(u.tx, &u.names, &u.values, &u.events);
     }
-    let rows = client
-        .query(
-            &statement,
-            &[
-                &txs,
-                &expected,
-                &status,
-                &updated,
-                &finished,
-                &wakeup,
-                &history_len,
-                &history_from,
-                &at,
-                &noted,
-                &named_tx,
-                &named,
-                &part_tx,
-                &names,
-                &values,
-                &event_tx,
-                &topics,
-                &bodies,
-                &local.topics,
-                &local.groups,
-                &local.holder,
-                &local.lease_ms,
-                &acks,
-            ],
-        )
-        .await?;
-    let mut found: Found = std::collections::HashMap::with_capacity(updates.len());
-    let mut inserted = Vec::new();
-    for row in &rows {
-        match row.get::<_, Option<uuid::Uuid>>(0) {
-            Some(tx) => {
-                let done: bool = row.get(1);
-                let version: Option<i64> = row.get(2);
-                let history: Option<i64> = row.get(3);
-                found.entry(tx).or_default().0 = version.zip(history).map(|(v, h)| (done, v, h));
-            }
-            None => inserted.extend(Inserted::of(row, 4, 1)),
-        }
-    }
-    to_their_writes(
-        &mut found,
-        inserted,
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+        &txs,
+        &expected,
+        &status,
+        &updated,
+        &finished,
+        &wakeup,
+        &history_len,
+        &history_from,
+        &at,
+        &noted,
+        &named_tx,
+        &named,
+    ];
+    params.extend(flat.params());
+    params.extend(local.params());
+    params.push(&acks);
+    let rows = client.query(&statement, &params).await?;
+    Ok(found(
+        &rows,
+        4,
         updates.iter().map(|u| (u.tx, u.events.len())),
-    );
-    Ok(found)
+        |row| {
+            let done: bool = row.get(1);
+            let version: Option<i64> = row.get(2);
+            let history: Option<i64> = row.get(3);
+            version.zip(history).map(|(v, h)| (done, v, h))
+        },
+    ))
 }
 
 async fn in_one_transaction(
@@ -1788,10 +1793,8 @@ impl TimerIndex for PostgresStateStore {
             let Some(read) = self.get(transaction_id).await? else {
                 break;
             };
-            let next = read
-                .state
-                .next_wakeup()
-                .map_or(i64::MAX, |t| millis(t).min(i64::MAX - 1));
+            // No wakeup: never due, until a write brings it forward.
+            let next = read.state.next_wakeup().map_or(i64::MAX, millis);
             let client = self.client().await?;
             let statement = client
                 .prepare_cached(&sql.rearm)
