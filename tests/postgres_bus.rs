@@ -780,8 +780,36 @@ async fn a_transitions_commands_commit_in_the_transaction_of_its_state() {
                 .build()
                 .expect("valid"),
         )
+        // A sub-workflow's first commands go with its create too.
+        .workflow(
+            WorkflowBuilder::new("parent")
+                .step("p", "ok")
+                .sub_workflow("kid", "three")
+                .build()
+                .expect("valid"),
+        )
+        // And a retried run's.
+        .workflow(
+            WorkflowBuilder::new("once")
+                .step("x", "fails_once")
+                .build()
+                .expect("valid"),
+        )
         .worker(from_fn("ok", |_: serde_json::Value, _| async {
             Ok::<_, WorkerError>(1)
+        }))
+        .worker(from_fn("fails_once", {
+            let failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            move |_: serde_json::Value, _| {
+                let first = !failed.swap(true, std::sync::atomic::Ordering::SeqCst);
+                async move {
+                    if first {
+                        Err(WorkerError::fatal("not yet"))
+                    } else {
+                        Ok(2)
+                    }
+                }
+            }
         }))
         .start()
         .await
@@ -791,6 +819,7 @@ async fn a_transitions_commands_commit_in_the_transaction_of_its_state() {
         for n in 0..5 {
             v.push(rt.client().start("three", &n).await.expect("start"));
         }
+        v.push(rt.client().start("parent", &0).await.expect("start"));
         v
     };
     for tx in runs {
@@ -801,6 +830,24 @@ async fn a_transitions_commands_commit_in_the_transaction_of_its_state() {
             .expect("ends");
         assert_eq!(state.status, WorkflowStatus::Completed);
     }
+    let once = rt.client().start("once", &0).await.expect("start");
+    let failed = rt
+        .client()
+        .wait(once, Duration::from_secs(10))
+        .await
+        .expect("ends");
+    assert_ne!(failed.status, WorkflowStatus::Completed);
+    let retried = rt
+        .client()
+        .retry(once, Default::default())
+        .await
+        .expect("retried");
+    let state = rt
+        .client()
+        .wait(retried, Duration::from_secs(10))
+        .await
+        .expect("ends");
+    assert_eq!(state.status, WorkflowStatus::Completed);
     rt.shutdown().await;
     let apart: i64 = client
         .query_one(
@@ -825,8 +872,13 @@ async fn a_transitions_commands_commit_in_the_transaction_of_its_state() {
         .await
         .expect("count")
         .get(0);
-    assert_eq!(commands, 15, "three commands for each of five runs");
-    // The first with the run's create, every later one with its state.
+    assert_eq!(
+        commands, 21,
+        "three commands for each of five runs, one for the parent, three for its \
+         sub-workflow, one for the failed run and one for its retry"
+    );
+    // The first with the run's create (of a sub-workflow and of a retry
+    // too), every later one with its state.
     assert_eq!(apart, 0, "every command committed with a workflow write");
     let notes: i64 = client
         .query_one(&format!("SELECT count(*) FROM {schema}.unpublished"), &[])

@@ -431,75 +431,91 @@ impl Engine {
         state.priority = options.priority;
         let state = Arc::new(state);
         let mut outbox = Outbox::new();
-        if self.store.states.carries_events() {
-            // The first commands go with the new state, in its transaction.
-            let mut events = Vec::new();
-            let rest = self.commands(
-                &state,
-                actions,
-                None,
-                options.traceparent.as_deref(),
-                &mut events,
-            );
-            let created = match self
-                .store
-                .states
-                .create_carrying(state.clone(), &events)
-                .await
-            {
-                Ok(Some(version)) => Ok((version, true)),
-                // Not carried (an event over the bus's limit): as usual.
-                Ok(None) => self
-                    .store
-                    .states
-                    .create(state.clone())
-                    .await
-                    .map(|v| (v, false)),
-                Err(e) => Err(e),
-            };
-            match created {
-                Ok((version, carried)) => {
-                    if let Some(cache) = &self.cache {
-                        cache.put(version, state.clone());
-                    }
-                    self.timers.note(&state);
-                    if !carried {
-                        self.wrote(&mut outbox, tx, version);
-                        outbox.events.extend(events);
-                    }
-                }
-                // Starting with a transaction id that exists is idempotent.
-                Err(StoreError::AlreadyExists(_)) if options.transaction_id.is_some() => {
-                    return Ok(tx);
-                }
+        match self
+            .create_run(&state, actions, options.traceparent.as_deref(), &mut outbox)
+            .await?
+        {
+            Created::New => {}
+            // Starting with a transaction id that exists is idempotent.
+            Created::Existed if options.transaction_id.is_some() => return Ok(tx),
+            Created::Existed => return Err(StoreError::AlreadyExists(tx).into()),
+        }
+        self.publish(outbox).await?;
+        Ok(tx)
+    }
+
+    /// Creates the new run `state` and carries out its first `actions`. On
+    /// a store that carries the bus's events, its first commands go in the
+    /// statement that creates it, so that no crash can fall between the
+    /// two; otherwise the write is noted unpublished and the commands go to
+    /// `outbox`, for the caller to publish (the recovery sweep heals a
+    /// crash between).
+    async fn create_run(
+        &self,
+        state: &Arc<WorkflowState>,
+        actions: Vec<Action>,
+        traceparent: Option<&str>,
+        outbox: &mut Outbox,
+    ) -> Result<Created, Error> {
+        if !self.store.states.carries_events() {
+            match self.store.states.create(state.clone()).await {
+                Ok(version) => self.created(state, version, outbox),
+                Err(StoreError::AlreadyExists(_)) => return Ok(Created::Existed),
                 Err(e) => return Err(e.into()),
             }
-            self.effects(&state, rest, None).await?;
-            self.publish(outbox).await?;
-            return Ok(tx);
+            self.execute(state, actions, None, traceparent, outbox)
+                .await?;
+            return Ok(Created::New);
         }
-        match self.store.states.create(state.clone()).await {
-            Ok(version) => {
+        let mut events = Vec::new();
+        let rest = self.commands(state, actions, None, traceparent, &mut events);
+        let created = match self
+            .store
+            .states
+            .create_carrying(state.clone(), &events)
+            .await
+        {
+            Ok(Some(version)) => Ok((version, true)),
+            // Not carried (an event over the bus's limit): as usual.
+            Ok(None) => self
+                .store
+                .states
+                .create(state.clone())
+                .await
+                .map(|v| (v, false)),
+            Err(e) => Err(e),
+        };
+        match created {
+            Ok((version, true)) => {
                 if let Some(cache) = &self.cache {
                     cache.put(version, state.clone());
                 }
-                self.timers.note(&state);
-                self.wrote(&mut outbox, tx, version);
+                self.timers.note(state);
             }
-            // Starting with a transaction id that exists is idempotent.
-            Err(StoreError::AlreadyExists(_)) if options.transaction_id.is_some() => return Ok(tx),
+            Ok((version, false)) => {
+                self.created(state, version, outbox);
+                outbox.events.extend(events);
+            }
+            Err(StoreError::AlreadyExists(_)) => return Ok(Created::Existed),
             Err(e) => return Err(e.into()),
         }
-        self.execute(
-            &state,
-            actions,
-            None,
-            options.traceparent.as_deref(),
-            &mut outbox,
-        )
-        .await?;
-        self.publish(outbox).await?;
-        Ok(tx)
+        self.effects(state, rest, None).await?;
+        Ok(Created::New)
+    }
+
+    /// A new run was written (its commands not carried): cached, its timer
+    /// noted, the write noted unpublished.
+    fn created(
+        &self,
+        state: &Arc<WorkflowState>,
+        version: crate::store::Version,
+        outbox: &mut Outbox,
+    ) {
+        if let Some(cache) = &self.cache {
+            cache.put(version, state.clone());
+        }
+        self.timers.note(state);
+        self.wrote(outbox, state.transaction_id, version);
     }
 
     /// Starts the run that retries `old` (see [`saga::retry`]): marks the
@@ -560,17 +576,8 @@ impl Engine {
             }
             let state = Arc::new(state);
             let mut outbox = Outbox::new();
-            match self.store.states.create(state.clone()).await {
-                Ok(version) => {
-                    self.timers.note(&state);
-                    self.wrote(&mut outbox, new, version);
-                }
-                // The other of two calls at once made it.
-                Err(StoreError::AlreadyExists(_)) => return Ok(new),
-                Err(e) => return Err(e.into()),
-            }
-            self.execute(&state, actions, None, None, &mut outbox)
-                .await?;
+            // `Existed`: the other of two calls at once made it.
+            self.create_run(&state, actions, None, &mut outbox).await?;
             self.publish(outbox).await?;
             return Ok(new);
         }
@@ -1203,27 +1210,24 @@ impl Engine {
         );
         state.priority = priority;
         let state = Arc::new(state);
-        match self.store.states.create(state.clone()).await {
-            Ok(version) => {
-                if let Some(cache) = &self.cache {
-                    cache.put(version, state.clone());
-                }
-                self.wrote(outbox, tx, version);
-                self.execute(&state, actions, None, None, outbox).await
+        if self.create_run(&state, actions, None, outbox).await? == Created::Existed {
+            // Started before (a republished message): if it has finished,
+            // tell the parent again.
+            if let Some(child) = self.store.states.get(tx).await?
+                && let Some(outcome) = saga::parent_outcome(&child.state)
+            {
+                outbox.push(notify_parent(correlation_id, outcome));
             }
-            Err(StoreError::AlreadyExists(_)) => {
-                // Started before (a republished message): if it has
-                // finished, tell the parent again.
-                if let Some(child) = self.store.states.get(tx).await?
-                    && let Some(outcome) = saga::parent_outcome(&child.state)
-                {
-                    outbox.push(notify_parent(correlation_id, outcome));
-                }
-                Ok(())
-            }
-            Err(e) => Err(e.into()),
         }
+        Ok(())
     }
+}
+
+/// Whether [`Engine::create_run`] made the run or found it made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Created {
+    New,
+    Existed,
 }
 
 /// What a parent sends its sub-workflow, on the results topic as a
