@@ -271,8 +271,11 @@ impl Sql {
                ON CONFLICT (tx) DO UPDATE SET wakeup = excluded.wakeup
                  WHERE excluded.wakeup < {s}.timers.wakeup
              ), td AS (
-               DELETE FROM {s}.timers x USING r JOIN w ON w.tx = r.tx
-               WHERE x.tx = r.tx AND r.wakeup IS NULL
+               -- An array, so that the plan looks each one up: a join
+               -- planned generically (an `unnest` guessed at 10 rows) read
+               -- the whole timers index for every batch.
+               DELETE FROM {s}.timers
+               WHERE tx = ANY(ARRAY(SELECT r.tx FROM r JOIN w ON w.tx = r.tx WHERE r.wakeup IS NULL))
              ), u AS (
                INSERT INTO {s}.unpublished (tx, version, at)
                SELECT r.tx, r.expected + 1, r.at FROM r JOIN w ON w.tx = r.tx WHERE r.noted
@@ -305,11 +308,11 @@ impl Sql {
                      SELECT tx FROM {s}.workflows WHERE finished_at < $1 LIMIT $2
                    ) RETURNING tx
                  ), p AS (
-                   DELETE FROM {s}.parts WHERE tx IN (SELECT tx FROM d)
+                   DELETE FROM {s}.parts WHERE tx = ANY(ARRAY(SELECT tx FROM d))
                  ), u AS (
-                   DELETE FROM {s}.unpublished WHERE tx IN (SELECT tx FROM d)
+                   DELETE FROM {s}.unpublished WHERE tx = ANY(ARRAY(SELECT tx FROM d))
                  ), t AS (
-                   DELETE FROM {s}.timers WHERE tx IN (SELECT tx FROM d)
+                   DELETE FROM {s}.timers WHERE tx = ANY(ARRAY(SELECT tx FROM d))
                  )
                  SELECT count(*) FROM d"
             ),
