@@ -753,17 +753,22 @@ async fn a_transitions_commands_commit_in_the_transaction_of_its_state() {
     let client = raw(&url).await;
     client
         .batch_execute(&format!(
-            "CREATE TABLE {schema}.seen (what text, topic text, xid bigint);
+            "CREATE TABLE {schema}.seen (what text, topic text, xid bigint, tx text, kind text,
+                 deliveries int);
              CREATE FUNCTION {schema}.note_message() RETURNS trigger LANGUAGE plpgsql AS
                $$ BEGIN INSERT INTO {schema}.seen VALUES ('message', NEW.topic, txid_current()); RETURN NEW; END $$;
              CREATE FUNCTION {schema}.note_workflow() RETURNS trigger LANGUAGE plpgsql AS
-               $$ BEGIN INSERT INTO {schema}.seen VALUES ('workflow', '', txid_current()); RETURN NEW; END $$;
+               $$ BEGIN INSERT INTO {schema}.seen VALUES ('workflow', '', txid_current(), NEW.tx::text);
+                  RETURN NEW; END $$;
              CREATE TRIGGER note AFTER INSERT ON {schema}.messages
                FOR EACH ROW EXECUTE FUNCTION {schema}.note_message();
              CREATE TRIGGER note AFTER INSERT OR UPDATE ON {schema}.workflows
                FOR EACH ROW EXECUTE FUNCTION {schema}.note_workflow();
              CREATE FUNCTION {schema}.note_gone() RETURNS trigger LANGUAGE plpgsql AS
-               $$ BEGIN INSERT INTO {schema}.seen VALUES ('gone', OLD.topic, txid_current()); RETURN OLD; END $$;
+               $$ BEGIN INSERT INTO {schema}.seen VALUES ('gone', OLD.topic, txid_current(),
+                    convert_from(OLD.body, 'UTF8')::json->>'transaction_id',
+                    convert_from(OLD.body, 'UTF8')::json->>'kind', OLD.deliveries);
+                  RETURN OLD; END $$;
              CREATE TRIGGER gone AFTER DELETE ON {schema}.messages
                FOR EACH ROW EXECUTE FUNCTION {schema}.note_gone();"
         ))
@@ -913,5 +918,40 @@ async fn a_transitions_commands_commit_in_the_transaction_of_its_state() {
     assert!(
         with_writes > 0,
         "acks went with the writes that followed them"
+    );
+    // A result (or error) is deleted by the very write that applied it:
+    // the transaction that deleted its row wrote its workflow. (One
+    // delivered again, after a lease ran out, changes nothing and is acked
+    // by itself.)
+    let results: i64 = client
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM {schema}.seen WHERE what = 'gone'
+                   AND kind IN ('result', 'error') AND deliveries <= 1"
+            ),
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    let acked_apart: Vec<String> = client
+        .query(
+            &format!(
+                "SELECT g.tx || ' ' || g.kind FROM {schema}.seen g WHERE g.what = 'gone'
+                   AND g.kind IN ('result', 'error') AND g.deliveries <= 1
+                   AND NOT EXISTS (SELECT 1 FROM {schema}.seen w
+                                   WHERE w.what = 'workflow' AND w.xid = g.xid AND w.tx = g.tx)"
+            ),
+            &[],
+        )
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(results >= 21, "a result for each command: {results}");
+    assert!(
+        acked_apart.is_empty(),
+        "results deleted apart from the write that applied them: {acked_apart:?}"
     );
 }

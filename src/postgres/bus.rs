@@ -966,7 +966,8 @@ impl Drop for PostgresConsumer {
     }
 }
 
-fn ids_of(ids: &[DeliveryId]) -> Vec<i64> {
+/// The rows of `ids` (deliveries of this bus; others are none of its).
+pub(crate) fn row_ids(ids: &[DeliveryId]) -> Vec<i64> {
     ids.iter()
         .filter_map(|id| match id {
             DeliveryId::Seq(n) => i64::try_from(*n).ok(),
@@ -1132,7 +1133,7 @@ impl Consumer for PostgresConsumer {
     }
 
     async fn ack(&self, ids: &[DeliveryId]) -> Result<(), BusError> {
-        let ids = ids_of(ids);
+        let ids = row_ids(ids);
         if ids.is_empty() {
             return Ok(());
         }
@@ -1158,7 +1159,7 @@ impl Consumer for PostgresConsumer {
     }
 
     async fn extend(&self, ids: &[DeliveryId]) -> Result<(), BusError> {
-        let ids = ids_of(ids);
+        let ids = row_ids(ids);
         if ids.is_empty() {
             return Ok(());
         }
@@ -1178,7 +1179,7 @@ impl Consumer for PostgresConsumer {
     }
 
     async fn reject(&self, delivery: &Delivery, reason: &str) -> Result<(), BusError> {
-        let Some(id) = ids_of(std::slice::from_ref(&delivery.id)).pop() else {
+        let Some(id) = row_ids(std::slice::from_ref(&delivery.id)).pop() else {
             return Ok(());
         };
         tracing::warn!(topic = %self.topic, id, reason = %reason, "event dead-lettered");
@@ -1209,7 +1210,7 @@ impl Consumer for PostgresConsumer {
             return self.ack(ids).await;
         }
         let (topics, bodies) = self.bus.encode(events)?;
-        let ids = ids_of(ids);
+        let ids = row_ids(ids);
         // Answers to deliveries commit without waiting for the flush: if
         // a crash of the server undid them, the deliveries would come
         // again and be answered again (a worker's idempotency key holds).

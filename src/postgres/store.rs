@@ -284,6 +284,11 @@ impl Sql {
                  AS e(tx, topic, body, n)
              ), a AS (
                DELETE FROM {s}.messages WHERE id = ANY($23::bigint[])
+             ), ac AS (
+               -- The results each transition applied, if it was made.
+               DELETE FROM {s}.messages WHERE id = ANY(ARRAY(
+                 SELECT k.id FROM unnest($24::uuid[], $25::bigint[]) AS k(tx, id)
+                 JOIN w ON w.tx = k.tx))
              ), m AS ({})
              SELECT r.tx, w.tx IS NOT NULL, c.version, c.history_len,
                  NULL::bigint, NULL::text, NULL::bigint, NULL::bool
@@ -548,6 +553,7 @@ impl PostgresStateStore {
         before: Option<&WorkflowState>,
         state: Arc<WorkflowState>,
         events: Option<&Events>,
+        consumed: &[i64],
     ) -> Result<(Version, Vec<Inserted>), StoreError> {
         let apart = self.inner.config.large_payload_bytes;
         let delta = match (expected, before) {
@@ -561,12 +567,12 @@ impl PostgresStateStore {
             .is_terminal()
             .then(|| self.inner.waiters.writing(state.transaction_id));
         let written = match self
-            .write_parts(expected, &delta, &state, true, events)
+            .write_parts(expected, &delta, &state, true, events, consumed)
             .await
         {
             // A payload named was gone (the parts rewritten meanwhile): send all.
             Err(Refused::Named) => {
-                self.write_parts(expected, &delta, &state, false, events)
+                self.write_parts(expected, &delta, &state, false, events, consumed)
                     .await
             }
             other => other,
@@ -576,7 +582,7 @@ impl PostgresStateStore {
             Err(Refused::History(len)) if !delta.full => {
                 tracing::debug!(transaction_id = %state.transaction_id, stored = len, expected = delta.history_from, "the stored history is not the one read: writing the state whole");
                 let whole = Changes::full(&state).keep_apart(apart);
-                self.write_parts(expected, &whole, &state, false, events)
+                self.write_parts(expected, &whole, &state, false, events, consumed)
                     .await
             }
             other => other,
@@ -627,7 +633,8 @@ impl PostgresStateStore {
 
     /// One write of `delta`; with `name_stored`, the payloads this store
     /// wrote before are named, not sent (never for a full write, which
-    /// deletes what was there first).
+    /// deletes what was there first). An update deletes the bus rows
+    /// `consumed` if it is made.
     async fn write_parts(
         &self,
         expected: Option<Version>,
@@ -635,6 +642,7 @@ impl PostgresStateStore {
         state: &WorkflowState,
         name_stored: bool,
         events: Option<&Events>,
+        consumed: &[i64],
     ) -> Result<(Version, Vec<Inserted>), Refused> {
         let tx = state.transaction_id;
         let (head, mut fields) =
@@ -739,6 +747,7 @@ impl PostgresStateStore {
                     names,
                     values,
                     events,
+                    consumed: consumed.to_vec(),
                 };
                 let local = self
                     .inner
@@ -771,6 +780,7 @@ impl PostgresStateStore {
                     names,
                     values,
                     events,
+                    consumed: consumed.to_vec(),
                 };
                 let Answer::Updated(row, inserted) = self.submit(Job::Update(update)).await? else {
                     unreachable!("an update is answered as one");
@@ -892,6 +902,8 @@ struct Update {
     values: Vec<Vec<u8>>,
     /// Events published with the write (topics and bodies).
     events: Events,
+    /// Bus rows the transition applied (results): deleted if it is made.
+    consumed: Vec<i64>,
 }
 
 /// Events a write carries onto the bus: their topics and encoded bodies.
@@ -1222,6 +1234,15 @@ async fn update(
     params.extend(flat.params());
     params.extend(local.params());
     params.push(&acks);
+    let (mut consumed_tx, mut consumed) = (Vec::new(), Vec::new());
+    for u in updates {
+        for id in &u.consumed {
+            consumed_tx.push(u.tx);
+            consumed.push(*id);
+        }
+    }
+    params.push(&consumed_tx);
+    params.push(&consumed);
     let rows = client.query(&statement, &params).await?;
     Ok(found(
         &rows,
@@ -1419,7 +1440,9 @@ fn status_of(text: &str) -> Option<WorkflowStatus> {
 #[async_trait]
 impl WorkflowStates for PostgresStateStore {
     async fn create(&self, state: Arc<WorkflowState>) -> Result<Version, StoreError> {
-        self.write(None, None, state, None).await.map(|(v, _)| v)
+        self.write(None, None, state, None, &[])
+            .await
+            .map(|(v, _)| v)
     }
 
     async fn get(&self, transaction_id: TransactionId) -> Result<Option<Versioned>, StoreError> {
@@ -1465,7 +1488,7 @@ impl WorkflowStates for PostgresStateStore {
         expected: Version,
         state: Arc<WorkflowState>,
     ) -> Result<Version, StoreError> {
-        self.write(Some(expected), None, state, None)
+        self.write(Some(expected), None, state, None, &[])
             .await
             .map(|(v, _)| v)
     }
@@ -1476,7 +1499,7 @@ impl WorkflowStates for PostgresStateStore {
         before: &WorkflowState,
         state: Arc<WorkflowState>,
     ) -> Result<Version, StoreError> {
-        self.write(Some(expected), Some(before), state, None)
+        self.write(Some(expected), Some(before), state, None, &[])
             .await
             .map(|(v, _)| v)
     }
@@ -1690,7 +1713,7 @@ impl WorkflowStates for PostgresStateStore {
         let Some(encoded) = carrier.encode(events) else {
             return Ok(None);
         };
-        let (version, inserted) = self.write(None, None, state, Some(&encoded)).await?;
+        let (version, inserted) = self.write(None, None, state, Some(&encoded), &[]).await?;
         carrier.settle(events, &inserted);
         Ok(Some(version))
     }
@@ -1701,6 +1724,7 @@ impl WorkflowStates for PostgresStateStore {
         before: &WorkflowState,
         state: Arc<WorkflowState>,
         events: &[(String, crate::core::Event)],
+        consumed: &[crate::bus::DeliveryId],
     ) -> Result<Option<Version>, StoreError> {
         let Some(carrier) = self.inner.carrier.get() else {
             return Ok(None);
@@ -1708,8 +1732,15 @@ impl WorkflowStates for PostgresStateStore {
         let Some(encoded) = carrier.encode(events) else {
             return Ok(None);
         };
+        let consumed = super::bus::row_ids(consumed);
         let (version, inserted) = self
-            .write(Some(expected), Some(before), state, Some(&encoded))
+            .write(
+                Some(expected),
+                Some(before),
+                state,
+                Some(&encoded),
+                &consumed,
+            )
             .await?;
         carrier.settle(events, &inserted);
         Ok(Some(version))

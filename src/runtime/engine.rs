@@ -24,6 +24,9 @@ const MAX_CONFLICT_RETRIES: usize = 64;
 pub(crate) struct Outbox {
     pub(crate) events: Vec<(String, Event)>,
     pub(crate) written: Vec<(TransactionId, crate::store::Version)>,
+    /// Deliveries acked by the writes that applied them (a store carrying
+    /// the bus's events): not to be acked again.
+    pub(crate) acked: Vec<crate::bus::DeliveryId>,
 }
 
 impl Outbox {
@@ -42,11 +45,13 @@ impl Outbox {
     pub(crate) fn clear(&mut self) {
         self.events.clear();
         self.written.clear();
+        self.acked.clear();
     }
 
     pub(crate) fn extend(&mut self, other: Outbox) {
         self.events.extend(other.events);
         self.written.extend(other.written);
+        self.acked.extend(other.acked);
     }
 }
 
@@ -596,18 +601,21 @@ impl Engine {
         cause: Option<&Event>,
     ) -> Result<Driven, Error> {
         let mut outbox = Outbox::new();
-        let driven = self.drive_into(tx, input, cause, &mut outbox).await?;
+        let driven = self.drive_into(tx, input, cause, None, &mut outbox).await?;
         self.publish(outbox).await?;
         Ok(driven)
     }
 
     /// Like [`Engine::drive`], but the commands go to `outbox` for the caller
-    /// to publish (with its acks, in one round trip).
+    /// to publish (with its acks, in one round trip). `consumed` is the
+    /// delivery of `cause`: a store that carries the bus's events acks it in
+    /// the transaction of the write, and notes it in `outbox.acked`.
     pub(crate) async fn drive_into(
         &self,
         tx: TransactionId,
         input: &Input,
         cause: Option<&Event>,
+        consumed: Option<&crate::bus::DeliveryId>,
         outbox: &mut Outbox,
     ) -> Result<Driven, Error> {
         let guard = self.locks.lock(tx).await;
@@ -663,6 +671,7 @@ impl Engine {
                         &current.state,
                         state.clone(),
                         &events,
+                        consumed.map(std::slice::from_ref).unwrap_or_default(),
                     )
                     .await
                 {
@@ -692,6 +701,9 @@ impl Engine {
                         cache.put(version, state.clone());
                     }
                     drop(guard);
+                    if carried {
+                        outbox.acked.extend(consumed.cloned());
+                    }
                     self.timers.note(&state);
                     self.metrics.result(&current.state, input, now);
                     let counted = !matches!(input, Input::Redispatch { .. });
@@ -1038,7 +1050,7 @@ impl Engine {
         let input = Input::Redispatch {
             dispatched_before: Timestamp::now(),
         };
-        let driven = self.drive_into(tx, &input, None, &mut outbox).await?;
+        let driven = self.drive_into(tx, &input, None, None, &mut outbox).await?;
         if driven == Driven::Unchanged
             && let Some(current) = self.store.states.get(tx).await?
             && let Some(outcome) = saga::parent_outcome(&current.state)
@@ -1125,7 +1137,7 @@ impl Engine {
                     .await
             }
             ChildControl::Cancel { reason } => self
-                .drive_into(tx, &Input::Cancel { reason }, Some(message), outbox)
+                .drive_into(tx, &Input::Cancel { reason }, Some(message), None, outbox)
                 .await
                 .map(|_| ()),
             ChildControl::Undo { parent } => {
@@ -1136,7 +1148,9 @@ impl Engine {
                     ),
                     parent_attempt: parent.attempt,
                 };
-                let driven = self.drive_into(tx, &input, Some(message), outbox).await?;
+                let driven = self
+                    .drive_into(tx, &input, Some(message), None, outbox)
+                    .await?;
                 if driven != Driven::Applied {
                     // Undone already (a repeat), or gone: answer the parent now.
                     let outcome = match self.store.states.get(tx).await? {

@@ -152,7 +152,7 @@ async fn handle_batch(
     if !parallel || batch.len() < 2 {
         let mut out = Vec::with_capacity(batch.len());
         for d in batch {
-            let v = handle_result(engine, &d.event, outbox).await;
+            let v = handle_result(engine, &d, outbox).await;
             out.push((d, v));
         }
         return out;
@@ -175,7 +175,7 @@ async fn handle_batch(
             let mut out = Vec::with_capacity(deliveries.len());
             let mut outbox = Outbox::new();
             for d in deliveries {
-                let v = handle_result(&engine, &d.event, &mut outbox).await;
+                let v = handle_result(&engine, &d, &mut outbox).await;
                 out.push((d, v));
             }
             (out, outbox)
@@ -236,11 +236,14 @@ async fn results_loop(
         };
         for (delivery, verdict) in handled {
             match verdict {
+                // Acked by the write that applied it.
+                Verdict::Ack if outbox.acked.contains(&delivery.id) => {}
                 Verdict::Ack => acks.push(delivery.id),
                 Verdict::Reject(reason) => reject(&*consumer, &delivery, &reason).await,
                 Verdict::Later => {}
             }
         }
+        outbox.acked.clear();
         if !acks.is_empty() || !outbox.is_empty() {
             if publish_then_ack(&*consumer, &outbox.events, &acks).await {
                 engine.mark_published(&outbox.written).await;
@@ -322,7 +325,8 @@ pub(crate) fn input_of(event: &Event) -> Result<Input, String> {
     }
 }
 
-async fn handle_result(engine: &Engine, event: &Event, outbox: &mut Outbox) -> Verdict {
+async fn handle_result(engine: &Engine, delivery: &Delivery, outbox: &mut Outbox) -> Verdict {
+    let event = &*delivery.event;
     if super::engine::is_control(event) {
         return match engine.control_child(event, outbox).await {
             Ok(()) => Verdict::Ack,
@@ -340,7 +344,13 @@ async fn handle_result(engine: &Engine, event: &Event, outbox: &mut Outbox) -> V
         Err(reason) => return Verdict::Reject(reason),
     };
     match engine
-        .drive_into(event.transaction_id, &input, Some(event), outbox)
+        .drive_into(
+            event.transaction_id,
+            &input,
+            Some(event),
+            Some(&delivery.id),
+            outbox,
+        )
         .await
     {
         Ok(Driven::Applied) => Verdict::Ack,

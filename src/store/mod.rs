@@ -248,18 +248,20 @@ pub trait WorkflowStates: Send + Sync + 'static {
 
     /// Like [`WorkflowStates::compare_and_set_from`], and in the same
     /// transaction publishes `events` (by topic) on the bus this store
-    /// carries for ([`WorkflowStates::carries_events`]): both happen or
-    /// neither. `Ok(None)` when the events cannot be carried (one is over
-    /// the bus's size limit, say) and nothing was written: the caller
-    /// writes and publishes as usual. The default carries nothing.
+    /// carries for ([`WorkflowStates::carries_events`]) and acks
+    /// `consumed`, the deliveries of that bus the transition applied: all
+    /// happen or none. `Ok(None)` when the events cannot be carried (one is
+    /// over the bus's size limit, say) and nothing was written: the caller
+    /// writes, publishes and acks as usual. The default carries nothing.
     async fn compare_and_set_carrying(
         &self,
         expected: Version,
         before: &WorkflowState,
         state: Arc<WorkflowState>,
         events: &[(String, crate::core::Event)],
+        consumed: &[crate::bus::DeliveryId],
     ) -> Result<Option<Version>, StoreError> {
-        let _ = (expected, before, state, events);
+        let _ = (expected, before, state, events, consumed);
         Ok(None)
     }
 
