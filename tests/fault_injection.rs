@@ -443,7 +443,9 @@ async fn run(seed: u64) {
         };
         started.push((tx, decline));
     }
-    let until = tokio::time::Instant::now() + Duration::from_secs(60);
+    // A seed takes 2-3 s here; a worker whose answers stalled behind a
+    // batch that kept failing part of the way took tens of seconds.
+    let until = tokio::time::Instant::now() + Duration::from_secs(15);
     for (tx, decline) in started {
         let state = loop {
             let left = until.saturating_duration_since(tokio::time::Instant::now());
@@ -452,7 +454,17 @@ async fn run(seed: u64) {
                 Err(e) if e.is_transient() && !left.is_zero() => {
                     tokio::time::sleep(Duration::from_millis(5)).await
                 }
-                Err(e) => panic!("seed {seed}: workflow {tx} did not end: {e}"),
+                Err(e) => {
+                    // Say where it stands, and where its sub-workflow does.
+                    let mut where_ = String::new();
+                    for _ in 0..50 {
+                        if let Ok(Some(state)) = client.status(tx).await {
+                            where_ = multiagents::timeline::render(&state);
+                            break;
+                        }
+                    }
+                    panic!("seed {seed}: workflow {tx} did not end: {e}\n{where_}")
+                }
             }
         };
         let expected = if decline {
