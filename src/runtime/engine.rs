@@ -1037,14 +1037,15 @@ impl Engine {
 }
 
 impl Engine {
-    /// Heals a write whose actions were never marked published (its process
-    /// died between persisting and publishing): publishes the commands of
-    /// every step of the workflow in flight again, and, for a finished
-    /// sub-workflow, its answer to the parent. Then marks the write published.
+    /// Heals writes of one workflow whose actions were never marked
+    /// published (their process died between persisting and publishing):
+    /// publishes the commands of every step of the workflow in flight again,
+    /// and, for a finished sub-workflow, its answer to the parent. Then marks
+    /// the writes (`versions`) published.
     pub(crate) async fn heal_unpublished(
         &self,
         tx: TransactionId,
-        version: crate::store::Version,
+        versions: &[crate::store::Version],
     ) -> Result<(), Error> {
         let mut outbox = Outbox::new();
         let input = Input::Redispatch {
@@ -1057,7 +1058,7 @@ impl Engine {
         {
             outbox.push(notify_parent(current.state.correlation_id, outcome));
         }
-        outbox.written.push((tx, version));
+        outbox.written.extend(versions.iter().map(|&v| (tx, v)));
         self.publish(outbox).await
     }
 }

@@ -11,7 +11,7 @@ use super::engine::{Driven, Engine, Outbox};
 use crate::Error;
 use crate::bus::{Consumer, Delivery, DeliveryId, ORCHESTRATOR_GROUP, RESULTS_TOPIC};
 use crate::core::saga::Input;
-use crate::core::{Event, EventKind, StepError, Timestamp, WorkflowStatus};
+use crate::core::{Event, EventKind, StepError, Timestamp, TransactionId, WorkflowStatus};
 use crate::store::ListQuery;
 
 /// Settings of the orchestrator.
@@ -468,12 +468,35 @@ async fn unpublished_loop(engine: Arc<Engine>, after: Duration, stop: Cancellati
                 "publishing again what writes cut short by a crash did not publish"
             );
         }
-        for (tx, version) in writes {
-            if let Err(e) = engine.heal_unpublished(tx, version).await {
+        for (tx, versions) in by_workflow(writes) {
+            if let Err(e) = engine.heal_unpublished(tx, &versions).await {
                 tracing::warn!(transaction_id = %tx, error = %e, "republishing failed; it is tried again after its lease");
             }
         }
     }
+}
+
+/// The writes of each workflow together, in the order the workflows first
+/// come: a heal republishes from the workflow's current state whichever
+/// write it was noted for, so one heal covers them all. (Healed one by one,
+/// a workflow with several notes was healed as many times in one pass; and
+/// where publishing kept failing, each of those heals left a note of its
+/// own, doubling them pass after pass.)
+fn by_workflow(
+    writes: Vec<(TransactionId, crate::store::Version)>,
+) -> Vec<(TransactionId, Vec<crate::store::Version>)> {
+    let mut out: Vec<(TransactionId, Vec<crate::store::Version>)> = Vec::new();
+    let mut index: crate::core::hash::IdMap<TransactionId, usize> = Default::default();
+    for (tx, version) in writes {
+        match index.get(&tx) {
+            Some(&i) => out[i].1.push(version),
+            None => {
+                index.insert(tx, out.len());
+                out.push((tx, vec![version]));
+            }
+        }
+    }
+    out
 }
 
 /// Samples the bus lag of the results and of every command topic known here.
@@ -541,5 +564,25 @@ async fn housekeeping_loop(
                 Err(e) => tracing::warn!(error = %e, "expiring finished workflows failed"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_writes_of_a_workflow_are_healed_together() {
+        let (a, b, c) = (
+            TransactionId::new(),
+            TransactionId::new(),
+            TransactionId::new(),
+        );
+        let writes = vec![(a, 3), (b, 1), (a, 4), (c, 2), (a, 5), (b, 2)];
+        assert_eq!(
+            by_workflow(writes),
+            vec![(a, vec![3, 4, 5]), (b, vec![1, 2]), (c, vec![2])]
+        );
+        assert!(by_workflow(Vec::new()).is_empty());
     }
 }
