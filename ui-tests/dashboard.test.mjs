@@ -363,6 +363,8 @@ test("workers, definitions with their diagram, and charts render", async () => {
   await shot("definition");
   await page.goto(`${served.url}/ui/#/charts`);
   await page.waitForSelector('[data-chart="Workflows"] svg');
+  // Even the first sample shows: the latest value of each series is a dot.
+  await page.waitForSelector('[data-chart="Workflows"] circle[data-series="started / s"]');
   await shot("charts");
   await page.goto(`${served.url}/ui/#/runs`);
   await page.waitForSelector("#runs-page tr[data-id]");

@@ -750,16 +750,25 @@ function lineChart(title, points, series, unit) {
   const Y = (v) => 10 + H - (v / max) * (H - 10);
   const el = (tag, attrs) => { const e = document.createElementNS("http://www.w3.org/2000/svg", tag); for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v); return e; };
   svg.append(el("line", { x1: P, y1: Y(0), x2: W - 10, y2: Y(0), stroke: "#ccc" }));
-  for (const f of [0.5, 1]) {
+  for (const f of [0, 0.5, 1]) {
     svg.append(el("line", { x1: P, y1: Y(max * f), x2: W - 10, y2: Y(max * f), stroke: "#eee" }));
     const t = el("text", { x: 2, y: Y(max * f) + 4, "font-size": 10, fill: "#6b7280" }); t.textContent = `${+(max * f).toPrecision(3)}`; svg.append(t);
   }
   const lbl = (x, text) => { const t = el("text", { x, y: H + 26, "font-size": 10, fill: "#6b7280" }); t.textContent = text; svg.append(t); };
   lbl(P, "1 h ago"); lbl(W - 40, "now");
   series.forEach((s, i) => {
-    const pts = points.filter((p) => s.get(p) !== null && s.get(p) !== undefined).map((p) => `${X(p.at).toFixed(1)},${Y(s.get(p)).toFixed(1)}`);
-    if (pts.length) svg.append(el("polyline", { points: pts.join(" "), fill: "none", stroke: s.color, "stroke-width": 1.6 }));
-    const t = el("text", { x: P + 10 + i * 120, y: 12, "font-size": 11, fill: s.color }); t.textContent = s.name; svg.append(t);
+    const known = points.filter((p) => s.get(p) !== null && s.get(p) !== undefined);
+    const pts = known.map((p) => `${X(p.at).toFixed(1)},${Y(s.get(p)).toFixed(1)}`);
+    if (pts.length > 1) svg.append(el("polyline", { points: pts.join(" "), fill: "none", stroke: s.color, "stroke-width": 1.6 }));
+    // The latest value as a dot, so that a chart of one sample (a process
+    // just started) shows it too, and its value in the legend.
+    const last = known[known.length - 1];
+    if (last) {
+      svg.append(el("circle", { cx: X(last.at).toFixed(1), cy: Y(s.get(last)).toFixed(1), r: 3, fill: s.color, "data-series": s.name }));
+    }
+    const t = el("text", { x: P + 10 + i * 120, y: 12, "font-size": 11, fill: s.color });
+    t.textContent = last ? `${s.name} ${+s.get(last).toPrecision(3)}` : s.name;
+    svg.append(t);
   });
   return h("div", { class: "chart", "data-chart": title }, h("h2", {}, `${title} `, h("small", { class: "muted" }, unit)), svg);
 }
