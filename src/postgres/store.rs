@@ -146,6 +146,12 @@ struct Inner {
     finished: mpsc::UnboundedSender<TransactionId>,
     /// Transitions for the writers.
     writes: mpsc::Sender<Write>,
+    /// Writes submitted and not yet answered. A write submitted when there
+    /// is none is written by its caller: a lone transition (a workflow run
+    /// by itself) so spares the hand-over to a writer task and back, two
+    /// thread wake-ups; writes that come while others are under way queue
+    /// for the writers, which batch them.
+    under_way: std::sync::atomic::AtomicUsize,
     /// Writes published, whose notes are to be deleted.
     published: mpsc::UnboundedSender<(uuid::Uuid, i64)>,
     /// What the writers did.
@@ -158,6 +164,16 @@ struct Inner {
     /// names them without sending them again (the statement checks that
     /// they are still there). Bounded: forgotten all at once when full.
     stored: Mutex<std::collections::HashSet<(TransactionId, String)>>,
+}
+
+/// Counts a submitted write as under way until it is answered (or its
+/// caller gives up on it).
+struct UnderWay<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for UnderWay<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// How many (workflow, payload) pairs a store remembers having written.
@@ -457,6 +473,7 @@ impl PostgresStateStore {
                 listener: std::sync::Once::new(),
                 finished,
                 writes,
+                under_way: std::sync::atomic::AtomicUsize::new(0),
                 published,
                 counts,
                 written: std::sync::atomic::AtomicU64::new(0),
@@ -615,8 +632,16 @@ impl PostgresStateStore {
         }
     }
 
-    /// Hands a write to the writers and waits for its answer.
+    /// Hands a write to the writers and waits for its answer; with no other
+    /// write of this store under way, writes it here instead (see
+    /// [`Inner::under_way`]).
     async fn submit(&self, job: Job) -> Result<Answer, Refused> {
+        use std::sync::atomic::Ordering;
+        let before = self.inner.under_way.fetch_add(1, Ordering::AcqRel);
+        let _done = UnderWay(&self.inner.under_way);
+        if before == 0 {
+            return self.write_here(&job).await;
+        }
         let (reply, answer) = oneshot::channel();
         let gone = || Refused::Store(self.io("the store's writers have stopped"));
         self.inner
@@ -629,6 +654,35 @@ impl PostgresStateStore {
             Err(WriteError::Pg(e)) => Err(Refused::Store(self.pg(e))),
             Err(WriteError::Pool(message)) => Err(Refused::Store(self.io(message))),
         }
+    }
+
+    /// A lone write, by the caller's task: what a writer does with one write
+    /// taken alone.
+    async fn write_here(&self, job: &Job) -> Result<Answer, Refused> {
+        let client = self
+            .inner
+            .pool
+            .get()
+            .await
+            .map_err(|e| Refused::Store(self.io(describe_pool(&e))))?;
+        let carrier = self.inner.carrier.get();
+        let local = carrier.map(|c| c.local()).unwrap_or_default();
+        let mut acks = carrier.map(|c| c.take_acks()).unwrap_or_default();
+        let answer = write_alone(
+            &client,
+            &self.inner.sql,
+            job,
+            &local,
+            &mut acks,
+            &self.inner.counts,
+        )
+        .await;
+        if answer.is_err()
+            && let Some(c) = carrier
+        {
+            c.give_back_acks(acks);
+        }
+        answer.map_err(|e| Refused::Store(self.pg(e)))
     }
 
     /// One write of `delta`; with `name_stored`, the payloads this store
@@ -1003,34 +1057,44 @@ async fn writer(
         // A lone write takes the acks; after a failed batch they were given
         // back, and each write by itself takes none.
         for w in writes.drain(..) {
-            let answer = match &w.job {
-                Job::Create(c) => {
-                    create(&client, &sql, &[c], &local, &acks)
-                        .await
-                        .map(|mut found| {
-                            let (row, inserted) = found.remove(&c.tx).unwrap_or_default();
-                            Answer::Created(row.is_some_and(|(done, _, _)| done), inserted)
-                        })
-                }
-                Job::Update(u) => {
-                    update(&client, &sql, &[u], &local, &acks)
-                        .await
-                        .map(|mut found| {
-                            let (row, inserted) = found.remove(&u.tx).unwrap_or_default();
-                            Answer::Updated(row, inserted)
-                        })
-                }
-            };
-            match answer.is_ok() {
-                true => {
-                    counts.add(1, 1, 1);
-                    acks.clear();
-                }
-                false => give_back(std::mem::take(&mut acks)),
+            let answer = write_alone(&client, &sql, &w.job, &local, &mut acks, &counts).await;
+            if answer.is_err() {
+                give_back(std::mem::take(&mut acks));
             }
             let _ = w.reply.send(answer.map_err(WriteError::Pg));
         }
     }
+}
+
+/// One write by itself, in a statement of its own, deleting `acks` with it
+/// (emptied when it was made).
+async fn write_alone(
+    client: &impl deadpool_postgres::GenericClient,
+    sql: &Sql,
+    job: &Job,
+    local: &Local,
+    acks: &mut Vec<i64>,
+    counts: &WriteCounts,
+) -> Result<Answer, tokio_postgres::Error> {
+    let answer = match job {
+        Job::Create(c) => create(client, sql, &[c], local, acks)
+            .await
+            .map(|mut found| {
+                let (row, inserted) = found.remove(&c.tx).unwrap_or_default();
+                Answer::Created(row.is_some_and(|(done, _, _)| done), inserted)
+            }),
+        Job::Update(u) => update(client, sql, &[u], local, acks)
+            .await
+            .map(|mut found| {
+                let (row, inserted) = found.remove(&u.tx).unwrap_or_default();
+                Answer::Updated(row, inserted)
+            }),
+    };
+    if answer.is_ok() {
+        counts.add(1, 1, 1);
+        acks.clear();
+    }
+    answer
 }
 
 enum Batch {
