@@ -185,6 +185,8 @@ impl Consumer for FlakyConsumer {
 struct FlakyStore {
     inner: MemoryStore,
     dice: Arc<Dice>,
+    /// Reads of a state, counted.
+    gets: Arc<AtomicU64>,
 }
 
 impl FlakyStore {
@@ -207,6 +209,7 @@ impl WorkflowStates for FlakyStore {
     }
 
     async fn get(&self, transaction_id: TransactionId) -> Result<Option<Versioned>, StoreError> {
+        self.gets.fetch_add(1, Ordering::Relaxed);
         if self.dice.fails() {
             return Err(Self::injected());
         }
@@ -378,6 +381,7 @@ async fn run(seed: u64) {
     let store = FlakyStore {
         inner: MemoryStore::new(),
         dice,
+        gets: Arc::default(),
     };
     let child = WorkflowBuilder::new("review")
         .step("approve", "approve")
@@ -525,4 +529,96 @@ async fn no_action_is_lost_when_the_bus_or_store_fails_part_way() {
     for seed in 1..=4 {
         run(seed).await;
     }
+}
+
+/// Several writes of one workflow left unpublished (its process died after
+/// each of them): the recovery sweep heals the workflow once for all of
+/// them, from its current state: one read of it and one command published
+/// again, not one of each per write.
+#[tokio::test]
+async fn the_unpublished_writes_of_one_workflow_are_healed_together() {
+    use multiagents::core::{CorrelationId, Payload, saga};
+    let definition = WorkflowBuilder::new("lone")
+        .step("only", "nobody")
+        .build()
+        .expect("valid");
+    let gets = Arc::new(AtomicU64::new(0));
+    let store = FlakyStore {
+        inner: MemoryStore::new(),
+        // Never fails: one roll in 2^40.
+        dice: Dice::new(1, 1 << 40),
+        gets: gets.clone(),
+    };
+    store.put_definition(&definition).await.expect("definition");
+    // What a process wrote three times without publishing: the first
+    // command was never sent.
+    let tx = TransactionId::new();
+    let (state, _) = saga::start(
+        &definition,
+        tx,
+        CorrelationId::new(),
+        Payload::null(),
+        Timestamp::now(),
+    );
+    let state = Arc::new(state);
+    assert_eq!(store.create(state.clone()).await.expect("create"), 1);
+    assert_eq!(
+        store.compare_and_set(1, state.clone()).await.expect("cas"),
+        2
+    );
+    assert_eq!(
+        store.compare_and_set(2, state.clone()).await.expect("cas"),
+        3
+    );
+    let mut notes = store
+        .inner
+        .unpublished(Timestamp(Timestamp::now().0 + 1), Timestamp::now(), 10)
+        .await
+        .expect("unpublished");
+    notes.sort_by_key(|(_, version)| *version);
+    assert_eq!(notes, vec![(tx, 1), (tx, 2), (tx, 3)]);
+    // Older than `unpublished_after` when the sweep first looks: the first
+    // pass finds all three.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let bus = MemoryBus::new();
+    let commands = bus
+        .consumer("commands.nobody", "watch", "w")
+        .await
+        .expect("consumer");
+    let reads_before = gets.load(Ordering::Relaxed);
+    let rt = Runtime::builder()
+        .bus(bus.clone())
+        .store(store)
+        .workflow(definition)
+        // Its worker runs elsewhere (here: nowhere; its commands stay on
+        // the bus to be counted).
+        .external_workers()
+        .orchestrator_config(OrchestratorConfig {
+            unpublished_after: Duration::from_millis(50),
+            redispatch_on_start: false,
+            redispatch_after: None,
+            ..Default::default()
+        })
+        .start()
+        .await
+        .expect("starts");
+    // Several passes of the sweep.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut sent = Vec::new();
+    loop {
+        let batch = commands
+            .next_batch(10, Duration::from_millis(50))
+            .await
+            .expect("batch");
+        if batch.is_empty() {
+            break;
+        }
+        sent.extend(batch);
+    }
+    let reads = gets.load(Ordering::Relaxed) - reads_before;
+    rt.shutdown().await;
+    assert_eq!(sent.len(), 1, "one command published again: {sent:?}");
+    assert_eq!(sent[0].event.transaction_id, tx);
+    assert_eq!(reads, 1, "one heal read the state once");
 }
