@@ -603,9 +603,19 @@ async fn the_unpublished_writes_of_one_workflow_are_healed_together() {
         .start()
         .await
         .expect("starts");
-    // Several passes of the sweep.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // The first heal, however slow the machine, then several more passes
+    // of the sweep.
     let mut sent = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sent.is_empty() && std::time::Instant::now() < deadline {
+        sent.extend(
+            commands
+                .next_batch(10, Duration::from_millis(100))
+                .await
+                .expect("batch"),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
     loop {
         let batch = commands
             .next_batch(10, Duration::from_millis(50))
