@@ -365,6 +365,8 @@ test("workers, definitions with their diagram, and charts render", async () => {
   await page.waitForSelector('[data-chart="Workflows"] svg');
   // Even the first sample shows: the latest value of each series is a dot.
   await page.waitForSelector('[data-chart="Workflows"] circle[data-series="started / s"]');
+  // A process younger than an hour is charted from its first sample.
+  assert.match(await page.textContent('[data-chart="Workflows"] [data-axis="from"]'), /^\d+ min ago$/);
   await shot("charts");
   await page.goto(`${served.url}/ui/#/runs`);
   await page.waitForSelector("#runs-page tr[data-id]");

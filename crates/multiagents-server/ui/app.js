@@ -742,7 +742,10 @@ function lineChart(title, points, series, unit) {
   const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
   svg.setAttribute("viewBox", `0 0 ${W} ${H + 30}`);
   const xs = points.map((p) => p.at);
-  const x0 = Math.min(...xs, Date.now() - 3600e3), x1 = Math.max(...xs, Date.now());
+  // The last hour at most; for a process younger than that, from its first
+  // sample (a minute at least), so that its points use the width.
+  const now = Date.now();
+  const x0 = Math.max(now - 3600e3, Math.min(...xs, now - 60e3)), x1 = Math.max(...xs, now);
   let max = 0;
   for (const p of points) for (const s of series) max = Math.max(max, s.get(p) || 0);
   max = max || 1;
@@ -754,8 +757,9 @@ function lineChart(title, points, series, unit) {
     svg.append(el("line", { x1: P, y1: Y(max * f), x2: W - 10, y2: Y(max * f), stroke: "#eee" }));
     const t = el("text", { x: 2, y: Y(max * f) + 4, "font-size": 10, fill: "#6b7280" }); t.textContent = `${+(max * f).toPrecision(3)}`; svg.append(t);
   }
-  const lbl = (x, text) => { const t = el("text", { x, y: H + 26, "font-size": 10, fill: "#6b7280" }); t.textContent = text; svg.append(t); };
-  lbl(P, "1 h ago"); lbl(W - 40, "now");
+  const lbl = (x, text, end) => { const t = el("text", { x, y: H + 26, "font-size": 10, fill: "#6b7280", "data-axis": end }); t.textContent = text; svg.append(t); };
+  const span = Math.round((now - x0) / 60e3);
+  lbl(P, span >= 60 ? "1 h ago" : `${span} min ago`, "from"); lbl(W - 40, "now", "to");
   series.forEach((s, i) => {
     const known = points.filter((p) => s.get(p) !== null && s.get(p) !== undefined);
     const pts = known.map((p) => `${X(p.at).toFixed(1)},${Y(s.get(p)).toFixed(1)}`);
