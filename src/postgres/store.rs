@@ -667,6 +667,9 @@ impl PostgresStateStore {
             .map_err(|e| Refused::Store(self.io(describe_pool(&e))))?;
         let carrier = self.inner.carrier.get();
         let local = carrier.map(|c| c.local()).unwrap_or_default();
+        // Taken for this write. Should its caller give up on it midway,
+        // they are lost with it: those results come again after their lease
+        // and are acked as already applied.
         let mut acks = carrier.map(|c| c.take_acks()).unwrap_or_default();
         let answer = write_alone(
             &client,

@@ -157,17 +157,7 @@ async fn handle_batch(
         }
         return out;
     }
-    let mut groups: Vec<Vec<Delivery>> = Vec::new();
-    let mut index: crate::core::hash::IdMap<crate::core::TransactionId, usize> = Default::default();
-    for d in batch {
-        match index.get(&d.event.transaction_id) {
-            Some(&i) => groups[i].push(d),
-            None => {
-                index.insert(d.event.transaction_id, groups.len());
-                groups.push(vec![d]);
-            }
-        }
-    }
+    let groups = by_workflow(batch, |d| d.event.transaction_id);
     let mut set = JoinSet::new();
     for deliveries in groups {
         let engine = engine.clone();
@@ -468,7 +458,14 @@ async fn unpublished_loop(engine: Arc<Engine>, after: Duration, stop: Cancellati
                 "publishing again what writes cut short by a crash did not publish"
             );
         }
-        for (tx, versions) in by_workflow(writes) {
+        // A heal republishes from the workflow's current state whichever
+        // write it was noted for, so one heal covers all of a workflow's.
+        // (Healed one by one, a workflow with several notes was healed as
+        // many times in one pass; and where publishing kept failing, each of
+        // those heals left a note of its own, doubling them pass after pass.)
+        for writes in by_workflow(writes, |(tx, _)| *tx) {
+            let tx = writes[0].0;
+            let versions: Vec<_> = writes.into_iter().map(|(_, version)| version).collect();
             if let Err(e) = engine.heal_unpublished(tx, &versions).await {
                 tracing::warn!(transaction_id = %tx, error = %e, "republishing failed; it is tried again after its lease");
             }
@@ -476,27 +473,23 @@ async fn unpublished_loop(engine: Arc<Engine>, after: Duration, stop: Cancellati
     }
 }
 
-/// The writes of each workflow together, in the order the workflows first
-/// come: a heal republishes from the workflow's current state whichever
-/// write it was noted for, so one heal covers them all. (Healed one by one,
-/// a workflow with several notes was healed as many times in one pass; and
-/// where publishing kept failing, each of those heals left a note of its
-/// own, doubling them pass after pass.)
-fn by_workflow(
-    writes: Vec<(TransactionId, crate::store::Version)>,
-) -> Vec<(TransactionId, Vec<crate::store::Version>)> {
-    let mut out: Vec<(TransactionId, Vec<crate::store::Version>)> = Vec::new();
+/// `items` grouped by workflow (`tx` of each), the groups in the order
+/// their workflows first come, each in the order of its items: a batch's
+/// results, so that one workflow's run in order; the writes the recovery
+/// sweep found, so that a workflow is healed once.
+fn by_workflow<T>(items: Vec<T>, tx: impl Fn(&T) -> TransactionId) -> Vec<Vec<T>> {
+    let mut groups: Vec<Vec<T>> = Vec::new();
     let mut index: crate::core::hash::IdMap<TransactionId, usize> = Default::default();
-    for (tx, version) in writes {
-        match index.get(&tx) {
-            Some(&i) => out[i].1.push(version),
+    for item in items {
+        match index.get(&tx(&item)) {
+            Some(&i) => groups[i].push(item),
             None => {
-                index.insert(tx, out.len());
-                out.push((tx, vec![version]));
+                index.insert(tx(&item), groups.len());
+                groups.push(vec![item]);
             }
         }
     }
-    out
+    groups
 }
 
 /// Samples the bus lag of the results and of every command topic known here.
@@ -579,10 +572,14 @@ mod tests {
             TransactionId::new(),
         );
         let writes = vec![(a, 3), (b, 1), (a, 4), (c, 2), (a, 5), (b, 2)];
+        let grouped: Vec<(TransactionId, Vec<u64>)> = by_workflow(writes, |(tx, _)| *tx)
+            .into_iter()
+            .map(|g| (g[0].0, g.into_iter().map(|(_, v)| v).collect()))
+            .collect();
         assert_eq!(
-            by_workflow(writes),
+            grouped,
             vec![(a, vec![3, 4, 5]), (b, vec![1, 2]), (c, vec![2])]
         );
-        assert!(by_workflow(Vec::new()).is_empty());
+        assert!(by_workflow(Vec::<(TransactionId, u64)>::new(), |(tx, _)| *tx).is_empty());
     }
 }

@@ -754,7 +754,8 @@ function lineChart(title, points, series, unit) {
   const el = (tag, attrs) => { const e = document.createElementNS("http://www.w3.org/2000/svg", tag); for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v); return e; };
   svg.append(el("line", { x1: P, y1: Y(0), x2: W - 10, y2: Y(0), stroke: "#ccc" }));
   for (const f of [0, 0.5, 1]) {
-    svg.append(el("line", { x1: P, y1: Y(max * f), x2: W - 10, y2: Y(max * f), stroke: "#eee" }));
+    // Grid lines above the axis (drawn above), labels from 0.
+    if (f > 0) svg.append(el("line", { x1: P, y1: Y(max * f), x2: W - 10, y2: Y(max * f), stroke: "#eee" }));
     const t = el("text", { x: 2, y: Y(max * f) + 4, "font-size": 10, fill: "#6b7280" }); t.textContent = `${+(max * f).toPrecision(3)}`; svg.append(t);
   }
   const lbl = (x, text, end) => { const t = el("text", { x, y: H + 26, "font-size": 10, fill: "#6b7280", "data-axis": end }); t.textContent = text; svg.append(t); };
